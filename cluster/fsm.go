@@ -1,0 +1,171 @@
+package cluster
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/raft"
+	"google.golang.org/protobuf/encoding/protodelim"
+	"google.golang.org/protobuf/proto"
+
+	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
+)
+
+// fsm adapts State to raft.FSM. It decodes entries, serialises access to
+// the state and lets readers wait for an index to be applied.
+type fsm struct {
+	mu      sync.RWMutex
+	state   *State
+	applied chan struct{} // closed and replaced after every apply
+
+	// observe, if set, is called after each command is applied (metrics).
+	observe func(e *fsmv1.Entry, r *fsmv1.Result, took time.Duration)
+}
+
+func newFSM() *fsm {
+	return &fsm{state: NewState(), applied: make(chan struct{})}
+}
+
+// Apply implements raft.FSM.
+func (f *fsm) Apply(l *raft.Log) any {
+	if l.Type != raft.LogCommand {
+		return nil
+	}
+	start := time.Now()
+	e := &fsmv1.Entry{}
+	if err := proto.Unmarshal(l.Data, e); err != nil {
+		panic(fmt.Sprintf("gitraft: log entry at index %d does not decode: %v", l.Index, err))
+	}
+	if e.GetFormat() != fsmv1.EntryFormat_ENTRY_FORMAT_V1 {
+		panic(fmt.Sprintf("gitraft: log entry at index %d has format %v, which this binary does not know; upgrade gitraft on this node", l.Index, e.GetFormat()))
+	}
+	f.mu.Lock()
+	r := f.state.Apply(l.Index, e)
+	f.notifyLocked()
+	f.mu.Unlock()
+	if f.observe != nil {
+		f.observe(e, r, time.Since(start))
+	}
+	return r
+}
+
+func (f *fsm) notifyLocked() {
+	close(f.applied)
+	f.applied = make(chan struct{})
+}
+
+// Index returns the last applied index.
+func (f *fsm) Index() uint64 {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.state.Index()
+}
+
+// WaitApplied blocks until index has been applied or ctx ends.
+func (f *fsm) WaitApplied(ctx context.Context, index uint64) error {
+	for {
+		f.mu.RLock()
+		done, ch := f.state.Index() >= index, f.applied
+		f.mu.RUnlock()
+		if done {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return fmt.Errorf("waiting to apply index %d: %w", index, ctx.Err())
+		}
+	}
+}
+
+// Read runs fn with the state under a read lock.
+func (f *fsm) Read(fn func(s *State)) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	fn(f.state)
+}
+
+// Snapshot implements raft.FSM: it only captures; Persist writes.
+func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return &fsmSnapshot{view: f.state.capture()}, nil
+}
+
+// Restore implements raft.FSM: it builds a new state and swaps it in.
+func (f *fsm) Restore(rc io.ReadCloser) error {
+	defer rc.Close()
+	index, items, err := readSnapshot(rc)
+	if err != nil {
+		return err
+	}
+	s, err := restoreState(index, items)
+	if err != nil {
+		return err
+	}
+	f.mu.Lock()
+	f.state = s
+	f.notifyLocked()
+	f.mu.Unlock()
+	return nil
+}
+
+type fsmSnapshot struct{ view *snapshotView }
+
+func (s *fsmSnapshot) Persist(sink raft.SnapshotSink) error {
+	if err := writeSnapshot(sink, s.view); err != nil {
+		sink.Cancel()
+		return err
+	}
+	return sink.Close()
+}
+
+func (s *fsmSnapshot) Release() {}
+
+func writeSnapshot(w io.Writer, v *snapshotView) error {
+	bw := bufio.NewWriterSize(w, 1<<16)
+	if _, err := protodelim.MarshalTo(bw, &fsmv1.SnapshotHeader{Format: fsmv1.EntryFormat_ENTRY_FORMAT_V1, Index: v.index}); err != nil {
+		return fmt.Errorf("write snapshot header: %w", err)
+	}
+	var err error
+	v.items(func(it *fsmv1.SnapshotItem) bool {
+		_, err = protodelim.MarshalTo(bw, it)
+		return err == nil
+	})
+	if err != nil {
+		return fmt.Errorf("write snapshot: %w", err)
+	}
+	return bw.Flush()
+}
+
+// maxSnapshotItem bounds one item (a repo with its refs) in a snapshot.
+const maxSnapshotItem = 512 << 20
+
+func readSnapshot(r io.Reader) (uint64, []*fsmv1.SnapshotItem, error) {
+	br := bufio.NewReaderSize(r, 1<<16)
+	opts := protodelim.UnmarshalOptions{MaxSize: maxSnapshotItem}
+	h := &fsmv1.SnapshotHeader{}
+	if err := opts.UnmarshalFrom(br, h); err != nil {
+		return 0, nil, fmt.Errorf("read snapshot header: %w", err)
+	}
+	if h.GetFormat() != fsmv1.EntryFormat_ENTRY_FORMAT_V1 {
+		return 0, nil, fmt.Errorf("snapshot has format %v, which this binary does not know; upgrade gitraft on this node", h.GetFormat())
+	}
+	var items []*fsmv1.SnapshotItem
+	for {
+		it := &fsmv1.SnapshotItem{}
+		err := opts.UnmarshalFrom(br, it)
+		if errors.Is(err, io.EOF) {
+			return h.GetIndex(), items, nil
+		}
+		if err != nil {
+			return 0, nil, fmt.Errorf("read snapshot item %d: %w", len(items), err)
+		}
+		items = append(items, it)
+	}
+}

@@ -1,0 +1,65 @@
+package cluster
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+func (n *Node) serveHTTP() error {
+	ln, err := net.Listen("tcp", n.cfg.HTTPAddr)
+	if err != nil {
+		return fmt.Errorf("http listen: %w", err)
+	}
+	n.httpLn = ln
+	n.httpServer = &http.Server{Handler: n.HTTPHandler(), ReadHeaderTimeout: 5 * time.Second}
+	n.goRun(func() {
+		if err := n.httpServer.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			n.log.Error("http server stopped", "err", err)
+		}
+	})
+	return nil
+}
+
+// HTTPHandler serves /metrics, /healthz and /readyz.
+func (n *Node) HTTPHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(n.metrics.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		writeHealth(w, true, map[string]any{"node": n.cfg.NodeID, "state": n.raft.State().String()})
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		ok, why := n.Ready()
+		writeHealth(w, ok, map[string]any{"node": n.cfg.NodeID, "state": n.raft.State().String(), "applied_index": n.fsm.Index(), "reason": why})
+	})
+	return mux
+}
+
+// Ready reports whether the node is ready to serve: a leader is known and the
+// node has applied what the leader had committed when it started.
+func (n *Node) Ready() (bool, string) {
+	if _, lid := n.raft.LeaderWithID(); lid == "" {
+		return false, "no leader known"
+	}
+	if !n.ready.Load() {
+		return false, "catching up with the leader's log"
+	}
+	return true, ""
+}
+
+func writeHealth(w http.ResponseWriter, ok bool, body map[string]any) {
+	w.Header().Set("Content-Type", "application/json")
+	body["ok"] = ok
+	if !ok {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}
+	if body["reason"] == "" {
+		delete(body, "reason")
+	}
+	json.NewEncoder(w).Encode(body)
+}

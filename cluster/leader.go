@@ -1,0 +1,198 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"math/rand/v2"
+	"time"
+
+	"github.com/hashicorp/raft"
+	"google.golang.org/protobuf/proto"
+
+	clusterv1 "github.com/gitraft/gitraft/proto/gitraft/cluster/v1"
+	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
+)
+
+// watchLeadership runs the leader-only loops while this node leads.
+func (n *Node) watchLeadership() {
+	var cancel context.CancelFunc
+	stopLeading := func() {
+		if cancel != nil {
+			cancel()
+			cancel = nil
+		}
+		n.leaderReady.Store(false)
+	}
+	defer stopLeading()
+	for {
+		select {
+		case <-n.stop:
+			return
+		case leading := <-n.leaderCh:
+			stopLeading()
+			n.metrics.leaderChanges.Inc()
+			if leading {
+				ctx, c := context.WithCancel(context.Background())
+				cancel = c
+				n.log.Info("became leader", "term", n.raft.CurrentTerm())
+				n.goRun(func() { n.lead(ctx) })
+			} else {
+				n.log.Info("lost leadership", "term", n.raft.CurrentTerm())
+			}
+		}
+	}
+}
+
+// lead is the leader's loop: a barrier first, so the state reflects every
+// entry of earlier terms, then lock expiry.
+func (n *Node) lead(ctx context.Context) {
+	if err := n.raft.Barrier(applyTimeout).Error(); err != nil {
+		n.log.Warn("leader barrier failed", "err", err)
+		return
+	}
+	n.leaderReady.Store(true)
+	t := time.NewTicker(n.cfg.LockExpiryInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-n.stop:
+			return
+		case <-t.C:
+			n.expireLocks(ctx)
+		}
+	}
+}
+
+// expireLocks proposes an expiry entry when some lease has run out by the
+// leader's clock. Apply removes what the entry's time says has expired.
+func (n *Node) expireLocks(ctx context.Context) {
+	var expired int
+	now := time.Now()
+	n.fsm.Read(func(s *State) { expired = len(s.ExpiredLocks(now)) })
+	if expired == 0 {
+		return
+	}
+	r, err := n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_ExpireLocks{ExpireLocks: &fsmv1.ExpireLocks{}}})
+	if err != nil {
+		n.log.Warn("expiring write locks failed", "err", err)
+		return
+	}
+	for _, l := range r.GetExpired() {
+		n.log.Info("write lock expired", "repo", l.GetRepo(), "holder", l.GetHolder(), "token", l.GetFencingToken(), "index", r.GetIndex())
+	}
+	n.metrics.locksExpired.Add(float64(len(r.GetExpired())))
+}
+
+// self is this node's member record.
+func (n *Node) self() *fsmv1.Member {
+	return &fsmv1.Member{
+		Id:       n.cfg.NodeID,
+		RaftAddr: n.cfg.RaftAdvertise,
+		GrpcAddr: n.cfg.GRPCAdvertise,
+		HttpAddr: n.HTTPAddr(),
+		SshAddr:  n.cfg.SSHAdvertise,
+	}
+}
+
+// registerSelf makes sure the replicated member table has this node's
+// current addresses, once it is part of the Raft configuration.
+func (n *Node) registerSelf() {
+	for {
+		if n.inConfiguration() {
+			var cur *fsmv1.Member
+			n.fsm.Read(func(s *State) { cur, _ = s.Member(n.cfg.NodeID) })
+			if proto.Equal(cur, n.self()) {
+				return
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), n.cfg.LeaderWait)
+			_, err := n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_SetMember{SetMember: &fsmv1.SetMember{Member: n.self()}}})
+			cancel()
+			if err == nil {
+				n.log.Info("registered member addresses", "grpc_addr", n.cfg.GRPCAdvertise, "raft_addr", n.cfg.RaftAdvertise)
+				return
+			}
+			n.log.Debug("registering member addresses", "err", err)
+		}
+		select {
+		case <-n.stop:
+			return
+		case <-time.After(200*time.Millisecond + rand.N(200*time.Millisecond)):
+		}
+	}
+}
+
+func (n *Node) inConfiguration() bool {
+	f := n.raft.GetConfiguration()
+	if f.Error() != nil {
+		return false
+	}
+	for _, s := range f.Configuration().Servers {
+		if s.ID == raft.ServerID(n.cfg.NodeID) {
+			return true
+		}
+	}
+	return false
+}
+
+// joinLoop asks the configured members to add this node until one does.
+func (n *Node) joinLoop() {
+	backoff := 200 * time.Millisecond
+	for {
+		if n.inConfiguration() {
+			return
+		}
+		for _, addr := range n.cfg.Join {
+			err := n.askToJoin(addr)
+			if err == nil {
+				n.log.Info("joined the cluster", "via", addr)
+				return
+			}
+			n.log.Warn("join failed; will retry", "via", addr, "err", err)
+		}
+		select {
+		case <-n.stop:
+			return
+		case <-time.After(backoff + rand.N(backoff)):
+		}
+		backoff = min(backoff*2, 5*time.Second)
+	}
+}
+
+func (n *Node) askToJoin(addr string) error {
+	c, err := n.peers.conn(addr)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	me := n.self()
+	_, err = clusterv1.NewClusterServiceClient(c).AddMember(ctx, &clusterv1.AddMemberRequest{
+		Id: me.Id, RaftAddr: me.RaftAddr, GrpcAddr: me.GrpcAddr, HttpAddr: me.HttpAddr, SshAddr: me.SshAddr,
+	})
+	return err
+}
+
+// watchReady marks the node ready once it has applied what the leader had
+// committed when the node started: a leader is known and this node caught up.
+func (n *Node) watchReady() {
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), n.cfg.LeaderWait)
+		_, err := n.ReadBarrier(ctx)
+		cancel()
+		if err == nil {
+			n.ready.Store(true)
+			n.log.Info("ready: caught up with the leader", "index", n.fsm.Index())
+			return
+		}
+		if errors.Is(err, context.Canceled) {
+			return
+		}
+		select {
+		case <-n.stop:
+			return
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}

@@ -1,0 +1,138 @@
+package cluster
+
+import (
+	"time"
+
+	"github.com/hashicorp/raft"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
+)
+
+// metrics are a node's Prometheus metrics, in a registry of its own so that
+// several nodes can share a process (gitraft dev, tests).
+type metrics struct {
+	reg           *prometheus.Registry
+	leaderChanges prometheus.Counter
+	applySeconds  *prometheus.HistogramVec
+	commitSeconds *prometheus.HistogramVec
+	lockGrants    prometheus.Counter
+	locksExpired  prometheus.Counter
+	refusals      *prometheus.CounterVec
+}
+
+func newMetrics(n *Node) *metrics {
+	m := &metrics{reg: prometheus.NewRegistry()}
+	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m.leaderChanges = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "gitraft_raft_leader_changes_total", Help: "Leadership changes seen by this node (gained or lost).",
+	})
+	m.applySeconds = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name: "gitraft_fsm_apply_seconds", Help: "Time to apply one committed entry to the state machine.",
+		Buckets: prometheus.ExponentialBuckets(1e-6, 4, 10),
+	}, []string{"command"})
+	m.commitSeconds = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name: "gitraft_propose_seconds", Help: "Time from proposing an entry on this node until it was committed and applied.",
+		Buckets: prometheus.ExponentialBuckets(1e-4, 2, 16),
+	}, []string{"command"})
+	m.lockGrants = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "gitraft_lock_grants_total", Help: "Write locks granted (applied on this node).",
+	})
+	m.locksExpired = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "gitraft_lock_expired_total", Help: "Write locks expired by the leader while this node led.",
+	})
+	m.refusals = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "gitraft_fsm_refusals_total", Help: "Committed entries the state machine refused (stale ref, lock held, ...).",
+	}, []string{"reason"})
+	m.reg.MustRegister(m.leaderChanges, m.applySeconds, m.commitSeconds, m.lockGrants, m.locksExpired, m.refusals)
+
+	gauge := func(name, help string, fn func() float64) {
+		m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, fn))
+	}
+	gauge("gitraft_fsm_applied_index", "Last Raft index applied to the state machine.", func() float64 { return float64(n.fsm.Index()) })
+	gauge("gitraft_repos", "Repositories in the replicated state.", func() float64 {
+		var c int
+		n.fsm.Read(func(s *State) { c = len(s.repos) })
+		return float64(c)
+	})
+	gauge("gitraft_locks_held", "Write locks in the replicated state.", func() float64 {
+		var c int
+		n.fsm.Read(func(s *State) { c = s.locks.Len() })
+		return float64(c)
+	})
+	gauge("gitraft_ready", "1 when this node is ready (leader known, caught up since start).", func() float64 {
+		if n.ready.Load() {
+			return 1
+		}
+		return 0
+	})
+	return m
+}
+
+// watchRaft registers gauges read from Raft itself.
+func (m *metrics) watchRaft(r *raft.Raft) {
+	gauge := func(name, help string, fn func() float64) {
+		m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, fn))
+	}
+	gauge("gitraft_raft_term", "Current Raft term.", func() float64 { return float64(r.CurrentTerm()) })
+	gauge("gitraft_raft_commit_index", "Raft commit index known to this node.", func() float64 { return float64(r.CommitIndex()) })
+	gauge("gitraft_raft_applied_index", "Raft applied index (as Raft tracks it).", func() float64 { return float64(r.AppliedIndex()) })
+	gauge("gitraft_raft_last_index", "Last index in this node's Raft log.", func() float64 { return float64(r.LastIndex()) })
+	gauge("gitraft_raft_leader", "1 when this node is the leader.", func() float64 {
+		if r.State() == raft.Leader {
+			return 1
+		}
+		return 0
+	})
+	for _, st := range []raft.RaftState{raft.Follower, raft.Candidate, raft.Leader, raft.Shutdown} {
+		m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "gitraft_raft_state", Help: "Raft state of this node (1 for the current state).", ConstLabels: prometheus.Labels{"state": st.String()},
+		}, func() float64 {
+			if r.State() == st {
+				return 1
+			}
+			return 0
+		}))
+	}
+}
+
+func commandName(e *fsmv1.Entry) string {
+	switch e.Command.(type) {
+	case *fsmv1.Entry_CreateRepo:
+		return "create_repo"
+	case *fsmv1.Entry_DeleteRepo:
+		return "delete_repo"
+	case *fsmv1.Entry_UpdateRefs:
+		return "update_refs"
+	case *fsmv1.Entry_AcquireLock:
+		return "acquire_lock"
+	case *fsmv1.Entry_RenewLock:
+		return "renew_lock"
+	case *fsmv1.Entry_ReleaseLock:
+		return "release_lock"
+	case *fsmv1.Entry_ForceReleaseLock:
+		return "force_release_lock"
+	case *fsmv1.Entry_ExpireLocks:
+		return "expire_locks"
+	case *fsmv1.Entry_SetMember:
+		return "set_member"
+	case *fsmv1.Entry_RemoveMember:
+		return "remove_member"
+	}
+	return "unknown"
+}
+
+func (m *metrics) observeApply(e *fsmv1.Entry, r *fsmv1.Result, took time.Duration) {
+	m.applySeconds.WithLabelValues(commandName(e)).Observe(took.Seconds())
+	if rf := r.GetRefusal(); rf != nil {
+		m.refusals.WithLabelValues(rf.GetReason().String()).Inc()
+	} else if _, ok := e.Command.(*fsmv1.Entry_AcquireLock); ok {
+		m.lockGrants.Inc()
+	}
+}
+
+func (m *metrics) observePropose(e *fsmv1.Entry, took time.Duration) {
+	m.commitSeconds.WithLabelValues(commandName(e)).Observe(took.Seconds())
+}
+

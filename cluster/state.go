@@ -1,0 +1,483 @@
+package cluster
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/gitraft/gitraft/lockd"
+	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
+	"github.com/gitraft/gitraft/storage"
+)
+
+// requestMemory is how many recent proposals the state remembers by request
+// id, so that a proposal retried after a lost answer is not applied twice.
+const requestMemory = 4096
+
+// repoState is one repository in the replicated state. Values are never
+// changed in place: an update builds a new one, so a snapshot can share them.
+type repoState struct {
+	name         string
+	id           uint64
+	version      uint64
+	refs         map[string]string
+	created      int64
+	updated      int64
+	updatedIndex uint64
+}
+
+// State is gitraft's replicated state: repositories with their versions and
+// refs, write locks and the members' addresses. Apply is deterministic: the
+// same entries in the same order give the same State on every node, because
+// time comes from the entries and nothing else is consulted.
+//
+// State is not safe for concurrent use; the FSM serialises access.
+type State struct {
+	index   uint64
+	repos   map[string]*repoState
+	locks   *lockd.Table
+	members map[string]*fsmv1.Member
+
+	requests     map[string]*fsmv1.Result
+	requestOrder []string
+}
+
+// NewState returns an empty state.
+func NewState() *State {
+	return &State{
+		repos:    map[string]*repoState{},
+		locks:    lockd.NewTable(),
+		members:  map[string]*fsmv1.Member{},
+		requests: map[string]*fsmv1.Result{},
+	}
+}
+
+// Index is the Raft index of the last entry applied.
+func (s *State) Index() uint64 { return s.index }
+
+// Apply applies one committed entry at a Raft index and returns its result.
+// A refusal (stale ref, lock held, ...) is part of the result, never an error:
+// the entry was committed and changed nothing.
+func (s *State) Apply(index uint64, e *fsmv1.Entry) *fsmv1.Result {
+	s.index = index
+	if id := e.GetRequestId(); id != "" {
+		if r, ok := s.requests[id]; ok {
+			return r
+		}
+	}
+	now := time.Unix(0, e.GetLeaderTimeUnixNano())
+	r := s.apply(index, now, e)
+	r.Index = index
+	if id := e.GetRequestId(); id != "" {
+		s.remember(id, r)
+	}
+	return r
+}
+
+func (s *State) remember(id string, r *fsmv1.Result) {
+	s.requests[id] = r
+	s.requestOrder = append(s.requestOrder, id)
+	if len(s.requestOrder) > requestMemory {
+		delete(s.requests, s.requestOrder[0])
+		s.requestOrder = s.requestOrder[1:]
+	}
+}
+
+func refuse(reason fsmv1.Reason, format string, args ...any) *fsmv1.Result {
+	return &fsmv1.Result{Refusal: &fsmv1.Refusal{Reason: reason, Message: fmt.Sprintf(format, args...)}}
+}
+
+func (s *State) apply(index uint64, now time.Time, e *fsmv1.Entry) *fsmv1.Result {
+	switch c := e.Command.(type) {
+	case *fsmv1.Entry_CreateRepo:
+		return s.createRepo(index, now, c.CreateRepo)
+	case *fsmv1.Entry_DeleteRepo:
+		name := c.DeleteRepo.GetName()
+		if _, ok := s.repos[name]; !ok {
+			return refuse(fsmv1.Reason_REASON_NOT_FOUND, "repository %q not found", name)
+		}
+		delete(s.repos, name)
+		s.locks.Delete(name)
+		return &fsmv1.Result{}
+	case *fsmv1.Entry_UpdateRefs:
+		return s.updateRefs(index, now, c.UpdateRefs)
+	case *fsmv1.Entry_AcquireLock:
+		a := c.AcquireLock
+		if _, ok := s.repos[a.GetRepo()]; !ok {
+			return refuse(fsmv1.Reason_REASON_NOT_FOUND, "repository %q not found", a.GetRepo())
+		}
+		if a.GetHolder() == "" {
+			return refuse(fsmv1.Reason_REASON_INVALID, "a write lock needs a holder")
+		}
+		l, err := s.locks.Acquire(a.GetRepo(), a.GetHolder(), now, time.Duration(a.GetLeaseNanos()), index)
+		if err != nil {
+			return lockRefusal(err)
+		}
+		return &fsmv1.Result{Lock: lockToProto(l)}
+	case *fsmv1.Entry_RenewLock:
+		rl := c.RenewLock
+		l, err := s.locks.Renew(rl.GetRepo(), rl.GetFencingToken(), now, time.Duration(rl.GetLeaseNanos()))
+		if err != nil {
+			return lockRefusal(err)
+		}
+		return &fsmv1.Result{Lock: lockToProto(l)}
+	case *fsmv1.Entry_ReleaseLock:
+		l, err := s.locks.Release(c.ReleaseLock.GetRepo(), c.ReleaseLock.GetFencingToken())
+		if err != nil {
+			return lockRefusal(err)
+		}
+		return &fsmv1.Result{Lock: lockToProto(l)}
+	case *fsmv1.Entry_ForceReleaseLock:
+		l, err := s.locks.ForceRelease(c.ForceReleaseLock.GetRepo())
+		if err != nil {
+			return lockRefusal(err)
+		}
+		return &fsmv1.Result{Lock: lockToProto(l)}
+	case *fsmv1.Entry_ExpireLocks:
+		r := &fsmv1.Result{}
+		for _, l := range s.locks.Expire(now) {
+			r.Expired = append(r.Expired, lockToProto(l))
+		}
+		return r
+	case *fsmv1.Entry_SetMember:
+		m := c.SetMember.GetMember()
+		if m.GetId() == "" {
+			return refuse(fsmv1.Reason_REASON_INVALID, "a member needs an id")
+		}
+		s.members[m.GetId()] = m
+		return &fsmv1.Result{}
+	case *fsmv1.Entry_RemoveMember:
+		if _, ok := s.members[c.RemoveMember.GetId()]; !ok {
+			return refuse(fsmv1.Reason_REASON_NOT_FOUND, "member %q not found", c.RemoveMember.GetId())
+		}
+		delete(s.members, c.RemoveMember.GetId())
+		return &fsmv1.Result{}
+	default:
+		// Decoded, but a command this binary does not know: a newer node
+		// proposed it. Applying nothing would make this node diverge.
+		panic(fmt.Sprintf("gitraft: log entry at index %d has a command this binary does not know (%T); upgrade gitraft on this node", index, e.Command))
+	}
+}
+
+func (s *State) createRepo(index uint64, now time.Time, c *fsmv1.CreateRepo) *fsmv1.Result {
+	name := c.GetName()
+	if err := storage.ValidateName(name); err != nil {
+		return refuse(fsmv1.Reason_REASON_INVALID, "%s", err.Error())
+	}
+	if _, ok := s.repos[name]; ok {
+		return refuse(fsmv1.Reason_REASON_ALREADY_EXISTS, "repository %q already exists", name)
+	}
+	r := &repoState{name: name, id: index, version: 1, refs: map[string]string{}, created: now.UnixNano(), updated: now.UnixNano(), updatedIndex: index}
+	s.repos[name] = r
+	return &fsmv1.Result{Repo: r.toProto(true)}
+}
+
+func (s *State) updateRefs(index uint64, now time.Time, u *fsmv1.UpdateRefs) *fsmv1.Result {
+	repo, ok := s.repos[u.GetRepo()]
+	if !ok {
+		return refuse(fsmv1.Reason_REASON_NOT_FOUND, "repository %q not found", u.GetRepo())
+	}
+	if err := s.locks.Check(u.GetRepo(), u.GetFencingToken(), now); err != nil {
+		return lockRefusal(err)
+	}
+	if len(u.GetUpdates()) == 0 {
+		return refuse(fsmv1.Reason_REASON_INVALID, "no ref updates")
+	}
+	seen := map[string]bool{}
+	for _, ru := range u.GetUpdates() {
+		if err := ValidateRefName(ru.GetRef()); err != nil {
+			return refuse(fsmv1.Reason_REASON_INVALID, "%s", err.Error())
+		}
+		if seen[ru.GetRef()] {
+			return refuse(fsmv1.Reason_REASON_INVALID, "ref %q appears twice in one update", ru.GetRef())
+		}
+		seen[ru.GetRef()] = true
+		for _, oid := range []string{ru.GetOldOid(), ru.GetNewOid()} {
+			if err := validateOID(oid); err != nil {
+				return refuse(fsmv1.Reason_REASON_INVALID, "ref %q: %s", ru.GetRef(), err.Error())
+			}
+		}
+	}
+	results := make([]*fsmv1.RefResult, len(u.GetUpdates()))
+	stale := 0
+	for i, ru := range u.GetUpdates() {
+		cur := repo.refs[ru.GetRef()]
+		st := fsmv1.RefStatus_REF_STATUS_OK
+		if cur != normOID(ru.GetOldOid()) {
+			st = fsmv1.RefStatus_REF_STATUS_STALE
+			stale++
+		}
+		results[i] = &fsmv1.RefResult{Ref: ru.GetRef(), Status: st, CurrentOid: cur}
+	}
+	if stale > 0 && (u.GetAtomic() || stale == len(results)) {
+		var names []string
+		for _, rr := range results {
+			if rr.Status == fsmv1.RefStatus_REF_STATUS_STALE {
+				names = append(names, rr.Ref)
+			} else {
+				rr.Status = fsmv1.RefStatus_REF_STATUS_REJECTED
+			}
+		}
+		r := refuse(fsmv1.Reason_REASON_STALE_REF, "stale old value for %s (changed by another push)", strings.Join(names, ", "))
+		r.RefResults = results
+		r.Repo = repo.toProto(false)
+		return r
+	}
+	next := *repo
+	next.refs = maps.Clone(repo.refs)
+	changed := false
+	for i, ru := range u.GetUpdates() {
+		if results[i].Status != fsmv1.RefStatus_REF_STATUS_OK {
+			continue
+		}
+		nv := normOID(ru.GetNewOid())
+		if next.refs[ru.GetRef()] != nv {
+			changed = true
+		}
+		if nv == "" {
+			delete(next.refs, ru.GetRef())
+		} else {
+			next.refs[ru.GetRef()] = nv
+		}
+		results[i].CurrentOid = nv
+	}
+	if changed {
+		next.version++
+		next.updated = now.UnixNano()
+		next.updatedIndex = index
+		s.repos[repo.name] = &next
+	}
+	return &fsmv1.Result{Repo: s.repos[repo.name].toProto(false), RefResults: results}
+}
+
+// ErrInvalidRef is wrapped by ref-name rule violations.
+var ErrInvalidRef = errors.New("invalid ref name")
+
+// ValidateRefName applies git's check-ref-format rules to a full ref name,
+// which must start with "refs/".
+func ValidateRefName(ref string) error {
+	bad := func(rule string) error { return fmt.Errorf("%w %q: %s", ErrInvalidRef, ref, rule) }
+	switch {
+	case !strings.HasPrefix(ref, "refs/"):
+		return bad(`must start with "refs/"`)
+	case len(ref) > 1024:
+		return bad("longer than 1024 bytes")
+	case strings.Contains(ref, ".."), strings.Contains(ref, "@{"), strings.Contains(ref, "//"):
+		return bad(`contains "..", "@{" or "//"`)
+	case strings.HasSuffix(ref, "/"), strings.HasSuffix(ref, "."), strings.HasSuffix(ref, ".lock"):
+		return bad(`ends in "/", "." or ".lock"`)
+	}
+	for _, r := range ref {
+		if r < 0x20 || r == 0x7f || strings.ContainsRune(" ~^:?*[\\", r) {
+			return bad(fmt.Sprintf("contains %q", r))
+		}
+	}
+	for _, seg := range strings.Split(ref, "/") {
+		if strings.HasPrefix(seg, ".") || strings.HasSuffix(seg, ".lock") {
+			return bad(`a component starts with "." or ends in ".lock"`)
+		}
+	}
+	return nil
+}
+
+// normOID maps git's all-zero object id (an absent ref) to "".
+func normOID(oid string) string {
+	if strings.Trim(oid, "0") == "" {
+		return ""
+	}
+	return oid
+}
+
+func validateOID(oid string) error {
+	if oid == "" {
+		return nil
+	}
+	if len(oid) != 40 && len(oid) != 64 {
+		return fmt.Errorf("object id %q is not 40 or 64 hex digits", oid)
+	}
+	for _, r := range oid {
+		if !(r >= '0' && r <= '9' || r >= 'a' && r <= 'f') {
+			return fmt.Errorf("object id %q is not lowercase hex", oid)
+		}
+	}
+	return nil
+}
+
+func lockRefusal(err error) *fsmv1.Result {
+	reason := fsmv1.Reason_REASON_INVALID
+	switch {
+	case errors.Is(err, lockd.ErrLockHeld):
+		reason = fsmv1.Reason_REASON_LOCK_HELD
+	case errors.Is(err, lockd.ErrStaleToken):
+		reason = fsmv1.Reason_REASON_STALE_TOKEN
+	case errors.Is(err, lockd.ErrNotHeld):
+		reason = fsmv1.Reason_REASON_LOCK_NOT_HELD
+	case errors.Is(err, lockd.ErrLeaseExpired):
+		reason = fsmv1.Reason_REASON_LEASE_EXPIRED
+	}
+	r := refuse(reason, "%s", err.Error())
+	var held *lockd.HeldError
+	if errors.As(err, &held) {
+		r.Lock = lockToProto(held.Lock)
+	}
+	return r
+}
+
+func lockToProto(l lockd.WriteLock) *fsmv1.WriteLock {
+	return &fsmv1.WriteLock{
+		Repo:             l.Repo,
+		Holder:           l.Holder,
+		FencingToken:     l.Token,
+		AcquiredUnixNano: l.AcquiredAt.UnixNano(),
+		ExpiresUnixNano:  l.ExpiresAt.UnixNano(),
+	}
+}
+
+func lockFromProto(l *fsmv1.WriteLock) lockd.WriteLock {
+	return lockd.WriteLock{
+		Repo:       l.GetRepo(),
+		Holder:     l.GetHolder(),
+		Token:      l.GetFencingToken(),
+		AcquiredAt: time.Unix(0, l.GetAcquiredUnixNano()),
+		ExpiresAt:  time.Unix(0, l.GetExpiresUnixNano()),
+	}
+}
+
+func (r *repoState) toProto(withRefs bool) *fsmv1.Repo {
+	p := &fsmv1.Repo{
+		Name: r.name, Id: r.id, Version: r.version,
+		CreatedUnixNano: r.created, UpdatedUnixNano: r.updated, UpdatedIndex: r.updatedIndex,
+	}
+	if withRefs {
+		for _, name := range slices.Sorted(maps.Keys(r.refs)) {
+			p.Refs = append(p.Refs, &fsmv1.Ref{Name: name, Oid: r.refs[name]})
+		}
+	}
+	return p
+}
+
+func repoFromProto(p *fsmv1.Repo) *repoState {
+	r := &repoState{
+		name: p.GetName(), id: p.GetId(), version: p.GetVersion(), refs: make(map[string]string, len(p.GetRefs())),
+		created: p.GetCreatedUnixNano(), updated: p.GetUpdatedUnixNano(), updatedIndex: p.GetUpdatedIndex(),
+	}
+	for _, ref := range p.GetRefs() {
+		r.refs[ref.GetName()] = ref.GetOid()
+	}
+	return r
+}
+
+// ----- reads -----
+
+// Repo returns one repository with its refs.
+func (s *State) Repo(name string) (*fsmv1.Repo, bool) {
+	r, ok := s.repos[name]
+	if !ok {
+		return nil, false
+	}
+	return r.toProto(true), true
+}
+
+// Repos lists repositories (without refs), sorted by name, with ref counts.
+func (s *State) Repos() ([]*fsmv1.Repo, []int) {
+	names := slices.Sorted(maps.Keys(s.repos))
+	out := make([]*fsmv1.Repo, len(names))
+	counts := make([]int, len(names))
+	for i, n := range names {
+		out[i] = s.repos[n].toProto(false)
+		counts[i] = len(s.repos[n].refs)
+	}
+	return out, counts
+}
+
+// Locks lists the write locks, sorted by repo.
+func (s *State) Locks() []lockd.WriteLock { return s.locks.List() }
+
+// ExpiredLocks lists locks whose lease has run out by now (not yet removed).
+func (s *State) ExpiredLocks(now time.Time) []lockd.WriteLock { return s.locks.Expired(now) }
+
+// Members lists the members' addresses, sorted by id.
+func (s *State) Members() []*fsmv1.Member {
+	out := make([]*fsmv1.Member, 0, len(s.members))
+	for _, id := range slices.Sorted(maps.Keys(s.members)) {
+		out = append(out, s.members[id])
+	}
+	return out
+}
+
+// Member returns one member's addresses.
+func (s *State) Member(id string) (*fsmv1.Member, bool) {
+	m, ok := s.members[id]
+	return m, ok
+}
+
+// ----- snapshots -----
+
+// snapshotView is an immutable capture of the state, cheap to take.
+type snapshotView struct {
+	index    uint64
+	repos    []*repoState
+	locks    []lockd.WriteLock
+	members  []*fsmv1.Member
+	requests []*fsmv1.AppliedRequest
+}
+
+func (s *State) capture() *snapshotView {
+	v := &snapshotView{index: s.index, locks: s.locks.List(), members: s.Members()}
+	for _, n := range slices.Sorted(maps.Keys(s.repos)) {
+		v.repos = append(v.repos, s.repos[n])
+	}
+	for _, id := range s.requestOrder {
+		v.requests = append(v.requests, &fsmv1.AppliedRequest{RequestId: id, Result: s.requests[id]})
+	}
+	return v
+}
+
+func (v *snapshotView) items(yield func(*fsmv1.SnapshotItem) bool) {
+	for _, r := range v.repos {
+		if !yield(&fsmv1.SnapshotItem{Item: &fsmv1.SnapshotItem_Repo{Repo: r.toProto(true)}}) {
+			return
+		}
+	}
+	for _, l := range v.locks {
+		if !yield(&fsmv1.SnapshotItem{Item: &fsmv1.SnapshotItem_Lock{Lock: lockToProto(l)}}) {
+			return
+		}
+	}
+	for _, m := range v.members {
+		if !yield(&fsmv1.SnapshotItem{Item: &fsmv1.SnapshotItem_Member{Member: m}}) {
+			return
+		}
+	}
+	for _, a := range v.requests {
+		if !yield(&fsmv1.SnapshotItem{Item: &fsmv1.SnapshotItem_AppliedRequest{AppliedRequest: a}}) {
+			return
+		}
+	}
+}
+
+// restoreState builds a State from snapshot items.
+func restoreState(index uint64, items []*fsmv1.SnapshotItem) (*State, error) {
+	s := NewState()
+	s.index = index
+	var locks []lockd.WriteLock
+	for _, it := range items {
+		switch x := it.Item.(type) {
+		case *fsmv1.SnapshotItem_Repo:
+			s.repos[x.Repo.GetName()] = repoFromProto(x.Repo)
+		case *fsmv1.SnapshotItem_Lock:
+			locks = append(locks, lockFromProto(x.Lock))
+		case *fsmv1.SnapshotItem_Member:
+			s.members[x.Member.GetId()] = x.Member
+		case *fsmv1.SnapshotItem_AppliedRequest:
+			s.remember(x.AppliedRequest.GetRequestId(), x.AppliedRequest.GetResult())
+		default:
+			return nil, fmt.Errorf("snapshot item of unknown kind %T; upgrade gitraft on this node", it.Item)
+		}
+	}
+	s.locks = lockd.Restore(locks)
+	return s, nil
+}

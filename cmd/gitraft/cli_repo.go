@@ -1,0 +1,229 @@
+package main
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	repov1 "github.com/gitraft/gitraft/proto/gitraft/repo/v1"
+)
+
+// newRepoCmd is `gitraft repo`: create, list, show and delete repositories.
+func newRepoCmd(g *globalOpts) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "repo",
+		Short: "Create, list, show and delete repositories",
+	}
+	cmd.AddCommand(newRepoCreateCmd(g), newRepoListCmd(g), newRepoShowCmd(g), newRepoRemoveCmd(g))
+	return cmd
+}
+
+func newRepoCreateCmd(g *globalOpts) *cobra.Command {
+	return &cobra.Command{
+		Use:   "create NAME",
+		Short: "Create an empty repository",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx, conn, done, err := g.connect(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			resp, err := repov1.NewRepoServiceClient(conn).CreateRepo(ctx, &repov1.CreateRepoRequest{Name: args[0]})
+			if err != nil {
+				return rpcError("create repository "+strconv.Quote(args[0]), err)
+			}
+			if g.JSON {
+				return printProtoJSON(cmd.OutOrStdout(), resp)
+			}
+			name := resp.GetRepo().GetName()
+			if name == "" {
+				name = args[0]
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "created %s at index %d\n", name, resp.GetIndex())
+			return nil
+		},
+	}
+}
+
+func newRepoListCmd(g *globalOpts) *cobra.Command {
+	return &cobra.Command{
+		Use:     "ls",
+		Aliases: []string{"list"},
+		Short:   "List repositories",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, conn, done, err := g.connect(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			resp, err := repov1.NewRepoServiceClient(conn).ListRepos(ctx, &repov1.ListReposRequest{})
+			if err != nil {
+				return rpcError("list repositories", err)
+			}
+			if g.JSON {
+				return printProtoJSON(cmd.OutOrStdout(), resp)
+			}
+			return writeRepoList(cmd.OutOrStdout(), resp, time.Now())
+		},
+	}
+}
+
+// writeRepoList prints a ListReposResponse as a table, or "no repositories".
+func writeRepoList(w io.Writer, resp *repov1.ListReposResponse, now time.Time) error {
+	if len(resp.GetRepos()) == 0 {
+		_, err := fmt.Fprintln(w, "no repositories")
+		return err
+	}
+	t := newTable(w, "NAME", "VERSION", "REFS", "UPDATED")
+	for _, r := range resp.GetRepos() {
+		refs := r.GetRefCount()
+		if refs == 0 && len(r.GetRefs()) > 0 {
+			refs = int32(len(r.GetRefs()))
+		}
+		t.row(r.GetName(), strconv.FormatUint(r.GetVersion(), 10), strconv.Itoa(int(refs)), ago(now, r.GetUpdatedAt()))
+	}
+	return t.flush()
+}
+
+func newRepoShowCmd(g *globalOpts) *cobra.Command {
+	return &cobra.Command{
+		Use:   "show NAME",
+		Short: "Show a repository: its version, refs and replicas",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx, conn, done, err := g.connect(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			resp, err := repov1.NewRepoServiceClient(conn).GetRepo(ctx, &repov1.GetRepoRequest{Name: args[0]})
+			if err != nil {
+				return rpcError("show repository "+strconv.Quote(args[0]), err)
+			}
+			if g.JSON {
+				return printProtoJSON(cmd.OutOrStdout(), resp)
+			}
+			return writeRepo(cmd.OutOrStdout(), resp, time.Now())
+		},
+	}
+}
+
+// writeRepo prints a GetRepoResponse for people.
+func writeRepo(w io.Writer, resp *repov1.GetRepoResponse, now time.Time) error {
+	r := resp.GetRepo()
+	kv := newKV(w)
+	kv.row("name:", r.GetName())
+	kv.row("version:", strconv.FormatUint(r.GetVersion(), 10))
+	kv.row("created:", when(now, r.GetCreatedAt()))
+	kv.row("updated:", when(now, r.GetUpdatedAt()))
+	kv.row("updated index:", strconv.FormatUint(r.GetUpdatedIndex(), 10))
+	if err := kv.flush(); err != nil {
+		return err
+	}
+	fmt.Fprintln(w)
+	if len(r.GetRefs()) == 0 {
+		fmt.Fprintln(w, "no refs")
+	} else {
+		t := newTable(w, "REF", "OID")
+		for _, ref := range r.GetRefs() {
+			t.row(ref.GetName(), ref.GetOid())
+		}
+		if err := t.flush(); err != nil {
+			return err
+		}
+	}
+	if len(r.GetReplicas()) > 0 {
+		fmt.Fprintln(w)
+		t := newTable(w, "NODE", "VERSION", "STATE")
+		for _, rep := range r.GetReplicas() {
+			t.row(rep.GetNodeId(), strconv.FormatUint(rep.GetVersion(), 10), replicaStateText(rep.GetState()))
+		}
+		if err := t.flush(); err != nil {
+			return err
+		}
+	}
+	_, err := fmt.Fprintf(w, "\nas of raft index %d\n", resp.GetIndex())
+	return err
+}
+
+func replicaStateText(s repov1.ReplicaState) string {
+	switch s {
+	case repov1.ReplicaState_REPLICA_STATE_CURRENT:
+		return "current"
+	case repov1.ReplicaState_REPLICA_STATE_BEHIND:
+		return "behind"
+	case repov1.ReplicaState_REPLICA_STATE_SYNCING:
+		return "syncing"
+	case repov1.ReplicaState_REPLICA_STATE_UNREACHABLE:
+		return "unreachable"
+	}
+	return "-"
+}
+
+func newRepoRemoveCmd(g *globalOpts) *cobra.Command {
+	var yes bool
+	cmd := &cobra.Command{
+		Use:     "rm NAME",
+		Aliases: []string{"remove", "delete"},
+		Short:   "Delete a repository and its data on every node",
+		Long: `Delete a repository and its data on every node. This cannot be undone.
+Asks to type the repository's name to confirm, unless --yes is given.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cmd.SilenceUsage = true
+			name := args[0]
+			if !yes {
+				if err := confirmName(cmd.InOrStdin(), cmd.ErrOrStderr(), name); err != nil {
+					return err
+				}
+			}
+			ctx, conn, done, err := g.connect(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			resp, err := repov1.NewRepoServiceClient(conn).DeleteRepo(ctx, &repov1.DeleteRepoRequest{Name: name})
+			if err != nil {
+				return rpcError("delete repository "+strconv.Quote(name), err)
+			}
+			if g.JSON {
+				return printProtoJSON(cmd.OutOrStdout(), resp)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "deleted %s at index %d\n", name, resp.GetIndex())
+			return nil
+		},
+	}
+	cmd.Flags().BoolVarP(&yes, "yes", "y", false, "do not ask for confirmation")
+	return cmd
+}
+
+// confirmName asks the person at the terminal to type name. It refuses when
+// stdin is not a terminal (a script must pass --yes) or is closed.
+func confirmName(in io.Reader, prompt io.Writer, name string) error {
+	refuse := fmt.Errorf("not deleting %q without confirmation: pass --yes to delete it non-interactively", name)
+	if f, ok := in.(*os.File); ok {
+		fi, err := f.Stat()
+		if err != nil || fi.Mode()&os.ModeCharDevice == 0 {
+			return refuse
+		}
+	}
+	fmt.Fprintf(prompt, "This deletes repository %q and its data on every node; it cannot be undone.\nType the repo name to confirm: ", name)
+	line, err := bufio.NewReader(in).ReadString('\n')
+	if err != nil && (!errors.Is(err, io.EOF) || line == "") {
+		fmt.Fprintln(prompt)
+		return refuse
+	}
+	if strings.TrimSpace(line) != name {
+		return fmt.Errorf("not deleting %q: the name typed (%q) does not match", name, strings.TrimSpace(line))
+	}
+	return nil
+}

@@ -1,0 +1,221 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"reflect"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/pflag"
+	"gopkg.in/yaml.v3"
+
+	"github.com/gitraft/gitraft/cluster"
+)
+
+// fileConfig is the YAML configuration of `gitraft serve`. Every field can
+// be overridden by a GITRAFT_<NAME> environment variable (nested fields join
+// with '_', e.g. GITRAFT_TLS_CA_FILE) and by a --<name> flag (e.g.
+// --tls-ca-file); flags win over the environment, which wins over the file.
+type fileConfig struct {
+	NodeID        string        `yaml:"node_id" help:"this node's ID, unique in the cluster"`
+	DataDir       string        `yaml:"data_dir" help:"directory for Raft log, snapshots and repositories"`
+	RaftAddr      string        `yaml:"raft_addr" help:"listen address for Raft traffic"`
+	RaftAdvertise string        `yaml:"raft_advertise" help:"Raft address peers dial (default: raft_addr)"`
+	GRPCAddr      string        `yaml:"grpc_addr" help:"listen address for the admin and node gRPC API"`
+	GRPCAdvertise string        `yaml:"grpc_advertise" help:"gRPC address peers dial (default: grpc_addr)"`
+	HTTPAddr      string        `yaml:"http_addr" help:"listen address for /metrics, /healthz and /readyz"`
+	Bootstrap     bool          `yaml:"bootstrap" help:"found a new cluster with this node (only ever acts once)"`
+	Join          []string      `yaml:"join" help:"gRPC addresses of members to ask for membership"`
+	Insecure      bool          `yaml:"insecure" help:"no TLS; allowed only on loopback addresses"`
+	LogFormat     string        `yaml:"log_format" help:"json or text"`
+	LogLevel      string        `yaml:"log_level" help:"debug, info, warn or error"`
+	LeaderWait    time.Duration `yaml:"leader_wait" help:"how long a write waits for a leader before failing"`
+	DefaultLease  time.Duration `yaml:"default_lease" help:"lease of a write lock acquired without one"`
+
+	TLS  cluster.TLSFiles   `yaml:"tls"`
+	Raft cluster.RaftTuning `yaml:"raft"`
+}
+
+func defaultFileConfig() fileConfig {
+	return fileConfig{
+		RaftAddr:  "127.0.0.1:7101",
+		GRPCAddr:  "127.0.0.1:7102",
+		HTTPAddr:  "127.0.0.1:7103",
+		LogFormat: "json",
+		LogLevel:  "info",
+	}
+}
+
+// field is one leaf setting of fileConfig, reachable by its path of yaml names.
+type field struct {
+	path []string
+	v    reflect.Value
+	help string
+}
+
+func (f field) env() string  { return "GITRAFT_" + strings.ToUpper(strings.Join(f.path, "_")) }
+func (f field) flag() string { return strings.ReplaceAll(strings.Join(f.path, "-"), "_", "-") }
+
+func fields(v reflect.Value, prefix []string) []field {
+	var out []field
+	t := v.Type()
+	for i := 0; i < t.NumField(); i++ {
+		sf := t.Field(i)
+		name := strings.Split(sf.Tag.Get("yaml"), ",")[0]
+		if name == "" || name == "-" {
+			continue
+		}
+		path := append(append([]string{}, prefix...), name)
+		if sf.Type.Kind() == reflect.Struct {
+			out = append(out, fields(v.Field(i), path)...)
+			continue
+		}
+		help := sf.Tag.Get("help")
+		if help == "" {
+			help = strings.ReplaceAll(strings.Join(path, "."), "_", " ")
+		}
+		out = append(out, field{path: path, v: v.Field(i), help: help})
+	}
+	return out
+}
+
+func setValue(v reflect.Value, s string) error {
+	switch v.Interface().(type) {
+	case string:
+		v.SetString(s)
+	case bool:
+		b, err := strconv.ParseBool(s)
+		if err != nil {
+			return err
+		}
+		v.SetBool(b)
+	case time.Duration:
+		d, err := time.ParseDuration(s)
+		if err != nil {
+			return err
+		}
+		v.SetInt(int64(d))
+	case uint64:
+		n, err := strconv.ParseUint(s, 10, 64)
+		if err != nil {
+			return err
+		}
+		v.SetUint(n)
+	case []string:
+		var parts []string
+		for _, p := range strings.Split(s, ",") {
+			if p = strings.TrimSpace(p); p != "" {
+				parts = append(parts, p)
+			}
+		}
+		v.Set(reflect.ValueOf(parts))
+	default:
+		return fmt.Errorf("unsupported setting type %s", v.Type())
+	}
+	return nil
+}
+
+// flagValue adapts a config field to pflag.
+type flagValue struct {
+	f   field
+	set bool
+	raw string
+}
+
+func (fv *flagValue) String() string { return fv.raw }
+func (fv *flagValue) Set(s string) error {
+	fv.set, fv.raw = true, s
+	return nil
+}
+func (fv *flagValue) Type() string {
+	switch fv.f.v.Interface().(type) {
+	case bool:
+		return "bool"
+	case time.Duration:
+		return "duration"
+	case []string:
+		return "list"
+	case uint64:
+		return "uint"
+	}
+	return "string"
+}
+
+// configFlags registers one flag per setting and returns a loader that
+// applies file, environment and flags in that order.
+func configFlags(fs *pflag.FlagSet) func() (fileConfig, error) {
+	var path string
+	fs.StringVarP(&path, "config", "c", os.Getenv("GITRAFT_CONFIG"), "YAML configuration file (env GITRAFT_CONFIG)")
+	var shadow fileConfig
+	var fvs []*flagValue
+	for _, f := range fields(reflect.ValueOf(&shadow).Elem(), nil) {
+		fv := &flagValue{f: f}
+		fvs = append(fvs, fv)
+		fl := fs.VarPF(fv, f.flag(), "", fmt.Sprintf("%s (env %s)", f.help, f.env()))
+		if fv.Type() == "bool" {
+			fl.NoOptDefVal = "true"
+		}
+	}
+	return func() (fileConfig, error) {
+		cfg := defaultFileConfig()
+		if path != "" {
+			b, err := os.ReadFile(path)
+			if err != nil {
+				return cfg, fmt.Errorf("config: %w", err)
+			}
+			dec := yaml.NewDecoder(bytes.NewReader(b))
+			dec.KnownFields(true)
+			if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
+				return cfg, fmt.Errorf("config %s: %w", path, err)
+			}
+		}
+		live := fields(reflect.ValueOf(&cfg).Elem(), nil)
+		for i, f := range live {
+			if s, ok := os.LookupEnv(f.env()); ok {
+				if err := setValue(f.v, s); err != nil {
+					return cfg, fmt.Errorf("%s=%q: %w", f.env(), s, err)
+				}
+			}
+			if fvs[i].set {
+				if err := setValue(f.v, fvs[i].raw); err != nil {
+					return cfg, fmt.Errorf("--%s=%q: %w", f.flag(), fvs[i].raw, err)
+				}
+			}
+		}
+		return cfg, nil
+	}
+}
+
+func (c fileConfig) clusterConfig() cluster.Config {
+	return cluster.Config{
+		NodeID: c.NodeID, DataDir: c.DataDir,
+		RaftAddr: c.RaftAddr, RaftAdvertise: c.RaftAdvertise,
+		GRPCAddr: c.GRPCAddr, GRPCAdvertise: c.GRPCAdvertise,
+		HTTPAddr:  c.HTTPAddr,
+		Bootstrap: c.Bootstrap, Join: c.Join,
+		TLS: c.TLS, Insecure: c.Insecure,
+		Raft:       c.Raft,
+		LeaderWait: c.LeaderWait, DefaultLease: c.DefaultLease,
+	}
+}
+
+func newLogger(format, level string, w *os.File) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("log_level %q: use debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "json", "":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("log_format %q: use json or text", format)
+}

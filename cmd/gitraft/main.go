@@ -1,0 +1,42 @@
+package main
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() {
+	if err := newRootCmd().Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "gitraft:", err)
+		os.Exit(1)
+	}
+}
+
+func newRootCmd() *cobra.Command {
+	g := &globalOpts{}
+	root := &cobra.Command{
+		Use:   "gitraft",
+		Short: "Raft-based multi-master git storage",
+		Long: `gitraft keeps git repositories on a Raft group of nodes: any node takes
+pushes and clones, and a push is acknowledged only once it is on a quorum.
+
+Run a local cluster:   gitraft dev
+Run one node:          gitraft serve --config gitraft.yaml
+Inspect a cluster:     gitraft cluster status`,
+		Version:       version,
+		SilenceErrors: true,
+		SilenceUsage:  true,
+	}
+	clients := []*cobra.Command{newClusterCmd(g), newRepoCmd(g), newLockCmd(g)}
+	for _, c := range clients {
+		g.register(c.PersistentFlags())
+	}
+	root.AddCommand(newServeCmd(), newDevCmd(), newCACmd())
+	root.AddCommand(clients...)
+	return root
+}
