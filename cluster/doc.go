@@ -1,0 +1,14 @@
+// Package cluster is gitraft's consensus core: one Raft group
+// (hashicorp/raft, with raft-boltdb/v2 behind a log cache and file
+// snapshots) whose state machine records every repository's version and
+// refs, the write locks and the members' addresses.
+//
+// A Node is one member. It serves the admin gRPC API (ClusterService,
+// RepoService, LockService) and the node-to-node API (NodeService) over
+// mutual TLS, forwards writes from followers to the leader, answers reads
+// only after a read barrier (so they are never stale), and exposes
+// /metrics, /healthz and /readyz over HTTP.
+//
+// State is the deterministic state machine; it can be driven without Raft.
+// See DESIGN.md for why it is built this way.
+package cluster
