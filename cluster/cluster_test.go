@@ -403,3 +403,40 @@ func Test_Node_InsecureOnlyOnLoopback(t *testing.T) {
 }
 
 var _ = raft.Leader
+
+// Reads must not wait for entries that never reach the state machine:
+// membership changes and a new leader's first entries.
+func Test_MultiNode_ReadAfterMembershipAndLeaderChange(t *testing.T) {
+	c := mustNewCluster(t, 3)
+	propose(t, c.any(), create("r"))
+	barrierAll := func(what string) {
+		t.Helper()
+		for _, n := range c.nodes {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			_, err := n.ReadBarrier(ctx)
+			cancel()
+			if err != nil {
+				t.Fatalf("read on %s after %s: %v", n.ID(), what, err)
+			}
+		}
+	}
+	c.add("n4", false)
+	c.waitMembers(4)
+	barrierAll("adding n4")
+
+	leader := c.waitLeader()
+	if err := leader.raft.RemoveServer("n4", 0, 5*time.Second).Error(); err != nil {
+		t.Fatal(err)
+	}
+	c.stop("n4")
+	barrierAll("removing n4")
+
+	if err := leader.raft.LeadershipTransfer().Error(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "a new leader", 10*time.Second, func() bool {
+		l := c.waitLeader()
+		return l.ID() != leader.ID()
+	})
+	barrierAll("a leadership transfer")
+}

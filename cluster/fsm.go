@@ -59,6 +59,18 @@ func (f *fsm) notifyLocked() {
 	f.applied = make(chan struct{})
 }
 
+// StoreConfiguration implements raft.ConfigurationStore. Configuration
+// entries change no gitraft state, but the applied index must pass them so
+// that reads waiting for a commit index that is a membership change go on.
+func (f *fsm) StoreConfiguration(index uint64, _ raft.Configuration) {
+	f.mu.Lock()
+	if index > f.state.index {
+		f.state.index = index
+	}
+	f.notifyLocked()
+	f.mu.Unlock()
+}
+
 // Index returns the last applied index.
 func (f *fsm) Index() uint64 {
 	f.mu.RLock()

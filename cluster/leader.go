@@ -50,6 +50,12 @@ func (n *Node) lead(ctx context.Context) {
 		n.log.Warn("leader barrier failed", "err", err)
 		return
 	}
+	// Commit a command of this term, so that the commit index read barriers
+	// hand out is one the state machine sees (see LeaderNoop).
+	if _, err := n.applyLocal(&fsmv1.Entry{Command: &fsmv1.Entry_LeaderNoop{LeaderNoop: &fsmv1.LeaderNoop{Term: n.raft.CurrentTerm()}}}); err != nil {
+		n.log.Warn("leader no-op failed", "err", err)
+		return
+	}
 	n.leaderReady.Store(true)
 	t := time.NewTicker(n.cfg.LockExpiryInterval)
 	defer t.Stop()

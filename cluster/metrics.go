@@ -119,6 +119,8 @@ func commandName(e *fsmv1.Entry) string {
 		return "set_member"
 	case *fsmv1.Entry_RemoveMember:
 		return "remove_member"
+	case *fsmv1.Entry_LeaderNoop:
+		return "leader_noop"
 	}
 	return "unknown"
 }
@@ -135,4 +137,3 @@ func (m *metrics) observeApply(e *fsmv1.Entry, r *fsmv1.Result, took time.Durati
 func (m *metrics) observePropose(e *fsmv1.Entry, took time.Duration) {
 	m.commitSeconds.WithLabelValues(commandName(e)).Observe(took.Seconds())
 }
-

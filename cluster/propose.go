@@ -23,6 +23,8 @@ import (
 	nodev1 "github.com/gitraft/gitraft/proto/gitraft/node/v1"
 )
 
+var errLeaderNotReady = errors.New("the new leader has not committed an entry of its term yet")
+
 // applyTimeout bounds how long the leader waits to enqueue one entry.
 const applyTimeout = 10 * time.Second
 
@@ -196,10 +198,8 @@ func (n *Node) readIndexOnce(ctx context.Context) (uint64, bool, error) {
 func (n *Node) leaderReadIndex() (uint64, error) {
 	if !n.leaderReady.Load() {
 		// A new leader's commit index is only trustworthy once an entry of
-		// its own term committed.
-		if err := n.raft.Barrier(applyTimeout).Error(); err != nil {
-			return 0, err
-		}
+		// its own term committed; the leader loop is about to do that.
+		return 0, errLeaderNotReady
 	}
 	idx := n.raft.CommitIndex()
 	if err := n.raft.VerifyLeader().Error(); err != nil {

@@ -149,6 +149,8 @@ func (s *State) apply(index uint64, now time.Time, e *fsmv1.Entry) *fsmv1.Result
 		}
 		s.members[m.GetId()] = m
 		return &fsmv1.Result{}
+	case *fsmv1.Entry_LeaderNoop:
+		return &fsmv1.Result{}
 	case *fsmv1.Entry_RemoveMember:
 		if _, ok := s.members[c.RemoveMember.GetId()]; !ok {
 			return refuse(fsmv1.Reason_REASON_NOT_FOUND, "member %q not found", c.RemoveMember.GetId())

@@ -69,7 +69,11 @@ func writeClusterStatus(w io.Writer, resp *clusterv1.GetStatusResponse, now time
 		if !m.GetLeader() {
 			contact = ago(now, m.GetLastContact())
 		}
-		t.row(m.GetId(), m.GetRaftAddr(), m.GetGrpcAddr(), state, suffrageText(m.GetSuffrage()), applied, contact, m.GetError())
+		errText := m.GetError()
+		if isTransportMessage(errText) {
+			errText = transportDetail(errText)
+		}
+		t.row(m.GetId(), m.GetRaftAddr(), m.GetGrpcAddr(), state, suffrageText(m.GetSuffrage()), applied, contact, errText)
 	}
 	return t.flush()
 }

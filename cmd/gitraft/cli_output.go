@@ -11,7 +11,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/spf13/cobra"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -78,13 +77,6 @@ func printJSON(w io.Writer, v any) error {
 	}
 	_, err = fmt.Fprintf(w, "%s\n", b)
 	return err
-}
-
-// jsonFlag reports whether --json is set on cmd or inherited from its
-// parents (used by commands that do not get the globalOpts).
-func jsonFlag(cmd *cobra.Command) bool {
-	f := cmd.Flag("json")
-	return f != nil && f.Value.String() == "true"
 }
 
 // humanDuration formats d compactly: 850ms, 12s, 4m12s, 3h05m, 2d4h.

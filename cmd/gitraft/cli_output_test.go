@@ -180,7 +180,7 @@ func TestWriteClusterStatus(t *testing.T) {
 		Members: []*clusterv1.Member{
 			{Id: "n1", RaftAddr: "127.0.0.1:7101", GrpcAddr: "127.0.0.1:7102", Suffrage: clusterv1.Suffrage_SUFFRAGE_VOTER, Leader: true, Reachable: true, State: "Leader", AppliedIndex: 57},
 			{Id: "n2", RaftAddr: "127.0.0.1:7201", GrpcAddr: "127.0.0.1:7202", Suffrage: clusterv1.Suffrage_SUFFRAGE_VOTER, Reachable: true, State: "Follower", AppliedIndex: 56, LastContact: ts(testNow.Add(-12 * time.Millisecond))},
-			{Id: "n3", RaftAddr: "127.0.0.1:7301", GrpcAddr: "127.0.0.1:7302", Suffrage: clusterv1.Suffrage_SUFFRAGE_NONVOTER, Error: "connection refused"},
+			{Id: "n3", RaftAddr: "127.0.0.1:7301", GrpcAddr: "127.0.0.1:7302", Suffrage: clusterv1.Suffrage_SUFFRAGE_NONVOTER, Error: `connection error: desc = "transport: Error while dialing: dial tcp 127.0.0.1:7302: connect: connection refused"`},
 		},
 	}
 	var buf bytes.Buffer
@@ -194,7 +194,7 @@ func TestWriteClusterStatus(t *testing.T) {
 		"ID  ADDRESS         GRPC            STATE        VOTER  APPLIED  LAST CONTACT  ERROR",
 		"n1  127.0.0.1:7101  127.0.0.1:7102  Leader       yes    57       -             -",
 		"n2  127.0.0.1:7201  127.0.0.1:7202  Follower     yes    56       12ms ago      -",
-		"n3  127.0.0.1:7301  127.0.0.1:7302  unreachable  no     -        -             connection refused",
+		"n3  127.0.0.1:7301  127.0.0.1:7302  unreachable  no     -        -             dial tcp 127.0.0.1:7302: connect: connection refused",
 	}
 	if strings.Join(got, "\n") != strings.Join(want, "\n") {
 		t.Errorf("writeClusterStatus:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))

@@ -35,16 +35,16 @@ type devNodeInfo struct {
 
 // devClusterInfo is what `gitraft dev` writes to <dir>/cluster.json.
 type devClusterInfo struct {
-	Dir        string        `json:"dir"`
-	Leader     string        `json:"leader"`
-	CACert     string        `json:"ca_cert"`
-	AdminCert  string        `json:"admin_cert"`
-	AdminKey   string        `json:"admin_key"`
-	Nodes      []devNodeInfo `json:"nodes"`
-	Env        []string      `json:"env"`
-	PID        int           `json:"pid"`
-	StartedAt  time.Time     `json:"started_at"`
-	LogFile    string        `json:"log_file"`
+	Dir       string        `json:"dir"`
+	Leader    string        `json:"leader"`
+	CACert    string        `json:"ca_cert"`
+	AdminCert string        `json:"admin_cert"`
+	AdminKey  string        `json:"admin_key"`
+	Nodes     []devNodeInfo `json:"nodes"`
+	Env       []string      `json:"env"`
+	PID       int           `json:"pid"`
+	StartedAt time.Time     `json:"started_at"`
+	LogFile   string        `json:"log_file"`
 }
 
 func newDevCmd() *cobra.Command {

@@ -219,6 +219,7 @@ type Entry struct {
 	//	*Entry_ExpireLocks
 	//	*Entry_SetMember
 	//	*Entry_RemoveMember
+	//	*Entry_LeaderNoop
 	Command       isEntry_Command `protobuf_oneof:"command"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -379,6 +380,15 @@ func (x *Entry) GetRemoveMember() *RemoveMember {
 	return nil
 }
 
+func (x *Entry) GetLeaderNoop() *LeaderNoop {
+	if x != nil {
+		if x, ok := x.Command.(*Entry_LeaderNoop); ok {
+			return x.LeaderNoop
+		}
+	}
+	return nil
+}
+
 type isEntry_Command interface {
 	isEntry_Command()
 }
@@ -423,6 +433,10 @@ type Entry_RemoveMember struct {
 	RemoveMember *RemoveMember `protobuf:"bytes,19,opt,name=remove_member,json=removeMember,proto3,oneof"`
 }
 
+type Entry_LeaderNoop struct {
+	LeaderNoop *LeaderNoop `protobuf:"bytes,20,opt,name=leader_noop,json=leaderNoop,proto3,oneof"`
+}
+
 func (*Entry_CreateRepo) isEntry_Command() {}
 
 func (*Entry_DeleteRepo) isEntry_Command() {}
@@ -443,6 +457,56 @@ func (*Entry_SetMember) isEntry_Command() {}
 
 func (*Entry_RemoveMember) isEntry_Command() {}
 
+func (*Entry_LeaderNoop) isEntry_Command() {}
+
+// LeaderNoop is the first command a new leader commits. Raft's own no-op
+// and barrier entries never reach the state machine, so without this the
+// state machine's index could not reach a new leader's commit index, and
+// read barriers would wait for it in vain.
+type LeaderNoop struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Term          uint64                 `protobuf:"varint,1,opt,name=term,proto3" json:"term,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaderNoop) Reset() {
+	*x = LeaderNoop{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaderNoop) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaderNoop) ProtoMessage() {}
+
+func (x *LeaderNoop) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaderNoop.ProtoReflect.Descriptor instead.
+func (*LeaderNoop) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *LeaderNoop) GetTerm() uint64 {
+	if x != nil {
+		return x.Term
+	}
+	return 0
+}
+
 type CreateRepo struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -452,7 +516,7 @@ type CreateRepo struct {
 
 func (x *CreateRepo) Reset() {
 	*x = CreateRepo{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[1]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -464,7 +528,7 @@ func (x *CreateRepo) String() string {
 func (*CreateRepo) ProtoMessage() {}
 
 func (x *CreateRepo) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[1]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -477,7 +541,7 @@ func (x *CreateRepo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateRepo.ProtoReflect.Descriptor instead.
 func (*CreateRepo) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{1}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *CreateRepo) GetName() string {
@@ -496,7 +560,7 @@ type DeleteRepo struct {
 
 func (x *DeleteRepo) Reset() {
 	*x = DeleteRepo{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[2]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -508,7 +572,7 @@ func (x *DeleteRepo) String() string {
 func (*DeleteRepo) ProtoMessage() {}
 
 func (x *DeleteRepo) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[2]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -521,7 +585,7 @@ func (x *DeleteRepo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteRepo.ProtoReflect.Descriptor instead.
 func (*DeleteRepo) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{2}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *DeleteRepo) GetName() string {
@@ -544,7 +608,7 @@ type RefUpdate struct {
 
 func (x *RefUpdate) Reset() {
 	*x = RefUpdate{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[3]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -556,7 +620,7 @@ func (x *RefUpdate) String() string {
 func (*RefUpdate) ProtoMessage() {}
 
 func (x *RefUpdate) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[3]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -569,7 +633,7 @@ func (x *RefUpdate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefUpdate.ProtoReflect.Descriptor instead.
 func (*RefUpdate) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{3}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *RefUpdate) GetRef() string {
@@ -610,7 +674,7 @@ type UpdateRefs struct {
 
 func (x *UpdateRefs) Reset() {
 	*x = UpdateRefs{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[4]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -622,7 +686,7 @@ func (x *UpdateRefs) String() string {
 func (*UpdateRefs) ProtoMessage() {}
 
 func (x *UpdateRefs) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[4]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -635,7 +699,7 @@ func (x *UpdateRefs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateRefs.ProtoReflect.Descriptor instead.
 func (*UpdateRefs) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{4}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *UpdateRefs) GetRepo() string {
@@ -684,7 +748,7 @@ type AcquireLock struct {
 
 func (x *AcquireLock) Reset() {
 	*x = AcquireLock{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[5]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -696,7 +760,7 @@ func (x *AcquireLock) String() string {
 func (*AcquireLock) ProtoMessage() {}
 
 func (x *AcquireLock) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[5]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -709,7 +773,7 @@ func (x *AcquireLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AcquireLock.ProtoReflect.Descriptor instead.
 func (*AcquireLock) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{5}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *AcquireLock) GetRepo() string {
@@ -744,7 +808,7 @@ type RenewLock struct {
 
 func (x *RenewLock) Reset() {
 	*x = RenewLock{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[6]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -756,7 +820,7 @@ func (x *RenewLock) String() string {
 func (*RenewLock) ProtoMessage() {}
 
 func (x *RenewLock) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[6]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -769,7 +833,7 @@ func (x *RenewLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLock.ProtoReflect.Descriptor instead.
 func (*RenewLock) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{6}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *RenewLock) GetRepo() string {
@@ -803,7 +867,7 @@ type ReleaseLock struct {
 
 func (x *ReleaseLock) Reset() {
 	*x = ReleaseLock{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[7]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -815,7 +879,7 @@ func (x *ReleaseLock) String() string {
 func (*ReleaseLock) ProtoMessage() {}
 
 func (x *ReleaseLock) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[7]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -828,7 +892,7 @@ func (x *ReleaseLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseLock.ProtoReflect.Descriptor instead.
 func (*ReleaseLock) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{7}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ReleaseLock) GetRepo() string {
@@ -854,7 +918,7 @@ type ForceReleaseLock struct {
 
 func (x *ForceReleaseLock) Reset() {
 	*x = ForceReleaseLock{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[8]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -866,7 +930,7 @@ func (x *ForceReleaseLock) String() string {
 func (*ForceReleaseLock) ProtoMessage() {}
 
 func (x *ForceReleaseLock) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[8]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -879,7 +943,7 @@ func (x *ForceReleaseLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForceReleaseLock.ProtoReflect.Descriptor instead.
 func (*ForceReleaseLock) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{8}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ForceReleaseLock) GetRepo() string {
@@ -898,7 +962,7 @@ type ExpireLocks struct {
 
 func (x *ExpireLocks) Reset() {
 	*x = ExpireLocks{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[9]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -910,7 +974,7 @@ func (x *ExpireLocks) String() string {
 func (*ExpireLocks) ProtoMessage() {}
 
 func (x *ExpireLocks) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[9]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -923,7 +987,7 @@ func (x *ExpireLocks) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpireLocks.ProtoReflect.Descriptor instead.
 func (*ExpireLocks) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{9}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{10}
 }
 
 // SetMember records how to reach a node (its Raft membership lives in Raft's
@@ -937,7 +1001,7 @@ type SetMember struct {
 
 func (x *SetMember) Reset() {
 	*x = SetMember{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[10]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -949,7 +1013,7 @@ func (x *SetMember) String() string {
 func (*SetMember) ProtoMessage() {}
 
 func (x *SetMember) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[10]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -962,7 +1026,7 @@ func (x *SetMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetMember.ProtoReflect.Descriptor instead.
 func (*SetMember) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{10}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *SetMember) GetMember() *Member {
@@ -981,7 +1045,7 @@ type RemoveMember struct {
 
 func (x *RemoveMember) Reset() {
 	*x = RemoveMember{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[11]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -993,7 +1057,7 @@ func (x *RemoveMember) String() string {
 func (*RemoveMember) ProtoMessage() {}
 
 func (x *RemoveMember) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[11]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1006,7 +1070,7 @@ func (x *RemoveMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveMember.ProtoReflect.Descriptor instead.
 func (*RemoveMember) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{11}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *RemoveMember) GetId() string {
@@ -1029,7 +1093,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[12]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1041,7 +1105,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[12]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1054,7 +1118,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{12}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Member) GetId() string {
@@ -1102,7 +1166,7 @@ type Ref struct {
 
 func (x *Ref) Reset() {
 	*x = Ref{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[13]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1114,7 +1178,7 @@ func (x *Ref) String() string {
 func (*Ref) ProtoMessage() {}
 
 func (x *Ref) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[13]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1127,7 +1191,7 @@ func (x *Ref) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ref.ProtoReflect.Descriptor instead.
 func (*Ref) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{13}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Ref) GetName() string {
@@ -1161,7 +1225,7 @@ type Repo struct {
 
 func (x *Repo) Reset() {
 	*x = Repo{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[14]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1173,7 +1237,7 @@ func (x *Repo) String() string {
 func (*Repo) ProtoMessage() {}
 
 func (x *Repo) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[14]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1186,7 +1250,7 @@ func (x *Repo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Repo.ProtoReflect.Descriptor instead.
 func (*Repo) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{14}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Repo) GetName() string {
@@ -1251,7 +1315,7 @@ type WriteLock struct {
 
 func (x *WriteLock) Reset() {
 	*x = WriteLock{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[15]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1263,7 +1327,7 @@ func (x *WriteLock) String() string {
 func (*WriteLock) ProtoMessage() {}
 
 func (x *WriteLock) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[15]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1276,7 +1340,7 @@ func (x *WriteLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteLock.ProtoReflect.Descriptor instead.
 func (*WriteLock) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{15}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *WriteLock) GetRepo() string {
@@ -1324,7 +1388,7 @@ type Refusal struct {
 
 func (x *Refusal) Reset() {
 	*x = Refusal{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[16]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1336,7 +1400,7 @@ func (x *Refusal) String() string {
 func (*Refusal) ProtoMessage() {}
 
 func (x *Refusal) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[16]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1349,7 +1413,7 @@ func (x *Refusal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Refusal.ProtoReflect.Descriptor instead.
 func (*Refusal) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{16}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Refusal) GetReason() Reason {
@@ -1378,7 +1442,7 @@ type RefResult struct {
 
 func (x *RefResult) Reset() {
 	*x = RefResult{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[17]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1390,7 +1454,7 @@ func (x *RefResult) String() string {
 func (*RefResult) ProtoMessage() {}
 
 func (x *RefResult) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[17]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1403,7 +1467,7 @@ func (x *RefResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefResult.ProtoReflect.Descriptor instead.
 func (*RefResult) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{17}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *RefResult) GetRef() string {
@@ -1442,7 +1506,7 @@ type Result struct {
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[18]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1454,7 +1518,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[18]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1467,7 +1531,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{18}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Result) GetIndex() uint64 {
@@ -1525,7 +1589,7 @@ type SnapshotHeader struct {
 
 func (x *SnapshotHeader) Reset() {
 	*x = SnapshotHeader{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[19]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1537,7 +1601,7 @@ func (x *SnapshotHeader) String() string {
 func (*SnapshotHeader) ProtoMessage() {}
 
 func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[19]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1550,7 +1614,7 @@ func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotHeader.ProtoReflect.Descriptor instead.
 func (*SnapshotHeader) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{19}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SnapshotHeader) GetFormat() EntryFormat {
@@ -1589,7 +1653,7 @@ type SnapshotItem struct {
 
 func (x *SnapshotItem) Reset() {
 	*x = SnapshotItem{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[20]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1601,7 +1665,7 @@ func (x *SnapshotItem) String() string {
 func (*SnapshotItem) ProtoMessage() {}
 
 func (x *SnapshotItem) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[20]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1614,7 +1678,7 @@ func (x *SnapshotItem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotItem.ProtoReflect.Descriptor instead.
 func (*SnapshotItem) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{20}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SnapshotItem) GetItem() isSnapshotItem_Item {
@@ -1699,7 +1763,7 @@ type AppliedRequest struct {
 
 func (x *AppliedRequest) Reset() {
 	*x = AppliedRequest{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[21]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1711,7 +1775,7 @@ func (x *AppliedRequest) String() string {
 func (*AppliedRequest) ProtoMessage() {}
 
 func (x *AppliedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[21]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1724,7 +1788,7 @@ func (x *AppliedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppliedRequest.ProtoReflect.Descriptor instead.
 func (*AppliedRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{21}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *AppliedRequest) GetRequestId() string {
@@ -1745,7 +1809,7 @@ var File_gitraft_fsm_v1_fsm_proto protoreflect.FileDescriptor
 
 const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\n" +
-	"\x18gitraft/fsm/v1/fsm.proto\x12\x0egitraft.fsm.v1\"\xc7\x06\n" +
+	"\x18gitraft/fsm/v1/fsm.proto\x12\x0egitraft.fsm.v1\"\x86\a\n" +
 	"\x05Entry\x123\n" +
 	"\x06format\x18\x01 \x01(\x0e2\x1b.gitraft.fsm.v1.EntryFormatR\x06format\x121\n" +
 	"\x15leader_time_unix_nano\x18\x02 \x01(\x03R\x12leaderTimeUnixNano\x12\x1a\n" +
@@ -1767,8 +1831,13 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\fexpire_locks\x18\x11 \x01(\v2\x1b.gitraft.fsm.v1.ExpireLocksH\x00R\vexpireLocks\x12:\n" +
 	"\n" +
 	"set_member\x18\x12 \x01(\v2\x19.gitraft.fsm.v1.SetMemberH\x00R\tsetMember\x12C\n" +
-	"\rremove_member\x18\x13 \x01(\v2\x1c.gitraft.fsm.v1.RemoveMemberH\x00R\fremoveMemberB\t\n" +
+	"\rremove_member\x18\x13 \x01(\v2\x1c.gitraft.fsm.v1.RemoveMemberH\x00R\fremoveMember\x12=\n" +
+	"\vleader_noop\x18\x14 \x01(\v2\x1a.gitraft.fsm.v1.LeaderNoopH\x00R\n" +
+	"leaderNoopB\t\n" +
 	"\acommand\" \n" +
+	"\n" +
+	"LeaderNoop\x12\x12\n" +
+	"\x04term\x18\x01 \x01(\x04R\x04term\" \n" +
 	"\n" +
 	"CreateRepo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\" \n" +
@@ -1891,67 +1960,69 @@ func file_gitraft_fsm_v1_fsm_proto_rawDescGZIP() []byte {
 }
 
 var file_gitraft_fsm_v1_fsm_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_gitraft_fsm_v1_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_gitraft_fsm_v1_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_gitraft_fsm_v1_fsm_proto_goTypes = []any{
 	(EntryFormat)(0),         // 0: gitraft.fsm.v1.EntryFormat
 	(Reason)(0),              // 1: gitraft.fsm.v1.Reason
 	(RefStatus)(0),           // 2: gitraft.fsm.v1.RefStatus
 	(*Entry)(nil),            // 3: gitraft.fsm.v1.Entry
-	(*CreateRepo)(nil),       // 4: gitraft.fsm.v1.CreateRepo
-	(*DeleteRepo)(nil),       // 5: gitraft.fsm.v1.DeleteRepo
-	(*RefUpdate)(nil),        // 6: gitraft.fsm.v1.RefUpdate
-	(*UpdateRefs)(nil),       // 7: gitraft.fsm.v1.UpdateRefs
-	(*AcquireLock)(nil),      // 8: gitraft.fsm.v1.AcquireLock
-	(*RenewLock)(nil),        // 9: gitraft.fsm.v1.RenewLock
-	(*ReleaseLock)(nil),      // 10: gitraft.fsm.v1.ReleaseLock
-	(*ForceReleaseLock)(nil), // 11: gitraft.fsm.v1.ForceReleaseLock
-	(*ExpireLocks)(nil),      // 12: gitraft.fsm.v1.ExpireLocks
-	(*SetMember)(nil),        // 13: gitraft.fsm.v1.SetMember
-	(*RemoveMember)(nil),     // 14: gitraft.fsm.v1.RemoveMember
-	(*Member)(nil),           // 15: gitraft.fsm.v1.Member
-	(*Ref)(nil),              // 16: gitraft.fsm.v1.Ref
-	(*Repo)(nil),             // 17: gitraft.fsm.v1.Repo
-	(*WriteLock)(nil),        // 18: gitraft.fsm.v1.WriteLock
-	(*Refusal)(nil),          // 19: gitraft.fsm.v1.Refusal
-	(*RefResult)(nil),        // 20: gitraft.fsm.v1.RefResult
-	(*Result)(nil),           // 21: gitraft.fsm.v1.Result
-	(*SnapshotHeader)(nil),   // 22: gitraft.fsm.v1.SnapshotHeader
-	(*SnapshotItem)(nil),     // 23: gitraft.fsm.v1.SnapshotItem
-	(*AppliedRequest)(nil),   // 24: gitraft.fsm.v1.AppliedRequest
+	(*LeaderNoop)(nil),       // 4: gitraft.fsm.v1.LeaderNoop
+	(*CreateRepo)(nil),       // 5: gitraft.fsm.v1.CreateRepo
+	(*DeleteRepo)(nil),       // 6: gitraft.fsm.v1.DeleteRepo
+	(*RefUpdate)(nil),        // 7: gitraft.fsm.v1.RefUpdate
+	(*UpdateRefs)(nil),       // 8: gitraft.fsm.v1.UpdateRefs
+	(*AcquireLock)(nil),      // 9: gitraft.fsm.v1.AcquireLock
+	(*RenewLock)(nil),        // 10: gitraft.fsm.v1.RenewLock
+	(*ReleaseLock)(nil),      // 11: gitraft.fsm.v1.ReleaseLock
+	(*ForceReleaseLock)(nil), // 12: gitraft.fsm.v1.ForceReleaseLock
+	(*ExpireLocks)(nil),      // 13: gitraft.fsm.v1.ExpireLocks
+	(*SetMember)(nil),        // 14: gitraft.fsm.v1.SetMember
+	(*RemoveMember)(nil),     // 15: gitraft.fsm.v1.RemoveMember
+	(*Member)(nil),           // 16: gitraft.fsm.v1.Member
+	(*Ref)(nil),              // 17: gitraft.fsm.v1.Ref
+	(*Repo)(nil),             // 18: gitraft.fsm.v1.Repo
+	(*WriteLock)(nil),        // 19: gitraft.fsm.v1.WriteLock
+	(*Refusal)(nil),          // 20: gitraft.fsm.v1.Refusal
+	(*RefResult)(nil),        // 21: gitraft.fsm.v1.RefResult
+	(*Result)(nil),           // 22: gitraft.fsm.v1.Result
+	(*SnapshotHeader)(nil),   // 23: gitraft.fsm.v1.SnapshotHeader
+	(*SnapshotItem)(nil),     // 24: gitraft.fsm.v1.SnapshotItem
+	(*AppliedRequest)(nil),   // 25: gitraft.fsm.v1.AppliedRequest
 }
 var file_gitraft_fsm_v1_fsm_proto_depIdxs = []int32{
 	0,  // 0: gitraft.fsm.v1.Entry.format:type_name -> gitraft.fsm.v1.EntryFormat
-	4,  // 1: gitraft.fsm.v1.Entry.create_repo:type_name -> gitraft.fsm.v1.CreateRepo
-	5,  // 2: gitraft.fsm.v1.Entry.delete_repo:type_name -> gitraft.fsm.v1.DeleteRepo
-	7,  // 3: gitraft.fsm.v1.Entry.update_refs:type_name -> gitraft.fsm.v1.UpdateRefs
-	8,  // 4: gitraft.fsm.v1.Entry.acquire_lock:type_name -> gitraft.fsm.v1.AcquireLock
-	9,  // 5: gitraft.fsm.v1.Entry.renew_lock:type_name -> gitraft.fsm.v1.RenewLock
-	10, // 6: gitraft.fsm.v1.Entry.release_lock:type_name -> gitraft.fsm.v1.ReleaseLock
-	11, // 7: gitraft.fsm.v1.Entry.force_release_lock:type_name -> gitraft.fsm.v1.ForceReleaseLock
-	12, // 8: gitraft.fsm.v1.Entry.expire_locks:type_name -> gitraft.fsm.v1.ExpireLocks
-	13, // 9: gitraft.fsm.v1.Entry.set_member:type_name -> gitraft.fsm.v1.SetMember
-	14, // 10: gitraft.fsm.v1.Entry.remove_member:type_name -> gitraft.fsm.v1.RemoveMember
-	6,  // 11: gitraft.fsm.v1.UpdateRefs.updates:type_name -> gitraft.fsm.v1.RefUpdate
-	15, // 12: gitraft.fsm.v1.SetMember.member:type_name -> gitraft.fsm.v1.Member
-	16, // 13: gitraft.fsm.v1.Repo.refs:type_name -> gitraft.fsm.v1.Ref
-	1,  // 14: gitraft.fsm.v1.Refusal.reason:type_name -> gitraft.fsm.v1.Reason
-	2,  // 15: gitraft.fsm.v1.RefResult.status:type_name -> gitraft.fsm.v1.RefStatus
-	19, // 16: gitraft.fsm.v1.Result.refusal:type_name -> gitraft.fsm.v1.Refusal
-	17, // 17: gitraft.fsm.v1.Result.repo:type_name -> gitraft.fsm.v1.Repo
-	18, // 18: gitraft.fsm.v1.Result.lock:type_name -> gitraft.fsm.v1.WriteLock
-	18, // 19: gitraft.fsm.v1.Result.expired:type_name -> gitraft.fsm.v1.WriteLock
-	20, // 20: gitraft.fsm.v1.Result.ref_results:type_name -> gitraft.fsm.v1.RefResult
-	0,  // 21: gitraft.fsm.v1.SnapshotHeader.format:type_name -> gitraft.fsm.v1.EntryFormat
-	17, // 22: gitraft.fsm.v1.SnapshotItem.repo:type_name -> gitraft.fsm.v1.Repo
-	18, // 23: gitraft.fsm.v1.SnapshotItem.lock:type_name -> gitraft.fsm.v1.WriteLock
-	15, // 24: gitraft.fsm.v1.SnapshotItem.member:type_name -> gitraft.fsm.v1.Member
-	24, // 25: gitraft.fsm.v1.SnapshotItem.applied_request:type_name -> gitraft.fsm.v1.AppliedRequest
-	21, // 26: gitraft.fsm.v1.AppliedRequest.result:type_name -> gitraft.fsm.v1.Result
-	27, // [27:27] is the sub-list for method output_type
-	27, // [27:27] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	5,  // 1: gitraft.fsm.v1.Entry.create_repo:type_name -> gitraft.fsm.v1.CreateRepo
+	6,  // 2: gitraft.fsm.v1.Entry.delete_repo:type_name -> gitraft.fsm.v1.DeleteRepo
+	8,  // 3: gitraft.fsm.v1.Entry.update_refs:type_name -> gitraft.fsm.v1.UpdateRefs
+	9,  // 4: gitraft.fsm.v1.Entry.acquire_lock:type_name -> gitraft.fsm.v1.AcquireLock
+	10, // 5: gitraft.fsm.v1.Entry.renew_lock:type_name -> gitraft.fsm.v1.RenewLock
+	11, // 6: gitraft.fsm.v1.Entry.release_lock:type_name -> gitraft.fsm.v1.ReleaseLock
+	12, // 7: gitraft.fsm.v1.Entry.force_release_lock:type_name -> gitraft.fsm.v1.ForceReleaseLock
+	13, // 8: gitraft.fsm.v1.Entry.expire_locks:type_name -> gitraft.fsm.v1.ExpireLocks
+	14, // 9: gitraft.fsm.v1.Entry.set_member:type_name -> gitraft.fsm.v1.SetMember
+	15, // 10: gitraft.fsm.v1.Entry.remove_member:type_name -> gitraft.fsm.v1.RemoveMember
+	4,  // 11: gitraft.fsm.v1.Entry.leader_noop:type_name -> gitraft.fsm.v1.LeaderNoop
+	7,  // 12: gitraft.fsm.v1.UpdateRefs.updates:type_name -> gitraft.fsm.v1.RefUpdate
+	16, // 13: gitraft.fsm.v1.SetMember.member:type_name -> gitraft.fsm.v1.Member
+	17, // 14: gitraft.fsm.v1.Repo.refs:type_name -> gitraft.fsm.v1.Ref
+	1,  // 15: gitraft.fsm.v1.Refusal.reason:type_name -> gitraft.fsm.v1.Reason
+	2,  // 16: gitraft.fsm.v1.RefResult.status:type_name -> gitraft.fsm.v1.RefStatus
+	20, // 17: gitraft.fsm.v1.Result.refusal:type_name -> gitraft.fsm.v1.Refusal
+	18, // 18: gitraft.fsm.v1.Result.repo:type_name -> gitraft.fsm.v1.Repo
+	19, // 19: gitraft.fsm.v1.Result.lock:type_name -> gitraft.fsm.v1.WriteLock
+	19, // 20: gitraft.fsm.v1.Result.expired:type_name -> gitraft.fsm.v1.WriteLock
+	21, // 21: gitraft.fsm.v1.Result.ref_results:type_name -> gitraft.fsm.v1.RefResult
+	0,  // 22: gitraft.fsm.v1.SnapshotHeader.format:type_name -> gitraft.fsm.v1.EntryFormat
+	18, // 23: gitraft.fsm.v1.SnapshotItem.repo:type_name -> gitraft.fsm.v1.Repo
+	19, // 24: gitraft.fsm.v1.SnapshotItem.lock:type_name -> gitraft.fsm.v1.WriteLock
+	16, // 25: gitraft.fsm.v1.SnapshotItem.member:type_name -> gitraft.fsm.v1.Member
+	25, // 26: gitraft.fsm.v1.SnapshotItem.applied_request:type_name -> gitraft.fsm.v1.AppliedRequest
+	22, // 27: gitraft.fsm.v1.AppliedRequest.result:type_name -> gitraft.fsm.v1.Result
+	28, // [28:28] is the sub-list for method output_type
+	28, // [28:28] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_fsm_v1_fsm_proto_init() }
@@ -1970,8 +2041,9 @@ func file_gitraft_fsm_v1_fsm_proto_init() {
 		(*Entry_ExpireLocks)(nil),
 		(*Entry_SetMember)(nil),
 		(*Entry_RemoveMember)(nil),
+		(*Entry_LeaderNoop)(nil),
 	}
-	file_gitraft_fsm_v1_fsm_proto_msgTypes[20].OneofWrappers = []any{
+	file_gitraft_fsm_v1_fsm_proto_msgTypes[21].OneofWrappers = []any{
 		(*SnapshotItem_Repo)(nil),
 		(*SnapshotItem_Lock)(nil),
 		(*SnapshotItem_Member)(nil),
@@ -1983,7 +2055,7 @@ func file_gitraft_fsm_v1_fsm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_fsm_v1_fsm_proto_rawDesc), len(file_gitraft_fsm_v1_fsm_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   22,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
