@@ -121,6 +121,18 @@ func commandName(e *fsmv1.Entry) string {
 		return "remove_member"
 	case *fsmv1.Entry_LeaderNoop:
 		return "leader_noop"
+	case *fsmv1.Entry_SetHostKey:
+		return "set_host_key"
+	case *fsmv1.Entry_AddUser:
+		return "add_user"
+	case *fsmv1.Entry_RemoveUser:
+		return "remove_user"
+	case *fsmv1.Entry_AddKey:
+		return "add_key"
+	case *fsmv1.Entry_RemoveKey:
+		return "remove_key"
+	case *fsmv1.Entry_SetGrant:
+		return "set_grant"
 	}
 	return "unknown"
 }

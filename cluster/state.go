@@ -8,6 +8,8 @@ import (
 	"strings"
 	"time"
 
+	"google.golang.org/protobuf/proto"
+
 	"github.com/gitraft/gitraft/lockd"
 	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
 	"github.com/gitraft/gitraft/storage"
@@ -27,7 +29,11 @@ type repoState struct {
 	created      int64
 	updated      int64
 	updatedIndex uint64
+	head         string
 }
+
+// DefaultHead is HEAD's target in a new repository.
+const DefaultHead = "refs/heads/main"
 
 // State is gitraft's replicated state: repositories with their versions and
 // refs, write locks and the members' addresses. Apply is deterministic: the
@@ -43,6 +49,11 @@ type State struct {
 
 	requests     map[string]*fsmv1.Result
 	requestOrder []string
+
+	hostKey *fsmv1.HostKey
+	users   map[string]*fsmv1.User
+	keys    map[string]*fsmv1.SSHKey            // by fingerprint
+	grants  map[string]map[string]fsmv1.Access // repo -> user -> access
 }
 
 // NewState returns an empty state.
@@ -52,6 +63,9 @@ func NewState() *State {
 		locks:    lockd.NewTable(),
 		members:  map[string]*fsmv1.Member{},
 		requests: map[string]*fsmv1.Result{},
+		users:    map[string]*fsmv1.User{},
+		keys:     map[string]*fsmv1.SSHKey{},
+		grants:   map[string]map[string]fsmv1.Access{},
 	}
 }
 
@@ -100,6 +114,7 @@ func (s *State) apply(index uint64, now time.Time, e *fsmv1.Entry) *fsmv1.Result
 			return refuse(fsmv1.Reason_REASON_NOT_FOUND, "repository %q not found", name)
 		}
 		delete(s.repos, name)
+		delete(s.grants, name)
 		s.locks.Delete(name)
 		return &fsmv1.Result{}
 	case *fsmv1.Entry_UpdateRefs:
@@ -151,6 +166,58 @@ func (s *State) apply(index uint64, now time.Time, e *fsmv1.Entry) *fsmv1.Result
 		return &fsmv1.Result{}
 	case *fsmv1.Entry_LeaderNoop:
 		return &fsmv1.Result{}
+	case *fsmv1.Entry_SetHostKey:
+		if s.hostKey != nil {
+			return refuse(fsmv1.Reason_REASON_ALREADY_EXISTS, "the cluster already has an SSH host key (%s)", s.hostKey.GetFingerprint())
+		}
+		if len(c.SetHostKey.GetHostKey().GetPrivateKey()) == 0 {
+			return refuse(fsmv1.Reason_REASON_INVALID, "empty host key")
+		}
+		s.hostKey = c.SetHostKey.GetHostKey()
+		return &fsmv1.Result{}
+	case *fsmv1.Entry_AddUser:
+		return s.addUser(now, c.AddUser.GetName())
+	case *fsmv1.Entry_RemoveUser:
+		name := c.RemoveUser.GetName()
+		if _, ok := s.users[name]; !ok {
+			return refuse(fsmv1.Reason_REASON_NOT_FOUND, "user %q not found", name)
+		}
+		delete(s.users, name)
+		for fp, k := range s.keys {
+			if k.GetUser() == name {
+				delete(s.keys, fp)
+			}
+		}
+		for repo, g := range s.grants {
+			delete(g, name)
+			if len(g) == 0 {
+				delete(s.grants, repo)
+			}
+		}
+		return &fsmv1.Result{}
+	case *fsmv1.Entry_AddKey:
+		k := proto.CloneOf(c.AddKey.GetKey())
+		if _, ok := s.users[k.GetUser()]; !ok {
+			return refuse(fsmv1.Reason_REASON_NOT_FOUND, "user %q not found", k.GetUser())
+		}
+		if !strings.HasPrefix(k.GetFingerprint(), "SHA256:") || k.GetPublicKey() == "" {
+			return refuse(fsmv1.Reason_REASON_INVALID, "a key needs its public key and SHA256 fingerprint")
+		}
+		if old, ok := s.keys[k.GetFingerprint()]; ok {
+			return refuse(fsmv1.Reason_REASON_ALREADY_EXISTS, "key %s is already registered to user %q", k.GetFingerprint(), old.GetUser())
+		}
+		k.AddedUnixNano = now.UnixNano()
+		s.keys[k.GetFingerprint()] = k
+		return &fsmv1.Result{}
+	case *fsmv1.Entry_RemoveKey:
+		fp := c.RemoveKey.GetFingerprint()
+		if _, ok := s.keys[fp]; !ok {
+			return refuse(fsmv1.Reason_REASON_NOT_FOUND, "key %s not found", fp)
+		}
+		delete(s.keys, fp)
+		return &fsmv1.Result{}
+	case *fsmv1.Entry_SetGrant:
+		return s.setGrant(c.SetGrant)
 	case *fsmv1.Entry_RemoveMember:
 		if _, ok := s.members[c.RemoveMember.GetId()]; !ok {
 			return refuse(fsmv1.Reason_REASON_NOT_FOUND, "member %q not found", c.RemoveMember.GetId())
@@ -164,6 +231,58 @@ func (s *State) apply(index uint64, now time.Time, e *fsmv1.Entry) *fsmv1.Result
 	}
 }
 
+// ValidateUserName checks a user name: 1-39 lowercase letters, digits, '-',
+// '_' or '.', starting with a letter or digit.
+func ValidateUserName(name string) error {
+	if name == "" || len(name) > 39 {
+		return fmt.Errorf("user name %q: use 1 to 39 characters", name)
+	}
+	for i, r := range name {
+		ok := r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || (i > 0 && (r == '-' || r == '_' || r == '.'))
+		if !ok {
+			return fmt.Errorf("user name %q: use lowercase letters, digits, '-', '_' and '.', starting with a letter or digit", name)
+		}
+	}
+	return nil
+}
+
+func (s *State) addUser(now time.Time, name string) *fsmv1.Result {
+	if err := ValidateUserName(name); err != nil {
+		return refuse(fsmv1.Reason_REASON_INVALID, "%s", err.Error())
+	}
+	if _, ok := s.users[name]; ok {
+		return refuse(fsmv1.Reason_REASON_ALREADY_EXISTS, "user %q already exists", name)
+	}
+	s.users[name] = &fsmv1.User{Name: name, CreatedUnixNano: now.UnixNano()}
+	return &fsmv1.Result{}
+}
+
+func (s *State) setGrant(g *fsmv1.SetGrant) *fsmv1.Result {
+	if _, ok := s.repos[g.GetRepo()]; !ok {
+		return refuse(fsmv1.Reason_REASON_NOT_FOUND, "repository %q not found", g.GetRepo())
+	}
+	if _, ok := s.users[g.GetUser()]; !ok {
+		return refuse(fsmv1.Reason_REASON_NOT_FOUND, "user %q not found", g.GetUser())
+	}
+	switch g.GetAccess() {
+	case fsmv1.Access_ACCESS_NONE:
+		if m := s.grants[g.GetRepo()]; m != nil {
+			delete(m, g.GetUser())
+			if len(m) == 0 {
+				delete(s.grants, g.GetRepo())
+			}
+		}
+	case fsmv1.Access_ACCESS_READ, fsmv1.Access_ACCESS_WRITE, fsmv1.Access_ACCESS_ADMIN:
+		if s.grants[g.GetRepo()] == nil {
+			s.grants[g.GetRepo()] = map[string]fsmv1.Access{}
+		}
+		s.grants[g.GetRepo()][g.GetUser()] = g.GetAccess()
+	default:
+		return refuse(fsmv1.Reason_REASON_INVALID, "access must be read, write, admin or none")
+	}
+	return &fsmv1.Result{}
+}
+
 func (s *State) createRepo(index uint64, now time.Time, c *fsmv1.CreateRepo) *fsmv1.Result {
 	name := c.GetName()
 	if err := storage.ValidateName(name); err != nil {
@@ -172,7 +291,7 @@ func (s *State) createRepo(index uint64, now time.Time, c *fsmv1.CreateRepo) *fs
 	if _, ok := s.repos[name]; ok {
 		return refuse(fsmv1.Reason_REASON_ALREADY_EXISTS, "repository %q already exists", name)
 	}
-	r := &repoState{name: name, id: index, version: 1, refs: map[string]string{}, created: now.UnixNano(), updated: now.UnixNano(), updatedIndex: index}
+	r := &repoState{name: name, id: index, version: 1, refs: map[string]string{}, created: now.UnixNano(), updated: now.UnixNano(), updatedIndex: index, head: DefaultHead}
 	s.repos[name] = r
 	return &fsmv1.Result{Repo: r.toProto(true)}
 }
@@ -247,12 +366,39 @@ func (s *State) updateRefs(index uint64, now time.Time, u *fsmv1.UpdateRefs) *fs
 		results[i].CurrentOid = nv
 	}
 	if changed {
+		next.head = chooseHead(next.head, next.refs, u.GetUpdates())
 		next.version++
 		next.updated = now.UnixNano()
 		next.updatedIndex = index
 		s.repos[repo.name] = &next
 	}
 	return &fsmv1.Result{Repo: s.repos[repo.name].toProto(false), RefResults: results}
+}
+
+// chooseHead keeps HEAD's target while it exists. When it does not (a new
+// repository, or its branch was deleted), HEAD moves to the first branch
+// this update created, else to main, master, or the first branch by name, so
+// that a clone checks out what was pushed, as on any git host.
+func chooseHead(head string, refs map[string]string, updates []*fsmv1.RefUpdate) string {
+	if _, ok := refs[head]; ok {
+		return head
+	}
+	for _, u := range updates {
+		if strings.HasPrefix(u.GetRef(), "refs/heads/") && refs[u.GetRef()] != "" {
+			return u.GetRef()
+		}
+	}
+	for _, h := range []string{"refs/heads/main", "refs/heads/master"} {
+		if _, ok := refs[h]; ok {
+			return h
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(refs)) {
+		if strings.HasPrefix(name, "refs/heads/") {
+			return name
+		}
+	}
+	return head
 }
 
 // ErrInvalidRef is wrapped by ref-name rule violations.
@@ -352,6 +498,7 @@ func (r *repoState) toProto(withRefs bool) *fsmv1.Repo {
 	p := &fsmv1.Repo{
 		Name: r.name, Id: r.id, Version: r.version,
 		CreatedUnixNano: r.created, UpdatedUnixNano: r.updated, UpdatedIndex: r.updatedIndex,
+		Head: r.head,
 	}
 	if withRefs {
 		for _, name := range slices.Sorted(maps.Keys(r.refs)) {
@@ -365,6 +512,7 @@ func repoFromProto(p *fsmv1.Repo) *repoState {
 	r := &repoState{
 		name: p.GetName(), id: p.GetId(), version: p.GetVersion(), refs: make(map[string]string, len(p.GetRefs())),
 		created: p.GetCreatedUnixNano(), updated: p.GetUpdatedUnixNano(), updatedIndex: p.GetUpdatedIndex(),
+		head: p.GetHead(),
 	}
 	for _, ref := range p.GetRefs() {
 		r.refs[ref.GetName()] = ref.GetOid()
@@ -416,6 +564,59 @@ func (s *State) Member(id string) (*fsmv1.Member, bool) {
 	return m, ok
 }
 
+// HostKey is the cluster's SSH host key (nil until the first leader set it).
+func (s *State) HostKey() *fsmv1.HostKey { return s.hostKey }
+
+// Users lists users by name.
+func (s *State) Users() []*fsmv1.User {
+	out := make([]*fsmv1.User, 0, len(s.users))
+	for _, n := range slices.Sorted(maps.Keys(s.users)) {
+		out = append(out, s.users[n])
+	}
+	return out
+}
+
+// User returns one user.
+func (s *State) User(name string) (*fsmv1.User, bool) {
+	u, ok := s.users[name]
+	return u, ok
+}
+
+// Keys lists SSH keys (of one user, or all when user is ""), by fingerprint.
+func (s *State) Keys(user string) []*fsmv1.SSHKey {
+	var out []*fsmv1.SSHKey
+	for _, fp := range slices.Sorted(maps.Keys(s.keys)) {
+		if k := s.keys[fp]; user == "" || k.GetUser() == user {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// KeyByFingerprint finds a registered SSH key.
+func (s *State) KeyByFingerprint(fp string) (*fsmv1.SSHKey, bool) {
+	k, ok := s.keys[fp]
+	return k, ok
+}
+
+// Access is a user's access to a repository.
+func (s *State) Access(repo, user string) fsmv1.Access {
+	if a, ok := s.grants[repo][user]; ok {
+		return a
+	}
+	return fsmv1.Access_ACCESS_NONE
+}
+
+// Grants lists a repository's grants, by user.
+func (s *State) Grants(repo string) []*fsmv1.Grant {
+	var out []*fsmv1.Grant
+	g := s.grants[repo]
+	for _, u := range slices.Sorted(maps.Keys(g)) {
+		out = append(out, &fsmv1.Grant{Repo: repo, User: u, Access: g[u]})
+	}
+	return out
+}
+
 // ----- snapshots -----
 
 // snapshotView is an immutable capture of the state, cheap to take.
@@ -425,6 +626,10 @@ type snapshotView struct {
 	locks    []lockd.WriteLock
 	members  []*fsmv1.Member
 	requests []*fsmv1.AppliedRequest
+	hostKey  *fsmv1.HostKey
+	users    []*fsmv1.User
+	keys     []*fsmv1.SSHKey
+	grants   []*fsmv1.Grant
 }
 
 func (s *State) capture() *snapshotView {
@@ -434,6 +639,10 @@ func (s *State) capture() *snapshotView {
 	}
 	for _, id := range s.requestOrder {
 		v.requests = append(v.requests, &fsmv1.AppliedRequest{RequestId: id, Result: s.requests[id]})
+	}
+	v.hostKey, v.users, v.keys = s.hostKey, s.Users(), s.Keys("")
+	for _, repo := range slices.Sorted(maps.Keys(s.grants)) {
+		v.grants = append(v.grants, s.Grants(repo)...)
 	}
 	return v
 }
@@ -459,6 +668,24 @@ func (v *snapshotView) items(yield func(*fsmv1.SnapshotItem) bool) {
 			return
 		}
 	}
+	if v.hostKey != nil && !yield(&fsmv1.SnapshotItem{Item: &fsmv1.SnapshotItem_HostKey{HostKey: v.hostKey}}) {
+		return
+	}
+	for _, u := range v.users {
+		if !yield(&fsmv1.SnapshotItem{Item: &fsmv1.SnapshotItem_User{User: u}}) {
+			return
+		}
+	}
+	for _, k := range v.keys {
+		if !yield(&fsmv1.SnapshotItem{Item: &fsmv1.SnapshotItem_Key{Key: k}}) {
+			return
+		}
+	}
+	for _, g := range v.grants {
+		if !yield(&fsmv1.SnapshotItem{Item: &fsmv1.SnapshotItem_Grant{Grant: g}}) {
+			return
+		}
+	}
 }
 
 // restoreState builds a State from snapshot items.
@@ -476,6 +703,18 @@ func restoreState(index uint64, items []*fsmv1.SnapshotItem) (*State, error) {
 			s.members[x.Member.GetId()] = x.Member
 		case *fsmv1.SnapshotItem_AppliedRequest:
 			s.remember(x.AppliedRequest.GetRequestId(), x.AppliedRequest.GetResult())
+		case *fsmv1.SnapshotItem_HostKey:
+			s.hostKey = x.HostKey
+		case *fsmv1.SnapshotItem_User:
+			s.users[x.User.GetName()] = x.User
+		case *fsmv1.SnapshotItem_Key:
+			s.keys[x.Key.GetFingerprint()] = x.Key
+		case *fsmv1.SnapshotItem_Grant:
+			g := x.Grant
+			if s.grants[g.GetRepo()] == nil {
+				s.grants[g.GetRepo()] = map[string]fsmv1.Access{}
+			}
+			s.grants[g.GetRepo()][g.GetUser()] = g.GetAccess()
 		default:
 			return nil, fmt.Errorf("snapshot item of unknown kind %T; upgrade gitraft on this node", it.Item)
 		}

@@ -1,5 +1,10 @@
 package cluster
 
-import "errors"
+import (
+	"bytes"
+	"errors"
+)
 
 func errorsIs(err, target error) bool { return errors.Is(err, target) }
+
+func bytesReader(b []byte) *bytes.Reader { return bytes.NewReader(b) }

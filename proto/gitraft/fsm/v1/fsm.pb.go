@@ -73,6 +73,61 @@ func (EntryFormat) EnumDescriptor() ([]byte, []int) {
 	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{0}
 }
 
+type Access int32
+
+const (
+	Access_ACCESS_UNSPECIFIED Access = 0
+	Access_ACCESS_NONE        Access = 1
+	Access_ACCESS_READ        Access = 2
+	Access_ACCESS_WRITE       Access = 3
+	Access_ACCESS_ADMIN       Access = 4
+)
+
+// Enum value maps for Access.
+var (
+	Access_name = map[int32]string{
+		0: "ACCESS_UNSPECIFIED",
+		1: "ACCESS_NONE",
+		2: "ACCESS_READ",
+		3: "ACCESS_WRITE",
+		4: "ACCESS_ADMIN",
+	}
+	Access_value = map[string]int32{
+		"ACCESS_UNSPECIFIED": 0,
+		"ACCESS_NONE":        1,
+		"ACCESS_READ":        2,
+		"ACCESS_WRITE":       3,
+		"ACCESS_ADMIN":       4,
+	}
+)
+
+func (x Access) Enum() *Access {
+	p := new(Access)
+	*p = x
+	return p
+}
+
+func (x Access) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Access) Descriptor() protoreflect.EnumDescriptor {
+	return file_gitraft_fsm_v1_fsm_proto_enumTypes[1].Descriptor()
+}
+
+func (Access) Type() protoreflect.EnumType {
+	return &file_gitraft_fsm_v1_fsm_proto_enumTypes[1]
+}
+
+func (x Access) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Access.Descriptor instead.
+func (Access) EnumDescriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{1}
+}
+
 // Refusal is a business refusal by the state machine: the entry was
 // committed but changed nothing.
 type Reason int32
@@ -126,11 +181,11 @@ func (x Reason) String() string {
 }
 
 func (Reason) Descriptor() protoreflect.EnumDescriptor {
-	return file_gitraft_fsm_v1_fsm_proto_enumTypes[1].Descriptor()
+	return file_gitraft_fsm_v1_fsm_proto_enumTypes[2].Descriptor()
 }
 
 func (Reason) Type() protoreflect.EnumType {
-	return &file_gitraft_fsm_v1_fsm_proto_enumTypes[1]
+	return &file_gitraft_fsm_v1_fsm_proto_enumTypes[2]
 }
 
 func (x Reason) Number() protoreflect.EnumNumber {
@@ -139,7 +194,7 @@ func (x Reason) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Reason.Descriptor instead.
 func (Reason) EnumDescriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{1}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{2}
 }
 
 type RefStatus int32
@@ -178,11 +233,11 @@ func (x RefStatus) String() string {
 }
 
 func (RefStatus) Descriptor() protoreflect.EnumDescriptor {
-	return file_gitraft_fsm_v1_fsm_proto_enumTypes[2].Descriptor()
+	return file_gitraft_fsm_v1_fsm_proto_enumTypes[3].Descriptor()
 }
 
 func (RefStatus) Type() protoreflect.EnumType {
-	return &file_gitraft_fsm_v1_fsm_proto_enumTypes[2]
+	return &file_gitraft_fsm_v1_fsm_proto_enumTypes[3]
 }
 
 func (x RefStatus) Number() protoreflect.EnumNumber {
@@ -191,7 +246,7 @@ func (x RefStatus) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use RefStatus.Descriptor instead.
 func (RefStatus) EnumDescriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{2}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{3}
 }
 
 // Entry is the envelope of every Raft log entry gitraft writes.
@@ -220,6 +275,12 @@ type Entry struct {
 	//	*Entry_SetMember
 	//	*Entry_RemoveMember
 	//	*Entry_LeaderNoop
+	//	*Entry_SetHostKey
+	//	*Entry_AddUser
+	//	*Entry_RemoveUser
+	//	*Entry_AddKey
+	//	*Entry_RemoveKey
+	//	*Entry_SetGrant
 	Command       isEntry_Command `protobuf_oneof:"command"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -389,6 +450,60 @@ func (x *Entry) GetLeaderNoop() *LeaderNoop {
 	return nil
 }
 
+func (x *Entry) GetSetHostKey() *SetHostKey {
+	if x != nil {
+		if x, ok := x.Command.(*Entry_SetHostKey); ok {
+			return x.SetHostKey
+		}
+	}
+	return nil
+}
+
+func (x *Entry) GetAddUser() *AddUser {
+	if x != nil {
+		if x, ok := x.Command.(*Entry_AddUser); ok {
+			return x.AddUser
+		}
+	}
+	return nil
+}
+
+func (x *Entry) GetRemoveUser() *RemoveUser {
+	if x != nil {
+		if x, ok := x.Command.(*Entry_RemoveUser); ok {
+			return x.RemoveUser
+		}
+	}
+	return nil
+}
+
+func (x *Entry) GetAddKey() *AddKey {
+	if x != nil {
+		if x, ok := x.Command.(*Entry_AddKey); ok {
+			return x.AddKey
+		}
+	}
+	return nil
+}
+
+func (x *Entry) GetRemoveKey() *RemoveKey {
+	if x != nil {
+		if x, ok := x.Command.(*Entry_RemoveKey); ok {
+			return x.RemoveKey
+		}
+	}
+	return nil
+}
+
+func (x *Entry) GetSetGrant() *SetGrant {
+	if x != nil {
+		if x, ok := x.Command.(*Entry_SetGrant); ok {
+			return x.SetGrant
+		}
+	}
+	return nil
+}
+
 type isEntry_Command interface {
 	isEntry_Command()
 }
@@ -437,6 +552,30 @@ type Entry_LeaderNoop struct {
 	LeaderNoop *LeaderNoop `protobuf:"bytes,20,opt,name=leader_noop,json=leaderNoop,proto3,oneof"`
 }
 
+type Entry_SetHostKey struct {
+	SetHostKey *SetHostKey `protobuf:"bytes,21,opt,name=set_host_key,json=setHostKey,proto3,oneof"`
+}
+
+type Entry_AddUser struct {
+	AddUser *AddUser `protobuf:"bytes,22,opt,name=add_user,json=addUser,proto3,oneof"`
+}
+
+type Entry_RemoveUser struct {
+	RemoveUser *RemoveUser `protobuf:"bytes,23,opt,name=remove_user,json=removeUser,proto3,oneof"`
+}
+
+type Entry_AddKey struct {
+	AddKey *AddKey `protobuf:"bytes,24,opt,name=add_key,json=addKey,proto3,oneof"`
+}
+
+type Entry_RemoveKey struct {
+	RemoveKey *RemoveKey `protobuf:"bytes,25,opt,name=remove_key,json=removeKey,proto3,oneof"`
+}
+
+type Entry_SetGrant struct {
+	SetGrant *SetGrant `protobuf:"bytes,26,opt,name=set_grant,json=setGrant,proto3,oneof"`
+}
+
 func (*Entry_CreateRepo) isEntry_Command() {}
 
 func (*Entry_DeleteRepo) isEntry_Command() {}
@@ -459,6 +598,302 @@ func (*Entry_RemoveMember) isEntry_Command() {}
 
 func (*Entry_LeaderNoop) isEntry_Command() {}
 
+func (*Entry_SetHostKey) isEntry_Command() {}
+
+func (*Entry_AddUser) isEntry_Command() {}
+
+func (*Entry_RemoveUser) isEntry_Command() {}
+
+func (*Entry_AddKey) isEntry_Command() {}
+
+func (*Entry_RemoveKey) isEntry_Command() {}
+
+func (*Entry_SetGrant) isEntry_Command() {}
+
+// SetHostKey records the cluster-wide SSH host key. The first one wins: a
+// later entry is refused, so every node serves the same key forever.
+type SetHostKey struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	HostKey       *HostKey               `protobuf:"bytes,1,opt,name=host_key,json=hostKey,proto3" json:"host_key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetHostKey) Reset() {
+	*x = SetHostKey{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetHostKey) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetHostKey) ProtoMessage() {}
+
+func (x *SetHostKey) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetHostKey.ProtoReflect.Descriptor instead.
+func (*SetHostKey) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *SetHostKey) GetHostKey() *HostKey {
+	if x != nil {
+		return x.HostKey
+	}
+	return nil
+}
+
+type AddUser struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddUser) Reset() {
+	*x = AddUser{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddUser) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddUser) ProtoMessage() {}
+
+func (x *AddUser) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddUser.ProtoReflect.Descriptor instead.
+func (*AddUser) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *AddUser) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// RemoveUser removes a user with their keys and grants.
+type RemoveUser struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveUser) Reset() {
+	*x = RemoveUser{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveUser) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveUser) ProtoMessage() {}
+
+func (x *RemoveUser) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveUser.ProtoReflect.Descriptor instead.
+func (*RemoveUser) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *RemoveUser) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type AddKey struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           *SSHKey                `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddKey) Reset() {
+	*x = AddKey{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddKey) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddKey) ProtoMessage() {}
+
+func (x *AddKey) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddKey.ProtoReflect.Descriptor instead.
+func (*AddKey) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *AddKey) GetKey() *SSHKey {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+type RemoveKey struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Fingerprint   string                 `protobuf:"bytes,1,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveKey) Reset() {
+	*x = RemoveKey{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveKey) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveKey) ProtoMessage() {}
+
+func (x *RemoveKey) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveKey.ProtoReflect.Descriptor instead.
+func (*RemoveKey) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *RemoveKey) GetFingerprint() string {
+	if x != nil {
+		return x.Fingerprint
+	}
+	return ""
+}
+
+// SetGrant sets a user's access to a repository; ACCESS_NONE revokes it.
+type SetGrant struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Repo          string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
+	User          string                 `protobuf:"bytes,2,opt,name=user,proto3" json:"user,omitempty"`
+	Access        Access                 `protobuf:"varint,3,opt,name=access,proto3,enum=gitraft.fsm.v1.Access" json:"access,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetGrant) Reset() {
+	*x = SetGrant{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetGrant) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetGrant) ProtoMessage() {}
+
+func (x *SetGrant) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetGrant.ProtoReflect.Descriptor instead.
+func (*SetGrant) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *SetGrant) GetRepo() string {
+	if x != nil {
+		return x.Repo
+	}
+	return ""
+}
+
+func (x *SetGrant) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *SetGrant) GetAccess() Access {
+	if x != nil {
+		return x.Access
+	}
+	return Access_ACCESS_UNSPECIFIED
+}
+
 // LeaderNoop is the first command a new leader commits. Raft's own no-op
 // and barrier entries never reach the state machine, so without this the
 // state machine's index could not reach a new leader's commit index, and
@@ -472,7 +907,7 @@ type LeaderNoop struct {
 
 func (x *LeaderNoop) Reset() {
 	*x = LeaderNoop{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[1]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -484,7 +919,7 @@ func (x *LeaderNoop) String() string {
 func (*LeaderNoop) ProtoMessage() {}
 
 func (x *LeaderNoop) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[1]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -497,7 +932,7 @@ func (x *LeaderNoop) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaderNoop.ProtoReflect.Descriptor instead.
 func (*LeaderNoop) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{1}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *LeaderNoop) GetTerm() uint64 {
@@ -516,7 +951,7 @@ type CreateRepo struct {
 
 func (x *CreateRepo) Reset() {
 	*x = CreateRepo{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[2]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -528,7 +963,7 @@ func (x *CreateRepo) String() string {
 func (*CreateRepo) ProtoMessage() {}
 
 func (x *CreateRepo) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[2]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -541,7 +976,7 @@ func (x *CreateRepo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateRepo.ProtoReflect.Descriptor instead.
 func (*CreateRepo) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{2}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *CreateRepo) GetName() string {
@@ -560,7 +995,7 @@ type DeleteRepo struct {
 
 func (x *DeleteRepo) Reset() {
 	*x = DeleteRepo{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[3]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -572,7 +1007,7 @@ func (x *DeleteRepo) String() string {
 func (*DeleteRepo) ProtoMessage() {}
 
 func (x *DeleteRepo) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[3]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -585,7 +1020,7 @@ func (x *DeleteRepo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteRepo.ProtoReflect.Descriptor instead.
 func (*DeleteRepo) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{3}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *DeleteRepo) GetName() string {
@@ -608,7 +1043,7 @@ type RefUpdate struct {
 
 func (x *RefUpdate) Reset() {
 	*x = RefUpdate{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[4]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -620,7 +1055,7 @@ func (x *RefUpdate) String() string {
 func (*RefUpdate) ProtoMessage() {}
 
 func (x *RefUpdate) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[4]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -633,7 +1068,7 @@ func (x *RefUpdate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefUpdate.ProtoReflect.Descriptor instead.
 func (*RefUpdate) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{4}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RefUpdate) GetRef() string {
@@ -674,7 +1109,7 @@ type UpdateRefs struct {
 
 func (x *UpdateRefs) Reset() {
 	*x = UpdateRefs{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[5]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -686,7 +1121,7 @@ func (x *UpdateRefs) String() string {
 func (*UpdateRefs) ProtoMessage() {}
 
 func (x *UpdateRefs) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[5]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -699,7 +1134,7 @@ func (x *UpdateRefs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateRefs.ProtoReflect.Descriptor instead.
 func (*UpdateRefs) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{5}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *UpdateRefs) GetRepo() string {
@@ -748,7 +1183,7 @@ type AcquireLock struct {
 
 func (x *AcquireLock) Reset() {
 	*x = AcquireLock{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[6]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -760,7 +1195,7 @@ func (x *AcquireLock) String() string {
 func (*AcquireLock) ProtoMessage() {}
 
 func (x *AcquireLock) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[6]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -773,7 +1208,7 @@ func (x *AcquireLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AcquireLock.ProtoReflect.Descriptor instead.
 func (*AcquireLock) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{6}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *AcquireLock) GetRepo() string {
@@ -808,7 +1243,7 @@ type RenewLock struct {
 
 func (x *RenewLock) Reset() {
 	*x = RenewLock{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[7]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -820,7 +1255,7 @@ func (x *RenewLock) String() string {
 func (*RenewLock) ProtoMessage() {}
 
 func (x *RenewLock) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[7]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -833,7 +1268,7 @@ func (x *RenewLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLock.ProtoReflect.Descriptor instead.
 func (*RenewLock) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{7}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *RenewLock) GetRepo() string {
@@ -867,7 +1302,7 @@ type ReleaseLock struct {
 
 func (x *ReleaseLock) Reset() {
 	*x = ReleaseLock{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[8]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -879,7 +1314,7 @@ func (x *ReleaseLock) String() string {
 func (*ReleaseLock) ProtoMessage() {}
 
 func (x *ReleaseLock) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[8]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -892,7 +1327,7 @@ func (x *ReleaseLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseLock.ProtoReflect.Descriptor instead.
 func (*ReleaseLock) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{8}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ReleaseLock) GetRepo() string {
@@ -918,7 +1353,7 @@ type ForceReleaseLock struct {
 
 func (x *ForceReleaseLock) Reset() {
 	*x = ForceReleaseLock{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[9]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -930,7 +1365,7 @@ func (x *ForceReleaseLock) String() string {
 func (*ForceReleaseLock) ProtoMessage() {}
 
 func (x *ForceReleaseLock) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[9]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -943,7 +1378,7 @@ func (x *ForceReleaseLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForceReleaseLock.ProtoReflect.Descriptor instead.
 func (*ForceReleaseLock) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{9}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ForceReleaseLock) GetRepo() string {
@@ -962,7 +1397,7 @@ type ExpireLocks struct {
 
 func (x *ExpireLocks) Reset() {
 	*x = ExpireLocks{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[10]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -974,7 +1409,7 @@ func (x *ExpireLocks) String() string {
 func (*ExpireLocks) ProtoMessage() {}
 
 func (x *ExpireLocks) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[10]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -987,7 +1422,7 @@ func (x *ExpireLocks) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpireLocks.ProtoReflect.Descriptor instead.
 func (*ExpireLocks) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{10}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{16}
 }
 
 // SetMember records how to reach a node (its Raft membership lives in Raft's
@@ -1001,7 +1436,7 @@ type SetMember struct {
 
 func (x *SetMember) Reset() {
 	*x = SetMember{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[11]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1013,7 +1448,7 @@ func (x *SetMember) String() string {
 func (*SetMember) ProtoMessage() {}
 
 func (x *SetMember) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[11]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1026,7 +1461,7 @@ func (x *SetMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetMember.ProtoReflect.Descriptor instead.
 func (*SetMember) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{11}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SetMember) GetMember() *Member {
@@ -1045,7 +1480,7 @@ type RemoveMember struct {
 
 func (x *RemoveMember) Reset() {
 	*x = RemoveMember{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[12]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1057,7 +1492,7 @@ func (x *RemoveMember) String() string {
 func (*RemoveMember) ProtoMessage() {}
 
 func (x *RemoveMember) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[12]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1070,7 +1505,7 @@ func (x *RemoveMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveMember.ProtoReflect.Descriptor instead.
 func (*RemoveMember) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{12}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *RemoveMember) GetId() string {
@@ -1093,7 +1528,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[13]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1105,7 +1540,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[13]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1118,7 +1553,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{13}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Member) GetId() string {
@@ -1166,7 +1601,7 @@ type Ref struct {
 
 func (x *Ref) Reset() {
 	*x = Ref{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[14]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1178,7 +1613,7 @@ func (x *Ref) String() string {
 func (*Ref) ProtoMessage() {}
 
 func (x *Ref) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[14]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1191,7 +1626,7 @@ func (x *Ref) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ref.ProtoReflect.Descriptor instead.
 func (*Ref) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{14}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Ref) GetName() string {
@@ -1208,6 +1643,258 @@ func (x *Ref) GetOid() string {
 	return ""
 }
 
+type HostKey struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// OpenSSH PEM private key.
+	PrivateKey []byte `protobuf:"bytes,1,opt,name=private_key,json=privateKey,proto3" json:"private_key,omitempty"`
+	// authorized_keys form of the public key.
+	PublicKey     string `protobuf:"bytes,2,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
+	Fingerprint   string `protobuf:"bytes,3,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HostKey) Reset() {
+	*x = HostKey{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HostKey) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HostKey) ProtoMessage() {}
+
+func (x *HostKey) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HostKey.ProtoReflect.Descriptor instead.
+func (*HostKey) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *HostKey) GetPrivateKey() []byte {
+	if x != nil {
+		return x.PrivateKey
+	}
+	return nil
+}
+
+func (x *HostKey) GetPublicKey() string {
+	if x != nil {
+		return x.PublicKey
+	}
+	return ""
+}
+
+func (x *HostKey) GetFingerprint() string {
+	if x != nil {
+		return x.Fingerprint
+	}
+	return ""
+}
+
+type User struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Name            string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	CreatedUnixNano int64                  `protobuf:"varint,2,opt,name=created_unix_nano,json=createdUnixNano,proto3" json:"created_unix_nano,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *User) Reset() {
+	*x = User{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *User) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*User) ProtoMessage() {}
+
+func (x *User) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use User.ProtoReflect.Descriptor instead.
+func (*User) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *User) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *User) GetCreatedUnixNano() int64 {
+	if x != nil {
+		return x.CreatedUnixNano
+	}
+	return 0
+}
+
+type SSHKey struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	User  string                 `protobuf:"bytes,1,opt,name=user,proto3" json:"user,omitempty"`
+	// authorized_keys form, without options.
+	PublicKey string `protobuf:"bytes,2,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
+	// SHA256 fingerprint as OpenSSH prints it ("SHA256:...").
+	Fingerprint   string `protobuf:"bytes,3,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"`
+	Comment       string `protobuf:"bytes,4,opt,name=comment,proto3" json:"comment,omitempty"`
+	AddedUnixNano int64  `protobuf:"varint,5,opt,name=added_unix_nano,json=addedUnixNano,proto3" json:"added_unix_nano,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SSHKey) Reset() {
+	*x = SSHKey{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SSHKey) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SSHKey) ProtoMessage() {}
+
+func (x *SSHKey) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SSHKey.ProtoReflect.Descriptor instead.
+func (*SSHKey) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *SSHKey) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *SSHKey) GetPublicKey() string {
+	if x != nil {
+		return x.PublicKey
+	}
+	return ""
+}
+
+func (x *SSHKey) GetFingerprint() string {
+	if x != nil {
+		return x.Fingerprint
+	}
+	return ""
+}
+
+func (x *SSHKey) GetComment() string {
+	if x != nil {
+		return x.Comment
+	}
+	return ""
+}
+
+func (x *SSHKey) GetAddedUnixNano() int64 {
+	if x != nil {
+		return x.AddedUnixNano
+	}
+	return 0
+}
+
+type Grant struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Repo          string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
+	User          string                 `protobuf:"bytes,2,opt,name=user,proto3" json:"user,omitempty"`
+	Access        Access                 `protobuf:"varint,3,opt,name=access,proto3,enum=gitraft.fsm.v1.Access" json:"access,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Grant) Reset() {
+	*x = Grant{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Grant) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Grant) ProtoMessage() {}
+
+func (x *Grant) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Grant.ProtoReflect.Descriptor instead.
+func (*Grant) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *Grant) GetRepo() string {
+	if x != nil {
+		return x.Repo
+	}
+	return ""
+}
+
+func (x *Grant) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *Grant) GetAccess() Access {
+	if x != nil {
+		return x.Access
+	}
+	return Access_ACCESS_UNSPECIFIED
+}
+
 type Repo struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -1219,13 +1906,15 @@ type Repo struct {
 	CreatedUnixNano int64  `protobuf:"varint,5,opt,name=created_unix_nano,json=createdUnixNano,proto3" json:"created_unix_nano,omitempty"`
 	UpdatedUnixNano int64  `protobuf:"varint,6,opt,name=updated_unix_nano,json=updatedUnixNano,proto3" json:"updated_unix_nano,omitempty"`
 	UpdatedIndex    uint64 `protobuf:"varint,7,opt,name=updated_index,json=updatedIndex,proto3" json:"updated_index,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// HEAD's target, e.g. "refs/heads/main".
+	Head          string `protobuf:"bytes,8,opt,name=head,proto3" json:"head,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Repo) Reset() {
 	*x = Repo{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[15]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1237,7 +1926,7 @@ func (x *Repo) String() string {
 func (*Repo) ProtoMessage() {}
 
 func (x *Repo) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[15]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1250,7 +1939,7 @@ func (x *Repo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Repo.ProtoReflect.Descriptor instead.
 func (*Repo) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{15}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Repo) GetName() string {
@@ -1302,6 +1991,13 @@ func (x *Repo) GetUpdatedIndex() uint64 {
 	return 0
 }
 
+func (x *Repo) GetHead() string {
+	if x != nil {
+		return x.Head
+	}
+	return ""
+}
+
 type WriteLock struct {
 	state            protoimpl.MessageState `protogen:"open.v1"`
 	Repo             string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
@@ -1315,7 +2011,7 @@ type WriteLock struct {
 
 func (x *WriteLock) Reset() {
 	*x = WriteLock{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[16]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1327,7 +2023,7 @@ func (x *WriteLock) String() string {
 func (*WriteLock) ProtoMessage() {}
 
 func (x *WriteLock) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[16]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1340,7 +2036,7 @@ func (x *WriteLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteLock.ProtoReflect.Descriptor instead.
 func (*WriteLock) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{16}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *WriteLock) GetRepo() string {
@@ -1388,7 +2084,7 @@ type Refusal struct {
 
 func (x *Refusal) Reset() {
 	*x = Refusal{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[17]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1400,7 +2096,7 @@ func (x *Refusal) String() string {
 func (*Refusal) ProtoMessage() {}
 
 func (x *Refusal) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[17]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1413,7 +2109,7 @@ func (x *Refusal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Refusal.ProtoReflect.Descriptor instead.
 func (*Refusal) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{17}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Refusal) GetReason() Reason {
@@ -1442,7 +2138,7 @@ type RefResult struct {
 
 func (x *RefResult) Reset() {
 	*x = RefResult{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[18]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1454,7 +2150,7 @@ func (x *RefResult) String() string {
 func (*RefResult) ProtoMessage() {}
 
 func (x *RefResult) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[18]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1467,7 +2163,7 @@ func (x *RefResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefResult.ProtoReflect.Descriptor instead.
 func (*RefResult) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{18}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *RefResult) GetRef() string {
@@ -1506,7 +2202,7 @@ type Result struct {
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[19]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1518,7 +2214,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[19]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1531,7 +2227,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{19}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Result) GetIndex() uint64 {
@@ -1589,7 +2285,7 @@ type SnapshotHeader struct {
 
 func (x *SnapshotHeader) Reset() {
 	*x = SnapshotHeader{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[20]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1601,7 +2297,7 @@ func (x *SnapshotHeader) String() string {
 func (*SnapshotHeader) ProtoMessage() {}
 
 func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[20]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1614,7 +2310,7 @@ func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotHeader.ProtoReflect.Descriptor instead.
 func (*SnapshotHeader) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{20}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *SnapshotHeader) GetFormat() EntryFormat {
@@ -1646,6 +2342,10 @@ type SnapshotItem struct {
 	//	*SnapshotItem_Lock
 	//	*SnapshotItem_Member
 	//	*SnapshotItem_AppliedRequest
+	//	*SnapshotItem_HostKey
+	//	*SnapshotItem_User
+	//	*SnapshotItem_Key
+	//	*SnapshotItem_Grant
 	Item          isSnapshotItem_Item `protobuf_oneof:"item"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1653,7 +2353,7 @@ type SnapshotItem struct {
 
 func (x *SnapshotItem) Reset() {
 	*x = SnapshotItem{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[21]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1665,7 +2365,7 @@ func (x *SnapshotItem) String() string {
 func (*SnapshotItem) ProtoMessage() {}
 
 func (x *SnapshotItem) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[21]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1678,7 +2378,7 @@ func (x *SnapshotItem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotItem.ProtoReflect.Descriptor instead.
 func (*SnapshotItem) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{21}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *SnapshotItem) GetItem() isSnapshotItem_Item {
@@ -1724,6 +2424,42 @@ func (x *SnapshotItem) GetAppliedRequest() *AppliedRequest {
 	return nil
 }
 
+func (x *SnapshotItem) GetHostKey() *HostKey {
+	if x != nil {
+		if x, ok := x.Item.(*SnapshotItem_HostKey); ok {
+			return x.HostKey
+		}
+	}
+	return nil
+}
+
+func (x *SnapshotItem) GetUser() *User {
+	if x != nil {
+		if x, ok := x.Item.(*SnapshotItem_User); ok {
+			return x.User
+		}
+	}
+	return nil
+}
+
+func (x *SnapshotItem) GetKey() *SSHKey {
+	if x != nil {
+		if x, ok := x.Item.(*SnapshotItem_Key); ok {
+			return x.Key
+		}
+	}
+	return nil
+}
+
+func (x *SnapshotItem) GetGrant() *Grant {
+	if x != nil {
+		if x, ok := x.Item.(*SnapshotItem_Grant); ok {
+			return x.Grant
+		}
+	}
+	return nil
+}
+
 type isSnapshotItem_Item interface {
 	isSnapshotItem_Item()
 }
@@ -1744,6 +2480,22 @@ type SnapshotItem_AppliedRequest struct {
 	AppliedRequest *AppliedRequest `protobuf:"bytes,4,opt,name=applied_request,json=appliedRequest,proto3,oneof"`
 }
 
+type SnapshotItem_HostKey struct {
+	HostKey *HostKey `protobuf:"bytes,5,opt,name=host_key,json=hostKey,proto3,oneof"`
+}
+
+type SnapshotItem_User struct {
+	User *User `protobuf:"bytes,6,opt,name=user,proto3,oneof"`
+}
+
+type SnapshotItem_Key struct {
+	Key *SSHKey `protobuf:"bytes,7,opt,name=key,proto3,oneof"`
+}
+
+type SnapshotItem_Grant struct {
+	Grant *Grant `protobuf:"bytes,8,opt,name=grant,proto3,oneof"`
+}
+
 func (*SnapshotItem_Repo) isSnapshotItem_Item() {}
 
 func (*SnapshotItem_Lock) isSnapshotItem_Item() {}
@@ -1751,6 +2503,14 @@ func (*SnapshotItem_Lock) isSnapshotItem_Item() {}
 func (*SnapshotItem_Member) isSnapshotItem_Item() {}
 
 func (*SnapshotItem_AppliedRequest) isSnapshotItem_Item() {}
+
+func (*SnapshotItem_HostKey) isSnapshotItem_Item() {}
+
+func (*SnapshotItem_User) isSnapshotItem_Item() {}
+
+func (*SnapshotItem_Key) isSnapshotItem_Item() {}
+
+func (*SnapshotItem_Grant) isSnapshotItem_Item() {}
 
 // AppliedRequest remembers the result of a recent proposal by its request id.
 type AppliedRequest struct {
@@ -1763,7 +2523,7 @@ type AppliedRequest struct {
 
 func (x *AppliedRequest) Reset() {
 	*x = AppliedRequest{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[22]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1775,7 +2535,7 @@ func (x *AppliedRequest) String() string {
 func (*AppliedRequest) ProtoMessage() {}
 
 func (x *AppliedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[22]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1788,7 +2548,7 @@ func (x *AppliedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppliedRequest.ProtoReflect.Descriptor instead.
 func (*AppliedRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{22}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *AppliedRequest) GetRequestId() string {
@@ -1809,7 +2569,7 @@ var File_gitraft_fsm_v1_fsm_proto protoreflect.FileDescriptor
 
 const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\n" +
-	"\x18gitraft/fsm/v1/fsm.proto\x12\x0egitraft.fsm.v1\"\x86\a\n" +
+	"\x18gitraft/fsm/v1/fsm.proto\x12\x0egitraft.fsm.v1\"\xe3\t\n" +
 	"\x05Entry\x123\n" +
 	"\x06format\x18\x01 \x01(\x0e2\x1b.gitraft.fsm.v1.EntryFormatR\x06format\x121\n" +
 	"\x15leader_time_unix_nano\x18\x02 \x01(\x03R\x12leaderTimeUnixNano\x12\x1a\n" +
@@ -1833,8 +2593,33 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"set_member\x18\x12 \x01(\v2\x19.gitraft.fsm.v1.SetMemberH\x00R\tsetMember\x12C\n" +
 	"\rremove_member\x18\x13 \x01(\v2\x1c.gitraft.fsm.v1.RemoveMemberH\x00R\fremoveMember\x12=\n" +
 	"\vleader_noop\x18\x14 \x01(\v2\x1a.gitraft.fsm.v1.LeaderNoopH\x00R\n" +
-	"leaderNoopB\t\n" +
-	"\acommand\" \n" +
+	"leaderNoop\x12>\n" +
+	"\fset_host_key\x18\x15 \x01(\v2\x1a.gitraft.fsm.v1.SetHostKeyH\x00R\n" +
+	"setHostKey\x124\n" +
+	"\badd_user\x18\x16 \x01(\v2\x17.gitraft.fsm.v1.AddUserH\x00R\aaddUser\x12=\n" +
+	"\vremove_user\x18\x17 \x01(\v2\x1a.gitraft.fsm.v1.RemoveUserH\x00R\n" +
+	"removeUser\x121\n" +
+	"\aadd_key\x18\x18 \x01(\v2\x16.gitraft.fsm.v1.AddKeyH\x00R\x06addKey\x12:\n" +
+	"\n" +
+	"remove_key\x18\x19 \x01(\v2\x19.gitraft.fsm.v1.RemoveKeyH\x00R\tremoveKey\x127\n" +
+	"\tset_grant\x18\x1a \x01(\v2\x18.gitraft.fsm.v1.SetGrantH\x00R\bsetGrantB\t\n" +
+	"\acommand\"@\n" +
+	"\n" +
+	"SetHostKey\x122\n" +
+	"\bhost_key\x18\x01 \x01(\v2\x17.gitraft.fsm.v1.HostKeyR\ahostKey\"\x1d\n" +
+	"\aAddUser\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\" \n" +
+	"\n" +
+	"RemoveUser\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"2\n" +
+	"\x06AddKey\x12(\n" +
+	"\x03key\x18\x01 \x01(\v2\x16.gitraft.fsm.v1.SSHKeyR\x03key\"-\n" +
+	"\tRemoveKey\x12 \n" +
+	"\vfingerprint\x18\x01 \x01(\tR\vfingerprint\"b\n" +
+	"\bSetGrant\x12\x12\n" +
+	"\x04repo\x18\x01 \x01(\tR\x04repo\x12\x12\n" +
+	"\x04user\x18\x02 \x01(\tR\x04user\x12.\n" +
+	"\x06access\x18\x03 \x01(\x0e2\x16.gitraft.fsm.v1.AccessR\x06access\" \n" +
 	"\n" +
 	"LeaderNoop\x12\x12\n" +
 	"\x04term\x18\x01 \x01(\x04R\x04term\" \n" +
@@ -1883,7 +2668,27 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\bssh_addr\x18\x05 \x01(\tR\asshAddr\"+\n" +
 	"\x03Ref\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n" +
-	"\x03oid\x18\x02 \x01(\tR\x03oid\"\xea\x01\n" +
+	"\x03oid\x18\x02 \x01(\tR\x03oid\"k\n" +
+	"\aHostKey\x12\x1f\n" +
+	"\vprivate_key\x18\x01 \x01(\fR\n" +
+	"privateKey\x12\x1d\n" +
+	"\n" +
+	"public_key\x18\x02 \x01(\tR\tpublicKey\x12 \n" +
+	"\vfingerprint\x18\x03 \x01(\tR\vfingerprint\"F\n" +
+	"\x04User\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12*\n" +
+	"\x11created_unix_nano\x18\x02 \x01(\x03R\x0fcreatedUnixNano\"\x9f\x01\n" +
+	"\x06SSHKey\x12\x12\n" +
+	"\x04user\x18\x01 \x01(\tR\x04user\x12\x1d\n" +
+	"\n" +
+	"public_key\x18\x02 \x01(\tR\tpublicKey\x12 \n" +
+	"\vfingerprint\x18\x03 \x01(\tR\vfingerprint\x12\x18\n" +
+	"\acomment\x18\x04 \x01(\tR\acomment\x12&\n" +
+	"\x0fadded_unix_nano\x18\x05 \x01(\x03R\raddedUnixNano\"_\n" +
+	"\x05Grant\x12\x12\n" +
+	"\x04repo\x18\x01 \x01(\tR\x04repo\x12\x12\n" +
+	"\x04user\x18\x02 \x01(\tR\x04user\x12.\n" +
+	"\x06access\x18\x03 \x01(\x0e2\x16.gitraft.fsm.v1.AccessR\x06access\"\xfe\x01\n" +
 	"\x04Repo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\x04R\x02id\x12\x18\n" +
@@ -1891,7 +2696,8 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\x04refs\x18\x04 \x03(\v2\x13.gitraft.fsm.v1.RefR\x04refs\x12*\n" +
 	"\x11created_unix_nano\x18\x05 \x01(\x03R\x0fcreatedUnixNano\x12*\n" +
 	"\x11updated_unix_nano\x18\x06 \x01(\x03R\x0fupdatedUnixNano\x12#\n" +
-	"\rupdated_index\x18\a \x01(\x04R\fupdatedIndex\"\xb6\x01\n" +
+	"\rupdated_index\x18\a \x01(\x04R\fupdatedIndex\x12\x12\n" +
+	"\x04head\x18\b \x01(\tR\x04head\"\xb6\x01\n" +
 	"\tWriteLock\x12\x12\n" +
 	"\x04repo\x18\x01 \x01(\tR\x04repo\x12\x16\n" +
 	"\x06holder\x18\x02 \x01(\tR\x06holder\x12#\n" +
@@ -1917,12 +2723,16 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\x0eSnapshotHeader\x123\n" +
 	"\x06format\x18\x01 \x01(\x0e2\x1b.gitraft.fsm.v1.EntryFormatR\x06format\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x12\x12\n" +
-	"\x04term\x18\x03 \x01(\x04R\x04term\"\xf0\x01\n" +
+	"\x04term\x18\x03 \x01(\x04R\x04term\"\xad\x03\n" +
 	"\fSnapshotItem\x12*\n" +
 	"\x04repo\x18\x01 \x01(\v2\x14.gitraft.fsm.v1.RepoH\x00R\x04repo\x12/\n" +
 	"\x04lock\x18\x02 \x01(\v2\x19.gitraft.fsm.v1.WriteLockH\x00R\x04lock\x120\n" +
 	"\x06member\x18\x03 \x01(\v2\x16.gitraft.fsm.v1.MemberH\x00R\x06member\x12I\n" +
-	"\x0fapplied_request\x18\x04 \x01(\v2\x1e.gitraft.fsm.v1.AppliedRequestH\x00R\x0eappliedRequestB\x06\n" +
+	"\x0fapplied_request\x18\x04 \x01(\v2\x1e.gitraft.fsm.v1.AppliedRequestH\x00R\x0eappliedRequest\x124\n" +
+	"\bhost_key\x18\x05 \x01(\v2\x17.gitraft.fsm.v1.HostKeyH\x00R\ahostKey\x12*\n" +
+	"\x04user\x18\x06 \x01(\v2\x14.gitraft.fsm.v1.UserH\x00R\x04user\x12*\n" +
+	"\x03key\x18\a \x01(\v2\x16.gitraft.fsm.v1.SSHKeyH\x00R\x03key\x12-\n" +
+	"\x05grant\x18\b \x01(\v2\x15.gitraft.fsm.v1.GrantH\x00R\x05grantB\x06\n" +
 	"\x04item\"_\n" +
 	"\x0eAppliedRequest\x12\x1d\n" +
 	"\n" +
@@ -1930,7 +2740,13 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\x06result\x18\x02 \x01(\v2\x16.gitraft.fsm.v1.ResultR\x06result*@\n" +
 	"\vEntryFormat\x12\x1c\n" +
 	"\x18ENTRY_FORMAT_UNSPECIFIED\x10\x00\x12\x13\n" +
-	"\x0fENTRY_FORMAT_V1\x10\x01*\xdd\x01\n" +
+	"\x0fENTRY_FORMAT_V1\x10\x01*f\n" +
+	"\x06Access\x12\x16\n" +
+	"\x12ACCESS_UNSPECIFIED\x10\x00\x12\x0f\n" +
+	"\vACCESS_NONE\x10\x01\x12\x0f\n" +
+	"\vACCESS_READ\x10\x02\x12\x10\n" +
+	"\fACCESS_WRITE\x10\x03\x12\x10\n" +
+	"\fACCESS_ADMIN\x10\x04*\xdd\x01\n" +
 	"\x06Reason\x12\x16\n" +
 	"\x12REASON_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eREASON_INVALID\x10\x01\x12\x14\n" +
@@ -1959,70 +2775,95 @@ func file_gitraft_fsm_v1_fsm_proto_rawDescGZIP() []byte {
 	return file_gitraft_fsm_v1_fsm_proto_rawDescData
 }
 
-var file_gitraft_fsm_v1_fsm_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_gitraft_fsm_v1_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
+var file_gitraft_fsm_v1_fsm_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
+var file_gitraft_fsm_v1_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_gitraft_fsm_v1_fsm_proto_goTypes = []any{
 	(EntryFormat)(0),         // 0: gitraft.fsm.v1.EntryFormat
-	(Reason)(0),              // 1: gitraft.fsm.v1.Reason
-	(RefStatus)(0),           // 2: gitraft.fsm.v1.RefStatus
-	(*Entry)(nil),            // 3: gitraft.fsm.v1.Entry
-	(*LeaderNoop)(nil),       // 4: gitraft.fsm.v1.LeaderNoop
-	(*CreateRepo)(nil),       // 5: gitraft.fsm.v1.CreateRepo
-	(*DeleteRepo)(nil),       // 6: gitraft.fsm.v1.DeleteRepo
-	(*RefUpdate)(nil),        // 7: gitraft.fsm.v1.RefUpdate
-	(*UpdateRefs)(nil),       // 8: gitraft.fsm.v1.UpdateRefs
-	(*AcquireLock)(nil),      // 9: gitraft.fsm.v1.AcquireLock
-	(*RenewLock)(nil),        // 10: gitraft.fsm.v1.RenewLock
-	(*ReleaseLock)(nil),      // 11: gitraft.fsm.v1.ReleaseLock
-	(*ForceReleaseLock)(nil), // 12: gitraft.fsm.v1.ForceReleaseLock
-	(*ExpireLocks)(nil),      // 13: gitraft.fsm.v1.ExpireLocks
-	(*SetMember)(nil),        // 14: gitraft.fsm.v1.SetMember
-	(*RemoveMember)(nil),     // 15: gitraft.fsm.v1.RemoveMember
-	(*Member)(nil),           // 16: gitraft.fsm.v1.Member
-	(*Ref)(nil),              // 17: gitraft.fsm.v1.Ref
-	(*Repo)(nil),             // 18: gitraft.fsm.v1.Repo
-	(*WriteLock)(nil),        // 19: gitraft.fsm.v1.WriteLock
-	(*Refusal)(nil),          // 20: gitraft.fsm.v1.Refusal
-	(*RefResult)(nil),        // 21: gitraft.fsm.v1.RefResult
-	(*Result)(nil),           // 22: gitraft.fsm.v1.Result
-	(*SnapshotHeader)(nil),   // 23: gitraft.fsm.v1.SnapshotHeader
-	(*SnapshotItem)(nil),     // 24: gitraft.fsm.v1.SnapshotItem
-	(*AppliedRequest)(nil),   // 25: gitraft.fsm.v1.AppliedRequest
+	(Access)(0),              // 1: gitraft.fsm.v1.Access
+	(Reason)(0),              // 2: gitraft.fsm.v1.Reason
+	(RefStatus)(0),           // 3: gitraft.fsm.v1.RefStatus
+	(*Entry)(nil),            // 4: gitraft.fsm.v1.Entry
+	(*SetHostKey)(nil),       // 5: gitraft.fsm.v1.SetHostKey
+	(*AddUser)(nil),          // 6: gitraft.fsm.v1.AddUser
+	(*RemoveUser)(nil),       // 7: gitraft.fsm.v1.RemoveUser
+	(*AddKey)(nil),           // 8: gitraft.fsm.v1.AddKey
+	(*RemoveKey)(nil),        // 9: gitraft.fsm.v1.RemoveKey
+	(*SetGrant)(nil),         // 10: gitraft.fsm.v1.SetGrant
+	(*LeaderNoop)(nil),       // 11: gitraft.fsm.v1.LeaderNoop
+	(*CreateRepo)(nil),       // 12: gitraft.fsm.v1.CreateRepo
+	(*DeleteRepo)(nil),       // 13: gitraft.fsm.v1.DeleteRepo
+	(*RefUpdate)(nil),        // 14: gitraft.fsm.v1.RefUpdate
+	(*UpdateRefs)(nil),       // 15: gitraft.fsm.v1.UpdateRefs
+	(*AcquireLock)(nil),      // 16: gitraft.fsm.v1.AcquireLock
+	(*RenewLock)(nil),        // 17: gitraft.fsm.v1.RenewLock
+	(*ReleaseLock)(nil),      // 18: gitraft.fsm.v1.ReleaseLock
+	(*ForceReleaseLock)(nil), // 19: gitraft.fsm.v1.ForceReleaseLock
+	(*ExpireLocks)(nil),      // 20: gitraft.fsm.v1.ExpireLocks
+	(*SetMember)(nil),        // 21: gitraft.fsm.v1.SetMember
+	(*RemoveMember)(nil),     // 22: gitraft.fsm.v1.RemoveMember
+	(*Member)(nil),           // 23: gitraft.fsm.v1.Member
+	(*Ref)(nil),              // 24: gitraft.fsm.v1.Ref
+	(*HostKey)(nil),          // 25: gitraft.fsm.v1.HostKey
+	(*User)(nil),             // 26: gitraft.fsm.v1.User
+	(*SSHKey)(nil),           // 27: gitraft.fsm.v1.SSHKey
+	(*Grant)(nil),            // 28: gitraft.fsm.v1.Grant
+	(*Repo)(nil),             // 29: gitraft.fsm.v1.Repo
+	(*WriteLock)(nil),        // 30: gitraft.fsm.v1.WriteLock
+	(*Refusal)(nil),          // 31: gitraft.fsm.v1.Refusal
+	(*RefResult)(nil),        // 32: gitraft.fsm.v1.RefResult
+	(*Result)(nil),           // 33: gitraft.fsm.v1.Result
+	(*SnapshotHeader)(nil),   // 34: gitraft.fsm.v1.SnapshotHeader
+	(*SnapshotItem)(nil),     // 35: gitraft.fsm.v1.SnapshotItem
+	(*AppliedRequest)(nil),   // 36: gitraft.fsm.v1.AppliedRequest
 }
 var file_gitraft_fsm_v1_fsm_proto_depIdxs = []int32{
 	0,  // 0: gitraft.fsm.v1.Entry.format:type_name -> gitraft.fsm.v1.EntryFormat
-	5,  // 1: gitraft.fsm.v1.Entry.create_repo:type_name -> gitraft.fsm.v1.CreateRepo
-	6,  // 2: gitraft.fsm.v1.Entry.delete_repo:type_name -> gitraft.fsm.v1.DeleteRepo
-	8,  // 3: gitraft.fsm.v1.Entry.update_refs:type_name -> gitraft.fsm.v1.UpdateRefs
-	9,  // 4: gitraft.fsm.v1.Entry.acquire_lock:type_name -> gitraft.fsm.v1.AcquireLock
-	10, // 5: gitraft.fsm.v1.Entry.renew_lock:type_name -> gitraft.fsm.v1.RenewLock
-	11, // 6: gitraft.fsm.v1.Entry.release_lock:type_name -> gitraft.fsm.v1.ReleaseLock
-	12, // 7: gitraft.fsm.v1.Entry.force_release_lock:type_name -> gitraft.fsm.v1.ForceReleaseLock
-	13, // 8: gitraft.fsm.v1.Entry.expire_locks:type_name -> gitraft.fsm.v1.ExpireLocks
-	14, // 9: gitraft.fsm.v1.Entry.set_member:type_name -> gitraft.fsm.v1.SetMember
-	15, // 10: gitraft.fsm.v1.Entry.remove_member:type_name -> gitraft.fsm.v1.RemoveMember
-	4,  // 11: gitraft.fsm.v1.Entry.leader_noop:type_name -> gitraft.fsm.v1.LeaderNoop
-	7,  // 12: gitraft.fsm.v1.UpdateRefs.updates:type_name -> gitraft.fsm.v1.RefUpdate
-	16, // 13: gitraft.fsm.v1.SetMember.member:type_name -> gitraft.fsm.v1.Member
-	17, // 14: gitraft.fsm.v1.Repo.refs:type_name -> gitraft.fsm.v1.Ref
-	1,  // 15: gitraft.fsm.v1.Refusal.reason:type_name -> gitraft.fsm.v1.Reason
-	2,  // 16: gitraft.fsm.v1.RefResult.status:type_name -> gitraft.fsm.v1.RefStatus
-	20, // 17: gitraft.fsm.v1.Result.refusal:type_name -> gitraft.fsm.v1.Refusal
-	18, // 18: gitraft.fsm.v1.Result.repo:type_name -> gitraft.fsm.v1.Repo
-	19, // 19: gitraft.fsm.v1.Result.lock:type_name -> gitraft.fsm.v1.WriteLock
-	19, // 20: gitraft.fsm.v1.Result.expired:type_name -> gitraft.fsm.v1.WriteLock
-	21, // 21: gitraft.fsm.v1.Result.ref_results:type_name -> gitraft.fsm.v1.RefResult
-	0,  // 22: gitraft.fsm.v1.SnapshotHeader.format:type_name -> gitraft.fsm.v1.EntryFormat
-	18, // 23: gitraft.fsm.v1.SnapshotItem.repo:type_name -> gitraft.fsm.v1.Repo
-	19, // 24: gitraft.fsm.v1.SnapshotItem.lock:type_name -> gitraft.fsm.v1.WriteLock
-	16, // 25: gitraft.fsm.v1.SnapshotItem.member:type_name -> gitraft.fsm.v1.Member
-	25, // 26: gitraft.fsm.v1.SnapshotItem.applied_request:type_name -> gitraft.fsm.v1.AppliedRequest
-	22, // 27: gitraft.fsm.v1.AppliedRequest.result:type_name -> gitraft.fsm.v1.Result
-	28, // [28:28] is the sub-list for method output_type
-	28, // [28:28] is the sub-list for method input_type
-	28, // [28:28] is the sub-list for extension type_name
-	28, // [28:28] is the sub-list for extension extendee
-	0,  // [0:28] is the sub-list for field type_name
+	12, // 1: gitraft.fsm.v1.Entry.create_repo:type_name -> gitraft.fsm.v1.CreateRepo
+	13, // 2: gitraft.fsm.v1.Entry.delete_repo:type_name -> gitraft.fsm.v1.DeleteRepo
+	15, // 3: gitraft.fsm.v1.Entry.update_refs:type_name -> gitraft.fsm.v1.UpdateRefs
+	16, // 4: gitraft.fsm.v1.Entry.acquire_lock:type_name -> gitraft.fsm.v1.AcquireLock
+	17, // 5: gitraft.fsm.v1.Entry.renew_lock:type_name -> gitraft.fsm.v1.RenewLock
+	18, // 6: gitraft.fsm.v1.Entry.release_lock:type_name -> gitraft.fsm.v1.ReleaseLock
+	19, // 7: gitraft.fsm.v1.Entry.force_release_lock:type_name -> gitraft.fsm.v1.ForceReleaseLock
+	20, // 8: gitraft.fsm.v1.Entry.expire_locks:type_name -> gitraft.fsm.v1.ExpireLocks
+	21, // 9: gitraft.fsm.v1.Entry.set_member:type_name -> gitraft.fsm.v1.SetMember
+	22, // 10: gitraft.fsm.v1.Entry.remove_member:type_name -> gitraft.fsm.v1.RemoveMember
+	11, // 11: gitraft.fsm.v1.Entry.leader_noop:type_name -> gitraft.fsm.v1.LeaderNoop
+	5,  // 12: gitraft.fsm.v1.Entry.set_host_key:type_name -> gitraft.fsm.v1.SetHostKey
+	6,  // 13: gitraft.fsm.v1.Entry.add_user:type_name -> gitraft.fsm.v1.AddUser
+	7,  // 14: gitraft.fsm.v1.Entry.remove_user:type_name -> gitraft.fsm.v1.RemoveUser
+	8,  // 15: gitraft.fsm.v1.Entry.add_key:type_name -> gitraft.fsm.v1.AddKey
+	9,  // 16: gitraft.fsm.v1.Entry.remove_key:type_name -> gitraft.fsm.v1.RemoveKey
+	10, // 17: gitraft.fsm.v1.Entry.set_grant:type_name -> gitraft.fsm.v1.SetGrant
+	25, // 18: gitraft.fsm.v1.SetHostKey.host_key:type_name -> gitraft.fsm.v1.HostKey
+	27, // 19: gitraft.fsm.v1.AddKey.key:type_name -> gitraft.fsm.v1.SSHKey
+	1,  // 20: gitraft.fsm.v1.SetGrant.access:type_name -> gitraft.fsm.v1.Access
+	14, // 21: gitraft.fsm.v1.UpdateRefs.updates:type_name -> gitraft.fsm.v1.RefUpdate
+	23, // 22: gitraft.fsm.v1.SetMember.member:type_name -> gitraft.fsm.v1.Member
+	1,  // 23: gitraft.fsm.v1.Grant.access:type_name -> gitraft.fsm.v1.Access
+	24, // 24: gitraft.fsm.v1.Repo.refs:type_name -> gitraft.fsm.v1.Ref
+	2,  // 25: gitraft.fsm.v1.Refusal.reason:type_name -> gitraft.fsm.v1.Reason
+	3,  // 26: gitraft.fsm.v1.RefResult.status:type_name -> gitraft.fsm.v1.RefStatus
+	31, // 27: gitraft.fsm.v1.Result.refusal:type_name -> gitraft.fsm.v1.Refusal
+	29, // 28: gitraft.fsm.v1.Result.repo:type_name -> gitraft.fsm.v1.Repo
+	30, // 29: gitraft.fsm.v1.Result.lock:type_name -> gitraft.fsm.v1.WriteLock
+	30, // 30: gitraft.fsm.v1.Result.expired:type_name -> gitraft.fsm.v1.WriteLock
+	32, // 31: gitraft.fsm.v1.Result.ref_results:type_name -> gitraft.fsm.v1.RefResult
+	0,  // 32: gitraft.fsm.v1.SnapshotHeader.format:type_name -> gitraft.fsm.v1.EntryFormat
+	29, // 33: gitraft.fsm.v1.SnapshotItem.repo:type_name -> gitraft.fsm.v1.Repo
+	30, // 34: gitraft.fsm.v1.SnapshotItem.lock:type_name -> gitraft.fsm.v1.WriteLock
+	23, // 35: gitraft.fsm.v1.SnapshotItem.member:type_name -> gitraft.fsm.v1.Member
+	36, // 36: gitraft.fsm.v1.SnapshotItem.applied_request:type_name -> gitraft.fsm.v1.AppliedRequest
+	25, // 37: gitraft.fsm.v1.SnapshotItem.host_key:type_name -> gitraft.fsm.v1.HostKey
+	26, // 38: gitraft.fsm.v1.SnapshotItem.user:type_name -> gitraft.fsm.v1.User
+	27, // 39: gitraft.fsm.v1.SnapshotItem.key:type_name -> gitraft.fsm.v1.SSHKey
+	28, // 40: gitraft.fsm.v1.SnapshotItem.grant:type_name -> gitraft.fsm.v1.Grant
+	33, // 41: gitraft.fsm.v1.AppliedRequest.result:type_name -> gitraft.fsm.v1.Result
+	42, // [42:42] is the sub-list for method output_type
+	42, // [42:42] is the sub-list for method input_type
+	42, // [42:42] is the sub-list for extension type_name
+	42, // [42:42] is the sub-list for extension extendee
+	0,  // [0:42] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_fsm_v1_fsm_proto_init() }
@@ -2042,20 +2883,30 @@ func file_gitraft_fsm_v1_fsm_proto_init() {
 		(*Entry_SetMember)(nil),
 		(*Entry_RemoveMember)(nil),
 		(*Entry_LeaderNoop)(nil),
+		(*Entry_SetHostKey)(nil),
+		(*Entry_AddUser)(nil),
+		(*Entry_RemoveUser)(nil),
+		(*Entry_AddKey)(nil),
+		(*Entry_RemoveKey)(nil),
+		(*Entry_SetGrant)(nil),
 	}
-	file_gitraft_fsm_v1_fsm_proto_msgTypes[21].OneofWrappers = []any{
+	file_gitraft_fsm_v1_fsm_proto_msgTypes[31].OneofWrappers = []any{
 		(*SnapshotItem_Repo)(nil),
 		(*SnapshotItem_Lock)(nil),
 		(*SnapshotItem_Member)(nil),
 		(*SnapshotItem_AppliedRequest)(nil),
+		(*SnapshotItem_HostKey)(nil),
+		(*SnapshotItem_User)(nil),
+		(*SnapshotItem_Key)(nil),
+		(*SnapshotItem_Grant)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_fsm_v1_fsm_proto_rawDesc), len(file_gitraft_fsm_v1_fsm_proto_rawDesc)),
-			NumEnums:      3,
-			NumMessages:   23,
+			NumEnums:      4,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
