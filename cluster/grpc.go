@@ -22,6 +22,7 @@ import (
 	lockv1 "github.com/gitraft/gitraft/proto/gitraft/lock/v1"
 	nodev1 "github.com/gitraft/gitraft/proto/gitraft/node/v1"
 	repov1 "github.com/gitraft/gitraft/proto/gitraft/repo/v1"
+	userv1 "github.com/gitraft/gitraft/proto/gitraft/user/v1"
 	"github.com/gitraft/gitraft/storage"
 )
 
@@ -47,6 +48,7 @@ func (n *Node) serveGRPC() error {
 	repov1.RegisterRepoServiceServer(s, &repoService{n: n})
 	lockv1.RegisterLockServiceServer(s, &lockService{n: n})
 	nodev1.RegisterNodeServiceServer(s, &nodeService{n: n})
+	userv1.RegisterUserServiceServer(s, &userService{n: n})
 	n.grpcServer = s
 	n.goRun(func() {
 		if err := s.Serve(ln); err != nil && !errors.Is(err, grpc.ErrServerStopped) {

@@ -57,6 +57,11 @@ func (n *Node) lead(ctx context.Context) {
 		return
 	}
 	n.leaderReady.Store(true)
+	n.goRun(func() {
+		if err := n.ensureHostKey(ctx); err != nil {
+			n.log.Warn("creating the cluster SSH host key failed; the next leader will try again", "err", err)
+		}
+	})
 	t := time.NewTicker(n.cfg.LockExpiryInterval)
 	defer t.Stop()
 	for {

@@ -52,7 +52,7 @@ type State struct {
 
 	hostKey *fsmv1.HostKey
 	users   map[string]*fsmv1.User
-	keys    map[string]*fsmv1.SSHKey            // by fingerprint
+	keys    map[string]*fsmv1.SSHKey           // by fingerprint
 	grants  map[string]map[string]fsmv1.Access // repo -> user -> access
 }
 

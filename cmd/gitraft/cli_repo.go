@@ -21,7 +21,7 @@ func newRepoCmd(g *globalOpts) *cobra.Command {
 		Use:   "repo",
 		Short: "Create, list, show and delete repositories",
 	}
-	cmd.AddCommand(newRepoCreateCmd(g), newRepoListCmd(g), newRepoShowCmd(g), newRepoRemoveCmd(g))
+	cmd.AddCommand(newRepoCreateCmd(g), newRepoListCmd(g), newRepoShowCmd(g), newRepoRemoveCmd(g), newRepoGrantCmd(g), newRepoRevokeCmd(g))
 	return cmd
 }
 
