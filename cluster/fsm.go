@@ -25,6 +25,9 @@ type fsm struct {
 
 	// observe, if set, is called after each command is applied (metrics).
 	observe func(e *fsmv1.Entry, r *fsmv1.Result, took time.Duration)
+	// onRepoChange, if set, is called after an entry that may change what a
+	// repository looks like on disk, and after a restore.
+	onRepoChange func()
 }
 
 func newFSM() *fsm {
@@ -50,6 +53,12 @@ func (f *fsm) Apply(l *raft.Log) any {
 	f.mu.Unlock()
 	if f.observe != nil {
 		f.observe(e, r, time.Since(start))
+	}
+	if f.onRepoChange != nil && r.GetRefusal() == nil {
+		switch e.Command.(type) {
+		case *fsmv1.Entry_CreateRepo, *fsmv1.Entry_DeleteRepo, *fsmv1.Entry_UpdateRefs:
+			f.onRepoChange()
+		}
 	}
 	return r
 }
@@ -124,6 +133,9 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 	f.state = s
 	f.notifyLocked()
 	f.mu.Unlock()
+	if f.onRepoChange != nil {
+		f.onRepoChange()
+	}
 	return nil
 }
 

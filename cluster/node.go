@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/gitraft/gitraft/cluster/pki"
+	"github.com/gitraft/gitraft/lockd"
 )
 
 // Sentinel errors of the cluster package. They become gRPC status codes only
@@ -74,6 +75,9 @@ type Config struct {
 	Insecure bool
 
 	Raft RaftTuning
+
+	// Git, if set, makes the node keep repositories on disk.
+	Git *GitConfig
 
 	// LeaderWait bounds how long a write waits for a leader before it fails
 	// with Unavailable.
@@ -190,6 +194,10 @@ type Node struct {
 
 	peers   *peerPool
 	metrics *metrics
+	git     *replicas // nil unless Config.Git
+	locks   *lockd.Client
+
+	gitSessions atomic.Pointer[GitSessionHandler]
 
 	leaderCh    chan bool
 	leaderReady atomic.Bool // the leader loop has passed its barrier
@@ -241,7 +249,11 @@ func New(cfg Config, logger *slog.Logger) (_ *Node, err error) {
 	n.metrics = newMetrics(n)
 	n.fsm.observe = n.metrics.observeApply
 	n.peers = newPeerPool(n.clientTLS())
+	n.locks = lockd.NewClient(n.Locker(), lockd.ClientConfig{Lease: pushLease}, n.log)
 
+	if cfg.Git != nil {
+		n.enableGit(*cfg.Git)
+	}
 	if err := n.openRaft(); err != nil {
 		return nil, err
 	}
@@ -256,6 +268,9 @@ func New(cfg Config, logger *slog.Logger) (_ *Node, err error) {
 	n.goRun(n.watchLeadership)
 	n.goRun(n.registerSelf)
 	n.goRun(n.watchReady)
+	if n.git != nil {
+		n.goRun(n.git.loop)
+	}
 	return n, nil
 }
 

@@ -227,4 +227,3 @@ func (s *userService) GetHostKey(ctx context.Context, _ *userv1.GetHostKeyReques
 	}
 	return &userv1.GetHostKeyResponse{PublicKey: hk.GetPublicKey(), Fingerprint: hk.GetFingerprint()}, nil
 }
-

@@ -30,6 +30,8 @@ type fileConfig struct {
 	GRPCAddr      string        `yaml:"grpc_addr" help:"listen address for the admin and node gRPC API"`
 	GRPCAdvertise string        `yaml:"grpc_advertise" help:"gRPC address peers dial (default: grpc_addr)"`
 	HTTPAddr      string        `yaml:"http_addr" help:"listen address for /metrics, /healthz and /readyz"`
+	SSHAddr       string        `yaml:"ssh_addr" help:"listen address for git over SSH"`
+	SSHAdvertise  string        `yaml:"ssh_advertise" help:"SSH address clients use (default: ssh_addr)"`
 	Bootstrap     bool          `yaml:"bootstrap" help:"found a new cluster with this node (only ever acts once)"`
 	Join          []string      `yaml:"join" help:"gRPC addresses of members to ask for membership"`
 	Insecure      bool          `yaml:"insecure" help:"no TLS; allowed only on loopback addresses"`
@@ -40,6 +42,17 @@ type fileConfig struct {
 
 	TLS  cluster.TLSFiles   `yaml:"tls"`
 	Raft cluster.RaftTuning `yaml:"raft"`
+	Git  gitSettings        `yaml:"git"`
+}
+
+// gitSettings are the git front end's limits and hooks.
+type gitSettings struct {
+	MaxPackBytes int64         `yaml:"max_pack_bytes" help:"largest pack a push may send, in bytes (0: no limit)"`
+	MaxSessions  int           `yaml:"max_sessions" help:"concurrent SSH sessions per node"`
+	IdleTimeout  time.Duration `yaml:"idle_timeout" help:"end an SSH session idle this long"`
+	MaxTimeout   time.Duration `yaml:"max_timeout" help:"end any SSH session after this long"`
+	PostReceive  string        `yaml:"post_receive" help:"shell command run once per accepted push, on the node that took it"`
+	KeysCommand  string        `yaml:"keys_command" help:"command asked whose an unknown SSH key is (args: type, base64 key, fingerprint; prints a user name)"`
 }
 
 func defaultFileConfig() fileConfig {
@@ -47,6 +60,7 @@ func defaultFileConfig() fileConfig {
 		RaftAddr:  "127.0.0.1:7101",
 		GRPCAddr:  "127.0.0.1:7102",
 		HTTPAddr:  "127.0.0.1:7103",
+		SSHAddr:   "127.0.0.1:7122",
 		LogFormat: "json",
 		LogLevel:  "info",
 	}
@@ -107,6 +121,12 @@ func setValue(v reflect.Value, s string) error {
 			return err
 		}
 		v.SetUint(n)
+	case int, int64:
+		n, err := strconv.ParseInt(s, 10, 64)
+		if err != nil {
+			return err
+		}
+		v.SetInt(n)
 	case []string:
 		var parts []string
 		for _, p := range strings.Split(s, ",") {
@@ -143,6 +163,8 @@ func (fv *flagValue) Type() string {
 		return "list"
 	case uint64:
 		return "uint"
+	case int, int64:
+		return "int"
 	}
 	return "string"
 }

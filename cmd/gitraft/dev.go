@@ -28,6 +28,7 @@ type devNodeInfo struct {
 	RaftAddr string `json:"raft_addr"`
 	GRPCAddr string `json:"grpc_addr"`
 	HTTPAddr string `json:"http_addr"`
+	SSHAddr  string `json:"ssh_addr"`
 	DataDir  string `json:"data_dir"`
 	Cert     string `json:"cert"`
 	Key      string `json:"key"`
@@ -45,6 +46,7 @@ type devClusterInfo struct {
 	PID       int           `json:"pid"`
 	StartedAt time.Time     `json:"started_at"`
 	LogFile   string        `json:"log_file"`
+	Git       devGitInfo    `json:"git"`
 }
 
 func newDevCmd() *cobra.Command {
@@ -127,7 +129,7 @@ func runDev(ctx context.Context, out io.Writer, dir string, count, basePort int,
 		}
 	}
 
-	var running []*cluster.Node
+	var running []*runningNode
 	defer func() {
 		for i := len(running) - 1; i >= 0; i-- {
 			running[i].Close()
@@ -146,10 +148,10 @@ func runDev(ctx context.Context, out io.Writer, dir string, count, basePort int,
 			}
 			return net.JoinHostPort("127.0.0.1", strconv.Itoa(basePort+10*(i-1)+k)), nil
 		}
-		var addrs [3]string
-		if i <= len(previous.Nodes) {
+		var addrs [4]string
+		if i <= len(previous.Nodes) && previous.Nodes[i-1].SSHAddr != "" {
 			p := previous.Nodes[i-1]
-			addrs = [3]string{p.RaftAddr, p.GRPCAddr, p.HTTPAddr}
+			addrs = [4]string{p.RaftAddr, p.GRPCAddr, p.HTTPAddr, p.SSHAddr}
 		} else {
 			for k := range addrs {
 				if addrs[k], err = addr(k); err != nil {
@@ -157,34 +159,40 @@ func runDev(ctx context.Context, out io.Writer, dir string, count, basePort int,
 				}
 			}
 		}
-		cfg := cluster.Config{
+		cfg := fileConfig{
 			NodeID: id, DataDir: filepath.Join(dir, id),
-			RaftAddr: addrs[0], GRPCAddr: addrs[1], HTTPAddr: addrs[2],
+			RaftAddr: addrs[0], GRPCAddr: addrs[1], HTTPAddr: addrs[2], SSHAddr: addrs[3],
 			TLS:       cluster.TLSFiles{CAFile: caCert, CertFile: cert, KeyFile: key},
 			Bootstrap: i == 1,
 		}
 		if i > 1 {
-			cfg.Join = []string{running[0].GRPCAddr()}
+			cfg.Join = []string{running[0].node.GRPCAddr()}
 		}
-		n, err := cluster.New(cfg, logger)
+		r, err := startNode(cfg, logger)
 		if err != nil {
 			return fmt.Errorf("start %s: %w", id, err)
 		}
-		running = append(running, n)
-		info.Nodes = append(info.Nodes, devNodeInfo{ID: id, RaftAddr: n.RaftAddr(), GRPCAddr: n.GRPCAddr(), HTTPAddr: n.HTTPAddr(), DataDir: cfg.DataDir, Cert: cert, Key: key})
+		running = append(running, r)
+		n := r.node
+		info.Nodes = append(info.Nodes, devNodeInfo{ID: id, RaftAddr: n.RaftAddr(), GRPCAddr: n.GRPCAddr(), HTTPAddr: n.HTTPAddr(), SSHAddr: r.SSHAddr(), DataDir: cfg.DataDir, Cert: cert, Key: key})
 	}
 
 	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	leader, err := running[0].WaitLeader(wctx)
+	leader, err := running[0].node.WaitLeader(wctx)
 	if err != nil {
 		return err
 	}
-	for _, n := range running {
-		if err := waitReady(wctx, n); err != nil {
-			return fmt.Errorf("node %s: %w", n.ID(), err)
+	for _, r := range running {
+		if err := waitReady(wctx, r.node); err != nil {
+			return fmt.Errorf("node %s: %w", r.node.ID(), err)
 		}
 	}
+	gitInfo, err := devGitSetup(wctx, running[0].node, dir, info.Nodes)
+	if err != nil {
+		return fmt.Errorf("setting up git access: %w", err)
+	}
+	info.Git = gitInfo
 	info.Leader = leader
 	info.Env = []string{
 		"GITRAFT_ADDR=" + info.Nodes[0].GRPCAddr,
@@ -214,14 +222,17 @@ func runDev(ctx context.Context, out io.Writer, dir string, count, basePort int,
 	tw.Flush()
 	fmt.Fprintf(out, "\nPoint the CLI at it (or: source %s):\n\n", envFile)
 	fmt.Fprintf(out, "  %s\n\n", "export "+joinSpace(info.Env))
-	fmt.Fprintf(out, "  gitraft cluster status\n  gitraft repo create demo\n  gitraft repo ls\n\n")
+	fmt.Fprintf(out, "  gitraft cluster status\n  gitraft repo ls\n\n")
+	fmt.Fprintf(out, "Git over SSH, as user %q with %s (any node will do):\n\n", gitInfo.User, gitInfo.Key)
+	fmt.Fprintf(out, "  export GIT_SSH_COMMAND=%s\n", shellQuoteArg(gitInfo.SSHCommand))
+	fmt.Fprintf(out, "  git clone %s\n\n", gitInfo.CloneURLs[0])
 	fmt.Fprintf(out, "Logs: %s. The same facts as JSON: %s\nPress Ctrl-C to stop.\n", logPath, filepath.Join(dir, "cluster.json"))
 
 	<-ctx.Done()
 	fmt.Fprintln(out, "\nstopping the dev cluster ...")
 	for i := len(running) - 1; i >= 0; i-- {
 		if err := running[i].Close(); err != nil {
-			logger.Warn("stopping node", "node", running[i].ID(), "err", err)
+			logger.Warn("stopping node", "node", running[i].node.ID(), "err", err)
 		}
 	}
 	running = nil

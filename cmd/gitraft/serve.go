@@ -8,8 +8,6 @@ import (
 	"syscall"
 
 	"github.com/spf13/cobra"
-
-	"github.com/gitraft/gitraft/cluster"
 )
 
 func newServeCmd() *cobra.Command {
@@ -36,14 +34,15 @@ gitraft cluster join). A node restarted on its data dir rejoins by itself.`,
 		}
 		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 		defer stop()
-		n, err := cluster.New(cfg.clusterConfig(), logger)
+		r, err := startNode(cfg, logger)
 		if err != nil {
 			return err
 		}
-		logger.Info("gitraft node running", "node", n.ID(), "raft_addr", n.RaftAddr(), "grpc_addr", n.GRPCAddr(), "http_addr", n.HTTPAddr(), "version", version)
+		n := r.node
+		logger.Info("gitraft node running", "node", n.ID(), "raft_addr", n.RaftAddr(), "grpc_addr", n.GRPCAddr(), "http_addr", n.HTTPAddr(), "ssh_addr", r.SSHAddr(), "version", version)
 		<-ctx.Done()
 		logger.Info("shutting down", "node", n.ID())
-		if err := n.Close(); err != nil {
+		if err := r.Close(); err != nil {
 			return fmt.Errorf("shutdown: %w", err)
 		}
 		return nil

@@ -25,6 +25,9 @@ const (
 	NodeService_Propose_FullMethodName        = "/gitraft.node.v1.NodeService/Propose"
 	NodeService_ReadIndex_FullMethodName      = "/gitraft.node.v1.NodeService/ReadIndex"
 	NodeService_GetLocalStatus_FullMethodName = "/gitraft.node.v1.NodeService/GetLocalStatus"
+	NodeService_PutPack_FullMethodName        = "/gitraft.node.v1.NodeService/PutPack"
+	NodeService_GitSession_FullMethodName     = "/gitraft.node.v1.NodeService/GitSession"
+	NodeService_GetReplicas_FullMethodName    = "/gitraft.node.v1.NodeService/GetReplicas"
 )
 
 // NodeServiceClient is the client API for NodeService service.
@@ -39,6 +42,16 @@ type NodeServiceClient interface {
 	ReadIndex(ctx context.Context, in *ReadIndexRequest, opts ...grpc.CallOption) (*ReadIndexResponse, error)
 	// GetLocalStatus reports this node's own view of Raft, for cluster status.
 	GetLocalStatus(ctx context.Context, in *GetLocalStatusRequest, opts ...grpc.CallOption) (*GetLocalStatusResponse, error)
+	// PutPack makes a pushed pack durable on this node before the push's ref
+	// change is proposed: the first message names the push, then pack bytes,
+	// then idx bytes. The answer comes once both are fsynced.
+	PutPack(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[PutPackRequest, PutPackResponse], error)
+	// GitSession runs a git service (upload-pack, receive-pack,
+	// upload-archive) on this node for a session that arrived at another node:
+	// catching up from a peer, or a proxied client session.
+	GitSession(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[GitSessionRequest, GitSessionResponse], error)
+	// GetReplicas reports the version this node's disk holds per repository.
+	GetReplicas(ctx context.Context, in *GetReplicasRequest, opts ...grpc.CallOption) (*GetReplicasResponse, error)
 }
 
 type nodeServiceClient struct {
@@ -79,6 +92,42 @@ func (c *nodeServiceClient) GetLocalStatus(ctx context.Context, in *GetLocalStat
 	return out, nil
 }
 
+func (c *nodeServiceClient) PutPack(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[PutPackRequest, PutPackResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &NodeService_ServiceDesc.Streams[0], NodeService_PutPack_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[PutPackRequest, PutPackResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type NodeService_PutPackClient = grpc.ClientStreamingClient[PutPackRequest, PutPackResponse]
+
+func (c *nodeServiceClient) GitSession(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[GitSessionRequest, GitSessionResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &NodeService_ServiceDesc.Streams[1], NodeService_GitSession_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[GitSessionRequest, GitSessionResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type NodeService_GitSessionClient = grpc.BidiStreamingClient[GitSessionRequest, GitSessionResponse]
+
+func (c *nodeServiceClient) GetReplicas(ctx context.Context, in *GetReplicasRequest, opts ...grpc.CallOption) (*GetReplicasResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetReplicasResponse)
+	err := c.cc.Invoke(ctx, NodeService_GetReplicas_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // NodeServiceServer is the server API for NodeService service.
 // All implementations must embed UnimplementedNodeServiceServer
 // for forward compatibility.
@@ -91,6 +140,16 @@ type NodeServiceServer interface {
 	ReadIndex(context.Context, *ReadIndexRequest) (*ReadIndexResponse, error)
 	// GetLocalStatus reports this node's own view of Raft, for cluster status.
 	GetLocalStatus(context.Context, *GetLocalStatusRequest) (*GetLocalStatusResponse, error)
+	// PutPack makes a pushed pack durable on this node before the push's ref
+	// change is proposed: the first message names the push, then pack bytes,
+	// then idx bytes. The answer comes once both are fsynced.
+	PutPack(grpc.ClientStreamingServer[PutPackRequest, PutPackResponse]) error
+	// GitSession runs a git service (upload-pack, receive-pack,
+	// upload-archive) on this node for a session that arrived at another node:
+	// catching up from a peer, or a proxied client session.
+	GitSession(grpc.BidiStreamingServer[GitSessionRequest, GitSessionResponse]) error
+	// GetReplicas reports the version this node's disk holds per repository.
+	GetReplicas(context.Context, *GetReplicasRequest) (*GetReplicasResponse, error)
 	mustEmbedUnimplementedNodeServiceServer()
 }
 
@@ -109,6 +168,15 @@ func (UnimplementedNodeServiceServer) ReadIndex(context.Context, *ReadIndexReque
 }
 func (UnimplementedNodeServiceServer) GetLocalStatus(context.Context, *GetLocalStatusRequest) (*GetLocalStatusResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetLocalStatus not implemented")
+}
+func (UnimplementedNodeServiceServer) PutPack(grpc.ClientStreamingServer[PutPackRequest, PutPackResponse]) error {
+	return status.Error(codes.Unimplemented, "method PutPack not implemented")
+}
+func (UnimplementedNodeServiceServer) GitSession(grpc.BidiStreamingServer[GitSessionRequest, GitSessionResponse]) error {
+	return status.Error(codes.Unimplemented, "method GitSession not implemented")
+}
+func (UnimplementedNodeServiceServer) GetReplicas(context.Context, *GetReplicasRequest) (*GetReplicasResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetReplicas not implemented")
 }
 func (UnimplementedNodeServiceServer) mustEmbedUnimplementedNodeServiceServer() {}
 func (UnimplementedNodeServiceServer) testEmbeddedByValue()                     {}
@@ -185,6 +253,38 @@ func _NodeService_GetLocalStatus_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _NodeService_PutPack_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(NodeServiceServer).PutPack(&grpc.GenericServerStream[PutPackRequest, PutPackResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type NodeService_PutPackServer = grpc.ClientStreamingServer[PutPackRequest, PutPackResponse]
+
+func _NodeService_GitSession_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(NodeServiceServer).GitSession(&grpc.GenericServerStream[GitSessionRequest, GitSessionResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type NodeService_GitSessionServer = grpc.BidiStreamingServer[GitSessionRequest, GitSessionResponse]
+
+func _NodeService_GetReplicas_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetReplicasRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(NodeServiceServer).GetReplicas(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: NodeService_GetReplicas_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(NodeServiceServer).GetReplicas(ctx, req.(*GetReplicasRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // NodeService_ServiceDesc is the grpc.ServiceDesc for NodeService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -204,7 +304,23 @@ var NodeService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "GetLocalStatus",
 			Handler:    _NodeService_GetLocalStatus_Handler,
 		},
+		{
+			MethodName: "GetReplicas",
+			Handler:    _NodeService_GetReplicas_Handler,
+		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "PutPack",
+			Handler:       _NodeService_PutPack_Handler,
+			ClientStreams: true,
+		},
+		{
+			StreamName:    "GitSession",
+			Handler:       _NodeService_GitSession_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+	},
 	Metadata: "gitraft/node/v1/node.proto",
 }

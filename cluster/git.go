@@ -1,0 +1,661 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/raft"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+
+	"github.com/gitraft/gitraft/cluster/pki"
+	"github.com/gitraft/gitraft/lockd"
+	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
+	nodev1 "github.com/gitraft/gitraft/proto/gitraft/node/v1"
+)
+
+// Errors of the git paths.
+var (
+	ErrRepoNotFound = errors.New("repository not found")
+	ErrUnknownKey   = errors.New("unknown key")
+	ErrNoGit        = errors.New("this node serves no repositories")
+)
+
+// pushLease is the write lock's lease during a push; it is renewed every
+// third of it while the push runs.
+const pushLease = 15 * time.Second
+
+// UserForKey says whose SSH key (by SHA256 fingerprint) this is.
+func (n *Node) UserForKey(fingerprint string) (string, error) {
+	var user string
+	n.fsm.Read(func(s *State) {
+		if k, ok := s.KeyByFingerprint(fingerprint); ok {
+			user = k.GetUser()
+		}
+	})
+	if user == "" {
+		return "", fmt.Errorf("%w %s", ErrUnknownKey, fingerprint)
+	}
+	return user, nil
+}
+
+// freshRead waits for a read barrier, but not long: when there is no quorum
+// it reports stale=true and the caller may serve what this node has.
+func (n *Node) freshRead(ctx context.Context) (stale bool, err error) {
+	bctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	if _, err := n.ReadBarrier(bctx); err != nil {
+		if ctx.Err() != nil {
+			return false, ctx.Err()
+		}
+		return true, nil
+	}
+	return false, nil
+}
+
+// RepoAccess returns a user's access to a repository after a read barrier
+// (or from this node's state when there is no quorum).
+func (n *Node) RepoAccess(ctx context.Context, repo, user string) (fsmv1.Access, error) {
+	if _, err := n.freshRead(ctx); err != nil {
+		return 0, err
+	}
+	var a fsmv1.Access
+	var found bool
+	n.fsm.Read(func(s *State) {
+		_, found = s.repos[repo]
+		a = s.Access(repo, user)
+	})
+	if !found {
+		return 0, fmt.Errorf("%w: %q", ErrRepoNotFound, repo)
+	}
+	return a, nil
+}
+
+// PrepareRead makes a read of repo not stale: it returns the local path once
+// this node's copy is at the committed version, or the gRPC address of a
+// current peer to proxy to when catching up takes too long.
+func (n *Node) PrepareRead(ctx context.Context, repo string, progress func(string)) (path, peer string, err error) {
+	if n.git == nil {
+		return "", "", ErrNoGit
+	}
+	stale, err := n.freshRead(ctx)
+	if err != nil {
+		return "", "", err
+	}
+	t, ok := n.git.target(repo)
+	if !ok {
+		return "", "", fmt.Errorf("%w: %q", ErrRepoNotFound, repo)
+	}
+	path, err = n.git.st.Path(repo)
+	if err != nil {
+		return "", "", err
+	}
+	rs := n.git.get(repo)
+	if stale {
+		rs.mu.Lock()
+		v := rs.version
+		rs.mu.Unlock()
+		if v == 0 {
+			return "", "", fmt.Errorf("%w: no quorum, and %s has no copy of %q", ErrNoLeader, n.cfg.NodeID, repo)
+		}
+		progress(fmt.Sprintf("warning: the cluster has no quorum; serving %s's copy at version %d, which may be stale", n.cfg.NodeID, v))
+		return path, "", nil
+	}
+	deadline := time.Now().Add(n.git.cfg.ReadCatchUp)
+	told := false
+	for {
+		rs.mu.Lock()
+		current := rs.id == t.id && rs.version >= t.version
+		if !current && time.Now().Before(deadline) {
+			cctx, cancel := context.WithDeadline(ctx, deadline)
+			err := n.git.syncLocked(cctx, rs, repo)
+			cancel()
+			current = err == nil && rs.version >= t.version
+		}
+		rs.mu.Unlock()
+		if current {
+			return path, "", nil
+		}
+		if !told {
+			progress(fmt.Sprintf("%s is behind on %q (version %d committed); catching up", n.cfg.NodeID, repo, t.version))
+			told = true
+		}
+		if time.Now().After(deadline) {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return "", "", ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	peers := n.currentPeers(ctx, repo, t.version)
+	if len(peers) == 0 {
+		return "", "", fmt.Errorf("%s cannot catch up on %q and no peer holds version %d", n.cfg.NodeID, repo, t.version)
+	}
+	progress(fmt.Sprintf("serving %q through %s, which is current", repo, peers[0].GetId()))
+	return "", peers[0].GetGrpcAddr(), nil
+}
+
+// RefChange is one ref change of a push ("" is an absent ref).
+type RefChange struct{ Ref, Old, New string }
+
+// Push is one push holding its repository's write lock on this node.
+type Push struct {
+	n       *Node
+	repo    string
+	user    string
+	id      string
+	path    string
+	held    *lockd.Held
+	rs      *replicaState
+	base    target
+	version uint64
+	done    sync.Once
+}
+
+// BeginPush takes the repository's write lock for this node and brings the
+// local copy to the committed version, so git advertises the true refs.
+func (n *Node) BeginPush(ctx context.Context, repo, user, pushID string, progress func(string)) (*Push, error) {
+	if n.git == nil {
+		return nil, ErrNoGit
+	}
+	progress(fmt.Sprintf("%s took the push", n.cfg.NodeID))
+	waited := false
+	held, err := n.locks.Acquire(ctx, repo, n.cfg.NodeID+"/"+pushID, func(l lockd.WriteLock) {
+		waited = true
+		progress(fmt.Sprintf("waiting for the write lock on %q, held by %s", repo, l.Holder))
+	})
+	if err != nil {
+		var re *RefusalError
+		if errors.As(err, &re) && re.Reason == fsmv1.Reason_REASON_NOT_FOUND {
+			return nil, fmt.Errorf("%w: %q", ErrRepoNotFound, repo)
+		}
+		if errors.Is(err, ErrNoLeader) {
+			return nil, fmt.Errorf("the cluster has lost its quorum (no leader): %v", err)
+		}
+		return nil, fmt.Errorf("write lock: %w", err)
+	}
+	if waited {
+		progress("got the write lock")
+	}
+	p := &Push{n: n, repo: repo, user: user, id: pushID, held: held, rs: n.git.get(repo)}
+	p.rs.mu.Lock()
+	fail := func(err error) (*Push, error) {
+		p.rs.mu.Unlock()
+		rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		held.Release(rctx)
+		cancel()
+		return nil, err
+	}
+	// The lock was granted at some index; make sure this node has applied
+	// it (and so every earlier push) before judging whether it is current.
+	if _, err := n.ReadBarrier(ctx); err != nil {
+		return fail(err)
+	}
+	t, ok := n.git.target(repo)
+	if !ok {
+		return fail(fmt.Errorf("%w: %q", ErrRepoNotFound, repo))
+	}
+	if p.rs.id != t.id || p.rs.version < t.version {
+		progress(fmt.Sprintf("%s is behind on %q; catching up to version %d first", n.cfg.NodeID, repo, t.version))
+		if err := n.git.syncLocked(ctx, p.rs, repo); err != nil {
+			return fail(fmt.Errorf("%s could not catch up: %w", n.cfg.NodeID, err))
+		}
+	}
+	p.base = t
+	if p.path, err = n.git.st.Path(repo); err != nil {
+		return fail(err)
+	}
+	return p, nil
+}
+
+// Path is the local bare repository.
+func (p *Push) Path() string { return p.path }
+
+// Version is the version the push committed, 0 before.
+func (p *Push) Version() uint64 { return p.version }
+
+// Commit ships the quarantined pack to the peers, waits until a majority of
+// voters (this node included) holds it durably, then commits the ref change
+// with the write lock's fencing token.
+func (p *Push) Commit(ctx context.Context, quarantine string, updates []RefChange, progress func(string)) error {
+	n := p.n
+	select {
+	case <-p.held.Lost():
+		return fmt.Errorf("lost the write lock (%v); nothing was changed", p.held.Err())
+	default:
+	}
+	packs, err := quarantinePacks(quarantine)
+	if err != nil {
+		return err
+	}
+	voters, err := n.voters()
+	if err != nil {
+		return err
+	}
+	need := len(voters)/2 + 1
+	if err := p.replicate(ctx, packs, voters, need, progress); err != nil {
+		return err
+	}
+	u := &fsmv1.UpdateRefs{Repo: p.repo, FencingToken: p.held.Token(), Atomic: true, PushId: p.id}
+	for _, c := range updates {
+		u.Updates = append(u.Updates, &fsmv1.RefUpdate{Ref: c.Ref, OldOid: c.Old, NewOid: c.New})
+	}
+	r, err := n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_UpdateRefs{UpdateRefs: u}})
+	if err != nil {
+		if errors.Is(err, ErrNoLeader) {
+			return fmt.Errorf("the cluster lost its quorum before the push was committed; nothing was changed: %v", err)
+		}
+		return fmt.Errorf("committing the push failed; it may or may not have been applied: %v", err)
+	}
+	if rf := r.GetRefusal(); rf != nil {
+		switch rf.GetReason() {
+		case fsmv1.Reason_REASON_STALE_TOKEN, fsmv1.Reason_REASON_LEASE_EXPIRED, fsmv1.Reason_REASON_LOCK_NOT_HELD:
+			return fmt.Errorf("lost the write lock before committing (%s); nothing was changed", rf.GetMessage())
+		}
+		return fmt.Errorf("refused: %s; nothing was changed", rf.GetMessage())
+	}
+	p.version = r.GetRepo().GetVersion()
+	progress(fmt.Sprintf("committed version %d of %s (raft index %d)", p.version, p.repo, r.GetIndex()))
+	return nil
+}
+
+type packFiles struct{ pack, idx string }
+
+func quarantinePacks(dir string) ([]packFiles, error) {
+	if dir == "" {
+		return nil, nil
+	}
+	matches, err := filepath.Glob(filepath.Join(dir, "pack", "*.pack"))
+	if err != nil {
+		return nil, err
+	}
+	sort.Strings(matches)
+	var out []packFiles
+	for _, m := range matches {
+		idx := strings.TrimSuffix(m, ".pack") + ".idx"
+		if _, err := os.Stat(idx); err != nil {
+			return nil, fmt.Errorf("pack %s has no index: %w", filepath.Base(m), err)
+		}
+		for _, f := range []string{m, idx} {
+			if err := fsyncFile(f); err != nil {
+				return nil, fmt.Errorf("fsync %s: %w", filepath.Base(f), err)
+			}
+		}
+		out = append(out, packFiles{pack: m, idx: idx})
+	}
+	return out, nil
+}
+
+func fsyncFile(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
+}
+
+// voters returns the Raft voters' member records.
+func (n *Node) voters() ([]*fsmv1.Member, error) {
+	f := n.raft.GetConfiguration()
+	if err := f.Error(); err != nil {
+		return nil, err
+	}
+	var out []*fsmv1.Member
+	n.fsm.Read(func(s *State) {
+		for _, srv := range f.Configuration().Servers {
+			if srv.Suffrage != raft.Voter {
+				continue
+			}
+			m, ok := s.Member(string(srv.ID))
+			if !ok {
+				m = &fsmv1.Member{Id: string(srv.ID)}
+			}
+			out = append(out, m)
+		}
+	})
+	return out, nil
+}
+
+// replicate sends the packs to every other voter and returns once need
+// voters (this one included) hold them durably.
+func (p *Push) replicate(ctx context.Context, packs []packFiles, voters []*fsmv1.Member, need int, progress func(string)) error {
+	n := p.n
+	total := len(voters)
+	if len(packs) == 0 {
+		// No new objects: every object the refs need is already on a
+		// majority, by the same rule for earlier pushes.
+		return nil
+	}
+	type ack struct {
+		id  string
+		err error
+	}
+	acks := make(chan ack, total)
+	others := 0
+	for _, m := range voters {
+		if m.GetId() == n.cfg.NodeID {
+			continue
+		}
+		others++
+		go func() {
+			acks <- ack{m.GetId(), p.sendPacks(context.WithoutCancel(ctx), m, packs)}
+		}()
+	}
+	have := 1 // this node: the packs are fsynced in its quarantine
+	var failures []string
+	timeout := time.NewTimer(5 * time.Minute)
+	defer timeout.Stop()
+	for have < need {
+		if len(failures) > total-need {
+			break
+		}
+		select {
+		case a := <-acks:
+			if a.err != nil {
+				failures = append(failures, fmt.Sprintf("%s: %v", a.id, status.Convert(a.err).Message()))
+				continue
+			}
+			have++
+		case <-ctx.Done():
+			return fmt.Errorf("push cancelled while replicating (%d/%d nodes hold it); nothing was changed", have, total)
+		case <-timeout.C:
+			failures = append(failures, "timed out")
+		}
+		if len(failures) > 0 && failures[len(failures)-1] == "timed out" {
+			break
+		}
+	}
+	if have < need {
+		return fmt.Errorf("replicated to %d/%d nodes, but a majority (%d) must hold a push; nothing was changed (%s)", have, total, need, strings.Join(failures, "; "))
+	}
+	progress(fmt.Sprintf("replicated to %d/%d nodes", have, total))
+	return nil
+}
+
+func (p *Push) sendPacks(ctx context.Context, m *fsmv1.Member, packs []packFiles) error {
+	if m.GetGrpcAddr() == "" {
+		return errors.New("address unknown")
+	}
+	c, err := p.n.peers.node(m.GetGrpcAddr())
+	if err != nil {
+		return err
+	}
+	for _, pf := range packs {
+		if err := p.sendPack(ctx, c, pf); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (p *Push) sendPack(ctx context.Context, c nodev1.NodeServiceClient, pf packFiles) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	stream, err := c.PutPack(ctx)
+	if err != nil {
+		return err
+	}
+	ps, _ := os.Stat(pf.pack)
+	is, _ := os.Stat(pf.idx)
+	if err := stream.Send(&nodev1.PutPackRequest{Msg: &nodev1.PutPackRequest_Header{Header: &nodev1.PutPackHeader{
+		Repo: p.repo, RepoId: p.base.id, BaseVersion: p.base.version, PushId: p.id, PackSize: ps.Size(), IdxSize: is.Size(),
+	}}}); err != nil {
+		return err
+	}
+	for _, f := range []struct {
+		path string
+		wrap func([]byte) *nodev1.PutPackRequest
+	}{
+		{pf.pack, func(b []byte) *nodev1.PutPackRequest {
+			return &nodev1.PutPackRequest{Msg: &nodev1.PutPackRequest_PackChunk{PackChunk: b}}
+		}},
+		{pf.idx, func(b []byte) *nodev1.PutPackRequest {
+			return &nodev1.PutPackRequest{Msg: &nodev1.PutPackRequest_IdxChunk{IdxChunk: b}}
+		}},
+	} {
+		fh, err := os.Open(f.path)
+		if err != nil {
+			return err
+		}
+		buf := make([]byte, 1<<20)
+		for {
+			k, rerr := fh.Read(buf)
+			if k > 0 {
+				if err := stream.Send(f.wrap(append([]byte(nil), buf[:k]...))); err != nil {
+					fh.Close()
+					_, err = stream.CloseAndRecv()
+					return err
+				}
+			}
+			if rerr == io.EOF {
+				break
+			}
+			if rerr != nil {
+				fh.Close()
+				return rerr
+			}
+		}
+		fh.Close()
+	}
+	_, err = stream.CloseAndRecv()
+	return err
+}
+
+// Finish ends the push: with ok, git has set the refs and migrated the
+// objects, and this node records the committed version; otherwise the
+// reconciler brings the copy to whatever was committed. The write lock is
+// released either way.
+func (p *Push) Finish(ok bool) {
+	p.done.Do(func() {
+		n := p.n
+		if ok && p.version > 0 {
+			t, found := n.git.target(p.repo)
+			if found && t.version == p.version {
+				if err := n.git.st.SetVersion(p.repo, t.id, t.version); err == nil {
+					p.rs.version, p.rs.err = t.version, ""
+				} else {
+					n.log.Warn("recording the pushed version failed", "repo", p.repo, "err", err)
+				}
+			}
+		}
+		p.rs.mu.Unlock()
+		n.git.poke()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := p.held.Release(ctx); err != nil {
+			n.log.Warn("releasing the write lock failed; it expires with its lease", "repo", p.repo, "err", err)
+		}
+	})
+}
+
+// ----- git sessions between nodes -----
+
+// GitSessionHandler serves a client session proxied from another node (the
+// SSH front end provides it). It returns git's exit code.
+type GitSessionHandler func(ctx context.Context, service, repo, user, gitProtocol string, stdin io.Reader, stdout, stderr io.Writer) int
+
+// SetGitSessionHandler installs the handler for proxied client sessions.
+func (n *Node) SetGitSessionHandler(h GitSessionHandler) { n.gitSessions.Store(&h) }
+
+func (s *nodeService) GitSession(stream nodev1.NodeService_GitSessionServer) error {
+	n := s.n
+	first, err := stream.Recv()
+	if err != nil {
+		return err
+	}
+	st := first.GetStart()
+	if st == nil {
+		return status.Error(codes.InvalidArgument, "GitSession must start with a start message")
+	}
+	if n.git == nil {
+		return status.Error(codes.FailedPrecondition, ErrNoGit.Error())
+	}
+	stdinR, stdinW := io.Pipe()
+	go func() {
+		for {
+			m, err := stream.Recv()
+			if err != nil {
+				stdinW.CloseWithError(err)
+				return
+			}
+			switch x := m.Msg.(type) {
+			case *nodev1.GitSessionRequest_Stdin:
+				if _, err := stdinW.Write(x.Stdin); err != nil {
+					return
+				}
+			case *nodev1.GitSessionRequest_StdinEof:
+				stdinW.Close()
+			}
+		}
+	}()
+	var sendMu sync.Mutex
+	send := func(m *nodev1.GitSessionResponse) error {
+		sendMu.Lock()
+		defer sendMu.Unlock()
+		return stream.Send(m)
+	}
+	stdout := writerFunc(func(b []byte) (int, error) {
+		return len(b), send(&nodev1.GitSessionResponse{Msg: &nodev1.GitSessionResponse_Stdout{Stdout: append([]byte(nil), b...)}})
+	})
+	stderr := writerFunc(func(b []byte) (int, error) {
+		return len(b), send(&nodev1.GitSessionResponse{Msg: &nodev1.GitSessionResponse_Stderr{Stderr: append([]byte(nil), b...)}})
+	})
+	ctx := stream.Context()
+	var code int
+	if st.GetUser() == "" {
+		// Node-to-node catch-up: serve objects from this node's copy.
+		if st.GetService() != "upload-pack" {
+			return status.Error(codes.PermissionDenied, "nodes may only fetch from each other")
+		}
+		path, err := n.git.st.Path(st.GetRepo())
+		if err != nil {
+			return status.Error(codes.InvalidArgument, err.Error())
+		}
+		code = runGit(ctx, []string{"upload-pack", "--strict", path}, st.GetGitProtocol(), stdinR, stdout, stderr)
+	} else {
+		h := n.gitSessions.Load()
+		if h == nil {
+			return status.Error(codes.FailedPrecondition, "this node has no SSH front end to serve proxied sessions")
+		}
+		code = (*h)(ctx, st.GetService(), st.GetRepo(), st.GetUser(), st.GetGitProtocol(), stdinR, stdout, stderr)
+	}
+	stdinR.Close()
+	return send(&nodev1.GitSessionResponse{Msg: &nodev1.GitSessionResponse_ExitCode{ExitCode: int32(code)}})
+}
+
+func runGit(ctx context.Context, args []string, gitProtocol string, stdin io.Reader, stdout, stderr io.Writer) int {
+	c := exec.CommandContext(ctx, "git", args...)
+	c.Env = append(os.Environ(), "GIT_TERMINAL_PROMPT=0")
+	if gitProtocol != "" {
+		c.Env = append(c.Env, "GIT_PROTOCOL="+gitProtocol)
+	}
+	c.Stdin, c.Stdout, c.Stderr = stdin, stdout, stderr
+	c.WaitDelay = 5 * time.Second
+	if err := c.Run(); err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) && ee.ExitCode() > 0 {
+			return ee.ExitCode()
+		}
+		fmt.Fprintf(stderr, "gitraft: git %s: %v\n", args[0], err)
+		return 1
+	}
+	return 0
+}
+
+// ProxyGit runs a client's session on the peer at addr and returns git's
+// exit code there.
+func (n *Node) ProxyGit(ctx context.Context, addr, service, repo, user, gitProtocol string, stdin io.Reader, stdout, stderr io.Writer) (int, error) {
+	c, err := n.peers.conn(addr)
+	if err != nil {
+		return 0, err
+	}
+	return gitSession(ctx, c, &nodev1.GitSessionStart{Service: service, Repo: repo, User: user, GitProtocol: gitProtocol, Via: n.cfg.NodeID}, stdin, stdout, stderr)
+}
+
+func gitSession(ctx context.Context, c grpc.ClientConnInterface, start *nodev1.GitSessionStart, stdin io.Reader, stdout, stderr io.Writer) (int, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := nodev1.NewNodeServiceClient(c).GitSession(ctx)
+	if err != nil {
+		return 0, err
+	}
+	if err := stream.Send(&nodev1.GitSessionRequest{Msg: &nodev1.GitSessionRequest_Start{Start: start}}); err != nil {
+		return 0, err
+	}
+	go func() {
+		buf := make([]byte, 64<<10)
+		for {
+			k, err := stdin.Read(buf)
+			if k > 0 {
+				if stream.Send(&nodev1.GitSessionRequest{Msg: &nodev1.GitSessionRequest_Stdin{Stdin: append([]byte(nil), buf[:k]...)}}) != nil {
+					return
+				}
+			}
+			if err != nil {
+				stream.Send(&nodev1.GitSessionRequest{Msg: &nodev1.GitSessionRequest_StdinEof{StdinEof: true}})
+				return
+			}
+		}
+	}()
+	for {
+		m, err := stream.Recv()
+		if err != nil {
+			return 0, err
+		}
+		switch x := m.Msg.(type) {
+		case *nodev1.GitSessionResponse_Stdout:
+			if _, err := stdout.Write(x.Stdout); err != nil {
+				return 0, err
+			}
+		case *nodev1.GitSessionResponse_Stderr:
+			stderr.Write(x.Stderr)
+		case *nodev1.GitSessionResponse_ExitCode:
+			return int(x.ExitCode), nil
+		}
+	}
+}
+
+// RunNodeGit is `gitraft node-git ADDR SERVICE REPO`: git's ext:: transport
+// runs it to fetch from a peer, with the node's credentials in the
+// environment. It returns the exit code.
+func RunNodeGit(ctx context.Context, addr, service, repo string, tlsFiles TLSFiles, insecureMode bool, stdin io.Reader, stdout, stderr io.Writer) int {
+	var creds credentials.TransportCredentials
+	if insecureMode {
+		creds = insecure.NewCredentials()
+	} else {
+		b, err := pki.Files{CA: tlsFiles.CAFile, Cert: tlsFiles.CertFile, Key: tlsFiles.KeyFile}.Load()
+		if err != nil {
+			fmt.Fprintln(stderr, "gitraft node-git:", err)
+			return 1
+		}
+		creds = credentials.NewTLS(b.ClientConfig(""))
+	}
+	c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
+	if err != nil {
+		fmt.Fprintln(stderr, "gitraft node-git:", err)
+		return 1
+	}
+	defer c.Close()
+	code, err := gitSession(ctx, c, &nodev1.GitSessionStart{Service: strings.TrimPrefix(service, "git-"), Repo: repo}, stdin, stdout, stderr)
+	if err != nil {
+		fmt.Fprintln(stderr, "gitraft node-git:", err)
+		return 1
+	}
+	return code
+}
+

@@ -1,0 +1,129 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"io"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+	gossh "golang.org/x/crypto/ssh"
+
+	"github.com/gitraft/gitraft/cluster"
+	"github.com/gitraft/gitraft/gitproto"
+	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
+)
+
+// gitBackend adapts a cluster node to what the SSH front end needs.
+type gitBackend struct{ n *cluster.Node }
+
+func (b gitBackend) HostSigner(ctx context.Context) (gossh.Signer, error) {
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if hk, ok := b.n.HostKey(); ok {
+			return gossh.ParsePrivateKey(hk.GetPrivateKey())
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+func (b gitBackend) UserForKey(_ context.Context, key gossh.PublicKey) (string, error) {
+	u, err := b.n.UserForKey(gossh.FingerprintSHA256(key))
+	if errors.Is(err, cluster.ErrUnknownKey) {
+		return "", gitproto.ErrUnknownKey
+	}
+	return u, err
+}
+
+func (b gitBackend) Access(ctx context.Context, repo, user string) (gitproto.Access, error) {
+	a, err := b.n.RepoAccess(ctx, repo, user)
+	if errors.Is(err, cluster.ErrRepoNotFound) {
+		return gitproto.AccessNone, gitproto.ErrRepoNotFound
+	}
+	if err != nil {
+		return gitproto.AccessNone, err
+	}
+	switch a {
+	case fsmv1.Access_ACCESS_READ:
+		return gitproto.AccessRead, nil
+	case fsmv1.Access_ACCESS_WRITE:
+		return gitproto.AccessWrite, nil
+	case fsmv1.Access_ACCESS_ADMIN:
+		return gitproto.AccessAdmin, nil
+	}
+	return gitproto.AccessNone, nil
+}
+
+func (b gitBackend) PrepareRead(ctx context.Context, repo string, progress func(string)) (gitproto.ReadPlan, error) {
+	path, peer, err := b.n.PrepareRead(ctx, repo, progress)
+	return gitproto.ReadPlan{Path: path, Peer: peer}, err
+}
+
+func (b gitBackend) BeginPush(ctx context.Context, repo, user, pushID string, progress func(string)) (gitproto.PushTx, error) {
+	p, err := b.n.BeginPush(ctx, repo, user, pushID, progress)
+	if errors.Is(err, cluster.ErrRepoNotFound) {
+		return nil, gitproto.ErrRepoNotFound
+	}
+	if err != nil {
+		return nil, err
+	}
+	return pushTx{p}, nil
+}
+
+func (b gitBackend) Proxy(ctx context.Context, peer string, svc gitproto.Service, repo, user, gitProtocol string, stdin io.Reader, stdout, stderr io.Writer) (int, error) {
+	return b.n.ProxyGit(ctx, peer, string(svc), repo, user, gitProtocol, stdin, stdout, stderr)
+}
+
+type pushTx struct{ p *cluster.Push }
+
+func (t pushTx) Path() string    { return t.p.Path() }
+func (t pushTx) Finish(ok bool)  { t.p.Finish(ok) }
+func (t pushTx) Version() uint64 { return t.p.Version() }
+func (t pushTx) Commit(ctx context.Context, quarantine string, updates []gitproto.RefUpdate, progress func(string)) error {
+	changes := make([]cluster.RefChange, len(updates))
+	for i, u := range updates {
+		changes[i] = cluster.RefChange{Ref: u.Ref, Old: u.Old, New: u.New}
+	}
+	return t.p.Commit(ctx, quarantine, changes, progress)
+}
+
+// newHookCmd is `gitraft hook pre-receive`, which git runs inside a push.
+func newHookCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:    "hook pre-receive",
+		Short:  "Git hook entry point (run by git inside a push, not by people)",
+		Hidden: true,
+		Args:   cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			os.Exit(gitproto.RunHook(args[0], os.Stdin, os.Stderr, os.Getenv))
+			return nil
+		},
+	}
+}
+
+// newNodeGitCmd is `gitraft node-git ADDR SERVICE REPO`, the command git's
+// ext:: transport runs when a node fetches objects from a peer.
+func newNodeGitCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:    "node-git ADDR SERVICE REPO",
+		Short:  "Node-to-node git transport (run by git when a node catches up, not by people)",
+		Hidden: true,
+		Args:   cobra.ExactArgs(3),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			tlsFiles := cluster.TLSFiles{
+				CAFile:   os.Getenv("GITRAFT_TLS_CA_FILE"),
+				CertFile: os.Getenv("GITRAFT_TLS_CERT_FILE"),
+				KeyFile:  os.Getenv("GITRAFT_TLS_KEY_FILE"),
+			}
+			insecure := envBool("GITRAFT_INSECURE")
+			os.Exit(cluster.RunNodeGit(cmd.Context(), args[0], args[1], args[2], tlsFiles, insecure, os.Stdin, os.Stdout, os.Stderr))
+			return nil
+		},
+	}
+}

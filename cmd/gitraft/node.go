@@ -1,0 +1,87 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+
+	"github.com/gitraft/gitraft/cluster"
+	"github.com/gitraft/gitraft/gitproto"
+	"github.com/gitraft/gitraft/storage"
+)
+
+// runningNode is one node with its git front end, as serve and dev run it.
+type runningNode struct {
+	node   *cluster.Node
+	ssh    *gitproto.Server
+	cancel context.CancelFunc
+	log    *slog.Logger
+}
+
+// startNode wires storage, the cluster node and the SSH front end.
+func startNode(cfg fileConfig, logger *slog.Logger) (*runningNode, error) {
+	sshLn, err := net.Listen("tcp", cfg.SSHAddr)
+	if err != nil {
+		return nil, fmt.Errorf("ssh listen: %w", err)
+	}
+	store, err := storage.Open(storage.Config{Root: filepath.Join(cfg.DataDir, "repos")}, logger)
+	if err != nil {
+		sshLn.Close()
+		return nil, err
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		sshLn.Close()
+		return nil, err
+	}
+	ccfg := cfg.clusterConfig()
+	ccfg.SSHAdvertise = cfg.SSHAdvertise
+	if ccfg.SSHAdvertise == "" {
+		ccfg.SSHAdvertise = sshLn.Addr().String()
+	}
+	ccfg.Git = &cluster.GitConfig{Store: store, Binary: exe}
+	n, err := cluster.New(ccfg, logger)
+	if err != nil {
+		sshLn.Close()
+		return nil, err
+	}
+	srv, err := gitproto.New(gitproto.Config{
+		NodeID: cfg.NodeID, Listener: sshLn, StateDir: cfg.DataDir, Binary: exe,
+		KeysCommand: cfg.Git.KeysCommand, PostReceive: cfg.Git.PostReceive,
+		MaxPackBytes: cfg.Git.MaxPackBytes, MaxSessions: cfg.Git.MaxSessions,
+		IdleTimeout: cfg.Git.IdleTimeout, MaxTimeout: cfg.Git.MaxTimeout,
+	}, gitBackend{n}, logger)
+	if err != nil {
+		n.Close()
+		sshLn.Close()
+		return nil, err
+	}
+	n.SetGitSessionHandler(func(ctx context.Context, service, repo, user, gitProtocol string, stdin io.Reader, stdout, stderr io.Writer) int {
+		return srv.ServeProxied(ctx, service, repo, user, gitProtocol, stdin, stdout, stderr)
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &runningNode{node: n, ssh: srv, cancel: cancel, log: logger}
+	go func() {
+		if err := srv.Serve(ctx); err != nil && ctx.Err() == nil {
+			logger.Error("ssh server stopped", "node", cfg.NodeID, "err", err)
+		}
+	}()
+	return r, nil
+}
+
+// SSHAddr is where the node takes git over SSH.
+func (r *runningNode) SSHAddr() string { return r.ssh.Addr() }
+
+func (r *runningNode) Close() error {
+	r.cancel()
+	err := r.ssh.Close()
+	if cerr := r.node.Close(); cerr != nil {
+		err = errors.Join(err, cerr)
+	}
+	return err
+}

@@ -1,0 +1,14 @@
+// Package gitproto is gitraft's SSH front end: it authenticates git clients
+// by public key, parses the git command they ask for, checks their access,
+// and runs the real `git upload-pack`, `git receive-pack` or
+// `git upload-archive` against the node's local copy, or proxies the session
+// to a node that can take it.
+//
+// A push's ref change goes through Raft before git updates any ref: git's
+// pre-receive hook (`gitraft hook pre-receive`) sees the quarantined objects
+// and calls back into this package over a unix socket; the backend then
+// replicates the pack to a quorum and commits the compare-and-swap.
+//
+// gitproto never imports package cluster: it declares the small Backend
+// interface it needs, and cmd wires the two together.
+package gitproto

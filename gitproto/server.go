@@ -1,0 +1,426 @@
+package gitproto
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/gliderlabs/ssh"
+	gossh "golang.org/x/crypto/ssh"
+
+	"github.com/gitraft/gitraft/storage"
+)
+
+// Config configures the SSH front end.
+type Config struct {
+	NodeID string
+	// Addr is the SSH listen address, unless Listener is given.
+	Addr     string
+	Listener net.Listener
+	// StateDir holds the hooks and the hook socket.
+	StateDir string
+	// Binary is the gitraft executable git's hooks call back into.
+	Binary string
+	// Git is the git executable (default "git").
+	Git string
+
+	// KeysCommand, if set, is asked whose key an unknown key is, like
+	// OpenSSH's AuthorizedKeysCommand: it gets the key type, the base64 key
+	// and the SHA256 fingerprint as arguments and prints the gitraft user
+	// name (nothing, or a non-zero exit, for nobody).
+	KeysCommand string
+	// PostReceive, if set, runs once per accepted push on the node that took
+	// it, after the commit, with GITRAFT_REPO, GITRAFT_USER, GITRAFT_NODE,
+	// GITRAFT_PUSH_ID, GITRAFT_VERSION and the ref changes on stdin.
+	PostReceive string
+
+	MaxPackBytes int64         // receive.maxInputSize; 0: no limit
+	MaxSessions  int           // concurrent sessions per node; 0: 64
+	IdleTimeout  time.Duration // no data in either direction; 0: 5m
+	MaxTimeout   time.Duration // whole session; 0: 1h
+}
+
+func (c *Config) setDefaults() {
+	if c.Git == "" {
+		c.Git = "git"
+	}
+	if c.MaxSessions == 0 {
+		c.MaxSessions = 64
+	}
+	if c.IdleTimeout == 0 {
+		c.IdleTimeout = 5 * time.Minute
+	}
+	if c.MaxTimeout == 0 {
+		c.MaxTimeout = time.Hour
+	}
+}
+
+// Server is a node's SSH front end.
+type Server struct {
+	cfg     Config
+	backend Backend
+	log     *slog.Logger
+	srv     *ssh.Server
+	ln      net.Listener
+	hooks   *hookServer
+	slots   chan struct{}
+	wg      sync.WaitGroup
+}
+
+type ctxKey string
+
+const userKey ctxKey = "gitraft-user"
+
+// New prepares the SSH server and its hooks; Serve starts it.
+func New(cfg Config, backend Backend, logger *slog.Logger) (*Server, error) {
+	cfg.setDefaults()
+	if cfg.Binary == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, err
+		}
+		cfg.Binary = exe
+	}
+	s := &Server{cfg: cfg, backend: backend, log: logger.With("node", cfg.NodeID), slots: make(chan struct{}, cfg.MaxSessions)}
+	hooksDir := filepath.Join(cfg.StateDir, "hooks")
+	if err := os.MkdirAll(hooksDir, 0o700); err != nil {
+		return nil, err
+	}
+	script := fmt.Sprintf("#!/bin/sh\nexec %s hook pre-receive\n", shellQuote(cfg.Binary))
+	if err := os.WriteFile(filepath.Join(hooksDir, "pre-receive"), []byte(script), 0o700); err != nil {
+		return nil, err
+	}
+	hs, err := newHookServer(filepath.Join(cfg.StateDir, "hook.sock"), s.log)
+	if err != nil {
+		return nil, err
+	}
+	s.hooks = hs
+	s.ln = cfg.Listener
+	s.srv = &ssh.Server{
+		Handler:          s.handle,
+		PublicKeyHandler: s.authenticate,
+		IdleTimeout:      cfg.IdleTimeout,
+		MaxTimeout:       cfg.MaxTimeout,
+		Version:          "gitraft",
+		PtyCallback:      func(ssh.Context, ssh.Pty) bool { return false },
+	}
+	return s, nil
+}
+
+func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
+
+// Listen binds the SSH address (before the host key is known).
+func (s *Server) Listen() error {
+	ln, err := net.Listen("tcp", s.cfg.Addr)
+	if err != nil {
+		return fmt.Errorf("ssh listen: %w", err)
+	}
+	s.ln = ln
+	return nil
+}
+
+// Addr is the address the server listens on.
+func (s *Server) Addr() string { return s.ln.Addr().String() }
+
+// Serve waits for the cluster host key, then serves until Close.
+func (s *Server) Serve(ctx context.Context) error {
+	if s.ln == nil {
+		if err := s.Listen(); err != nil {
+			return err
+		}
+	}
+	signer, err := s.backend.HostSigner(ctx)
+	if err != nil {
+		s.ln.Close()
+		return fmt.Errorf("ssh host key: %w", err)
+	}
+	s.srv.AddHostKey(signer)
+	s.log.Info("serving git over ssh", "ssh_addr", s.Addr(), "host_key", gossh.FingerprintSHA256(signer.PublicKey()))
+	err = s.srv.Serve(s.ln)
+	if errors.Is(err, ssh.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+// Close stops the server; sessions under way end.
+func (s *Server) Close() error {
+	err := s.srv.Close()
+	if s.ln != nil {
+		s.ln.Close()
+	}
+	s.hooks.close()
+	s.wg.Wait()
+	return err
+}
+
+func (s *Server) authenticate(ctx ssh.Context, key ssh.PublicKey) bool {
+	actx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	user, err := s.backend.UserForKey(actx, key)
+	if errors.Is(err, ErrUnknownKey) && s.cfg.KeysCommand != "" {
+		user, err = s.keysCommand(actx, key)
+	}
+	if err != nil {
+		s.log.Info("ssh key refused", "fingerprint", gossh.FingerprintSHA256(key), "remote", ctx.RemoteAddr().String(), "err", err)
+		return false
+	}
+	ctx.SetValue(userKey, user)
+	return true
+}
+
+func (s *Server) keysCommand(ctx context.Context, key ssh.PublicKey) (string, error) {
+	b64 := strings.Fields(string(gossh.MarshalAuthorizedKey(key)))[1]
+	cmd := exec.CommandContext(ctx, s.cfg.KeysCommand, key.Type(), b64, gossh.FingerprintSHA256(key))
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("%w: keys_command: %v", ErrUnknownKey, err)
+	}
+	user := strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0])
+	if user == "" {
+		return "", ErrUnknownKey
+	}
+	return user, nil
+}
+
+// refuse ends a session with one line a person can act on.
+func refuse(sess ssh.Session, format string, args ...any) {
+	fmt.Fprintf(sess.Stderr(), "gitraft: "+format+"\n", args...)
+	sess.Exit(1)
+}
+
+func newPushID() string {
+	var b [8]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func (s *Server) handle(sess ssh.Session) {
+	user, _ := sess.Context().Value(userKey).(string)
+	// The key that authenticated must be the key of this session's
+	// connection (gliderlabs keeps them together; check anyway).
+	if user == "" || sess.PublicKey() == nil {
+		refuse(sess, "not authenticated")
+		return
+	}
+	select {
+	case s.slots <- struct{}{}:
+		defer func() { <-s.slots }()
+	default:
+		refuse(sess, "this node is serving its maximum of %d sessions; try again shortly or use another node", s.cfg.MaxSessions)
+		return
+	}
+	cmd, err := ParseCommand(sess.Command())
+	if err != nil {
+		refuse(sess, "%v", err)
+		return
+	}
+	repo, err := storage.CanonicalName(cmd.Repo)
+	if err != nil {
+		refuse(sess, "%v", err)
+		return
+	}
+	ctx := sess.Context()
+	log := s.log.With("repo", repo, "user", user, "service", string(cmd.Service))
+	access, err := s.backend.Access(ctx, repo, user)
+	if errors.Is(err, ErrRepoNotFound) {
+		refuse(sess, "repository %q not found", repo)
+		return
+	}
+	if err != nil {
+		log.Warn("access check failed", "err", err)
+		refuse(sess, "%v", err)
+		return
+	}
+	need := AccessRead
+	if cmd.Service == ReceivePack {
+		need = AccessWrite
+	}
+	if access < need {
+		// Like GitHub: a user who may not read does not learn the repo exists.
+		if access == AccessNone {
+			refuse(sess, "repository %q not found", repo)
+		} else {
+			refuse(sess, "%s may read but not push to %q; ask an admin: gitraft repo grant %s %s write", user, repo, repo, user)
+		}
+		return
+	}
+	gitProtocol := ""
+	for _, kv := range sess.Environ() {
+		if v, ok := strings.CutPrefix(kv, "GIT_PROTOCOL="); ok {
+			gitProtocol = v
+		}
+	}
+	start := time.Now()
+	var code int
+	if cmd.Service == ReceivePack {
+		code = s.push(ctx, sess, sess, sess.Stderr(), repo, user, gitProtocol, log)
+	} else {
+		code = s.read(ctx, sess, cmd.Service, repo, user, gitProtocol, log)
+	}
+	log.Info("session done", "exit", code, "took", time.Since(start).Round(time.Millisecond))
+	sess.Exit(code)
+}
+
+func (s *Server) progress(sess ssh.Session) func(string) {
+	return func(msg string) { fmt.Fprintf(sess.Stderr(), "gitraft: %s\n", msg) }
+}
+
+// ServeProxied serves a session that another node took and proxied here;
+// that node already authenticated and authorised the user.
+func (s *Server) ServeProxied(ctx context.Context, service, repo, user, gitProtocol string, stdin io.Reader, stdout, stderr io.Writer) int {
+	log := s.log.With("repo", repo, "user", user, "service", service, "proxied", true)
+	progress := func(msg string) { fmt.Fprintf(stderr, "gitraft: %s\n", msg) }
+	switch Service(service) {
+	case UploadPack, UploadArchive:
+		plan, err := s.backend.PrepareRead(ctx, repo, progress)
+		if err == nil && plan.Peer != "" {
+			err = fmt.Errorf("%s is not current either", s.cfg.NodeID)
+		}
+		if err != nil {
+			progress(fmt.Sprintf("cannot serve %q: %v", repo, err))
+			return 1
+		}
+		return RunGit(ctx, s.cfg.Git, Service(service), plan.Path, gitProtocol, nil, stdin, stdout, stderr)
+	case ReceivePack:
+		return s.push(ctx, stdin, stdout, stderr, repo, user, gitProtocol, log)
+	}
+	progress(fmt.Sprintf("unsupported service %q", service))
+	return 1
+}
+
+func (s *Server) read(ctx context.Context, sess ssh.Session, svc Service, repo, user, gitProtocol string, log *slog.Logger) int {
+	plan, err := s.backend.PrepareRead(ctx, repo, s.progress(sess))
+	if err != nil {
+		fmt.Fprintf(sess.Stderr(), "gitraft: cannot serve %q: %v\n", repo, err)
+		return 1
+	}
+	if plan.Peer != "" {
+		log.Info("proxying read", "peer", plan.Peer)
+		code, err := s.backend.Proxy(ctx, plan.Peer, svc, repo, user, gitProtocol, sess, sess, sess.Stderr())
+		if err != nil {
+			fmt.Fprintf(sess.Stderr(), "gitraft: proxy to %s: %v\n", plan.Peer, err)
+			return 1
+		}
+		return code
+	}
+	return RunGit(ctx, s.cfg.Git, svc, plan.Path, gitProtocol, nil, sess, sess, sess.Stderr())
+}
+
+// RunGit runs one git service in a local repository, wired to the client.
+func RunGit(ctx context.Context, git string, svc Service, path, gitProtocol string, extraArgs []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	args := append([]string{}, extraArgs...)
+	args = append(args, string(svc))
+	if svc == UploadPack {
+		args = append(args, "--strict")
+	}
+	args = append(args, path)
+	c := exec.CommandContext(ctx, git, args...)
+	c.Env = append(os.Environ(), "GIT_TERMINAL_PROMPT=0")
+	if gitProtocol != "" {
+		c.Env = append(c.Env, "GIT_PROTOCOL="+gitProtocol)
+	}
+	c.Stdin, c.Stdout, c.Stderr = stdin, stdout, stderr
+	c.WaitDelay = 5 * time.Second
+	if err := c.Run(); err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) && ee.ExitCode() > 0 {
+			return ee.ExitCode()
+		}
+		fmt.Fprintf(stderr, "gitraft: git %s: %v\n", svc, err)
+		return 1
+	}
+	return 0
+}
+
+func (s *Server) push(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer, repo, user, gitProtocol string, log *slog.Logger) int {
+	id := newPushID()
+	log = log.With("push_id", id)
+	progress := func(msg string) { fmt.Fprintf(stderr, "gitraft: %s\n", msg) }
+	tx, err := s.backend.BeginPush(ctx, repo, user, id, progress)
+	if err != nil {
+		log.Info("push refused before receiving", "err", err)
+		fmt.Fprintf(stderr, "gitraft: push to %q refused: %v\n", repo, err)
+		return 1
+	}
+	p := &pushSession{tx: tx}
+	s.hooks.register(id, p)
+	defer s.hooks.unregister(id)
+	args := []string{
+		"-c", "core.hooksPath=" + filepath.Join(s.cfg.StateDir, "hooks"),
+		"-c", "receive.advertisePushOptions=true",
+	}
+	if s.cfg.MaxPackBytes > 0 {
+		args = append(args, "-c", "receive.maxInputSize="+strconv.FormatInt(s.cfg.MaxPackBytes, 10))
+	}
+	c := exec.CommandContext(ctx, s.cfg.Git, append(args, "receive-pack", tx.Path())...)
+	c.Env = append(os.Environ(), "GIT_TERMINAL_PROMPT=0", EnvHookSocket+"="+s.hooks.ln.Addr().String(), EnvPushID+"="+id)
+	if gitProtocol != "" {
+		c.Env = append(c.Env, "GIT_PROTOCOL="+gitProtocol)
+	}
+	c.Stdin, c.Stdout, c.Stderr = stdin, stdout, stderr
+	c.WaitDelay = 5 * time.Second
+	runErr := c.Run()
+	ok := runErr == nil && p.committed
+	tx.Finish(ok)
+	if p.committed {
+		log.Info("push accepted", "version", tx.Version(), "refs", len(p.updates))
+		s.postReceive(repo, user, id, tx.Version(), p, log)
+	}
+	if runErr != nil {
+		var ee *exec.ExitError
+		if errors.As(runErr, &ee) && ee.ExitCode() > 0 {
+			return ee.ExitCode()
+		}
+		return 1
+	}
+	return 0
+}
+
+func (s *Server) postReceive(repo, user, id string, version uint64, p *pushSession, log *slog.Logger) {
+	if s.cfg.PostReceive == "" {
+		return
+	}
+	var in strings.Builder
+	for _, u := range p.updates {
+		fmt.Fprintf(&in, "%s %s %s\n", orZero(u.Old), orZero(u.New), u.Ref)
+	}
+	env := append(os.Environ(),
+		"GITRAFT_REPO="+repo, "GITRAFT_USER="+user, "GITRAFT_NODE="+s.cfg.NodeID,
+		"GITRAFT_PUSH_ID="+id, "GITRAFT_VERSION="+strconv.FormatUint(version, 10),
+		"GIT_PUSH_OPTION_COUNT="+strconv.Itoa(len(p.pushOptions)))
+	for i, o := range p.pushOptions {
+		env = append(env, fmt.Sprintf("GIT_PUSH_OPTION_%d=%s", i, o))
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		c := exec.CommandContext(ctx, "/bin/sh", "-c", s.cfg.PostReceive)
+		c.Env, c.Stdin = env, strings.NewReader(in.String())
+		out, err := c.CombinedOutput()
+		if err != nil {
+			log.Warn("post-receive command failed", "err", err, "output", strings.TrimSpace(string(out)))
+		}
+	}()
+}
+
+func orZero(oid string) string {
+	if oid == "" {
+		return strings.Repeat("0", 40)
+	}
+	return oid
+}
