@@ -455,3 +455,64 @@ func (s *nodeService) PutPack(stream nodev1.NodeService_PutPackServer) error {
 	return stream.SendAndClose(&nodev1.PutPackResponse{NodeId: n.cfg.NodeID, Checksum: r.sum})
 }
 
+
+func (s *nodeService) GetLocalRefs(ctx context.Context, req *nodev1.GetLocalRefsRequest) (*nodev1.GetLocalRefsResponse, error) {
+	n := s.n
+	if n.git == nil {
+		return nil, status.Error(codes.FailedPrecondition, ErrNoGit.Error())
+	}
+	local, err := n.git.st.Local(req.GetRepo())
+	if errors.Is(err, storage.ErrNotFound) {
+		return nil, status.Errorf(codes.NotFound, "%s has no copy of %q", n.cfg.NodeID, req.GetRepo())
+	}
+	if err != nil {
+		return nil, err
+	}
+	refs, err := n.git.st.Refs(ctx, req.GetRepo())
+	if err != nil {
+		return nil, err
+	}
+	head, err := n.git.st.Head(ctx, req.GetRepo())
+	if err != nil {
+		return nil, err
+	}
+	return &nodev1.GetLocalRefsResponse{NodeId: n.cfg.NodeID, RepoId: local.ID, Version: local.Version, Refs: refs, Head: head}, nil
+}
+
+// memberReplicas asks every member (this node included) for its copy of a
+// repository; members that do not answer are reported unreachable.
+func (n *Node) memberReplicas(ctx context.Context, repo string) map[string]*nodev1.Replica {
+	var members []*fsmv1.Member
+	n.fsm.Read(func(s *State) { members = s.Members() })
+	out := map[string]*nodev1.Replica{}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for _, m := range members {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var rep *nodev1.Replica
+			if m.GetId() == n.cfg.NodeID {
+				if r := n.replicaReport(repo).GetReplicas(); len(r) == 1 {
+					rep = r[0]
+				}
+			} else if c, err := n.peers.node(m.GetGrpcAddr()); err == nil {
+				cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+				resp, err := c.GetReplicas(cctx, &nodev1.GetReplicasRequest{Repo: repo})
+				cancel()
+				if err == nil && len(resp.GetReplicas()) == 1 {
+					rep = resp.GetReplicas()[0]
+				} else if err != nil {
+					rep = &nodev1.Replica{Repo: repo, Error: status.Convert(err).Message()}
+				}
+			}
+			if rep != nil {
+				mu.Lock()
+				out[m.GetId()] = rep
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return out
+}

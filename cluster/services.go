@@ -3,6 +3,7 @@ package cluster
 import (
 	"context"
 	"fmt"
+	"sort"
 	"sync"
 	"time"
 
@@ -17,6 +18,7 @@ import (
 	clusterv1 "github.com/gitraft/gitraft/proto/gitraft/cluster/v1"
 	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
 	lockv1 "github.com/gitraft/gitraft/proto/gitraft/lock/v1"
+	nodev1 "github.com/gitraft/gitraft/proto/gitraft/node/v1"
 	repov1 "github.com/gitraft/gitraft/proto/gitraft/repo/v1"
 	"github.com/gitraft/gitraft/storage"
 )
@@ -274,6 +276,7 @@ func repoToAPI(r *fsmv1.Repo, refCount int) *repov1.Repo {
 		CreatedAt: timestamppb.New(time.Unix(0, r.GetCreatedUnixNano())),
 		UpdatedAt: timestamppb.New(time.Unix(0, r.GetUpdatedUnixNano())),
 		RefCount:  int32(refCount),
+		Head:      r.GetHead(),
 	}
 	for _, ref := range r.GetRefs() {
 		out.Refs = append(out.Refs, &repov1.Ref{Name: ref.GetName(), Oid: ref.GetOid()})
@@ -337,7 +340,122 @@ func (s *repoService) GetRepo(ctx context.Context, req *repov1.GetRepoRequest) (
 	if resp == nil {
 		return nil, status.Errorf(codes.NotFound, "repository %q not found", name)
 	}
+	if s.n.git != nil {
+		reps := s.n.memberReplicas(ctx, name)
+		var ids []string
+		s.n.fsm.Read(func(st *State) {
+			for _, m := range st.Members() {
+				ids = append(ids, m.GetId())
+			}
+		})
+		for _, id := range ids {
+			r := &repov1.Replica{NodeId: id, State: repov1.ReplicaState_REPLICA_STATE_UNREACHABLE}
+			if rep, ok := reps[id]; ok && rep.GetState() != nodev1.ReplicaState_REPLICA_STATE_UNSPECIFIED {
+				// The enums share their numbering; a member judges against
+				// its own applied index, so judge the version here too.
+				r.Version, r.State = rep.GetVersion(), repov1.ReplicaState(rep.GetState())
+				if rep.GetVersion() >= resp.Repo.GetVersion() {
+					r.State = repov1.ReplicaState_REPLICA_STATE_CURRENT
+				}
+			}
+			resp.Repo.Replicas = append(resp.Repo.Replicas, r)
+		}
+	}
 	return resp, nil
+}
+
+func (s *repoService) VerifyRepo(ctx context.Context, req *repov1.VerifyRepoRequest) (*repov1.VerifyRepoResponse, error) {
+	n := s.n
+	name, err := storage.CanonicalName(req.GetName())
+	if err != nil {
+		return nil, err
+	}
+	if _, err := n.ReadBarrier(ctx); err != nil {
+		return nil, err
+	}
+	var want *fsmv1.Repo
+	var members []*fsmv1.Member
+	resp := &repov1.VerifyRepoResponse{Name: name}
+	n.fsm.Read(func(st *State) {
+		want, _ = st.Repo(name)
+		members = st.Members()
+		resp.Index = st.Index()
+	})
+	if want == nil {
+		return nil, status.Errorf(codes.NotFound, "repository %q not found", name)
+	}
+	resp.Version = want.GetVersion()
+	wantRefs := map[string]string{}
+	for _, r := range want.GetRefs() {
+		wantRefs[r.GetName()] = r.GetOid()
+	}
+	out := make([]*repov1.NodeVerification, len(members))
+	var wg sync.WaitGroup
+	for i, m := range members {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			v := &repov1.NodeVerification{NodeId: m.GetId()}
+			out[i] = v
+			c, err := n.peers.node(m.GetGrpcAddr())
+			if err != nil {
+				v.Error, v.State = err.Error(), repov1.ReplicaState_REPLICA_STATE_UNREACHABLE
+				return
+			}
+			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			defer cancel()
+			local, err := c.GetLocalRefs(cctx, &nodev1.GetLocalRefsRequest{Repo: name})
+			if err != nil {
+				v.Error, v.State = status.Convert(err).Message(), repov1.ReplicaState_REPLICA_STATE_UNREACHABLE
+				if status.Code(err) == codes.NotFound {
+					v.State = repov1.ReplicaState_REPLICA_STATE_BEHIND
+				}
+				return
+			}
+			v.Version = local.GetVersion()
+			v.Differences = diffRefs(local.GetRefs(), wantRefs)
+			if local.GetHead() != want.GetHead() {
+				v.Differences = append(v.Differences, fmt.Sprintf("HEAD: disk %s, state %s", local.GetHead(), want.GetHead()))
+			}
+			switch {
+			case local.GetRepoId() != want.GetId():
+				v.State = repov1.ReplicaState_REPLICA_STATE_BEHIND
+				v.Error = "holds an older incarnation of the repository"
+			case local.GetVersion() < want.GetVersion():
+				v.State = repov1.ReplicaState_REPLICA_STATE_BEHIND
+			default:
+				v.State = repov1.ReplicaState_REPLICA_STATE_CURRENT
+				v.Ok = len(v.Differences) == 0
+			}
+		}()
+	}
+	wg.Wait()
+	resp.Nodes = out
+	return resp, nil
+}
+
+// diffRefs lists how disk refs differ from the state's, sorted.
+func diffRefs(disk, state map[string]string) []string {
+	var out []string
+	for ref, oid := range state {
+		if disk[ref] != oid {
+			out = append(out, fmt.Sprintf("%s: disk %s, state %s", ref, orDash(disk[ref]), oid))
+		}
+	}
+	for ref, oid := range disk {
+		if _, ok := state[ref]; !ok {
+			out = append(out, fmt.Sprintf("%s: disk %s, not in state", ref, oid))
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }
 
 func (s *repoService) UpdateRefs(ctx context.Context, req *repov1.UpdateRefsRequest) (*repov1.UpdateRefsResponse, error) {

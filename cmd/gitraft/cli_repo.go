@@ -21,7 +21,7 @@ func newRepoCmd(g *globalOpts) *cobra.Command {
 		Use:   "repo",
 		Short: "Create, list, show and delete repositories",
 	}
-	cmd.AddCommand(newRepoCreateCmd(g), newRepoListCmd(g), newRepoShowCmd(g), newRepoRemoveCmd(g), newRepoGrantCmd(g), newRepoRevokeCmd(g))
+	cmd.AddCommand(newRepoCreateCmd(g), newRepoListCmd(g), newRepoShowCmd(g), newRepoRemoveCmd(g), newRepoGrantCmd(g), newRepoRevokeCmd(g), newRepoVerifyCmd(g))
 	return cmd
 }
 
@@ -123,6 +123,9 @@ func writeRepo(w io.Writer, resp *repov1.GetRepoResponse, now time.Time) error {
 	kv := newKV(w)
 	kv.row("name:", r.GetName())
 	kv.row("version:", strconv.FormatUint(r.GetVersion(), 10))
+	if r.GetHead() != "" {
+		kv.row("HEAD:", r.GetHead())
+	}
 	kv.row("created:", when(now, r.GetCreatedAt()))
 	kv.row("updated:", when(now, r.GetUpdatedAt()))
 	kv.row("updated index:", strconv.FormatUint(r.GetUpdatedIndex(), 10))
@@ -226,4 +229,65 @@ func confirmName(in io.Reader, prompt io.Writer, name string) error {
 		return fmt.Errorf("not deleting %q: the name typed (%q) does not match", name, strings.TrimSpace(line))
 	}
 	return nil
+}
+
+func newRepoVerifyCmd(g *globalOpts) *cobra.Command {
+	return &cobra.Command{
+		Use:   "verify NAME",
+		Short: "Compare every node's refs on disk with the replicated state",
+		Long: `Compare every node's refs on disk with the replicated state. Exits 0 when
+every node is current and identical, 1 otherwise (a node that is behind is
+reported, and catches up by itself).`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx, conn, done, err := g.connect(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			resp, err := repov1.NewRepoServiceClient(conn).VerifyRepo(ctx, &repov1.VerifyRepoRequest{Name: args[0]})
+			if err != nil {
+				return rpcError("verify repository "+strconv.Quote(args[0]), err)
+			}
+			bad := 0
+			for _, n := range resp.GetNodes() {
+				if !n.GetOk() {
+					bad++
+				}
+			}
+			if g.JSON {
+				if err := printProtoJSON(cmd.OutOrStdout(), resp); err != nil {
+					return err
+				}
+			} else {
+				w := cmd.OutOrStdout()
+				fmt.Fprintf(w, "%s at version %d (raft index %d)\n\n", resp.GetName(), resp.GetVersion(), resp.GetIndex())
+				t := newTable(w, "NODE", "VERSION", "STATE", "RESULT")
+				for _, n := range resp.GetNodes() {
+					result := "identical"
+					switch {
+					case n.GetError() != "":
+						result = n.GetError()
+					case len(n.GetDifferences()) > 0:
+						result = fmt.Sprintf("%d differences", len(n.GetDifferences()))
+					case !n.GetOk():
+						result = "behind (catching up)"
+					}
+					t.row(n.GetNodeId(), strconv.FormatUint(n.GetVersion(), 10), replicaStateText(n.GetState()), result)
+				}
+				if err := t.flush(); err != nil {
+					return err
+				}
+				for _, n := range resp.GetNodes() {
+					for _, d := range n.GetDifferences() {
+						fmt.Fprintf(w, "  %s: %s\n", n.GetNodeId(), d)
+					}
+				}
+			}
+			if bad > 0 {
+				return fmt.Errorf("%d of %d nodes do not match the replicated state", bad, len(resp.GetNodes()))
+			}
+			return nil
+		},
+	}
 }

@@ -77,6 +77,126 @@ func (ReplicaState) EnumDescriptor() ([]byte, []int) {
 	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{0}
 }
 
+type GetLocalRefsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Repo          string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetLocalRefsRequest) Reset() {
+	*x = GetLocalRefsRequest{}
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetLocalRefsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetLocalRefsRequest) ProtoMessage() {}
+
+func (x *GetLocalRefsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetLocalRefsRequest.ProtoReflect.Descriptor instead.
+func (*GetLocalRefsRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *GetLocalRefsRequest) GetRepo() string {
+	if x != nil {
+		return x.Repo
+	}
+	return ""
+}
+
+type GetLocalRefsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	RepoId        uint64                 `protobuf:"varint,2,opt,name=repo_id,json=repoId,proto3" json:"repo_id,omitempty"`
+	Version       uint64                 `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
+	Refs          map[string]string      `protobuf:"bytes,4,rep,name=refs,proto3" json:"refs,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Head          string                 `protobuf:"bytes,5,opt,name=head,proto3" json:"head,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetLocalRefsResponse) Reset() {
+	*x = GetLocalRefsResponse{}
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetLocalRefsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetLocalRefsResponse) ProtoMessage() {}
+
+func (x *GetLocalRefsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetLocalRefsResponse.ProtoReflect.Descriptor instead.
+func (*GetLocalRefsResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *GetLocalRefsResponse) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *GetLocalRefsResponse) GetRepoId() uint64 {
+	if x != nil {
+		return x.RepoId
+	}
+	return 0
+}
+
+func (x *GetLocalRefsResponse) GetVersion() uint64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *GetLocalRefsResponse) GetRefs() map[string]string {
+	if x != nil {
+		return x.Refs
+	}
+	return nil
+}
+
+func (x *GetLocalRefsResponse) GetHead() string {
+	if x != nil {
+		return x.Head
+	}
+	return ""
+}
+
 type PutPackHeader struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
 	Repo   string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
@@ -93,7 +213,7 @@ type PutPackHeader struct {
 
 func (x *PutPackHeader) Reset() {
 	*x = PutPackHeader{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[0]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -105,7 +225,7 @@ func (x *PutPackHeader) String() string {
 func (*PutPackHeader) ProtoMessage() {}
 
 func (x *PutPackHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[0]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -118,7 +238,7 @@ func (x *PutPackHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutPackHeader.ProtoReflect.Descriptor instead.
 func (*PutPackHeader) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{0}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *PutPackHeader) GetRepo() string {
@@ -177,7 +297,7 @@ type PutPackRequest struct {
 
 func (x *PutPackRequest) Reset() {
 	*x = PutPackRequest{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[1]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -189,7 +309,7 @@ func (x *PutPackRequest) String() string {
 func (*PutPackRequest) ProtoMessage() {}
 
 func (x *PutPackRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[1]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -202,7 +322,7 @@ func (x *PutPackRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutPackRequest.ProtoReflect.Descriptor instead.
 func (*PutPackRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{1}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *PutPackRequest) GetMsg() isPutPackRequest_Msg {
@@ -271,7 +391,7 @@ type PutPackResponse struct {
 
 func (x *PutPackResponse) Reset() {
 	*x = PutPackResponse{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[2]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -283,7 +403,7 @@ func (x *PutPackResponse) String() string {
 func (*PutPackResponse) ProtoMessage() {}
 
 func (x *PutPackResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[2]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -296,7 +416,7 @@ func (x *PutPackResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutPackResponse.ProtoReflect.Descriptor instead.
 func (*PutPackResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{2}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *PutPackResponse) GetNodeId() string {
@@ -331,7 +451,7 @@ type GitSessionStart struct {
 
 func (x *GitSessionStart) Reset() {
 	*x = GitSessionStart{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[3]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -343,7 +463,7 @@ func (x *GitSessionStart) String() string {
 func (*GitSessionStart) ProtoMessage() {}
 
 func (x *GitSessionStart) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[3]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -356,7 +476,7 @@ func (x *GitSessionStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GitSessionStart.ProtoReflect.Descriptor instead.
 func (*GitSessionStart) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{3}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *GitSessionStart) GetService() string {
@@ -408,7 +528,7 @@ type GitSessionRequest struct {
 
 func (x *GitSessionRequest) Reset() {
 	*x = GitSessionRequest{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[4]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -420,7 +540,7 @@ func (x *GitSessionRequest) String() string {
 func (*GitSessionRequest) ProtoMessage() {}
 
 func (x *GitSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[4]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -433,7 +553,7 @@ func (x *GitSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GitSessionRequest.ProtoReflect.Descriptor instead.
 func (*GitSessionRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{4}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *GitSessionRequest) GetMsg() isGitSessionRequest_Msg {
@@ -507,7 +627,7 @@ type GitSessionResponse struct {
 
 func (x *GitSessionResponse) Reset() {
 	*x = GitSessionResponse{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[5]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -519,7 +639,7 @@ func (x *GitSessionResponse) String() string {
 func (*GitSessionResponse) ProtoMessage() {}
 
 func (x *GitSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[5]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -532,7 +652,7 @@ func (x *GitSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GitSessionResponse.ProtoReflect.Descriptor instead.
 func (*GitSessionResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{5}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *GitSessionResponse) GetMsg() isGitSessionResponse_Msg {
@@ -601,7 +721,7 @@ type GetReplicasRequest struct {
 
 func (x *GetReplicasRequest) Reset() {
 	*x = GetReplicasRequest{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[6]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -613,7 +733,7 @@ func (x *GetReplicasRequest) String() string {
 func (*GetReplicasRequest) ProtoMessage() {}
 
 func (x *GetReplicasRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[6]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -626,7 +746,7 @@ func (x *GetReplicasRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetReplicasRequest.ProtoReflect.Descriptor instead.
 func (*GetReplicasRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{6}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *GetReplicasRequest) GetRepo() string {
@@ -649,7 +769,7 @@ type Replica struct {
 
 func (x *Replica) Reset() {
 	*x = Replica{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[7]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -661,7 +781,7 @@ func (x *Replica) String() string {
 func (*Replica) ProtoMessage() {}
 
 func (x *Replica) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[7]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -674,7 +794,7 @@ func (x *Replica) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Replica.ProtoReflect.Descriptor instead.
 func (*Replica) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{7}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Replica) GetRepo() string {
@@ -724,7 +844,7 @@ type GetReplicasResponse struct {
 
 func (x *GetReplicasResponse) Reset() {
 	*x = GetReplicasResponse{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[8]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -736,7 +856,7 @@ func (x *GetReplicasResponse) String() string {
 func (*GetReplicasResponse) ProtoMessage() {}
 
 func (x *GetReplicasResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[8]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -749,7 +869,7 @@ func (x *GetReplicasResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetReplicasResponse.ProtoReflect.Descriptor instead.
 func (*GetReplicasResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{8}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetReplicasResponse) GetNodeId() string {
@@ -781,7 +901,7 @@ type GetLocalStatusRequest struct {
 
 func (x *GetLocalStatusRequest) Reset() {
 	*x = GetLocalStatusRequest{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[9]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -793,7 +913,7 @@ func (x *GetLocalStatusRequest) String() string {
 func (*GetLocalStatusRequest) ProtoMessage() {}
 
 func (x *GetLocalStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[9]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -806,7 +926,7 @@ func (x *GetLocalStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLocalStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetLocalStatusRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{9}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{11}
 }
 
 type GetLocalStatusResponse struct {
@@ -824,7 +944,7 @@ type GetLocalStatusResponse struct {
 
 func (x *GetLocalStatusResponse) Reset() {
 	*x = GetLocalStatusResponse{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[10]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -836,7 +956,7 @@ func (x *GetLocalStatusResponse) String() string {
 func (*GetLocalStatusResponse) ProtoMessage() {}
 
 func (x *GetLocalStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[10]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -849,7 +969,7 @@ func (x *GetLocalStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLocalStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetLocalStatusResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{10}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GetLocalStatusResponse) GetNodeId() string {
@@ -903,7 +1023,7 @@ type ProposeRequest struct {
 
 func (x *ProposeRequest) Reset() {
 	*x = ProposeRequest{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[11]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -915,7 +1035,7 @@ func (x *ProposeRequest) String() string {
 func (*ProposeRequest) ProtoMessage() {}
 
 func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[11]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -928,7 +1048,7 @@ func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposeRequest.ProtoReflect.Descriptor instead.
 func (*ProposeRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{11}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ProposeRequest) GetEntry() *v1.Entry {
@@ -947,7 +1067,7 @@ type ProposeResponse struct {
 
 func (x *ProposeResponse) Reset() {
 	*x = ProposeResponse{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[12]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -959,7 +1079,7 @@ func (x *ProposeResponse) String() string {
 func (*ProposeResponse) ProtoMessage() {}
 
 func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[12]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -972,7 +1092,7 @@ func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposeResponse.ProtoReflect.Descriptor instead.
 func (*ProposeResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{12}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ProposeResponse) GetResult() *v1.Result {
@@ -990,7 +1110,7 @@ type ReadIndexRequest struct {
 
 func (x *ReadIndexRequest) Reset() {
 	*x = ReadIndexRequest{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[13]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1002,7 +1122,7 @@ func (x *ReadIndexRequest) String() string {
 func (*ReadIndexRequest) ProtoMessage() {}
 
 func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[13]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1015,7 +1135,7 @@ func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexRequest.ProtoReflect.Descriptor instead.
 func (*ReadIndexRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{13}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{15}
 }
 
 type ReadIndexResponse struct {
@@ -1027,7 +1147,7 @@ type ReadIndexResponse struct {
 
 func (x *ReadIndexResponse) Reset() {
 	*x = ReadIndexResponse{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[14]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1039,7 +1159,7 @@ func (x *ReadIndexResponse) String() string {
 func (*ReadIndexResponse) ProtoMessage() {}
 
 func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[14]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1052,7 +1172,7 @@ func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexResponse.ProtoReflect.Descriptor instead.
 func (*ReadIndexResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{14}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ReadIndexResponse) GetIndex() uint64 {
@@ -1066,7 +1186,18 @@ var File_gitraft_node_v1_node_proto protoreflect.FileDescriptor
 
 const file_gitraft_node_v1_node_proto_rawDesc = "" +
 	"\n" +
-	"\x1agitraft/node/v1/node.proto\x12\x0fgitraft.node.v1\x1a\x18gitraft/fsm/v1/fsm.proto\"\xb0\x01\n" +
+	"\x1agitraft/node/v1/node.proto\x12\x0fgitraft.node.v1\x1a\x18gitraft/fsm/v1/fsm.proto\")\n" +
+	"\x13GetLocalRefsRequest\x12\x12\n" +
+	"\x04repo\x18\x01 \x01(\tR\x04repo\"\xf4\x01\n" +
+	"\x14GetLocalRefsResponse\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x17\n" +
+	"\arepo_id\x18\x02 \x01(\x04R\x06repoId\x12\x18\n" +
+	"\aversion\x18\x03 \x01(\x04R\aversion\x12C\n" +
+	"\x04refs\x18\x04 \x03(\v2/.gitraft.node.v1.GetLocalRefsResponse.RefsEntryR\x04refs\x12\x12\n" +
+	"\x04head\x18\x05 \x01(\tR\x04head\x1a7\n" +
+	"\tRefsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb0\x01\n" +
 	"\rPutPackHeader\x12\x12\n" +
 	"\x04repo\x18\x01 \x01(\tR\x04repo\x12\x17\n" +
 	"\arepo_id\x18\x02 \x01(\x04R\x06repoId\x12!\n" +
@@ -1130,7 +1261,7 @@ const file_gitraft_node_v1_node_proto_rawDesc = "" +
 	"\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15REPLICA_STATE_CURRENT\x10\x01\x12\x18\n" +
 	"\x14REPLICA_STATE_BEHIND\x10\x02\x12\x19\n" +
-	"\x15REPLICA_STATE_SYNCING\x10\x032\x97\x04\n" +
+	"\x15REPLICA_STATE_SYNCING\x10\x032\xf4\x04\n" +
 	"\vNodeService\x12L\n" +
 	"\aPropose\x12\x1f.gitraft.node.v1.ProposeRequest\x1a .gitraft.node.v1.ProposeResponse\x12R\n" +
 	"\tReadIndex\x12!.gitraft.node.v1.ReadIndexRequest\x1a\".gitraft.node.v1.ReadIndexResponse\x12a\n" +
@@ -1138,7 +1269,8 @@ const file_gitraft_node_v1_node_proto_rawDesc = "" +
 	"\aPutPack\x12\x1f.gitraft.node.v1.PutPackRequest\x1a .gitraft.node.v1.PutPackResponse(\x01\x12Y\n" +
 	"\n" +
 	"GitSession\x12\".gitraft.node.v1.GitSessionRequest\x1a#.gitraft.node.v1.GitSessionResponse(\x010\x01\x12X\n" +
-	"\vGetReplicas\x12#.gitraft.node.v1.GetReplicasRequest\x1a$.gitraft.node.v1.GetReplicasResponseB9Z7github.com/gitraft/gitraft/proto/gitraft/node/v1;nodev1b\x06proto3"
+	"\vGetReplicas\x12#.gitraft.node.v1.GetReplicasRequest\x1a$.gitraft.node.v1.GetReplicasResponse\x12[\n" +
+	"\fGetLocalRefs\x12$.gitraft.node.v1.GetLocalRefsRequest\x1a%.gitraft.node.v1.GetLocalRefsResponseB9Z7github.com/gitraft/gitraft/proto/gitraft/node/v1;nodev1b\x06proto3"
 
 var (
 	file_gitraft_node_v1_node_proto_rawDescOnce sync.Once
@@ -1153,51 +1285,57 @@ func file_gitraft_node_v1_node_proto_rawDescGZIP() []byte {
 }
 
 var file_gitraft_node_v1_node_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_gitraft_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_gitraft_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_gitraft_node_v1_node_proto_goTypes = []any{
 	(ReplicaState)(0),              // 0: gitraft.node.v1.ReplicaState
-	(*PutPackHeader)(nil),          // 1: gitraft.node.v1.PutPackHeader
-	(*PutPackRequest)(nil),         // 2: gitraft.node.v1.PutPackRequest
-	(*PutPackResponse)(nil),        // 3: gitraft.node.v1.PutPackResponse
-	(*GitSessionStart)(nil),        // 4: gitraft.node.v1.GitSessionStart
-	(*GitSessionRequest)(nil),      // 5: gitraft.node.v1.GitSessionRequest
-	(*GitSessionResponse)(nil),     // 6: gitraft.node.v1.GitSessionResponse
-	(*GetReplicasRequest)(nil),     // 7: gitraft.node.v1.GetReplicasRequest
-	(*Replica)(nil),                // 8: gitraft.node.v1.Replica
-	(*GetReplicasResponse)(nil),    // 9: gitraft.node.v1.GetReplicasResponse
-	(*GetLocalStatusRequest)(nil),  // 10: gitraft.node.v1.GetLocalStatusRequest
-	(*GetLocalStatusResponse)(nil), // 11: gitraft.node.v1.GetLocalStatusResponse
-	(*ProposeRequest)(nil),         // 12: gitraft.node.v1.ProposeRequest
-	(*ProposeResponse)(nil),        // 13: gitraft.node.v1.ProposeResponse
-	(*ReadIndexRequest)(nil),       // 14: gitraft.node.v1.ReadIndexRequest
-	(*ReadIndexResponse)(nil),      // 15: gitraft.node.v1.ReadIndexResponse
-	(*v1.Entry)(nil),               // 16: gitraft.fsm.v1.Entry
-	(*v1.Result)(nil),              // 17: gitraft.fsm.v1.Result
+	(*GetLocalRefsRequest)(nil),    // 1: gitraft.node.v1.GetLocalRefsRequest
+	(*GetLocalRefsResponse)(nil),   // 2: gitraft.node.v1.GetLocalRefsResponse
+	(*PutPackHeader)(nil),          // 3: gitraft.node.v1.PutPackHeader
+	(*PutPackRequest)(nil),         // 4: gitraft.node.v1.PutPackRequest
+	(*PutPackResponse)(nil),        // 5: gitraft.node.v1.PutPackResponse
+	(*GitSessionStart)(nil),        // 6: gitraft.node.v1.GitSessionStart
+	(*GitSessionRequest)(nil),      // 7: gitraft.node.v1.GitSessionRequest
+	(*GitSessionResponse)(nil),     // 8: gitraft.node.v1.GitSessionResponse
+	(*GetReplicasRequest)(nil),     // 9: gitraft.node.v1.GetReplicasRequest
+	(*Replica)(nil),                // 10: gitraft.node.v1.Replica
+	(*GetReplicasResponse)(nil),    // 11: gitraft.node.v1.GetReplicasResponse
+	(*GetLocalStatusRequest)(nil),  // 12: gitraft.node.v1.GetLocalStatusRequest
+	(*GetLocalStatusResponse)(nil), // 13: gitraft.node.v1.GetLocalStatusResponse
+	(*ProposeRequest)(nil),         // 14: gitraft.node.v1.ProposeRequest
+	(*ProposeResponse)(nil),        // 15: gitraft.node.v1.ProposeResponse
+	(*ReadIndexRequest)(nil),       // 16: gitraft.node.v1.ReadIndexRequest
+	(*ReadIndexResponse)(nil),      // 17: gitraft.node.v1.ReadIndexResponse
+	nil,                            // 18: gitraft.node.v1.GetLocalRefsResponse.RefsEntry
+	(*v1.Entry)(nil),               // 19: gitraft.fsm.v1.Entry
+	(*v1.Result)(nil),              // 20: gitraft.fsm.v1.Result
 }
 var file_gitraft_node_v1_node_proto_depIdxs = []int32{
-	1,  // 0: gitraft.node.v1.PutPackRequest.header:type_name -> gitraft.node.v1.PutPackHeader
-	4,  // 1: gitraft.node.v1.GitSessionRequest.start:type_name -> gitraft.node.v1.GitSessionStart
-	0,  // 2: gitraft.node.v1.Replica.state:type_name -> gitraft.node.v1.ReplicaState
-	8,  // 3: gitraft.node.v1.GetReplicasResponse.replicas:type_name -> gitraft.node.v1.Replica
-	16, // 4: gitraft.node.v1.ProposeRequest.entry:type_name -> gitraft.fsm.v1.Entry
-	17, // 5: gitraft.node.v1.ProposeResponse.result:type_name -> gitraft.fsm.v1.Result
-	12, // 6: gitraft.node.v1.NodeService.Propose:input_type -> gitraft.node.v1.ProposeRequest
-	14, // 7: gitraft.node.v1.NodeService.ReadIndex:input_type -> gitraft.node.v1.ReadIndexRequest
-	10, // 8: gitraft.node.v1.NodeService.GetLocalStatus:input_type -> gitraft.node.v1.GetLocalStatusRequest
-	2,  // 9: gitraft.node.v1.NodeService.PutPack:input_type -> gitraft.node.v1.PutPackRequest
-	5,  // 10: gitraft.node.v1.NodeService.GitSession:input_type -> gitraft.node.v1.GitSessionRequest
-	7,  // 11: gitraft.node.v1.NodeService.GetReplicas:input_type -> gitraft.node.v1.GetReplicasRequest
-	13, // 12: gitraft.node.v1.NodeService.Propose:output_type -> gitraft.node.v1.ProposeResponse
-	15, // 13: gitraft.node.v1.NodeService.ReadIndex:output_type -> gitraft.node.v1.ReadIndexResponse
-	11, // 14: gitraft.node.v1.NodeService.GetLocalStatus:output_type -> gitraft.node.v1.GetLocalStatusResponse
-	3,  // 15: gitraft.node.v1.NodeService.PutPack:output_type -> gitraft.node.v1.PutPackResponse
-	6,  // 16: gitraft.node.v1.NodeService.GitSession:output_type -> gitraft.node.v1.GitSessionResponse
-	9,  // 17: gitraft.node.v1.NodeService.GetReplicas:output_type -> gitraft.node.v1.GetReplicasResponse
-	12, // [12:18] is the sub-list for method output_type
-	6,  // [6:12] is the sub-list for method input_type
-	6,  // [6:6] is the sub-list for extension type_name
-	6,  // [6:6] is the sub-list for extension extendee
-	0,  // [0:6] is the sub-list for field type_name
+	18, // 0: gitraft.node.v1.GetLocalRefsResponse.refs:type_name -> gitraft.node.v1.GetLocalRefsResponse.RefsEntry
+	3,  // 1: gitraft.node.v1.PutPackRequest.header:type_name -> gitraft.node.v1.PutPackHeader
+	6,  // 2: gitraft.node.v1.GitSessionRequest.start:type_name -> gitraft.node.v1.GitSessionStart
+	0,  // 3: gitraft.node.v1.Replica.state:type_name -> gitraft.node.v1.ReplicaState
+	10, // 4: gitraft.node.v1.GetReplicasResponse.replicas:type_name -> gitraft.node.v1.Replica
+	19, // 5: gitraft.node.v1.ProposeRequest.entry:type_name -> gitraft.fsm.v1.Entry
+	20, // 6: gitraft.node.v1.ProposeResponse.result:type_name -> gitraft.fsm.v1.Result
+	14, // 7: gitraft.node.v1.NodeService.Propose:input_type -> gitraft.node.v1.ProposeRequest
+	16, // 8: gitraft.node.v1.NodeService.ReadIndex:input_type -> gitraft.node.v1.ReadIndexRequest
+	12, // 9: gitraft.node.v1.NodeService.GetLocalStatus:input_type -> gitraft.node.v1.GetLocalStatusRequest
+	4,  // 10: gitraft.node.v1.NodeService.PutPack:input_type -> gitraft.node.v1.PutPackRequest
+	7,  // 11: gitraft.node.v1.NodeService.GitSession:input_type -> gitraft.node.v1.GitSessionRequest
+	9,  // 12: gitraft.node.v1.NodeService.GetReplicas:input_type -> gitraft.node.v1.GetReplicasRequest
+	1,  // 13: gitraft.node.v1.NodeService.GetLocalRefs:input_type -> gitraft.node.v1.GetLocalRefsRequest
+	15, // 14: gitraft.node.v1.NodeService.Propose:output_type -> gitraft.node.v1.ProposeResponse
+	17, // 15: gitraft.node.v1.NodeService.ReadIndex:output_type -> gitraft.node.v1.ReadIndexResponse
+	13, // 16: gitraft.node.v1.NodeService.GetLocalStatus:output_type -> gitraft.node.v1.GetLocalStatusResponse
+	5,  // 17: gitraft.node.v1.NodeService.PutPack:output_type -> gitraft.node.v1.PutPackResponse
+	8,  // 18: gitraft.node.v1.NodeService.GitSession:output_type -> gitraft.node.v1.GitSessionResponse
+	11, // 19: gitraft.node.v1.NodeService.GetReplicas:output_type -> gitraft.node.v1.GetReplicasResponse
+	2,  // 20: gitraft.node.v1.NodeService.GetLocalRefs:output_type -> gitraft.node.v1.GetLocalRefsResponse
+	14, // [14:21] is the sub-list for method output_type
+	7,  // [7:14] is the sub-list for method input_type
+	7,  // [7:7] is the sub-list for extension type_name
+	7,  // [7:7] is the sub-list for extension extendee
+	0,  // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_node_v1_node_proto_init() }
@@ -1205,17 +1343,17 @@ func file_gitraft_node_v1_node_proto_init() {
 	if File_gitraft_node_v1_node_proto != nil {
 		return
 	}
-	file_gitraft_node_v1_node_proto_msgTypes[1].OneofWrappers = []any{
+	file_gitraft_node_v1_node_proto_msgTypes[3].OneofWrappers = []any{
 		(*PutPackRequest_Header)(nil),
 		(*PutPackRequest_PackChunk)(nil),
 		(*PutPackRequest_IdxChunk)(nil),
 	}
-	file_gitraft_node_v1_node_proto_msgTypes[4].OneofWrappers = []any{
+	file_gitraft_node_v1_node_proto_msgTypes[6].OneofWrappers = []any{
 		(*GitSessionRequest_Start)(nil),
 		(*GitSessionRequest_Stdin)(nil),
 		(*GitSessionRequest_StdinEof)(nil),
 	}
-	file_gitraft_node_v1_node_proto_msgTypes[5].OneofWrappers = []any{
+	file_gitraft_node_v1_node_proto_msgTypes[7].OneofWrappers = []any{
 		(*GitSessionResponse_Stdout)(nil),
 		(*GitSessionResponse_Stderr)(nil),
 		(*GitSessionResponse_ExitCode)(nil),
@@ -1226,7 +1364,7 @@ func file_gitraft_node_v1_node_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_node_v1_node_proto_rawDesc), len(file_gitraft_node_v1_node_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   15,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

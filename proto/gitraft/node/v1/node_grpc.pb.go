@@ -28,6 +28,7 @@ const (
 	NodeService_PutPack_FullMethodName        = "/gitraft.node.v1.NodeService/PutPack"
 	NodeService_GitSession_FullMethodName     = "/gitraft.node.v1.NodeService/GitSession"
 	NodeService_GetReplicas_FullMethodName    = "/gitraft.node.v1.NodeService/GetReplicas"
+	NodeService_GetLocalRefs_FullMethodName   = "/gitraft.node.v1.NodeService/GetLocalRefs"
 )
 
 // NodeServiceClient is the client API for NodeService service.
@@ -52,6 +53,8 @@ type NodeServiceClient interface {
 	GitSession(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[GitSessionRequest, GitSessionResponse], error)
 	// GetReplicas reports the version this node's disk holds per repository.
 	GetReplicas(ctx context.Context, in *GetReplicasRequest, opts ...grpc.CallOption) (*GetReplicasResponse, error)
+	// GetLocalRefs reads a repository's refs from this node's disk.
+	GetLocalRefs(ctx context.Context, in *GetLocalRefsRequest, opts ...grpc.CallOption) (*GetLocalRefsResponse, error)
 }
 
 type nodeServiceClient struct {
@@ -128,6 +131,16 @@ func (c *nodeServiceClient) GetReplicas(ctx context.Context, in *GetReplicasRequ
 	return out, nil
 }
 
+func (c *nodeServiceClient) GetLocalRefs(ctx context.Context, in *GetLocalRefsRequest, opts ...grpc.CallOption) (*GetLocalRefsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetLocalRefsResponse)
+	err := c.cc.Invoke(ctx, NodeService_GetLocalRefs_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // NodeServiceServer is the server API for NodeService service.
 // All implementations must embed UnimplementedNodeServiceServer
 // for forward compatibility.
@@ -150,6 +163,8 @@ type NodeServiceServer interface {
 	GitSession(grpc.BidiStreamingServer[GitSessionRequest, GitSessionResponse]) error
 	// GetReplicas reports the version this node's disk holds per repository.
 	GetReplicas(context.Context, *GetReplicasRequest) (*GetReplicasResponse, error)
+	// GetLocalRefs reads a repository's refs from this node's disk.
+	GetLocalRefs(context.Context, *GetLocalRefsRequest) (*GetLocalRefsResponse, error)
 	mustEmbedUnimplementedNodeServiceServer()
 }
 
@@ -177,6 +192,9 @@ func (UnimplementedNodeServiceServer) GitSession(grpc.BidiStreamingServer[GitSes
 }
 func (UnimplementedNodeServiceServer) GetReplicas(context.Context, *GetReplicasRequest) (*GetReplicasResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetReplicas not implemented")
+}
+func (UnimplementedNodeServiceServer) GetLocalRefs(context.Context, *GetLocalRefsRequest) (*GetLocalRefsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetLocalRefs not implemented")
 }
 func (UnimplementedNodeServiceServer) mustEmbedUnimplementedNodeServiceServer() {}
 func (UnimplementedNodeServiceServer) testEmbeddedByValue()                     {}
@@ -285,6 +303,24 @@ func _NodeService_GetReplicas_Handler(srv interface{}, ctx context.Context, dec 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _NodeService_GetLocalRefs_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetLocalRefsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(NodeServiceServer).GetLocalRefs(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: NodeService_GetLocalRefs_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(NodeServiceServer).GetLocalRefs(ctx, req.(*GetLocalRefsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // NodeService_ServiceDesc is the grpc.ServiceDesc for NodeService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -307,6 +343,10 @@ var NodeService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetReplicas",
 			Handler:    _NodeService_GetReplicas_Handler,
+		},
+		{
+			MethodName: "GetLocalRefs",
+			Handler:    _NodeService_GetLocalRefs_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -131,6 +131,205 @@ func (RefStatus) EnumDescriptor() ([]byte, []int) {
 	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{1}
 }
 
+type VerifyRepoRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VerifyRepoRequest) Reset() {
+	*x = VerifyRepoRequest{}
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VerifyRepoRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VerifyRepoRequest) ProtoMessage() {}
+
+func (x *VerifyRepoRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VerifyRepoRequest.ProtoReflect.Descriptor instead.
+func (*VerifyRepoRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *VerifyRepoRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type NodeVerification struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	NodeId  string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Version uint64                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	State   ReplicaState           `protobuf:"varint,3,opt,name=state,proto3,enum=gitraft.repo.v1.ReplicaState" json:"state,omitempty"`
+	// True when the node is at the committed version and its refs and HEAD
+	// equal the replicated state.
+	Ok bool `protobuf:"varint,4,opt,name=ok,proto3" json:"ok,omitempty"`
+	// What differs, one line each ("refs/heads/main: disk abc, state def").
+	Differences   []string `protobuf:"bytes,5,rep,name=differences,proto3" json:"differences,omitempty"`
+	Error         string   `protobuf:"bytes,6,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeVerification) Reset() {
+	*x = NodeVerification{}
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeVerification) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeVerification) ProtoMessage() {}
+
+func (x *NodeVerification) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeVerification.ProtoReflect.Descriptor instead.
+func (*NodeVerification) Descriptor() ([]byte, []int) {
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *NodeVerification) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *NodeVerification) GetVersion() uint64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *NodeVerification) GetState() ReplicaState {
+	if x != nil {
+		return x.State
+	}
+	return ReplicaState_REPLICA_STATE_UNSPECIFIED
+}
+
+func (x *NodeVerification) GetOk() bool {
+	if x != nil {
+		return x.Ok
+	}
+	return false
+}
+
+func (x *NodeVerification) GetDifferences() []string {
+	if x != nil {
+		return x.Differences
+	}
+	return nil
+}
+
+func (x *NodeVerification) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+type VerifyRepoResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Version       uint64                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	Nodes         []*NodeVerification    `protobuf:"bytes,3,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	Index         uint64                 `protobuf:"varint,4,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VerifyRepoResponse) Reset() {
+	*x = VerifyRepoResponse{}
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VerifyRepoResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VerifyRepoResponse) ProtoMessage() {}
+
+func (x *VerifyRepoResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VerifyRepoResponse.ProtoReflect.Descriptor instead.
+func (*VerifyRepoResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *VerifyRepoResponse) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *VerifyRepoResponse) GetVersion() uint64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *VerifyRepoResponse) GetNodes() []*NodeVerification {
+	if x != nil {
+		return x.Nodes
+	}
+	return nil
+}
+
+func (x *VerifyRepoResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
 type Ref struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -141,7 +340,7 @@ type Ref struct {
 
 func (x *Ref) Reset() {
 	*x = Ref{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[0]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -153,7 +352,7 @@ func (x *Ref) String() string {
 func (*Ref) ProtoMessage() {}
 
 func (x *Ref) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[0]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -166,7 +365,7 @@ func (x *Ref) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ref.ProtoReflect.Descriptor instead.
 func (*Ref) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{0}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Ref) GetName() string {
@@ -195,7 +394,7 @@ type Replica struct {
 
 func (x *Replica) Reset() {
 	*x = Replica{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[1]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -207,7 +406,7 @@ func (x *Replica) String() string {
 func (*Replica) ProtoMessage() {}
 
 func (x *Replica) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[1]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -220,7 +419,7 @@ func (x *Replica) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Replica.ProtoReflect.Descriptor instead.
 func (*Replica) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{1}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Replica) GetNodeId() string {
@@ -255,13 +454,14 @@ type Repo struct {
 	UpdatedIndex  uint64     `protobuf:"varint,6,opt,name=updated_index,json=updatedIndex,proto3" json:"updated_index,omitempty"`
 	RefCount      int32      `protobuf:"varint,7,opt,name=ref_count,json=refCount,proto3" json:"ref_count,omitempty"`
 	Replicas      []*Replica `protobuf:"bytes,8,rep,name=replicas,proto3" json:"replicas,omitempty"`
+	Head          string     `protobuf:"bytes,9,opt,name=head,proto3" json:"head,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Repo) Reset() {
 	*x = Repo{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[2]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -273,7 +473,7 @@ func (x *Repo) String() string {
 func (*Repo) ProtoMessage() {}
 
 func (x *Repo) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[2]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -286,7 +486,7 @@ func (x *Repo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Repo.ProtoReflect.Descriptor instead.
 func (*Repo) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{2}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Repo) GetName() string {
@@ -345,6 +545,13 @@ func (x *Repo) GetReplicas() []*Replica {
 	return nil
 }
 
+func (x *Repo) GetHead() string {
+	if x != nil {
+		return x.Head
+	}
+	return ""
+}
+
 type CreateRepoRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -354,7 +561,7 @@ type CreateRepoRequest struct {
 
 func (x *CreateRepoRequest) Reset() {
 	*x = CreateRepoRequest{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[3]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -366,7 +573,7 @@ func (x *CreateRepoRequest) String() string {
 func (*CreateRepoRequest) ProtoMessage() {}
 
 func (x *CreateRepoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[3]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -379,7 +586,7 @@ func (x *CreateRepoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateRepoRequest.ProtoReflect.Descriptor instead.
 func (*CreateRepoRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{3}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *CreateRepoRequest) GetName() string {
@@ -399,7 +606,7 @@ type CreateRepoResponse struct {
 
 func (x *CreateRepoResponse) Reset() {
 	*x = CreateRepoResponse{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[4]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -411,7 +618,7 @@ func (x *CreateRepoResponse) String() string {
 func (*CreateRepoResponse) ProtoMessage() {}
 
 func (x *CreateRepoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[4]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -424,7 +631,7 @@ func (x *CreateRepoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateRepoResponse.ProtoReflect.Descriptor instead.
 func (*CreateRepoResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{4}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *CreateRepoResponse) GetRepo() *Repo {
@@ -450,7 +657,7 @@ type DeleteRepoRequest struct {
 
 func (x *DeleteRepoRequest) Reset() {
 	*x = DeleteRepoRequest{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[5]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -462,7 +669,7 @@ func (x *DeleteRepoRequest) String() string {
 func (*DeleteRepoRequest) ProtoMessage() {}
 
 func (x *DeleteRepoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[5]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -475,7 +682,7 @@ func (x *DeleteRepoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteRepoRequest.ProtoReflect.Descriptor instead.
 func (*DeleteRepoRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{5}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *DeleteRepoRequest) GetName() string {
@@ -494,7 +701,7 @@ type DeleteRepoResponse struct {
 
 func (x *DeleteRepoResponse) Reset() {
 	*x = DeleteRepoResponse{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[6]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -506,7 +713,7 @@ func (x *DeleteRepoResponse) String() string {
 func (*DeleteRepoResponse) ProtoMessage() {}
 
 func (x *DeleteRepoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[6]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -519,7 +726,7 @@ func (x *DeleteRepoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteRepoResponse.ProtoReflect.Descriptor instead.
 func (*DeleteRepoResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{6}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *DeleteRepoResponse) GetIndex() uint64 {
@@ -537,7 +744,7 @@ type ListReposRequest struct {
 
 func (x *ListReposRequest) Reset() {
 	*x = ListReposRequest{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[7]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -549,7 +756,7 @@ func (x *ListReposRequest) String() string {
 func (*ListReposRequest) ProtoMessage() {}
 
 func (x *ListReposRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[7]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -562,7 +769,7 @@ func (x *ListReposRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListReposRequest.ProtoReflect.Descriptor instead.
 func (*ListReposRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{7}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{10}
 }
 
 type ListReposResponse struct {
@@ -577,7 +784,7 @@ type ListReposResponse struct {
 
 func (x *ListReposResponse) Reset() {
 	*x = ListReposResponse{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[8]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -589,7 +796,7 @@ func (x *ListReposResponse) String() string {
 func (*ListReposResponse) ProtoMessage() {}
 
 func (x *ListReposResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[8]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -602,7 +809,7 @@ func (x *ListReposResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListReposResponse.ProtoReflect.Descriptor instead.
 func (*ListReposResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{8}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ListReposResponse) GetRepos() []*Repo {
@@ -628,7 +835,7 @@ type GetRepoRequest struct {
 
 func (x *GetRepoRequest) Reset() {
 	*x = GetRepoRequest{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[9]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -640,7 +847,7 @@ func (x *GetRepoRequest) String() string {
 func (*GetRepoRequest) ProtoMessage() {}
 
 func (x *GetRepoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[9]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -653,7 +860,7 @@ func (x *GetRepoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetRepoRequest.ProtoReflect.Descriptor instead.
 func (*GetRepoRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{9}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GetRepoRequest) GetName() string {
@@ -673,7 +880,7 @@ type GetRepoResponse struct {
 
 func (x *GetRepoResponse) Reset() {
 	*x = GetRepoResponse{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[10]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -685,7 +892,7 @@ func (x *GetRepoResponse) String() string {
 func (*GetRepoResponse) ProtoMessage() {}
 
 func (x *GetRepoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[10]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -698,7 +905,7 @@ func (x *GetRepoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetRepoResponse.ProtoReflect.Descriptor instead.
 func (*GetRepoResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{10}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GetRepoResponse) GetRepo() *Repo {
@@ -728,7 +935,7 @@ type RefUpdate struct {
 
 func (x *RefUpdate) Reset() {
 	*x = RefUpdate{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[11]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -740,7 +947,7 @@ func (x *RefUpdate) String() string {
 func (*RefUpdate) ProtoMessage() {}
 
 func (x *RefUpdate) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[11]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -753,7 +960,7 @@ func (x *RefUpdate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefUpdate.ProtoReflect.Descriptor instead.
 func (*RefUpdate) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{11}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *RefUpdate) GetRef() string {
@@ -789,7 +996,7 @@ type UpdateRefsRequest struct {
 
 func (x *UpdateRefsRequest) Reset() {
 	*x = UpdateRefsRequest{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[12]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -801,7 +1008,7 @@ func (x *UpdateRefsRequest) String() string {
 func (*UpdateRefsRequest) ProtoMessage() {}
 
 func (x *UpdateRefsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[12]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -814,7 +1021,7 @@ func (x *UpdateRefsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateRefsRequest.ProtoReflect.Descriptor instead.
 func (*UpdateRefsRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{12}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *UpdateRefsRequest) GetRepo() string {
@@ -856,7 +1063,7 @@ type RefResult struct {
 
 func (x *RefResult) Reset() {
 	*x = RefResult{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[13]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -868,7 +1075,7 @@ func (x *RefResult) String() string {
 func (*RefResult) ProtoMessage() {}
 
 func (x *RefResult) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[13]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -881,7 +1088,7 @@ func (x *RefResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefResult.ProtoReflect.Descriptor instead.
 func (*RefResult) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{13}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *RefResult) GetRef() string {
@@ -916,7 +1123,7 @@ type UpdateRefsResponse struct {
 
 func (x *UpdateRefsResponse) Reset() {
 	*x = UpdateRefsResponse{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[14]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -928,7 +1135,7 @@ func (x *UpdateRefsResponse) String() string {
 func (*UpdateRefsResponse) ProtoMessage() {}
 
 func (x *UpdateRefsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[14]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -941,7 +1148,7 @@ func (x *UpdateRefsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateRefsResponse.ProtoReflect.Descriptor instead.
 func (*UpdateRefsResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{14}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *UpdateRefsResponse) GetVersion() uint64 {
@@ -969,14 +1176,28 @@ var File_gitraft_repo_v1_repo_proto protoreflect.FileDescriptor
 
 const file_gitraft_repo_v1_repo_proto_rawDesc = "" +
 	"\n" +
-	"\x1agitraft/repo/v1/repo.proto\x12\x0fgitraft.repo.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"+\n" +
+	"\x1agitraft/repo/v1/repo.proto\x12\x0fgitraft.repo.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"'\n" +
+	"\x11VerifyRepoRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\xc2\x01\n" +
+	"\x10NodeVerification\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\x04R\aversion\x123\n" +
+	"\x05state\x18\x03 \x01(\x0e2\x1d.gitraft.repo.v1.ReplicaStateR\x05state\x12\x0e\n" +
+	"\x02ok\x18\x04 \x01(\bR\x02ok\x12 \n" +
+	"\vdifferences\x18\x05 \x03(\tR\vdifferences\x12\x14\n" +
+	"\x05error\x18\x06 \x01(\tR\x05error\"\x91\x01\n" +
+	"\x12VerifyRepoResponse\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\x04R\aversion\x127\n" +
+	"\x05nodes\x18\x03 \x03(\v2!.gitraft.repo.v1.NodeVerificationR\x05nodes\x12\x14\n" +
+	"\x05index\x18\x04 \x01(\x04R\x05index\"+\n" +
 	"\x03Ref\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n" +
 	"\x03oid\x18\x02 \x01(\tR\x03oid\"q\n" +
 	"\aReplica\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x04R\aversion\x123\n" +
-	"\x05state\x18\x03 \x01(\x0e2\x1d.gitraft.repo.v1.ReplicaStateR\x05state\"\xcc\x02\n" +
+	"\x05state\x18\x03 \x01(\x0e2\x1d.gitraft.repo.v1.ReplicaStateR\x05state\"\xe0\x02\n" +
 	"\x04Repo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x04R\aversion\x12(\n" +
@@ -987,7 +1208,8 @@ const file_gitraft_repo_v1_repo_proto_rawDesc = "" +
 	"updated_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x12#\n" +
 	"\rupdated_index\x18\x06 \x01(\x04R\fupdatedIndex\x12\x1b\n" +
 	"\tref_count\x18\a \x01(\x05R\brefCount\x124\n" +
-	"\breplicas\x18\b \x03(\v2\x18.gitraft.repo.v1.ReplicaR\breplicas\"'\n" +
+	"\breplicas\x18\b \x03(\v2\x18.gitraft.repo.v1.ReplicaR\breplicas\x12\x12\n" +
+	"\x04head\x18\t \x01(\tR\x04head\"'\n" +
 	"\x11CreateRepoRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"U\n" +
 	"\x12CreateRepoResponse\x12)\n" +
@@ -1034,7 +1256,7 @@ const file_gitraft_repo_v1_repo_proto_rawDesc = "" +
 	"\x16REF_STATUS_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rREF_STATUS_OK\x10\x01\x12\x14\n" +
 	"\x10REF_STATUS_STALE\x10\x02\x12\x17\n" +
-	"\x13REF_STATUS_REJECTED\x10\x032\xb4\x03\n" +
+	"\x13REF_STATUS_REJECTED\x10\x032\x8b\x04\n" +
 	"\vRepoService\x12U\n" +
 	"\n" +
 	"CreateRepo\x12\".gitraft.repo.v1.CreateRepoRequest\x1a#.gitraft.repo.v1.CreateRepoResponse\x12U\n" +
@@ -1043,7 +1265,9 @@ const file_gitraft_repo_v1_repo_proto_rawDesc = "" +
 	"\tListRepos\x12!.gitraft.repo.v1.ListReposRequest\x1a\".gitraft.repo.v1.ListReposResponse\x12L\n" +
 	"\aGetRepo\x12\x1f.gitraft.repo.v1.GetRepoRequest\x1a .gitraft.repo.v1.GetRepoResponse\x12U\n" +
 	"\n" +
-	"UpdateRefs\x12\".gitraft.repo.v1.UpdateRefsRequest\x1a#.gitraft.repo.v1.UpdateRefsResponseB9Z7github.com/gitraft/gitraft/proto/gitraft/repo/v1;repov1b\x06proto3"
+	"UpdateRefs\x12\".gitraft.repo.v1.UpdateRefsRequest\x1a#.gitraft.repo.v1.UpdateRefsResponse\x12U\n" +
+	"\n" +
+	"VerifyRepo\x12\".gitraft.repo.v1.VerifyRepoRequest\x1a#.gitraft.repo.v1.VerifyRepoResponseB9Z7github.com/gitraft/gitraft/proto/gitraft/repo/v1;repov1b\x06proto3"
 
 var (
 	file_gitraft_repo_v1_repo_proto_rawDescOnce sync.Once
@@ -1058,54 +1282,61 @@ func file_gitraft_repo_v1_repo_proto_rawDescGZIP() []byte {
 }
 
 var file_gitraft_repo_v1_repo_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_gitraft_repo_v1_repo_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_gitraft_repo_v1_repo_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_gitraft_repo_v1_repo_proto_goTypes = []any{
 	(ReplicaState)(0),             // 0: gitraft.repo.v1.ReplicaState
 	(RefStatus)(0),                // 1: gitraft.repo.v1.RefStatus
-	(*Ref)(nil),                   // 2: gitraft.repo.v1.Ref
-	(*Replica)(nil),               // 3: gitraft.repo.v1.Replica
-	(*Repo)(nil),                  // 4: gitraft.repo.v1.Repo
-	(*CreateRepoRequest)(nil),     // 5: gitraft.repo.v1.CreateRepoRequest
-	(*CreateRepoResponse)(nil),    // 6: gitraft.repo.v1.CreateRepoResponse
-	(*DeleteRepoRequest)(nil),     // 7: gitraft.repo.v1.DeleteRepoRequest
-	(*DeleteRepoResponse)(nil),    // 8: gitraft.repo.v1.DeleteRepoResponse
-	(*ListReposRequest)(nil),      // 9: gitraft.repo.v1.ListReposRequest
-	(*ListReposResponse)(nil),     // 10: gitraft.repo.v1.ListReposResponse
-	(*GetRepoRequest)(nil),        // 11: gitraft.repo.v1.GetRepoRequest
-	(*GetRepoResponse)(nil),       // 12: gitraft.repo.v1.GetRepoResponse
-	(*RefUpdate)(nil),             // 13: gitraft.repo.v1.RefUpdate
-	(*UpdateRefsRequest)(nil),     // 14: gitraft.repo.v1.UpdateRefsRequest
-	(*RefResult)(nil),             // 15: gitraft.repo.v1.RefResult
-	(*UpdateRefsResponse)(nil),    // 16: gitraft.repo.v1.UpdateRefsResponse
-	(*timestamppb.Timestamp)(nil), // 17: google.protobuf.Timestamp
+	(*VerifyRepoRequest)(nil),     // 2: gitraft.repo.v1.VerifyRepoRequest
+	(*NodeVerification)(nil),      // 3: gitraft.repo.v1.NodeVerification
+	(*VerifyRepoResponse)(nil),    // 4: gitraft.repo.v1.VerifyRepoResponse
+	(*Ref)(nil),                   // 5: gitraft.repo.v1.Ref
+	(*Replica)(nil),               // 6: gitraft.repo.v1.Replica
+	(*Repo)(nil),                  // 7: gitraft.repo.v1.Repo
+	(*CreateRepoRequest)(nil),     // 8: gitraft.repo.v1.CreateRepoRequest
+	(*CreateRepoResponse)(nil),    // 9: gitraft.repo.v1.CreateRepoResponse
+	(*DeleteRepoRequest)(nil),     // 10: gitraft.repo.v1.DeleteRepoRequest
+	(*DeleteRepoResponse)(nil),    // 11: gitraft.repo.v1.DeleteRepoResponse
+	(*ListReposRequest)(nil),      // 12: gitraft.repo.v1.ListReposRequest
+	(*ListReposResponse)(nil),     // 13: gitraft.repo.v1.ListReposResponse
+	(*GetRepoRequest)(nil),        // 14: gitraft.repo.v1.GetRepoRequest
+	(*GetRepoResponse)(nil),       // 15: gitraft.repo.v1.GetRepoResponse
+	(*RefUpdate)(nil),             // 16: gitraft.repo.v1.RefUpdate
+	(*UpdateRefsRequest)(nil),     // 17: gitraft.repo.v1.UpdateRefsRequest
+	(*RefResult)(nil),             // 18: gitraft.repo.v1.RefResult
+	(*UpdateRefsResponse)(nil),    // 19: gitraft.repo.v1.UpdateRefsResponse
+	(*timestamppb.Timestamp)(nil), // 20: google.protobuf.Timestamp
 }
 var file_gitraft_repo_v1_repo_proto_depIdxs = []int32{
-	0,  // 0: gitraft.repo.v1.Replica.state:type_name -> gitraft.repo.v1.ReplicaState
-	2,  // 1: gitraft.repo.v1.Repo.refs:type_name -> gitraft.repo.v1.Ref
-	17, // 2: gitraft.repo.v1.Repo.created_at:type_name -> google.protobuf.Timestamp
-	17, // 3: gitraft.repo.v1.Repo.updated_at:type_name -> google.protobuf.Timestamp
-	3,  // 4: gitraft.repo.v1.Repo.replicas:type_name -> gitraft.repo.v1.Replica
-	4,  // 5: gitraft.repo.v1.CreateRepoResponse.repo:type_name -> gitraft.repo.v1.Repo
-	4,  // 6: gitraft.repo.v1.ListReposResponse.repos:type_name -> gitraft.repo.v1.Repo
-	4,  // 7: gitraft.repo.v1.GetRepoResponse.repo:type_name -> gitraft.repo.v1.Repo
-	13, // 8: gitraft.repo.v1.UpdateRefsRequest.updates:type_name -> gitraft.repo.v1.RefUpdate
-	1,  // 9: gitraft.repo.v1.RefResult.status:type_name -> gitraft.repo.v1.RefStatus
-	15, // 10: gitraft.repo.v1.UpdateRefsResponse.results:type_name -> gitraft.repo.v1.RefResult
-	5,  // 11: gitraft.repo.v1.RepoService.CreateRepo:input_type -> gitraft.repo.v1.CreateRepoRequest
-	7,  // 12: gitraft.repo.v1.RepoService.DeleteRepo:input_type -> gitraft.repo.v1.DeleteRepoRequest
-	9,  // 13: gitraft.repo.v1.RepoService.ListRepos:input_type -> gitraft.repo.v1.ListReposRequest
-	11, // 14: gitraft.repo.v1.RepoService.GetRepo:input_type -> gitraft.repo.v1.GetRepoRequest
-	14, // 15: gitraft.repo.v1.RepoService.UpdateRefs:input_type -> gitraft.repo.v1.UpdateRefsRequest
-	6,  // 16: gitraft.repo.v1.RepoService.CreateRepo:output_type -> gitraft.repo.v1.CreateRepoResponse
-	8,  // 17: gitraft.repo.v1.RepoService.DeleteRepo:output_type -> gitraft.repo.v1.DeleteRepoResponse
-	10, // 18: gitraft.repo.v1.RepoService.ListRepos:output_type -> gitraft.repo.v1.ListReposResponse
-	12, // 19: gitraft.repo.v1.RepoService.GetRepo:output_type -> gitraft.repo.v1.GetRepoResponse
-	16, // 20: gitraft.repo.v1.RepoService.UpdateRefs:output_type -> gitraft.repo.v1.UpdateRefsResponse
-	16, // [16:21] is the sub-list for method output_type
-	11, // [11:16] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	0,  // 0: gitraft.repo.v1.NodeVerification.state:type_name -> gitraft.repo.v1.ReplicaState
+	3,  // 1: gitraft.repo.v1.VerifyRepoResponse.nodes:type_name -> gitraft.repo.v1.NodeVerification
+	0,  // 2: gitraft.repo.v1.Replica.state:type_name -> gitraft.repo.v1.ReplicaState
+	5,  // 3: gitraft.repo.v1.Repo.refs:type_name -> gitraft.repo.v1.Ref
+	20, // 4: gitraft.repo.v1.Repo.created_at:type_name -> google.protobuf.Timestamp
+	20, // 5: gitraft.repo.v1.Repo.updated_at:type_name -> google.protobuf.Timestamp
+	6,  // 6: gitraft.repo.v1.Repo.replicas:type_name -> gitraft.repo.v1.Replica
+	7,  // 7: gitraft.repo.v1.CreateRepoResponse.repo:type_name -> gitraft.repo.v1.Repo
+	7,  // 8: gitraft.repo.v1.ListReposResponse.repos:type_name -> gitraft.repo.v1.Repo
+	7,  // 9: gitraft.repo.v1.GetRepoResponse.repo:type_name -> gitraft.repo.v1.Repo
+	16, // 10: gitraft.repo.v1.UpdateRefsRequest.updates:type_name -> gitraft.repo.v1.RefUpdate
+	1,  // 11: gitraft.repo.v1.RefResult.status:type_name -> gitraft.repo.v1.RefStatus
+	18, // 12: gitraft.repo.v1.UpdateRefsResponse.results:type_name -> gitraft.repo.v1.RefResult
+	8,  // 13: gitraft.repo.v1.RepoService.CreateRepo:input_type -> gitraft.repo.v1.CreateRepoRequest
+	10, // 14: gitraft.repo.v1.RepoService.DeleteRepo:input_type -> gitraft.repo.v1.DeleteRepoRequest
+	12, // 15: gitraft.repo.v1.RepoService.ListRepos:input_type -> gitraft.repo.v1.ListReposRequest
+	14, // 16: gitraft.repo.v1.RepoService.GetRepo:input_type -> gitraft.repo.v1.GetRepoRequest
+	17, // 17: gitraft.repo.v1.RepoService.UpdateRefs:input_type -> gitraft.repo.v1.UpdateRefsRequest
+	2,  // 18: gitraft.repo.v1.RepoService.VerifyRepo:input_type -> gitraft.repo.v1.VerifyRepoRequest
+	9,  // 19: gitraft.repo.v1.RepoService.CreateRepo:output_type -> gitraft.repo.v1.CreateRepoResponse
+	11, // 20: gitraft.repo.v1.RepoService.DeleteRepo:output_type -> gitraft.repo.v1.DeleteRepoResponse
+	13, // 21: gitraft.repo.v1.RepoService.ListRepos:output_type -> gitraft.repo.v1.ListReposResponse
+	15, // 22: gitraft.repo.v1.RepoService.GetRepo:output_type -> gitraft.repo.v1.GetRepoResponse
+	19, // 23: gitraft.repo.v1.RepoService.UpdateRefs:output_type -> gitraft.repo.v1.UpdateRefsResponse
+	4,  // 24: gitraft.repo.v1.RepoService.VerifyRepo:output_type -> gitraft.repo.v1.VerifyRepoResponse
+	19, // [19:25] is the sub-list for method output_type
+	13, // [13:19] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_repo_v1_repo_proto_init() }
@@ -1119,7 +1350,7 @@ func file_gitraft_repo_v1_repo_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_repo_v1_repo_proto_rawDesc), len(file_gitraft_repo_v1_repo_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   15,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

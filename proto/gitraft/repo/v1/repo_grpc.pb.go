@@ -26,6 +26,7 @@ const (
 	RepoService_ListRepos_FullMethodName  = "/gitraft.repo.v1.RepoService/ListRepos"
 	RepoService_GetRepo_FullMethodName    = "/gitraft.repo.v1.RepoService/GetRepo"
 	RepoService_UpdateRefs_FullMethodName = "/gitraft.repo.v1.RepoService/UpdateRefs"
+	RepoService_VerifyRepo_FullMethodName = "/gitraft.repo.v1.RepoService/VerifyRepo"
 )
 
 // RepoServiceClient is the client API for RepoService service.
@@ -38,6 +39,8 @@ type RepoServiceClient interface {
 	GetRepo(ctx context.Context, in *GetRepoRequest, opts ...grpc.CallOption) (*GetRepoResponse, error)
 	// UpdateRefs is a compare-and-swap of refs under a write lock's fencing token.
 	UpdateRefs(ctx context.Context, in *UpdateRefsRequest, opts ...grpc.CallOption) (*UpdateRefsResponse, error)
+	// VerifyRepo compares every node's refs on disk with the replicated state.
+	VerifyRepo(ctx context.Context, in *VerifyRepoRequest, opts ...grpc.CallOption) (*VerifyRepoResponse, error)
 }
 
 type repoServiceClient struct {
@@ -98,6 +101,16 @@ func (c *repoServiceClient) UpdateRefs(ctx context.Context, in *UpdateRefsReques
 	return out, nil
 }
 
+func (c *repoServiceClient) VerifyRepo(ctx context.Context, in *VerifyRepoRequest, opts ...grpc.CallOption) (*VerifyRepoResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VerifyRepoResponse)
+	err := c.cc.Invoke(ctx, RepoService_VerifyRepo_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // RepoServiceServer is the server API for RepoService service.
 // All implementations must embed UnimplementedRepoServiceServer
 // for forward compatibility.
@@ -108,6 +121,8 @@ type RepoServiceServer interface {
 	GetRepo(context.Context, *GetRepoRequest) (*GetRepoResponse, error)
 	// UpdateRefs is a compare-and-swap of refs under a write lock's fencing token.
 	UpdateRefs(context.Context, *UpdateRefsRequest) (*UpdateRefsResponse, error)
+	// VerifyRepo compares every node's refs on disk with the replicated state.
+	VerifyRepo(context.Context, *VerifyRepoRequest) (*VerifyRepoResponse, error)
 	mustEmbedUnimplementedRepoServiceServer()
 }
 
@@ -132,6 +147,9 @@ func (UnimplementedRepoServiceServer) GetRepo(context.Context, *GetRepoRequest) 
 }
 func (UnimplementedRepoServiceServer) UpdateRefs(context.Context, *UpdateRefsRequest) (*UpdateRefsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method UpdateRefs not implemented")
+}
+func (UnimplementedRepoServiceServer) VerifyRepo(context.Context, *VerifyRepoRequest) (*VerifyRepoResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method VerifyRepo not implemented")
 }
 func (UnimplementedRepoServiceServer) mustEmbedUnimplementedRepoServiceServer() {}
 func (UnimplementedRepoServiceServer) testEmbeddedByValue()                     {}
@@ -244,6 +262,24 @@ func _RepoService_UpdateRefs_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _RepoService_VerifyRepo_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VerifyRepoRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RepoServiceServer).VerifyRepo(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RepoService_VerifyRepo_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RepoServiceServer).VerifyRepo(ctx, req.(*VerifyRepoRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // RepoService_ServiceDesc is the grpc.ServiceDesc for RepoService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -270,6 +306,10 @@ var RepoService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "UpdateRefs",
 			Handler:    _RepoService_UpdateRefs_Handler,
+		},
+		{
+			MethodName: "VerifyRepo",
+			Handler:    _RepoService_VerifyRepo_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
