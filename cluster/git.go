@@ -658,4 +658,3 @@ func RunNodeGit(ctx context.Context, addr, service, repo string, tlsFiles TLSFil
 	}
 	return code
 }
-

@@ -455,7 +455,6 @@ func (s *nodeService) PutPack(stream nodev1.NodeService_PutPackServer) error {
 	return stream.SendAndClose(&nodev1.PutPackResponse{NodeId: n.cfg.NodeID, Checksum: r.sum})
 }
 
-
 func (s *nodeService) GetLocalRefs(ctx context.Context, req *nodev1.GetLocalRefsRequest) (*nodev1.GetLocalRefsResponse, error) {
 	n := s.n
 	if n.git == nil {
@@ -515,4 +514,58 @@ func (n *Node) memberReplicas(ctx context.Context, repo string) map[string]*node
 	}
 	wg.Wait()
 	return out
+}
+
+func (s *nodeService) MissingObjects(ctx context.Context, req *nodev1.MissingObjectsRequest) (*nodev1.MissingObjectsResponse, error) {
+	if s.n.git == nil {
+		return nil, status.Error(codes.FailedPrecondition, ErrNoGit.Error())
+	}
+	missing, err := s.n.git.st.Missing(ctx, req.GetRepo(), req.GetOids())
+	if errors.Is(err, storage.ErrNotFound) {
+		missing = req.GetOids()
+	} else if err != nil {
+		return nil, err
+	}
+	return &nodev1.MissingObjectsResponse{NodeId: s.n.cfg.NodeID, Missing: missing}, nil
+}
+
+// objectsOnQuorum checks that a majority of voters hold every object, so a
+// ref may point at them without a push having shipped them.
+func (n *Node) objectsOnQuorum(ctx context.Context, repo string, oids []string) error {
+	if n.git == nil || len(oids) == 0 {
+		return nil
+	}
+	voters, err := n.voters()
+	if err != nil {
+		return err
+	}
+	need := len(voters)/2 + 1
+	have := 0
+	var missing []string
+	for _, m := range voters {
+		var lacks []string
+		if m.GetId() == n.cfg.NodeID {
+			lacks, err = n.git.st.Missing(ctx, repo, oids)
+			if errors.Is(err, storage.ErrNotFound) {
+				lacks, err = oids, nil
+			}
+		} else if c, cerr := n.peers.node(m.GetGrpcAddr()); cerr == nil {
+			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			var resp *nodev1.MissingObjectsResponse
+			resp, err = c.MissingObjects(cctx, &nodev1.MissingObjectsRequest{Repo: repo, Oids: oids})
+			cancel()
+			lacks = resp.GetMissing()
+		} else {
+			err = cerr
+		}
+		if err == nil && len(lacks) == 0 {
+			have++
+		} else if len(lacks) > 0 {
+			missing = lacks
+		}
+	}
+	if have < need {
+		return status.Errorf(codes.FailedPrecondition, "only %d of %d nodes hold the objects (e.g. %s); a ref may only point at objects a push stored on a majority", have, len(voters), strings.Join(missing[:min(1, len(missing))], ""))
+	}
+	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -464,8 +465,15 @@ func (s *repoService) UpdateRefs(ctx context.Context, req *repov1.UpdateRefsRequ
 		return nil, err
 	}
 	u := &fsmv1.UpdateRefs{Repo: name, FencingToken: req.GetFencingToken(), Atomic: req.GetAtomic()}
+	var oids []string
 	for _, x := range req.GetUpdates() {
 		u.Updates = append(u.Updates, &fsmv1.RefUpdate{Ref: x.GetRef(), OldOid: x.GetOldOid(), NewOid: x.GetNewOid()})
+		if x.GetNewOid() != "" && strings.Trim(x.GetNewOid(), "0") != "" {
+			oids = append(oids, x.GetNewOid())
+		}
+	}
+	if err := s.n.objectsOnQuorum(ctx, name, oids); err != nil {
+		return nil, err
 	}
 	r, err := s.n.commit(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_UpdateRefs{UpdateRefs: u}})
 	if err != nil {

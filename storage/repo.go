@@ -172,10 +172,10 @@ var repoConfig = [][2]string{
 	{"receive.advertiseAtomic", "true"},
 	{"receive.denyDeletes", "false"},
 	{"receive.denyNonFastForwards", "false"},
-	// Peers fetch exact objects from each other when catching up.
+	// Peers fetch exact objects from each other when catching up. (Not
+	// uploadpack.allowRefInWant: with git 2.39 it breaks shallow clones.)
 	{"uploadpack.allowAnySHA1InWant", "true"},
 	{"uploadpack.allowFilter", "true"},
-	{"uploadpack.allowRefInWant", "true"},
 	{"gc.auto", "0"},
 	{"core.logAllRefUpdates", "false"},
 	{"repack.writeBitmaps", "true"},

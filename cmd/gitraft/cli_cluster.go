@@ -17,7 +17,7 @@ func newClusterCmd(g *globalOpts) *cobra.Command {
 		Use:   "cluster",
 		Short: "Show and change the cluster's members",
 	}
-	cmd.AddCommand(newClusterStatusCmd(g), newClusterJoinCmd(g), newClusterRemoveCmd(g), newClusterTransferCmd(g))
+	cmd.AddCommand(newClusterStatusCmd(g), newClusterJoinCmd(g), newClusterRemoveCmd(g), newClusterTransferCmd(g), newClusterKnownHostsCmd(g))
 	return cmd
 }
 

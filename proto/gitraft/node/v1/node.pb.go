@@ -77,6 +77,110 @@ func (ReplicaState) EnumDescriptor() ([]byte, []int) {
 	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{0}
 }
 
+type MissingObjectsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Repo          string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
+	Oids          []string               `protobuf:"bytes,2,rep,name=oids,proto3" json:"oids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MissingObjectsRequest) Reset() {
+	*x = MissingObjectsRequest{}
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MissingObjectsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MissingObjectsRequest) ProtoMessage() {}
+
+func (x *MissingObjectsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MissingObjectsRequest.ProtoReflect.Descriptor instead.
+func (*MissingObjectsRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *MissingObjectsRequest) GetRepo() string {
+	if x != nil {
+		return x.Repo
+	}
+	return ""
+}
+
+func (x *MissingObjectsRequest) GetOids() []string {
+	if x != nil {
+		return x.Oids
+	}
+	return nil
+}
+
+type MissingObjectsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Missing       []string               `protobuf:"bytes,2,rep,name=missing,proto3" json:"missing,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MissingObjectsResponse) Reset() {
+	*x = MissingObjectsResponse{}
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MissingObjectsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MissingObjectsResponse) ProtoMessage() {}
+
+func (x *MissingObjectsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MissingObjectsResponse.ProtoReflect.Descriptor instead.
+func (*MissingObjectsResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *MissingObjectsResponse) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *MissingObjectsResponse) GetMissing() []string {
+	if x != nil {
+		return x.Missing
+	}
+	return nil
+}
+
 type GetLocalRefsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Repo          string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
@@ -86,7 +190,7 @@ type GetLocalRefsRequest struct {
 
 func (x *GetLocalRefsRequest) Reset() {
 	*x = GetLocalRefsRequest{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[0]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -98,7 +202,7 @@ func (x *GetLocalRefsRequest) String() string {
 func (*GetLocalRefsRequest) ProtoMessage() {}
 
 func (x *GetLocalRefsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[0]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -111,7 +215,7 @@ func (x *GetLocalRefsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLocalRefsRequest.ProtoReflect.Descriptor instead.
 func (*GetLocalRefsRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{0}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *GetLocalRefsRequest) GetRepo() string {
@@ -134,7 +238,7 @@ type GetLocalRefsResponse struct {
 
 func (x *GetLocalRefsResponse) Reset() {
 	*x = GetLocalRefsResponse{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[1]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -146,7 +250,7 @@ func (x *GetLocalRefsResponse) String() string {
 func (*GetLocalRefsResponse) ProtoMessage() {}
 
 func (x *GetLocalRefsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[1]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -159,7 +263,7 @@ func (x *GetLocalRefsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLocalRefsResponse.ProtoReflect.Descriptor instead.
 func (*GetLocalRefsResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{1}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *GetLocalRefsResponse) GetNodeId() string {
@@ -213,7 +317,7 @@ type PutPackHeader struct {
 
 func (x *PutPackHeader) Reset() {
 	*x = PutPackHeader{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[2]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -225,7 +329,7 @@ func (x *PutPackHeader) String() string {
 func (*PutPackHeader) ProtoMessage() {}
 
 func (x *PutPackHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[2]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -238,7 +342,7 @@ func (x *PutPackHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutPackHeader.ProtoReflect.Descriptor instead.
 func (*PutPackHeader) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{2}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *PutPackHeader) GetRepo() string {
@@ -297,7 +401,7 @@ type PutPackRequest struct {
 
 func (x *PutPackRequest) Reset() {
 	*x = PutPackRequest{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[3]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -309,7 +413,7 @@ func (x *PutPackRequest) String() string {
 func (*PutPackRequest) ProtoMessage() {}
 
 func (x *PutPackRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[3]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -322,7 +426,7 @@ func (x *PutPackRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutPackRequest.ProtoReflect.Descriptor instead.
 func (*PutPackRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{3}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *PutPackRequest) GetMsg() isPutPackRequest_Msg {
@@ -391,7 +495,7 @@ type PutPackResponse struct {
 
 func (x *PutPackResponse) Reset() {
 	*x = PutPackResponse{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[4]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -403,7 +507,7 @@ func (x *PutPackResponse) String() string {
 func (*PutPackResponse) ProtoMessage() {}
 
 func (x *PutPackResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[4]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -416,7 +520,7 @@ func (x *PutPackResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutPackResponse.ProtoReflect.Descriptor instead.
 func (*PutPackResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{4}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *PutPackResponse) GetNodeId() string {
@@ -451,7 +555,7 @@ type GitSessionStart struct {
 
 func (x *GitSessionStart) Reset() {
 	*x = GitSessionStart{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[5]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -463,7 +567,7 @@ func (x *GitSessionStart) String() string {
 func (*GitSessionStart) ProtoMessage() {}
 
 func (x *GitSessionStart) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[5]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -476,7 +580,7 @@ func (x *GitSessionStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GitSessionStart.ProtoReflect.Descriptor instead.
 func (*GitSessionStart) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{5}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *GitSessionStart) GetService() string {
@@ -528,7 +632,7 @@ type GitSessionRequest struct {
 
 func (x *GitSessionRequest) Reset() {
 	*x = GitSessionRequest{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[6]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -540,7 +644,7 @@ func (x *GitSessionRequest) String() string {
 func (*GitSessionRequest) ProtoMessage() {}
 
 func (x *GitSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[6]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -553,7 +657,7 @@ func (x *GitSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GitSessionRequest.ProtoReflect.Descriptor instead.
 func (*GitSessionRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{6}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *GitSessionRequest) GetMsg() isGitSessionRequest_Msg {
@@ -627,7 +731,7 @@ type GitSessionResponse struct {
 
 func (x *GitSessionResponse) Reset() {
 	*x = GitSessionResponse{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[7]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -639,7 +743,7 @@ func (x *GitSessionResponse) String() string {
 func (*GitSessionResponse) ProtoMessage() {}
 
 func (x *GitSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[7]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -652,7 +756,7 @@ func (x *GitSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GitSessionResponse.ProtoReflect.Descriptor instead.
 func (*GitSessionResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{7}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *GitSessionResponse) GetMsg() isGitSessionResponse_Msg {
@@ -721,7 +825,7 @@ type GetReplicasRequest struct {
 
 func (x *GetReplicasRequest) Reset() {
 	*x = GetReplicasRequest{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[8]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -733,7 +837,7 @@ func (x *GetReplicasRequest) String() string {
 func (*GetReplicasRequest) ProtoMessage() {}
 
 func (x *GetReplicasRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[8]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -746,7 +850,7 @@ func (x *GetReplicasRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetReplicasRequest.ProtoReflect.Descriptor instead.
 func (*GetReplicasRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{8}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetReplicasRequest) GetRepo() string {
@@ -769,7 +873,7 @@ type Replica struct {
 
 func (x *Replica) Reset() {
 	*x = Replica{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[9]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -781,7 +885,7 @@ func (x *Replica) String() string {
 func (*Replica) ProtoMessage() {}
 
 func (x *Replica) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[9]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -794,7 +898,7 @@ func (x *Replica) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Replica.ProtoReflect.Descriptor instead.
 func (*Replica) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{9}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Replica) GetRepo() string {
@@ -844,7 +948,7 @@ type GetReplicasResponse struct {
 
 func (x *GetReplicasResponse) Reset() {
 	*x = GetReplicasResponse{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[10]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -856,7 +960,7 @@ func (x *GetReplicasResponse) String() string {
 func (*GetReplicasResponse) ProtoMessage() {}
 
 func (x *GetReplicasResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[10]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -869,7 +973,7 @@ func (x *GetReplicasResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetReplicasResponse.ProtoReflect.Descriptor instead.
 func (*GetReplicasResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{10}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GetReplicasResponse) GetNodeId() string {
@@ -901,7 +1005,7 @@ type GetLocalStatusRequest struct {
 
 func (x *GetLocalStatusRequest) Reset() {
 	*x = GetLocalStatusRequest{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[11]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -913,7 +1017,7 @@ func (x *GetLocalStatusRequest) String() string {
 func (*GetLocalStatusRequest) ProtoMessage() {}
 
 func (x *GetLocalStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[11]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -926,7 +1030,7 @@ func (x *GetLocalStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLocalStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetLocalStatusRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{11}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{13}
 }
 
 type GetLocalStatusResponse struct {
@@ -944,7 +1048,7 @@ type GetLocalStatusResponse struct {
 
 func (x *GetLocalStatusResponse) Reset() {
 	*x = GetLocalStatusResponse{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[12]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -956,7 +1060,7 @@ func (x *GetLocalStatusResponse) String() string {
 func (*GetLocalStatusResponse) ProtoMessage() {}
 
 func (x *GetLocalStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[12]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -969,7 +1073,7 @@ func (x *GetLocalStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLocalStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetLocalStatusResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{12}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GetLocalStatusResponse) GetNodeId() string {
@@ -1023,7 +1127,7 @@ type ProposeRequest struct {
 
 func (x *ProposeRequest) Reset() {
 	*x = ProposeRequest{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[13]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1035,7 +1139,7 @@ func (x *ProposeRequest) String() string {
 func (*ProposeRequest) ProtoMessage() {}
 
 func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[13]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1048,7 +1152,7 @@ func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposeRequest.ProtoReflect.Descriptor instead.
 func (*ProposeRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{13}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ProposeRequest) GetEntry() *v1.Entry {
@@ -1067,7 +1171,7 @@ type ProposeResponse struct {
 
 func (x *ProposeResponse) Reset() {
 	*x = ProposeResponse{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[14]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1079,7 +1183,7 @@ func (x *ProposeResponse) String() string {
 func (*ProposeResponse) ProtoMessage() {}
 
 func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[14]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1092,7 +1196,7 @@ func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposeResponse.ProtoReflect.Descriptor instead.
 func (*ProposeResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{14}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ProposeResponse) GetResult() *v1.Result {
@@ -1110,7 +1214,7 @@ type ReadIndexRequest struct {
 
 func (x *ReadIndexRequest) Reset() {
 	*x = ReadIndexRequest{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[15]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1122,7 +1226,7 @@ func (x *ReadIndexRequest) String() string {
 func (*ReadIndexRequest) ProtoMessage() {}
 
 func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[15]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1135,7 +1239,7 @@ func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexRequest.ProtoReflect.Descriptor instead.
 func (*ReadIndexRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{15}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{17}
 }
 
 type ReadIndexResponse struct {
@@ -1147,7 +1251,7 @@ type ReadIndexResponse struct {
 
 func (x *ReadIndexResponse) Reset() {
 	*x = ReadIndexResponse{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[16]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1159,7 +1263,7 @@ func (x *ReadIndexResponse) String() string {
 func (*ReadIndexResponse) ProtoMessage() {}
 
 func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[16]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1172,7 +1276,7 @@ func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexResponse.ProtoReflect.Descriptor instead.
 func (*ReadIndexResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{16}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ReadIndexResponse) GetIndex() uint64 {
@@ -1186,7 +1290,13 @@ var File_gitraft_node_v1_node_proto protoreflect.FileDescriptor
 
 const file_gitraft_node_v1_node_proto_rawDesc = "" +
 	"\n" +
-	"\x1agitraft/node/v1/node.proto\x12\x0fgitraft.node.v1\x1a\x18gitraft/fsm/v1/fsm.proto\")\n" +
+	"\x1agitraft/node/v1/node.proto\x12\x0fgitraft.node.v1\x1a\x18gitraft/fsm/v1/fsm.proto\"?\n" +
+	"\x15MissingObjectsRequest\x12\x12\n" +
+	"\x04repo\x18\x01 \x01(\tR\x04repo\x12\x12\n" +
+	"\x04oids\x18\x02 \x03(\tR\x04oids\"K\n" +
+	"\x16MissingObjectsResponse\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x18\n" +
+	"\amissing\x18\x02 \x03(\tR\amissing\")\n" +
 	"\x13GetLocalRefsRequest\x12\x12\n" +
 	"\x04repo\x18\x01 \x01(\tR\x04repo\"\xf4\x01\n" +
 	"\x14GetLocalRefsResponse\x12\x17\n" +
@@ -1261,7 +1371,7 @@ const file_gitraft_node_v1_node_proto_rawDesc = "" +
 	"\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15REPLICA_STATE_CURRENT\x10\x01\x12\x18\n" +
 	"\x14REPLICA_STATE_BEHIND\x10\x02\x12\x19\n" +
-	"\x15REPLICA_STATE_SYNCING\x10\x032\xf4\x04\n" +
+	"\x15REPLICA_STATE_SYNCING\x10\x032\xd7\x05\n" +
 	"\vNodeService\x12L\n" +
 	"\aPropose\x12\x1f.gitraft.node.v1.ProposeRequest\x1a .gitraft.node.v1.ProposeResponse\x12R\n" +
 	"\tReadIndex\x12!.gitraft.node.v1.ReadIndexRequest\x1a\".gitraft.node.v1.ReadIndexResponse\x12a\n" +
@@ -1270,7 +1380,8 @@ const file_gitraft_node_v1_node_proto_rawDesc = "" +
 	"\n" +
 	"GitSession\x12\".gitraft.node.v1.GitSessionRequest\x1a#.gitraft.node.v1.GitSessionResponse(\x010\x01\x12X\n" +
 	"\vGetReplicas\x12#.gitraft.node.v1.GetReplicasRequest\x1a$.gitraft.node.v1.GetReplicasResponse\x12[\n" +
-	"\fGetLocalRefs\x12$.gitraft.node.v1.GetLocalRefsRequest\x1a%.gitraft.node.v1.GetLocalRefsResponseB9Z7github.com/gitraft/gitraft/proto/gitraft/node/v1;nodev1b\x06proto3"
+	"\fGetLocalRefs\x12$.gitraft.node.v1.GetLocalRefsRequest\x1a%.gitraft.node.v1.GetLocalRefsResponse\x12a\n" +
+	"\x0eMissingObjects\x12&.gitraft.node.v1.MissingObjectsRequest\x1a'.gitraft.node.v1.MissingObjectsResponseB9Z7github.com/gitraft/gitraft/proto/gitraft/node/v1;nodev1b\x06proto3"
 
 var (
 	file_gitraft_node_v1_node_proto_rawDescOnce sync.Once
@@ -1285,54 +1396,58 @@ func file_gitraft_node_v1_node_proto_rawDescGZIP() []byte {
 }
 
 var file_gitraft_node_v1_node_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_gitraft_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_gitraft_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_gitraft_node_v1_node_proto_goTypes = []any{
 	(ReplicaState)(0),              // 0: gitraft.node.v1.ReplicaState
-	(*GetLocalRefsRequest)(nil),    // 1: gitraft.node.v1.GetLocalRefsRequest
-	(*GetLocalRefsResponse)(nil),   // 2: gitraft.node.v1.GetLocalRefsResponse
-	(*PutPackHeader)(nil),          // 3: gitraft.node.v1.PutPackHeader
-	(*PutPackRequest)(nil),         // 4: gitraft.node.v1.PutPackRequest
-	(*PutPackResponse)(nil),        // 5: gitraft.node.v1.PutPackResponse
-	(*GitSessionStart)(nil),        // 6: gitraft.node.v1.GitSessionStart
-	(*GitSessionRequest)(nil),      // 7: gitraft.node.v1.GitSessionRequest
-	(*GitSessionResponse)(nil),     // 8: gitraft.node.v1.GitSessionResponse
-	(*GetReplicasRequest)(nil),     // 9: gitraft.node.v1.GetReplicasRequest
-	(*Replica)(nil),                // 10: gitraft.node.v1.Replica
-	(*GetReplicasResponse)(nil),    // 11: gitraft.node.v1.GetReplicasResponse
-	(*GetLocalStatusRequest)(nil),  // 12: gitraft.node.v1.GetLocalStatusRequest
-	(*GetLocalStatusResponse)(nil), // 13: gitraft.node.v1.GetLocalStatusResponse
-	(*ProposeRequest)(nil),         // 14: gitraft.node.v1.ProposeRequest
-	(*ProposeResponse)(nil),        // 15: gitraft.node.v1.ProposeResponse
-	(*ReadIndexRequest)(nil),       // 16: gitraft.node.v1.ReadIndexRequest
-	(*ReadIndexResponse)(nil),      // 17: gitraft.node.v1.ReadIndexResponse
-	nil,                            // 18: gitraft.node.v1.GetLocalRefsResponse.RefsEntry
-	(*v1.Entry)(nil),               // 19: gitraft.fsm.v1.Entry
-	(*v1.Result)(nil),              // 20: gitraft.fsm.v1.Result
+	(*MissingObjectsRequest)(nil),  // 1: gitraft.node.v1.MissingObjectsRequest
+	(*MissingObjectsResponse)(nil), // 2: gitraft.node.v1.MissingObjectsResponse
+	(*GetLocalRefsRequest)(nil),    // 3: gitraft.node.v1.GetLocalRefsRequest
+	(*GetLocalRefsResponse)(nil),   // 4: gitraft.node.v1.GetLocalRefsResponse
+	(*PutPackHeader)(nil),          // 5: gitraft.node.v1.PutPackHeader
+	(*PutPackRequest)(nil),         // 6: gitraft.node.v1.PutPackRequest
+	(*PutPackResponse)(nil),        // 7: gitraft.node.v1.PutPackResponse
+	(*GitSessionStart)(nil),        // 8: gitraft.node.v1.GitSessionStart
+	(*GitSessionRequest)(nil),      // 9: gitraft.node.v1.GitSessionRequest
+	(*GitSessionResponse)(nil),     // 10: gitraft.node.v1.GitSessionResponse
+	(*GetReplicasRequest)(nil),     // 11: gitraft.node.v1.GetReplicasRequest
+	(*Replica)(nil),                // 12: gitraft.node.v1.Replica
+	(*GetReplicasResponse)(nil),    // 13: gitraft.node.v1.GetReplicasResponse
+	(*GetLocalStatusRequest)(nil),  // 14: gitraft.node.v1.GetLocalStatusRequest
+	(*GetLocalStatusResponse)(nil), // 15: gitraft.node.v1.GetLocalStatusResponse
+	(*ProposeRequest)(nil),         // 16: gitraft.node.v1.ProposeRequest
+	(*ProposeResponse)(nil),        // 17: gitraft.node.v1.ProposeResponse
+	(*ReadIndexRequest)(nil),       // 18: gitraft.node.v1.ReadIndexRequest
+	(*ReadIndexResponse)(nil),      // 19: gitraft.node.v1.ReadIndexResponse
+	nil,                            // 20: gitraft.node.v1.GetLocalRefsResponse.RefsEntry
+	(*v1.Entry)(nil),               // 21: gitraft.fsm.v1.Entry
+	(*v1.Result)(nil),              // 22: gitraft.fsm.v1.Result
 }
 var file_gitraft_node_v1_node_proto_depIdxs = []int32{
-	18, // 0: gitraft.node.v1.GetLocalRefsResponse.refs:type_name -> gitraft.node.v1.GetLocalRefsResponse.RefsEntry
-	3,  // 1: gitraft.node.v1.PutPackRequest.header:type_name -> gitraft.node.v1.PutPackHeader
-	6,  // 2: gitraft.node.v1.GitSessionRequest.start:type_name -> gitraft.node.v1.GitSessionStart
+	20, // 0: gitraft.node.v1.GetLocalRefsResponse.refs:type_name -> gitraft.node.v1.GetLocalRefsResponse.RefsEntry
+	5,  // 1: gitraft.node.v1.PutPackRequest.header:type_name -> gitraft.node.v1.PutPackHeader
+	8,  // 2: gitraft.node.v1.GitSessionRequest.start:type_name -> gitraft.node.v1.GitSessionStart
 	0,  // 3: gitraft.node.v1.Replica.state:type_name -> gitraft.node.v1.ReplicaState
-	10, // 4: gitraft.node.v1.GetReplicasResponse.replicas:type_name -> gitraft.node.v1.Replica
-	19, // 5: gitraft.node.v1.ProposeRequest.entry:type_name -> gitraft.fsm.v1.Entry
-	20, // 6: gitraft.node.v1.ProposeResponse.result:type_name -> gitraft.fsm.v1.Result
-	14, // 7: gitraft.node.v1.NodeService.Propose:input_type -> gitraft.node.v1.ProposeRequest
-	16, // 8: gitraft.node.v1.NodeService.ReadIndex:input_type -> gitraft.node.v1.ReadIndexRequest
-	12, // 9: gitraft.node.v1.NodeService.GetLocalStatus:input_type -> gitraft.node.v1.GetLocalStatusRequest
-	4,  // 10: gitraft.node.v1.NodeService.PutPack:input_type -> gitraft.node.v1.PutPackRequest
-	7,  // 11: gitraft.node.v1.NodeService.GitSession:input_type -> gitraft.node.v1.GitSessionRequest
-	9,  // 12: gitraft.node.v1.NodeService.GetReplicas:input_type -> gitraft.node.v1.GetReplicasRequest
-	1,  // 13: gitraft.node.v1.NodeService.GetLocalRefs:input_type -> gitraft.node.v1.GetLocalRefsRequest
-	15, // 14: gitraft.node.v1.NodeService.Propose:output_type -> gitraft.node.v1.ProposeResponse
-	17, // 15: gitraft.node.v1.NodeService.ReadIndex:output_type -> gitraft.node.v1.ReadIndexResponse
-	13, // 16: gitraft.node.v1.NodeService.GetLocalStatus:output_type -> gitraft.node.v1.GetLocalStatusResponse
-	5,  // 17: gitraft.node.v1.NodeService.PutPack:output_type -> gitraft.node.v1.PutPackResponse
-	8,  // 18: gitraft.node.v1.NodeService.GitSession:output_type -> gitraft.node.v1.GitSessionResponse
-	11, // 19: gitraft.node.v1.NodeService.GetReplicas:output_type -> gitraft.node.v1.GetReplicasResponse
-	2,  // 20: gitraft.node.v1.NodeService.GetLocalRefs:output_type -> gitraft.node.v1.GetLocalRefsResponse
-	14, // [14:21] is the sub-list for method output_type
-	7,  // [7:14] is the sub-list for method input_type
+	12, // 4: gitraft.node.v1.GetReplicasResponse.replicas:type_name -> gitraft.node.v1.Replica
+	21, // 5: gitraft.node.v1.ProposeRequest.entry:type_name -> gitraft.fsm.v1.Entry
+	22, // 6: gitraft.node.v1.ProposeResponse.result:type_name -> gitraft.fsm.v1.Result
+	16, // 7: gitraft.node.v1.NodeService.Propose:input_type -> gitraft.node.v1.ProposeRequest
+	18, // 8: gitraft.node.v1.NodeService.ReadIndex:input_type -> gitraft.node.v1.ReadIndexRequest
+	14, // 9: gitraft.node.v1.NodeService.GetLocalStatus:input_type -> gitraft.node.v1.GetLocalStatusRequest
+	6,  // 10: gitraft.node.v1.NodeService.PutPack:input_type -> gitraft.node.v1.PutPackRequest
+	9,  // 11: gitraft.node.v1.NodeService.GitSession:input_type -> gitraft.node.v1.GitSessionRequest
+	11, // 12: gitraft.node.v1.NodeService.GetReplicas:input_type -> gitraft.node.v1.GetReplicasRequest
+	3,  // 13: gitraft.node.v1.NodeService.GetLocalRefs:input_type -> gitraft.node.v1.GetLocalRefsRequest
+	1,  // 14: gitraft.node.v1.NodeService.MissingObjects:input_type -> gitraft.node.v1.MissingObjectsRequest
+	17, // 15: gitraft.node.v1.NodeService.Propose:output_type -> gitraft.node.v1.ProposeResponse
+	19, // 16: gitraft.node.v1.NodeService.ReadIndex:output_type -> gitraft.node.v1.ReadIndexResponse
+	15, // 17: gitraft.node.v1.NodeService.GetLocalStatus:output_type -> gitraft.node.v1.GetLocalStatusResponse
+	7,  // 18: gitraft.node.v1.NodeService.PutPack:output_type -> gitraft.node.v1.PutPackResponse
+	10, // 19: gitraft.node.v1.NodeService.GitSession:output_type -> gitraft.node.v1.GitSessionResponse
+	13, // 20: gitraft.node.v1.NodeService.GetReplicas:output_type -> gitraft.node.v1.GetReplicasResponse
+	4,  // 21: gitraft.node.v1.NodeService.GetLocalRefs:output_type -> gitraft.node.v1.GetLocalRefsResponse
+	2,  // 22: gitraft.node.v1.NodeService.MissingObjects:output_type -> gitraft.node.v1.MissingObjectsResponse
+	15, // [15:23] is the sub-list for method output_type
+	7,  // [7:15] is the sub-list for method input_type
 	7,  // [7:7] is the sub-list for extension type_name
 	7,  // [7:7] is the sub-list for extension extendee
 	0,  // [0:7] is the sub-list for field type_name
@@ -1343,17 +1458,17 @@ func file_gitraft_node_v1_node_proto_init() {
 	if File_gitraft_node_v1_node_proto != nil {
 		return
 	}
-	file_gitraft_node_v1_node_proto_msgTypes[3].OneofWrappers = []any{
+	file_gitraft_node_v1_node_proto_msgTypes[5].OneofWrappers = []any{
 		(*PutPackRequest_Header)(nil),
 		(*PutPackRequest_PackChunk)(nil),
 		(*PutPackRequest_IdxChunk)(nil),
 	}
-	file_gitraft_node_v1_node_proto_msgTypes[6].OneofWrappers = []any{
+	file_gitraft_node_v1_node_proto_msgTypes[8].OneofWrappers = []any{
 		(*GitSessionRequest_Start)(nil),
 		(*GitSessionRequest_Stdin)(nil),
 		(*GitSessionRequest_StdinEof)(nil),
 	}
-	file_gitraft_node_v1_node_proto_msgTypes[7].OneofWrappers = []any{
+	file_gitraft_node_v1_node_proto_msgTypes[9].OneofWrappers = []any{
 		(*GitSessionResponse_Stdout)(nil),
 		(*GitSessionResponse_Stderr)(nil),
 		(*GitSessionResponse_ExitCode)(nil),
@@ -1364,7 +1479,7 @@ func file_gitraft_node_v1_node_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_node_v1_node_proto_rawDesc), len(file_gitraft_node_v1_node_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   18,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -29,6 +29,7 @@ const (
 	NodeService_GitSession_FullMethodName     = "/gitraft.node.v1.NodeService/GitSession"
 	NodeService_GetReplicas_FullMethodName    = "/gitraft.node.v1.NodeService/GetReplicas"
 	NodeService_GetLocalRefs_FullMethodName   = "/gitraft.node.v1.NodeService/GetLocalRefs"
+	NodeService_MissingObjects_FullMethodName = "/gitraft.node.v1.NodeService/MissingObjects"
 )
 
 // NodeServiceClient is the client API for NodeService service.
@@ -55,6 +56,8 @@ type NodeServiceClient interface {
 	GetReplicas(ctx context.Context, in *GetReplicasRequest, opts ...grpc.CallOption) (*GetReplicasResponse, error)
 	// GetLocalRefs reads a repository's refs from this node's disk.
 	GetLocalRefs(ctx context.Context, in *GetLocalRefsRequest, opts ...grpc.CallOption) (*GetLocalRefsResponse, error)
+	// MissingObjects says which of the given objects this node lacks.
+	MissingObjects(ctx context.Context, in *MissingObjectsRequest, opts ...grpc.CallOption) (*MissingObjectsResponse, error)
 }
 
 type nodeServiceClient struct {
@@ -141,6 +144,16 @@ func (c *nodeServiceClient) GetLocalRefs(ctx context.Context, in *GetLocalRefsRe
 	return out, nil
 }
 
+func (c *nodeServiceClient) MissingObjects(ctx context.Context, in *MissingObjectsRequest, opts ...grpc.CallOption) (*MissingObjectsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(MissingObjectsResponse)
+	err := c.cc.Invoke(ctx, NodeService_MissingObjects_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // NodeServiceServer is the server API for NodeService service.
 // All implementations must embed UnimplementedNodeServiceServer
 // for forward compatibility.
@@ -165,6 +178,8 @@ type NodeServiceServer interface {
 	GetReplicas(context.Context, *GetReplicasRequest) (*GetReplicasResponse, error)
 	// GetLocalRefs reads a repository's refs from this node's disk.
 	GetLocalRefs(context.Context, *GetLocalRefsRequest) (*GetLocalRefsResponse, error)
+	// MissingObjects says which of the given objects this node lacks.
+	MissingObjects(context.Context, *MissingObjectsRequest) (*MissingObjectsResponse, error)
 	mustEmbedUnimplementedNodeServiceServer()
 }
 
@@ -195,6 +210,9 @@ func (UnimplementedNodeServiceServer) GetReplicas(context.Context, *GetReplicasR
 }
 func (UnimplementedNodeServiceServer) GetLocalRefs(context.Context, *GetLocalRefsRequest) (*GetLocalRefsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetLocalRefs not implemented")
+}
+func (UnimplementedNodeServiceServer) MissingObjects(context.Context, *MissingObjectsRequest) (*MissingObjectsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method MissingObjects not implemented")
 }
 func (UnimplementedNodeServiceServer) mustEmbedUnimplementedNodeServiceServer() {}
 func (UnimplementedNodeServiceServer) testEmbeddedByValue()                     {}
@@ -321,6 +339,24 @@ func _NodeService_GetLocalRefs_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
+func _NodeService_MissingObjects_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(MissingObjectsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(NodeServiceServer).MissingObjects(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: NodeService_MissingObjects_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(NodeServiceServer).MissingObjects(ctx, req.(*MissingObjectsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // NodeService_ServiceDesc is the grpc.ServiceDesc for NodeService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -347,6 +383,10 @@ var NodeService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetLocalRefs",
 			Handler:    _NodeService_GetLocalRefs_Handler,
+		},
+		{
+			MethodName: "MissingObjects",
+			Handler:    _NodeService_MissingObjects_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
