@@ -8,7 +8,7 @@ set -eu
 cd "$(dirname "$0")/.."
 
 need=""
-for pair in git:git; do
+for pair in git:git ssh:openssh-client ssh-keygen:openssh-client; do
 	cmd=${pair%%:*}
 	pkg=${pair#*:}
 	if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$cmd" ]; then
