@@ -540,28 +540,43 @@ func (n *Node) objectsOnQuorum(ctx context.Context, repo string, oids []string) 
 		return err
 	}
 	need := len(voters)/2 + 1
+	type answer struct {
+		ok    bool
+		lacks []string
+	}
+	answers := make(chan answer, len(voters))
+	for _, m := range voters {
+		go func() {
+			var lacks []string
+			var err error
+			if m.GetId() == n.cfg.NodeID {
+				lacks, err = n.git.st.Missing(ctx, repo, oids)
+				if errors.Is(err, storage.ErrNotFound) {
+					lacks, err = oids, nil
+				}
+			} else if c, cerr := n.peers.node(m.GetGrpcAddr()); cerr == nil {
+				cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+				var resp *nodev1.MissingObjectsResponse
+				resp, err = c.MissingObjects(cctx, &nodev1.MissingObjectsRequest{Repo: repo, Oids: oids})
+				cancel()
+				lacks = resp.GetMissing()
+			} else {
+				err = cerr
+			}
+			answers <- answer{ok: err == nil && len(lacks) == 0, lacks: lacks}
+		}()
+	}
 	have := 0
 	var missing []string
-	for _, m := range voters {
-		var lacks []string
-		if m.GetId() == n.cfg.NodeID {
-			lacks, err = n.git.st.Missing(ctx, repo, oids)
-			if errors.Is(err, storage.ErrNotFound) {
-				lacks, err = oids, nil
-			}
-		} else if c, cerr := n.peers.node(m.GetGrpcAddr()); cerr == nil {
-			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			var resp *nodev1.MissingObjectsResponse
-			resp, err = c.MissingObjects(cctx, &nodev1.MissingObjectsRequest{Repo: repo, Oids: oids})
-			cancel()
-			lacks = resp.GetMissing()
-		} else {
-			err = cerr
-		}
-		if err == nil && len(lacks) == 0 {
+	for range voters {
+		a := <-answers
+		if a.ok {
 			have++
-		} else if len(lacks) > 0 {
-			missing = lacks
+		} else if len(a.lacks) > 0 {
+			missing = a.lacks
+		}
+		if have >= need {
+			return nil
 		}
 	}
 	if have < need {

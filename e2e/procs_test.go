@@ -406,3 +406,18 @@ func (c *cluster) node(id string) *node {
 func execCommand(name string, args ...string) *exec.Cmd { return exec.Command(name, args...) }
 
 func lookPath(name string) (string, error) { return exec.LookPath(name) }
+
+type netDialer struct{}
+
+func (netDialer) dial(addr string) (net.Conn, error) { return net.DialTimeout("tcp", addr, time.Second) }
+
+func currentUser() string {
+	if u := os.Getenv("USER"); u != "" {
+		return u
+	}
+	out, err := exec.Command("id", "-un").Output()
+	if err != nil {
+		return "root"
+	}
+	return strings.TrimSpace(string(out))
+}

@@ -204,4 +204,3 @@ func RunHook(kind string, stdin io.Reader, stderr io.Writer, getenv func(string)
 	fmt.Fprintln(stderr, "gitraft: the node went away during the push; if it was committed, it shows on the next fetch")
 	return 1
 }
-

@@ -409,22 +409,13 @@ func (s *Store) Missing(ctx context.Context, name string, oids []string) ([]stri
 }
 
 // SetRefs makes the refs under refs/ exactly want, in one transaction, and
-// points HEAD at head (when not ""). Nothing changes if an object is missing.
+// points HEAD at head (when not ""). Nothing changes if an object is missing
+// (git refuses to point a ref at an object it does not have); callers that
+// fetch first check with Missing.
 func (s *Store) SetRefs(ctx context.Context, name string, want map[string]string, head string) error {
 	path, err := s.existing(name)
 	if err != nil {
 		return err
-	}
-	var oids []string
-	for _, o := range want {
-		oids = append(oids, o)
-	}
-	missing, err := s.Missing(ctx, name, oids)
-	if err != nil {
-		return err
-	}
-	if len(missing) > 0 {
-		return fmt.Errorf("%w: %d objects, e.g. %s", ErrMissingObjects, len(missing), strings.Join(missing[:min(3, len(missing))], ", "))
 	}
 	have, err := s.Refs(ctx, name)
 	if err != nil {
@@ -453,17 +444,33 @@ func (s *Store) SetRefs(ctx context.Context, name string, want map[string]string
 	tx.WriteString("prepare\ncommit\n")
 	if changed {
 		if _, err := s.run(ctx, path, tx.Bytes(), nil, "update-ref", "--stdin"); err != nil {
+			if strings.Contains(err.Error(), "nonexistent object") {
+				return fmt.Errorf("%w: %v", ErrMissingObjects, err)
+			}
 			return err
 		}
 	}
 	if head != "" {
-		if cur, err := s.Head(ctx, name); err != nil || cur != head {
+		if cur, err := s.headFile(path); err != nil || cur != head {
 			if _, err := s.run(ctx, path, nil, nil, "symbolic-ref", "HEAD", head); err != nil {
 				return err
 			}
 		}
 	}
 	return nil
+}
+
+// headFile reads HEAD's target without running git.
+func (s *Store) headFile(path string) (string, error) {
+	b, err := os.ReadFile(filepath.Join(path, "HEAD"))
+	if err != nil {
+		return "", err
+	}
+	ref, ok := strings.CutPrefix(strings.TrimSpace(string(b)), "ref: ")
+	if !ok {
+		return "", fmt.Errorf("%w: HEAD is not a symbolic ref", ErrCorrupt)
+	}
+	return ref, nil
 }
 
 // Fetch fetches objects by id from a remote into the repository without

@@ -1,0 +1,19 @@
+#!/bin/sh
+# Runs gitraft's benchmarks and prints their tables:
+#   BenchmarkCluster: committed Raft writes (locks, ref updates) and failover
+#   BenchmarkGit: git over SSH, plain git + OpenSSH sshd vs a gitraft cluster
+# The git baseline needs OpenSSH's sshd (Debian: openssh-server) and root (it
+# creates a "gitbench" account with git-shell as its login shell).
+set -eu
+cd "$(dirname "$0")/.."
+if [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null 2>&1; then
+	if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+		export DEBIAN_FRONTEND=noninteractive
+		apt-get update -qq
+		apt-get install -y -qq --no-install-recommends openssh-server openssh-client >/dev/null
+	else
+		echo "missing: openssh-server (install it, or run as root with apt-get)" >&2
+		exit 1
+	fi
+fi
+exec go test -count=1 -run '^$' -bench "${1:-.}" -benchtime 1x -timeout 30m ./e2e
