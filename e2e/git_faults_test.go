@@ -37,7 +37,7 @@ func Test_E2E_GitNodeKilledRightAfterAck(t *testing.T) {
 	u.mustGit(wt, "push", "-q", "origin", "main")
 	oid := u.commit(wt, "b", "acknowledged\n")
 	u.mustGit(wt, "push", "-q", "origin", "main") // ok seen by the client ...
-	n1.kill()                                      // ... then the node that took it dies
+	n1.kill()                                     // ... then the node that took it dies
 	for _, n := range c.nodes[1:] {
 		if !u.hasCommit(n, "r", oid) {
 			t.Fatalf("acknowledged push missing on %s after the node that took it died", n.id)

@@ -409,7 +409,9 @@ func lookPath(name string) (string, error) { return exec.LookPath(name) }
 
 type netDialer struct{}
 
-func (netDialer) dial(addr string) (net.Conn, error) { return net.DialTimeout("tcp", addr, time.Second) }
+func (netDialer) dial(addr string) (net.Conn, error) {
+	return net.DialTimeout("tcp", addr, time.Second)
+}
 
 func currentUser() string {
 	if u := os.Getenv("USER"); u != "" {
