@@ -44,12 +44,24 @@ func ParseRefUpdates(r io.Reader) ([]RefUpdate, error) {
 			continue
 		}
 		f := strings.Fields(line)
-		if len(f) != 3 {
+		if len(f) != 3 || !isOID(f[0]) || !isOID(f[1]) {
 			return nil, errors.New("malformed pre-receive line: " + line)
 		}
 		out = append(out, RefUpdate{Ref: f[2], Old: zeroToEmpty(f[0]), New: zeroToEmpty(f[1])})
 	}
 	return out, nil
+}
+
+func isOID(s string) bool {
+	if len(s) != 40 && len(s) != 64 {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= '0' && r <= '9' || r >= 'a' && r <= 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 func zeroToEmpty(oid string) string {
