@@ -53,22 +53,51 @@ func (n *Node) UserForKey(fingerprint string) (string, error) {
 
 // freshRead waits for a read barrier, but not long: when there is no quorum
 // it reports stale=true and the caller may serve what this node has.
-func (n *Node) freshRead(ctx context.Context) (stale bool, err error) {
+//
+// lagging=true means a leader answered but this node could not apply its
+// commit index in time (its log is stuck, for example on a full disk): its
+// state must not be used, and reads go to the leader instead.
+func (n *Node) freshRead(ctx context.Context) (stale, lagging bool, err error) {
 	bctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
 	if _, err := n.ReadBarrier(bctx); err != nil {
 		if ctx.Err() != nil {
-			return false, ctx.Err()
+			return false, false, ctx.Err()
 		}
-		return true, nil
+		if errors.Is(err, ErrNoLeader) {
+			return true, false, nil
+		}
+		return false, true, nil
 	}
-	return false, nil
+	return false, false, nil
+}
+
+// RedirectError says this node should not take a session, and which peer
+// should.
+type RedirectError struct {
+	PeerID, PeerAddr, Reason string
+}
+
+func (e *RedirectError) Error() string {
+	return fmt.Sprintf("%s; %s can take it", e.Reason, e.PeerID)
+}
+
+// leaderPeer returns the leader as a redirect target, when it is not us.
+func (n *Node) leaderPeer(reason string) error {
+	addr, id := n.leaderGRPC()
+	if addr == "" || id == n.cfg.NodeID {
+		return fmt.Errorf("%s, and no other node is known to take over", reason)
+	}
+	return &RedirectError{PeerID: id, PeerAddr: addr, Reason: reason}
 }
 
 // RepoAccess returns a user's access to a repository after a read barrier
 // (or from this node's state when there is no quorum).
+//
+// A lagging node judges from what it has applied; the session is then served
+// by the leader.
 func (n *Node) RepoAccess(ctx context.Context, repo, user string) (fsmv1.Access, error) {
-	if _, err := n.freshRead(ctx); err != nil {
+	if _, _, err := n.freshRead(ctx); err != nil {
 		return 0, err
 	}
 	var a fsmv1.Access
@@ -90,9 +119,17 @@ func (n *Node) PrepareRead(ctx context.Context, repo string, progress func(strin
 	if n.git == nil {
 		return "", "", ErrNoGit
 	}
-	stale, err := n.freshRead(ctx)
+	stale, lagging, err := n.freshRead(ctx)
 	if err != nil {
 		return "", "", err
+	}
+	if lagging {
+		addr, id := n.leaderGRPC()
+		if addr == "" || id == n.cfg.NodeID {
+			return "", "", fmt.Errorf("%s is behind the Raft log and cannot catch up", n.cfg.NodeID)
+		}
+		progress(fmt.Sprintf("%s is behind the Raft log; serving %q through the leader %s", n.cfg.NodeID, repo, id))
+		return "", addr, nil
 	}
 	t, ok := n.git.target(repo)
 	if !ok {
@@ -172,6 +209,9 @@ func (n *Node) BeginPush(ctx context.Context, repo, user, pushID string, progres
 	if n.git == nil {
 		return nil, ErrNoGit
 	}
+	if free, err := n.git.st.FreeBytes(); err == nil && free < n.git.cfg.MinFreeBytes {
+		return nil, n.pushPeer(ctx, repo, fmt.Sprintf("%s has only %d MB free on its data disk", n.cfg.NodeID, free>>20))
+	}
 	progress(fmt.Sprintf("%s took the push", n.cfg.NodeID))
 	waited := false
 	held, err := n.locks.Acquire(ctx, repo, n.cfg.NodeID+"/"+pushID, func(l lockd.WriteLock) {
@@ -202,8 +242,14 @@ func (n *Node) BeginPush(ctx context.Context, repo, user, pushID string, progres
 	}
 	// The lock was granted at some index; make sure this node has applied
 	// it (and so every earlier push) before judging whether it is current.
-	if _, err := n.ReadBarrier(ctx); err != nil {
-		return fail(err)
+	bctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	_, err = n.ReadBarrier(bctx)
+	cancel()
+	if errors.Is(err, ErrNoLeader) {
+		return fail(fmt.Errorf("the cluster has lost its quorum (no leader): %v", err))
+	}
+	if err != nil {
+		return fail(n.leaderPeer(n.cfg.NodeID + " is behind the Raft log"))
 	}
 	t, ok := n.git.target(repo)
 	if !ok {
@@ -212,7 +258,7 @@ func (n *Node) BeginPush(ctx context.Context, repo, user, pushID string, progres
 	if p.rs.id != t.id || p.rs.version < t.version {
 		progress(fmt.Sprintf("%s is behind on %q; catching up to version %d first", n.cfg.NodeID, repo, t.version))
 		if err := n.git.syncLocked(ctx, p.rs, repo); err != nil {
-			return fail(fmt.Errorf("%s could not catch up: %w", n.cfg.NodeID, err))
+			return fail(n.pushPeer(ctx, repo, fmt.Sprintf("%s could not catch up (%v)", n.cfg.NodeID, err)))
 		}
 	}
 	p.base = t
@@ -220,6 +266,18 @@ func (n *Node) BeginPush(ctx context.Context, repo, user, pushID string, progres
 		return fail(err)
 	}
 	return p, nil
+}
+
+// pushPeer picks a current peer to hand a push to.
+func (n *Node) pushPeer(ctx context.Context, repo, reason string) error {
+	t, ok := n.git.target(repo)
+	if !ok {
+		return fmt.Errorf("%w: %q", ErrRepoNotFound, repo)
+	}
+	for _, p := range n.currentPeers(ctx, repo, t.version) {
+		return &RedirectError{PeerID: p.GetId(), PeerAddr: p.GetGrpcAddr(), Reason: reason}
+	}
+	return n.leaderPeer(reason)
 }
 
 // Path is the local bare repository.

@@ -32,6 +32,9 @@ type GitConfig struct {
 	// ReadCatchUp bounds how long a read waits for this node to catch up
 	// before it is proxied to a current peer (default 10s).
 	ReadCatchUp time.Duration
+	// MinFreeBytes is the free space below which this node hands pushes to
+	// a peer instead of taking them (default 100 MB).
+	MinFreeBytes uint64
 }
 
 // replicaState is what this node's disk holds of one repository.
@@ -62,6 +65,9 @@ func (n *Node) enableGit(cfg GitConfig) {
 	}
 	if cfg.ReadCatchUp == 0 {
 		cfg.ReadCatchUp = 10 * time.Second
+	}
+	if cfg.MinFreeBytes == 0 {
+		cfg.MinFreeBytes = 100 << 20
 	}
 	r := &replicas{n: n, st: cfg.Store, cfg: cfg, log: n.log.With("component", "replicas"), repos: map[string]*replicaState{}, kick: make(chan struct{}, 1)}
 	if list, err := cfg.Store.List(); err == nil {

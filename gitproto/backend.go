@@ -25,6 +25,14 @@ var (
 	ErrUnknownKey   = errors.New("unknown key")
 )
 
+// Redirect is returned by BeginPush when another node should take the
+// push; the front end then proxies the session there.
+type Redirect struct {
+	Peer, PeerID, Reason string
+}
+
+func (r *Redirect) Error() string { return r.Reason + "; handing the push to " + r.PeerID }
+
 // RefUpdate is one ref change of a push, as git's pre-receive hook sees it.
 // Old or New is "" for a created or deleted ref.
 type RefUpdate struct {

@@ -111,10 +111,13 @@ func New(cfg Config, backend Backend, logger *slog.Logger) (*Server, error) {
 	s.srv = &ssh.Server{
 		Handler:          s.handle,
 		PublicKeyHandler: s.authenticate,
-		IdleTimeout:      cfg.IdleTimeout,
-		MaxTimeout:       cfg.MaxTimeout,
-		Version:          "gitraft",
-		PtyCallback:      func(ssh.Context, ssh.Pty) bool { return false },
+		// Idle and total limits are enforced per session by watch, which
+		// tells the client why; these only catch connections that never
+		// start a session.
+		IdleTimeout: cfg.IdleTimeout + time.Minute,
+		MaxTimeout:  cfg.MaxTimeout + time.Minute,
+		Version:     "gitraft",
+		PtyCallback: func(ssh.Context, ssh.Pty) bool { return false },
 	}
 	return s, nil
 }
@@ -232,7 +235,7 @@ func (s *Server) handle(sess ssh.Session) {
 		refuse(sess, "%v", err)
 		return
 	}
-	ctx := sess.Context()
+	var ctx context.Context = sess.Context()
 	log := s.log.With("repo", repo, "user", user, "service", string(cmd.Service))
 	access, err := s.backend.Access(ctx, repo, user)
 	if errors.Is(err, ErrRepoNotFound) {
@@ -264,18 +267,24 @@ func (s *Server) handle(sess ssh.Session) {
 		}
 	}
 	start := time.Now()
+	act := &activity{}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stop := watch(s.cfg.IdleTimeout, s.cfg.MaxTimeout, act, sess.Stderr(), func() {
+		log.Info("session ended by a time limit")
+		cancel()
+		sess.Close()
+	})
+	defer stop()
+	in, out := activeReader{sess, act}, activeWriter{sess, act}
 	var code int
 	if cmd.Service == ReceivePack {
-		code = s.push(ctx, sess, sess, sess.Stderr(), repo, user, gitProtocol, log)
+		code = s.push(ctx, in, out, sess.Stderr(), repo, user, gitProtocol, log)
 	} else {
-		code = s.read(ctx, sess, cmd.Service, repo, user, gitProtocol, log)
+		code = s.read(ctx, in, out, sess.Stderr(), cmd.Service, repo, user, gitProtocol, log)
 	}
 	log.Info("session done", "exit", code, "took", time.Since(start).Round(time.Millisecond))
 	sess.Exit(code)
-}
-
-func (s *Server) progress(sess ssh.Session) func(string) {
-	return func(msg string) { fmt.Fprintf(sess.Stderr(), "gitraft: %s\n", msg) }
 }
 
 // ServeProxied serves a session that another node took and proxied here;
@@ -295,28 +304,29 @@ func (s *Server) ServeProxied(ctx context.Context, service, repo, user, gitProto
 		}
 		return RunGit(ctx, s.cfg.Git, Service(service), plan.Path, gitProtocol, nil, stdin, stdout, stderr)
 	case ReceivePack:
-		return s.push(ctx, stdin, stdout, stderr, repo, user, gitProtocol, log)
+		return s.push(withProxied(ctx), stdin, stdout, stderr, repo, user, gitProtocol, log)
 	}
 	progress(fmt.Sprintf("unsupported service %q", service))
 	return 1
 }
 
-func (s *Server) read(ctx context.Context, sess ssh.Session, svc Service, repo, user, gitProtocol string, log *slog.Logger) int {
-	plan, err := s.backend.PrepareRead(ctx, repo, s.progress(sess))
+func (s *Server) read(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer, svc Service, repo, user, gitProtocol string, log *slog.Logger) int {
+	progress := func(msg string) { fmt.Fprintf(stderr, "gitraft: %s\n", msg) }
+	plan, err := s.backend.PrepareRead(ctx, repo, progress)
 	if err != nil {
-		fmt.Fprintf(sess.Stderr(), "gitraft: cannot serve %q: %v\n", repo, err)
+		fmt.Fprintf(stderr, "gitraft: cannot serve %q: %v\n", repo, err)
 		return 1
 	}
 	if plan.Peer != "" {
 		log.Info("proxying read", "peer", plan.Peer)
-		code, err := s.backend.Proxy(ctx, plan.Peer, svc, repo, user, gitProtocol, sess, sess, sess.Stderr())
+		code, err := s.backend.Proxy(ctx, plan.Peer, svc, repo, user, gitProtocol, stdin, stdout, stderr)
 		if err != nil {
-			fmt.Fprintf(sess.Stderr(), "gitraft: proxy to %s: %v\n", plan.Peer, err)
+			fmt.Fprintf(stderr, "gitraft: proxy to %s: %v\n", plan.Peer, err)
 			return 1
 		}
 		return code
 	}
-	return RunGit(ctx, s.cfg.Git, svc, plan.Path, gitProtocol, nil, sess, sess, sess.Stderr())
+	return RunGit(ctx, s.cfg.Git, svc, plan.Path, gitProtocol, nil, stdin, stdout, stderr)
 }
 
 // RunGit runs one git service in a local repository, wired to the client.
@@ -350,6 +360,17 @@ func (s *Server) push(ctx context.Context, stdin io.Reader, stdout, stderr io.Wr
 	log = log.With("push_id", id)
 	progress := func(msg string) { fmt.Fprintf(stderr, "gitraft: %s\n", msg) }
 	tx, err := s.backend.BeginPush(ctx, repo, user, id, progress)
+	var redirect *Redirect
+	if errors.As(err, &redirect) && !isProxied(ctx) {
+		progress(redirect.Error())
+		log.Info("handing push to a peer", "peer", redirect.PeerID, "reason", redirect.Reason)
+		code, err := s.backend.Proxy(ctx, redirect.Peer, ReceivePack, repo, user, gitProtocol, stdin, stdout, stderr)
+		if err != nil {
+			fmt.Fprintf(stderr, "gitraft: proxy to %s: %v\n", redirect.PeerID, err)
+			return 1
+		}
+		return code
+	}
 	if err != nil {
 		log.Info("push refused before receiving", "err", err)
 		fmt.Fprintf(stderr, "gitraft: push to %q refused: %v\n", repo, err)
@@ -417,6 +438,14 @@ func (s *Server) postReceive(repo, user, id string, version uint64, p *pushSessi
 		}
 	}()
 }
+
+type proxiedKey struct{}
+
+func withProxied(ctx context.Context) context.Context {
+	return context.WithValue(ctx, proxiedKey{}, true)
+}
+
+func isProxied(ctx context.Context) bool { v, _ := ctx.Value(proxiedKey{}).(bool); return v }
 
 func orZero(oid string) string {
 	if oid == "" {

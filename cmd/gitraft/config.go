@@ -52,6 +52,7 @@ type gitSettings struct {
 	IdleTimeout  time.Duration `yaml:"idle_timeout" help:"end an SSH session idle this long"`
 	MaxTimeout   time.Duration `yaml:"max_timeout" help:"end any SSH session after this long"`
 	PostReceive  string        `yaml:"post_receive" help:"shell command run once per accepted push, on the node that took it"`
+	MinFreeBytes uint64        `yaml:"min_free_bytes" help:"below this much free disk a node hands pushes to a peer (default 100 MB)"`
 	KeysCommand  string        `yaml:"keys_command" help:"command asked whose an unknown SSH key is (args: type, base64 key, fingerprint; prints a user name)"`
 }
 

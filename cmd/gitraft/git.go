@@ -70,6 +70,10 @@ func (b gitBackend) BeginPush(ctx context.Context, repo, user, pushID string, pr
 	if errors.Is(err, cluster.ErrRepoNotFound) {
 		return nil, gitproto.ErrRepoNotFound
 	}
+	var re *cluster.RedirectError
+	if errors.As(err, &re) {
+		return nil, &gitproto.Redirect{Peer: re.PeerAddr, PeerID: re.PeerID, Reason: re.Reason}
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -44,7 +44,7 @@ func startNode(cfg fileConfig, logger *slog.Logger) (*runningNode, error) {
 	if ccfg.SSHAdvertise == "" {
 		ccfg.SSHAdvertise = sshLn.Addr().String()
 	}
-	ccfg.Git = &cluster.GitConfig{Store: store, Binary: exe}
+	ccfg.Git = &cluster.GitConfig{Store: store, Binary: exe, MinFreeBytes: cfg.Git.MinFreeBytes}
 	n, err := cluster.New(ccfg, logger)
 	if err != nil {
 		sshLn.Close()
