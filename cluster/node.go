@@ -200,6 +200,7 @@ type Node struct {
 	gitSessions atomic.Pointer[GitSessionHandler]
 
 	leaderCh    chan bool
+	needJoin    bool
 	leaderReady atomic.Bool // the leader loop has passed its barrier
 	ready       atomic.Bool // sticky: caught up once after start
 
@@ -268,6 +269,9 @@ func New(cfg Config, logger *slog.Logger) (_ *Node, err error) {
 	n.goRun(n.watchLeadership)
 	n.goRun(n.registerSelf)
 	n.goRun(n.watchReady)
+	if n.needJoin {
+		n.goRun(n.joinLoop)
+	}
 	if n.git != nil {
 		n.goRun(n.git.loop)
 	}
@@ -406,7 +410,7 @@ func (n *Node) openRaft() error {
 			return fmt.Errorf("bootstrap: %w", err)
 		}
 	case len(n.cfg.Join) > 0:
-		n.goRun(n.joinLoop)
+		n.needJoin = true // once every server listens (see New)
 	default:
 		n.log.Warn("no Raft state, not bootstrapping and nothing to join: waiting to be added with `gitraft cluster join`")
 	}
