@@ -70,6 +70,15 @@ func Test_E2E_ClusterLifecycle(t *testing.T) {
 	if len(st.Members) != 3 || leaders != 1 {
 		t.Fatalf("status: %d members, %d leaders; want 3 and 1", len(st.Members), leaders)
 	}
+	// Health and metrics on the HTTP port.
+	for _, n := range c.nodes {
+		for path, want := range map[string]string{"/healthz": `"ok":true`, "/readyz": `"ok":true`, "/metrics": "gitraft_raft_term"} {
+			code, body := httpGet("http://" + n.httpAddr + path)
+			if code != 200 || !strings.Contains(body, want) {
+				t.Errorf("%s %s: %d %.200s", n.id, path, code, body)
+			}
+		}
+	}
 	// Writes through every node, reads on every node see them all at once.
 	for i, n := range c.nodes {
 		c.must(n, "repo", "create", "team/repo"+string(rune('a'+i)))

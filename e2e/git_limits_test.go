@@ -125,3 +125,33 @@ func Test_E2E_GitDiskFullOnOneNode(t *testing.T) {
 		t.Fatalf("clone through the full node: HEAD %s, want %s", got, big)
 	}
 }
+
+func Test_E2E_GitKeysCommand(t *testing.T) {
+	skipWithoutSSH(t)
+	dir := t.TempDir()
+	forgeKey := filepath.Join(dir, "forge-key")
+	if r := runCmd(t, dir, nil, 30*time.Second, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", forgeKey); r.code != 0 {
+		t.Fatal(r)
+	}
+	fp := strings.Fields(runCmd(t, dir, nil, 30*time.Second, "ssh-keygen", "-lf", forgeKey+".pub").stdout)[1]
+	// The forge answers for keys gitraft does not know, like OpenSSH's
+	// AuthorizedKeysCommand: type, key and fingerprint in, user name out.
+	script := filepath.Join(dir, "whose-key")
+	os.WriteFile(script, []byte("#!/bin/sh\n[ \"$3\" = '"+fp+"' ] && echo dana\nexit 0\n"), 0o755)
+	c := startCluster(t, 3, withArgs("--git-keys-command", script))
+	c.must(c.nodes[0], "repo", "create", "r")
+	c.must(c.nodes[0], "user", "add", "dana")
+	c.must(c.nodes[0], "repo", "grant", "r", "dana", "write")
+	kh := filepath.Join(dir, "known_hosts")
+	os.WriteFile(kh, []byte(c.must(c.nodes[0], "cluster", "known-hosts")), 0o600)
+	dana := &gitUser{c: c, name: "dana", key: forgeKey, knownHosts: kh}
+	wt := dana.workTree(url(c.nodes[1], "r"))
+	dana.commit(wt, "a", "by dana\n")
+	dana.mustGit(wt, "push", "-q", "origin", "main")
+	// A key neither gitraft nor the forge knows is refused.
+	other := &gitUser{c: c, name: "eve", key: filepath.Join(dir, "eve"), knownHosts: kh}
+	runCmd(t, dir, nil, 30*time.Second, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", other.key)
+	if s := other.failGit(dir, "ls-remote", url(c.nodes[1], "r")); !strings.Contains(s, "Permission denied") {
+		t.Errorf("unknown key: %q", s)
+	}
+}

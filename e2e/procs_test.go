@@ -227,8 +227,10 @@ func (n *node) dumpLog() {
 	n.t.Logf("---- last log lines of %s ----\n%s", n.id, strings.Join(lines, "\n"))
 }
 
-func (n *node) readyz() (int, string) {
-	resp, err := http.Get("http://" + n.httpAddr + "/readyz")
+func (n *node) readyz() (int, string) { return httpGet("http://" + n.httpAddr + "/readyz") }
+
+func httpGet(url string) (int, string) {
+	resp, err := http.Get(url)
 	if err != nil {
 		return 0, err.Error()
 	}
