@@ -53,8 +53,12 @@ func Test_E2E_GitLimits(t *testing.T) {
 	if err := held.Start(); err != nil {
 		t.Fatal(err)
 	}
+	// Wait until the held session is being served (it has advertised refs).
+	first := make([]byte, 4)
+	if _, err := io.ReadFull(stdout, first); err != nil {
+		t.Fatalf("held session: %v (%s)", err, heldErr.String())
+	}
 	go io.Copy(io.Discard, stdout)
-	time.Sleep(500 * time.Millisecond)
 	if s := u.failGit(c.dir, "ls-remote", url(n1, "r")); !strings.Contains(s, "maximum of 1 sessions") {
 		t.Errorf("second session: %q", s)
 	}
