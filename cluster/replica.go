@@ -522,11 +522,25 @@ func (n *Node) memberReplicas(ctx context.Context, repo string) map[string]*node
 	return out
 }
 
+// gitChecks bounds the git processes object checks may run at once on a
+// node, so a burst of ref updates cannot starve Raft of CPU.
+var gitChecks = make(chan struct{}, 4)
+
+func (n *Node) missingLocal(ctx context.Context, repo string, oids []string) ([]string, error) {
+	select {
+	case gitChecks <- struct{}{}:
+		defer func() { <-gitChecks }()
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return n.git.st.Missing(ctx, repo, oids)
+}
+
 func (s *nodeService) MissingObjects(ctx context.Context, req *nodev1.MissingObjectsRequest) (*nodev1.MissingObjectsResponse, error) {
 	if s.n.git == nil {
 		return nil, status.Error(codes.FailedPrecondition, ErrNoGit.Error())
 	}
-	missing, err := s.n.git.st.Missing(ctx, req.GetRepo(), req.GetOids())
+	missing, err := s.n.missingLocal(ctx, req.GetRepo(), req.GetOids())
 	if errors.Is(err, storage.ErrNotFound) {
 		missing = req.GetOids()
 	} else if err != nil {
@@ -556,7 +570,7 @@ func (n *Node) objectsOnQuorum(ctx context.Context, repo string, oids []string) 
 			var lacks []string
 			var err error
 			if m.GetId() == n.cfg.NodeID {
-				lacks, err = n.git.st.Missing(ctx, repo, oids)
+				lacks, err = n.missingLocal(ctx, repo, oids)
 				if errors.Is(err, storage.ErrNotFound) {
 					lacks, err = oids, nil
 				}
