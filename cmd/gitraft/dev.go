@@ -111,7 +111,7 @@ func runDev(ctx context.Context, out io.Writer, dir string, count, basePort int,
 		return err
 	}
 	defer logFile.Close()
-	consoleLevel := slog.LevelWarn
+	consoleLevel := slog.LevelError // Raft warns at every start while nodes find each other
 	if verbose {
 		consoleLevel = slog.LevelInfo
 	}
