@@ -1,10 +1,31 @@
-// Package e2e holds gitraft's end-to-end tests. They build the gitraft
-// binary, start clusters of separate `gitraft serve` processes on loopback
-// with their own CA, and drive them with the real clients: the `gitraft`
-// CLI, `git` and `ssh`. Nodes are killed with SIGKILL to test failures.
+// Package e2e holds gitraft's end-to-end tests. TestMain builds the gitraft
+// binary once; each test starts its own cluster of separate `gitraft serve`
+// processes on loopback, with a fresh CA and mutual TLS, short Raft timeouts,
+// and each node's log in the test's temp dir (its tail is printed when a
+// test fails). The tests drive the cluster only from outside, as operators
+// and users do: the `gitraft` CLI, the public gRPC API, `git` and `ssh`.
+// Failures are real: nodes are killed with SIGKILL and restarted on their
+// data dirs.
 //
-// Run them with the rest: ./e2e/test.sh (or go test ./e2e). The benchmarks
-// run only when asked:
+// They check gitraft's promises from outside: the cluster's
+// lifecycle and bad input (Test_E2E_ClusterLifecycle), a killed leader and
+// its catching up (Test_E2E_LeaderKilledAndRejoins), certificates from
+// another CA refused (Test_E2E_ForeignCAClientRefused), no writes without a
+// majority (Test_E2E_NoQuorum), membership changes
+// (Test_E2E_JoinRemoveTransfer), write locks (Test_E2E_LockCLI), `gitraft
+// dev` (Test_E2E_DevCommand), and pushes, fetches and clones under faults
+// (Test_E2E_Git*).
 //
-//	go test ./e2e -run '^$' -bench . -benchtime 1x
+// Run them with the rest: ./e2e/test.sh (it installs git and OpenSSH's
+// client when missing), or just these:
+//
+//	go test -count=1 -v ./e2e
+//
+// The tests run one after another; they need no network but loopback.
+//
+// The benchmarks run only when asked (./e2e/bench.sh runs both). One at a
+// time:
+//
+//	go test ./e2e -run '^$' -bench Cluster -benchtime 1x  # Raft writes, failover
+//	go test ./e2e -run '^$' -bench Git -benchtime 1x      # git over SSH vs sshd
 package e2e

@@ -124,20 +124,53 @@ func startCluster(t testing.TB, size int, opts ...clusterOpt) *cluster {
 			}
 		}
 	})
-	for i := 1; i <= size; i++ {
-		c.addNode(fmt.Sprintf("n%d", i), i == 1, opts...)
+	// Free ports are picked by binding to port 0 and closing, so another
+	// process (a test binary running alongside, an outgoing connection) may
+	// take one before the node binds it. Then start the cluster again on
+	// other ports.
+	for attempt := 1; ; attempt++ {
+		for i := 1; i <= size; i++ {
+			c.addNode(fmt.Sprintf("n%d", i), i == 1, opts...)
+		}
+		var err error
+		for _, n := range c.nodes {
+			if err = n.awaitReady(60 * time.Second); err != nil {
+				break
+			}
+		}
+		if err == nil {
+			return c
+		}
+		if attempt == 3 || !c.portTaken() {
+			t.Fatal(err)
+		}
+		t.Logf("a port was taken (%v); starting the cluster again on other ports", err)
+		for _, n := range c.nodes {
+			n.kill()
+			os.RemoveAll(n.dir)
+			os.Remove(n.dir + ".log")
+		}
+		c.nodes = nil
 	}
+}
+
+// portTaken reports whether a node failed because its address was in use.
+func (c *cluster) portTaken() bool {
 	for _, n := range c.nodes {
-		n.waitReady(60 * time.Second)
+		if b, _ := os.ReadFile(n.dir + ".log"); bytes.Contains(b, []byte("address already in use")) {
+			return true
+		}
 	}
-	return c
+	return false
 }
 
 // addNode issues a certificate and starts a node: the first bootstraps, the
 // others join through the first.
 func (c *cluster) addNode(id string, bootstrap bool, opts ...clusterOpt) *node {
 	c.t.Helper()
-	c.run(nil, "ca", "issue", "node", id, "--dir", c.ca)
+	if _, err := os.Stat(filepath.Join(c.ca, id+".crt")); err != nil {
+		c.run(nil, "ca", "issue", "node", id, "--dir", c.ca)
+	}
 	n := &node{
 		t: c.t, id: id, dir: filepath.Join(c.dir, id),
 		raftAddr: freePort(c.t), grpcAddr: freePort(c.t), httpAddr: freePort(c.t), sshAdr: freePort(c.t),
@@ -242,10 +275,31 @@ func httpGet(url string) (int, string) {
 
 func (n *node) waitReady(timeout time.Duration) {
 	n.t.Helper()
-	waitFor(n.t, n.id+" /readyz 200", timeout, func() bool {
-		code, _ := n.readyz()
-		return code == http.StatusOK
-	})
+	if err := n.awaitReady(timeout); err != nil {
+		n.t.Fatal(err)
+	}
+}
+
+// awaitReady polls /readyz until it answers 200; it gives up at once when
+// the process exits.
+func (n *node) awaitReady(timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		if code, _ := n.readyz(); code == http.StatusOK {
+			return nil
+		}
+		if n.cmd != nil {
+			select {
+			case <-n.exited:
+				return fmt.Errorf("%s exited before it was ready (%s)", n.id, n.cmd.ProcessState)
+			default:
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("timed out after %s waiting for %s /readyz 200", timeout, n.id)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // result of one command.
