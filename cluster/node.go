@@ -360,7 +360,7 @@ func (n *Node) openRaft() error {
 		advertise = ln.Addr().String()
 		n.cfg.RaftAdvertise = advertise
 	}
-	layer, err := newStreamLayer(ln, advertise, serverTLS, n.clientTLS())
+	layer, err := newStreamLayer(ln, advertise, serverTLS, n.clientTLS(), n.log)
 	if err != nil {
 		ln.Close()
 		return err

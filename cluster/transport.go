@@ -3,7 +3,9 @@ package cluster
 import (
 	"crypto/tls"
 	"fmt"
+	"log/slog"
 	"net"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -11,14 +13,25 @@ import (
 
 // streamLayer carries Raft's traffic, over mutual TLS unless the node runs
 // insecure on loopback. Only peers holding a node certificate from the
-// cluster CA get past the handshake.
+// cluster CA get past the handshake, which runs here (with a deadline)
+// rather than inside Raft, so a stray or foreign client is dropped with one
+// rate-limited log line instead of an error per connection attempt.
 type streamLayer struct {
-	net.Listener
+	ln        net.Listener
 	advertise net.Addr
+	serverTLS *tls.Config // nil: plaintext
 	dialTLS   *tls.Config // nil: plaintext
+	log       *slog.Logger
+
+	conns  chan net.Conn
+	closed chan struct{}
+	once   sync.Once
+
+	mu       sync.Mutex
+	lastWarn map[string]time.Time
 }
 
-func newStreamLayer(ln net.Listener, advertise string, serverTLS, dialTLS *tls.Config) (*streamLayer, error) {
+func newStreamLayer(ln net.Listener, advertise string, serverTLS, dialTLS *tls.Config, log *slog.Logger) (*streamLayer, error) {
 	adv, err := net.ResolveTCPAddr("tcp", advertise)
 	if err != nil {
 		return nil, fmt.Errorf("raft advertise address %q: %w", advertise, err)
@@ -26,10 +39,76 @@ func newStreamLayer(ln net.Listener, advertise string, serverTLS, dialTLS *tls.C
 	if adv.IP == nil || adv.IP.IsUnspecified() {
 		return nil, fmt.Errorf("raft advertise address %q is not an address peers can dial; set raft_advertise", advertise)
 	}
-	if serverTLS != nil {
-		ln = tls.NewListener(ln, serverTLS)
+	s := &streamLayer{ln: ln, advertise: adv, serverTLS: serverTLS, dialTLS: dialTLS, log: log,
+		conns: make(chan net.Conn), closed: make(chan struct{}), lastWarn: map[string]time.Time{}}
+	go s.acceptLoop()
+	return s, nil
+}
+
+func (s *streamLayer) acceptLoop() {
+	for {
+		c, err := s.ln.Accept()
+		if err != nil {
+			s.Close()
+			return
+		}
+		if s.serverTLS == nil {
+			s.deliver(c)
+			continue
+		}
+		go func() {
+			tc := tls.Server(c, s.serverTLS)
+			tc.SetDeadline(time.Now().Add(10 * time.Second))
+			if err := tc.Handshake(); err != nil {
+				s.warn(c.RemoteAddr(), err)
+				tc.Close()
+				return
+			}
+			tc.SetDeadline(time.Time{})
+			s.deliver(tc)
+		}()
 	}
-	return &streamLayer{Listener: ln, advertise: adv, dialTLS: dialTLS}, nil
+}
+
+func (s *streamLayer) deliver(c net.Conn) {
+	select {
+	case s.conns <- c:
+	case <-s.closed:
+		c.Close()
+	}
+}
+
+// warn logs a refused Raft connection, at most once a minute per host.
+func (s *streamLayer) warn(addr net.Addr, err error) {
+	host, _, _ := net.SplitHostPort(addr.String())
+	s.mu.Lock()
+	last := s.lastWarn[host]
+	now := time.Now()
+	if now.Sub(last) < time.Minute {
+		s.mu.Unlock()
+		return
+	}
+	s.lastWarn[host] = now
+	s.mu.Unlock()
+	s.log.Warn("refused a Raft connection (not a node of this cluster, or not TLS); further refusals from this host are not logged for a minute", "remote", addr.String(), "err", err)
+}
+
+// Accept implements net.Listener with connections that passed the handshake.
+func (s *streamLayer) Accept() (net.Conn, error) {
+	select {
+	case c := <-s.conns:
+		return c, nil
+	case <-s.closed:
+		return nil, net.ErrClosed
+	}
+}
+
+func (s *streamLayer) Close() error {
+	s.once.Do(func() {
+		close(s.closed)
+		s.ln.Close()
+	})
+	return nil
 }
 
 func (s *streamLayer) Addr() net.Addr { return s.advertise }
