@@ -522,12 +522,21 @@ func (p *Push) Finish(ok bool) {
 	p.done.Do(func() {
 		n := p.n
 		if ok && p.version > 0 {
+			// git set the refs it was asked to; make the copy exactly the
+			// committed state (HEAD may have moved, and git may have refused
+			// a ref after the commit) before recording the version.
 			t, found := n.git.target(p.repo)
 			if found && t.version == p.version {
-				if err := n.git.st.SetVersion(p.repo, t.id, t.version); err == nil {
+				ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+				err := n.git.st.SetRefs(ctx, p.repo, t.refs, t.head)
+				cancel()
+				if err == nil {
+					err = n.git.st.SetVersion(p.repo, t.id, t.version)
+				}
+				if err == nil {
 					p.rs.version, p.rs.err = t.version, ""
 				} else {
-					n.log.Warn("recording the pushed version failed", "repo", p.repo, "err", err)
+					n.log.Warn("recording the pushed version failed; the reconciler will catch up", "repo", p.repo, "err", err)
 				}
 			}
 		}

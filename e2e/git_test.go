@@ -289,3 +289,21 @@ func Test_E2E_GitBadInput(t *testing.T) {
 	})
 	alice.mustGit(wt, "push", "-q", "origin", "main")
 }
+
+// The first branch pushed to an empty repository becomes HEAD on every
+// node, the one that took the push included.
+func Test_E2E_GitHeadFollowsFirstBranch(t *testing.T) {
+	c, u := gitSetup(t, "r")
+	n1 := c.nodes[0]
+	wt := u.workTree(url(n1, "r"))
+	u.mustGit(wt, "checkout", "-q", "-b", "trunk")
+	u.commit(wt, "a", "a\n")
+	u.mustGit(wt, "push", "-q", "origin", "trunk")
+	for _, n := range c.nodes {
+		d := u.cloneAndCheck(n, "r")
+		if b := strings.TrimSpace(u.mustGit(d, "rev-parse", "--abbrev-ref", "HEAD")); b != "trunk" {
+			t.Errorf("clone through %s checked out %q, want trunk", n.id, b)
+		}
+	}
+	waitFor(t, "repo verify to pass", 30*time.Second, func() bool { return c.run(n1, "repo", "verify", "r").code == 0 })
+}
