@@ -418,6 +418,9 @@ func (p *Push) replicate(ctx context.Context, packs []packFiles, voters []*fsmv1
 	var failures []string
 	timeout := time.NewTimer(5 * time.Minute)
 	defer timeout.Stop()
+	// Keep the client informed (and its session alive) on long transfers.
+	tick := time.NewTicker(10 * time.Second)
+	defer tick.Stop()
 	for have < need {
 		if len(failures) > total-need {
 			break
@@ -431,6 +434,9 @@ func (p *Push) replicate(ctx context.Context, packs []packFiles, voters []*fsmv1
 			have++
 		case <-ctx.Done():
 			return fmt.Errorf("push cancelled while replicating (%d/%d nodes hold it); nothing was changed", have, total)
+		case <-tick.C:
+			progress(fmt.Sprintf("replicating: %d/%d nodes hold the push so far", have, total))
+			continue
 		case <-timeout.C:
 			failures = append(failures, "timed out")
 		}
