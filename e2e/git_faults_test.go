@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	repov1 "github.com/gitraft/gitraft/proto/gitraft/repo/v1"
 )
 
 // gitSetup makes a 3-node cluster with one writable repo and its user.
@@ -63,6 +65,18 @@ func Test_E2E_GitFollowerDownCatchesUp(t *testing.T) {
 		last = u.commit(wt, fmt.Sprintf("f%d", i), strings.Repeat("x", 1000*(i+1)))
 		u.mustGit(wt, "push", "-q", "origin", "main")
 	}
+	// While it is down, the admin API says so.
+	var show repov1.GetRepoResponse
+	c.protoOf(via, &show, "repo", "show", "r")
+	for _, rep := range show.GetRepo().GetReplicas() {
+		want := repov1.ReplicaState_REPLICA_STATE_CURRENT
+		if rep.GetNodeId() == f.id {
+			want = repov1.ReplicaState_REPLICA_STATE_UNREACHABLE
+		}
+		if rep.GetState() != want {
+			t.Errorf("replica %s: %v, want %v", rep.GetNodeId(), rep.GetState(), want)
+		}
+	}
 	f.start()
 	f.waitReady(60 * time.Second)
 	// A clone through the node that was down is current (it catches up first).
@@ -72,6 +86,15 @@ func Test_E2E_GitFollowerDownCatchesUp(t *testing.T) {
 	waitFor(t, "every replica current", 30*time.Second, func() bool {
 		return c.run(lead, "repo", "verify", "r").code == 0
 	})
+	// verify notices a copy that differs from the state, and says how.
+	path := filepath.Join(f.dir, "repos", "r.git")
+	if r := runCmd(t, path, nil, time.Minute, "git", "update-ref", "refs/heads/rogue", last); r.code != 0 {
+		t.Fatal(r)
+	}
+	r := c.run(lead, "repo", "verify", "r")
+	if r.code == 0 || !strings.Contains(r.stdout, "refs/heads/rogue: disk "+last+", not in state") {
+		t.Fatalf("verify missed a rogue ref on %s: %s", f.id, r)
+	}
 }
 
 func Test_E2E_GitLeaderKilledMidPush(t *testing.T) {
