@@ -179,6 +179,12 @@ func (g *globalOpts) explainConnError(err error, state connectivity.State) error
 	msg := st.Message()
 	switch st.Code() {
 	case codes.Unavailable:
+		// With TLS 1.3 the client finishes its handshake first; a node that
+		// refuses the client certificate then just drops the connection, and
+		// the client sees a broken pipe or a reset instead of an alert.
+		if !g.Insecure && (strings.Contains(msg, "broken pipe") || strings.Contains(msg, "connection reset by peer")) {
+			return &connError{fmt.Sprintf("TLS handshake with %s failed: the node dropped the connection (%s); it most likely refused the client certificate (is --client-cert an admin or node certificate issued by the cluster's CA?)", g.Addr, transportDetail(msg))}
+		}
 		if state == connectivity.Ready || !isTransportMessage(msg) {
 			// The node answered (e.g. no leader, or it could not reach the
 			// leader): the status message is the node's.
