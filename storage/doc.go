@@ -1,6 +1,7 @@
 // Package storage keeps gitraft's bare repositories on local disk: safe names
-// and paths, and (as the git path grows) staging of incoming packs, applying a
-// committed version and catching up from peers.
+// and paths, each copy's incarnation and version (its marker), installing
+// the packs peers ship, setting refs to a committed version, and fetching
+// missing objects from peers. It runs the real git for everything git does.
 //
 // A node's disk is a cache of the replicated state; nothing here decides what
 // is true. storage imports no other gitraft package.

@@ -14,9 +14,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -28,6 +30,13 @@ var (
 	ErrCorrupt        = errors.New("corrupt data")
 	ErrGit            = errors.New("git command failed")
 	ErrMissingObjects = errors.New("objects missing")
+)
+
+// trashDir under Root holds repositories on their way out; homeDir is the
+// HOME every git command runs with, so no user configuration applies.
+const (
+	trashDir = ".trash"
+	homeDir  = ".home"
 )
 
 // MarkerFile in a repository records which incarnation of it this is and
@@ -43,12 +52,15 @@ type Config struct {
 }
 
 // Store is a node's repositories on disk. Operations on one repository are
-// not serialised here: the caller holds a per-repository lock.
+// not serialised here: the caller holds a per-repository lock, so that no two
+// calls that change the same repository run at once. Calls on different
+// repositories may run concurrently.
 type Store struct {
 	root string
 	git  string
 	home string
 	log  *slog.Logger
+	conn connectedCache
 }
 
 // Replica is what a node's disk holds of one repository.
@@ -75,17 +87,42 @@ func Open(cfg Config, logger *slog.Logger) (*Store, error) {
 	if major, minor, ok := gitVersion(string(out)); !ok || major < 2 || major == 2 && minor < 36 {
 		return nil, fmt.Errorf("%s is %q; gitraft needs git 2.36 or later", gitPath, strings.TrimSpace(string(out)))
 	}
-	if err := os.MkdirAll(cfg.Root, 0o700); err != nil {
-		return nil, err
+	if cfg.Root == "" {
+		return nil, errors.New("storage: no root directory configured")
 	}
-	home := filepath.Join(cfg.Root, ".home")
+	if err := os.MkdirAll(cfg.Root, 0o700); err != nil {
+		return nil, wrapIO("create root", err)
+	}
+	home := filepath.Join(cfg.Root, homeDir)
 	if err := os.MkdirAll(home, 0o700); err != nil {
-		return nil, err
+		return nil, wrapIO("create git home", err)
 	}
 	if logger == nil {
 		logger = slog.Default()
 	}
-	return &Store{root: cfg.Root, git: gitPath, home: home, log: logger}, nil
+	s := &Store{root: cfg.Root, git: gitPath, home: home, log: logger}
+	s.emptyTrash()
+	return s, nil
+}
+
+// emptyTrash removes, in the background, whatever a previous run left in the
+// trash (a crash can interrupt a removal).
+func (s *Store) emptyTrash() {
+	entries, err := os.ReadDir(filepath.Join(s.root, trashDir))
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		s.removeLater(filepath.Join(s.root, trashDir, e.Name()))
+	}
+}
+
+func (s *Store) removeLater(path string) {
+	go func() {
+		if err := os.RemoveAll(path); err != nil {
+			s.log.Warn("removing a deleted repository failed", "path", path, "err", err)
+		}
+	}()
 }
 
 var gitVersionRE = regexp.MustCompile(`(\d+)\.(\d+)`)
@@ -107,7 +144,8 @@ func (s *Store) Root() string { return s.root }
 func (s *Store) Path(name string) (string, error) { return PathIn(s.root, name) }
 
 // env is the environment every git command here runs with: no prompts,
-// no user or system configuration, the C locale.
+// no user or system configuration, the C locale. Nothing of the process's own
+// environment but PATH is passed on (no stray GIT_DIR or GIT_* settings).
 func (s *Store) env(extra ...string) []string {
 	env := []string{
 		"PATH=" + os.Getenv("PATH"), "HOME=" + s.home, "GIT_TERMINAL_PROMPT=0",
@@ -116,32 +154,59 @@ func (s *Store) env(extra ...string) []string {
 	return append(env, extra...)
 }
 
-// run runs git in dir (a repository) and returns stdout.
-func (s *Store) run(ctx context.Context, dir string, stdin []byte, env []string, args ...string) ([]byte, error) {
+// command prepares git to run in dir. When dir is a repository, GIT_DIR
+// names it, so that git never goes looking for a repository in the
+// directories above a damaged one.
+func (s *Store) command(ctx context.Context, dir string, env []string, args ...string) *exec.Cmd {
 	c := exec.CommandContext(ctx, s.git, args...)
 	c.Dir = dir
 	c.Env = s.env(env...)
+	if dir != "" {
+		c.Env = append(c.Env, "GIT_DIR=.")
+	}
+	// Once git has exited or ctx ended, do not wait long for a child
+	// (say, an ext:: helper) that still holds git's stdout or stderr.
+	c.WaitDelay = 10 * time.Second
+	return c
+}
+
+// run runs git in dir (a repository, or "" for none) and returns stdout.
+func (s *Store) run(ctx context.Context, dir string, stdin []byte, env []string, args ...string) ([]byte, error) {
+	c := s.command(ctx, dir, env, args...)
 	if stdin != nil {
 		c.Stdin = bytes.NewReader(stdin)
 	}
 	var stdout, stderr bytes.Buffer
 	c.Stdout, c.Stderr = &stdout, &stderr
 	if err := c.Run(); err != nil {
-		return stdout.Bytes(), gitError(args, err, stderr.String())
+		return stdout.Bytes(), gitError(ctx, args, err, stderr.String())
 	}
 	return stdout.Bytes(), nil
 }
 
-func gitError(args []string, err error, stderr string) error {
+// gitError describes a failed git command: ErrGit (or ErrDiskFull when git
+// ran out of space), the command, and git's trimmed stderr. A cancelled or
+// expired ctx is wrapped too.
+func gitError(ctx context.Context, args []string, err error, stderr string) error {
 	msg := strings.TrimSpace(stderr)
 	if len(msg) > 600 {
 		msg = msg[:600] + "..."
+	}
+	if msg == "" {
+		msg = "(no output)"
 	}
 	base := ErrGit
 	if strings.Contains(msg, "No space left on device") || strings.Contains(msg, "Disk quota exceeded") || isDiskFull(err) {
 		base = ErrDiskFull
 	}
-	return fmt.Errorf("%w: git %s: %v: %s", base, strings.Join(args, " "), err, msg)
+	cmd := strings.Join(args, " ")
+	if len(cmd) > 200 {
+		cmd = cmd[:200] + "..."
+	}
+	if cerr := ctx.Err(); cerr != nil {
+		return fmt.Errorf("%w: git %s: %w: %s", base, cmd, cerr, msg)
+	}
+	return fmt.Errorf("%w: git %s: %v: %s", base, cmd, err, msg)
 }
 
 func isDiskFull(err error) bool {
@@ -181,13 +246,20 @@ var repoConfig = [][2]string{
 	{"repack.writeBitmaps", "true"},
 }
 
-// Init creates the bare repository for incarnation id, at version 1 with no
-// refs. It is idempotent for the same id; a directory left by another
-// incarnation is moved to the trash first.
+// Init creates the bare repository for incarnation id (the Raft index that
+// created it), at version 1 with no refs and HEAD at refs/heads/main: that
+// is the state at creation. It is idempotent for the same id; a directory
+// left by another incarnation (or without a readable marker) is moved to the
+// trash first. The repository is built under a temporary name, configured
+// (repoConfig), fsynced, and renamed into place, so a crash never leaves a
+// half-made repository under the real name.
 func (s *Store) Init(ctx context.Context, name string, id uint64) error {
 	path, err := s.Path(name)
 	if err != nil {
 		return err
+	}
+	if id == 0 {
+		return fmt.Errorf("storage: Init(%q): id starts at 1", name)
 	}
 	if r, err := s.Local(name); err == nil {
 		if r.ID == id {
@@ -204,6 +276,15 @@ func (s *Store) Init(ctx context.Context, name string, id uint64) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return wrapIO("create parent directory", err)
 	}
+	// Half-made repositories of an Init that crashed.
+	if entries, err := os.ReadDir(filepath.Dir(path)); err == nil {
+		for _, e := range entries {
+			if strings.HasPrefix(e.Name(), filepath.Base(path)+".init-") {
+				os.RemoveAll(filepath.Join(filepath.Dir(path), e.Name()))
+			}
+		}
+	}
+	s.conn.forget(path)
 	tmp := path + ".init-" + randHex(4)
 	if _, err := s.run(ctx, "", nil, nil, "init", "--bare", "--quiet", tmp); err != nil {
 		os.RemoveAll(tmp)
@@ -219,6 +300,12 @@ func (s *Store) Init(ctx context.Context, name string, id uint64) error {
 		os.RemoveAll(tmp)
 		return err
 	}
+	// git does not fsync its config or the skeleton it creates; a repository
+	// that loses its config in a crash would silently lose core.fsync.
+	if err := syncTree(tmp); err != nil {
+		os.RemoveAll(tmp)
+		return err
+	}
 	if err := writeMarker(filepath.Join(tmp, MarkerFile), Replica{Name: name, ID: id, Version: 1}); err != nil {
 		os.RemoveAll(tmp)
 		return err
@@ -230,13 +317,34 @@ func (s *Store) Init(ctx context.Context, name string, id uint64) error {
 	return syncDir(filepath.Dir(path))
 }
 
+// syncTree fsyncs every file and directory under dir (a new, small
+// repository).
+func syncTree(dir string) error {
+	return filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if !d.IsDir() && !d.Type().IsRegular() {
+			return nil
+		}
+		f, err := os.Open(p)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		return wrapIO("fsync "+p, f.Sync())
+	})
+}
+
 func randHex(n int) string {
 	b := make([]byte, n)
 	rand.Read(b)
 	return hex.EncodeToString(b)
 }
 
-// Local reads what this node's copy of a repository holds.
+// Local reads what this node's copy of a repository holds, from its marker
+// file. ErrNotFound when there is no copy (a directory without a marker is
+// not a copy: Init replaces it); ErrCorrupt when the marker is unreadable.
 func (s *Store) Local(name string) (Replica, error) {
 	path, err := s.Path(name)
 	if err != nil {
@@ -249,35 +357,59 @@ func (s *Store) Local(name string) (Replica, error) {
 	if err != nil {
 		return Replica{}, err
 	}
-	var r Replica
-	if err := json.Unmarshal(b, &r); err != nil || r.ID == 0 {
+	r, err := parseMarker(b)
+	if err == nil && r.Name != name {
+		err = fmt.Errorf("it names repository %q", r.Name)
+	}
+	if err != nil {
 		return Replica{}, fmt.Errorf("%w: %s: %v", ErrCorrupt, filepath.Join(path, MarkerFile), err)
 	}
 	return r, nil
 }
 
-// List returns every repository on this node, by name.
+func parseMarker(b []byte) (Replica, error) {
+	var r Replica
+	if err := json.Unmarshal(b, &r); err != nil {
+		return Replica{}, err
+	}
+	if r.ID == 0 || r.Version == 0 || r.Name == "" {
+		return Replica{}, errors.New("id, version or name missing")
+	}
+	return r, nil
+}
+
+// List returns every repository on this node, sorted by name. It skips the
+// trash, half-made repositories and anything without a readable marker.
 func (s *Store) List() ([]Replica, error) {
 	var out []Replica
 	err := filepath.WalkDir(s.root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
 		}
-		if !d.IsDir() {
+		if !d.IsDir() || p == s.root {
 			return nil
 		}
 		base := d.Name()
-		if p != s.root && strings.HasPrefix(base, ".") {
+		rel, _ := filepath.Rel(s.root, p)
+		if strings.HasPrefix(base, ".") || strings.Contains(base, ".git.init-") {
 			return filepath.SkipDir
 		}
-		if strings.HasSuffix(base, ".git") {
+		if name, ok := strings.CutSuffix(filepath.ToSlash(rel), ".git"); ok {
 			if b, err := os.ReadFile(filepath.Join(p, MarkerFile)); err == nil {
-				var r Replica
-				if json.Unmarshal(b, &r) == nil && r.ID != 0 {
+				r, err := parseMarker(b)
+				if err == nil && r.Name != name {
+					err = fmt.Errorf("it names repository %q", r.Name)
+				}
+				if err != nil {
+					s.log.Warn("skipping a repository with a bad marker", "path", p, "err", err)
+				} else {
 					out = append(out, r)
 				}
 			}
 			return filepath.SkipDir
+		}
+		if strings.Count(rel, string(filepath.Separator)) >= MaxSegments-1 {
+			return filepath.SkipDir // deeper than any valid name
 		}
 		return nil
 	})
@@ -285,11 +417,16 @@ func (s *Store) List() ([]Replica, error) {
 	return out, err
 }
 
-// SetVersion records, durably, the version a copy has reached.
+// SetVersion records, durably, the version a copy has reached: the marker
+// is written to a temporary file, fsynced, renamed over the old one, and the
+// directory fsynced. ErrNotFound when the repository is not here.
 func (s *Store) SetVersion(name string, id, version uint64) error {
-	path, err := s.Path(name)
+	path, err := s.existing(name)
 	if err != nil {
 		return err
+	}
+	if id == 0 || version == 0 {
+		return fmt.Errorf("storage: SetVersion(%q, id %d, version %d): id and version start at 1", name, id, version)
 	}
 	return writeMarker(filepath.Join(path, MarkerFile), Replica{Name: name, ID: id, Version: version})
 }
@@ -335,7 +472,7 @@ func syncDir(dir string) error {
 	return wrapIO("fsync "+dir, d.Sync())
 }
 
-// Refs returns the refs under refs/.
+// Refs returns the refs under refs/, refname to object id.
 func (s *Store) Refs(ctx context.Context, name string) (map[string]string, error) {
 	path, err := s.existing(name)
 	if err != nil {
@@ -354,7 +491,7 @@ func (s *Store) Refs(ctx context.Context, name string) (map[string]string, error
 	return refs, nil
 }
 
-// Head returns HEAD's target.
+// Head returns HEAD's target, such as "refs/heads/main".
 func (s *Store) Head(ctx context.Context, name string) (string, error) {
 	path, err := s.existing(name)
 	if err != nil {
@@ -375,7 +512,18 @@ func (s *Store) existing(name string) (string, error) {
 	return path, nil
 }
 
-// Missing returns which of oids the repository lacks.
+// Missing returns which of oids the repository lacks, in the order given,
+// each once: those not in its object store, and those that are but whose
+// history is not all there (say, the pack of a later push arrived while an
+// earlier one never did). Pointing a ref at either would publish a broken
+// repository. Every oid must be a full, lowercase hex object id.
+//
+// One `git rev-list --objects --not --all` checks, as git does after a
+// fetch, that everything the oids reach and the refs do not is there. Only
+// when it is not does `git cat-file --batch-check` say which objects are
+// absent, and the present ones are checked in halves to name the incomplete
+// ones. What passed is remembered for a while, so that SetRefs right after
+// need not walk it again.
 func (s *Store) Missing(ctx context.Context, name string, oids []string) ([]string, error) {
 	path, err := s.existing(name)
 	if err != nil {
@@ -388,6 +536,9 @@ func (s *Store) Missing(ctx context.Context, name string, oids []string) ([]stri
 		if o == "" || seen[o] {
 			continue
 		}
+		if !isOID(o) {
+			return nil, fmt.Errorf("storage: %q is not an object id", o)
+		}
 		seen[o] = true
 		uniq = append(uniq, o)
 		in.WriteString(o + "\n")
@@ -395,27 +546,158 @@ func (s *Store) Missing(ctx context.Context, name string, oids []string) ([]stri
 	if len(uniq) == 0 {
 		return nil, nil
 	}
+	// The usual answer, "nothing missing", takes one git process.
+	ok, err := s.connected(ctx, path, uniq)
+	if err != nil {
+		return nil, err
+	}
+	if ok {
+		s.conn.add(path, uniq)
+		return nil, nil
+	}
 	out, err := s.run(ctx, path, in.Bytes(), nil, "cat-file", "--batch-check=%(objectname)")
 	if err != nil {
 		return nil, err
 	}
-	var missing []string
+	lacks := map[string]bool{}
 	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
 		if oid, ok := strings.CutSuffix(line, " missing"); ok {
-			missing = append(missing, oid)
+			lacks[oid] = true
+		}
+	}
+	var present []string
+	for _, o := range uniq {
+		if !lacks[o] {
+			present = append(present, o)
+		}
+	}
+	partial, err := s.incomplete(ctx, path, present)
+	if err != nil {
+		return nil, err
+	}
+	for _, o := range partial {
+		lacks[o] = true
+	}
+	for _, o := range present {
+		if !lacks[o] {
+			s.conn.add(path, []string{o})
+		}
+	}
+	var missing []string
+	for _, o := range uniq {
+		if lacks[o] {
+			missing = append(missing, o)
 		}
 	}
 	return missing, nil
 }
 
-// SetRefs makes the refs under refs/ exactly want, in one transaction, and
-// points HEAD at head (when not ""). Nothing changes if an object is missing
-// (git refuses to point a ref at an object it does not have); callers that
-// fetch first check with Missing.
+// incomplete returns which of oids are not connected: not there, or
+// reaching objects that are not there and that no ref reaches. The refs
+// themselves are taken to be complete (SetRefs keeps them so).
+func (s *Store) incomplete(ctx context.Context, path string, oids []string) ([]string, error) {
+	if len(oids) == 0 {
+		return nil, nil
+	}
+	ok, err := s.connected(ctx, path, oids)
+	if err != nil || ok {
+		return nil, err
+	}
+	if len(oids) == 1 {
+		return oids, nil
+	}
+	half := len(oids) / 2
+	a, err := s.incomplete(ctx, path, oids[:half])
+	if err != nil {
+		return nil, err
+	}
+	b, err := s.incomplete(ctx, path, oids[half:])
+	if err != nil {
+		return nil, err
+	}
+	return append(a, b...), nil
+}
+
+// connected runs git's own connectivity check (what `git fetch` and `git
+// receive-pack` run on new tips): walk everything oids reach that the refs
+// do not, and fail on the first object that is not there.
+func (s *Store) connected(ctx context.Context, path string, oids []string) (bool, error) {
+	in := strings.Join(oids, "\n") + "\n"
+	_, err := s.run(ctx, path, []byte(in), nil, "rev-list", "--objects", "--stdin", "--not", "--all", "--quiet")
+	switch {
+	case err == nil:
+		return true, nil
+	case ctx.Err() != nil || errors.Is(err, ErrDiskFull) || strings.Contains(err.Error(), "not a git repository"):
+		return false, err
+	default:
+		// "bad object", "missing blob object", "Could not read",
+		// "Failed to traverse parents", ...: something is not there.
+		return false, nil
+	}
+}
+
+// isOID reports whether s is a full SHA-1 or SHA-256 object id in lowercase
+// hex (the form the replicated state holds).
+func isOID(s string) bool {
+	if len(s) != 40 && len(s) != 64 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+// checkRefName refuses what cannot be a ref under refs/ in an update-ref
+// transaction (git checks the finer rules itself).
+func checkRefName(ref string) error {
+	if !strings.HasPrefix(ref, "refs/") || len(ref) == len("refs/") {
+		return fmt.Errorf("storage: ref %q is not under refs/", ref)
+	}
+	for _, r := range ref {
+		if r <= ' ' || r == 0x7f {
+			return fmt.Errorf("storage: ref %q contains a space or control character", ref)
+		}
+	}
+	return nil
+}
+
+func firstFew(oids []string) string {
+	if len(oids) > 3 {
+		return strings.Join(oids[:3], ", ") + fmt.Sprintf(" and %d more", len(oids)-3)
+	}
+	return strings.Join(oids, ", ")
+}
+
+// SetRefs makes the refs under refs/ exactly want, in one `git update-ref
+// --stdin` transaction whose every create, update and delete names the old
+// value read just before, and then points HEAD at head (when not "").
+//
+// Nothing changes if an object is missing, or its history is incomplete:
+// the new values are first put through git's connectivity check (the one
+// Missing uses; values Missing passed moments ago are not walked again), and
+// the error (wrapping ErrMissingObjects and ErrGit) lists the first few that
+// fail. Refs are fsynced by git (core.fsync=reference),
+// their directories here.
 func (s *Store) SetRefs(ctx context.Context, name string, want map[string]string, head string) error {
 	path, err := s.existing(name)
 	if err != nil {
 		return err
+	}
+	for ref, oid := range want {
+		if err := checkRefName(ref); err != nil {
+			return err
+		}
+		if !isOID(oid) || strings.Trim(oid, "0") == "" {
+			return fmt.Errorf("storage: ref %s: %q is not an object id", ref, oid)
+		}
+	}
+	if head != "" {
+		if err := checkRefName(head); err != nil {
+			return fmt.Errorf("HEAD: %w", err)
+		}
 	}
 	have, err := s.Refs(ctx, name)
 	if err != nil {
@@ -423,12 +705,13 @@ func (s *Store) SetRefs(ctx context.Context, name string, want map[string]string
 	}
 	var tx bytes.Buffer
 	tx.WriteString("start\n")
-	changed := false
+	var changed, newOIDs []string
 	for ref, oid := range want {
 		if have[ref] == oid {
 			continue
 		}
-		changed = true
+		changed = append(changed, ref)
+		newOIDs = append(newOIDs, oid)
 		if old, ok := have[ref]; ok {
 			fmt.Fprintf(&tx, "update %s %s %s\n", ref, oid, old)
 		} else {
@@ -437,16 +720,39 @@ func (s *Store) SetRefs(ctx context.Context, name string, want map[string]string
 	}
 	for ref, old := range have {
 		if _, ok := want[ref]; !ok {
-			changed = true
+			changed = append(changed, ref)
 			fmt.Fprintf(&tx, "delete %s %s\n", ref, old)
 		}
 	}
 	tx.WriteString("prepare\ncommit\n")
-	if changed {
+	newOIDs = slices.DeleteFunc(newOIDs, func(o string) bool { return s.conn.has(path, o) })
+	if len(newOIDs) > 0 {
+		// git checks that a new value exists, not that its history does.
+		sort.Strings(newOIDs)
+		newOIDs = slices.Compact(newOIDs)
+		ok, err := s.connected(ctx, path, newOIDs)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			bad, err := s.incomplete(ctx, path, newOIDs)
+			if err != nil {
+				return err
+			}
+			return fmt.Errorf("%w (%w): refs would point at objects, or history, that %s lacks: %s", ErrMissingObjects, ErrGit, name, firstFew(bad))
+		}
+	}
+	if len(changed) > 0 {
 		if _, err := s.run(ctx, path, tx.Bytes(), nil, "update-ref", "--stdin"); err != nil {
 			if strings.Contains(err.Error(), "nonexistent object") {
-				return fmt.Errorf("%w: %v", ErrMissingObjects, err)
+				if missing, merr := s.Missing(ctx, name, newOIDs); merr == nil && len(missing) > 0 {
+					return fmt.Errorf("%w: %s: %w", ErrMissingObjects, firstFew(missing), err)
+				}
+				return fmt.Errorf("%w: %w", ErrMissingObjects, err)
 			}
+			return err
+		}
+		if err := syncRefDirs(path, changed); err != nil {
 			return err
 		}
 	}
@@ -455,9 +761,47 @@ func (s *Store) SetRefs(ctx context.Context, name string, want map[string]string
 			if _, err := s.run(ctx, path, nil, nil, "symbolic-ref", "HEAD", head); err != nil {
 				return err
 			}
+			if err := syncFile(filepath.Join(path, "HEAD")); err != nil {
+				return err
+			}
+			if err := syncDir(path); err != nil {
+				return err
+			}
 		}
 	}
 	return nil
+}
+
+// syncRefDirs makes the renames behind a ref transaction durable. git
+// fsyncs the ref files it writes (core.fsync=reference) but not the
+// directories they are renamed into, and a version recorded after a ref
+// change must never outlive the change in a crash. It fsyncs the directory
+// of each changed loose ref (or the nearest one left, when git removed empty
+// ones) and the repository's own (packed-refs).
+func syncRefDirs(repo string, refs []string) error {
+	dirs := map[string]bool{repo: true}
+	for _, ref := range refs {
+		d := filepath.Dir(filepath.Join(repo, filepath.FromSlash(ref)))
+		for len(d) > len(repo) && !exists(d) {
+			d = filepath.Dir(d)
+		}
+		dirs[d] = true
+	}
+	for d := range dirs {
+		if err := syncDir(d); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func syncFile(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return wrapIO("fsync "+path, f.Sync())
 }
 
 // headFile reads HEAD's target without running git.
@@ -474,7 +818,12 @@ func (s *Store) headFile(path string) (string, error) {
 }
 
 // Fetch fetches objects by id from a remote into the repository without
-// touching any ref. The url may be an ext:: url; env is added for its command.
+// touching any ref (no FETCH_HEAD, no tags, no gc). The url may be a path, or
+// an ext:: url (allowed for this command only); env is added for the
+// command it runs. Objects already present are not asked for, and nothing
+// runs if none is missing. ErrMissingObjects if the remote did not send them
+// all. The remote must serve objects by id (uploadpack.allowAnySHA1InWant,
+// which Init sets).
 func (s *Store) Fetch(ctx context.Context, name, url string, env []string, oids []string) error {
 	path, err := s.existing(name)
 	if err != nil {
@@ -484,8 +833,16 @@ func (s *Store) Fetch(ctx context.Context, name, url string, env []string, oids 
 	if err != nil || len(missing) == 0 {
 		return err
 	}
-	args := append([]string{"-c", "protocol.ext.allow=always", "fetch", "--no-tags", "--no-write-fetch-head", "--no-auto-gc", "--quiet", url}, missing...)
+	args := append([]string{"-c", "protocol.ext.allow=always", "fetch", "--no-tags", "--no-write-fetch-head", "--no-auto-gc", "--quiet", "--", url}, missing...)
+	packDir := filepath.Join(path, "objects", "pack")
+	before := tmpPacks(packDir)
 	if _, err := s.run(ctx, path, nil, env, args...); err != nil {
+		removeNewTmpPacks(packDir, before)
+		return err
+	}
+	// git fsyncs the pack it keeps (transfer.unpackLimit=1 keeps every
+	// fetch as a pack) but not the directory it is renamed into.
+	if err := syncDir(packDir); err != nil {
 		return err
 	}
 	still, err := s.Missing(ctx, name, missing)
@@ -493,13 +850,13 @@ func (s *Store) Fetch(ctx context.Context, name, url string, env []string, oids 
 		return err
 	}
 	if len(still) > 0 {
-		return fmt.Errorf("%w after fetching: %s", ErrMissingObjects, strings.Join(still[:min(3, len(still))], ", "))
+		return fmt.Errorf("%w after fetching from %s: %s", ErrMissingObjects, url, firstFew(still))
 	}
 	return nil
 }
 
-// Delete moves a repository to the trash (atomically) and removes it in the
-// background.
+// Delete moves a repository to <root>/.trash (one rename, so it is gone
+// atomically) and removes it in the background. ErrNotFound if absent.
 func (s *Store) Delete(name string) error {
 	path, err := s.existing(name)
 	if err != nil {
@@ -513,7 +870,7 @@ func (s *Store) Delete(name string) error {
 }
 
 func (s *Store) trash(name, path string, id uint64) error {
-	dir := filepath.Join(s.root, ".trash")
+	dir := filepath.Join(s.root, trashDir)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return wrapIO("trash", err)
 	}
@@ -521,15 +878,76 @@ func (s *Store) trash(name, path string, id uint64) error {
 	if err := os.Rename(path, dst); err != nil {
 		return wrapIO("move to trash", err)
 	}
-	go os.RemoveAll(dst)
+	s.conn.forget(path)
+	if err := syncDir(filepath.Dir(path)); err != nil {
+		return err
+	}
+	s.log.Info("repository moved to the trash", "repo", name, "id", id)
+	s.removeLater(dst)
 	return nil
 }
 
-// FreeBytes is the free space on the store's filesystem.
+// FreeBytes is the space on the store's filesystem that an unprivileged
+// writer may still use.
 func (s *Store) FreeBytes() (uint64, error) {
 	var st syscall.Statfs_t
 	if err := syscall.Statfs(s.root, &st); err != nil {
-		return 0, err
+		return 0, fmt.Errorf("statfs %s: %w", s.root, err)
 	}
-	return st.Bavail * uint64(st.Bsize), nil
+	unit := uint64(st.Frsize)
+	if unit == 0 {
+		unit = uint64(st.Bsize)
+	}
+	return st.Bavail * unit, nil
+}
+
+// connectedCache remembers, for a few minutes, object ids whose history a
+// connectivity check found complete in a repository. Objects are never
+// removed from a repository here (gc.auto=0, no prune); the entries of a
+// repository go when it is deleted or replaced, and all expire, so a
+// repository changed behind gitraft's back is not trusted for long.
+type connectedCache struct {
+	mu sync.Mutex
+	m  map[string]time.Time // repository path + "\x00" + oid -> when checked
+}
+
+const (
+	connectedTTL = 5 * time.Minute
+	connectedMax = 100_000
+)
+
+func (c *connectedCache) add(path string, oids []string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	now := time.Now()
+	if c.m == nil || len(c.m) >= connectedMax {
+		for k, t := range c.m {
+			if now.Sub(t) > connectedTTL {
+				delete(c.m, k)
+			}
+		}
+		if c.m == nil || len(c.m) >= connectedMax {
+			c.m = map[string]time.Time{}
+		}
+	}
+	for _, o := range oids {
+		c.m[path+"\x00"+o] = now
+	}
+}
+
+func (c *connectedCache) has(path, oid string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	t, ok := c.m[path+"\x00"+oid]
+	return ok && time.Since(t) <= connectedTTL
+}
+
+func (c *connectedCache) forget(path string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for k := range c.m {
+		if strings.HasPrefix(k, path+"\x00") {
+			delete(c.m, k)
+		}
+	}
 }

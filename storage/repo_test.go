@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,16 +12,16 @@ import (
 	"testing"
 )
 
-func mustStore(t *testing.T) *Store {
+func mustStore(t testing.TB) *Store {
 	t.Helper()
-	s, err := Open(Config{Root: filepath.Join(t.TempDir(), "repos")}, nil)
+	s, err := Open(Config{Root: filepath.Join(t.TempDir(), "repos")}, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
 	return s
 }
 
-func git(t *testing.T, dir string, args ...string) string {
+func git(t testing.TB, dir string, args ...string) string {
 	t.Helper()
 	c := exec.Command("git", args...)
 	c.Dir = dir
@@ -33,7 +34,7 @@ func git(t *testing.T, dir string, args ...string) string {
 }
 
 // scratch makes a work tree with n commits and returns it and the commits.
-func scratch(t *testing.T, n int) (string, []string) {
+func scratch(t testing.TB, n int) (string, []string) {
 	t.Helper()
 	dir := t.TempDir()
 	git(t, dir, "init", "-q", "-b", "main")
@@ -49,7 +50,7 @@ func scratch(t *testing.T, n int) (string, []string) {
 
 // packOf writes a pack of every object reachable from rev and returns the
 // .pack and .idx paths.
-func packOf(t *testing.T, dir, rev string) (string, string) {
+func packOf(t testing.TB, dir, rev string) (string, string) {
 	t.Helper()
 	base := filepath.Join(t.TempDir(), "p")
 	c := exec.Command("git", "pack-objects", "--revs", "-q", base)
