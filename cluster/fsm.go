@@ -157,10 +157,15 @@ func writeSnapshot(w io.Writer, v *snapshotView) error {
 		return fmt.Errorf("write snapshot header: %w", err)
 	}
 	var err error
+	var count uint64
 	v.items(func(it *fsmv1.SnapshotItem) bool {
 		_, err = protodelim.MarshalTo(bw, it)
+		count++
 		return err == nil
 	})
+	if err == nil {
+		_, err = protodelim.MarshalTo(bw, &fsmv1.SnapshotItem{Item: &fsmv1.SnapshotItem_End{End: &fsmv1.SnapshotEnd{Items: count}}})
+	}
 	if err != nil {
 		return fmt.Errorf("write snapshot: %w", err)
 	}
@@ -185,10 +190,16 @@ func readSnapshot(r io.Reader) (uint64, []*fsmv1.SnapshotItem, error) {
 		it := &fsmv1.SnapshotItem{}
 		err := opts.UnmarshalFrom(br, it)
 		if errors.Is(err, io.EOF) {
-			return h.GetIndex(), items, nil
+			return 0, nil, fmt.Errorf("read snapshot: cut off after %d items, before its end marker", len(items))
 		}
 		if err != nil {
 			return 0, nil, fmt.Errorf("read snapshot item %d: %w", len(items), err)
+		}
+		if end := it.GetEnd(); end != nil {
+			if end.GetItems() != uint64(len(items)) {
+				return 0, nil, fmt.Errorf("read snapshot: end marker counts %d items, read %d", end.GetItems(), len(items))
+			}
+			return h.GetIndex(), items, nil
 		}
 		items = append(items, it)
 	}

@@ -49,6 +49,8 @@ func (n *Node) serveGRPC() error {
 	lockv1.RegisterLockServiceServer(s, &lockService{n: n})
 	nodev1.RegisterNodeServiceServer(s, &nodeService{n: n})
 	userv1.RegisterUserServiceServer(s, &userService{n: n})
+	n.registerDatabase(s)
+	n.registerMail(s)
 	n.grpcServer = s
 	n.goRun(func() {
 		if err := s.Serve(ln); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
@@ -80,10 +82,21 @@ func (n *Node) authorize(ctx context.Context, method string) error {
 	if err != nil {
 		return status.Errorf(codes.Unauthenticated, "client certificate: %v", err)
 	}
-	if strings.HasPrefix(method, "/gitraft.node.") && role != pki.RoleNode {
+	if nodeOnlyMethod(method) && role != pki.RoleNode {
 		return status.Errorf(codes.PermissionDenied, "%q has a %s certificate; %s is for cluster nodes only", name, role, method)
 	}
 	return nil
+}
+
+// nodeOnlyMethod reports whether a gRPC method is for cluster nodes only:
+// the node-to-node API (gitraft.node.*) and every agent service (a service
+// named ...AgentService, which agents on nodes use to report to the leader).
+func nodeOnlyMethod(method string) bool {
+	if strings.HasPrefix(method, "/gitraft.node.") {
+		return true
+	}
+	svc, _, _ := strings.Cut(strings.TrimPrefix(method, "/"), "/")
+	return strings.HasSuffix(svc, "AgentService")
 }
 
 func (n *Node) authUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {

@@ -33,6 +33,7 @@ func (n *Node) HTTPHandler() http.Handler {
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		writeHealth(w, true, map[string]any{"node": n.cfg.NodeID, "state": n.raft.State().String()})
 	})
+	n.databaseHTTP(mux)
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
 		ok, why := n.Ready()
 		writeHealth(w, ok, map[string]any{"node": n.cfg.NodeID, "state": n.raft.State().String(), "applied_index": n.fsm.Index(), "reason": why})

@@ -57,6 +57,8 @@ func (n *Node) lead(ctx context.Context) {
 		return
 	}
 	n.leaderReady.Store(true)
+	n.goRun(func() { n.leadDatabase(ctx) })
+	n.goRun(func() { n.leadMail(ctx) })
 	n.goRun(func() {
 		if err := n.ensureHostKey(ctx); err != nil {
 			n.log.Warn("creating the cluster SSH host key failed; the next leader will try again", "err", err)

@@ -10,8 +10,12 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/gitraft/gitraft/cluster/dbtarget"
+	"github.com/gitraft/gitraft/cluster/mail"
 	"github.com/gitraft/gitraft/lockd"
+	dbv1 "github.com/gitraft/gitraft/proto/gitraft/db/v1"
 	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
+	mailv1 "github.com/gitraft/gitraft/proto/gitraft/mail/v1"
 	"github.com/gitraft/gitraft/storage"
 )
 
@@ -54,6 +58,9 @@ type State struct {
 	users   map[string]*fsmv1.User
 	keys    map[string]*fsmv1.SSHKey           // by fingerprint
 	grants  map[string]map[string]fsmv1.Access // repo -> user -> access
+
+	db   *dbtarget.State // the PostgreSQL failover target
+	mail *mail.State     // mail hosts and their drain state
 }
 
 // NewState returns an empty state.
@@ -66,6 +73,8 @@ func NewState() *State {
 		users:    map[string]*fsmv1.User{},
 		keys:     map[string]*fsmv1.SSHKey{},
 		grants:   map[string]map[string]fsmv1.Access{},
+		db:       dbtarget.NewState(),
+		mail:     mail.NewState(),
 	}
 }
 
@@ -224,6 +233,10 @@ func (s *State) apply(index uint64, now time.Time, e *fsmv1.Entry) *fsmv1.Result
 		}
 		delete(s.members, c.RemoveMember.GetId())
 		return &fsmv1.Result{}
+	case *fsmv1.Entry_Database:
+		return s.db.Apply(index, now, c.Database)
+	case *fsmv1.Entry_Mail:
+		return s.mail.Apply(index, now, c.Mail)
 	default:
 		// Decoded, but a command this binary does not know: a newer node
 		// proposed it. Applying nothing would make this node diverge.
@@ -630,6 +643,8 @@ type snapshotView struct {
 	users    []*fsmv1.User
 	keys     []*fsmv1.SSHKey
 	grants   []*fsmv1.Grant
+	db       *dbv1.Snapshot
+	mail     *mailv1.Snapshot
 }
 
 func (s *State) capture() *snapshotView {
@@ -641,6 +656,7 @@ func (s *State) capture() *snapshotView {
 		v.requests = append(v.requests, &fsmv1.AppliedRequest{RequestId: id, Result: s.requests[id]})
 	}
 	v.hostKey, v.users, v.keys = s.hostKey, s.Users(), s.Keys("")
+	v.db, v.mail = s.db.Snapshot(), s.mail.Snapshot()
 	for _, repo := range slices.Sorted(maps.Keys(s.grants)) {
 		v.grants = append(v.grants, s.Grants(repo)...)
 	}
@@ -686,6 +702,10 @@ func (v *snapshotView) items(yield func(*fsmv1.SnapshotItem) bool) {
 			return
 		}
 	}
+	if !yield(&fsmv1.SnapshotItem{Item: &fsmv1.SnapshotItem_Database{Database: v.db}}) {
+		return
+	}
+	yield(&fsmv1.SnapshotItem{Item: &fsmv1.SnapshotItem_Mail{Mail: v.mail}})
 }
 
 // restoreState builds a State from snapshot items.
@@ -715,6 +735,18 @@ func restoreState(index uint64, items []*fsmv1.SnapshotItem) (*State, error) {
 				s.grants[g.GetRepo()] = map[string]fsmv1.Access{}
 			}
 			s.grants[g.GetRepo()][g.GetUser()] = g.GetAccess()
+		case *fsmv1.SnapshotItem_Database:
+			db, err := dbtarget.Restore(x.Database)
+			if err != nil {
+				return nil, fmt.Errorf("restore database state: %w", err)
+			}
+			s.db = db
+		case *fsmv1.SnapshotItem_Mail:
+			m, err := mail.Restore(x.Mail)
+			if err != nil {
+				return nil, fmt.Errorf("restore mail state: %w", err)
+			}
+			s.mail = m
 		default:
 			return nil, fmt.Errorf("snapshot item of unknown kind %T; upgrade gitraft on this node", it.Item)
 		}
@@ -722,3 +754,10 @@ func restoreState(index uint64, items []*fsmv1.SnapshotItem) (*State, error) {
 	s.locks = lockd.Restore(locks)
 	return s, nil
 }
+
+// Database returns the PostgreSQL failover-target state. Callers hold the
+// FSM's lock (Node reads go through fsm.Read) and must not keep it.
+func (s *State) Database() *dbtarget.State { return s.db }
+
+// Mail returns the mail-drain state, under the same rules as Database.
+func (s *State) Mail() *mail.State { return s.mail }

@@ -1,5 +1,7 @@
 #!/bin/sh
 # Runs every gitraft test: unit, in-process cluster and end-to-end.
+# The end-to-end tests drive real git, ssh, sshd, PostgreSQL 15, pgbouncer and
+# Postfix on loopback.
 #
 # It first installs what a fresh Debian machine lacks for the end-to-end tests,
 # which drive real parts, when it runs as root and something is missing. Each
@@ -8,10 +10,11 @@ set -eu
 cd "$(dirname "$0")/.."
 
 need=""
-for pair in git:git ssh:openssh-client ssh-keygen:openssh-client; do
+for pair in git:git ssh:openssh-client ssh-keygen:openssh-client sshd:openssh-server \
+	pgbouncer:pgbouncer postfix:postfix /usr/lib/postgresql/15/bin/pg_ctl:postgresql-15; do
 	cmd=${pair%%:*}
 	pkg=${pair#*:}
-	if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$cmd" ]; then
+	if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$cmd" ] && [ ! -x "$cmd" ]; then
 		need="$need $pkg"
 	fi
 done

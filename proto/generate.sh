@@ -1,6 +1,6 @@
 #!/bin/sh
-# Regenerates the Go code from the .proto files. Needs protoc (Debian:
-# protobuf-compiler); the Go plugins are pinned as tools in go.mod.
+# Regenerates the Go code from the .proto files. Needs protoc and its well-known types (Debian:
+# protobuf-compiler and libprotobuf-dev); the Go plugins are pinned as tools in go.mod.
 set -eu
 cd "$(dirname "$0")"
 GEN_GO=$(go tool -n protoc-gen-go)

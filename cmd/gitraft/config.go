@@ -43,6 +43,10 @@ type fileConfig struct {
 	TLS  cluster.TLSFiles   `yaml:"tls"`
 	Raft cluster.RaftTuning `yaml:"raft"`
 	Git  gitSettings        `yaml:"git"`
+	// Database configures the PostgreSQL and pgbouncer agents on this host.
+	Database dbSettings `yaml:"database"`
+	// Mail configures the Postfix drain agent on this host.
+	Mail mailSettings `yaml:"mail"`
 }
 
 // gitSettings are the git front end's limits and hooks.

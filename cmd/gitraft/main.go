@@ -32,7 +32,7 @@ Inspect a cluster:     gitraft cluster status`,
 		SilenceErrors: true,
 		SilenceUsage:  true,
 	}
-	clients := []*cobra.Command{newClusterCmd(g), newRepoCmd(g), newLockCmd(g), newUserCmd(g), newKeyCmd(g)}
+	clients := []*cobra.Command{newClusterCmd(g), newRepoCmd(g), newLockCmd(g), newUserCmd(g), newKeyCmd(g), newDBCmd(g), newMailCmd(g)}
 	for _, c := range clients {
 		g.register(c.PersistentFlags())
 	}

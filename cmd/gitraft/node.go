@@ -66,6 +66,18 @@ func startNode(cfg fileConfig, logger *slog.Logger) (*runningNode, error) {
 	})
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &runningNode{node: n, ssh: srv, cancel: cancel, log: logger}
+	if err := startDatabaseAgents(ctx, cfg, n, logger); err != nil {
+		cancel()
+		srv.Close()
+		n.Close()
+		return nil, err
+	}
+	if err := startMailAgent(ctx, cfg, n, logger); err != nil {
+		cancel()
+		srv.Close()
+		n.Close()
+		return nil, err
+	}
 	go func() {
 		if err := srv.Serve(ctx); err != nil && ctx.Err() == nil {
 			logger.Error("ssh server stopped", "node", cfg.NodeID, "err", err)

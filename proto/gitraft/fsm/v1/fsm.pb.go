@@ -11,6 +11,8 @@
 package fsmv1
 
 import (
+	v1 "github.com/gitraft/gitraft/proto/gitraft/db/v1"
+	v11 "github.com/gitraft/gitraft/proto/gitraft/mail/v1"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	reflect "reflect"
@@ -281,6 +283,8 @@ type Entry struct {
 	//	*Entry_AddKey
 	//	*Entry_RemoveKey
 	//	*Entry_SetGrant
+	//	*Entry_Database
+	//	*Entry_Mail
 	Command       isEntry_Command `protobuf_oneof:"command"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -504,6 +508,24 @@ func (x *Entry) GetSetGrant() *SetGrant {
 	return nil
 }
 
+func (x *Entry) GetDatabase() *v1.Command {
+	if x != nil {
+		if x, ok := x.Command.(*Entry_Database); ok {
+			return x.Database
+		}
+	}
+	return nil
+}
+
+func (x *Entry) GetMail() *v11.Command {
+	if x != nil {
+		if x, ok := x.Command.(*Entry_Mail); ok {
+			return x.Mail
+		}
+	}
+	return nil
+}
+
 type isEntry_Command interface {
 	isEntry_Command()
 }
@@ -576,6 +598,16 @@ type Entry_SetGrant struct {
 	SetGrant *SetGrant `protobuf:"bytes,26,opt,name=set_grant,json=setGrant,proto3,oneof"`
 }
 
+type Entry_Database struct {
+	// The PostgreSQL failover target (cluster/dbtarget).
+	Database *v1.Command `protobuf:"bytes,27,opt,name=database,proto3,oneof"`
+}
+
+type Entry_Mail struct {
+	// Mail host drain state (cluster/mail).
+	Mail *v11.Command `protobuf:"bytes,28,opt,name=mail,proto3,oneof"`
+}
+
 func (*Entry_CreateRepo) isEntry_Command() {}
 
 func (*Entry_DeleteRepo) isEntry_Command() {}
@@ -609,6 +641,10 @@ func (*Entry_AddKey) isEntry_Command() {}
 func (*Entry_RemoveKey) isEntry_Command() {}
 
 func (*Entry_SetGrant) isEntry_Command() {}
+
+func (*Entry_Database) isEntry_Command() {}
+
+func (*Entry_Mail) isEntry_Command() {}
 
 // SetHostKey records the cluster-wide SSH host key. The first one wins: a
 // later entry is refused, so every node serves the same key forever.
@@ -2196,6 +2232,8 @@ type Result struct {
 	Lock          *WriteLock             `protobuf:"bytes,4,opt,name=lock,proto3" json:"lock,omitempty"`
 	Expired       []*WriteLock           `protobuf:"bytes,5,rep,name=expired,proto3" json:"expired,omitempty"`
 	RefResults    []*RefResult           `protobuf:"bytes,6,rep,name=ref_results,json=refResults,proto3" json:"ref_results,omitempty"`
+	Database      *v1.Result             `protobuf:"bytes,7,opt,name=database,proto3" json:"database,omitempty"`
+	Mail          *v11.Result            `protobuf:"bytes,8,opt,name=mail,proto3" json:"mail,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2268,6 +2306,20 @@ func (x *Result) GetExpired() []*WriteLock {
 func (x *Result) GetRefResults() []*RefResult {
 	if x != nil {
 		return x.RefResults
+	}
+	return nil
+}
+
+func (x *Result) GetDatabase() *v1.Result {
+	if x != nil {
+		return x.Database
+	}
+	return nil
+}
+
+func (x *Result) GetMail() *v11.Result {
+	if x != nil {
+		return x.Mail
 	}
 	return nil
 }
@@ -2346,6 +2398,9 @@ type SnapshotItem struct {
 	//	*SnapshotItem_User
 	//	*SnapshotItem_Key
 	//	*SnapshotItem_Grant
+	//	*SnapshotItem_Database
+	//	*SnapshotItem_Mail
+	//	*SnapshotItem_End
 	Item          isSnapshotItem_Item `protobuf_oneof:"item"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2460,6 +2515,33 @@ func (x *SnapshotItem) GetGrant() *Grant {
 	return nil
 }
 
+func (x *SnapshotItem) GetDatabase() *v1.Snapshot {
+	if x != nil {
+		if x, ok := x.Item.(*SnapshotItem_Database); ok {
+			return x.Database
+		}
+	}
+	return nil
+}
+
+func (x *SnapshotItem) GetMail() *v11.Snapshot {
+	if x != nil {
+		if x, ok := x.Item.(*SnapshotItem_Mail); ok {
+			return x.Mail
+		}
+	}
+	return nil
+}
+
+func (x *SnapshotItem) GetEnd() *SnapshotEnd {
+	if x != nil {
+		if x, ok := x.Item.(*SnapshotItem_End); ok {
+			return x.End
+		}
+	}
+	return nil
+}
+
 type isSnapshotItem_Item interface {
 	isSnapshotItem_Item()
 }
@@ -2496,6 +2578,18 @@ type SnapshotItem_Grant struct {
 	Grant *Grant `protobuf:"bytes,8,opt,name=grant,proto3,oneof"`
 }
 
+type SnapshotItem_Database struct {
+	Database *v1.Snapshot `protobuf:"bytes,9,opt,name=database,proto3,oneof"`
+}
+
+type SnapshotItem_Mail struct {
+	Mail *v11.Snapshot `protobuf:"bytes,10,opt,name=mail,proto3,oneof"`
+}
+
+type SnapshotItem_End struct {
+	End *SnapshotEnd `protobuf:"bytes,11,opt,name=end,proto3,oneof"`
+}
+
 func (*SnapshotItem_Repo) isSnapshotItem_Item() {}
 
 func (*SnapshotItem_Lock) isSnapshotItem_Item() {}
@@ -2512,6 +2606,59 @@ func (*SnapshotItem_Key) isSnapshotItem_Item() {}
 
 func (*SnapshotItem_Grant) isSnapshotItem_Item() {}
 
+func (*SnapshotItem_Database) isSnapshotItem_Item() {}
+
+func (*SnapshotItem_Mail) isSnapshotItem_Item() {}
+
+func (*SnapshotItem_End) isSnapshotItem_Item() {}
+
+// SnapshotEnd is the last item of every snapshot, so that a snapshot cut off
+// at an item boundary is refused rather than restored without its tail.
+type SnapshotEnd struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// How many items came before this one.
+	Items         uint64 `protobuf:"varint,1,opt,name=items,proto3" json:"items,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SnapshotEnd) Reset() {
+	*x = SnapshotEnd{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SnapshotEnd) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SnapshotEnd) ProtoMessage() {}
+
+func (x *SnapshotEnd) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SnapshotEnd.ProtoReflect.Descriptor instead.
+func (*SnapshotEnd) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *SnapshotEnd) GetItems() uint64 {
+	if x != nil {
+		return x.Items
+	}
+	return 0
+}
+
 // AppliedRequest remembers the result of a recent proposal by its request id.
 type AppliedRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -2523,7 +2670,7 @@ type AppliedRequest struct {
 
 func (x *AppliedRequest) Reset() {
 	*x = AppliedRequest{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[32]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2535,7 +2682,7 @@ func (x *AppliedRequest) String() string {
 func (*AppliedRequest) ProtoMessage() {}
 
 func (x *AppliedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[32]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2548,7 +2695,7 @@ func (x *AppliedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppliedRequest.ProtoReflect.Descriptor instead.
 func (*AppliedRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{32}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *AppliedRequest) GetRequestId() string {
@@ -2569,7 +2716,8 @@ var File_gitraft_fsm_v1_fsm_proto protoreflect.FileDescriptor
 
 const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\n" +
-	"\x18gitraft/fsm/v1/fsm.proto\x12\x0egitraft.fsm.v1\"\xe3\t\n" +
+	"\x18gitraft/fsm/v1/fsm.proto\x12\x0egitraft.fsm.v1\x1a\x16gitraft/db/v1/db.proto\x1a\x1agitraft/mail/v1/mail.proto\"\xc9\n" +
+	"\n" +
 	"\x05Entry\x123\n" +
 	"\x06format\x18\x01 \x01(\x0e2\x1b.gitraft.fsm.v1.EntryFormatR\x06format\x121\n" +
 	"\x15leader_time_unix_nano\x18\x02 \x01(\x03R\x12leaderTimeUnixNano\x12\x1a\n" +
@@ -2602,7 +2750,9 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\aadd_key\x18\x18 \x01(\v2\x16.gitraft.fsm.v1.AddKeyH\x00R\x06addKey\x12:\n" +
 	"\n" +
 	"remove_key\x18\x19 \x01(\v2\x19.gitraft.fsm.v1.RemoveKeyH\x00R\tremoveKey\x127\n" +
-	"\tset_grant\x18\x1a \x01(\v2\x18.gitraft.fsm.v1.SetGrantH\x00R\bsetGrantB\t\n" +
+	"\tset_grant\x18\x1a \x01(\v2\x18.gitraft.fsm.v1.SetGrantH\x00R\bsetGrant\x124\n" +
+	"\bdatabase\x18\x1b \x01(\v2\x16.gitraft.db.v1.CommandH\x00R\bdatabase\x12.\n" +
+	"\x04mail\x18\x1c \x01(\v2\x18.gitraft.mail.v1.CommandH\x00R\x04mailB\t\n" +
 	"\acommand\"@\n" +
 	"\n" +
 	"SetHostKey\x122\n" +
@@ -2711,7 +2861,7 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\x03ref\x18\x01 \x01(\tR\x03ref\x121\n" +
 	"\x06status\x18\x02 \x01(\x0e2\x19.gitraft.fsm.v1.RefStatusR\x06status\x12\x1f\n" +
 	"\vcurrent_oid\x18\x03 \x01(\tR\n" +
-	"currentOid\"\x9b\x02\n" +
+	"currentOid\"\xfb\x02\n" +
 	"\x06Result\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x121\n" +
 	"\arefusal\x18\x02 \x01(\v2\x17.gitraft.fsm.v1.RefusalR\arefusal\x12(\n" +
@@ -2719,11 +2869,13 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\x04lock\x18\x04 \x01(\v2\x19.gitraft.fsm.v1.WriteLockR\x04lock\x123\n" +
 	"\aexpired\x18\x05 \x03(\v2\x19.gitraft.fsm.v1.WriteLockR\aexpired\x12:\n" +
 	"\vref_results\x18\x06 \x03(\v2\x19.gitraft.fsm.v1.RefResultR\n" +
-	"refResults\"o\n" +
+	"refResults\x121\n" +
+	"\bdatabase\x18\a \x01(\v2\x15.gitraft.db.v1.ResultR\bdatabase\x12+\n" +
+	"\x04mail\x18\b \x01(\v2\x17.gitraft.mail.v1.ResultR\x04mail\"o\n" +
 	"\x0eSnapshotHeader\x123\n" +
 	"\x06format\x18\x01 \x01(\x0e2\x1b.gitraft.fsm.v1.EntryFormatR\x06format\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x12\x12\n" +
-	"\x04term\x18\x03 \x01(\x04R\x04term\"\xad\x03\n" +
+	"\x04term\x18\x03 \x01(\x04R\x04term\"\xc6\x04\n" +
 	"\fSnapshotItem\x12*\n" +
 	"\x04repo\x18\x01 \x01(\v2\x14.gitraft.fsm.v1.RepoH\x00R\x04repo\x12/\n" +
 	"\x04lock\x18\x02 \x01(\v2\x19.gitraft.fsm.v1.WriteLockH\x00R\x04lock\x120\n" +
@@ -2732,8 +2884,14 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\bhost_key\x18\x05 \x01(\v2\x17.gitraft.fsm.v1.HostKeyH\x00R\ahostKey\x12*\n" +
 	"\x04user\x18\x06 \x01(\v2\x14.gitraft.fsm.v1.UserH\x00R\x04user\x12*\n" +
 	"\x03key\x18\a \x01(\v2\x16.gitraft.fsm.v1.SSHKeyH\x00R\x03key\x12-\n" +
-	"\x05grant\x18\b \x01(\v2\x15.gitraft.fsm.v1.GrantH\x00R\x05grantB\x06\n" +
-	"\x04item\"_\n" +
+	"\x05grant\x18\b \x01(\v2\x15.gitraft.fsm.v1.GrantH\x00R\x05grant\x125\n" +
+	"\bdatabase\x18\t \x01(\v2\x17.gitraft.db.v1.SnapshotH\x00R\bdatabase\x12/\n" +
+	"\x04mail\x18\n" +
+	" \x01(\v2\x19.gitraft.mail.v1.SnapshotH\x00R\x04mail\x12/\n" +
+	"\x03end\x18\v \x01(\v2\x1b.gitraft.fsm.v1.SnapshotEndH\x00R\x03endB\x06\n" +
+	"\x04item\"#\n" +
+	"\vSnapshotEnd\x12\x14\n" +
+	"\x05items\x18\x01 \x01(\x04R\x05items\"_\n" +
 	"\x0eAppliedRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12.\n" +
@@ -2776,7 +2934,7 @@ func file_gitraft_fsm_v1_fsm_proto_rawDescGZIP() []byte {
 }
 
 var file_gitraft_fsm_v1_fsm_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_gitraft_fsm_v1_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
+var file_gitraft_fsm_v1_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
 var file_gitraft_fsm_v1_fsm_proto_goTypes = []any{
 	(EntryFormat)(0),         // 0: gitraft.fsm.v1.EntryFormat
 	(Access)(0),              // 1: gitraft.fsm.v1.Access
@@ -2814,7 +2972,14 @@ var file_gitraft_fsm_v1_fsm_proto_goTypes = []any{
 	(*Result)(nil),           // 33: gitraft.fsm.v1.Result
 	(*SnapshotHeader)(nil),   // 34: gitraft.fsm.v1.SnapshotHeader
 	(*SnapshotItem)(nil),     // 35: gitraft.fsm.v1.SnapshotItem
-	(*AppliedRequest)(nil),   // 36: gitraft.fsm.v1.AppliedRequest
+	(*SnapshotEnd)(nil),      // 36: gitraft.fsm.v1.SnapshotEnd
+	(*AppliedRequest)(nil),   // 37: gitraft.fsm.v1.AppliedRequest
+	(*v1.Command)(nil),       // 38: gitraft.db.v1.Command
+	(*v11.Command)(nil),      // 39: gitraft.mail.v1.Command
+	(*v1.Result)(nil),        // 40: gitraft.db.v1.Result
+	(*v11.Result)(nil),       // 41: gitraft.mail.v1.Result
+	(*v1.Snapshot)(nil),      // 42: gitraft.db.v1.Snapshot
+	(*v11.Snapshot)(nil),     // 43: gitraft.mail.v1.Snapshot
 }
 var file_gitraft_fsm_v1_fsm_proto_depIdxs = []int32{
 	0,  // 0: gitraft.fsm.v1.Entry.format:type_name -> gitraft.fsm.v1.EntryFormat
@@ -2835,35 +3000,42 @@ var file_gitraft_fsm_v1_fsm_proto_depIdxs = []int32{
 	8,  // 15: gitraft.fsm.v1.Entry.add_key:type_name -> gitraft.fsm.v1.AddKey
 	9,  // 16: gitraft.fsm.v1.Entry.remove_key:type_name -> gitraft.fsm.v1.RemoveKey
 	10, // 17: gitraft.fsm.v1.Entry.set_grant:type_name -> gitraft.fsm.v1.SetGrant
-	25, // 18: gitraft.fsm.v1.SetHostKey.host_key:type_name -> gitraft.fsm.v1.HostKey
-	27, // 19: gitraft.fsm.v1.AddKey.key:type_name -> gitraft.fsm.v1.SSHKey
-	1,  // 20: gitraft.fsm.v1.SetGrant.access:type_name -> gitraft.fsm.v1.Access
-	14, // 21: gitraft.fsm.v1.UpdateRefs.updates:type_name -> gitraft.fsm.v1.RefUpdate
-	23, // 22: gitraft.fsm.v1.SetMember.member:type_name -> gitraft.fsm.v1.Member
-	1,  // 23: gitraft.fsm.v1.Grant.access:type_name -> gitraft.fsm.v1.Access
-	24, // 24: gitraft.fsm.v1.Repo.refs:type_name -> gitraft.fsm.v1.Ref
-	2,  // 25: gitraft.fsm.v1.Refusal.reason:type_name -> gitraft.fsm.v1.Reason
-	3,  // 26: gitraft.fsm.v1.RefResult.status:type_name -> gitraft.fsm.v1.RefStatus
-	31, // 27: gitraft.fsm.v1.Result.refusal:type_name -> gitraft.fsm.v1.Refusal
-	29, // 28: gitraft.fsm.v1.Result.repo:type_name -> gitraft.fsm.v1.Repo
-	30, // 29: gitraft.fsm.v1.Result.lock:type_name -> gitraft.fsm.v1.WriteLock
-	30, // 30: gitraft.fsm.v1.Result.expired:type_name -> gitraft.fsm.v1.WriteLock
-	32, // 31: gitraft.fsm.v1.Result.ref_results:type_name -> gitraft.fsm.v1.RefResult
-	0,  // 32: gitraft.fsm.v1.SnapshotHeader.format:type_name -> gitraft.fsm.v1.EntryFormat
-	29, // 33: gitraft.fsm.v1.SnapshotItem.repo:type_name -> gitraft.fsm.v1.Repo
-	30, // 34: gitraft.fsm.v1.SnapshotItem.lock:type_name -> gitraft.fsm.v1.WriteLock
-	23, // 35: gitraft.fsm.v1.SnapshotItem.member:type_name -> gitraft.fsm.v1.Member
-	36, // 36: gitraft.fsm.v1.SnapshotItem.applied_request:type_name -> gitraft.fsm.v1.AppliedRequest
-	25, // 37: gitraft.fsm.v1.SnapshotItem.host_key:type_name -> gitraft.fsm.v1.HostKey
-	26, // 38: gitraft.fsm.v1.SnapshotItem.user:type_name -> gitraft.fsm.v1.User
-	27, // 39: gitraft.fsm.v1.SnapshotItem.key:type_name -> gitraft.fsm.v1.SSHKey
-	28, // 40: gitraft.fsm.v1.SnapshotItem.grant:type_name -> gitraft.fsm.v1.Grant
-	33, // 41: gitraft.fsm.v1.AppliedRequest.result:type_name -> gitraft.fsm.v1.Result
-	42, // [42:42] is the sub-list for method output_type
-	42, // [42:42] is the sub-list for method input_type
-	42, // [42:42] is the sub-list for extension type_name
-	42, // [42:42] is the sub-list for extension extendee
-	0,  // [0:42] is the sub-list for field type_name
+	38, // 18: gitraft.fsm.v1.Entry.database:type_name -> gitraft.db.v1.Command
+	39, // 19: gitraft.fsm.v1.Entry.mail:type_name -> gitraft.mail.v1.Command
+	25, // 20: gitraft.fsm.v1.SetHostKey.host_key:type_name -> gitraft.fsm.v1.HostKey
+	27, // 21: gitraft.fsm.v1.AddKey.key:type_name -> gitraft.fsm.v1.SSHKey
+	1,  // 22: gitraft.fsm.v1.SetGrant.access:type_name -> gitraft.fsm.v1.Access
+	14, // 23: gitraft.fsm.v1.UpdateRefs.updates:type_name -> gitraft.fsm.v1.RefUpdate
+	23, // 24: gitraft.fsm.v1.SetMember.member:type_name -> gitraft.fsm.v1.Member
+	1,  // 25: gitraft.fsm.v1.Grant.access:type_name -> gitraft.fsm.v1.Access
+	24, // 26: gitraft.fsm.v1.Repo.refs:type_name -> gitraft.fsm.v1.Ref
+	2,  // 27: gitraft.fsm.v1.Refusal.reason:type_name -> gitraft.fsm.v1.Reason
+	3,  // 28: gitraft.fsm.v1.RefResult.status:type_name -> gitraft.fsm.v1.RefStatus
+	31, // 29: gitraft.fsm.v1.Result.refusal:type_name -> gitraft.fsm.v1.Refusal
+	29, // 30: gitraft.fsm.v1.Result.repo:type_name -> gitraft.fsm.v1.Repo
+	30, // 31: gitraft.fsm.v1.Result.lock:type_name -> gitraft.fsm.v1.WriteLock
+	30, // 32: gitraft.fsm.v1.Result.expired:type_name -> gitraft.fsm.v1.WriteLock
+	32, // 33: gitraft.fsm.v1.Result.ref_results:type_name -> gitraft.fsm.v1.RefResult
+	40, // 34: gitraft.fsm.v1.Result.database:type_name -> gitraft.db.v1.Result
+	41, // 35: gitraft.fsm.v1.Result.mail:type_name -> gitraft.mail.v1.Result
+	0,  // 36: gitraft.fsm.v1.SnapshotHeader.format:type_name -> gitraft.fsm.v1.EntryFormat
+	29, // 37: gitraft.fsm.v1.SnapshotItem.repo:type_name -> gitraft.fsm.v1.Repo
+	30, // 38: gitraft.fsm.v1.SnapshotItem.lock:type_name -> gitraft.fsm.v1.WriteLock
+	23, // 39: gitraft.fsm.v1.SnapshotItem.member:type_name -> gitraft.fsm.v1.Member
+	37, // 40: gitraft.fsm.v1.SnapshotItem.applied_request:type_name -> gitraft.fsm.v1.AppliedRequest
+	25, // 41: gitraft.fsm.v1.SnapshotItem.host_key:type_name -> gitraft.fsm.v1.HostKey
+	26, // 42: gitraft.fsm.v1.SnapshotItem.user:type_name -> gitraft.fsm.v1.User
+	27, // 43: gitraft.fsm.v1.SnapshotItem.key:type_name -> gitraft.fsm.v1.SSHKey
+	28, // 44: gitraft.fsm.v1.SnapshotItem.grant:type_name -> gitraft.fsm.v1.Grant
+	42, // 45: gitraft.fsm.v1.SnapshotItem.database:type_name -> gitraft.db.v1.Snapshot
+	43, // 46: gitraft.fsm.v1.SnapshotItem.mail:type_name -> gitraft.mail.v1.Snapshot
+	36, // 47: gitraft.fsm.v1.SnapshotItem.end:type_name -> gitraft.fsm.v1.SnapshotEnd
+	33, // 48: gitraft.fsm.v1.AppliedRequest.result:type_name -> gitraft.fsm.v1.Result
+	49, // [49:49] is the sub-list for method output_type
+	49, // [49:49] is the sub-list for method input_type
+	49, // [49:49] is the sub-list for extension type_name
+	49, // [49:49] is the sub-list for extension extendee
+	0,  // [0:49] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_fsm_v1_fsm_proto_init() }
@@ -2889,6 +3061,8 @@ func file_gitraft_fsm_v1_fsm_proto_init() {
 		(*Entry_AddKey)(nil),
 		(*Entry_RemoveKey)(nil),
 		(*Entry_SetGrant)(nil),
+		(*Entry_Database)(nil),
+		(*Entry_Mail)(nil),
 	}
 	file_gitraft_fsm_v1_fsm_proto_msgTypes[31].OneofWrappers = []any{
 		(*SnapshotItem_Repo)(nil),
@@ -2899,6 +3073,9 @@ func file_gitraft_fsm_v1_fsm_proto_init() {
 		(*SnapshotItem_User)(nil),
 		(*SnapshotItem_Key)(nil),
 		(*SnapshotItem_Grant)(nil),
+		(*SnapshotItem_Database)(nil),
+		(*SnapshotItem_Mail)(nil),
+		(*SnapshotItem_End)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -2906,7 +3083,7 @@ func file_gitraft_fsm_v1_fsm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_fsm_v1_fsm_proto_rawDesc), len(file_gitraft_fsm_v1_fsm_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   33,
+			NumMessages:   34,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
