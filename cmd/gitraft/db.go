@@ -4,8 +4,6 @@ import (
 	"context"
 	"log/slog"
 
-	"github.com/spf13/cobra"
-
 	"github.com/gitraft/gitraft/cluster"
 )
 
@@ -16,8 +14,4 @@ type dbSettings struct{}
 // configuration switches on; they stop when ctx ends.
 func startDatabaseAgents(ctx context.Context, cfg fileConfig, n *cluster.Node, log *slog.Logger) error {
 	return nil
-}
-
-func newDBCmd(g *globalOpts) *cobra.Command {
-	return &cobra.Command{Use: "db", Short: "PostgreSQL primary, switchover and failover", Hidden: true}
 }
