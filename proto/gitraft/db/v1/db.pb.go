@@ -6,7 +6,8 @@
 
 // Package gitraft.db.v1 holds the PostgreSQL failover-target part of the
 // replicated state: its log commands (carried inside gitraft.fsm.v1.Entry),
-// their results, its snapshot form, and the admin DatabaseService.
+// their results, its snapshot form, the admin DatabaseService and the
+// DatabaseAgentService that agents report to the leader with.
 
 package dbv1
 
@@ -25,130 +26,389 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
-// Command is one database log entry.
-type Command struct {
-	state protoimpl.MessageState `protogen:"open.v1"`
-	// Types that are valid to be assigned to Command:
-	//
-	//	*Command_Noop
-	Command       isCommand_Command `protobuf_oneof:"command"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
+type Kind int32
 
-func (x *Command) Reset() {
-	*x = Command{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[0]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
+const (
+	Kind_KIND_UNSPECIFIED Kind = 0
+	Kind_KIND_SWITCHOVER  Kind = 1
+	Kind_KIND_FAILOVER    Kind = 2
+	// The first primary recorded (no operation ran).
+	Kind_KIND_BOOTSTRAP Kind = 3
+)
 
-func (x *Command) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*Command) ProtoMessage() {}
-
-func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[0]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
+// Enum value maps for Kind.
+var (
+	Kind_name = map[int32]string{
+		0: "KIND_UNSPECIFIED",
+		1: "KIND_SWITCHOVER",
+		2: "KIND_FAILOVER",
+		3: "KIND_BOOTSTRAP",
 	}
-	return mi.MessageOf(x)
+	Kind_value = map[string]int32{
+		"KIND_UNSPECIFIED": 0,
+		"KIND_SWITCHOVER":  1,
+		"KIND_FAILOVER":    2,
+		"KIND_BOOTSTRAP":   3,
+	}
+)
+
+func (x Kind) Enum() *Kind {
+	p := new(Kind)
+	*p = x
+	return p
 }
 
-// Deprecated: Use Command.ProtoReflect.Descriptor instead.
-func (*Command) Descriptor() ([]byte, []int) {
+func (x Kind) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Kind) Descriptor() protoreflect.EnumDescriptor {
+	return file_gitraft_db_v1_db_proto_enumTypes[0].Descriptor()
+}
+
+func (Kind) Type() protoreflect.EnumType {
+	return &file_gitraft_db_v1_db_proto_enumTypes[0]
+}
+
+func (x Kind) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Kind.Descriptor instead.
+func (Kind) EnumDescriptor() ([]byte, []int) {
 	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{0}
 }
 
-func (x *Command) GetCommand() isCommand_Command {
-	if x != nil {
-		return x.Command
+// Phase of the operation under way; PHASE_UNSPECIFIED is "none".
+type Phase int32
+
+const (
+	Phase_PHASE_UNSPECIFIED Phase = 0
+	// A switchover waiting for its time (--at).
+	Phase_PHASE_SCHEDULED Phase = 1
+	// Every pgbouncer PAUSEs.
+	Phase_PHASE_PAUSING Phase = 2
+	// The old primary fast-stops and reports its last WAL position.
+	Phase_PHASE_STOPPING_OLD Phase = 3
+	// The target replays up to that position and is promoted.
+	Phase_PHASE_PROMOTING Phase = 4
+	// The new primary is recorded; every pgbouncer points at it and RESUMEs.
+	Phase_PHASE_REPOINTING Phase = 5
+	// The old primary becomes a standby of the new one.
+	Phase_PHASE_DEMOTING Phase = 6
+	// Failover: every pgbouncer stops routing to the old primary.
+	Phase_PHASE_FENCING Phase = 7
+	// Before promotion only: the old primary runs again, then pgbouncers RESUME.
+	Phase_PHASE_ROLLING_BACK Phase = 8
+)
+
+// Enum value maps for Phase.
+var (
+	Phase_name = map[int32]string{
+		0: "PHASE_UNSPECIFIED",
+		1: "PHASE_SCHEDULED",
+		2: "PHASE_PAUSING",
+		3: "PHASE_STOPPING_OLD",
+		4: "PHASE_PROMOTING",
+		5: "PHASE_REPOINTING",
+		6: "PHASE_DEMOTING",
+		7: "PHASE_FENCING",
+		8: "PHASE_ROLLING_BACK",
 	}
-	return nil
-}
-
-func (x *Command) GetNoop() *Noop {
-	if x != nil {
-		if x, ok := x.Command.(*Command_Noop); ok {
-			return x.Noop
-		}
+	Phase_value = map[string]int32{
+		"PHASE_UNSPECIFIED":  0,
+		"PHASE_SCHEDULED":    1,
+		"PHASE_PAUSING":      2,
+		"PHASE_STOPPING_OLD": 3,
+		"PHASE_PROMOTING":    4,
+		"PHASE_REPOINTING":   5,
+		"PHASE_DEMOTING":     6,
+		"PHASE_FENCING":      7,
+		"PHASE_ROLLING_BACK": 8,
 	}
-	return nil
+)
+
+func (x Phase) Enum() *Phase {
+	p := new(Phase)
+	*p = x
+	return p
 }
 
-type isCommand_Command interface {
-	isCommand_Command()
+func (x Phase) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
 }
 
-type Command_Noop struct {
-	Noop *Noop `protobuf:"bytes,1,opt,name=noop,proto3,oneof"` // placeholder until the real commands land
+func (Phase) Descriptor() protoreflect.EnumDescriptor {
+	return file_gitraft_db_v1_db_proto_enumTypes[1].Descriptor()
 }
 
-func (*Command_Noop) isCommand_Command() {}
-
-type Noop struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+func (Phase) Type() protoreflect.EnumType {
+	return &file_gitraft_db_v1_db_proto_enumTypes[1]
 }
 
-func (x *Noop) Reset() {
-	*x = Noop{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[1]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
+func (x Phase) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
 }
 
-func (x *Noop) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*Noop) ProtoMessage() {}
-
-func (x *Noop) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[1]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use Noop.ProtoReflect.Descriptor instead.
-func (*Noop) Descriptor() ([]byte, []int) {
+// Deprecated: Use Phase.Descriptor instead.
+func (Phase) EnumDescriptor() ([]byte, []int) {
 	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{1}
 }
 
-// Result is what applying one Command produced.
-type Result struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+type Outcome int32
+
+const (
+	Outcome_OUTCOME_UNSPECIFIED Outcome = 0
+	Outcome_OUTCOME_DONE        Outcome = 1
+	// Rolled back (or cancelled) before promotion; the old primary stays.
+	Outcome_OUTCOME_ABORTED Outcome = 2
+	// Failed after nothing could be rolled back (a failover whose promotion failed).
+	Outcome_OUTCOME_FAILED Outcome = 3
+)
+
+// Enum value maps for Outcome.
+var (
+	Outcome_name = map[int32]string{
+		0: "OUTCOME_UNSPECIFIED",
+		1: "OUTCOME_DONE",
+		2: "OUTCOME_ABORTED",
+		3: "OUTCOME_FAILED",
+	}
+	Outcome_value = map[string]int32{
+		"OUTCOME_UNSPECIFIED": 0,
+		"OUTCOME_DONE":        1,
+		"OUTCOME_ABORTED":     2,
+		"OUTCOME_FAILED":      3,
+	}
+)
+
+func (x Outcome) Enum() *Outcome {
+	p := new(Outcome)
+	*p = x
+	return p
+}
+
+func (x Outcome) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Outcome) Descriptor() protoreflect.EnumDescriptor {
+	return file_gitraft_db_v1_db_proto_enumTypes[2].Descriptor()
+}
+
+func (Outcome) Type() protoreflect.EnumType {
+	return &file_gitraft_db_v1_db_proto_enumTypes[2]
+}
+
+func (x Outcome) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Outcome.Descriptor instead.
+func (Outcome) EnumDescriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{2}
+}
+
+// Member is one PostgreSQL server, registered by the postgres agent that
+// drives it.
+type Member struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Host  string                 `protobuf:"bytes,2,opt,name=host,proto3" json:"host,omitempty"`
+	Port  int32                  `protobuf:"varint,3,opt,name=port,proto3" json:"port,omitempty"`
+	// Failover preference: higher first, after the WAL position.
+	Priority int32 `protobuf:"varint,4,opt,name=priority,proto3" json:"priority,omitempty"`
+	// Never promoted, neither by failover nor by switchover.
+	NoFailover bool `protobuf:"varint,5,opt,name=no_failover,json=noFailover,proto3" json:"no_failover,omitempty"`
+	// The gitraft node whose agent drives it.
+	Node               string `protobuf:"bytes,6,opt,name=node,proto3" json:"node,omitempty"`
+	RegisteredUnixNano int64  `protobuf:"varint,7,opt,name=registered_unix_nano,json=registeredUnixNano,proto3" json:"registered_unix_nano,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *Member) Reset() {
+	*x = Member{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Member) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Member) ProtoMessage() {}
+
+func (x *Member) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Member.ProtoReflect.Descriptor instead.
+func (*Member) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *Member) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Member) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
+func (x *Member) GetPort() int32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *Member) GetPriority() int32 {
+	if x != nil {
+		return x.Priority
+	}
+	return 0
+}
+
+func (x *Member) GetNoFailover() bool {
+	if x != nil {
+		return x.NoFailover
+	}
+	return false
+}
+
+func (x *Member) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *Member) GetRegisteredUnixNano() int64 {
+	if x != nil {
+		return x.RegisteredUnixNano
+	}
+	return 0
+}
+
+// Bouncer is one pgbouncer, registered by the agent that drives it.
+type Bouncer struct {
+	state              protoimpl.MessageState `protogen:"open.v1"`
+	Name               string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Node               string                 `protobuf:"bytes,2,opt,name=node,proto3" json:"node,omitempty"`
+	RegisteredUnixNano int64                  `protobuf:"varint,3,opt,name=registered_unix_nano,json=registeredUnixNano,proto3" json:"registered_unix_nano,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *Bouncer) Reset() {
+	*x = Bouncer{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Bouncer) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Bouncer) ProtoMessage() {}
+
+func (x *Bouncer) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Bouncer.ProtoReflect.Descriptor instead.
+func (*Bouncer) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *Bouncer) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Bouncer) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *Bouncer) GetRegisteredUnixNano() int64 {
+	if x != nil {
+		return x.RegisteredUnixNano
+	}
+	return 0
+}
+
+// Operation is the switchover or failover under way.
+type Operation struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Raft index of the entry that began it.
+	Id         uint64 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Kind       Kind   `protobuf:"varint,2,opt,name=kind,proto3,enum=gitraft.db.v1.Kind" json:"kind,omitempty"`
+	Phase      Phase  `protobuf:"varint,3,opt,name=phase,proto3,enum=gitraft.db.v1.Phase" json:"phase,omitempty"`
+	Target     string `protobuf:"bytes,4,opt,name=target,proto3" json:"target,omitempty"`
+	OldPrimary string `protobuf:"bytes,5,opt,name=old_primary,json=oldPrimary,proto3" json:"old_primary,omitempty"`
+	// Generation when it began.
+	Generation           uint64 `protobuf:"varint,6,opt,name=generation,proto3" json:"generation,omitempty"`
+	StartedUnixNano      int64  `protobuf:"varint,7,opt,name=started_unix_nano,json=startedUnixNano,proto3" json:"started_unix_nano,omitempty"`
+	PhaseStartedUnixNano int64  `protobuf:"varint,8,opt,name=phase_started_unix_nano,json=phaseStartedUnixNano,proto3" json:"phase_started_unix_nano,omitempty"`
+	// The leader gives up on the phase after this (0: no deadline).
+	DeadlineUnixNano int64 `protobuf:"varint,9,opt,name=deadline_unix_nano,json=deadlineUnixNano,proto3" json:"deadline_unix_nano,omitempty"`
+	// PHASE_PROMOTING of a switchover: the old primary's last WAL position,
+	// which the target must have replayed before it is promoted.
+	WaitLsn     uint64 `protobuf:"varint,10,opt,name=wait_lsn,json=waitLsn,proto3" json:"wait_lsn,omitempty"`
+	Automatic   bool   `protobuf:"varint,11,opt,name=automatic,proto3" json:"automatic,omitempty"`
+	RequestedBy string `protobuf:"bytes,12,opt,name=requested_by,json=requestedBy,proto3" json:"requested_by,omitempty"`
+	// PHASE_SCHEDULED: when to begin.
+	AtUnixNano int64 `protobuf:"varint,13,opt,name=at_unix_nano,json=atUnixNano,proto3" json:"at_unix_nano,omitempty"`
+	// Why it is rolling back, or what went wrong but was passed over.
+	Note          string `protobuf:"bytes,14,opt,name=note,proto3" json:"note,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
-func (x *Result) Reset() {
-	*x = Result{}
+func (x *Operation) Reset() {
+	*x = Operation{}
 	mi := &file_gitraft_db_v1_db_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
 
-func (x *Result) String() string {
+func (x *Operation) String() string {
 	return protoimpl.X.MessageStringOf(x)
 }
 
-func (*Result) ProtoMessage() {}
+func (*Operation) ProtoMessage() {}
 
-func (x *Result) ProtoReflect() protoreflect.Message {
+func (x *Operation) ProtoReflect() protoreflect.Message {
 	mi := &file_gitraft_db_v1_db_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
@@ -160,21 +420,380 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 	return mi.MessageOf(x)
 }
 
-// Deprecated: Use Result.ProtoReflect.Descriptor instead.
-func (*Result) Descriptor() ([]byte, []int) {
+// Deprecated: Use Operation.ProtoReflect.Descriptor instead.
+func (*Operation) Descriptor() ([]byte, []int) {
 	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Operation) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *Operation) GetKind() Kind {
+	if x != nil {
+		return x.Kind
+	}
+	return Kind_KIND_UNSPECIFIED
+}
+
+func (x *Operation) GetPhase() Phase {
+	if x != nil {
+		return x.Phase
+	}
+	return Phase_PHASE_UNSPECIFIED
+}
+
+func (x *Operation) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *Operation) GetOldPrimary() string {
+	if x != nil {
+		return x.OldPrimary
+	}
+	return ""
+}
+
+func (x *Operation) GetGeneration() uint64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
+func (x *Operation) GetStartedUnixNano() int64 {
+	if x != nil {
+		return x.StartedUnixNano
+	}
+	return 0
+}
+
+func (x *Operation) GetPhaseStartedUnixNano() int64 {
+	if x != nil {
+		return x.PhaseStartedUnixNano
+	}
+	return 0
+}
+
+func (x *Operation) GetDeadlineUnixNano() int64 {
+	if x != nil {
+		return x.DeadlineUnixNano
+	}
+	return 0
+}
+
+func (x *Operation) GetWaitLsn() uint64 {
+	if x != nil {
+		return x.WaitLsn
+	}
+	return 0
+}
+
+func (x *Operation) GetAutomatic() bool {
+	if x != nil {
+		return x.Automatic
+	}
+	return false
+}
+
+func (x *Operation) GetRequestedBy() string {
+	if x != nil {
+		return x.RequestedBy
+	}
+	return ""
+}
+
+func (x *Operation) GetAtUnixNano() int64 {
+	if x != nil {
+		return x.AtUnixNano
+	}
+	return 0
+}
+
+func (x *Operation) GetNote() string {
+	if x != nil {
+		return x.Note
+	}
+	return ""
+}
+
+// HistoryEntry is one finished operation.
+type HistoryEntry struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	OpId  uint64                 `protobuf:"varint,1,opt,name=op_id,json=opId,proto3" json:"op_id,omitempty"`
+	Kind  Kind                   `protobuf:"varint,2,opt,name=kind,proto3,enum=gitraft.db.v1.Kind" json:"kind,omitempty"`
+	From  string                 `protobuf:"bytes,3,opt,name=from,proto3" json:"from,omitempty"`
+	To    string                 `protobuf:"bytes,4,opt,name=to,proto3" json:"to,omitempty"`
+	// The generation after it (unchanged if it did not promote).
+	Generation       uint64  `protobuf:"varint,5,opt,name=generation,proto3" json:"generation,omitempty"`
+	Outcome          Outcome `protobuf:"varint,6,opt,name=outcome,proto3,enum=gitraft.db.v1.Outcome" json:"outcome,omitempty"`
+	Reason           string  `protobuf:"bytes,7,opt,name=reason,proto3" json:"reason,omitempty"`
+	StartedUnixNano  int64   `protobuf:"varint,8,opt,name=started_unix_nano,json=startedUnixNano,proto3" json:"started_unix_nano,omitempty"`
+	FinishedUnixNano int64   `protobuf:"varint,9,opt,name=finished_unix_nano,json=finishedUnixNano,proto3" json:"finished_unix_nano,omitempty"`
+	Automatic        bool    `protobuf:"varint,10,opt,name=automatic,proto3" json:"automatic,omitempty"`
+	RequestedBy      string  `protobuf:"bytes,11,opt,name=requested_by,json=requestedBy,proto3" json:"requested_by,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *HistoryEntry) Reset() {
+	*x = HistoryEntry{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HistoryEntry) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HistoryEntry) ProtoMessage() {}
+
+func (x *HistoryEntry) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HistoryEntry.ProtoReflect.Descriptor instead.
+func (*HistoryEntry) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *HistoryEntry) GetOpId() uint64 {
+	if x != nil {
+		return x.OpId
+	}
+	return 0
+}
+
+func (x *HistoryEntry) GetKind() Kind {
+	if x != nil {
+		return x.Kind
+	}
+	return Kind_KIND_UNSPECIFIED
+}
+
+func (x *HistoryEntry) GetFrom() string {
+	if x != nil {
+		return x.From
+	}
+	return ""
+}
+
+func (x *HistoryEntry) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
+func (x *HistoryEntry) GetGeneration() uint64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
+func (x *HistoryEntry) GetOutcome() Outcome {
+	if x != nil {
+		return x.Outcome
+	}
+	return Outcome_OUTCOME_UNSPECIFIED
+}
+
+func (x *HistoryEntry) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *HistoryEntry) GetStartedUnixNano() int64 {
+	if x != nil {
+		return x.StartedUnixNano
+	}
+	return 0
+}
+
+func (x *HistoryEntry) GetFinishedUnixNano() int64 {
+	if x != nil {
+		return x.FinishedUnixNano
+	}
+	return 0
+}
+
+func (x *HistoryEntry) GetAutomatic() bool {
+	if x != nil {
+		return x.Automatic
+	}
+	return false
+}
+
+func (x *HistoryEntry) GetRequestedBy() string {
+	if x != nil {
+		return x.RequestedBy
+	}
+	return ""
+}
+
+// State is the whole database part of the replicated state.
+type State struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Members        []*Member              `protobuf:"bytes,1,rep,name=members,proto3" json:"members,omitempty"`   // by name
+	Bouncers       []*Bouncer             `protobuf:"bytes,2,rep,name=bouncers,proto3" json:"bouncers,omitempty"` // by name
+	Primary        string                 `protobuf:"bytes,3,opt,name=primary,proto3" json:"primary,omitempty"`
+	Generation     uint64                 `protobuf:"varint,4,opt,name=generation,proto3" json:"generation,omitempty"`
+	Operation      *Operation             `protobuf:"bytes,5,opt,name=operation,proto3" json:"operation,omitempty"`
+	Paused         bool                   `protobuf:"varint,6,opt,name=paused,proto3" json:"paused,omitempty"`
+	PausedReason   string                 `protobuf:"bytes,7,opt,name=paused_reason,json=pausedReason,proto3" json:"paused_reason,omitempty"`
+	PausedBy       string                 `protobuf:"bytes,8,opt,name=paused_by,json=pausedBy,proto3" json:"paused_by,omitempty"`
+	PausedUnixNano int64                  `protobuf:"varint,9,opt,name=paused_unix_nano,json=pausedUnixNano,proto3" json:"paused_unix_nano,omitempty"`
+	History        []*HistoryEntry        `protobuf:"bytes,10,rep,name=history,proto3" json:"history,omitempty"` // oldest first
+	// Raft index of the last entry that changed this state.
+	UpdatedIndex         uint64 `protobuf:"varint,11,opt,name=updated_index,json=updatedIndex,proto3" json:"updated_index,omitempty"`
+	PrimarySinceUnixNano int64  `protobuf:"varint,12,opt,name=primary_since_unix_nano,json=primarySinceUnixNano,proto3" json:"primary_since_unix_nano,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
+}
+
+func (x *State) Reset() {
+	*x = State{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *State) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*State) ProtoMessage() {}
+
+func (x *State) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use State.ProtoReflect.Descriptor instead.
+func (*State) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *State) GetMembers() []*Member {
+	if x != nil {
+		return x.Members
+	}
+	return nil
+}
+
+func (x *State) GetBouncers() []*Bouncer {
+	if x != nil {
+		return x.Bouncers
+	}
+	return nil
+}
+
+func (x *State) GetPrimary() string {
+	if x != nil {
+		return x.Primary
+	}
+	return ""
+}
+
+func (x *State) GetGeneration() uint64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
+func (x *State) GetOperation() *Operation {
+	if x != nil {
+		return x.Operation
+	}
+	return nil
+}
+
+func (x *State) GetPaused() bool {
+	if x != nil {
+		return x.Paused
+	}
+	return false
+}
+
+func (x *State) GetPausedReason() string {
+	if x != nil {
+		return x.PausedReason
+	}
+	return ""
+}
+
+func (x *State) GetPausedBy() string {
+	if x != nil {
+		return x.PausedBy
+	}
+	return ""
+}
+
+func (x *State) GetPausedUnixNano() int64 {
+	if x != nil {
+		return x.PausedUnixNano
+	}
+	return 0
+}
+
+func (x *State) GetHistory() []*HistoryEntry {
+	if x != nil {
+		return x.History
+	}
+	return nil
+}
+
+func (x *State) GetUpdatedIndex() uint64 {
+	if x != nil {
+		return x.UpdatedIndex
+	}
+	return 0
+}
+
+func (x *State) GetPrimarySinceUnixNano() int64 {
+	if x != nil {
+		return x.PrimarySinceUnixNano
+	}
+	return 0
 }
 
 // Snapshot is the whole database state in a Raft snapshot.
 type Snapshot struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
+	State         *State                 `protobuf:"bytes,1,opt,name=state,proto3" json:"state,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Snapshot) Reset() {
 	*x = Snapshot{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[3]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -186,7 +805,7 @@ func (x *Snapshot) String() string {
 func (*Snapshot) ProtoMessage() {}
 
 func (x *Snapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[3]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -199,22 +818,2787 @@ func (x *Snapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
 func (*Snapshot) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{3}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *Snapshot) GetState() *State {
+	if x != nil {
+		return x.State
+	}
+	return nil
+}
+
+// Command is one database log entry.
+type Command struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Command:
+	//
+	//	*Command_RegisterMember
+	//	*Command_RegisterBouncer
+	//	*Command_Forget
+	//	*Command_Begin
+	//	*Command_Advance
+	//	*Command_SetPrimary
+	//	*Command_Finish
+	//	*Command_Abort
+	//	*Command_SetPaused
+	Command       isCommand_Command `protobuf_oneof:"command"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Command) Reset() {
+	*x = Command{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Command) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Command) ProtoMessage() {}
+
+func (x *Command) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Command.ProtoReflect.Descriptor instead.
+func (*Command) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *Command) GetCommand() isCommand_Command {
+	if x != nil {
+		return x.Command
+	}
+	return nil
+}
+
+func (x *Command) GetRegisterMember() *RegisterMember {
+	if x != nil {
+		if x, ok := x.Command.(*Command_RegisterMember); ok {
+			return x.RegisterMember
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetRegisterBouncer() *RegisterBouncer {
+	if x != nil {
+		if x, ok := x.Command.(*Command_RegisterBouncer); ok {
+			return x.RegisterBouncer
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetForget() *Forget {
+	if x != nil {
+		if x, ok := x.Command.(*Command_Forget); ok {
+			return x.Forget
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetBegin() *BeginOperation {
+	if x != nil {
+		if x, ok := x.Command.(*Command_Begin); ok {
+			return x.Begin
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetAdvance() *AdvancePhase {
+	if x != nil {
+		if x, ok := x.Command.(*Command_Advance); ok {
+			return x.Advance
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetSetPrimary() *SetPrimary {
+	if x != nil {
+		if x, ok := x.Command.(*Command_SetPrimary); ok {
+			return x.SetPrimary
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetFinish() *FinishOperation {
+	if x != nil {
+		if x, ok := x.Command.(*Command_Finish); ok {
+			return x.Finish
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetAbort() *AbortOperation {
+	if x != nil {
+		if x, ok := x.Command.(*Command_Abort); ok {
+			return x.Abort
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetSetPaused() *SetPaused {
+	if x != nil {
+		if x, ok := x.Command.(*Command_SetPaused); ok {
+			return x.SetPaused
+		}
+	}
+	return nil
+}
+
+type isCommand_Command interface {
+	isCommand_Command()
+}
+
+type Command_RegisterMember struct {
+	RegisterMember *RegisterMember `protobuf:"bytes,1,opt,name=register_member,json=registerMember,proto3,oneof"`
+}
+
+type Command_RegisterBouncer struct {
+	RegisterBouncer *RegisterBouncer `protobuf:"bytes,2,opt,name=register_bouncer,json=registerBouncer,proto3,oneof"`
+}
+
+type Command_Forget struct {
+	Forget *Forget `protobuf:"bytes,3,opt,name=forget,proto3,oneof"`
+}
+
+type Command_Begin struct {
+	Begin *BeginOperation `protobuf:"bytes,4,opt,name=begin,proto3,oneof"`
+}
+
+type Command_Advance struct {
+	Advance *AdvancePhase `protobuf:"bytes,5,opt,name=advance,proto3,oneof"`
+}
+
+type Command_SetPrimary struct {
+	SetPrimary *SetPrimary `protobuf:"bytes,6,opt,name=set_primary,json=setPrimary,proto3,oneof"`
+}
+
+type Command_Finish struct {
+	Finish *FinishOperation `protobuf:"bytes,7,opt,name=finish,proto3,oneof"`
+}
+
+type Command_Abort struct {
+	Abort *AbortOperation `protobuf:"bytes,8,opt,name=abort,proto3,oneof"`
+}
+
+type Command_SetPaused struct {
+	SetPaused *SetPaused `protobuf:"bytes,9,opt,name=set_paused,json=setPaused,proto3,oneof"`
+}
+
+func (*Command_RegisterMember) isCommand_Command() {}
+
+func (*Command_RegisterBouncer) isCommand_Command() {}
+
+func (*Command_Forget) isCommand_Command() {}
+
+func (*Command_Begin) isCommand_Command() {}
+
+func (*Command_Advance) isCommand_Command() {}
+
+func (*Command_SetPrimary) isCommand_Command() {}
+
+func (*Command_Finish) isCommand_Command() {}
+
+func (*Command_Abort) isCommand_Command() {}
+
+func (*Command_SetPaused) isCommand_Command() {}
+
+// RegisterMember adds a member or updates its address and preferences.
+type RegisterMember struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Member        *Member                `protobuf:"bytes,1,opt,name=member,proto3" json:"member,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterMember) Reset() {
+	*x = RegisterMember{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterMember) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterMember) ProtoMessage() {}
+
+func (x *RegisterMember) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterMember.ProtoReflect.Descriptor instead.
+func (*RegisterMember) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *RegisterMember) GetMember() *Member {
+	if x != nil {
+		return x.Member
+	}
+	return nil
+}
+
+// RegisterBouncer adds or updates a pgbouncer.
+type RegisterBouncer struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Bouncer       *Bouncer               `protobuf:"bytes,1,opt,name=bouncer,proto3" json:"bouncer,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterBouncer) Reset() {
+	*x = RegisterBouncer{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterBouncer) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterBouncer) ProtoMessage() {}
+
+func (x *RegisterBouncer) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterBouncer.ProtoReflect.Descriptor instead.
+func (*RegisterBouncer) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *RegisterBouncer) GetBouncer() *Bouncer {
+	if x != nil {
+		return x.Bouncer
+	}
+	return nil
+}
+
+// Forget removes a member or pgbouncer by name (not the primary, and not
+// while an operation is under way).
+type Forget struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Forget) Reset() {
+	*x = Forget{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Forget) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Forget) ProtoMessage() {}
+
+func (x *Forget) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Forget.ProtoReflect.Descriptor instead.
+func (*Forget) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *Forget) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// BeginOperation starts a switchover or failover. Refused while another one
+// is under way, for an unknown target, for the primary itself, when the
+// generation moved on, and (automatic failover) while paused.
+type BeginOperation struct {
+	state              protoimpl.MessageState `protogen:"open.v1"`
+	Kind               Kind                   `protobuf:"varint,1,opt,name=kind,proto3,enum=gitraft.db.v1.Kind" json:"kind,omitempty"`
+	Target             string                 `protobuf:"bytes,2,opt,name=target,proto3" json:"target,omitempty"`
+	ExpectedGeneration uint64                 `protobuf:"varint,3,opt,name=expected_generation,json=expectedGeneration,proto3" json:"expected_generation,omitempty"`
+	// Switchover only: begin at this time (PHASE_SCHEDULED until then).
+	AtUnixNano  int64  `protobuf:"varint,4,opt,name=at_unix_nano,json=atUnixNano,proto3" json:"at_unix_nano,omitempty"`
+	Automatic   bool   `protobuf:"varint,5,opt,name=automatic,proto3" json:"automatic,omitempty"`
+	RequestedBy string `protobuf:"bytes,6,opt,name=requested_by,json=requestedBy,proto3" json:"requested_by,omitempty"`
+	// Bound of the first phase, counted from the entry's time.
+	TimeoutNanos  int64 `protobuf:"varint,7,opt,name=timeout_nanos,json=timeoutNanos,proto3" json:"timeout_nanos,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BeginOperation) Reset() {
+	*x = BeginOperation{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BeginOperation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BeginOperation) ProtoMessage() {}
+
+func (x *BeginOperation) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BeginOperation.ProtoReflect.Descriptor instead.
+func (*BeginOperation) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *BeginOperation) GetKind() Kind {
+	if x != nil {
+		return x.Kind
+	}
+	return Kind_KIND_UNSPECIFIED
+}
+
+func (x *BeginOperation) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *BeginOperation) GetExpectedGeneration() uint64 {
+	if x != nil {
+		return x.ExpectedGeneration
+	}
+	return 0
+}
+
+func (x *BeginOperation) GetAtUnixNano() int64 {
+	if x != nil {
+		return x.AtUnixNano
+	}
+	return 0
+}
+
+func (x *BeginOperation) GetAutomatic() bool {
+	if x != nil {
+		return x.Automatic
+	}
+	return false
+}
+
+func (x *BeginOperation) GetRequestedBy() string {
+	if x != nil {
+		return x.RequestedBy
+	}
+	return ""
+}
+
+func (x *BeginOperation) GetTimeoutNanos() int64 {
+	if x != nil {
+		return x.TimeoutNanos
+	}
+	return 0
+}
+
+// AdvancePhase moves the operation id from one phase to the next allowed one.
+type AdvancePhase struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	OpId  uint64                 `protobuf:"varint,1,opt,name=op_id,json=opId,proto3" json:"op_id,omitempty"`
+	From  Phase                  `protobuf:"varint,2,opt,name=from,proto3,enum=gitraft.db.v1.Phase" json:"from,omitempty"`
+	To    Phase                  `protobuf:"varint,3,opt,name=to,proto3,enum=gitraft.db.v1.Phase" json:"to,omitempty"`
+	// Bound of the new phase, counted from the entry's time (0: none).
+	TimeoutNanos int64 `protobuf:"varint,4,opt,name=timeout_nanos,json=timeoutNanos,proto3" json:"timeout_nanos,omitempty"`
+	// PHASE_PROMOTING: the LSN the target must replay first.
+	WaitLsn uint64 `protobuf:"varint,5,opt,name=wait_lsn,json=waitLsn,proto3" json:"wait_lsn,omitempty"`
+	// Appended to the operation's note (why it rolls back, what was skipped).
+	Note          string `protobuf:"bytes,6,opt,name=note,proto3" json:"note,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AdvancePhase) Reset() {
+	*x = AdvancePhase{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AdvancePhase) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AdvancePhase) ProtoMessage() {}
+
+func (x *AdvancePhase) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AdvancePhase.ProtoReflect.Descriptor instead.
+func (*AdvancePhase) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *AdvancePhase) GetOpId() uint64 {
+	if x != nil {
+		return x.OpId
+	}
+	return 0
+}
+
+func (x *AdvancePhase) GetFrom() Phase {
+	if x != nil {
+		return x.From
+	}
+	return Phase_PHASE_UNSPECIFIED
+}
+
+func (x *AdvancePhase) GetTo() Phase {
+	if x != nil {
+		return x.To
+	}
+	return Phase_PHASE_UNSPECIFIED
+}
+
+func (x *AdvancePhase) GetTimeoutNanos() int64 {
+	if x != nil {
+		return x.TimeoutNanos
+	}
+	return 0
+}
+
+func (x *AdvancePhase) GetWaitLsn() uint64 {
+	if x != nil {
+		return x.WaitLsn
+	}
+	return 0
+}
+
+func (x *AdvancePhase) GetNote() string {
+	if x != nil {
+		return x.Note
+	}
+	return ""
+}
+
+// SetPrimary records a new primary and bumps the generation. Within an
+// operation (op_id != 0) it needs phase PROMOTING and the operation's target,
+// and moves on to PHASE_REPOINTING. Without one, it records the first primary
+// (expected_generation 0).
+type SetPrimary struct {
+	state              protoimpl.MessageState `protogen:"open.v1"`
+	OpId               uint64                 `protobuf:"varint,1,opt,name=op_id,json=opId,proto3" json:"op_id,omitempty"`
+	Name               string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	ExpectedGeneration uint64                 `protobuf:"varint,3,opt,name=expected_generation,json=expectedGeneration,proto3" json:"expected_generation,omitempty"`
+	// Bound of PHASE_REPOINTING.
+	TimeoutNanos  int64 `protobuf:"varint,4,opt,name=timeout_nanos,json=timeoutNanos,proto3" json:"timeout_nanos,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetPrimary) Reset() {
+	*x = SetPrimary{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetPrimary) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetPrimary) ProtoMessage() {}
+
+func (x *SetPrimary) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetPrimary.ProtoReflect.Descriptor instead.
+func (*SetPrimary) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *SetPrimary) GetOpId() uint64 {
+	if x != nil {
+		return x.OpId
+	}
+	return 0
+}
+
+func (x *SetPrimary) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *SetPrimary) GetExpectedGeneration() uint64 {
+	if x != nil {
+		return x.ExpectedGeneration
+	}
+	return 0
+}
+
+func (x *SetPrimary) GetTimeoutNanos() int64 {
+	if x != nil {
+		return x.TimeoutNanos
+	}
+	return 0
+}
+
+// FinishOperation ends the operation id, which must be in phase `from`, and
+// records it in the history.
+type FinishOperation struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	OpId          uint64                 `protobuf:"varint,1,opt,name=op_id,json=opId,proto3" json:"op_id,omitempty"`
+	From          Phase                  `protobuf:"varint,2,opt,name=from,proto3,enum=gitraft.db.v1.Phase" json:"from,omitempty"`
+	Outcome       Outcome                `protobuf:"varint,3,opt,name=outcome,proto3,enum=gitraft.db.v1.Outcome" json:"outcome,omitempty"`
+	Reason        string                 `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FinishOperation) Reset() {
+	*x = FinishOperation{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FinishOperation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FinishOperation) ProtoMessage() {}
+
+func (x *FinishOperation) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FinishOperation.ProtoReflect.Descriptor instead.
+func (*FinishOperation) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *FinishOperation) GetOpId() uint64 {
+	if x != nil {
+		return x.OpId
+	}
+	return 0
+}
+
+func (x *FinishOperation) GetFrom() Phase {
+	if x != nil {
+		return x.From
+	}
+	return Phase_PHASE_UNSPECIFIED
+}
+
+func (x *FinishOperation) GetOutcome() Outcome {
+	if x != nil {
+		return x.Outcome
+	}
+	return Outcome_OUTCOME_UNSPECIFIED
+}
+
+func (x *FinishOperation) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+// AbortOperation (an operator's) rolls back the operation under way: a
+// scheduled one ends at once, one before promotion goes to
+// PHASE_ROLLING_BACK. Refused after promotion.
+type AbortOperation struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Reason        string                 `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	RequestedBy   string                 `protobuf:"bytes,2,opt,name=requested_by,json=requestedBy,proto3" json:"requested_by,omitempty"`
+	TimeoutNanos  int64                  `protobuf:"varint,3,opt,name=timeout_nanos,json=timeoutNanos,proto3" json:"timeout_nanos,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AbortOperation) Reset() {
+	*x = AbortOperation{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AbortOperation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AbortOperation) ProtoMessage() {}
+
+func (x *AbortOperation) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AbortOperation.ProtoReflect.Descriptor instead.
+func (*AbortOperation) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *AbortOperation) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *AbortOperation) GetRequestedBy() string {
+	if x != nil {
+		return x.RequestedBy
+	}
+	return ""
+}
+
+func (x *AbortOperation) GetTimeoutNanos() int64 {
+	if x != nil {
+		return x.TimeoutNanos
+	}
+	return 0
+}
+
+// SetPaused switches the maintenance pause (no automatic failover).
+type SetPaused struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Paused        bool                   `protobuf:"varint,1,opt,name=paused,proto3" json:"paused,omitempty"`
+	Reason        string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	RequestedBy   string                 `protobuf:"bytes,3,opt,name=requested_by,json=requestedBy,proto3" json:"requested_by,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetPaused) Reset() {
+	*x = SetPaused{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetPaused) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetPaused) ProtoMessage() {}
+
+func (x *SetPaused) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetPaused.ProtoReflect.Descriptor instead.
+func (*SetPaused) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *SetPaused) GetPaused() bool {
+	if x != nil {
+		return x.Paused
+	}
+	return false
+}
+
+func (x *SetPaused) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *SetPaused) GetRequestedBy() string {
+	if x != nil {
+		return x.RequestedBy
+	}
+	return ""
+}
+
+// Result is what applying one Command produced.
+type Result struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	State         *State                 `protobuf:"bytes,1,opt,name=state,proto3" json:"state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Result) Reset() {
+	*x = Result{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Result) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Result) ProtoMessage() {}
+
+func (x *Result) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Result.ProtoReflect.Descriptor instead.
+func (*Result) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *Result) GetState() *State {
+	if x != nil {
+		return x.State
+	}
+	return nil
+}
+
+// Step is the last action an agent took for an operation's phase.
+type Step struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	OpId  uint64                 `protobuf:"varint,1,opt,name=op_id,json=opId,proto3" json:"op_id,omitempty"`
+	Phase Phase                  `protobuf:"varint,2,opt,name=phase,proto3,enum=gitraft.db.v1.Phase" json:"phase,omitempty"`
+	Done  bool                   `protobuf:"varint,3,opt,name=done,proto3" json:"done,omitempty"`
+	Error string                 `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
+	// PHASE_STOPPING_OLD: the stopped server's checkpoint location.
+	Lsn           uint64 `protobuf:"varint,5,opt,name=lsn,proto3" json:"lsn,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Step) Reset() {
+	*x = Step{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Step) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Step) ProtoMessage() {}
+
+func (x *Step) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Step.ProtoReflect.Descriptor instead.
+func (*Step) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *Step) GetOpId() uint64 {
+	if x != nil {
+		return x.OpId
+	}
+	return 0
+}
+
+func (x *Step) GetPhase() Phase {
+	if x != nil {
+		return x.Phase
+	}
+	return Phase_PHASE_UNSPECIFIED
+}
+
+func (x *Step) GetDone() bool {
+	if x != nil {
+		return x.Done
+	}
+	return false
+}
+
+func (x *Step) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *Step) GetLsn() uint64 {
+	if x != nil {
+		return x.Lsn
+	}
+	return 0
+}
+
+// PostgresReport is what a postgres agent sees of its server.
+type PostgresReport struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Member        string                 `protobuf:"bytes,1,opt,name=member,proto3" json:"member,omitempty"`
+	Running       bool                   `protobuf:"varint,2,opt,name=running,proto3" json:"running,omitempty"`
+	InRecovery    bool                   `protobuf:"varint,3,opt,name=in_recovery,json=inRecovery,proto3" json:"in_recovery,omitempty"`
+	Timeline      uint32                 `protobuf:"varint,4,opt,name=timeline,proto3" json:"timeline,omitempty"`
+	WriteLsn      uint64                 `protobuf:"varint,5,opt,name=write_lsn,json=writeLsn,proto3" json:"write_lsn,omitempty"`
+	ReplayLsn     uint64                 `protobuf:"varint,6,opt,name=replay_lsn,json=replayLsn,proto3" json:"replay_lsn,omitempty"`
+	Streaming     bool                   `protobuf:"varint,7,opt,name=streaming,proto3" json:"streaming,omitempty"`
+	Error         string                 `protobuf:"bytes,8,opt,name=error,proto3" json:"error,omitempty"`
+	Step          *Step                  `protobuf:"bytes,9,opt,name=step,proto3" json:"step,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PostgresReport) Reset() {
+	*x = PostgresReport{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PostgresReport) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PostgresReport) ProtoMessage() {}
+
+func (x *PostgresReport) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PostgresReport.ProtoReflect.Descriptor instead.
+func (*PostgresReport) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *PostgresReport) GetMember() string {
+	if x != nil {
+		return x.Member
+	}
+	return ""
+}
+
+func (x *PostgresReport) GetRunning() bool {
+	if x != nil {
+		return x.Running
+	}
+	return false
+}
+
+func (x *PostgresReport) GetInRecovery() bool {
+	if x != nil {
+		return x.InRecovery
+	}
+	return false
+}
+
+func (x *PostgresReport) GetTimeline() uint32 {
+	if x != nil {
+		return x.Timeline
+	}
+	return 0
+}
+
+func (x *PostgresReport) GetWriteLsn() uint64 {
+	if x != nil {
+		return x.WriteLsn
+	}
+	return 0
+}
+
+func (x *PostgresReport) GetReplayLsn() uint64 {
+	if x != nil {
+		return x.ReplayLsn
+	}
+	return 0
+}
+
+func (x *PostgresReport) GetStreaming() bool {
+	if x != nil {
+		return x.Streaming
+	}
+	return false
+}
+
+func (x *PostgresReport) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *PostgresReport) GetStep() *Step {
+	if x != nil {
+		return x.Step
+	}
+	return nil
+}
+
+// BouncerReport is what a pgbouncer agent has done.
+type BouncerReport struct {
+	state             protoimpl.MessageState `protogen:"open.v1"`
+	Name              string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	AppliedGeneration uint64                 `protobuf:"varint,2,opt,name=applied_generation,json=appliedGeneration,proto3" json:"applied_generation,omitempty"`
+	Target            string                 `protobuf:"bytes,3,opt,name=target,proto3" json:"target,omitempty"` // host:port it routes to
+	Paused            bool                   `protobuf:"varint,4,opt,name=paused,proto3" json:"paused,omitempty"`
+	Fenced            bool                   `protobuf:"varint,5,opt,name=fenced,proto3" json:"fenced,omitempty"`
+	Error             string                 `protobuf:"bytes,6,opt,name=error,proto3" json:"error,omitempty"`
+	Step              *Step                  `protobuf:"bytes,7,opt,name=step,proto3" json:"step,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *BouncerReport) Reset() {
+	*x = BouncerReport{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BouncerReport) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BouncerReport) ProtoMessage() {}
+
+func (x *BouncerReport) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BouncerReport.ProtoReflect.Descriptor instead.
+func (*BouncerReport) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *BouncerReport) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *BouncerReport) GetAppliedGeneration() uint64 {
+	if x != nil {
+		return x.AppliedGeneration
+	}
+	return 0
+}
+
+func (x *BouncerReport) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *BouncerReport) GetPaused() bool {
+	if x != nil {
+		return x.Paused
+	}
+	return false
+}
+
+func (x *BouncerReport) GetFenced() bool {
+	if x != nil {
+		return x.Fenced
+	}
+	return false
+}
+
+func (x *BouncerReport) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *BouncerReport) GetStep() *Step {
+	if x != nil {
+		return x.Step
+	}
+	return nil
+}
+
+// ProbeReport is one node's view of the primary's endpoint.
+type ProbeReport struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Primary    string                 `protobuf:"bytes,1,opt,name=primary,proto3" json:"primary,omitempty"`
+	Generation uint64                 `protobuf:"varint,2,opt,name=generation,proto3" json:"generation,omitempty"`
+	Reachable  bool                   `protobuf:"varint,3,opt,name=reachable,proto3" json:"reachable,omitempty"`
+	// How long it has been unreachable without a break.
+	UnreachableNanos int64  `protobuf:"varint,4,opt,name=unreachable_nanos,json=unreachableNanos,proto3" json:"unreachable_nanos,omitempty"`
+	Error            string `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *ProbeReport) Reset() {
+	*x = ProbeReport{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProbeReport) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProbeReport) ProtoMessage() {}
+
+func (x *ProbeReport) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProbeReport.ProtoReflect.Descriptor instead.
+func (*ProbeReport) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *ProbeReport) GetPrimary() string {
+	if x != nil {
+		return x.Primary
+	}
+	return ""
+}
+
+func (x *ProbeReport) GetGeneration() uint64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
+func (x *ProbeReport) GetReachable() bool {
+	if x != nil {
+		return x.Reachable
+	}
+	return false
+}
+
+func (x *ProbeReport) GetUnreachableNanos() int64 {
+	if x != nil {
+		return x.UnreachableNanos
+	}
+	return 0
+}
+
+func (x *ProbeReport) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+type ReportRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	Postgres      *PostgresReport        `protobuf:"bytes,2,opt,name=postgres,proto3" json:"postgres,omitempty"`
+	Bouncer       *BouncerReport         `protobuf:"bytes,3,opt,name=bouncer,proto3" json:"bouncer,omitempty"`
+	Probe         *ProbeReport           `protobuf:"bytes,4,opt,name=probe,proto3" json:"probe,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportRequest) Reset() {
+	*x = ReportRequest{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportRequest) ProtoMessage() {}
+
+func (x *ReportRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportRequest.ProtoReflect.Descriptor instead.
+func (*ReportRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *ReportRequest) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *ReportRequest) GetPostgres() *PostgresReport {
+	if x != nil {
+		return x.Postgres
+	}
+	return nil
+}
+
+func (x *ReportRequest) GetBouncer() *BouncerReport {
+	if x != nil {
+		return x.Bouncer
+	}
+	return nil
+}
+
+func (x *ReportRequest) GetProbe() *ProbeReport {
+	if x != nil {
+		return x.Probe
+	}
+	return nil
+}
+
+type ReportResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Leader        string                 `protobuf:"bytes,1,opt,name=leader,proto3" json:"leader,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportResponse) Reset() {
+	*x = ReportResponse{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportResponse) ProtoMessage() {}
+
+func (x *ReportResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportResponse.ProtoReflect.Descriptor instead.
+func (*ReportResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *ReportResponse) GetLeader() string {
+	if x != nil {
+		return x.Leader
+	}
+	return ""
+}
+
+// MemberStatus is a member with its role and its last health report.
+type MemberStatus struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Member *Member                `protobuf:"bytes,1,opt,name=member,proto3" json:"member,omitempty"`
+	// primary, standby, stopped, unknown (no recent report), or
+	// "primary (stale)" for a server that runs unfenced but is not the primary.
+	Role   string          `protobuf:"bytes,2,opt,name=role,proto3" json:"role,omitempty"`
+	Health *PostgresReport `protobuf:"bytes,3,opt,name=health,proto3" json:"health,omitempty"`
+	// Age of the report, nanoseconds (0: none).
+	ReportAgeNanos int64 `protobuf:"varint,4,opt,name=report_age_nanos,json=reportAgeNanos,proto3" json:"report_age_nanos,omitempty"`
+	// Bytes behind the primary's write position (standbys).
+	LagBytes      uint64 `protobuf:"varint,5,opt,name=lag_bytes,json=lagBytes,proto3" json:"lag_bytes,omitempty"`
+	LagKnown      bool   `protobuf:"varint,6,opt,name=lag_known,json=lagKnown,proto3" json:"lag_known,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MemberStatus) Reset() {
+	*x = MemberStatus{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MemberStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MemberStatus) ProtoMessage() {}
+
+func (x *MemberStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MemberStatus.ProtoReflect.Descriptor instead.
+func (*MemberStatus) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *MemberStatus) GetMember() *Member {
+	if x != nil {
+		return x.Member
+	}
+	return nil
+}
+
+func (x *MemberStatus) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+func (x *MemberStatus) GetHealth() *PostgresReport {
+	if x != nil {
+		return x.Health
+	}
+	return nil
+}
+
+func (x *MemberStatus) GetReportAgeNanos() int64 {
+	if x != nil {
+		return x.ReportAgeNanos
+	}
+	return 0
+}
+
+func (x *MemberStatus) GetLagBytes() uint64 {
+	if x != nil {
+		return x.LagBytes
+	}
+	return 0
+}
+
+func (x *MemberStatus) GetLagKnown() bool {
+	if x != nil {
+		return x.LagKnown
+	}
+	return false
+}
+
+type BouncerStatus struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Bouncer        *Bouncer               `protobuf:"bytes,1,opt,name=bouncer,proto3" json:"bouncer,omitempty"`
+	Report         *BouncerReport         `protobuf:"bytes,2,opt,name=report,proto3" json:"report,omitempty"`
+	ReportAgeNanos int64                  `protobuf:"varint,3,opt,name=report_age_nanos,json=reportAgeNanos,proto3" json:"report_age_nanos,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *BouncerStatus) Reset() {
+	*x = BouncerStatus{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BouncerStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BouncerStatus) ProtoMessage() {}
+
+func (x *BouncerStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BouncerStatus.ProtoReflect.Descriptor instead.
+func (*BouncerStatus) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *BouncerStatus) GetBouncer() *Bouncer {
+	if x != nil {
+		return x.Bouncer
+	}
+	return nil
+}
+
+func (x *BouncerStatus) GetReport() *BouncerReport {
+	if x != nil {
+		return x.Report
+	}
+	return nil
+}
+
+func (x *BouncerStatus) GetReportAgeNanos() int64 {
+	if x != nil {
+		return x.ReportAgeNanos
+	}
+	return 0
+}
+
+type ProbeStatus struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Node           string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	Probe          *ProbeReport           `protobuf:"bytes,2,opt,name=probe,proto3" json:"probe,omitempty"`
+	ReportAgeNanos int64                  `protobuf:"varint,3,opt,name=report_age_nanos,json=reportAgeNanos,proto3" json:"report_age_nanos,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *ProbeStatus) Reset() {
+	*x = ProbeStatus{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProbeStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProbeStatus) ProtoMessage() {}
+
+func (x *ProbeStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProbeStatus.ProtoReflect.Descriptor instead.
+func (*ProbeStatus) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *ProbeStatus) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *ProbeStatus) GetProbe() *ProbeReport {
+	if x != nil {
+		return x.Probe
+	}
+	return nil
+}
+
+func (x *ProbeStatus) GetReportAgeNanos() int64 {
+	if x != nil {
+		return x.ReportAgeNanos
+	}
+	return 0
+}
+
+// FailoverStatus explains what automatic failover would do now.
+type FailoverStatus struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Automatic bool                   `protobuf:"varint,1,opt,name=automatic,proto3" json:"automatic,omitempty"`
+	// Nodes that see the primary gone for failover_after, and how many must.
+	Votes  int32 `protobuf:"varint,2,opt,name=votes,proto3" json:"votes,omitempty"`
+	Needed int32 `protobuf:"varint,3,opt,name=needed,proto3" json:"needed,omitempty"`
+	// Why it is not failing over although the votes are there (paused, no
+	// candidate), or "".
+	Blocked       string `protobuf:"bytes,4,opt,name=blocked,proto3" json:"blocked,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FailoverStatus) Reset() {
+	*x = FailoverStatus{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FailoverStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FailoverStatus) ProtoMessage() {}
+
+func (x *FailoverStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FailoverStatus.ProtoReflect.Descriptor instead.
+func (*FailoverStatus) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *FailoverStatus) GetAutomatic() bool {
+	if x != nil {
+		return x.Automatic
+	}
+	return false
+}
+
+func (x *FailoverStatus) GetVotes() int32 {
+	if x != nil {
+		return x.Votes
+	}
+	return 0
+}
+
+func (x *FailoverStatus) GetNeeded() int32 {
+	if x != nil {
+		return x.Needed
+	}
+	return 0
+}
+
+func (x *FailoverStatus) GetBlocked() string {
+	if x != nil {
+		return x.Blocked
+	}
+	return ""
+}
+
+type GetStatusRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetStatusRequest) Reset() {
+	*x = GetStatusRequest{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetStatusRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetStatusRequest) ProtoMessage() {}
+
+func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetStatusRequest.ProtoReflect.Descriptor instead.
+func (*GetStatusRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{27}
+}
+
+type GetStatusResponse struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	State          *State                 `protobuf:"bytes,1,opt,name=state,proto3" json:"state,omitempty"`
+	Members        []*MemberStatus        `protobuf:"bytes,2,rep,name=members,proto3" json:"members,omitempty"`
+	Bouncers       []*BouncerStatus       `protobuf:"bytes,3,rep,name=bouncers,proto3" json:"bouncers,omitempty"`
+	Probes         []*ProbeStatus         `protobuf:"bytes,4,rep,name=probes,proto3" json:"probes,omitempty"`
+	Failover       *FailoverStatus        `protobuf:"bytes,5,opt,name=failover,proto3" json:"failover,omitempty"`
+	Leader         string                 `protobuf:"bytes,6,opt,name=leader,proto3" json:"leader,omitempty"`
+	Index          uint64                 `protobuf:"varint,7,opt,name=index,proto3" json:"index,omitempty"`
+	Writable       bool                   `protobuf:"varint,8,opt,name=writable,proto3" json:"writable,omitempty"`
+	WritableReason string                 `protobuf:"bytes,9,opt,name=writable_reason,json=writableReason,proto3" json:"writable_reason,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *GetStatusResponse) Reset() {
+	*x = GetStatusResponse{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetStatusResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetStatusResponse) ProtoMessage() {}
+
+func (x *GetStatusResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetStatusResponse.ProtoReflect.Descriptor instead.
+func (*GetStatusResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *GetStatusResponse) GetState() *State {
+	if x != nil {
+		return x.State
+	}
+	return nil
+}
+
+func (x *GetStatusResponse) GetMembers() []*MemberStatus {
+	if x != nil {
+		return x.Members
+	}
+	return nil
+}
+
+func (x *GetStatusResponse) GetBouncers() []*BouncerStatus {
+	if x != nil {
+		return x.Bouncers
+	}
+	return nil
+}
+
+func (x *GetStatusResponse) GetProbes() []*ProbeStatus {
+	if x != nil {
+		return x.Probes
+	}
+	return nil
+}
+
+func (x *GetStatusResponse) GetFailover() *FailoverStatus {
+	if x != nil {
+		return x.Failover
+	}
+	return nil
+}
+
+func (x *GetStatusResponse) GetLeader() string {
+	if x != nil {
+		return x.Leader
+	}
+	return ""
+}
+
+func (x *GetStatusResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *GetStatusResponse) GetWritable() bool {
+	if x != nil {
+		return x.Writable
+	}
+	return false
+}
+
+func (x *GetStatusResponse) GetWritableReason() string {
+	if x != nil {
+		return x.WritableReason
+	}
+	return ""
+}
+
+type SwitchoverRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	To    string                 `protobuf:"bytes,1,opt,name=to,proto3" json:"to,omitempty"`
+	// Begin at this time (Unix nanoseconds; 0: now).
+	AtUnixNano    int64 `protobuf:"varint,2,opt,name=at_unix_nano,json=atUnixNano,proto3" json:"at_unix_nano,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SwitchoverRequest) Reset() {
+	*x = SwitchoverRequest{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SwitchoverRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SwitchoverRequest) ProtoMessage() {}
+
+func (x *SwitchoverRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SwitchoverRequest.ProtoReflect.Descriptor instead.
+func (*SwitchoverRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *SwitchoverRequest) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
+func (x *SwitchoverRequest) GetAtUnixNano() int64 {
+	if x != nil {
+		return x.AtUnixNano
+	}
+	return 0
+}
+
+type SwitchoverResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Operation     *Operation             `protobuf:"bytes,1,opt,name=operation,proto3" json:"operation,omitempty"`
+	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SwitchoverResponse) Reset() {
+	*x = SwitchoverResponse{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SwitchoverResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SwitchoverResponse) ProtoMessage() {}
+
+func (x *SwitchoverResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SwitchoverResponse.ProtoReflect.Descriptor instead.
+func (*SwitchoverResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *SwitchoverResponse) GetOperation() *Operation {
+	if x != nil {
+		return x.Operation
+	}
+	return nil
+}
+
+func (x *SwitchoverResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+type FailoverRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "" picks the healthiest standby.
+	To            string `protobuf:"bytes,1,opt,name=to,proto3" json:"to,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FailoverRequest) Reset() {
+	*x = FailoverRequest{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FailoverRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FailoverRequest) ProtoMessage() {}
+
+func (x *FailoverRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FailoverRequest.ProtoReflect.Descriptor instead.
+func (*FailoverRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *FailoverRequest) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
+type FailoverResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Operation     *Operation             `protobuf:"bytes,1,opt,name=operation,proto3" json:"operation,omitempty"`
+	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FailoverResponse) Reset() {
+	*x = FailoverResponse{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FailoverResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FailoverResponse) ProtoMessage() {}
+
+func (x *FailoverResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FailoverResponse.ProtoReflect.Descriptor instead.
+func (*FailoverResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *FailoverResponse) GetOperation() *Operation {
+	if x != nil {
+		return x.Operation
+	}
+	return nil
+}
+
+func (x *FailoverResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+type AbortRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Reason        string                 `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AbortRequest) Reset() {
+	*x = AbortRequest{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AbortRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AbortRequest) ProtoMessage() {}
+
+func (x *AbortRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AbortRequest.ProtoReflect.Descriptor instead.
+func (*AbortRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *AbortRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type AbortResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Operation     *Operation             `protobuf:"bytes,1,opt,name=operation,proto3" json:"operation,omitempty"`
+	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AbortResponse) Reset() {
+	*x = AbortResponse{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AbortResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AbortResponse) ProtoMessage() {}
+
+func (x *AbortResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AbortResponse.ProtoReflect.Descriptor instead.
+func (*AbortResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *AbortResponse) GetOperation() *Operation {
+	if x != nil {
+		return x.Operation
+	}
+	return nil
+}
+
+func (x *AbortResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+type PauseRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Reason        string                 `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PauseRequest) Reset() {
+	*x = PauseRequest{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PauseRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PauseRequest) ProtoMessage() {}
+
+func (x *PauseRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PauseRequest.ProtoReflect.Descriptor instead.
+func (*PauseRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *PauseRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type PauseResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PauseResponse) Reset() {
+	*x = PauseResponse{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PauseResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PauseResponse) ProtoMessage() {}
+
+func (x *PauseResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PauseResponse.ProtoReflect.Descriptor instead.
+func (*PauseResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *PauseResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+type ResumeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResumeRequest) Reset() {
+	*x = ResumeRequest{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResumeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResumeRequest) ProtoMessage() {}
+
+func (x *ResumeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResumeRequest.ProtoReflect.Descriptor instead.
+func (*ResumeRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{37}
+}
+
+type ResumeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResumeResponse) Reset() {
+	*x = ResumeResponse{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResumeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResumeResponse) ProtoMessage() {}
+
+func (x *ResumeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResumeResponse.ProtoReflect.Descriptor instead.
+func (*ResumeResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *ResumeResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+type GetHistoryRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// 0: all that is kept.
+	Limit         int32 `protobuf:"varint,1,opt,name=limit,proto3" json:"limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetHistoryRequest) Reset() {
+	*x = GetHistoryRequest{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetHistoryRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetHistoryRequest) ProtoMessage() {}
+
+func (x *GetHistoryRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetHistoryRequest.ProtoReflect.Descriptor instead.
+func (*GetHistoryRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *GetHistoryRequest) GetLimit() int32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+type GetHistoryResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	History       []*HistoryEntry        `protobuf:"bytes,1,rep,name=history,proto3" json:"history,omitempty"` // newest first
+	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetHistoryResponse) Reset() {
+	*x = GetHistoryResponse{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetHistoryResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetHistoryResponse) ProtoMessage() {}
+
+func (x *GetHistoryResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetHistoryResponse.ProtoReflect.Descriptor instead.
+func (*GetHistoryResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *GetHistoryResponse) GetHistory() []*HistoryEntry {
+	if x != nil {
+		return x.History
+	}
+	return nil
+}
+
+func (x *GetHistoryResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+type GetWritableRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetWritableRequest) Reset() {
+	*x = GetWritableRequest{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetWritableRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetWritableRequest) ProtoMessage() {}
+
+func (x *GetWritableRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetWritableRequest.ProtoReflect.Descriptor instead.
+func (*GetWritableRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{41}
+}
+
+type GetWritableResponse struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Writable   bool                   `protobuf:"varint,1,opt,name=writable,proto3" json:"writable,omitempty"`
+	Reason     string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	Phase      Phase                  `protobuf:"varint,3,opt,name=phase,proto3,enum=gitraft.db.v1.Phase" json:"phase,omitempty"`
+	Primary    string                 `protobuf:"bytes,4,opt,name=primary,proto3" json:"primary,omitempty"`
+	Generation uint64                 `protobuf:"varint,5,opt,name=generation,proto3" json:"generation,omitempty"`
+	// The node that answered.
+	Node          string `protobuf:"bytes,6,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetWritableResponse) Reset() {
+	*x = GetWritableResponse{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetWritableResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetWritableResponse) ProtoMessage() {}
+
+func (x *GetWritableResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetWritableResponse.ProtoReflect.Descriptor instead.
+func (*GetWritableResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{42}
+}
+
+func (x *GetWritableResponse) GetWritable() bool {
+	if x != nil {
+		return x.Writable
+	}
+	return false
+}
+
+func (x *GetWritableResponse) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *GetWritableResponse) GetPhase() Phase {
+	if x != nil {
+		return x.Phase
+	}
+	return Phase_PHASE_UNSPECIFIED
+}
+
+func (x *GetWritableResponse) GetPrimary() string {
+	if x != nil {
+		return x.Primary
+	}
+	return ""
+}
+
+func (x *GetWritableResponse) GetGeneration() uint64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
+func (x *GetWritableResponse) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+type ForgetRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ForgetRequest) Reset() {
+	*x = ForgetRequest{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ForgetRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ForgetRequest) ProtoMessage() {}
+
+func (x *ForgetRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ForgetRequest.ProtoReflect.Descriptor instead.
+func (*ForgetRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *ForgetRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type ForgetResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ForgetResponse) Reset() {
+	*x = ForgetResponse{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ForgetResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ForgetResponse) ProtoMessage() {}
+
+func (x *ForgetResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ForgetResponse.ProtoReflect.Descriptor instead.
+func (*ForgetResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *ForgetResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
 }
 
 var File_gitraft_db_v1_db_proto protoreflect.FileDescriptor
 
 const file_gitraft_db_v1_db_proto_rawDesc = "" +
 	"\n" +
-	"\x16gitraft/db/v1/db.proto\x12\rgitraft.db.v1\"?\n" +
-	"\aCommand\x12)\n" +
-	"\x04noop\x18\x01 \x01(\v2\x13.gitraft.db.v1.NoopH\x00R\x04noopB\t\n" +
-	"\acommand\"\x06\n" +
-	"\x04Noop\"\b\n" +
-	"\x06Result\"\n" +
+	"\x16gitraft/db/v1/db.proto\x12\rgitraft.db.v1\"\xc7\x01\n" +
+	"\x06Member\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04host\x18\x02 \x01(\tR\x04host\x12\x12\n" +
+	"\x04port\x18\x03 \x01(\x05R\x04port\x12\x1a\n" +
+	"\bpriority\x18\x04 \x01(\x05R\bpriority\x12\x1f\n" +
+	"\vno_failover\x18\x05 \x01(\bR\n" +
+	"noFailover\x12\x12\n" +
+	"\x04node\x18\x06 \x01(\tR\x04node\x120\n" +
+	"\x14registered_unix_nano\x18\a \x01(\x03R\x12registeredUnixNano\"c\n" +
+	"\aBouncer\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04node\x18\x02 \x01(\tR\x04node\x120\n" +
+	"\x14registered_unix_nano\x18\x03 \x01(\x03R\x12registeredUnixNano\"\xec\x03\n" +
+	"\tOperation\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12'\n" +
+	"\x04kind\x18\x02 \x01(\x0e2\x13.gitraft.db.v1.KindR\x04kind\x12*\n" +
+	"\x05phase\x18\x03 \x01(\x0e2\x14.gitraft.db.v1.PhaseR\x05phase\x12\x16\n" +
+	"\x06target\x18\x04 \x01(\tR\x06target\x12\x1f\n" +
+	"\vold_primary\x18\x05 \x01(\tR\n" +
+	"oldPrimary\x12\x1e\n" +
 	"\n" +
-	"\bSnapshot2\x11\n" +
-	"\x0fDatabaseServiceB5Z3github.com/gitraft/gitraft/proto/gitraft/db/v1;dbv1b\x06proto3"
+	"generation\x18\x06 \x01(\x04R\n" +
+	"generation\x12*\n" +
+	"\x11started_unix_nano\x18\a \x01(\x03R\x0fstartedUnixNano\x125\n" +
+	"\x17phase_started_unix_nano\x18\b \x01(\x03R\x14phaseStartedUnixNano\x12,\n" +
+	"\x12deadline_unix_nano\x18\t \x01(\x03R\x10deadlineUnixNano\x12\x19\n" +
+	"\bwait_lsn\x18\n" +
+	" \x01(\x04R\awaitLsn\x12\x1c\n" +
+	"\tautomatic\x18\v \x01(\bR\tautomatic\x12!\n" +
+	"\frequested_by\x18\f \x01(\tR\vrequestedBy\x12 \n" +
+	"\fat_unix_nano\x18\r \x01(\x03R\n" +
+	"atUnixNano\x12\x12\n" +
+	"\x04note\x18\x0e \x01(\tR\x04note\"\xf5\x02\n" +
+	"\fHistoryEntry\x12\x13\n" +
+	"\x05op_id\x18\x01 \x01(\x04R\x04opId\x12'\n" +
+	"\x04kind\x18\x02 \x01(\x0e2\x13.gitraft.db.v1.KindR\x04kind\x12\x12\n" +
+	"\x04from\x18\x03 \x01(\tR\x04from\x12\x0e\n" +
+	"\x02to\x18\x04 \x01(\tR\x02to\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x05 \x01(\x04R\n" +
+	"generation\x120\n" +
+	"\aoutcome\x18\x06 \x01(\x0e2\x16.gitraft.db.v1.OutcomeR\aoutcome\x12\x16\n" +
+	"\x06reason\x18\a \x01(\tR\x06reason\x12*\n" +
+	"\x11started_unix_nano\x18\b \x01(\x03R\x0fstartedUnixNano\x12,\n" +
+	"\x12finished_unix_nano\x18\t \x01(\x03R\x10finishedUnixNano\x12\x1c\n" +
+	"\tautomatic\x18\n" +
+	" \x01(\bR\tautomatic\x12!\n" +
+	"\frequested_by\x18\v \x01(\tR\vrequestedBy\"\xf5\x03\n" +
+	"\x05State\x12/\n" +
+	"\amembers\x18\x01 \x03(\v2\x15.gitraft.db.v1.MemberR\amembers\x122\n" +
+	"\bbouncers\x18\x02 \x03(\v2\x16.gitraft.db.v1.BouncerR\bbouncers\x12\x18\n" +
+	"\aprimary\x18\x03 \x01(\tR\aprimary\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x04 \x01(\x04R\n" +
+	"generation\x126\n" +
+	"\toperation\x18\x05 \x01(\v2\x18.gitraft.db.v1.OperationR\toperation\x12\x16\n" +
+	"\x06paused\x18\x06 \x01(\bR\x06paused\x12#\n" +
+	"\rpaused_reason\x18\a \x01(\tR\fpausedReason\x12\x1b\n" +
+	"\tpaused_by\x18\b \x01(\tR\bpausedBy\x12(\n" +
+	"\x10paused_unix_nano\x18\t \x01(\x03R\x0epausedUnixNano\x125\n" +
+	"\ahistory\x18\n" +
+	" \x03(\v2\x1b.gitraft.db.v1.HistoryEntryR\ahistory\x12#\n" +
+	"\rupdated_index\x18\v \x01(\x04R\fupdatedIndex\x125\n" +
+	"\x17primary_since_unix_nano\x18\f \x01(\x03R\x14primarySinceUnixNano\"6\n" +
+	"\bSnapshot\x12*\n" +
+	"\x05state\x18\x01 \x01(\v2\x14.gitraft.db.v1.StateR\x05state\"\xb6\x04\n" +
+	"\aCommand\x12H\n" +
+	"\x0fregister_member\x18\x01 \x01(\v2\x1d.gitraft.db.v1.RegisterMemberH\x00R\x0eregisterMember\x12K\n" +
+	"\x10register_bouncer\x18\x02 \x01(\v2\x1e.gitraft.db.v1.RegisterBouncerH\x00R\x0fregisterBouncer\x12/\n" +
+	"\x06forget\x18\x03 \x01(\v2\x15.gitraft.db.v1.ForgetH\x00R\x06forget\x125\n" +
+	"\x05begin\x18\x04 \x01(\v2\x1d.gitraft.db.v1.BeginOperationH\x00R\x05begin\x127\n" +
+	"\aadvance\x18\x05 \x01(\v2\x1b.gitraft.db.v1.AdvancePhaseH\x00R\aadvance\x12<\n" +
+	"\vset_primary\x18\x06 \x01(\v2\x19.gitraft.db.v1.SetPrimaryH\x00R\n" +
+	"setPrimary\x128\n" +
+	"\x06finish\x18\a \x01(\v2\x1e.gitraft.db.v1.FinishOperationH\x00R\x06finish\x125\n" +
+	"\x05abort\x18\b \x01(\v2\x1d.gitraft.db.v1.AbortOperationH\x00R\x05abort\x129\n" +
+	"\n" +
+	"set_paused\x18\t \x01(\v2\x18.gitraft.db.v1.SetPausedH\x00R\tsetPausedB\t\n" +
+	"\acommand\"?\n" +
+	"\x0eRegisterMember\x12-\n" +
+	"\x06member\x18\x01 \x01(\v2\x15.gitraft.db.v1.MemberR\x06member\"C\n" +
+	"\x0fRegisterBouncer\x120\n" +
+	"\abouncer\x18\x01 \x01(\v2\x16.gitraft.db.v1.BouncerR\abouncer\"\x1c\n" +
+	"\x06Forget\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\x8a\x02\n" +
+	"\x0eBeginOperation\x12'\n" +
+	"\x04kind\x18\x01 \x01(\x0e2\x13.gitraft.db.v1.KindR\x04kind\x12\x16\n" +
+	"\x06target\x18\x02 \x01(\tR\x06target\x12/\n" +
+	"\x13expected_generation\x18\x03 \x01(\x04R\x12expectedGeneration\x12 \n" +
+	"\fat_unix_nano\x18\x04 \x01(\x03R\n" +
+	"atUnixNano\x12\x1c\n" +
+	"\tautomatic\x18\x05 \x01(\bR\tautomatic\x12!\n" +
+	"\frequested_by\x18\x06 \x01(\tR\vrequestedBy\x12#\n" +
+	"\rtimeout_nanos\x18\a \x01(\x03R\ftimeoutNanos\"\xc7\x01\n" +
+	"\fAdvancePhase\x12\x13\n" +
+	"\x05op_id\x18\x01 \x01(\x04R\x04opId\x12(\n" +
+	"\x04from\x18\x02 \x01(\x0e2\x14.gitraft.db.v1.PhaseR\x04from\x12$\n" +
+	"\x02to\x18\x03 \x01(\x0e2\x14.gitraft.db.v1.PhaseR\x02to\x12#\n" +
+	"\rtimeout_nanos\x18\x04 \x01(\x03R\ftimeoutNanos\x12\x19\n" +
+	"\bwait_lsn\x18\x05 \x01(\x04R\awaitLsn\x12\x12\n" +
+	"\x04note\x18\x06 \x01(\tR\x04note\"\x8b\x01\n" +
+	"\n" +
+	"SetPrimary\x12\x13\n" +
+	"\x05op_id\x18\x01 \x01(\x04R\x04opId\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12/\n" +
+	"\x13expected_generation\x18\x03 \x01(\x04R\x12expectedGeneration\x12#\n" +
+	"\rtimeout_nanos\x18\x04 \x01(\x03R\ftimeoutNanos\"\x9a\x01\n" +
+	"\x0fFinishOperation\x12\x13\n" +
+	"\x05op_id\x18\x01 \x01(\x04R\x04opId\x12(\n" +
+	"\x04from\x18\x02 \x01(\x0e2\x14.gitraft.db.v1.PhaseR\x04from\x120\n" +
+	"\aoutcome\x18\x03 \x01(\x0e2\x16.gitraft.db.v1.OutcomeR\aoutcome\x12\x16\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\"p\n" +
+	"\x0eAbortOperation\x12\x16\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\x12!\n" +
+	"\frequested_by\x18\x02 \x01(\tR\vrequestedBy\x12#\n" +
+	"\rtimeout_nanos\x18\x03 \x01(\x03R\ftimeoutNanos\"^\n" +
+	"\tSetPaused\x12\x16\n" +
+	"\x06paused\x18\x01 \x01(\bR\x06paused\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x12!\n" +
+	"\frequested_by\x18\x03 \x01(\tR\vrequestedBy\"4\n" +
+	"\x06Result\x12*\n" +
+	"\x05state\x18\x01 \x01(\v2\x14.gitraft.db.v1.StateR\x05state\"\x83\x01\n" +
+	"\x04Step\x12\x13\n" +
+	"\x05op_id\x18\x01 \x01(\x04R\x04opId\x12*\n" +
+	"\x05phase\x18\x02 \x01(\x0e2\x14.gitraft.db.v1.PhaseR\x05phase\x12\x12\n" +
+	"\x04done\x18\x03 \x01(\bR\x04done\x12\x14\n" +
+	"\x05error\x18\x04 \x01(\tR\x05error\x12\x10\n" +
+	"\x03lsn\x18\x05 \x01(\x04R\x03lsn\"\x98\x02\n" +
+	"\x0ePostgresReport\x12\x16\n" +
+	"\x06member\x18\x01 \x01(\tR\x06member\x12\x18\n" +
+	"\arunning\x18\x02 \x01(\bR\arunning\x12\x1f\n" +
+	"\vin_recovery\x18\x03 \x01(\bR\n" +
+	"inRecovery\x12\x1a\n" +
+	"\btimeline\x18\x04 \x01(\rR\btimeline\x12\x1b\n" +
+	"\twrite_lsn\x18\x05 \x01(\x04R\bwriteLsn\x12\x1d\n" +
+	"\n" +
+	"replay_lsn\x18\x06 \x01(\x04R\treplayLsn\x12\x1c\n" +
+	"\tstreaming\x18\a \x01(\bR\tstreaming\x12\x14\n" +
+	"\x05error\x18\b \x01(\tR\x05error\x12'\n" +
+	"\x04step\x18\t \x01(\v2\x13.gitraft.db.v1.StepR\x04step\"\xd9\x01\n" +
+	"\rBouncerReport\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12-\n" +
+	"\x12applied_generation\x18\x02 \x01(\x04R\x11appliedGeneration\x12\x16\n" +
+	"\x06target\x18\x03 \x01(\tR\x06target\x12\x16\n" +
+	"\x06paused\x18\x04 \x01(\bR\x06paused\x12\x16\n" +
+	"\x06fenced\x18\x05 \x01(\bR\x06fenced\x12\x14\n" +
+	"\x05error\x18\x06 \x01(\tR\x05error\x12'\n" +
+	"\x04step\x18\a \x01(\v2\x13.gitraft.db.v1.StepR\x04step\"\xa8\x01\n" +
+	"\vProbeReport\x12\x18\n" +
+	"\aprimary\x18\x01 \x01(\tR\aprimary\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x02 \x01(\x04R\n" +
+	"generation\x12\x1c\n" +
+	"\treachable\x18\x03 \x01(\bR\treachable\x12+\n" +
+	"\x11unreachable_nanos\x18\x04 \x01(\x03R\x10unreachableNanos\x12\x14\n" +
+	"\x05error\x18\x05 \x01(\tR\x05error\"\xc8\x01\n" +
+	"\rReportRequest\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x129\n" +
+	"\bpostgres\x18\x02 \x01(\v2\x1d.gitraft.db.v1.PostgresReportR\bpostgres\x126\n" +
+	"\abouncer\x18\x03 \x01(\v2\x1c.gitraft.db.v1.BouncerReportR\abouncer\x120\n" +
+	"\x05probe\x18\x04 \x01(\v2\x1a.gitraft.db.v1.ProbeReportR\x05probe\"(\n" +
+	"\x0eReportResponse\x12\x16\n" +
+	"\x06leader\x18\x01 \x01(\tR\x06leader\"\xec\x01\n" +
+	"\fMemberStatus\x12-\n" +
+	"\x06member\x18\x01 \x01(\v2\x15.gitraft.db.v1.MemberR\x06member\x12\x12\n" +
+	"\x04role\x18\x02 \x01(\tR\x04role\x125\n" +
+	"\x06health\x18\x03 \x01(\v2\x1d.gitraft.db.v1.PostgresReportR\x06health\x12(\n" +
+	"\x10report_age_nanos\x18\x04 \x01(\x03R\x0ereportAgeNanos\x12\x1b\n" +
+	"\tlag_bytes\x18\x05 \x01(\x04R\blagBytes\x12\x1b\n" +
+	"\tlag_known\x18\x06 \x01(\bR\blagKnown\"\xa1\x01\n" +
+	"\rBouncerStatus\x120\n" +
+	"\abouncer\x18\x01 \x01(\v2\x16.gitraft.db.v1.BouncerR\abouncer\x124\n" +
+	"\x06report\x18\x02 \x01(\v2\x1c.gitraft.db.v1.BouncerReportR\x06report\x12(\n" +
+	"\x10report_age_nanos\x18\x03 \x01(\x03R\x0ereportAgeNanos\"}\n" +
+	"\vProbeStatus\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x120\n" +
+	"\x05probe\x18\x02 \x01(\v2\x1a.gitraft.db.v1.ProbeReportR\x05probe\x12(\n" +
+	"\x10report_age_nanos\x18\x03 \x01(\x03R\x0ereportAgeNanos\"v\n" +
+	"\x0eFailoverStatus\x12\x1c\n" +
+	"\tautomatic\x18\x01 \x01(\bR\tautomatic\x12\x14\n" +
+	"\x05votes\x18\x02 \x01(\x05R\x05votes\x12\x16\n" +
+	"\x06needed\x18\x03 \x01(\x05R\x06needed\x12\x18\n" +
+	"\ablocked\x18\x04 \x01(\tR\ablocked\"\x12\n" +
+	"\x10GetStatusRequest\"\x92\x03\n" +
+	"\x11GetStatusResponse\x12*\n" +
+	"\x05state\x18\x01 \x01(\v2\x14.gitraft.db.v1.StateR\x05state\x125\n" +
+	"\amembers\x18\x02 \x03(\v2\x1b.gitraft.db.v1.MemberStatusR\amembers\x128\n" +
+	"\bbouncers\x18\x03 \x03(\v2\x1c.gitraft.db.v1.BouncerStatusR\bbouncers\x122\n" +
+	"\x06probes\x18\x04 \x03(\v2\x1a.gitraft.db.v1.ProbeStatusR\x06probes\x129\n" +
+	"\bfailover\x18\x05 \x01(\v2\x1d.gitraft.db.v1.FailoverStatusR\bfailover\x12\x16\n" +
+	"\x06leader\x18\x06 \x01(\tR\x06leader\x12\x14\n" +
+	"\x05index\x18\a \x01(\x04R\x05index\x12\x1a\n" +
+	"\bwritable\x18\b \x01(\bR\bwritable\x12'\n" +
+	"\x0fwritable_reason\x18\t \x01(\tR\x0ewritableReason\"E\n" +
+	"\x11SwitchoverRequest\x12\x0e\n" +
+	"\x02to\x18\x01 \x01(\tR\x02to\x12 \n" +
+	"\fat_unix_nano\x18\x02 \x01(\x03R\n" +
+	"atUnixNano\"b\n" +
+	"\x12SwitchoverResponse\x126\n" +
+	"\toperation\x18\x01 \x01(\v2\x18.gitraft.db.v1.OperationR\toperation\x12\x14\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"!\n" +
+	"\x0fFailoverRequest\x12\x0e\n" +
+	"\x02to\x18\x01 \x01(\tR\x02to\"`\n" +
+	"\x10FailoverResponse\x126\n" +
+	"\toperation\x18\x01 \x01(\v2\x18.gitraft.db.v1.OperationR\toperation\x12\x14\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"&\n" +
+	"\fAbortRequest\x12\x16\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\"]\n" +
+	"\rAbortResponse\x126\n" +
+	"\toperation\x18\x01 \x01(\v2\x18.gitraft.db.v1.OperationR\toperation\x12\x14\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"&\n" +
+	"\fPauseRequest\x12\x16\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\"%\n" +
+	"\rPauseResponse\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\"\x0f\n" +
+	"\rResumeRequest\"&\n" +
+	"\x0eResumeResponse\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\")\n" +
+	"\x11GetHistoryRequest\x12\x14\n" +
+	"\x05limit\x18\x01 \x01(\x05R\x05limit\"a\n" +
+	"\x12GetHistoryResponse\x125\n" +
+	"\ahistory\x18\x01 \x03(\v2\x1b.gitraft.db.v1.HistoryEntryR\ahistory\x12\x14\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"\x14\n" +
+	"\x12GetWritableRequest\"\xc3\x01\n" +
+	"\x13GetWritableResponse\x12\x1a\n" +
+	"\bwritable\x18\x01 \x01(\bR\bwritable\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x12*\n" +
+	"\x05phase\x18\x03 \x01(\x0e2\x14.gitraft.db.v1.PhaseR\x05phase\x12\x18\n" +
+	"\aprimary\x18\x04 \x01(\tR\aprimary\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x05 \x01(\x04R\n" +
+	"generation\x12\x12\n" +
+	"\x04node\x18\x06 \x01(\tR\x04node\"#\n" +
+	"\rForgetRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"&\n" +
+	"\x0eForgetResponse\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index*X\n" +
+	"\x04Kind\x12\x14\n" +
+	"\x10KIND_UNSPECIFIED\x10\x00\x12\x13\n" +
+	"\x0fKIND_SWITCHOVER\x10\x01\x12\x11\n" +
+	"\rKIND_FAILOVER\x10\x02\x12\x12\n" +
+	"\x0eKIND_BOOTSTRAP\x10\x03*\xc8\x01\n" +
+	"\x05Phase\x12\x15\n" +
+	"\x11PHASE_UNSPECIFIED\x10\x00\x12\x13\n" +
+	"\x0fPHASE_SCHEDULED\x10\x01\x12\x11\n" +
+	"\rPHASE_PAUSING\x10\x02\x12\x16\n" +
+	"\x12PHASE_STOPPING_OLD\x10\x03\x12\x13\n" +
+	"\x0fPHASE_PROMOTING\x10\x04\x12\x14\n" +
+	"\x10PHASE_REPOINTING\x10\x05\x12\x12\n" +
+	"\x0ePHASE_DEMOTING\x10\x06\x12\x11\n" +
+	"\rPHASE_FENCING\x10\a\x12\x16\n" +
+	"\x12PHASE_ROLLING_BACK\x10\b*]\n" +
+	"\aOutcome\x12\x17\n" +
+	"\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x10\n" +
+	"\fOUTCOME_DONE\x10\x01\x12\x13\n" +
+	"\x0fOUTCOME_ABORTED\x10\x02\x12\x12\n" +
+	"\x0eOUTCOME_FAILED\x10\x032]\n" +
+	"\x14DatabaseAgentService\x12E\n" +
+	"\x06Report\x12\x1c.gitraft.db.v1.ReportRequest\x1a\x1d.gitraft.db.v1.ReportResponse2\xc0\x05\n" +
+	"\x0fDatabaseService\x12N\n" +
+	"\tGetStatus\x12\x1f.gitraft.db.v1.GetStatusRequest\x1a .gitraft.db.v1.GetStatusResponse\x12Q\n" +
+	"\n" +
+	"Switchover\x12 .gitraft.db.v1.SwitchoverRequest\x1a!.gitraft.db.v1.SwitchoverResponse\x12K\n" +
+	"\bFailover\x12\x1e.gitraft.db.v1.FailoverRequest\x1a\x1f.gitraft.db.v1.FailoverResponse\x12B\n" +
+	"\x05Abort\x12\x1b.gitraft.db.v1.AbortRequest\x1a\x1c.gitraft.db.v1.AbortResponse\x12B\n" +
+	"\x05Pause\x12\x1b.gitraft.db.v1.PauseRequest\x1a\x1c.gitraft.db.v1.PauseResponse\x12E\n" +
+	"\x06Resume\x12\x1c.gitraft.db.v1.ResumeRequest\x1a\x1d.gitraft.db.v1.ResumeResponse\x12Q\n" +
+	"\n" +
+	"GetHistory\x12 .gitraft.db.v1.GetHistoryRequest\x1a!.gitraft.db.v1.GetHistoryResponse\x12T\n" +
+	"\vGetWritable\x12!.gitraft.db.v1.GetWritableRequest\x1a\".gitraft.db.v1.GetWritableResponse\x12E\n" +
+	"\x06Forget\x12\x1c.gitraft.db.v1.ForgetRequest\x1a\x1d.gitraft.db.v1.ForgetResponseB5Z3github.com/gitraft/gitraft/proto/gitraft/db/v1;dbv1b\x06proto3"
 
 var (
 	file_gitraft_db_v1_db_proto_rawDescOnce sync.Once
@@ -228,20 +3612,131 @@ func file_gitraft_db_v1_db_proto_rawDescGZIP() []byte {
 	return file_gitraft_db_v1_db_proto_rawDescData
 }
 
-var file_gitraft_db_v1_db_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_gitraft_db_v1_db_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_gitraft_db_v1_db_proto_msgTypes = make([]protoimpl.MessageInfo, 45)
 var file_gitraft_db_v1_db_proto_goTypes = []any{
-	(*Command)(nil),  // 0: gitraft.db.v1.Command
-	(*Noop)(nil),     // 1: gitraft.db.v1.Noop
-	(*Result)(nil),   // 2: gitraft.db.v1.Result
-	(*Snapshot)(nil), // 3: gitraft.db.v1.Snapshot
+	(Kind)(0),                   // 0: gitraft.db.v1.Kind
+	(Phase)(0),                  // 1: gitraft.db.v1.Phase
+	(Outcome)(0),                // 2: gitraft.db.v1.Outcome
+	(*Member)(nil),              // 3: gitraft.db.v1.Member
+	(*Bouncer)(nil),             // 4: gitraft.db.v1.Bouncer
+	(*Operation)(nil),           // 5: gitraft.db.v1.Operation
+	(*HistoryEntry)(nil),        // 6: gitraft.db.v1.HistoryEntry
+	(*State)(nil),               // 7: gitraft.db.v1.State
+	(*Snapshot)(nil),            // 8: gitraft.db.v1.Snapshot
+	(*Command)(nil),             // 9: gitraft.db.v1.Command
+	(*RegisterMember)(nil),      // 10: gitraft.db.v1.RegisterMember
+	(*RegisterBouncer)(nil),     // 11: gitraft.db.v1.RegisterBouncer
+	(*Forget)(nil),              // 12: gitraft.db.v1.Forget
+	(*BeginOperation)(nil),      // 13: gitraft.db.v1.BeginOperation
+	(*AdvancePhase)(nil),        // 14: gitraft.db.v1.AdvancePhase
+	(*SetPrimary)(nil),          // 15: gitraft.db.v1.SetPrimary
+	(*FinishOperation)(nil),     // 16: gitraft.db.v1.FinishOperation
+	(*AbortOperation)(nil),      // 17: gitraft.db.v1.AbortOperation
+	(*SetPaused)(nil),           // 18: gitraft.db.v1.SetPaused
+	(*Result)(nil),              // 19: gitraft.db.v1.Result
+	(*Step)(nil),                // 20: gitraft.db.v1.Step
+	(*PostgresReport)(nil),      // 21: gitraft.db.v1.PostgresReport
+	(*BouncerReport)(nil),       // 22: gitraft.db.v1.BouncerReport
+	(*ProbeReport)(nil),         // 23: gitraft.db.v1.ProbeReport
+	(*ReportRequest)(nil),       // 24: gitraft.db.v1.ReportRequest
+	(*ReportResponse)(nil),      // 25: gitraft.db.v1.ReportResponse
+	(*MemberStatus)(nil),        // 26: gitraft.db.v1.MemberStatus
+	(*BouncerStatus)(nil),       // 27: gitraft.db.v1.BouncerStatus
+	(*ProbeStatus)(nil),         // 28: gitraft.db.v1.ProbeStatus
+	(*FailoverStatus)(nil),      // 29: gitraft.db.v1.FailoverStatus
+	(*GetStatusRequest)(nil),    // 30: gitraft.db.v1.GetStatusRequest
+	(*GetStatusResponse)(nil),   // 31: gitraft.db.v1.GetStatusResponse
+	(*SwitchoverRequest)(nil),   // 32: gitraft.db.v1.SwitchoverRequest
+	(*SwitchoverResponse)(nil),  // 33: gitraft.db.v1.SwitchoverResponse
+	(*FailoverRequest)(nil),     // 34: gitraft.db.v1.FailoverRequest
+	(*FailoverResponse)(nil),    // 35: gitraft.db.v1.FailoverResponse
+	(*AbortRequest)(nil),        // 36: gitraft.db.v1.AbortRequest
+	(*AbortResponse)(nil),       // 37: gitraft.db.v1.AbortResponse
+	(*PauseRequest)(nil),        // 38: gitraft.db.v1.PauseRequest
+	(*PauseResponse)(nil),       // 39: gitraft.db.v1.PauseResponse
+	(*ResumeRequest)(nil),       // 40: gitraft.db.v1.ResumeRequest
+	(*ResumeResponse)(nil),      // 41: gitraft.db.v1.ResumeResponse
+	(*GetHistoryRequest)(nil),   // 42: gitraft.db.v1.GetHistoryRequest
+	(*GetHistoryResponse)(nil),  // 43: gitraft.db.v1.GetHistoryResponse
+	(*GetWritableRequest)(nil),  // 44: gitraft.db.v1.GetWritableRequest
+	(*GetWritableResponse)(nil), // 45: gitraft.db.v1.GetWritableResponse
+	(*ForgetRequest)(nil),       // 46: gitraft.db.v1.ForgetRequest
+	(*ForgetResponse)(nil),      // 47: gitraft.db.v1.ForgetResponse
 }
 var file_gitraft_db_v1_db_proto_depIdxs = []int32{
-	1, // 0: gitraft.db.v1.Command.noop:type_name -> gitraft.db.v1.Noop
-	1, // [1:1] is the sub-list for method output_type
-	1, // [1:1] is the sub-list for method input_type
-	1, // [1:1] is the sub-list for extension type_name
-	1, // [1:1] is the sub-list for extension extendee
-	0, // [0:1] is the sub-list for field type_name
+	0,  // 0: gitraft.db.v1.Operation.kind:type_name -> gitraft.db.v1.Kind
+	1,  // 1: gitraft.db.v1.Operation.phase:type_name -> gitraft.db.v1.Phase
+	0,  // 2: gitraft.db.v1.HistoryEntry.kind:type_name -> gitraft.db.v1.Kind
+	2,  // 3: gitraft.db.v1.HistoryEntry.outcome:type_name -> gitraft.db.v1.Outcome
+	3,  // 4: gitraft.db.v1.State.members:type_name -> gitraft.db.v1.Member
+	4,  // 5: gitraft.db.v1.State.bouncers:type_name -> gitraft.db.v1.Bouncer
+	5,  // 6: gitraft.db.v1.State.operation:type_name -> gitraft.db.v1.Operation
+	6,  // 7: gitraft.db.v1.State.history:type_name -> gitraft.db.v1.HistoryEntry
+	7,  // 8: gitraft.db.v1.Snapshot.state:type_name -> gitraft.db.v1.State
+	10, // 9: gitraft.db.v1.Command.register_member:type_name -> gitraft.db.v1.RegisterMember
+	11, // 10: gitraft.db.v1.Command.register_bouncer:type_name -> gitraft.db.v1.RegisterBouncer
+	12, // 11: gitraft.db.v1.Command.forget:type_name -> gitraft.db.v1.Forget
+	13, // 12: gitraft.db.v1.Command.begin:type_name -> gitraft.db.v1.BeginOperation
+	14, // 13: gitraft.db.v1.Command.advance:type_name -> gitraft.db.v1.AdvancePhase
+	15, // 14: gitraft.db.v1.Command.set_primary:type_name -> gitraft.db.v1.SetPrimary
+	16, // 15: gitraft.db.v1.Command.finish:type_name -> gitraft.db.v1.FinishOperation
+	17, // 16: gitraft.db.v1.Command.abort:type_name -> gitraft.db.v1.AbortOperation
+	18, // 17: gitraft.db.v1.Command.set_paused:type_name -> gitraft.db.v1.SetPaused
+	3,  // 18: gitraft.db.v1.RegisterMember.member:type_name -> gitraft.db.v1.Member
+	4,  // 19: gitraft.db.v1.RegisterBouncer.bouncer:type_name -> gitraft.db.v1.Bouncer
+	0,  // 20: gitraft.db.v1.BeginOperation.kind:type_name -> gitraft.db.v1.Kind
+	1,  // 21: gitraft.db.v1.AdvancePhase.from:type_name -> gitraft.db.v1.Phase
+	1,  // 22: gitraft.db.v1.AdvancePhase.to:type_name -> gitraft.db.v1.Phase
+	1,  // 23: gitraft.db.v1.FinishOperation.from:type_name -> gitraft.db.v1.Phase
+	2,  // 24: gitraft.db.v1.FinishOperation.outcome:type_name -> gitraft.db.v1.Outcome
+	7,  // 25: gitraft.db.v1.Result.state:type_name -> gitraft.db.v1.State
+	1,  // 26: gitraft.db.v1.Step.phase:type_name -> gitraft.db.v1.Phase
+	20, // 27: gitraft.db.v1.PostgresReport.step:type_name -> gitraft.db.v1.Step
+	20, // 28: gitraft.db.v1.BouncerReport.step:type_name -> gitraft.db.v1.Step
+	21, // 29: gitraft.db.v1.ReportRequest.postgres:type_name -> gitraft.db.v1.PostgresReport
+	22, // 30: gitraft.db.v1.ReportRequest.bouncer:type_name -> gitraft.db.v1.BouncerReport
+	23, // 31: gitraft.db.v1.ReportRequest.probe:type_name -> gitraft.db.v1.ProbeReport
+	3,  // 32: gitraft.db.v1.MemberStatus.member:type_name -> gitraft.db.v1.Member
+	21, // 33: gitraft.db.v1.MemberStatus.health:type_name -> gitraft.db.v1.PostgresReport
+	4,  // 34: gitraft.db.v1.BouncerStatus.bouncer:type_name -> gitraft.db.v1.Bouncer
+	22, // 35: gitraft.db.v1.BouncerStatus.report:type_name -> gitraft.db.v1.BouncerReport
+	23, // 36: gitraft.db.v1.ProbeStatus.probe:type_name -> gitraft.db.v1.ProbeReport
+	7,  // 37: gitraft.db.v1.GetStatusResponse.state:type_name -> gitraft.db.v1.State
+	26, // 38: gitraft.db.v1.GetStatusResponse.members:type_name -> gitraft.db.v1.MemberStatus
+	27, // 39: gitraft.db.v1.GetStatusResponse.bouncers:type_name -> gitraft.db.v1.BouncerStatus
+	28, // 40: gitraft.db.v1.GetStatusResponse.probes:type_name -> gitraft.db.v1.ProbeStatus
+	29, // 41: gitraft.db.v1.GetStatusResponse.failover:type_name -> gitraft.db.v1.FailoverStatus
+	5,  // 42: gitraft.db.v1.SwitchoverResponse.operation:type_name -> gitraft.db.v1.Operation
+	5,  // 43: gitraft.db.v1.FailoverResponse.operation:type_name -> gitraft.db.v1.Operation
+	5,  // 44: gitraft.db.v1.AbortResponse.operation:type_name -> gitraft.db.v1.Operation
+	6,  // 45: gitraft.db.v1.GetHistoryResponse.history:type_name -> gitraft.db.v1.HistoryEntry
+	1,  // 46: gitraft.db.v1.GetWritableResponse.phase:type_name -> gitraft.db.v1.Phase
+	24, // 47: gitraft.db.v1.DatabaseAgentService.Report:input_type -> gitraft.db.v1.ReportRequest
+	30, // 48: gitraft.db.v1.DatabaseService.GetStatus:input_type -> gitraft.db.v1.GetStatusRequest
+	32, // 49: gitraft.db.v1.DatabaseService.Switchover:input_type -> gitraft.db.v1.SwitchoverRequest
+	34, // 50: gitraft.db.v1.DatabaseService.Failover:input_type -> gitraft.db.v1.FailoverRequest
+	36, // 51: gitraft.db.v1.DatabaseService.Abort:input_type -> gitraft.db.v1.AbortRequest
+	38, // 52: gitraft.db.v1.DatabaseService.Pause:input_type -> gitraft.db.v1.PauseRequest
+	40, // 53: gitraft.db.v1.DatabaseService.Resume:input_type -> gitraft.db.v1.ResumeRequest
+	42, // 54: gitraft.db.v1.DatabaseService.GetHistory:input_type -> gitraft.db.v1.GetHistoryRequest
+	44, // 55: gitraft.db.v1.DatabaseService.GetWritable:input_type -> gitraft.db.v1.GetWritableRequest
+	46, // 56: gitraft.db.v1.DatabaseService.Forget:input_type -> gitraft.db.v1.ForgetRequest
+	25, // 57: gitraft.db.v1.DatabaseAgentService.Report:output_type -> gitraft.db.v1.ReportResponse
+	31, // 58: gitraft.db.v1.DatabaseService.GetStatus:output_type -> gitraft.db.v1.GetStatusResponse
+	33, // 59: gitraft.db.v1.DatabaseService.Switchover:output_type -> gitraft.db.v1.SwitchoverResponse
+	35, // 60: gitraft.db.v1.DatabaseService.Failover:output_type -> gitraft.db.v1.FailoverResponse
+	37, // 61: gitraft.db.v1.DatabaseService.Abort:output_type -> gitraft.db.v1.AbortResponse
+	39, // 62: gitraft.db.v1.DatabaseService.Pause:output_type -> gitraft.db.v1.PauseResponse
+	41, // 63: gitraft.db.v1.DatabaseService.Resume:output_type -> gitraft.db.v1.ResumeResponse
+	43, // 64: gitraft.db.v1.DatabaseService.GetHistory:output_type -> gitraft.db.v1.GetHistoryResponse
+	45, // 65: gitraft.db.v1.DatabaseService.GetWritable:output_type -> gitraft.db.v1.GetWritableResponse
+	47, // 66: gitraft.db.v1.DatabaseService.Forget:output_type -> gitraft.db.v1.ForgetResponse
+	57, // [57:67] is the sub-list for method output_type
+	47, // [47:57] is the sub-list for method input_type
+	47, // [47:47] is the sub-list for extension type_name
+	47, // [47:47] is the sub-list for extension extendee
+	0,  // [0:47] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_db_v1_db_proto_init() }
@@ -249,21 +3744,30 @@ func file_gitraft_db_v1_db_proto_init() {
 	if File_gitraft_db_v1_db_proto != nil {
 		return
 	}
-	file_gitraft_db_v1_db_proto_msgTypes[0].OneofWrappers = []any{
-		(*Command_Noop)(nil),
+	file_gitraft_db_v1_db_proto_msgTypes[6].OneofWrappers = []any{
+		(*Command_RegisterMember)(nil),
+		(*Command_RegisterBouncer)(nil),
+		(*Command_Forget)(nil),
+		(*Command_Begin)(nil),
+		(*Command_Advance)(nil),
+		(*Command_SetPrimary)(nil),
+		(*Command_Finish)(nil),
+		(*Command_Abort)(nil),
+		(*Command_SetPaused)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_db_v1_db_proto_rawDesc), len(file_gitraft_db_v1_db_proto_rawDesc)),
-			NumEnums:      0,
-			NumMessages:   4,
+			NumEnums:      3,
+			NumMessages:   45,
 			NumExtensions: 0,
-			NumServices:   1,
+			NumServices:   2,
 		},
 		GoTypes:           file_gitraft_db_v1_db_proto_goTypes,
 		DependencyIndexes: file_gitraft_db_v1_db_proto_depIdxs,
+		EnumInfos:         file_gitraft_db_v1_db_proto_enumTypes,
 		MessageInfos:      file_gitraft_db_v1_db_proto_msgTypes,
 	}.Build()
 	File_gitraft_db_v1_db_proto = out.File

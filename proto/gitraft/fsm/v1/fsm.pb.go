@@ -144,6 +144,9 @@ const (
 	Reason_REASON_STALE_TOKEN    Reason = 6
 	Reason_REASON_LOCK_NOT_HELD  Reason = 7
 	Reason_REASON_LEASE_EXPIRED  Reason = 8
+	// The state does not allow it now: another operation under way, a
+	// maintenance pause, a target that is not ready (database target).
+	Reason_REASON_PRECONDITION Reason = 9
 )
 
 // Enum value maps for Reason.
@@ -158,6 +161,7 @@ var (
 		6: "REASON_STALE_TOKEN",
 		7: "REASON_LOCK_NOT_HELD",
 		8: "REASON_LEASE_EXPIRED",
+		9: "REASON_PRECONDITION",
 	}
 	Reason_value = map[string]int32{
 		"REASON_UNSPECIFIED":    0,
@@ -169,6 +173,7 @@ var (
 		"REASON_STALE_TOKEN":    6,
 		"REASON_LOCK_NOT_HELD":  7,
 		"REASON_LEASE_EXPIRED":  8,
+		"REASON_PRECONDITION":   9,
 	}
 )
 
@@ -2904,7 +2909,7 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\vACCESS_NONE\x10\x01\x12\x0f\n" +
 	"\vACCESS_READ\x10\x02\x12\x10\n" +
 	"\fACCESS_WRITE\x10\x03\x12\x10\n" +
-	"\fACCESS_ADMIN\x10\x04*\xdd\x01\n" +
+	"\fACCESS_ADMIN\x10\x04*\xf6\x01\n" +
 	"\x06Reason\x12\x16\n" +
 	"\x12REASON_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eREASON_INVALID\x10\x01\x12\x14\n" +
@@ -2914,7 +2919,8 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\x10REASON_LOCK_HELD\x10\x05\x12\x16\n" +
 	"\x12REASON_STALE_TOKEN\x10\x06\x12\x18\n" +
 	"\x14REASON_LOCK_NOT_HELD\x10\a\x12\x18\n" +
-	"\x14REASON_LEASE_EXPIRED\x10\b*i\n" +
+	"\x14REASON_LEASE_EXPIRED\x10\b\x12\x17\n" +
+	"\x13REASON_PRECONDITION\x10\t*i\n" +
 	"\tRefStatus\x12\x1a\n" +
 	"\x16REF_STATUS_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rREF_STATUS_OK\x10\x01\x12\x14\n" +
