@@ -1613,8 +1613,11 @@ func (x *SetPaused) GetRequestedBy() string {
 
 // Result is what applying one Command produced.
 type Result struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	State         *State                 `protobuf:"bytes,1,opt,name=state,proto3" json:"state,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The operation as the command left it (begin, advance, abort, finish).
+	Operation     *Operation `protobuf:"bytes,1,opt,name=operation,proto3" json:"operation,omitempty"`
+	Primary       string     `protobuf:"bytes,2,opt,name=primary,proto3" json:"primary,omitempty"`
+	Generation    uint64     `protobuf:"varint,3,opt,name=generation,proto3" json:"generation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1649,11 +1652,25 @@ func (*Result) Descriptor() ([]byte, []int) {
 	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{16}
 }
 
-func (x *Result) GetState() *State {
+func (x *Result) GetOperation() *Operation {
 	if x != nil {
-		return x.State
+		return x.Operation
 	}
 	return nil
+}
+
+func (x *Result) GetPrimary() string {
+	if x != nil {
+		return x.Primary
+	}
+	return ""
+}
+
+func (x *Result) GetGeneration() uint64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
 }
 
 // Step is the last action an agent took for an operation's phase.
@@ -3447,9 +3464,13 @@ const file_gitraft_db_v1_db_proto_rawDesc = "" +
 	"\tSetPaused\x12\x16\n" +
 	"\x06paused\x18\x01 \x01(\bR\x06paused\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12!\n" +
-	"\frequested_by\x18\x03 \x01(\tR\vrequestedBy\"4\n" +
-	"\x06Result\x12*\n" +
-	"\x05state\x18\x01 \x01(\v2\x14.gitraft.db.v1.StateR\x05state\"\x83\x01\n" +
+	"\frequested_by\x18\x03 \x01(\tR\vrequestedBy\"z\n" +
+	"\x06Result\x126\n" +
+	"\toperation\x18\x01 \x01(\v2\x18.gitraft.db.v1.OperationR\toperation\x12\x18\n" +
+	"\aprimary\x18\x02 \x01(\tR\aprimary\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x03 \x01(\x04R\n" +
+	"generation\"\x83\x01\n" +
 	"\x04Step\x12\x13\n" +
 	"\x05op_id\x18\x01 \x01(\x04R\x04opId\x12*\n" +
 	"\x05phase\x18\x02 \x01(\x0e2\x14.gitraft.db.v1.PhaseR\x05phase\x12\x12\n" +
@@ -3690,7 +3711,7 @@ var file_gitraft_db_v1_db_proto_depIdxs = []int32{
 	1,  // 22: gitraft.db.v1.AdvancePhase.to:type_name -> gitraft.db.v1.Phase
 	1,  // 23: gitraft.db.v1.FinishOperation.from:type_name -> gitraft.db.v1.Phase
 	2,  // 24: gitraft.db.v1.FinishOperation.outcome:type_name -> gitraft.db.v1.Outcome
-	7,  // 25: gitraft.db.v1.Result.state:type_name -> gitraft.db.v1.State
+	5,  // 25: gitraft.db.v1.Result.operation:type_name -> gitraft.db.v1.Operation
 	1,  // 26: gitraft.db.v1.Step.phase:type_name -> gitraft.db.v1.Phase
 	20, // 27: gitraft.db.v1.PostgresReport.step:type_name -> gitraft.db.v1.Step
 	20, // 28: gitraft.db.v1.BouncerReport.step:type_name -> gitraft.db.v1.Step
