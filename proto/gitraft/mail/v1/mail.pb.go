@@ -13,6 +13,8 @@ package mailv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	durationpb "google.golang.org/protobuf/types/known/durationpb"
+	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -25,12 +27,485 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
-// Command is one mail-drain log entry.
+// HostState is where a mail host stands in its drain cycle:
+// active -> draining -> drained -> active.
+type HostState int32
+
+const (
+	HostState_HOST_STATE_UNSPECIFIED HostState = 0
+	// In the MX set, taking mail.
+	HostState_HOST_STATE_ACTIVE HostState = 1
+	// Out of the MX set, answering new mail with 4xx, flushing its queue.
+	HostState_HOST_STATE_DRAINING HostState = 2
+	// Out of the MX set with an empty queue: ready for maintenance.
+	HostState_HOST_STATE_DRAINED HostState = 3
+)
+
+// Enum value maps for HostState.
+var (
+	HostState_name = map[int32]string{
+		0: "HOST_STATE_UNSPECIFIED",
+		1: "HOST_STATE_ACTIVE",
+		2: "HOST_STATE_DRAINING",
+		3: "HOST_STATE_DRAINED",
+	}
+	HostState_value = map[string]int32{
+		"HOST_STATE_UNSPECIFIED": 0,
+		"HOST_STATE_ACTIVE":      1,
+		"HOST_STATE_DRAINING":    2,
+		"HOST_STATE_DRAINED":     3,
+	}
+)
+
+func (x HostState) Enum() *HostState {
+	p := new(HostState)
+	*p = x
+	return p
+}
+
+func (x HostState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (HostState) Descriptor() protoreflect.EnumDescriptor {
+	return file_gitraft_mail_v1_mail_proto_enumTypes[0].Descriptor()
+}
+
+func (HostState) Type() protoreflect.EnumType {
+	return &file_gitraft_mail_v1_mail_proto_enumTypes[0]
+}
+
+func (x HostState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use HostState.Descriptor instead.
+func (HostState) EnumDescriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{0}
+}
+
+// Event is what a history entry records.
+type Event int32
+
+const (
+	Event_EVENT_UNSPECIFIED Event = 0
+	Event_EVENT_ADDED       Event = 1
+	Event_EVENT_UPDATED     Event = 2
+	Event_EVENT_REMOVED     Event = 3
+	Event_EVENT_DRAIN       Event = 4
+	Event_EVENT_DRAINED     Event = 5
+	Event_EVENT_UNDRAIN     Event = 6
+	Event_EVENT_OVERDUE     Event = 7
+	Event_EVENT_HANDOFF     Event = 8
+	// A drained host's queue was not empty any more: back to draining.
+	Event_EVENT_REFILLED Event = 9
+)
+
+// Enum value maps for Event.
+var (
+	Event_name = map[int32]string{
+		0: "EVENT_UNSPECIFIED",
+		1: "EVENT_ADDED",
+		2: "EVENT_UPDATED",
+		3: "EVENT_REMOVED",
+		4: "EVENT_DRAIN",
+		5: "EVENT_DRAINED",
+		6: "EVENT_UNDRAIN",
+		7: "EVENT_OVERDUE",
+		8: "EVENT_HANDOFF",
+		9: "EVENT_REFILLED",
+	}
+	Event_value = map[string]int32{
+		"EVENT_UNSPECIFIED": 0,
+		"EVENT_ADDED":       1,
+		"EVENT_UPDATED":     2,
+		"EVENT_REMOVED":     3,
+		"EVENT_DRAIN":       4,
+		"EVENT_DRAINED":     5,
+		"EVENT_UNDRAIN":     6,
+		"EVENT_OVERDUE":     7,
+		"EVENT_HANDOFF":     8,
+		"EVENT_REFILLED":    9,
+	}
+)
+
+func (x Event) Enum() *Event {
+	p := new(Event)
+	*p = x
+	return p
+}
+
+func (x Event) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Event) Descriptor() protoreflect.EnumDescriptor {
+	return file_gitraft_mail_v1_mail_proto_enumTypes[1].Descriptor()
+}
+
+func (Event) Type() protoreflect.EnumType {
+	return &file_gitraft_mail_v1_mail_proto_enumTypes[1]
+}
+
+func (x Event) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Event.Descriptor instead.
+func (Event) EnumDescriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{1}
+}
+
+// Host is one MX host of the forge.
+type Host struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The MX target: the host's DNS name, as it goes into the MX record.
+	Address string `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
+	// The MX preference (lower is preferred).
+	Priority       uint32                 `protobuf:"varint,3,opt,name=priority,proto3" json:"priority,omitempty"`
+	State          HostState              `protobuf:"varint,4,opt,name=state,proto3,enum=gitraft.mail.v1.HostState" json:"state,omitempty"`
+	AddedAt        *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=added_at,json=addedAt,proto3" json:"added_at,omitempty"`
+	StateChangedAt *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=state_changed_at,json=stateChangedAt,proto3" json:"state_changed_at,omitempty"`
+	// The current drain (set while draining or drained): its id is the Raft
+	// index of the drain command, so reports about an older drain are told apart.
+	DrainId        uint64                 `protobuf:"varint,7,opt,name=drain_id,json=drainId,proto3" json:"drain_id,omitempty"`
+	DrainStartedAt *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=drain_started_at,json=drainStartedAt,proto3" json:"drain_started_at,omitempty"`
+	Deadline       *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=deadline,proto3" json:"deadline,omitempty"`
+	Reason         string                 `protobuf:"bytes,10,opt,name=reason,proto3" json:"reason,omitempty"`
+	// Who asked for the drain ("admin:alice", "node:n2", ...).
+	DrainedBy string `protobuf:"bytes,11,opt,name=drained_by,json=drainedBy,proto3" json:"drained_by,omitempty"`
+	// The deadline passed while the host was still draining; the leader
+	// recorded it once.
+	Overdue bool `protobuf:"varint,12,opt,name=overdue,proto3" json:"overdue,omitempty"`
+	// The mail host the agent handed leftover mail to at the deadline.
+	HandoffPeer string `protobuf:"bytes,13,opt,name=handoff_peer,json=handoffPeer,proto3" json:"handoff_peer,omitempty"`
+	// The queue as the host's agent last reported it.
+	QueueSize       uint64                 `protobuf:"varint,14,opt,name=queue_size,json=queueSize,proto3" json:"queue_size,omitempty"`
+	QueueReportedAt *timestamppb.Timestamp `protobuf:"bytes,15,opt,name=queue_reported_at,json=queueReportedAt,proto3" json:"queue_reported_at,omitempty"`
+	// The gitraft node whose agent reported it.
+	QueueReportedBy string `protobuf:"bytes,16,opt,name=queue_reported_by,json=queueReportedBy,proto3" json:"queue_reported_by,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *Host) Reset() {
+	*x = Host{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Host) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Host) ProtoMessage() {}
+
+func (x *Host) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Host.ProtoReflect.Descriptor instead.
+func (*Host) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *Host) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Host) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *Host) GetPriority() uint32 {
+	if x != nil {
+		return x.Priority
+	}
+	return 0
+}
+
+func (x *Host) GetState() HostState {
+	if x != nil {
+		return x.State
+	}
+	return HostState_HOST_STATE_UNSPECIFIED
+}
+
+func (x *Host) GetAddedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.AddedAt
+	}
+	return nil
+}
+
+func (x *Host) GetStateChangedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.StateChangedAt
+	}
+	return nil
+}
+
+func (x *Host) GetDrainId() uint64 {
+	if x != nil {
+		return x.DrainId
+	}
+	return 0
+}
+
+func (x *Host) GetDrainStartedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DrainStartedAt
+	}
+	return nil
+}
+
+func (x *Host) GetDeadline() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Deadline
+	}
+	return nil
+}
+
+func (x *Host) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *Host) GetDrainedBy() string {
+	if x != nil {
+		return x.DrainedBy
+	}
+	return ""
+}
+
+func (x *Host) GetOverdue() bool {
+	if x != nil {
+		return x.Overdue
+	}
+	return false
+}
+
+func (x *Host) GetHandoffPeer() string {
+	if x != nil {
+		return x.HandoffPeer
+	}
+	return ""
+}
+
+func (x *Host) GetQueueSize() uint64 {
+	if x != nil {
+		return x.QueueSize
+	}
+	return 0
+}
+
+func (x *Host) GetQueueReportedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.QueueReportedAt
+	}
+	return nil
+}
+
+func (x *Host) GetQueueReportedBy() string {
+	if x != nil {
+		return x.QueueReportedBy
+	}
+	return ""
+}
+
+// HistoryEntry is one change of a mail host.
+type HistoryEntry struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	Time          *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=time,proto3" json:"time,omitempty"`
+	Host          string                 `protobuf:"bytes,3,opt,name=host,proto3" json:"host,omitempty"`
+	Event         Event                  `protobuf:"varint,4,opt,name=event,proto3,enum=gitraft.mail.v1.Event" json:"event,omitempty"`
+	From          HostState              `protobuf:"varint,5,opt,name=from,proto3,enum=gitraft.mail.v1.HostState" json:"from,omitempty"`
+	To            HostState              `protobuf:"varint,6,opt,name=to,proto3,enum=gitraft.mail.v1.HostState" json:"to,omitempty"`
+	By            string                 `protobuf:"bytes,7,opt,name=by,proto3" json:"by,omitempty"`
+	Reason        string                 `protobuf:"bytes,8,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HistoryEntry) Reset() {
+	*x = HistoryEntry{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HistoryEntry) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HistoryEntry) ProtoMessage() {}
+
+func (x *HistoryEntry) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HistoryEntry.ProtoReflect.Descriptor instead.
+func (*HistoryEntry) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *HistoryEntry) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *HistoryEntry) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *HistoryEntry) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
+func (x *HistoryEntry) GetEvent() Event {
+	if x != nil {
+		return x.Event
+	}
+	return Event_EVENT_UNSPECIFIED
+}
+
+func (x *HistoryEntry) GetFrom() HostState {
+	if x != nil {
+		return x.From
+	}
+	return HostState_HOST_STATE_UNSPECIFIED
+}
+
+func (x *HistoryEntry) GetTo() HostState {
+	if x != nil {
+		return x.To
+	}
+	return HostState_HOST_STATE_UNSPECIFIED
+}
+
+func (x *HistoryEntry) GetBy() string {
+	if x != nil {
+		return x.By
+	}
+	return ""
+}
+
+func (x *HistoryEntry) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+// MXRecord is one record of the MX set.
+type MXRecord struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Host          string                 `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
+	Priority      uint32                 `protobuf:"varint,2,opt,name=priority,proto3" json:"priority,omitempty"`
+	Address       string                 `protobuf:"bytes,3,opt,name=address,proto3" json:"address,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MXRecord) Reset() {
+	*x = MXRecord{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MXRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MXRecord) ProtoMessage() {}
+
+func (x *MXRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MXRecord.ProtoReflect.Descriptor instead.
+func (*MXRecord) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *MXRecord) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
+func (x *MXRecord) GetPriority() uint32 {
+	if x != nil {
+		return x.Priority
+	}
+	return 0
+}
+
+func (x *MXRecord) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+// Command is one mail-drain log entry. Each carries who asked for it
+// ("admin:alice", "node:n3"), which goes into the history.
 type Command struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Types that are valid to be assigned to Command:
 	//
-	//	*Command_Noop
+	//	*Command_AddHost
+	//	*Command_RemoveHost
+	//	*Command_Drain
+	//	*Command_Undrain
+	//	*Command_ReportQueue
+	//	*Command_MarkOverdue
+	//	*Command_ReportHandoff
 	Command       isCommand_Command `protobuf_oneof:"command"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -38,7 +513,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[0]
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -50,7 +525,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[0]
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -63,7 +538,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{0}
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Command) GetCommand() isCommand_Command {
@@ -73,10 +548,64 @@ func (x *Command) GetCommand() isCommand_Command {
 	return nil
 }
 
-func (x *Command) GetNoop() *Noop {
+func (x *Command) GetAddHost() *AddHost {
 	if x != nil {
-		if x, ok := x.Command.(*Command_Noop); ok {
-			return x.Noop
+		if x, ok := x.Command.(*Command_AddHost); ok {
+			return x.AddHost
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetRemoveHost() *RemoveHost {
+	if x != nil {
+		if x, ok := x.Command.(*Command_RemoveHost); ok {
+			return x.RemoveHost
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetDrain() *Drain {
+	if x != nil {
+		if x, ok := x.Command.(*Command_Drain); ok {
+			return x.Drain
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetUndrain() *Undrain {
+	if x != nil {
+		if x, ok := x.Command.(*Command_Undrain); ok {
+			return x.Undrain
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetReportQueue() *ReportQueue {
+	if x != nil {
+		if x, ok := x.Command.(*Command_ReportQueue); ok {
+			return x.ReportQueue
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetMarkOverdue() *MarkOverdue {
+	if x != nil {
+		if x, ok := x.Command.(*Command_MarkOverdue); ok {
+			return x.MarkOverdue
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetReportHandoff() *ReportHandoff {
+	if x != nil {
+		if x, ok := x.Command.(*Command_ReportHandoff); ok {
+			return x.ReportHandoff
 		}
 	}
 	return nil
@@ -86,33 +615,78 @@ type isCommand_Command interface {
 	isCommand_Command()
 }
 
-type Command_Noop struct {
-	Noop *Noop `protobuf:"bytes,1,opt,name=noop,proto3,oneof"` // placeholder until the real commands land
+type Command_AddHost struct {
+	AddHost *AddHost `protobuf:"bytes,1,opt,name=add_host,json=addHost,proto3,oneof"`
 }
 
-func (*Command_Noop) isCommand_Command() {}
+type Command_RemoveHost struct {
+	RemoveHost *RemoveHost `protobuf:"bytes,2,opt,name=remove_host,json=removeHost,proto3,oneof"`
+}
 
-type Noop struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+type Command_Drain struct {
+	Drain *Drain `protobuf:"bytes,3,opt,name=drain,proto3,oneof"`
+}
+
+type Command_Undrain struct {
+	Undrain *Undrain `protobuf:"bytes,4,opt,name=undrain,proto3,oneof"`
+}
+
+type Command_ReportQueue struct {
+	ReportQueue *ReportQueue `protobuf:"bytes,5,opt,name=report_queue,json=reportQueue,proto3,oneof"`
+}
+
+type Command_MarkOverdue struct {
+	MarkOverdue *MarkOverdue `protobuf:"bytes,6,opt,name=mark_overdue,json=markOverdue,proto3,oneof"`
+}
+
+type Command_ReportHandoff struct {
+	ReportHandoff *ReportHandoff `protobuf:"bytes,7,opt,name=report_handoff,json=reportHandoff,proto3,oneof"`
+}
+
+func (*Command_AddHost) isCommand_Command() {}
+
+func (*Command_RemoveHost) isCommand_Command() {}
+
+func (*Command_Drain) isCommand_Command() {}
+
+func (*Command_Undrain) isCommand_Command() {}
+
+func (*Command_ReportQueue) isCommand_Command() {}
+
+func (*Command_MarkOverdue) isCommand_Command() {}
+
+func (*Command_ReportHandoff) isCommand_Command() {}
+
+// AddHost adds a host (active) or changes an existing host's address and
+// priority.
+type AddHost struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Name     string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Address  string                 `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
+	Priority uint32                 `protobuf:"varint,3,opt,name=priority,proto3" json:"priority,omitempty"`
+	By       string                 `protobuf:"bytes,4,opt,name=by,proto3" json:"by,omitempty"`
+	// Only add: an existing host is left as it is (agents registering
+	// themselves from their configuration).
+	IfAbsent      bool `protobuf:"varint,5,opt,name=if_absent,json=ifAbsent,proto3" json:"if_absent,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
-func (x *Noop) Reset() {
-	*x = Noop{}
-	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[1]
+func (x *AddHost) Reset() {
+	*x = AddHost{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
 
-func (x *Noop) String() string {
+func (x *AddHost) String() string {
 	return protoimpl.X.MessageStringOf(x)
 }
 
-func (*Noop) ProtoMessage() {}
+func (*AddHost) ProtoMessage() {}
 
-func (x *Noop) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[1]
+func (x *AddHost) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -123,21 +697,463 @@ func (x *Noop) ProtoReflect() protoreflect.Message {
 	return mi.MessageOf(x)
 }
 
-// Deprecated: Use Noop.ProtoReflect.Descriptor instead.
-func (*Noop) Descriptor() ([]byte, []int) {
-	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{1}
+// Deprecated: Use AddHost.ProtoReflect.Descriptor instead.
+func (*AddHost) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *AddHost) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AddHost) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *AddHost) GetPriority() uint32 {
+	if x != nil {
+		return x.Priority
+	}
+	return 0
+}
+
+func (x *AddHost) GetBy() string {
+	if x != nil {
+		return x.By
+	}
+	return ""
+}
+
+func (x *AddHost) GetIfAbsent() bool {
+	if x != nil {
+		return x.IfAbsent
+	}
+	return false
+}
+
+type RemoveHost struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	By            string                 `protobuf:"bytes,2,opt,name=by,proto3" json:"by,omitempty"`
+	Force         bool                   `protobuf:"varint,3,opt,name=force,proto3" json:"force,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveHost) Reset() {
+	*x = RemoveHost{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveHost) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveHost) ProtoMessage() {}
+
+func (x *RemoveHost) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveHost.ProtoReflect.Descriptor instead.
+func (*RemoveHost) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *RemoveHost) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *RemoveHost) GetBy() string {
+	if x != nil {
+		return x.By
+	}
+	return ""
+}
+
+func (x *RemoveHost) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+type Drain struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// From the entry's leader time.
+	Deadline *durationpb.Duration `protobuf:"bytes,2,opt,name=deadline,proto3" json:"deadline,omitempty"`
+	Reason   string               `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	By       string               `protobuf:"bytes,4,opt,name=by,proto3" json:"by,omitempty"`
+	// Drain even the last active host.
+	Force         bool `protobuf:"varint,5,opt,name=force,proto3" json:"force,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Drain) Reset() {
+	*x = Drain{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Drain) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Drain) ProtoMessage() {}
+
+func (x *Drain) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Drain.ProtoReflect.Descriptor instead.
+func (*Drain) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *Drain) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Drain) GetDeadline() *durationpb.Duration {
+	if x != nil {
+		return x.Deadline
+	}
+	return nil
+}
+
+func (x *Drain) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *Drain) GetBy() string {
+	if x != nil {
+		return x.By
+	}
+	return ""
+}
+
+func (x *Drain) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+type Undrain struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	By            string                 `protobuf:"bytes,2,opt,name=by,proto3" json:"by,omitempty"`
+	Reason        string                 `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Undrain) Reset() {
+	*x = Undrain{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Undrain) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Undrain) ProtoMessage() {}
+
+func (x *Undrain) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Undrain.ProtoReflect.Descriptor instead.
+func (*Undrain) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *Undrain) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Undrain) GetBy() string {
+	if x != nil {
+		return x.By
+	}
+	return ""
+}
+
+func (x *Undrain) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+// ReportQueue is a host agent's reading of its queue. A report of an empty
+// queue for the current drain makes a draining host drained.
+type ReportQueue struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The drain the agent acted on when it read the queue (0 when active).
+	DrainId   uint64 `protobuf:"varint,2,opt,name=drain_id,json=drainId,proto3" json:"drain_id,omitempty"`
+	QueueSize uint64 `protobuf:"varint,3,opt,name=queue_size,json=queueSize,proto3" json:"queue_size,omitempty"`
+	// The reporting node.
+	By            string `protobuf:"bytes,4,opt,name=by,proto3" json:"by,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportQueue) Reset() {
+	*x = ReportQueue{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportQueue) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportQueue) ProtoMessage() {}
+
+func (x *ReportQueue) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportQueue.ProtoReflect.Descriptor instead.
+func (*ReportQueue) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *ReportQueue) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ReportQueue) GetDrainId() uint64 {
+	if x != nil {
+		return x.DrainId
+	}
+	return 0
+}
+
+func (x *ReportQueue) GetQueueSize() uint64 {
+	if x != nil {
+		return x.QueueSize
+	}
+	return 0
+}
+
+func (x *ReportQueue) GetBy() string {
+	if x != nil {
+		return x.By
+	}
+	return ""
+}
+
+// MarkOverdue is the leader's note that a drain's deadline passed.
+type MarkOverdue struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	DrainId       uint64                 `protobuf:"varint,2,opt,name=drain_id,json=drainId,proto3" json:"drain_id,omitempty"`
+	By            string                 `protobuf:"bytes,3,opt,name=by,proto3" json:"by,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MarkOverdue) Reset() {
+	*x = MarkOverdue{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MarkOverdue) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MarkOverdue) ProtoMessage() {}
+
+func (x *MarkOverdue) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MarkOverdue.ProtoReflect.Descriptor instead.
+func (*MarkOverdue) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *MarkOverdue) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *MarkOverdue) GetDrainId() uint64 {
+	if x != nil {
+		return x.DrainId
+	}
+	return 0
+}
+
+func (x *MarkOverdue) GetBy() string {
+	if x != nil {
+		return x.By
+	}
+	return ""
+}
+
+// ReportHandoff is an agent's note that it handed a drain's leftover mail
+// to a peer.
+type ReportHandoff struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	DrainId       uint64                 `protobuf:"varint,2,opt,name=drain_id,json=drainId,proto3" json:"drain_id,omitempty"`
+	Peer          string                 `protobuf:"bytes,3,opt,name=peer,proto3" json:"peer,omitempty"`
+	By            string                 `protobuf:"bytes,4,opt,name=by,proto3" json:"by,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportHandoff) Reset() {
+	*x = ReportHandoff{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportHandoff) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportHandoff) ProtoMessage() {}
+
+func (x *ReportHandoff) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportHandoff.ProtoReflect.Descriptor instead.
+func (*ReportHandoff) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *ReportHandoff) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ReportHandoff) GetDrainId() uint64 {
+	if x != nil {
+		return x.DrainId
+	}
+	return 0
+}
+
+func (x *ReportHandoff) GetPeer() string {
+	if x != nil {
+		return x.Peer
+	}
+	return ""
+}
+
+func (x *ReportHandoff) GetBy() string {
+	if x != nil {
+		return x.By
+	}
+	return ""
 }
 
 // Result is what applying one Command produced.
 type Result struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The host after the command (before, for RemoveHost).
+	Host *Host `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
+	// False when the command changed nothing (already draining, ...); note
+	// says why.
+	Changed       bool   `protobuf:"varint,2,opt,name=changed,proto3" json:"changed,omitempty"`
+	Note          string `protobuf:"bytes,3,opt,name=note,proto3" json:"note,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[2]
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -149,7 +1165,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[2]
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -162,19 +1178,43 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{2}
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *Result) GetHost() *Host {
+	if x != nil {
+		return x.Host
+	}
+	return nil
+}
+
+func (x *Result) GetChanged() bool {
+	if x != nil {
+		return x.Changed
+	}
+	return false
+}
+
+func (x *Result) GetNote() string {
+	if x != nil {
+		return x.Note
+	}
+	return ""
 }
 
 // Snapshot is the whole mail-drain state in a Raft snapshot.
 type Snapshot struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Hosts []*Host                `protobuf:"bytes,1,rep,name=hosts,proto3" json:"hosts,omitempty"`
+	// Oldest first, at most the last 1000 changes.
+	History       []*HistoryEntry `protobuf:"bytes,2,rep,name=history,proto3" json:"history,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Snapshot) Reset() {
 	*x = Snapshot{}
-	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[3]
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -186,7 +1226,7 @@ func (x *Snapshot) String() string {
 func (*Snapshot) ProtoMessage() {}
 
 func (x *Snapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[3]
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -199,22 +1239,970 @@ func (x *Snapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
 func (*Snapshot) Descriptor() ([]byte, []int) {
-	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{3}
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *Snapshot) GetHosts() []*Host {
+	if x != nil {
+		return x.Hosts
+	}
+	return nil
+}
+
+func (x *Snapshot) GetHistory() []*HistoryEntry {
+	if x != nil {
+		return x.History
+	}
+	return nil
+}
+
+type ListHostsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListHostsRequest) Reset() {
+	*x = ListHostsRequest{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListHostsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListHostsRequest) ProtoMessage() {}
+
+func (x *ListHostsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListHostsRequest.ProtoReflect.Descriptor instead.
+func (*ListHostsRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{13}
+}
+
+type ListHostsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Hosts         []*Host                `protobuf:"bytes,1,rep,name=hosts,proto3" json:"hosts,omitempty"`
+	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListHostsResponse) Reset() {
+	*x = ListHostsResponse{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListHostsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListHostsResponse) ProtoMessage() {}
+
+func (x *ListHostsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListHostsResponse.ProtoReflect.Descriptor instead.
+func (*ListHostsResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *ListHostsResponse) GetHosts() []*Host {
+	if x != nil {
+		return x.Hosts
+	}
+	return nil
+}
+
+func (x *ListHostsResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+type AddHostRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Address       string                 `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
+	Priority      uint32                 `protobuf:"varint,3,opt,name=priority,proto3" json:"priority,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddHostRequest) Reset() {
+	*x = AddHostRequest{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddHostRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddHostRequest) ProtoMessage() {}
+
+func (x *AddHostRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddHostRequest.ProtoReflect.Descriptor instead.
+func (*AddHostRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *AddHostRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AddHostRequest) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *AddHostRequest) GetPriority() uint32 {
+	if x != nil {
+		return x.Priority
+	}
+	return 0
+}
+
+type AddHostResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Host          *Host                  `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
+	Changed       bool                   `protobuf:"varint,2,opt,name=changed,proto3" json:"changed,omitempty"`
+	Note          string                 `protobuf:"bytes,3,opt,name=note,proto3" json:"note,omitempty"`
+	Index         uint64                 `protobuf:"varint,4,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddHostResponse) Reset() {
+	*x = AddHostResponse{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddHostResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddHostResponse) ProtoMessage() {}
+
+func (x *AddHostResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddHostResponse.ProtoReflect.Descriptor instead.
+func (*AddHostResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *AddHostResponse) GetHost() *Host {
+	if x != nil {
+		return x.Host
+	}
+	return nil
+}
+
+func (x *AddHostResponse) GetChanged() bool {
+	if x != nil {
+		return x.Changed
+	}
+	return false
+}
+
+func (x *AddHostResponse) GetNote() string {
+	if x != nil {
+		return x.Note
+	}
+	return ""
+}
+
+func (x *AddHostResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+type RemoveHostRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Force         bool                   `protobuf:"varint,2,opt,name=force,proto3" json:"force,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveHostRequest) Reset() {
+	*x = RemoveHostRequest{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveHostRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveHostRequest) ProtoMessage() {}
+
+func (x *RemoveHostRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveHostRequest.ProtoReflect.Descriptor instead.
+func (*RemoveHostRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *RemoveHostRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *RemoveHostRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+type RemoveHostResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Removed       *Host                  `protobuf:"bytes,1,opt,name=removed,proto3" json:"removed,omitempty"`
+	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveHostResponse) Reset() {
+	*x = RemoveHostResponse{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveHostResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveHostResponse) ProtoMessage() {}
+
+func (x *RemoveHostResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveHostResponse.ProtoReflect.Descriptor instead.
+func (*RemoveHostResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *RemoveHostResponse) GetRemoved() *Host {
+	if x != nil {
+		return x.Removed
+	}
+	return nil
+}
+
+func (x *RemoveHostResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+type DrainRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// How long the queue may take to flush (default 1h).
+	Deadline      *durationpb.Duration `protobuf:"bytes,2,opt,name=deadline,proto3" json:"deadline,omitempty"`
+	Reason        string               `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	Force         bool                 `protobuf:"varint,4,opt,name=force,proto3" json:"force,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainRequest) Reset() {
+	*x = DrainRequest{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainRequest) ProtoMessage() {}
+
+func (x *DrainRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
+func (*DrainRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *DrainRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *DrainRequest) GetDeadline() *durationpb.Duration {
+	if x != nil {
+		return x.Deadline
+	}
+	return nil
+}
+
+func (x *DrainRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *DrainRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+type DrainResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Host          *Host                  `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
+	Changed       bool                   `protobuf:"varint,2,opt,name=changed,proto3" json:"changed,omitempty"`
+	Note          string                 `protobuf:"bytes,3,opt,name=note,proto3" json:"note,omitempty"`
+	Index         uint64                 `protobuf:"varint,4,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainResponse) Reset() {
+	*x = DrainResponse{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainResponse) ProtoMessage() {}
+
+func (x *DrainResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
+func (*DrainResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *DrainResponse) GetHost() *Host {
+	if x != nil {
+		return x.Host
+	}
+	return nil
+}
+
+func (x *DrainResponse) GetChanged() bool {
+	if x != nil {
+		return x.Changed
+	}
+	return false
+}
+
+func (x *DrainResponse) GetNote() string {
+	if x != nil {
+		return x.Note
+	}
+	return ""
+}
+
+func (x *DrainResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+type UndrainRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Reason        string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UndrainRequest) Reset() {
+	*x = UndrainRequest{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UndrainRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UndrainRequest) ProtoMessage() {}
+
+func (x *UndrainRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UndrainRequest.ProtoReflect.Descriptor instead.
+func (*UndrainRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *UndrainRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *UndrainRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type UndrainResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Host          *Host                  `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
+	Changed       bool                   `protobuf:"varint,2,opt,name=changed,proto3" json:"changed,omitempty"`
+	Note          string                 `protobuf:"bytes,3,opt,name=note,proto3" json:"note,omitempty"`
+	Index         uint64                 `protobuf:"varint,4,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UndrainResponse) Reset() {
+	*x = UndrainResponse{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UndrainResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UndrainResponse) ProtoMessage() {}
+
+func (x *UndrainResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UndrainResponse.ProtoReflect.Descriptor instead.
+func (*UndrainResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *UndrainResponse) GetHost() *Host {
+	if x != nil {
+		return x.Host
+	}
+	return nil
+}
+
+func (x *UndrainResponse) GetChanged() bool {
+	if x != nil {
+		return x.Changed
+	}
+	return false
+}
+
+func (x *UndrainResponse) GetNote() string {
+	if x != nil {
+		return x.Note
+	}
+	return ""
+}
+
+func (x *UndrainResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+type GetHistoryRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Only this host's changes ("" for all).
+	Host string `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
+	// At most this many of the newest (0: all kept).
+	Limit         uint32 `protobuf:"varint,2,opt,name=limit,proto3" json:"limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetHistoryRequest) Reset() {
+	*x = GetHistoryRequest{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetHistoryRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetHistoryRequest) ProtoMessage() {}
+
+func (x *GetHistoryRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetHistoryRequest.ProtoReflect.Descriptor instead.
+func (*GetHistoryRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *GetHistoryRequest) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
+func (x *GetHistoryRequest) GetLimit() uint32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+type GetHistoryResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Oldest first.
+	Entries       []*HistoryEntry `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
+	Index         uint64          `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetHistoryResponse) Reset() {
+	*x = GetHistoryResponse{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetHistoryResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetHistoryResponse) ProtoMessage() {}
+
+func (x *GetHistoryResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetHistoryResponse.ProtoReflect.Descriptor instead.
+func (*GetHistoryResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *GetHistoryResponse) GetEntries() []*HistoryEntry {
+	if x != nil {
+		return x.Entries
+	}
+	return nil
+}
+
+func (x *GetHistoryResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+type GetMXSetRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetMXSetRequest) Reset() {
+	*x = GetMXSetRequest{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetMXSetRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetMXSetRequest) ProtoMessage() {}
+
+func (x *GetMXSetRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetMXSetRequest.ProtoReflect.Descriptor instead.
+func (*GetMXSetRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{25}
+}
+
+type GetMXSetResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Records []*MXRecord            `protobuf:"bytes,1,rep,name=records,proto3" json:"records,omitempty"`
+	// The zone-file fragment, as the nodes write it to mail.mx_zone_file:
+	// one "@ IN MX <priority> <address>" line per record, for $INCLUDE.
+	ZoneFragment  string `protobuf:"bytes,2,opt,name=zone_fragment,json=zoneFragment,proto3" json:"zone_fragment,omitempty"`
+	Index         uint64 `protobuf:"varint,3,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetMXSetResponse) Reset() {
+	*x = GetMXSetResponse{}
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetMXSetResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetMXSetResponse) ProtoMessage() {}
+
+func (x *GetMXSetResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_mail_v1_mail_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetMXSetResponse.ProtoReflect.Descriptor instead.
+func (*GetMXSetResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_mail_v1_mail_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *GetMXSetResponse) GetRecords() []*MXRecord {
+	if x != nil {
+		return x.Records
+	}
+	return nil
+}
+
+func (x *GetMXSetResponse) GetZoneFragment() string {
+	if x != nil {
+		return x.ZoneFragment
+	}
+	return ""
+}
+
+func (x *GetMXSetResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
 }
 
 var File_gitraft_mail_v1_mail_proto protoreflect.FileDescriptor
 
 const file_gitraft_mail_v1_mail_proto_rawDesc = "" +
 	"\n" +
-	"\x1agitraft/mail/v1/mail.proto\x12\x0fgitraft.mail.v1\"A\n" +
-	"\aCommand\x12+\n" +
-	"\x04noop\x18\x01 \x01(\v2\x15.gitraft.mail.v1.NoopH\x00R\x04noopB\t\n" +
-	"\acommand\"\x06\n" +
-	"\x04Noop\"\b\n" +
-	"\x06Result\"\n" +
+	"\x1agitraft/mail/v1/mail.proto\x12\x0fgitraft.mail.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9f\x05\n" +
+	"\x04Host\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x1a\n" +
+	"\bpriority\x18\x03 \x01(\rR\bpriority\x120\n" +
+	"\x05state\x18\x04 \x01(\x0e2\x1a.gitraft.mail.v1.HostStateR\x05state\x125\n" +
+	"\badded_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\aaddedAt\x12D\n" +
+	"\x10state_changed_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x0estateChangedAt\x12\x19\n" +
+	"\bdrain_id\x18\a \x01(\x04R\adrainId\x12D\n" +
+	"\x10drain_started_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\x0edrainStartedAt\x126\n" +
+	"\bdeadline\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\bdeadline\x12\x16\n" +
+	"\x06reason\x18\n" +
+	" \x01(\tR\x06reason\x12\x1d\n" +
 	"\n" +
-	"\bSnapshot2\r\n" +
-	"\vMailServiceB9Z7github.com/gitraft/gitraft/proto/gitraft/mail/v1;mailv1b\x06proto3"
+	"drained_by\x18\v \x01(\tR\tdrainedBy\x12\x18\n" +
+	"\aoverdue\x18\f \x01(\bR\aoverdue\x12!\n" +
+	"\fhandoff_peer\x18\r \x01(\tR\vhandoffPeer\x12\x1d\n" +
+	"\n" +
+	"queue_size\x18\x0e \x01(\x04R\tqueueSize\x12F\n" +
+	"\x11queue_reported_at\x18\x0f \x01(\v2\x1a.google.protobuf.TimestampR\x0fqueueReportedAt\x12*\n" +
+	"\x11queue_reported_by\x18\x10 \x01(\tR\x0fqueueReportedBy\"\x9a\x02\n" +
+	"\fHistoryEntry\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\x12.\n" +
+	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x12\n" +
+	"\x04host\x18\x03 \x01(\tR\x04host\x12,\n" +
+	"\x05event\x18\x04 \x01(\x0e2\x16.gitraft.mail.v1.EventR\x05event\x12.\n" +
+	"\x04from\x18\x05 \x01(\x0e2\x1a.gitraft.mail.v1.HostStateR\x04from\x12*\n" +
+	"\x02to\x18\x06 \x01(\x0e2\x1a.gitraft.mail.v1.HostStateR\x02to\x12\x0e\n" +
+	"\x02by\x18\a \x01(\tR\x02by\x12\x16\n" +
+	"\x06reason\x18\b \x01(\tR\x06reason\"T\n" +
+	"\bMXRecord\x12\x12\n" +
+	"\x04host\x18\x01 \x01(\tR\x04host\x12\x1a\n" +
+	"\bpriority\x18\x02 \x01(\rR\bpriority\x12\x18\n" +
+	"\aaddress\x18\x03 \x01(\tR\aaddress\"\xc0\x03\n" +
+	"\aCommand\x125\n" +
+	"\badd_host\x18\x01 \x01(\v2\x18.gitraft.mail.v1.AddHostH\x00R\aaddHost\x12>\n" +
+	"\vremove_host\x18\x02 \x01(\v2\x1b.gitraft.mail.v1.RemoveHostH\x00R\n" +
+	"removeHost\x12.\n" +
+	"\x05drain\x18\x03 \x01(\v2\x16.gitraft.mail.v1.DrainH\x00R\x05drain\x124\n" +
+	"\aundrain\x18\x04 \x01(\v2\x18.gitraft.mail.v1.UndrainH\x00R\aundrain\x12A\n" +
+	"\freport_queue\x18\x05 \x01(\v2\x1c.gitraft.mail.v1.ReportQueueH\x00R\vreportQueue\x12A\n" +
+	"\fmark_overdue\x18\x06 \x01(\v2\x1c.gitraft.mail.v1.MarkOverdueH\x00R\vmarkOverdue\x12G\n" +
+	"\x0ereport_handoff\x18\a \x01(\v2\x1e.gitraft.mail.v1.ReportHandoffH\x00R\rreportHandoffB\t\n" +
+	"\acommand\"\x80\x01\n" +
+	"\aAddHost\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x1a\n" +
+	"\bpriority\x18\x03 \x01(\rR\bpriority\x12\x0e\n" +
+	"\x02by\x18\x04 \x01(\tR\x02by\x12\x1b\n" +
+	"\tif_absent\x18\x05 \x01(\bR\bifAbsent\"F\n" +
+	"\n" +
+	"RemoveHost\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x0e\n" +
+	"\x02by\x18\x02 \x01(\tR\x02by\x12\x14\n" +
+	"\x05force\x18\x03 \x01(\bR\x05force\"\x90\x01\n" +
+	"\x05Drain\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x125\n" +
+	"\bdeadline\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\bdeadline\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\x12\x0e\n" +
+	"\x02by\x18\x04 \x01(\tR\x02by\x12\x14\n" +
+	"\x05force\x18\x05 \x01(\bR\x05force\"E\n" +
+	"\aUndrain\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x0e\n" +
+	"\x02by\x18\x02 \x01(\tR\x02by\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"k\n" +
+	"\vReportQueue\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n" +
+	"\bdrain_id\x18\x02 \x01(\x04R\adrainId\x12\x1d\n" +
+	"\n" +
+	"queue_size\x18\x03 \x01(\x04R\tqueueSize\x12\x0e\n" +
+	"\x02by\x18\x04 \x01(\tR\x02by\"L\n" +
+	"\vMarkOverdue\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n" +
+	"\bdrain_id\x18\x02 \x01(\x04R\adrainId\x12\x0e\n" +
+	"\x02by\x18\x03 \x01(\tR\x02by\"b\n" +
+	"\rReportHandoff\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n" +
+	"\bdrain_id\x18\x02 \x01(\x04R\adrainId\x12\x12\n" +
+	"\x04peer\x18\x03 \x01(\tR\x04peer\x12\x0e\n" +
+	"\x02by\x18\x04 \x01(\tR\x02by\"a\n" +
+	"\x06Result\x12)\n" +
+	"\x04host\x18\x01 \x01(\v2\x15.gitraft.mail.v1.HostR\x04host\x12\x18\n" +
+	"\achanged\x18\x02 \x01(\bR\achanged\x12\x12\n" +
+	"\x04note\x18\x03 \x01(\tR\x04note\"p\n" +
+	"\bSnapshot\x12+\n" +
+	"\x05hosts\x18\x01 \x03(\v2\x15.gitraft.mail.v1.HostR\x05hosts\x127\n" +
+	"\ahistory\x18\x02 \x03(\v2\x1d.gitraft.mail.v1.HistoryEntryR\ahistory\"\x12\n" +
+	"\x10ListHostsRequest\"V\n" +
+	"\x11ListHostsResponse\x12+\n" +
+	"\x05hosts\x18\x01 \x03(\v2\x15.gitraft.mail.v1.HostR\x05hosts\x12\x14\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"Z\n" +
+	"\x0eAddHostRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x1a\n" +
+	"\bpriority\x18\x03 \x01(\rR\bpriority\"\x80\x01\n" +
+	"\x0fAddHostResponse\x12)\n" +
+	"\x04host\x18\x01 \x01(\v2\x15.gitraft.mail.v1.HostR\x04host\x12\x18\n" +
+	"\achanged\x18\x02 \x01(\bR\achanged\x12\x12\n" +
+	"\x04note\x18\x03 \x01(\tR\x04note\x12\x14\n" +
+	"\x05index\x18\x04 \x01(\x04R\x05index\"=\n" +
+	"\x11RemoveHostRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05force\x18\x02 \x01(\bR\x05force\"[\n" +
+	"\x12RemoveHostResponse\x12/\n" +
+	"\aremoved\x18\x01 \x01(\v2\x15.gitraft.mail.v1.HostR\aremoved\x12\x14\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"\x87\x01\n" +
+	"\fDrainRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x125\n" +
+	"\bdeadline\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\bdeadline\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\x12\x14\n" +
+	"\x05force\x18\x04 \x01(\bR\x05force\"~\n" +
+	"\rDrainResponse\x12)\n" +
+	"\x04host\x18\x01 \x01(\v2\x15.gitraft.mail.v1.HostR\x04host\x12\x18\n" +
+	"\achanged\x18\x02 \x01(\bR\achanged\x12\x12\n" +
+	"\x04note\x18\x03 \x01(\tR\x04note\x12\x14\n" +
+	"\x05index\x18\x04 \x01(\x04R\x05index\"<\n" +
+	"\x0eUndrainRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"\x80\x01\n" +
+	"\x0fUndrainResponse\x12)\n" +
+	"\x04host\x18\x01 \x01(\v2\x15.gitraft.mail.v1.HostR\x04host\x12\x18\n" +
+	"\achanged\x18\x02 \x01(\bR\achanged\x12\x12\n" +
+	"\x04note\x18\x03 \x01(\tR\x04note\x12\x14\n" +
+	"\x05index\x18\x04 \x01(\x04R\x05index\"=\n" +
+	"\x11GetHistoryRequest\x12\x12\n" +
+	"\x04host\x18\x01 \x01(\tR\x04host\x12\x14\n" +
+	"\x05limit\x18\x02 \x01(\rR\x05limit\"c\n" +
+	"\x12GetHistoryResponse\x127\n" +
+	"\aentries\x18\x01 \x03(\v2\x1d.gitraft.mail.v1.HistoryEntryR\aentries\x12\x14\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"\x11\n" +
+	"\x0fGetMXSetRequest\"\x82\x01\n" +
+	"\x10GetMXSetResponse\x123\n" +
+	"\arecords\x18\x01 \x03(\v2\x19.gitraft.mail.v1.MXRecordR\arecords\x12#\n" +
+	"\rzone_fragment\x18\x02 \x01(\tR\fzoneFragment\x12\x14\n" +
+	"\x05index\x18\x03 \x01(\x04R\x05index*o\n" +
+	"\tHostState\x12\x1a\n" +
+	"\x16HOST_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
+	"\x11HOST_STATE_ACTIVE\x10\x01\x12\x17\n" +
+	"\x13HOST_STATE_DRAINING\x10\x02\x12\x16\n" +
+	"\x12HOST_STATE_DRAINED\x10\x03*\xc6\x01\n" +
+	"\x05Event\x12\x15\n" +
+	"\x11EVENT_UNSPECIFIED\x10\x00\x12\x0f\n" +
+	"\vEVENT_ADDED\x10\x01\x12\x11\n" +
+	"\rEVENT_UPDATED\x10\x02\x12\x11\n" +
+	"\rEVENT_REMOVED\x10\x03\x12\x0f\n" +
+	"\vEVENT_DRAIN\x10\x04\x12\x11\n" +
+	"\rEVENT_DRAINED\x10\x05\x12\x11\n" +
+	"\rEVENT_UNDRAIN\x10\x06\x12\x11\n" +
+	"\rEVENT_OVERDUE\x10\a\x12\x11\n" +
+	"\rEVENT_HANDOFF\x10\b\x12\x12\n" +
+	"\x0eEVENT_REFILLED\x10\t2\xc4\x04\n" +
+	"\vMailService\x12R\n" +
+	"\tListHosts\x12!.gitraft.mail.v1.ListHostsRequest\x1a\".gitraft.mail.v1.ListHostsResponse\x12L\n" +
+	"\aAddHost\x12\x1f.gitraft.mail.v1.AddHostRequest\x1a .gitraft.mail.v1.AddHostResponse\x12U\n" +
+	"\n" +
+	"RemoveHost\x12\".gitraft.mail.v1.RemoveHostRequest\x1a#.gitraft.mail.v1.RemoveHostResponse\x12F\n" +
+	"\x05Drain\x12\x1d.gitraft.mail.v1.DrainRequest\x1a\x1e.gitraft.mail.v1.DrainResponse\x12L\n" +
+	"\aUndrain\x12\x1f.gitraft.mail.v1.UndrainRequest\x1a .gitraft.mail.v1.UndrainResponse\x12U\n" +
+	"\n" +
+	"GetHistory\x12\".gitraft.mail.v1.GetHistoryRequest\x1a#.gitraft.mail.v1.GetHistoryResponse\x12O\n" +
+	"\bGetMXSet\x12 .gitraft.mail.v1.GetMXSetRequest\x1a!.gitraft.mail.v1.GetMXSetResponseB9Z7github.com/gitraft/gitraft/proto/gitraft/mail/v1;mailv1b\x06proto3"
 
 var (
 	file_gitraft_mail_v1_mail_proto_rawDescOnce sync.Once
@@ -228,20 +2216,90 @@ func file_gitraft_mail_v1_mail_proto_rawDescGZIP() []byte {
 	return file_gitraft_mail_v1_mail_proto_rawDescData
 }
 
-var file_gitraft_mail_v1_mail_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_gitraft_mail_v1_mail_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_gitraft_mail_v1_mail_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_gitraft_mail_v1_mail_proto_goTypes = []any{
-	(*Command)(nil),  // 0: gitraft.mail.v1.Command
-	(*Noop)(nil),     // 1: gitraft.mail.v1.Noop
-	(*Result)(nil),   // 2: gitraft.mail.v1.Result
-	(*Snapshot)(nil), // 3: gitraft.mail.v1.Snapshot
+	(HostState)(0),                // 0: gitraft.mail.v1.HostState
+	(Event)(0),                    // 1: gitraft.mail.v1.Event
+	(*Host)(nil),                  // 2: gitraft.mail.v1.Host
+	(*HistoryEntry)(nil),          // 3: gitraft.mail.v1.HistoryEntry
+	(*MXRecord)(nil),              // 4: gitraft.mail.v1.MXRecord
+	(*Command)(nil),               // 5: gitraft.mail.v1.Command
+	(*AddHost)(nil),               // 6: gitraft.mail.v1.AddHost
+	(*RemoveHost)(nil),            // 7: gitraft.mail.v1.RemoveHost
+	(*Drain)(nil),                 // 8: gitraft.mail.v1.Drain
+	(*Undrain)(nil),               // 9: gitraft.mail.v1.Undrain
+	(*ReportQueue)(nil),           // 10: gitraft.mail.v1.ReportQueue
+	(*MarkOverdue)(nil),           // 11: gitraft.mail.v1.MarkOverdue
+	(*ReportHandoff)(nil),         // 12: gitraft.mail.v1.ReportHandoff
+	(*Result)(nil),                // 13: gitraft.mail.v1.Result
+	(*Snapshot)(nil),              // 14: gitraft.mail.v1.Snapshot
+	(*ListHostsRequest)(nil),      // 15: gitraft.mail.v1.ListHostsRequest
+	(*ListHostsResponse)(nil),     // 16: gitraft.mail.v1.ListHostsResponse
+	(*AddHostRequest)(nil),        // 17: gitraft.mail.v1.AddHostRequest
+	(*AddHostResponse)(nil),       // 18: gitraft.mail.v1.AddHostResponse
+	(*RemoveHostRequest)(nil),     // 19: gitraft.mail.v1.RemoveHostRequest
+	(*RemoveHostResponse)(nil),    // 20: gitraft.mail.v1.RemoveHostResponse
+	(*DrainRequest)(nil),          // 21: gitraft.mail.v1.DrainRequest
+	(*DrainResponse)(nil),         // 22: gitraft.mail.v1.DrainResponse
+	(*UndrainRequest)(nil),        // 23: gitraft.mail.v1.UndrainRequest
+	(*UndrainResponse)(nil),       // 24: gitraft.mail.v1.UndrainResponse
+	(*GetHistoryRequest)(nil),     // 25: gitraft.mail.v1.GetHistoryRequest
+	(*GetHistoryResponse)(nil),    // 26: gitraft.mail.v1.GetHistoryResponse
+	(*GetMXSetRequest)(nil),       // 27: gitraft.mail.v1.GetMXSetRequest
+	(*GetMXSetResponse)(nil),      // 28: gitraft.mail.v1.GetMXSetResponse
+	(*timestamppb.Timestamp)(nil), // 29: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 30: google.protobuf.Duration
 }
 var file_gitraft_mail_v1_mail_proto_depIdxs = []int32{
-	1, // 0: gitraft.mail.v1.Command.noop:type_name -> gitraft.mail.v1.Noop
-	1, // [1:1] is the sub-list for method output_type
-	1, // [1:1] is the sub-list for method input_type
-	1, // [1:1] is the sub-list for extension type_name
-	1, // [1:1] is the sub-list for extension extendee
-	0, // [0:1] is the sub-list for field type_name
+	0,  // 0: gitraft.mail.v1.Host.state:type_name -> gitraft.mail.v1.HostState
+	29, // 1: gitraft.mail.v1.Host.added_at:type_name -> google.protobuf.Timestamp
+	29, // 2: gitraft.mail.v1.Host.state_changed_at:type_name -> google.protobuf.Timestamp
+	29, // 3: gitraft.mail.v1.Host.drain_started_at:type_name -> google.protobuf.Timestamp
+	29, // 4: gitraft.mail.v1.Host.deadline:type_name -> google.protobuf.Timestamp
+	29, // 5: gitraft.mail.v1.Host.queue_reported_at:type_name -> google.protobuf.Timestamp
+	29, // 6: gitraft.mail.v1.HistoryEntry.time:type_name -> google.protobuf.Timestamp
+	1,  // 7: gitraft.mail.v1.HistoryEntry.event:type_name -> gitraft.mail.v1.Event
+	0,  // 8: gitraft.mail.v1.HistoryEntry.from:type_name -> gitraft.mail.v1.HostState
+	0,  // 9: gitraft.mail.v1.HistoryEntry.to:type_name -> gitraft.mail.v1.HostState
+	6,  // 10: gitraft.mail.v1.Command.add_host:type_name -> gitraft.mail.v1.AddHost
+	7,  // 11: gitraft.mail.v1.Command.remove_host:type_name -> gitraft.mail.v1.RemoveHost
+	8,  // 12: gitraft.mail.v1.Command.drain:type_name -> gitraft.mail.v1.Drain
+	9,  // 13: gitraft.mail.v1.Command.undrain:type_name -> gitraft.mail.v1.Undrain
+	10, // 14: gitraft.mail.v1.Command.report_queue:type_name -> gitraft.mail.v1.ReportQueue
+	11, // 15: gitraft.mail.v1.Command.mark_overdue:type_name -> gitraft.mail.v1.MarkOverdue
+	12, // 16: gitraft.mail.v1.Command.report_handoff:type_name -> gitraft.mail.v1.ReportHandoff
+	30, // 17: gitraft.mail.v1.Drain.deadline:type_name -> google.protobuf.Duration
+	2,  // 18: gitraft.mail.v1.Result.host:type_name -> gitraft.mail.v1.Host
+	2,  // 19: gitraft.mail.v1.Snapshot.hosts:type_name -> gitraft.mail.v1.Host
+	3,  // 20: gitraft.mail.v1.Snapshot.history:type_name -> gitraft.mail.v1.HistoryEntry
+	2,  // 21: gitraft.mail.v1.ListHostsResponse.hosts:type_name -> gitraft.mail.v1.Host
+	2,  // 22: gitraft.mail.v1.AddHostResponse.host:type_name -> gitraft.mail.v1.Host
+	2,  // 23: gitraft.mail.v1.RemoveHostResponse.removed:type_name -> gitraft.mail.v1.Host
+	30, // 24: gitraft.mail.v1.DrainRequest.deadline:type_name -> google.protobuf.Duration
+	2,  // 25: gitraft.mail.v1.DrainResponse.host:type_name -> gitraft.mail.v1.Host
+	2,  // 26: gitraft.mail.v1.UndrainResponse.host:type_name -> gitraft.mail.v1.Host
+	3,  // 27: gitraft.mail.v1.GetHistoryResponse.entries:type_name -> gitraft.mail.v1.HistoryEntry
+	4,  // 28: gitraft.mail.v1.GetMXSetResponse.records:type_name -> gitraft.mail.v1.MXRecord
+	15, // 29: gitraft.mail.v1.MailService.ListHosts:input_type -> gitraft.mail.v1.ListHostsRequest
+	17, // 30: gitraft.mail.v1.MailService.AddHost:input_type -> gitraft.mail.v1.AddHostRequest
+	19, // 31: gitraft.mail.v1.MailService.RemoveHost:input_type -> gitraft.mail.v1.RemoveHostRequest
+	21, // 32: gitraft.mail.v1.MailService.Drain:input_type -> gitraft.mail.v1.DrainRequest
+	23, // 33: gitraft.mail.v1.MailService.Undrain:input_type -> gitraft.mail.v1.UndrainRequest
+	25, // 34: gitraft.mail.v1.MailService.GetHistory:input_type -> gitraft.mail.v1.GetHistoryRequest
+	27, // 35: gitraft.mail.v1.MailService.GetMXSet:input_type -> gitraft.mail.v1.GetMXSetRequest
+	16, // 36: gitraft.mail.v1.MailService.ListHosts:output_type -> gitraft.mail.v1.ListHostsResponse
+	18, // 37: gitraft.mail.v1.MailService.AddHost:output_type -> gitraft.mail.v1.AddHostResponse
+	20, // 38: gitraft.mail.v1.MailService.RemoveHost:output_type -> gitraft.mail.v1.RemoveHostResponse
+	22, // 39: gitraft.mail.v1.MailService.Drain:output_type -> gitraft.mail.v1.DrainResponse
+	24, // 40: gitraft.mail.v1.MailService.Undrain:output_type -> gitraft.mail.v1.UndrainResponse
+	26, // 41: gitraft.mail.v1.MailService.GetHistory:output_type -> gitraft.mail.v1.GetHistoryResponse
+	28, // 42: gitraft.mail.v1.MailService.GetMXSet:output_type -> gitraft.mail.v1.GetMXSetResponse
+	36, // [36:43] is the sub-list for method output_type
+	29, // [29:36] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_mail_v1_mail_proto_init() }
@@ -249,21 +2307,28 @@ func file_gitraft_mail_v1_mail_proto_init() {
 	if File_gitraft_mail_v1_mail_proto != nil {
 		return
 	}
-	file_gitraft_mail_v1_mail_proto_msgTypes[0].OneofWrappers = []any{
-		(*Command_Noop)(nil),
+	file_gitraft_mail_v1_mail_proto_msgTypes[3].OneofWrappers = []any{
+		(*Command_AddHost)(nil),
+		(*Command_RemoveHost)(nil),
+		(*Command_Drain)(nil),
+		(*Command_Undrain)(nil),
+		(*Command_ReportQueue)(nil),
+		(*Command_MarkOverdue)(nil),
+		(*Command_ReportHandoff)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_mail_v1_mail_proto_rawDesc), len(file_gitraft_mail_v1_mail_proto_rawDesc)),
-			NumEnums:      0,
-			NumMessages:   4,
+			NumEnums:      2,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
 		GoTypes:           file_gitraft_mail_v1_mail_proto_goTypes,
 		DependencyIndexes: file_gitraft_mail_v1_mail_proto_depIdxs,
+		EnumInfos:         file_gitraft_mail_v1_mail_proto_enumTypes,
 		MessageInfos:      file_gitraft_mail_v1_mail_proto_msgTypes,
 	}.Build()
 	File_gitraft_mail_v1_mail_proto = out.File
