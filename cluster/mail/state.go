@@ -74,7 +74,7 @@ func refuse(reason fsmv1.Reason, format string, args ...any) *fsmv1.Result {
 // refusePrecondition refuses for the state of things (the last active host,
 // a drain under way). It maps to gRPC FailedPrecondition.
 func refusePrecondition(format string, args ...any) *fsmv1.Result {
-	return refuse(fsmv1.Reason_REASON_UNSPECIFIED, format, args...)
+	return refuse(fsmv1.Reason_REASON_PRECONDITION, format, args...)
 }
 
 func changed(h *mailv1.Host) *fsmv1.Result {

@@ -179,10 +179,10 @@ func Test_LastActiveHostNeedsForce(t *testing.T) {
 	a.ok(add("mx1", "mx1.example.org", 10))
 	a.ok(add("mx2", "mx2.example.org", 20))
 	a.ok(drain("mx1", time.Hour, "", false))
-	a.refused(drain("mx2", time.Hour, "", false), fsmv1.Reason_REASON_UNSPECIFIED, "mx2 is the last active mail host")
-	a.refused(&mailv1.Command{Command: &mailv1.Command_RemoveHost{RemoveHost: &mailv1.RemoveHost{Name: "mx2"}}}, fsmv1.Reason_REASON_UNSPECIFIED, "last active")
+	a.refused(drain("mx2", time.Hour, "", false), fsmv1.Reason_REASON_PRECONDITION, "mx2 is the last active mail host")
+	a.refused(&mailv1.Command{Command: &mailv1.Command_RemoveHost{RemoveHost: &mailv1.RemoveHost{Name: "mx2"}}}, fsmv1.Reason_REASON_PRECONDITION, "last active")
 	// A draining host cannot be removed: its mail would be forgotten.
-	a.refused(&mailv1.Command{Command: &mailv1.Command_RemoveHost{RemoveHost: &mailv1.RemoveHost{Name: "mx1", Force: true}}}, fsmv1.Reason_REASON_UNSPECIFIED, "mx1 is draining")
+	a.refused(&mailv1.Command{Command: &mailv1.Command_RemoveHost{RemoveHost: &mailv1.RemoveHost{Name: "mx1", Force: true}}}, fsmv1.Reason_REASON_PRECONDITION, "mx1 is draining")
 
 	r := a.ok(drain("mx2", time.Hour, "datacenter move", true))
 	if r.GetHost().GetState() != mailv1.HostState_HOST_STATE_DRAINING || mx(a.s) != "" {
