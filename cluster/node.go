@@ -199,6 +199,8 @@ type Node struct {
 
 	gitSessions atomic.Pointer[GitSessionHandler]
 
+	db dbRuntime // the database target's settings and leader memory (database.go)
+
 	leaderCh    chan bool
 	needJoin    bool
 	leaderReady atomic.Bool // the leader loop has passed its barrier
