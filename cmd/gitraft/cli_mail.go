@@ -193,12 +193,14 @@ nothing.`,
 				return nil
 			}
 			h := resp.GetHost()
-			queue := "not reported yet"
+			queue := fmt.Sprintf("no agent has reported its queue yet: does a node run with mail.host: %s?", h.GetName())
 			if validTime(h.GetQueueReportedAt()) {
 				queue = fmt.Sprintf("%d messages as last reported", h.GetQueueSize())
 			}
-			fmt.Fprintf(out, "mail host %s is draining (index %d): out of the MX set now; its agent refuses new mail with 4xx and flushes the queue (%s).\n", h.GetName(), resp.GetIndex(), queue)
-			fmt.Fprintf(out, "deadline %s; it is drained once its queue is empty: gitraft mail ls\n", when(time.Now(), h.GetDeadline()))
+			now := time.Now()
+			fmt.Fprintf(out, "mail host %s is draining (index %d): out of the MX set now; its agent refuses new mail with 4xx and flushes the queue (%s)\n", h.GetName(), resp.GetIndex(), queue)
+			fmt.Fprintf(out, "deadline %s (%s); it is drained once its queue is empty: gitraft mail ls\n",
+				h.GetDeadline().AsTime().Local().Format("2006-01-02 15:04:05 MST"), expiresIn(now, h.GetDeadline()))
 			return nil
 		},
 	}

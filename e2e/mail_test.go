@@ -1,0 +1,238 @@
+package e2e
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	mailv1 "github.com/gitraft/gitraft/proto/gitraft/mail/v1"
+)
+
+func (c *cluster) mailHost(n *node, name string) *mailv1.Host {
+	c.t.Helper()
+	var l mailv1.ListHostsResponse
+	c.protoOf(n, &l, "mail", "ls")
+	for _, h := range l.GetHosts() {
+		if h.GetName() == name {
+			return h
+		}
+	}
+	return nil
+}
+
+func (c *cluster) mailHistory(n *node, host string) []*mailv1.HistoryEntry {
+	c.t.Helper()
+	var h mailv1.GetHistoryResponse
+	c.protoOf(n, &h, "mail", "history", host, "--limit", "0")
+	return h.GetEntries()
+}
+
+func countEvents(entries []*mailv1.HistoryEntry, ev mailv1.Event) int {
+	n := 0
+	for _, e := range entries {
+		if e.GetEvent() == ev {
+			n++
+		}
+	}
+	return n
+}
+
+func fileHas(path, s string) bool {
+	b, err := os.ReadFile(path)
+	return err == nil && strings.Contains(string(b), s)
+}
+
+// Test_E2E_MailDrain drains a real Postfix whose queue holds mail for a
+// relay that is down: the host leaves the MX set at once, answers new mail
+// with 4xx, stays draining while the relay refuses (through a SIGKILL of the
+// gitraft leader), and is drained only once every message reached the
+// relay. Undrain puts it back. Then a drain past its deadline hands the
+// leftover mail to the active peer. Refusals (the last active host, an
+// unknown host) give a reason and change nothing.
+func Test_E2E_MailDrain(t *testing.T) {
+	relay := startSink(t, false) // the next hop of mx2's mail, down at first
+	peer := startSink(t, true)   // mx1's SMTP, which takes leftover mail at a deadline
+	pf := startPostfix(t, relay.addr())
+	out := t.TempDir()
+
+	// Mail for a relay that is down sits in mx2's queue.
+	var sent []string
+	for i := 1; i <= 5; i++ {
+		id := fmt.Sprintf("before-drain-%d@e2e.test", i)
+		if err := pf.send(id); err != nil {
+			t.Fatalf("queue %s: %v", id, err)
+		}
+		sent = append(sent, id)
+	}
+	waitFor(t, "5 messages in the queue", 30*time.Second, func() bool { return pf.queue() == 5 })
+
+	peerHost, peerPort, _ := net.SplitHostPort(peer.addr())
+	c := startCluster(t, 3, func(n *node) {
+		n.args = append(n.args,
+			"--mail-mx-zone-file", filepath.Join(out, n.id+".zone"),
+			"--mail-on-change", `cp "$1" `+filepath.Join(out, n.id+".pushed"))
+		if n.id == "n3" { // the node on mail host mx2
+			n.args = append(n.args, "--mail-host", "mx2", "--mail-address", "mx2.example.test", "--mail-priority", "20",
+				"--mail-postfix-config-dir", pf.conf, "--mail-handoff-peers", "mx1=["+peerHost+"]:"+peerPort,
+				"--mail-flush-interval", "1s", "--mail-queue-interval", "250ms", "--mail-report-interval", "10s", "--mail-settle", "1s")
+		}
+	})
+	agentNode := c.node("n3")
+	// The agent must outlive the leader we kill later.
+	if c.leader() == agentNode {
+		c.must(agentNode, "cluster", "transfer-leader", "n1")
+		waitFor(t, "n3 to hand over leadership", 30*time.Second, func() bool { return c.leader() != agentNode })
+	}
+	c.must(c.nodes[0], "mail", "add", "mx1", "--address", "mx1.example.test", "--priority", "10")
+	waitFor(t, "mx2 registered by its agent, its queue reported", 30*time.Second, func() bool {
+		h := c.mailHost(agentNode, "mx2")
+		return h.GetState() == mailv1.HostState_HOST_STATE_ACTIVE && h.GetQueueSize() == 5 && h.GetQueueReportedBy() == "agent:n3"
+	})
+	for _, n := range c.nodes {
+		zone := filepath.Join(out, n.id+".zone")
+		waitFor(t, n.id+"'s MX fragment with both hosts", 10*time.Second, func() bool {
+			return fileHas(zone, "MX\t10\tmx1.example.test.") && fileHas(zone, "MX\t20\tmx2.example.test.") &&
+				fileHas(filepath.Join(out, n.id+".pushed"), "mx2.example.test.")
+		})
+	}
+	if got := c.must(c.nodes[1], "mail", "mx"); !strings.Contains(got, "MX\t10\tmx1.example.test.") || !strings.Contains(got, "MX\t20\tmx2.example.test.") {
+		t.Fatalf("gitraft mail mx:\n%s", got)
+	}
+
+	// Refusals with a reason, changing nothing.
+	history := len(c.mailHistory(agentNode, ""))
+	if s := c.fails(c.nodes[1], "mail", "drain", "mx9"); !strings.Contains(s, `mail host "mx9" not found; known hosts: mx1, mx2`) {
+		t.Fatalf("drain of an unknown host: %q", s)
+	}
+	c.must(c.nodes[1], "mail", "drain", "mx1", "--reason", "only to test the last-host rule")
+	history++
+	s := c.fails(c.nodes[1], "mail", "drain", "mx2")
+	if !strings.Contains(s, "mx2 is the last active mail host") || !strings.Contains(s, "--force") {
+		t.Fatalf("drain of the last active host: %q", s)
+	}
+	if h := c.mailHost(agentNode, "mx2"); h.GetState() != mailv1.HostState_HOST_STATE_ACTIVE {
+		t.Fatalf("a refused drain changed mx2: %v", h)
+	}
+	c.must(c.nodes[1], "mail", "undrain", "mx1")
+	history++
+	if got := len(c.mailHistory(agentNode, "")); got != history {
+		t.Fatalf("history has %d entries, want %d: refusals must not be recorded as changes", got, history)
+	}
+
+	// Drain mx2: out of the MX set at once, on every node.
+	outText := c.must(c.nodes[0], "mail", "drain", "mx2", "--deadline", "10m", "--reason", "kernel update")
+	if !strings.Contains(outText, "mx2 is draining") {
+		t.Fatalf("drain said: %q", outText)
+	}
+	for _, n := range c.nodes {
+		zone := filepath.Join(out, n.id+".zone")
+		waitFor(t, "mx2 out of "+n.id+"'s MX fragment", 5*time.Second, func() bool {
+			return fileHas(zone, "mx1.example.test.") && !fileHas(zone, "mx2")
+		})
+	}
+	// Draining again changes nothing, and says so.
+	if s := c.must(c.nodes[2], "mail", "drain", "mx2"); !strings.Contains(s, "already draining") {
+		t.Fatalf("second drain: %q", s)
+	}
+	// New mail gets 4xx, so senders try the next MX. A message accepted
+	// before the agent applied the drain is queued like the others.
+	waitFor(t, "new mail to mx2 refused with 4xx", 15*time.Second, func() bool {
+		id := fmt.Sprintf("during-drain-%d@e2e.test", time.Now().UnixNano())
+		err := pf.send(id)
+		if err == nil {
+			sent = append(sent, id)
+			return false
+		}
+		if code := smtpCode(err); code < 400 || code > 499 {
+			t.Fatalf("new mail while draining: %v, want a 4xx reply", err)
+		}
+		return true
+	})
+	// While the relay refuses, the agent flushes again and again, and mx2
+	// stays draining.
+	refusedAtDrain, _ := relay.counts()
+	waitFor(t, "flushes that the relay refuses", 30*time.Second, func() bool {
+		refused, _ := relay.counts()
+		return refused >= refusedAtDrain+2*len(sent)
+	})
+	if h := c.mailHost(agentNode, "mx2"); h.GetState() != mailv1.HostState_HOST_STATE_DRAINING || h.GetQueueSize() != uint64(len(sent)) {
+		t.Fatalf("with the relay down: %v, want draining with %d queued", h, len(sent))
+	}
+
+	// The leader dies mid-drain; the drain goes on under the next one.
+	old := c.leader()
+	old.kill()
+	next := c.leader()
+	t.Logf("killed leader %s mid-drain; new leader %s", old.id, next.id)
+	relay.setAccept(true)
+	waitFor(t, "mx2 drained under the new leader", 60*time.Second, func() bool {
+		return c.mailHost(agentNode, "mx2").GetState() == mailv1.HostState_HOST_STATE_DRAINED
+	})
+	if q := pf.queue(); q != 0 {
+		t.Fatalf("mx2 is drained with %d messages queued", q)
+	}
+	_, got := relay.counts()
+	if want := slices.Sorted(slices.Values(sent)); !slices.Equal(got, want) {
+		t.Fatalf("the relay received\n%v\nwant every message sent to mx2\n%v", got, want)
+	}
+	hist := c.mailHistory(next, "mx2")
+	last := hist[len(hist)-1]
+	if last.GetEvent() != mailv1.Event_EVENT_DRAINED || last.GetBy() != "agent:n3" {
+		t.Fatalf("last history entry: %v", last)
+	}
+
+	// Undrain: back in the MX set, and taking mail again.
+	c.must(agentNode, "mail", "undrain", "mx2")
+	waitFor(t, "mx2 back in the MX fragment", 5*time.Second, func() bool {
+		return fileHas(filepath.Join(out, agentNode.id+".zone"), "MX\t20\tmx2.example.test.")
+	})
+	waitFor(t, "mx2 to take mail again", 15*time.Second, func() bool {
+		err := pf.send("after-undrain@e2e.test")
+		if err != nil && smtpCode(err) < 400 {
+			t.Fatalf("mail after undrain: %v", err)
+		}
+		return err == nil
+	})
+	sent = append(sent, "after-undrain@e2e.test")
+	waitFor(t, "the message after the undrain at the relay", 30*time.Second, func() bool {
+		_, got := relay.counts()
+		return len(got) == len(sent)
+	})
+
+	// A drain past its deadline: marked overdue once, and the leftover mail
+	// goes to the active peer (mx1).
+	relay.setAccept(false)
+	for i := 1; i <= 2; i++ {
+		if err := pf.send(fmt.Sprintf("leftover-%d@e2e.test", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "2 messages in the queue", 30*time.Second, func() bool { return pf.queue() == 2 })
+	c.must(agentNode, "mail", "drain", "mx2", "--deadline", "2s", "--reason", "deadline test")
+	waitFor(t, "mx2 drained through its peer", 60*time.Second, func() bool {
+		return c.mailHost(agentNode, "mx2").GetState() == mailv1.HostState_HOST_STATE_DRAINED
+	})
+	if _, got := peer.counts(); !slices.Equal(got, []string{"leftover-1@e2e.test", "leftover-2@e2e.test"}) {
+		t.Fatalf("the peer received %v", got)
+	}
+	hist = c.mailHistory(agentNode, "mx2")
+	hist = hist[slices.IndexFunc(hist, func(e *mailv1.HistoryEntry) bool { return e.GetReason() == "deadline test" }):]
+	if countEvents(hist, mailv1.Event_EVENT_OVERDUE) != 1 || countEvents(hist, mailv1.Event_EVENT_HANDOFF) != 1 || countEvents(hist, mailv1.Event_EVENT_DRAINED) != 1 {
+		t.Fatalf("history of the overdue drain: %v", hist)
+	}
+	if o := pf.overrides(); !strings.Contains(o, "default_transport = smtp:["+peerHost+"]:"+peerPort) {
+		t.Fatalf("no handoff in master.cf while drained:\n%s", o)
+	}
+	c.must(agentNode, "mail", "undrain", "mx2")
+	waitFor(t, "Postfix's normal routing and smtpd settings again", 15*time.Second, func() bool {
+		return strings.TrimSpace(pf.overrides()) == ""
+	})
+	if ls := c.must(agentNode, "mail", "ls"); !strings.Contains(ls, "mx2") || !strings.Contains(ls, "active") {
+		t.Fatalf("mail ls:\n%s", ls)
+	}
+}
