@@ -179,8 +179,14 @@ func (a *Agent) Step(ctx context.Context) {
 			return
 		}
 		a.registered = true
-		if r.GetChanged() {
+		h := r.GetHost()
+		switch {
+		case r.GetChanged():
 			a.log.Info("registered the mail host", "address", a.cfg.Address, "priority", a.cfg.Priority)
+		case h.GetAddress() != a.cfg.Address || h.GetPriority() != a.cfg.Priority:
+			// The cluster's state is the truth; the config only registers.
+			a.log.Warn("the cluster has other settings for this mail host than mail.address and mail.priority; change them with gitraft mail add",
+				"address", h.GetAddress(), "priority", h.GetPriority(), "config_address", a.cfg.Address, "config_priority", a.cfg.Priority)
 		}
 	}
 	hosts, err := a.cluster.MailHosts(ctx, !a.synced)
