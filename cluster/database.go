@@ -442,9 +442,21 @@ func (n *Node) leaderView(ctx context.Context) (*dbv1.State, dbtarget.Observed, 
 	if err != nil {
 		return nil, dbtarget.Observed{}, dbtarget.Settings{}, 0, err
 	}
+	n.db.init()
+	// A new leader has not heard the agents yet: give them time to report
+	// before judging anyone down.
+	n.db.mu.Lock()
+	settle := time.Until(n.db.since.Add(2 * n.db.settings.ReportInterval))
+	n.db.mu.Unlock()
+	if settle > 0 {
+		select {
+		case <-time.After(settle):
+		case <-ctx.Done():
+			return nil, dbtarget.Observed{}, dbtarget.Settings{}, 0, ctx.Err()
+		}
+	}
 	var st *dbv1.State
 	n.fsm.Read(func(s *State) { st = s.Database().View() })
-	n.db.init()
 	obs, set := n.db.observed(n.dbVoters())
 	return st, obs, set, idx, nil
 }

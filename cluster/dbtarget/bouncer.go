@@ -159,16 +159,21 @@ func (a *BouncerAgent) Run(ctx context.Context) {
 
 // adopt settles what a previous run may have left: pgbouncer paused by an
 // agent that died. Inside a phase that holds pgbouncer paused, the agent
-// takes the pause as its own (and RESUMEs at the latest at expiry);
-// otherwise it RESUMEs now.
+// takes the pause as its own (and RESUMEs at the latest at expiry). In
+// pausing it RESUMEs, to PAUSE again for this run. Otherwise it treats
+// pgbouncer as paused, so that it first points at the state's primary and
+// only then RESUMEs.
 func (a *BouncerAgent) adopt(ctx context.Context, st *dbv1.State) {
 	op := st.GetOperation()
-	if op != nil && holdsPause(op.GetPhase()) && op.GetPhase() != dbv1.Phase_PHASE_PAUSING && op.GetKind() == dbv1.Kind_KIND_SWITCHOVER {
+	switch {
+	case op != nil && op.GetKind() == dbv1.Kind_KIND_SWITCHOVER && holdsPause(op.GetPhase()) && op.GetPhase() != dbv1.Phase_PHASE_PAUSING:
 		a.paused, a.pausedOp, a.pausedAt = true, op.GetId(), time.Now()
-		return
-	}
-	if err := a.b.Resume(ctx); err != nil {
-		a.log.Warn("RESUME at start failed", "err", err)
+	case op.GetPhase() == dbv1.Phase_PHASE_PAUSING:
+		if err := a.b.Resume(ctx); err != nil {
+			a.log.Warn("RESUME at start failed", "err", err)
+		}
+	default:
+		a.paused, a.pausedAt = true, time.Now()
 	}
 }
 
