@@ -6,6 +6,7 @@ import (
 	"github.com/hashicorp/raft"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"google.golang.org/protobuf/proto"
 
 	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
 )
@@ -133,6 +134,24 @@ func commandName(e *fsmv1.Entry) string {
 		return "remove_key"
 	case *fsmv1.Entry_SetGrant:
 		return "set_grant"
+	case *fsmv1.Entry_Database:
+		return "db_" + innerCommandName(e.GetDatabase())
+	case *fsmv1.Entry_Mail:
+		return "mail_" + innerCommandName(e.GetMail())
+	}
+	return "unknown"
+}
+
+// innerCommandName names the command set in a domain's Command message (its
+// one oneof), e.g. "drain" for a mail Command carrying a Drain.
+func innerCommandName(m proto.Message) string {
+	r := m.ProtoReflect()
+	oneofs := r.Descriptor().Oneofs()
+	if oneofs.Len() == 0 {
+		return "unknown"
+	}
+	if f := r.WhichOneof(oneofs.Get(0)); f != nil {
+		return string(f.Name())
 	}
 	return "unknown"
 }

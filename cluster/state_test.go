@@ -8,7 +8,9 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	dbv1 "github.com/gitraft/gitraft/proto/gitraft/db/v1"
 	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
+	mailv1 "github.com/gitraft/gitraft/proto/gitraft/mail/v1"
 )
 
 var t0 = time.Date(2026, 11, 22, 12, 0, 0, 0, time.UTC)
@@ -363,5 +365,21 @@ func Test_State_Deterministic(t *testing.T) {
 	a, b := populated(t), populated(t)
 	if !bytes.Equal(snapshotBytes(t, a.s), snapshotBytes(t, b.s)) {
 		t.Fatal("same entries gave different states")
+	}
+}
+
+func Test_CommandName_DomainEntries(t *testing.T) {
+	for _, tc := range []struct {
+		e    *fsmv1.Entry
+		want string
+	}{
+		{&fsmv1.Entry{Command: &fsmv1.Entry_Mail{Mail: &mailv1.Command{}}}, "mail_unknown"},
+		{&fsmv1.Entry{Command: &fsmv1.Entry_Mail{Mail: &mailv1.Command{Command: &mailv1.Command_Drain{Drain: &mailv1.Drain{}}}}}, "mail_drain"},
+		{&fsmv1.Entry{Command: &fsmv1.Entry_Database{Database: &dbv1.Command{}}}, "db_unknown"},
+		{&fsmv1.Entry{Command: &fsmv1.Entry_SetGrant{}}, "set_grant"},
+	} {
+		if got := commandName(tc.e); got != tc.want {
+			t.Errorf("commandName(%v) = %q, want %q", tc.e, got, tc.want)
+		}
 	}
 }
