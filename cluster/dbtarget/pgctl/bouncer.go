@@ -1,0 +1,345 @@
+package pgctl
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/gitraft/gitraft/cluster/dbtarget"
+)
+
+// Bouncer drives one pgbouncer through its admin console (the pseudo
+// database "pgbouncer", spoken to with the simple query protocol) and the
+// file of [databases] entries its ini includes:
+//
+//	[databases]
+//	%include /etc/pgbouncer/gitraft-databases.ini
+//
+// It pauses and resumes the databases it routes one by one (PAUSE db,
+// RESUME db), so other databases the pgbouncer serves are not touched.
+type Bouncer struct {
+	cfg BouncerConfig
+	log *slog.Logger
+}
+
+var _ dbtarget.Bouncer = (*Bouncer)(nil)
+
+// dbName is what a routed database may be called: it goes into the include
+// file and into admin commands unquoted.
+var dbName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_.$-]{0,62}$`)
+
+// NewBouncer checks cfg, fills in defaults and returns a driver for the
+// pgbouncer. It does not touch the pgbouncer.
+func NewBouncer(cfg BouncerConfig, log *slog.Logger) (*Bouncer, error) {
+	if cfg.AdminHost == "" {
+		cfg.AdminHost = "127.0.0.1"
+	}
+	if cfg.AdminPort == 0 {
+		cfg.AdminPort = 6432
+	}
+	if cfg.AdminUser == "" {
+		cfg.AdminUser = "pgbouncer"
+	}
+	switch {
+	case cfg.AdminPort < 1 || cfg.AdminPort > 65535:
+		return nil, fmt.Errorf("%w: AdminPort %d: want 1-65535", ErrConfig, cfg.AdminPort)
+	case cfg.DatabasesFile == "" || !filepath.IsAbs(cfg.DatabasesFile):
+		return nil, fmt.Errorf("%w: DatabasesFile %q: want the absolute path of the file pgbouncer.ini includes under [databases]", ErrConfig, cfg.DatabasesFile)
+	case len(cfg.Databases) == 0:
+		return nil, fmt.Errorf("%w: Databases: name at least one database to route", ErrConfig)
+	case strings.ContainsAny(cfg.ConnectParams, "\n\r"):
+		return nil, fmt.Errorf("%w: ConnectParams: must be one line", ErrConfig)
+	}
+	seen := map[string]bool{}
+	for _, d := range cfg.Databases {
+		if !dbName.MatchString(d) || strings.EqualFold(d, "pgbouncer") {
+			return nil, fmt.Errorf("%w: database name %q: want letters, digits, _ . $ - (and not pgbouncer)", ErrConfig, d)
+		}
+		if seen[d] {
+			return nil, fmt.Errorf("%w: database %q named twice", ErrConfig, d)
+		}
+		seen[d] = true
+	}
+	for _, kv := range strings.Fields(cfg.ConnectParams) {
+		k, _, _ := strings.Cut(kv, "=")
+		switch strings.ToLower(k) {
+		case "host", "port", "dbname":
+			return nil, fmt.Errorf("%w: ConnectParams: %s is set by the agent; leave it out", ErrConfig, k)
+		}
+	}
+	if _, err := os.Stat(filepath.Dir(cfg.DatabasesFile)); err != nil {
+		return nil, fmt.Errorf("%w: DatabasesFile %q: %v", ErrConfig, cfg.DatabasesFile, err)
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Bouncer{cfg: cfg, log: log.With("pgbouncer", fmt.Sprintf("%s:%d", cfg.AdminHost, cfg.AdminPort))}, nil
+}
+
+// admin opens a connection to the admin console. pgbouncer ignores or
+// refuses most startup parameters there and knows no extended protocol, so
+// the connection carries none and uses the simple protocol only.
+func (b *Bouncer) admin(ctx context.Context) (*pgx.Conn, error) {
+	cc, err := pgx.ParseConfig("sslmode=disable connect_timeout=5")
+	if err != nil {
+		return nil, err
+	}
+	cc.Host, cc.Port = b.cfg.AdminHost, uint16(b.cfg.AdminPort)
+	cc.User, cc.Password, cc.Database = b.cfg.AdminUser, b.cfg.AdminPassword, "pgbouncer"
+	cc.RuntimeParams = map[string]string{}
+	cc.DefaultQueryExecMode = pgx.QueryExecModeSimpleProtocol
+	cc.StatementCacheCapacity, cc.DescriptionCacheCapacity = 0, 0
+	conn, err := pgx.ConnectConfig(ctx, cc)
+	if err != nil {
+		return nil, fmt.Errorf("%w: connect: %v", ErrAdmin, err)
+	}
+	return conn, nil
+}
+
+// adminExec runs one admin command; errors whose message contains one of
+// ignore count as success.
+func adminExec(ctx context.Context, conn *pgx.Conn, cmd string, ignore ...string) error {
+	_, err := conn.Exec(ctx, cmd)
+	if err == nil {
+		return nil
+	}
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) {
+		for _, s := range ignore {
+			if strings.Contains(pe.Message, s) {
+				return nil
+			}
+		}
+		return fmt.Errorf("%w: %s: %s", ErrAdmin, cmd, pe.Message)
+	}
+	if ctx.Err() != nil {
+		return fmt.Errorf("%s: %w", cmd, ctx.Err())
+	}
+	return fmt.Errorf("%w: %s: %v", ErrAdmin, cmd, err)
+}
+
+// Pause issues PAUSE for each routed database; each returns once the
+// database's server connections are released (in transaction pooling: once
+// the transactions under way end). When ctx ends first, or a PAUSE fails,
+// Pause resumes everything again and returns an error wrapping ErrPaused.
+func (b *Bouncer) Pause(ctx context.Context) error {
+	t0 := time.Now()
+	err := b.pause(ctx)
+	if err == nil {
+		b.log.Info("paused", "took", time.Since(t0).Round(time.Millisecond))
+		return nil
+	}
+	// A PAUSE cut off by the deadline stays in force in pgbouncer: undo it.
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if rerr := b.Resume(rctx); rerr != nil {
+		return fmt.Errorf("%w: %v; resuming again failed too: %v", ErrPaused, err, rerr)
+	}
+	return fmt.Errorf("%w (resumed again): %v", ErrPaused, err)
+}
+
+func (b *Bouncer) pause(ctx context.Context) error {
+	conn, err := b.admin(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	for _, d := range b.cfg.Databases {
+		if err := adminExec(ctx, conn, "PAUSE "+d); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Resume issues RESUME for each routed database, and a plain RESUME in case
+// the whole pgbouncer was paused. Databases that are not paused, or not
+// configured yet, are fine.
+func (b *Bouncer) Resume(ctx context.Context) error {
+	conn, err := b.admin(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	if err := adminExec(ctx, conn, "RESUME", "not paused"); err != nil {
+		return err
+	}
+	for _, d := range b.cfg.Databases {
+		if err := adminExec(ctx, conn, "RESUME "+d, "not paused", "no such database"); err != nil {
+			return err
+		}
+	}
+	b.log.Info("resumed")
+	return nil
+}
+
+// render gives the include file's text for primary.
+func (b *Bouncer) render(primary dbtarget.Endpoint) []byte {
+	var s strings.Builder
+	s.WriteString("# Written by gitraft's pgbouncer agent: every database routes to the primary.\n# Changes are overwritten.\n")
+	for _, d := range b.cfg.Databases {
+		fmt.Fprintf(&s, "%s = %s", d, connString("host", primary.Host, "port", strconv.Itoa(primary.Port), "dbname", d))
+		if p := strings.TrimSpace(b.cfg.ConnectParams); p != "" {
+			s.WriteString(" " + p)
+		}
+		s.WriteByte('\n')
+	}
+	return []byte(s.String())
+}
+
+// Point writes the include file so that every database routes to primary
+// (atomically, keeping the file's owner and mode; a new file gets 0644),
+// issues RELOAD, checks with SHOW DATABASES that pgbouncer routes there, and
+// waits (WAIT_CLOSE) until server connections opened under the old entries
+// are closed.
+func (b *Bouncer) Point(ctx context.Context, primary dbtarget.Endpoint) error {
+	if primary.Host == "" || primary.Port < 1 || primary.Port > 65535 || strings.ContainsAny(primary.Host, " \t\n'\\=") {
+		return fmt.Errorf("point: %w: primary %q", ErrConfig, primary)
+	}
+	mode, uid, gid := os.FileMode(0o644), -1, -1
+	if fi, err := os.Stat(b.cfg.DatabasesFile); err == nil {
+		mode = fi.Mode().Perm()
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			uid, gid = int(st.Uid), int(st.Gid)
+		}
+	}
+	if err := writeFile(b.cfg.DatabasesFile, b.render(primary), mode, uid, gid); err != nil {
+		return fmt.Errorf("point: %w", err)
+	}
+	conn, err := b.admin(ctx)
+	if err != nil {
+		return fmt.Errorf("point: %w", err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	if err := adminExec(ctx, conn, "RELOAD"); err != nil {
+		return fmt.Errorf("point: %w", err)
+	}
+	routes, err := showDatabases(ctx, conn)
+	if err != nil {
+		return fmt.Errorf("point: %w", err)
+	}
+	for _, d := range b.cfg.Databases {
+		if got, ok := routes[d]; !ok || !sameEndpoint(got, primary) {
+			return fmt.Errorf("point: %w: database %s routes to %s after RELOAD, want %s (is %s %%included under [databases]?)",
+				ErrNotApplied, d, got, primary, b.cfg.DatabasesFile)
+		}
+	}
+	for _, d := range b.cfg.Databases {
+		if err := adminExec(ctx, conn, "WAIT_CLOSE "+d); err != nil {
+			return fmt.Errorf("point: %w", err)
+		}
+	}
+	b.log.Info("pointed", "primary", primary.String())
+	return nil
+}
+
+// showDatabases reads SHOW DATABASES: where each database routes.
+func showDatabases(ctx context.Context, conn *pgx.Conn) (map[string]dbtarget.Endpoint, error) {
+	rows, err := conn.Query(ctx, "SHOW DATABASES")
+	if err != nil {
+		return nil, fmt.Errorf("%w: SHOW DATABASES: %v", ErrAdmin, err)
+	}
+	defer rows.Close()
+	col := map[string]int{}
+	for i, f := range rows.FieldDescriptions() {
+		col[f.Name] = i
+	}
+	for _, c := range []string{"name", "host", "port"} {
+		if _, ok := col[c]; !ok {
+			return nil, fmt.Errorf("%w: SHOW DATABASES has no %s column", ErrAdmin, c)
+		}
+	}
+	out := map[string]dbtarget.Endpoint{}
+	for rows.Next() {
+		raw := rows.RawValues()
+		port, _ := strconv.Atoi(string(raw[col["port"]]))
+		out[string(raw[col["name"]])] = dbtarget.Endpoint{Host: string(raw[col["host"]]), Port: port}
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("%w: SHOW DATABASES: %v", ErrAdmin, err)
+	}
+	return out, nil
+}
+
+// Fence stops routing to any server: KILL for each routed database drops
+// its client and server connections at once, and new clients wait until
+// RESUME. Point followed by Resume ends it.
+func (b *Bouncer) Fence(ctx context.Context) error {
+	conn, err := b.admin(ctx)
+	if err != nil {
+		return fmt.Errorf("fence: %w", err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	for _, d := range b.cfg.Databases {
+		if err := adminExec(ctx, conn, "KILL "+d); err != nil {
+			return fmt.Errorf("fence: %w", err)
+		}
+	}
+	b.log.Info("fenced")
+	return nil
+}
+
+// Target reports where the include file routes the databases. Every routed
+// database must route to the same server.
+func (b *Bouncer) Target() (dbtarget.Endpoint, error) {
+	f, err := os.Open(b.cfg.DatabasesFile)
+	if err != nil {
+		return dbtarget.Endpoint{}, fmt.Errorf("%w: %v", ErrNoTarget, err)
+	}
+	defer f.Close()
+	routes := map[string]dbtarget.Endpoint{}
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || line[0] == '#' || line[0] == ';' {
+			continue
+		}
+		name, conn, ok := strings.Cut(line, "=")
+		if !ok {
+			continue
+		}
+		var ep dbtarget.Endpoint
+		for _, kv := range strings.Fields(conn) {
+			k, v, _ := strings.Cut(kv, "=")
+			v = strings.Trim(v, "'")
+			switch k {
+			case "host":
+				ep.Host = v
+			case "port":
+				ep.Port, _ = strconv.Atoi(v)
+			}
+		}
+		if ep.Port == 0 {
+			ep.Port = 5432
+		}
+		routes[strings.TrimSpace(name)] = ep
+	}
+	if err := sc.Err(); err != nil {
+		return dbtarget.Endpoint{}, fmt.Errorf("%w: %s: %v", ErrNoTarget, b.cfg.DatabasesFile, err)
+	}
+	var target dbtarget.Endpoint
+	for i, d := range b.cfg.Databases {
+		ep, ok := routes[d]
+		switch {
+		case !ok || ep.Host == "":
+			return dbtarget.Endpoint{}, fmt.Errorf("%w: %s has no host for database %s", ErrNoTarget, b.cfg.DatabasesFile, d)
+		case i == 0:
+			target = ep
+		case ep != target:
+			return dbtarget.Endpoint{}, fmt.Errorf("%w: %s routes %s to %s but %s to %s", ErrNoTarget, b.cfg.DatabasesFile, b.cfg.Databases[0], target, d, ep)
+		}
+	}
+	return target, nil
+}
