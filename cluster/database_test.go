@@ -114,6 +114,7 @@ func (h *dbHarness) startAgents(id string) {
 		run(dbtarget.NewPostgresAgent(dbtarget.PostgresAgentConfig{
 			Member:         &dbv1.Member{Name: a.member, Host: s.ep.Host, Port: int32(s.ep.Port)},
 			ReportInterval: h.set.ReportInterval,
+			Probe:          probe,
 		}, n, s, log).Run)
 	}
 	if a.bouncer != "" {
@@ -757,5 +758,29 @@ func Test_DB_BouncerCatchesUp(t *testing.T) {
 	}
 	h.restart("n3")
 	h.waitSettled("pg2", 2)
+	h.checkNoViolations()
+}
+
+func Test_DB_FailoverWithThreeMembers(t *testing.T) {
+	// After a failover, the standby that followed the dead primary is
+	// pointed at the new one by its agent.
+	set := fastDBSettings()
+	set.AutomaticFailover = true
+	h := newDBHarness(t, set, map[string]agentsOf{"n1": {"pg1", "b1"}, "n2": {"pg2", "b2"}, "n3": {"pg3", ""}})
+	h.waitSettled("pg1", 1)
+	h.pg.mu.Lock()
+	h.pg.servers["pg3"].lagRows = 1 // pg2 has the most WAL
+	h.pg.mu.Unlock()
+	w := h.startWriter("b1", "b2")
+	waitFor(t, "writes", 5*time.Second, func() bool { _, _, _, rows := h.pg.snapshot("pg3"); return len(rows) > 10 })
+	h.pg.mu.Lock()
+	h.pg.servers["pg1"].running = false
+	h.pg.mu.Unlock()
+	h.waitSettled("pg2", 2)
+	waitFor(t, "pg3 to follow pg2", 20*time.Second, func() bool {
+		running, rec, up, _ := h.pg.snapshot("pg3")
+		return running && rec && up == "pg2"
+	})
+	w.finish()
 	h.checkNoViolations()
 }

@@ -109,6 +109,8 @@ type PostgresAgentConfig struct {
 	Member *dbv1.Member
 	// ReportInterval is how often it reports when nothing happens.
 	ReportInterval time.Duration
+	// Probe replaces the real Probe of the primary (tests).
+	Probe func(ctx context.Context, ep Endpoint, timeout time.Duration) error
 }
 
 // PostgresAgent drives one PostgreSQL server after the replicated state: it
@@ -124,6 +126,10 @@ type PostgresAgent struct {
 	step  stepper
 	soon  bool // something to check again shortly (waiting for replay)
 	stale time.Time
+
+	notStreaming time.Time // since when this standby has not streamed
+	lastFollow   time.Time
+	probe        func(ctx context.Context, ep Endpoint, timeout time.Duration) error
 }
 
 // NewPostgresAgent returns an agent; Run starts it.
@@ -135,7 +141,10 @@ func NewPostgresAgent(cfg PostgresAgentConfig, c Cluster, srv Server, log *slog.
 		log = slog.Default()
 	}
 	name := cfg.Member.GetName()
-	return &PostgresAgent{cfg: cfg, c: c, srv: srv, log: log.With("member", name), name: name}
+	if cfg.Probe == nil {
+		cfg.Probe = Probe
+	}
+	return &PostgresAgent{cfg: cfg, c: c, srv: srv, log: log.With("member", name), name: name, probe: cfg.Probe}
 }
 
 // Run registers the member and follows the state until ctx ends.
@@ -306,7 +315,39 @@ func (a *PostgresAgent) act(ctx context.Context, st *dbv1.State, h Health) bool 
 			return true
 		}
 	}
-	return a.demoteStale(ctx, st, h)
+	return a.demoteStale(ctx, st, h) || a.follow(ctx, st, h)
+}
+
+// follow re-points a standby that has not streamed for a while (it follows
+// a primary that is gone, after a failover) at the state's primary, once
+// that answers. It does nothing while an operation is under way.
+func (a *PostgresAgent) follow(ctx context.Context, st *dbv1.State, h Health) bool {
+	now := time.Now()
+	if st.GetOperation() != nil || st.GetGeneration() == 0 || st.GetPrimary() == a.name || !h.Running || !h.InRecovery || h.Streaming {
+		a.notStreaming = time.Time{}
+		return false
+	}
+	if a.notStreaming.IsZero() {
+		a.notStreaming = now
+		return false
+	}
+	if now.Sub(a.notStreaming) < max(10*a.cfg.ReportInterval, 5*time.Second) || now.Sub(a.lastFollow) < 30*time.Second {
+		return false
+	}
+	ep, ok := PrimaryEndpoint(st)
+	if !ok || a.probe(ctx, ep, 2*time.Second) != nil {
+		return false // the primary does not answer: leave the standby be
+	}
+	st2, err := still(ctx, a.c, nil)
+	if err != nil || st2.GetOperation() != nil || st2.GetPrimary() != st.GetPrimary() {
+		return false
+	}
+	a.lastFollow = now
+	a.log.Warn("this standby has not streamed for a while: pointing it at the primary", "primary", st.GetPrimary(), "endpoint", ep.String(), "for", now.Sub(a.notStreaming).Round(time.Second).String())
+	if err := a.srv.Demote(ctx, ep); err != nil {
+		a.log.Error("pointing the standby at the primary failed", "err", err)
+	}
+	return true
 }
 
 // demoteStale turns this server into a standby of the state's primary when
