@@ -130,9 +130,9 @@ func adminExec(ctx context.Context, conn *pgx.Conn, cmd string, ignore ...string
 	return fmt.Errorf("%w: %s: %v", ErrAdmin, cmd, err)
 }
 
-// Pause issues PAUSE for each routed database; each returns once the
-// database's server connections are released (in transaction pooling: once
-// the transactions under way end). When ctx ends first, or a PAUSE fails,
+// Pause issues PAUSE for each routed database and returns once the
+// databases have no server connection left (in transaction pooling: once
+// the transactions under way end; SHOW SERVERS confirms it). When ctx ends first, or a PAUSE fails,
 // Pause resumes everything again and returns an error wrapping ErrPaused.
 func (b *Bouncer) Pause(ctx context.Context) error {
 	t0 := time.Now()
@@ -161,7 +161,67 @@ func (b *Bouncer) pause(ctx context.Context) error {
 			return err
 		}
 	}
-	return nil
+	// pgbouncer 1.18 can answer a waiting PAUSE early: once WAIT_CLOSE
+	// has been used on a database, it answers every waiting admin command
+	// whenever no connection needs closing. So check that no server
+	// connection is left.
+	for {
+		left, err := b.serverConns(ctx, conn)
+		if err != nil {
+			return err
+		}
+		if left.total == 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%d server connections still open (transactions under way): %w", left.total, ctx.Err())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// serverCount counts server connections of the routed databases.
+type serverCount struct {
+	total       int
+	closeNeeded int // opened under entries a RELOAD changed
+}
+
+// serverConns reads SHOW SERVERS for the routed databases.
+func (b *Bouncer) serverConns(ctx context.Context, conn *pgx.Conn) (serverCount, error) {
+	var n serverCount
+	rows, err := conn.Query(ctx, "SHOW SERVERS")
+	if err != nil {
+		return n, fmt.Errorf("%w: SHOW SERVERS: %v", ErrAdmin, err)
+	}
+	defer rows.Close()
+	col := map[string]int{}
+	for i, f := range rows.FieldDescriptions() {
+		col[f.Name] = i
+	}
+	dbCol, ok := col["database"]
+	if !ok {
+		return n, fmt.Errorf("%w: SHOW SERVERS has no database column", ErrAdmin)
+	}
+	closeCol, haveClose := col["close_needed"]
+	routed := map[string]bool{}
+	for _, d := range b.cfg.Databases {
+		routed[d] = true
+	}
+	for rows.Next() {
+		raw := rows.RawValues()
+		if !routed[string(raw[dbCol])] {
+			continue
+		}
+		n.total++
+		if haveClose && string(raw[closeCol]) == "1" {
+			n.closeNeeded++
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return n, fmt.Errorf("%w: SHOW SERVERS: %v", ErrAdmin, err)
+	}
+	return n, nil
 }
 
 // Resume issues RESUME for each routed database, and a plain RESUME in case
@@ -199,10 +259,14 @@ func (b *Bouncer) render(primary dbtarget.Endpoint) []byte {
 	return []byte(s.String())
 }
 
+// waitCloseTimeout bounds how long Point waits for server connections
+// opened under the old entries to close.
+const waitCloseTimeout = 5 * time.Second
+
 // Point writes the include file so that every database routes to primary
 // (atomically, keeping the file's owner and mode; a new file gets 0644),
 // issues RELOAD, checks with SHOW DATABASES that pgbouncer routes there, and
-// waits (WAIT_CLOSE) until server connections opened under the old entries
+// waits (at most 5s) until server connections opened under the old entries
 // are closed.
 func (b *Bouncer) Point(ctx context.Context, primary dbtarget.Endpoint) error {
 	if primary.Host == "" || primary.Port < 1 || primary.Port > 65535 || strings.ContainsAny(primary.Host, " \t\n'\\=") {
@@ -236,10 +300,25 @@ func (b *Bouncer) Point(ctx context.Context, primary dbtarget.Endpoint) error {
 				ErrNotApplied, d, got, primary, b.cfg.DatabasesFile)
 		}
 	}
-	for _, d := range b.cfg.Databases {
-		if err := adminExec(ctx, conn, "WAIT_CLOSE "+d); err != nil {
+	// New transactions route to primary now. Server connections opened
+	// under the old entries close as they are released (none exist under
+	// PAUSE or after KILL); wait a while for them, but a long transaction
+	// must not hold the agent. (Not with WAIT_CLOSE: pgbouncer 1.18 then
+	// answers every later PAUSE at once.)
+	deadline := time.Now().Add(waitCloseTimeout)
+	for {
+		left, err := b.serverConns(ctx, conn)
+		if err != nil {
 			return fmt.Errorf("point: %w", err)
 		}
+		if left.closeNeeded == 0 {
+			break
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			b.log.Warn("pointed, but server connections under the old entries are still open (transactions under way)", "connections", left.closeNeeded)
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 	b.log.Info("pointed", "primary", primary.String())
 	return nil

@@ -135,6 +135,9 @@ func (s *Server) connect(ctx context.Context, host string, port int) (*pgx.Conn,
 	return pgx.ConnectConfig(ctx, cc)
 }
 
+// healthTimeout bounds one Health call: a server that hangs is not healthy.
+const healthTimeout = 5 * time.Second
+
 // probe is Health with where a standby's WAL receiver connects to.
 type probe struct {
 	dbtarget.Health
@@ -147,6 +150,8 @@ func (s *Server) Health(ctx context.Context) dbtarget.Health { return s.probe(ct
 
 func (s *Server) probe(ctx context.Context) probe {
 	var p probe
+	ctx, cancel := context.WithTimeout(ctx, healthTimeout)
+	defer cancel()
 	conn, err := s.connect(ctx, s.cfg.Host, s.cfg.Port)
 	if err != nil {
 		p.Err = err.Error()
