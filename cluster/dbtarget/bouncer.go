@@ -307,7 +307,8 @@ func (a *BouncerAgent) resume(ctx context.Context, why string) {
 
 func (a *BouncerAgent) report(ctx context.Context) {
 	r := &dbv1.BouncerReport{
-		Name: a.cfg.Name, AppliedGeneration: a.applied, Paused: a.paused, Fenced: a.fenced,
+		// A pause adopted at start (pausedOp 0) is a guess, not a fact.
+		Name: a.cfg.Name, AppliedGeneration: a.applied, Paused: a.paused && a.pausedOp != 0, Fenced: a.fenced,
 		Error: a.lastErr, Step: a.step,
 	}
 	if t, err := a.b.Target(); err == nil {
