@@ -247,6 +247,9 @@ func (n *Node) leadDatabase(ctx context.Context) {
 		n.fsm.Read(func(s *State) { st = s.Database().View() })
 		obs, set := n.db.observed(voters)
 		d := dbtarget.Next(st, obs, set, time.Now())
+		if d.Command != nil && n.raft.State() != raft.Leader {
+			return // deposed: the new leader decides (ctx ends soon)
+		}
 		if d.Command != nil {
 			res, err := n.ProposeDatabase(ctx, d.Command)
 			args := []any{"generation", st.GetGeneration()}

@@ -180,13 +180,18 @@ func (a *PostgresAgent) Run(ctx context.Context) {
 
 // register proposes cmd until registered says the state holds it.
 func register(ctx context.Context, c Cluster, log *slog.Logger, every time.Duration, registered func(*dbv1.State) bool, cmd *dbv1.Command) {
+	backoff := every
 	for ctx.Err() == nil {
 		if st, err := c.DatabaseState(ctx, true); err == nil && registered(st) {
 			return
 		}
 		if _, err := c.ProposeDatabase(ctx, cmd); err != nil {
-			log.Warn("registering in the replicated state failed; will retry", "err", err)
-			waitChange(ctx, c, 0, every)
+			log.Warn("registering in the replicated state failed; will retry", "err", err, "retry_in", backoff.String())
+			select {
+			case <-ctx.Done():
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, 30*time.Second)
 			continue
 		}
 		log.Info("registered in the replicated state")

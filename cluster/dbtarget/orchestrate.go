@@ -170,6 +170,12 @@ func CheckSwitchover(st *dbv1.State, obs Observed, s Settings, target string, no
 	if !p.GetRunning() || p.GetInRecovery() {
 		return refusal(fsmv1.Reason_REASON_PRECONDITION, "the primary %s is not running as a primary (%s); if it is gone, use gitraft db failover --to %s", st.GetPrimary(), healthText(p), target)
 	}
+	for _, b := range st.GetBouncers() {
+		if _, ok := obs.bouncer(b.GetName(), now, s); !ok {
+			return refusal(fsmv1.Reason_REASON_PRECONDITION, "pgbouncer %s has not reported for %s, so it could not pause (is gitraft serve running on node %s?); bring it back, or forget it with gitraft db remove %s",
+				b.GetName(), s.Fresh(), b.GetNode(), b.GetName())
+		}
+	}
 	return checkStandby(st, obs, s, m, p.GetWriteLsn(), now)
 }
 

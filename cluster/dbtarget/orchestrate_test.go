@@ -30,6 +30,7 @@ func newWorld(t *testing.T) *world {
 		Since:    w.now.Add(-time.Minute),
 	}
 	w.healthy()
+	w.bouncer("b1", &dbv1.BouncerReport{AppliedGeneration: 1})
 	return w
 }
 
@@ -150,6 +151,7 @@ func TestNextWaitsForReportsAfterElection(t *testing.T) {
 func TestNextPauseFailureRollsBack(t *testing.T) {
 	w := newWorld(t)
 	w.ok(bouncer("b2", "n2"))
+	w.bouncer("b2", &dbv1.BouncerReport{AppliedGeneration: 1})
 	w.beginSwitchover()
 	w.bouncer("b1", &dbv1.BouncerReport{Paused: true, Step: w.step(dbv1.Phase_PHASE_PAUSING, true, "", 0)})
 	w.bouncer("b2", &dbv1.BouncerReport{Step: w.step(dbv1.Phase_PHASE_PAUSING, false, "PAUSE: admin console refused", 0)})
@@ -172,6 +174,7 @@ func TestNextPauseFailureRollsBack(t *testing.T) {
 func TestNextPauseTimeoutRollsBack(t *testing.T) {
 	w := newWorld(t)
 	w.ok(bouncer("b2", "n2"))
+	w.bouncer("b2", &dbv1.BouncerReport{AppliedGeneration: 1})
 	w.beginSwitchover()
 	w.bouncer("b1", &dbv1.BouncerReport{Paused: true, Step: w.step(dbv1.Phase_PHASE_PAUSING, true, "", 0)})
 	w.wantWait("b2 to pause")
@@ -374,6 +377,7 @@ func TestCheckSwitchoverRefusals(t *testing.T) {
 			w.pg("pg2", &dbv1.PostgresReport{Running: true, InRecovery: true, Streaming: true, ReplayLsn: 2500})
 		}, "pg2", fsmv1.Reason_REASON_PRECONDITION, []string{"lags 2.5 kB behind the primary", "limit is 1.0 kB (database.max_lag_bytes)"}},
 		{"primary silent", func(w *world) { delete(w.obs.Postgres, "pg1") }, "pg2", fsmv1.Reason_REASON_PRECONDITION, []string{"primary pg1 has not reported", "gitraft db failover --to pg2"}},
+		{"pgbouncer silent", func(w *world) { w.ok(bouncer("b2", "n2")) }, "pg2", fsmv1.Reason_REASON_PRECONDITION, []string{"pgbouncer b2 has not reported", "node n2", "gitraft db remove b2"}},
 		{"under way", func(w *world) { w.ok(begin(dbv1.Kind_KIND_SWITCHOVER, "pg2", 1)) }, "pg2", fsmv1.Reason_REASON_PRECONDITION, []string{"a switchover from pg1 to pg2 is under way"}},
 	}
 	for _, c := range cases {
@@ -406,6 +410,7 @@ func TestScheduledSwitchover(t *testing.T) {
 	w.wantWait("scheduled at")
 	w.now = at.Add(time.Millisecond)
 	w.healthy()
+	w.bouncer("b1", &dbv1.BouncerReport{AppliedGeneration: 1})
 	w.next()
 	w.wantPhase(dbv1.Phase_PHASE_PAUSING)
 
@@ -414,6 +419,7 @@ func TestScheduledSwitchover(t *testing.T) {
 	w2.ok(&dbv1.Command{Command: &dbv1.Command_Begin{Begin: &dbv1.BeginOperation{Kind: dbv1.Kind_KIND_SWITCHOVER, Target: "pg2", ExpectedGeneration: 1, AtUnixNano: at.UnixNano()}}})
 	w2.now = at.Add(time.Millisecond)
 	w2.healthy()
+	w2.bouncer("b1", &dbv1.BouncerReport{AppliedGeneration: 1})
 	w2.pg("pg2", &dbv1.PostgresReport{Error: "gone"})
 	w2.next()
 	st := w2.s.View()
