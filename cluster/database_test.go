@@ -784,3 +784,40 @@ func Test_DB_FailoverWithThreeMembers(t *testing.T) {
 	w.finish()
 	h.checkNoViolations()
 }
+
+func Test_DB_OldPrimaryAgentDiesWhileStopping(t *testing.T) {
+	// The old primary's node dies while its server shuts down: the new
+	// leader rolls back without word from it, and when the node comes back
+	// its agent starts the primary the state still records.
+	set := fastDBSettings()
+	set.SwitchoverTimeout = 2 * time.Second
+	h := newDBHarness(t, set, map[string]agentsOf{"n1": {"pg1", "b1"}, "n2": {"pg2", "b2"}, "n3": {"", ""}})
+	h.waitSettled("pg1", 1)
+	h.transferLeader("n3")
+	gate := make(chan struct{})
+	h.pg.mu.Lock()
+	h.pg.servers["pg1"].stopGate = gate
+	h.pg.mu.Unlock()
+	resp, err := h.client("n2").Switchover(context.Background(), &dbv1.SwitchoverRequest{To: "pg2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the stopping_old phase", 10*time.Second, func() bool {
+		return h.state().GetOperation().GetPhase() == dbv1.Phase_PHASE_STOPPING_OLD
+	})
+	h.kill("n1")
+	close(gate)
+	h.pg.mu.Lock() // pg_ctl went on without gitraft: the server is down
+	h.pg.servers["pg1"].running, h.pg.servers["pg1"].cleanStop = false, true
+	h.pg.mu.Unlock()
+	e := h.waitOp(resp.GetOperation().GetId())
+	if e.GetOutcome() != dbv1.Outcome_OUTCOME_ABORTED {
+		t.Fatalf("want a rollback: %v", e)
+	}
+	h.restart("n1")
+	h.waitSettled("pg1", 1)
+	if running, rec, _, _ := h.pg.snapshot("pg1"); !running || rec {
+		t.Errorf("pg1 running %v in recovery %v", running, rec)
+	}
+	h.checkNoViolations()
+}

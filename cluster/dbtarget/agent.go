@@ -158,6 +158,7 @@ func (a *PostgresAgent) Run(ctx context.Context) {
 		return cur != nil && cur.GetHost() == m.GetHost() && cur.GetPort() == m.GetPort() && cur.GetPriority() == m.GetPriority() &&
 			cur.GetNoFailover() == m.GetNoFailover() && cur.GetNode() == m.GetNode()
 	}, &dbv1.Command{Command: &dbv1.Command_RegisterMember{RegisterMember: &dbv1.RegisterMember{Member: m}}})
+	a.startup(ctx)
 	for ctx.Err() == nil {
 		st, err := a.c.DatabaseState(ctx, false)
 		if err != nil {
@@ -175,6 +176,38 @@ func (a *PostgresAgent) Run(ctx context.Context) {
 			d = 50 * time.Millisecond
 		}
 		waitChange(ctx, a.c, st.GetUpdatedIndex(), d)
+	}
+}
+
+// startup brings a stopped server to what the state says, once, when the
+// agent starts (gitraft serve starting with the host, or after it died in the
+// middle of a switchover that then rolled back without it): the primary is
+// started, a standby is started following the primary (once that answers).
+// Nothing happens while an operation is under way, and a server that runs is
+// left to the loop.
+func (a *PostgresAgent) startup(ctx context.Context) {
+	if h := a.srv.Health(ctx); h.Running {
+		return
+	}
+	st, err := still(ctx, a.c, nil)
+	if err != nil || st.GetGeneration() == 0 || st.GetOperation() != nil {
+		return
+	}
+	if st.GetPrimary() == a.name {
+		a.log.Info("the cluster's primary is stopped: starting it", "generation", st.GetGeneration())
+		if err := a.srv.Start(ctx); err != nil {
+			a.log.Error("starting the primary failed", "err", err)
+		}
+		return
+	}
+	ep, ok := PrimaryEndpoint(st)
+	if !ok || a.probe(ctx, ep, 2*time.Second) != nil {
+		a.log.Info("this standby is stopped and the primary does not answer: leaving it stopped", "primary", st.GetPrimary())
+		return
+	}
+	a.log.Info("this standby is stopped: starting it as a standby of the primary", "primary", st.GetPrimary(), "endpoint", ep.String())
+	if err := a.srv.Demote(ctx, ep); err != nil {
+		a.log.Error("starting the standby failed", "err", err)
 	}
 }
 
