@@ -2,6 +2,7 @@
 # Runs gitraft's benchmarks and prints their tables:
 #   BenchmarkCluster: committed Raft writes (locks, ref updates) and failover
 #   BenchmarkGit: git over SSH, plain git + OpenSSH sshd vs a gitraft cluster
+#   BenchmarkDatabaseSwitchover: PostgreSQL switchover write pause, failover (PostgreSQL 15 + pgbouncer, as e2e/test.sh installs)
 # The git baseline needs OpenSSH's sshd (Debian: openssh-server) and root (it
 # creates a "gitbench" account with git-shell as its login shell).
 set -eu
