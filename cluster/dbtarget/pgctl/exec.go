@@ -66,7 +66,7 @@ func (u osUser) toolEnv() []string {
 	return append(env, "HOME="+u.home, "USER="+u.name, "LOGNAME="+u.name, "LC_ALL=C", "LANG=C")
 }
 
-// exitError is a tool that ran and exited with a non-zero code.
+// toolError is a tool that ran and exited with a non-zero code.
 type toolError struct {
 	tool   string
 	code   int
