@@ -7,13 +7,14 @@
 # creates a "gitbench" account with git-shell as its login shell).
 set -eu
 cd "$(dirname "$0")/.."
-if [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null 2>&1; then
+if [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null 2>&1 || [ ! -x /usr/sbin/pgbouncer ] ||
+	[ ! -x /usr/lib/postgresql/15/bin/pg_ctl ]; then
 	if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
 		export DEBIAN_FRONTEND=noninteractive
 		apt-get update -qq
-		apt-get install -y -qq --no-install-recommends openssh-server openssh-client >/dev/null
+		apt-get install -y -qq --no-install-recommends openssh-server openssh-client pgbouncer postgresql-15 >/dev/null
 	else
-		echo "missing: openssh-server (install it, or run as root with apt-get)" >&2
+		echo "missing: openssh-server, pgbouncer or postgresql-15 (install them, or run as root with apt-get)" >&2
 		exit 1
 	fi
 fi

@@ -13,19 +13,23 @@
 // another CA refused (Test_E2E_ForeignCAClientRefused), no writes without a
 // majority (Test_E2E_NoQuorum), membership changes
 // (Test_E2E_JoinRemoveTransfer), write locks (Test_E2E_LockCLI), `gitraft
-// dev` (Test_E2E_DevCommand), and pushes, fetches and clones under faults
-// (Test_E2E_Git*).
+// dev` (Test_E2E_DevCommand), pushes, fetches and clones under faults
+// (Test_E2E_Git*), PostgreSQL switchover, failover and refusals with a real
+// primary, streaming standby and pgbouncers (Test_E2E_DB_*, harness in
+// cluster/dbtarget/pgctl/pgtest), and mail drain with a real Postfix
+// (Test_E2E_MailDrain).
 //
-// Run them with the rest: ./e2e/test.sh (it installs git and OpenSSH's
-// client when missing), or just these:
+// Run them with the rest: ./e2e/test.sh (it installs git, OpenSSH,
+// PostgreSQL 15, pgbouncer and Postfix when missing), or just these:
 //
 //	go test -count=1 -v ./e2e
 //
 // The tests run one after another; they need no network but loopback.
 //
-// The benchmarks run only when asked (./e2e/bench.sh runs both). One at a
+// The benchmarks run only when asked (./e2e/bench.sh runs them all). One at a
 // time:
 //
 //	go test ./e2e -run '^$' -bench Cluster -benchtime 1x  # Raft writes, failover
 //	go test ./e2e -run '^$' -bench Git -benchtime 1x      # git over SSH vs sshd
+//	go test ./e2e -run '^$' -bench DatabaseSwitchover -benchtime 1x
 package e2e
