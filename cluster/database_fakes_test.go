@@ -14,7 +14,10 @@ import (
 	"sync"
 	"time"
 
+	"google.golang.org/protobuf/proto"
+
 	"github.com/gitraft/gitraft/cluster/dbtarget"
+	dbv1 "github.com/gitraft/gitraft/proto/gitraft/db/v1"
 )
 
 // fakePG is a set of PostgreSQL servers and pgbouncers sharing one lock, with
@@ -348,4 +351,79 @@ func (b *fakeBouncer) Target() (dbtarget.Endpoint, error) {
 		return dbtarget.Endpoint{}, errors.New("no include file yet")
 	}
 	return b.target, nil
+}
+
+// ----- a node cut off from the quorum, as its agents see it -----
+
+// cutCluster is a Node as its database agents see it (dbtarget.Cluster).
+// Once cut, it behaves as a node on the minority side of a partition:
+// linearizable reads, reports and proposals fail, and the state stays what
+// the node had applied when it was cut.
+type cutCluster struct {
+	*Node
+	mu     sync.Mutex
+	cut    bool
+	frozen *dbv1.State
+	healed chan struct{}
+}
+
+func (c *cutCluster) setCut(cut bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cut == c.cut {
+		return
+	}
+	c.cut = cut
+	if cut {
+		c.Node.fsm.Read(func(s *State) { c.frozen = s.Database().View() })
+		c.healed = make(chan struct{})
+	} else {
+		close(c.healed)
+	}
+}
+
+func (c *cutCluster) isCut() (bool, *dbv1.State, chan struct{}) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.cut, c.frozen, c.healed
+}
+
+var errCut = fmt.Errorf("%w: this node is cut off from the quorum (test)", ErrNoLeader)
+
+func (c *cutCluster) DatabaseState(ctx context.Context, consistent bool) (*dbv1.State, error) {
+	cut, frozen, _ := c.isCut()
+	if !cut {
+		return c.Node.DatabaseState(ctx, consistent)
+	}
+	if consistent {
+		return nil, errCut
+	}
+	return proto.CloneOf(frozen), nil
+}
+
+func (c *cutCluster) WaitDatabaseChange(ctx context.Context, after uint64) error {
+	cut, _, healed := c.isCut()
+	if !cut {
+		return c.Node.WaitDatabaseChange(ctx, after)
+	}
+	select {
+	case <-healed:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (c *cutCluster) ReportDatabase(ctx context.Context, r *dbv1.ReportRequest) error {
+	if cut, _, _ := c.isCut(); cut {
+		return errCut
+	}
+	return c.Node.ReportDatabase(ctx, r)
+}
+
+func (c *cutCluster) ProposeDatabase(ctx context.Context, cmd *dbv1.Command) (*dbv1.Result, error) {
+	if cut, _, _ := c.isCut(); cut {
+		return nil, errCut
+	}
+	return c.Node.ProposeDatabase(ctx, cmd)
 }

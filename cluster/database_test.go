@@ -38,6 +38,7 @@ type dbHarness struct {
 	ports   map[string]int
 	stateFs map[string]string
 	cancels map[string]context.CancelFunc
+	cuts    map[string]*cutCluster // what each node's agents see of it
 	wg      sync.WaitGroup
 }
 
@@ -45,6 +46,7 @@ func fastDBSettings() dbtarget.Settings {
 	return dbtarget.Settings{
 		FailoverAfter: 500 * time.Millisecond, MaxLagBytes: 100, PauseTimeout: 2 * time.Second,
 		SwitchoverTimeout: 5 * time.Second, ReportInterval: 100 * time.Millisecond, ProbeTimeout: 100 * time.Millisecond,
+		IsolationFenceAfter: 400 * time.Millisecond,
 	}.WithDefaults()
 }
 
@@ -54,6 +56,7 @@ func newDBHarness(t *testing.T, set dbtarget.Settings, layout map[string]agentsO
 	h := &dbHarness{
 		t: t, c: mustNewCluster(t, 3), pg: newFakePG(), set: set, layout: layout,
 		ports: map[string]int{}, stateFs: map[string]string{}, cancels: map[string]context.CancelFunc{},
+		cuts: map[string]*cutCluster{},
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	h.wg.Add(1)
@@ -94,6 +97,8 @@ func (h *dbHarness) startAgents(id string) {
 	n.SetDatabaseSettings(h.set)
 	ctx, cancel := context.WithCancel(context.Background())
 	h.cancels[id] = cancel
+	cc := &cutCluster{Node: n}
+	h.cuts[id] = cc
 	log := testLogger(h.t).With("node", id)
 	a := h.layout[id]
 	run := func(fn func(context.Context)) {
@@ -115,13 +120,13 @@ func (h *dbHarness) startAgents(id string) {
 			Member:         &dbv1.Member{Name: a.member, Host: s.ep.Host, Port: int32(s.ep.Port)},
 			ReportInterval: h.set.ReportInterval,
 			Probe:          probe,
-		}, n, s, log).Run)
+		}, cc, s, log).Run)
 	}
 	if a.bouncer != "" {
 		run(dbtarget.NewBouncerAgent(dbtarget.BouncerAgentConfig{
 			Name: a.bouncer, StateFile: h.stateFs[a.bouncer], PauseExpiry: 20 * time.Second,
-			PauseTimeout: h.set.PauseTimeout, ReportInterval: h.set.ReportInterval,
-		}, n, h.pg.bouncers[a.bouncer], log).Run)
+			PauseTimeout: h.set.PauseTimeout, ReportInterval: h.set.ReportInterval, IsolationFenceAfter: h.set.IsolationFenceAfter,
+		}, cc, h.pg.bouncers[a.bouncer], log).Run)
 	}
 }
 
@@ -819,5 +824,67 @@ func Test_DB_OldPrimaryAgentDiesWhileStopping(t *testing.T) {
 	if running, rec, _, _ := h.pg.snapshot("pg1"); !running || rec {
 		t.Errorf("pg1 running %v in recovery %v", running, rec)
 	}
+	h.checkNoViolations()
+}
+
+// cut cuts node id's agents off from the quorum (see cutCluster); heal ends
+// it.
+func (h *dbHarness) cut(id string)  { h.cuts[id].setCut(true) }
+func (h *dbHarness) heal(id string) { h.cuts[id].setCut(false) }
+
+// eventIndex is the position of the first event e, or -1.
+func (h *dbHarness) eventIndex(e string) int {
+	h.pg.mu.Lock()
+	defer h.pg.mu.Unlock()
+	return slices.Index(h.pg.events, e)
+}
+
+func Test_DB_FailoverWithPgbouncerCutOff(t *testing.T) {
+	// A partition: the agents of n1, which runs the primary pg1 and
+	// pgbouncer b1, are cut off from the quorum, and pg1 runs on there. An
+	// operator fails over to pg2 on the majority side at once. b1's agent
+	// hears nothing of it: it must fence b1 by itself, and the leader must
+	// not promote pg2 before it surely has, or two writable primaries are
+	// reachable through pgbouncer (the fakes record that).
+	//
+	// The isolation lease (3 s, plus 2 report intervals at the leader) is
+	// longer than the time the leader takes to stop hearing pg1's agent
+	// (2 s), so the leader's wait for b1 is what keeps pg2 back.
+	set := fastDBSettings()
+	set.FailoverAfter, set.IsolationFenceAfter, set.PauseTimeout = 5*time.Second, 3*time.Second, 5*time.Second
+	h := newDBHarness(t, set, twoPG)
+	h.waitSettled("pg1", 1)
+	w := h.startWriter("b2", "b3")
+	h.cut("n1")
+	cutAt := time.Now()
+	resp, err := h.client("n2").Failover(context.Background(), &dbv1.FailoverRequest{To: "pg2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "pg2 recorded as the primary", 20*time.Second, func() bool { return h.state().GetGeneration() == 2 })
+	if running, rec, _, _ := h.pg.snapshot("pg1"); !running || rec {
+		t.Fatalf("pg1 running %v in recovery %v: the cut-off side should still run it as a primary", running, rec)
+	}
+	fence, promote := h.eventIndex("fence b1"), h.eventIndex("promote pg2")
+	if fence < 0 || promote < 0 || fence > promote {
+		h.pg.mu.Lock()
+		t.Errorf("b1 fenced at event %d, pg2 promoted at event %d: %v", fence, promote, h.pg.events)
+		h.pg.mu.Unlock()
+	}
+	t.Logf("pg2 recorded %s after the cut", time.Since(cutAt).Round(time.Millisecond))
+	h.checkNoViolations()
+
+	// The partition heals: b1 points at pg2 and resumes, pg1's agent demotes
+	// it, and the failover finishes.
+	h.heal("n1")
+	if e := h.waitOp(resp.GetOperation().GetId()); e.GetOutcome() != dbv1.Outcome_OUTCOME_DONE {
+		t.Fatalf("failover: %v", e)
+	}
+	h.waitSettled("pg2", 2)
+	waitFor(t, "pg1 to follow pg2", 10*time.Second, func() bool {
+		running, rec, up, _ := h.pg.snapshot("pg1")
+		return running && rec && up == "pg2"
+	})
+	w.finish()
 	h.checkNoViolations()
 }

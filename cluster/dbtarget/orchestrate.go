@@ -31,6 +31,13 @@ type Settings struct {
 	ReportInterval time.Duration
 	// ProbeTimeout bounds one probe of the primary.
 	ProbeTimeout time.Duration
+	// IsolationFenceAfter is how long a pgbouncer agent keeps routing when
+	// its node can neither confirm the state with the quorum (a
+	// linearizable read) nor get a report to the leader; then it fences its
+	// pgbouncer until both work again. The leader counts a pgbouncer that
+	// has been silent this long plus IsolationMargin as fenced. It must be
+	// the same on every node and below FailoverAfter.
+	IsolationFenceAfter time.Duration
 }
 
 // Defaults of Settings.
@@ -42,6 +49,17 @@ const (
 	DefaultReportInterval    = time.Second
 	DefaultProbeTimeout      = time.Second
 )
+
+// DefaultIsolationFenceAfter is the default of IsolationFenceAfter:
+// failover_after less the leader's margin (two report intervals), and at
+// least half of failover_after. By the time a partition has lasted long
+// enough for the majority to fail over, every pgbouncer cut off with the old
+// primary has fenced itself and the leader need not wait for it; and a
+// leader election (about 1-2 s with the default Raft timeouts), during which
+// no node can read linearizably, rarely lasts long enough to fence anyone.
+func DefaultIsolationFenceAfter(failoverAfter, reportInterval time.Duration) time.Duration {
+	return max(failoverAfter-2*reportInterval, failoverAfter/2)
+}
 
 // WithDefaults fills the unset settings.
 func (s Settings) WithDefaults() Settings {
@@ -63,8 +81,17 @@ func (s Settings) WithDefaults() Settings {
 	if s.ProbeTimeout <= 0 {
 		s.ProbeTimeout = DefaultProbeTimeout
 	}
+	if s.IsolationFenceAfter <= 0 {
+		s.IsolationFenceAfter = DefaultIsolationFenceAfter(s.FailoverAfter, s.ReportInterval)
+	}
 	return s
 }
+
+// IsolationMargin is what the leader adds to IsolationFenceAfter before it
+// counts a silent pgbouncer as fenced by itself: the agent's own lateness
+// (it fences at expiry, plus the admin command) and the time a node takes to
+// notice a change of leader.
+func (s Settings) IsolationMargin() time.Duration { return 2 * s.ReportInterval }
 
 // Fresh is how old a report may be and still count.
 func (s Settings) Fresh() time.Duration { return max(3*s.ReportInterval, 2*time.Second) }
@@ -523,40 +550,7 @@ func Next(st *dbv1.State, obs Observed, s Settings, now time.Time) Decision {
 		return wait("the old primary %s to become a standby of %s", op.GetOldPrimary(), op.GetTarget())
 
 	case dbv1.Phase_PHASE_FENCING:
-		var fenced, silent int
-		var notYet []string
-		for _, b := range st.GetBouncers() {
-			r, ok := obs.bouncer(b.GetName(), now, s)
-			step := r.GetStep()
-			switch {
-			case step.GetOpId() == op.GetId() && step.GetPhase() == op.GetPhase() && step.GetDone():
-				fenced++
-			case !ok:
-				silent++
-				notYet = append(notYet, b.GetName())
-			default:
-				notYet = append(notYet, b.GetName())
-			}
-		}
-		total := len(st.GetBouncers())
-		// A pgbouncer that does not report cannot be told anything; one that
-		// reports will fence. Go on when every reporting one has, and they
-		// are a majority, or at the deadline.
-		enough := fenced == total || (fenced > total/2 && fenced+silent == total) || past
-		if old, ok := obs.postgres(op.GetOldPrimary(), now, s); ok && old.GetRunning() && !old.GetInRecovery() {
-			if past {
-				return rollBack("the old primary %s still runs as a primary and could not be fenced within %s", op.GetOldPrimary(), s.PauseTimeout)
-			}
-			return wait("the old primary %s to be stopped by its agent", op.GetOldPrimary())
-		}
-		if !enough {
-			return wait("pgbouncer %s to fence", strings.Join(notYet, ", "))
-		}
-		note := ""
-		if fenced < total {
-			note = fmt.Sprintf("pgbouncer %s not fenced", strings.Join(notYet, ", "))
-		}
-		return do(cmdAdvance(op, dbv1.Phase_PHASE_PROMOTING, s.SwitchoverTimeout, 0, note), "%d of %d pgbouncers fenced; promote %s", fenced, total, op.GetTarget())
+		return fencing(st, obs, s, op, now, past, rollBack)
 
 	case dbv1.Phase_PHASE_ROLLING_BACK:
 		if op.GetOldPrimary() == "" {
@@ -582,6 +576,73 @@ func Next(st *dbv1.State, obs Observed, s Settings, now time.Time) Decision {
 		return wait("the old primary %s to run again", op.GetOldPrimary())
 	}
 	return wait("operation %d in phase %s, which this leader does not drive", op.GetId(), PhaseName(op.GetPhase()))
+}
+
+// fencing decides in a failover's fencing phase. Promotion waits until no
+// pgbouncer can still route to the old primary: each one either reported
+// fenced for this operation, or has been silent (no report reached this
+// leader since the later of its last report and this leader's start) for
+// IsolationFenceAfter plus IsolationMargin, by which time its agent fenced it
+// for being cut off. A silent pgbouncer is waited for past the phase's
+// deadline (the wait is bounded by that lease). One that reports but has not
+// fenced by the deadline rolls the failover back, unless the old primary's
+// agent reports that it does not run as a primary, so a pgbouncer that
+// routes to it reaches no writable server.
+func fencing(st *dbv1.State, obs Observed, s Settings, op *dbv1.Operation, now time.Time, past bool, rollBack func(string, ...any) Decision) Decision {
+	lease := s.IsolationFenceAfter + s.IsolationMargin()
+	var fenced int
+	var silent, waiting, unfenced, forget []string
+	for _, b := range st.GetBouncers() {
+		name := b.GetName()
+		h, heard := obs.Bouncers[name]
+		step := h.Report.GetStep()
+		mine := heard && step.GetOpId() == op.GetId() && step.GetPhase() == op.GetPhase()
+		if mine && step.GetDone() {
+			fenced++
+			continue
+		}
+		last := obs.Since
+		if heard && h.At.After(last) {
+			last = h.At
+		}
+		switch quiet := now.Sub(last); {
+		case quiet >= lease:
+			silent = append(silent, name)
+		case !heard || quiet > s.Fresh():
+			waiting = append(waiting, fmt.Sprintf("%s (silent: it fences itself after %s; counted as fenced %s after its last report)", name, s.IsolationFenceAfter, lease))
+		case mine && step.GetError() != "":
+			unfenced, forget = append(unfenced, fmt.Sprintf("%s (%s)", name, step.GetError())), append(forget, "gitraft db remove "+name)
+		default:
+			unfenced, forget = append(unfenced, name), append(forget, "gitraft db remove "+name)
+		}
+	}
+	old, oldFresh := obs.postgres(op.GetOldPrimary(), now, s)
+	if oldFresh && old.GetRunning() && !old.GetInRecovery() {
+		if past {
+			return rollBack("the old primary %s still runs as a primary and could not be fenced within %s", op.GetOldPrimary(), s.PauseTimeout)
+		}
+		return wait("the old primary %s to be stopped by its agent", op.GetOldPrimary())
+	}
+	var notes []string
+	if len(unfenced) > 0 {
+		if !past {
+			return wait("pgbouncer %s to fence", strings.Join(append(unfenced, waiting...), ", "))
+		}
+		if !oldFresh {
+			return rollBack("pgbouncer %s did not fence within %s (database.pause_timeout) and may still route to the old primary %s, whose agent does not report; fix it, or forget it (%s)",
+				strings.Join(unfenced, ", "), s.PauseTimeout, op.GetOldPrimary(), strings.Join(forget, "; "))
+		}
+		notes = append(notes, fmt.Sprintf("pgbouncer %s not fenced; the old primary %s does not run as a primary (%s)", strings.Join(unfenced, ", "), op.GetOldPrimary(), healthText(old)))
+	}
+	if len(waiting) > 0 {
+		return wait("pgbouncer %s", strings.Join(waiting, ", "))
+	}
+	if len(silent) > 0 {
+		notes = append(notes, fmt.Sprintf("pgbouncer %s silent for over %s: fenced by its agent (database.isolation_fence_after)", strings.Join(silent, ", "), lease))
+	}
+	total := len(st.GetBouncers())
+	return do(cmdAdvance(op, dbv1.Phase_PHASE_PROMOTING, s.SwitchoverTimeout, 0, strings.Join(notes, "; ")),
+		"%d of %d pgbouncers fenced, %d silent long enough to have fenced themselves; promote %s", fenced, total, len(silent), op.GetTarget())
 }
 
 func checkScheduled(st *dbv1.State, obs Observed, s Settings, op *dbv1.Operation, now time.Time) error {

@@ -255,16 +255,122 @@ func TestNextFencing(t *testing.T) {
 	// b3 reports but has not fenced yet: wait for it.
 	w.bouncer("b3", &dbv1.BouncerReport{})
 	w.wantWait("b3 to fence")
-	// b3 goes silent (its host is gone): a majority fenced is enough.
+	// b3 has been silent for long (its host is gone): its agent, if it
+	// lives, fenced it for isolation.
 	w.obs.Bouncers["b3"] = Heard[*dbv1.BouncerReport]{Report: &dbv1.BouncerReport{}, At: w.now.Add(-time.Minute)}
 	w.next()
 	w.wantPhase(dbv1.Phase_PHASE_PROMOTING)
-	if !strings.Contains(w.op().GetNote(), "b3 not fenced") {
+	if !strings.Contains(w.op().GetNote(), "pgbouncer b3 silent for over 5s: fenced by its agent") {
 		t.Errorf("note %q", w.op().GetNote())
 	}
 	if w.op().GetWaitLsn() != 0 {
 		t.Errorf("a failover waits for LSN %d", w.op().GetWaitLsn())
 	}
+}
+
+// silentFor makes pgbouncer name's last report d old.
+func (w *world) silentFor(name string, d time.Duration) {
+	w.obs.Bouncers[name] = Heard[*dbv1.BouncerReport]{Report: &dbv1.BouncerReport{Name: name, AppliedGeneration: 1}, At: w.now.Add(-d)}
+}
+
+func TestNextFencingWaitsForSilentPgbouncer(t *testing.T) {
+	// b2 went silent just before the failover (cut off from the cluster,
+	// perhaps with the old primary): promotion waits until its agent has
+	// surely fenced it, isolation_fence_after plus the margin after its last
+	// report, and past the phase's deadline if need be.
+	lease := testSettings.IsolationFenceAfter + testSettings.IsolationMargin() // 3 s + 2 s
+	w := newWorld(t)
+	w.ok(bouncer("b2", "n2"))
+	w.pg("pg1", &dbv1.PostgresReport{Running: false, Error: "connection refused"})
+	w.ok(begin(dbv1.Kind_KIND_FAILOVER, "pg2", 1))
+	w.bouncer("b1", &dbv1.BouncerReport{Fenced: true, Step: w.step(dbv1.Phase_PHASE_FENCING, true, "", 0)})
+	w.silentFor("b2", testSettings.Fresh()+time.Millisecond)
+	w.wantWait("b2 (silent: it fences itself after 3s; counted as fenced 5s after its last report)")
+	w.now = w.now.Add(testSettings.PauseTimeout + time.Second) // past the deadline
+	w.pg("pg1", &dbv1.PostgresReport{Running: false, Error: "connection refused"})
+	w.bouncer("b1", &dbv1.BouncerReport{Fenced: true, Step: w.step(dbv1.Phase_PHASE_FENCING, true, "", 0)})
+	w.silentFor("b2", lease-time.Millisecond)
+	w.wantWait("b2 (silent")
+	w.silentFor("b2", lease)
+	w.next()
+	w.wantPhase(dbv1.Phase_PHASE_PROMOTING)
+	if !strings.Contains(w.op().GetNote(), "pgbouncer b2 silent for over 5s: fenced by its agent (database.isolation_fence_after)") {
+		t.Errorf("note %q", w.op().GetNote())
+	}
+}
+
+func TestNextFencingNewLeaderCountsSilenceFromItsStart(t *testing.T) {
+	// A new leader that has heard nothing from b2 counts b2's silence from
+	// its own start: b2 may have reported to the old leader a moment ago.
+	lease := testSettings.IsolationFenceAfter + testSettings.IsolationMargin()
+	w := newWorld(t)
+	w.ok(bouncer("b2", "n2"))
+	w.ok(begin(dbv1.Kind_KIND_FAILOVER, "pg2", 1))
+	delete(w.obs.Postgres, "pg1")
+	w.obs.Since = w.now.Add(-3 * time.Second)
+	w.bouncer("b1", &dbv1.BouncerReport{Fenced: true, Step: w.step(dbv1.Phase_PHASE_FENCING, true, "", 0)})
+	w.wantWait("b2 (silent")
+	w.obs.Since = w.now.Add(-lease)
+	w.next()
+	w.wantPhase(dbv1.Phase_PHASE_PROMOTING)
+}
+
+func TestNextFencingGoesOnOnceAllFenced(t *testing.T) {
+	// Every pgbouncer reported fenced for this operation: promote at once,
+	// without waiting for any lease.
+	w := newWorld(t)
+	w.ok(bouncer("b2", "n2"))
+	w.ok(begin(dbv1.Kind_KIND_FAILOVER, "pg2", 1))
+	w.pg("pg1", &dbv1.PostgresReport{Running: false})
+	w.bouncer("b1", &dbv1.BouncerReport{Fenced: true, Step: w.step(dbv1.Phase_PHASE_FENCING, true, "", 0)})
+	// A fence for another operation does not count.
+	w.bouncer("b2", &dbv1.BouncerReport{Fenced: true, Step: &dbv1.Step{OpId: w.op().GetId() - 1, Phase: dbv1.Phase_PHASE_FENCING, Done: true}})
+	w.wantWait("pgbouncer b2 to fence")
+	w.bouncer("b2", &dbv1.BouncerReport{Fenced: true, Step: w.step(dbv1.Phase_PHASE_FENCING, true, "", 0)})
+	w.next()
+	w.wantPhase(dbv1.Phase_PHASE_PROMOTING)
+	if w.op().GetNote() != "" {
+		t.Errorf("note %q", w.op().GetNote())
+	}
+}
+
+func TestNextFencingPgbouncerThatCannotFence(t *testing.T) {
+	// b2 reports, but fencing fails. Past the deadline, with the old
+	// primary's agent silent (it may run, cut off), the failover rolls
+	// back; when that agent says its server is down, it goes on.
+	setup := func(t *testing.T) *world {
+		w := newWorld(t)
+		w.ok(bouncer("b2", "n2"))
+		w.ok(begin(dbv1.Kind_KIND_FAILOVER, "pg2", 1))
+		delete(w.obs.Postgres, "pg1")
+		w.bouncer("b1", &dbv1.BouncerReport{Fenced: true, Step: w.step(dbv1.Phase_PHASE_FENCING, true, "", 0)})
+		w.bouncer("b2", &dbv1.BouncerReport{Step: w.step(dbv1.Phase_PHASE_FENCING, false, "fence: admin console: connection refused", 0)})
+		w.wantWait("pgbouncer b2 (fence: admin console: connection refused) to fence")
+		w.now = w.now.Add(testSettings.PauseTimeout + time.Second)
+		w.pg("pg2", &dbv1.PostgresReport{Running: true, InRecovery: true, Streaming: true})
+		w.bouncer("b1", &dbv1.BouncerReport{Fenced: true, Step: w.step(dbv1.Phase_PHASE_FENCING, true, "", 0)})
+		w.bouncer("b2", &dbv1.BouncerReport{Step: w.step(dbv1.Phase_PHASE_FENCING, false, "fence: admin console: connection refused", 0)})
+		return w
+	}
+	t.Run("old primary silent", func(t *testing.T) {
+		w := setup(t)
+		w.next()
+		w.wantPhase(dbv1.Phase_PHASE_ROLLING_BACK)
+		for _, want := range []string{"pgbouncer b2 (fence: admin console: connection refused) did not fence within 5s", "may still route to the old primary pg1", "gitraft db remove b2"} {
+			if !strings.Contains(w.op().GetNote(), want) {
+				t.Errorf("note %q lacks %q", w.op().GetNote(), want)
+			}
+		}
+	})
+	t.Run("old primary down", func(t *testing.T) {
+		w := setup(t)
+		w.pg("pg1", &dbv1.PostgresReport{Running: false, Error: "connection refused"})
+		w.next()
+		w.wantPhase(dbv1.Phase_PHASE_PROMOTING)
+		if !strings.Contains(w.op().GetNote(), "the old primary pg1 does not run as a primary (not running: connection refused)") {
+			t.Errorf("note %q", w.op().GetNote())
+		}
+	})
 }
 
 func TestNextFencingCannotStopOldPrimary(t *testing.T) {

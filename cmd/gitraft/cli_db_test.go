@@ -262,6 +262,7 @@ func TestDatabaseConfigKeys(t *testing.T) {
 	os.WriteFile(path, []byte(`database:
   automatic_failover: true
   failover_after: 7s
+  isolation_fence_after: 3s
   max_lag_bytes: 1048576
   postgres:
     member: pg1
@@ -309,8 +310,16 @@ func TestDatabaseConfigKeys(t *testing.T) {
 		t.Errorf("validate: %v", err)
 	}
 	set := d.clusterSettings()
-	if set.PauseTimeout != 5*time.Second || set.FailoverAfter != 7*time.Second || !set.AutomaticFailover {
+	if set.PauseTimeout != 5*time.Second || set.FailoverAfter != 7*time.Second || !set.AutomaticFailover || set.IsolationFenceAfter != 3*time.Second {
 		t.Errorf("cluster settings %+v", set)
+	}
+	// Unset, it is failover_after less 2 report intervals, at least half of
+	// failover_after.
+	if set := (dbSettings{FailoverAfter: 5 * time.Second}).clusterSettings(); set.IsolationFenceAfter != 3*time.Second {
+		t.Errorf("default isolation_fence_after %s with failover_after 5s", set.IsolationFenceAfter)
+	}
+	if set := (dbSettings{FailoverAfter: 3 * time.Second}).clusterSettings(); set.IsolationFenceAfter != 1500*time.Millisecond {
+		t.Errorf("default isolation_fence_after %s with failover_after 3s", set.IsolationFenceAfter)
 	}
 }
 
@@ -324,6 +333,9 @@ func TestDatabaseConfigRefused(t *testing.T) {
 		{dbSettings{PgBouncer: pgbouncerSettings{Name: "b1", Databases: []string{"app"}}}, "databases_file is required"},
 		{dbSettings{PgBouncer: pgbouncerSettings{Name: "b1", DatabasesFile: "/f"}}, "database.pgbouncer.databases is required"},
 		{dbSettings{Postgres: postgresSettings{Member: "x", DataDir: "/d"}, PgBouncer: pgbouncerSettings{Name: "x", DatabasesFile: "/f", Databases: []string{"a"}}}, "different names"},
+		{dbSettings{FailoverAfter: 2 * time.Second, IsolationFenceAfter: 2 * time.Second}, "database.isolation_fence_after (2s) must be below database.failover_after (2s)"},
+		{dbSettings{IsolationFenceAfter: 6 * time.Second}, "set it to 3s or less"},
+		{dbSettings{IsolationFenceAfter: -time.Second}, "database.isolation_fence_after -1s: give a positive duration"},
 	}
 	for _, c := range cases {
 		err := c.d.validate()

@@ -25,6 +25,10 @@ type dbSettings struct {
 	SwitchoverTimeout time.Duration `yaml:"switchover_timeout" help:"bound of each later phase of a switchover or failover (default 30s)"`
 	ReportInterval    time.Duration `yaml:"report_interval" help:"how often database agents report and nodes probe the primary (default 1s)"`
 	ProbeTimeout      time.Duration `yaml:"probe_timeout" help:"timeout of one probe of the primary (default 1s)"`
+	// IsolationFenceAfter is read by the pgbouncer agent (when to fence
+	// itself) and by the leader (when a silent pgbouncer counts as fenced),
+	// so it must be the same on every node.
+	IsolationFenceAfter time.Duration `yaml:"isolation_fence_after" help:"a pgbouncer whose node cannot reach the cluster's quorum and leader for this long fences itself until it can; the leader counts one silent this long (plus 2 report intervals) as fenced. Same on every node, below failover_after (default failover_after minus 2 report intervals, at least failover_after/2: 3s)"`
 
 	Postgres  postgresSettings  `yaml:"postgres"`
 	PgBouncer pgbouncerSettings `yaml:"pgbouncer"`
@@ -67,7 +71,7 @@ func (d dbSettings) clusterSettings() dbtarget.Settings {
 	return dbtarget.Settings{
 		AutomaticFailover: d.AutomaticFailover, FailoverAfter: d.FailoverAfter, MaxLagBytes: d.MaxLagBytes,
 		PauseTimeout: d.PauseTimeout, SwitchoverTimeout: d.SwitchoverTimeout,
-		ReportInterval: d.ReportInterval, ProbeTimeout: d.ProbeTimeout,
+		ReportInterval: d.ReportInterval, ProbeTimeout: d.ProbeTimeout, IsolationFenceAfter: d.IsolationFenceAfter,
 	}.WithDefaults()
 }
 
@@ -75,6 +79,13 @@ func (d dbSettings) clusterSettings() dbtarget.Settings {
 func (d dbSettings) validate() error {
 	bad := func(format string, args ...any) error {
 		return fmt.Errorf("%w: %s", cluster.ErrConfig, fmt.Sprintf(format, args...))
+	}
+	if d.IsolationFenceAfter < 0 {
+		return bad("database.isolation_fence_after %s: give a positive duration, or leave it unset (failover_after minus 2 report intervals)", d.IsolationFenceAfter)
+	}
+	if set := d.clusterSettings(); set.IsolationFenceAfter >= set.FailoverAfter {
+		return bad("database.isolation_fence_after (%s) must be below database.failover_after (%s): a pgbouncer cut off with the old primary has to fence itself before the rest of the cluster fails over; set it to %s or less, or leave it unset (that value)",
+			set.IsolationFenceAfter, set.FailoverAfter, dbtarget.DefaultIsolationFenceAfter(set.FailoverAfter, set.ReportInterval))
 	}
 	if p := d.Postgres; p.Member != "" {
 		if err := dbtarget.ValidName(p.Member); err != nil {
@@ -162,11 +173,12 @@ func startDatabaseAgents(ctx context.Context, cfg fileConfig, n *cluster.Node, l
 			return fmt.Errorf("database.pgbouncer (%s): %w", b.Name, err)
 		}
 		bAgent = dbtarget.NewBouncerAgent(dbtarget.BouncerAgentConfig{
-			Name:           b.Name,
-			StateFile:      filepath.Join(cfg.DataDir, "database", "pgbouncer-"+b.Name+".json"),
-			PauseExpiry:    b.PauseExpiry,
-			PauseTimeout:   set.PauseTimeout,
-			ReportInterval: set.ReportInterval,
+			Name:                b.Name,
+			StateFile:           filepath.Join(cfg.DataDir, "database", "pgbouncer-"+b.Name+".json"),
+			PauseExpiry:         b.PauseExpiry,
+			PauseTimeout:        set.PauseTimeout,
+			ReportInterval:      set.ReportInterval,
+			IsolationFenceAfter: set.IsolationFenceAfter,
 		}, n, bc, log)
 	}
 	prober := dbtarget.NewProber(dbtarget.ProberConfig{Interval: set.ReportInterval, Timeout: set.ProbeTimeout}, n, log)
