@@ -446,22 +446,44 @@ func (n *Node) leaderView(ctx context.Context) (*dbv1.State, dbtarget.Observed, 
 		return nil, dbtarget.Observed{}, dbtarget.Settings{}, 0, err
 	}
 	n.db.init()
-	// A new leader has not heard the agents yet: give them time to report
-	// before judging anyone down.
-	n.db.mu.Lock()
-	settle := time.Until(n.db.since.Add(2 * n.db.settings.ReportInterval))
-	n.db.mu.Unlock()
-	if settle > 0 {
+	// A new leader has not heard the agents yet: agents find it only after
+	// the election, and under load that takes more than a report interval.
+	// Wait until every registered agent has reported to this leader, or
+	// until the freshness window has passed since it took over (after which
+	// silence means what it says), before judging anyone down.
+	for {
+		var st *dbv1.State
+		n.fsm.Read(func(s *State) { st = s.Database().View() })
+		obs, set := n.db.observed(n.dbVoters())
+		settled := time.Since(obs.Since) >= set.Fresh()
+		if !settled && time.Since(obs.Since) >= 2*set.ReportInterval {
+			settled = heardFromAll(st, obs)
+		}
+		if settled {
+			return st, obs, set, idx, nil
+		}
 		select {
-		case <-time.After(settle):
+		case <-time.After(50 * time.Millisecond):
 		case <-ctx.Done():
 			return nil, dbtarget.Observed{}, dbtarget.Settings{}, 0, ctx.Err()
 		}
 	}
-	var st *dbv1.State
-	n.fsm.Read(func(s *State) { st = s.Database().View() })
-	obs, set := n.db.observed(n.dbVoters())
-	return st, obs, set, idx, nil
+}
+
+// heardFromAll reports whether this leader has a report from the agent of
+// every registered member and pgbouncer.
+func heardFromAll(st *dbv1.State, obs dbtarget.Observed) bool {
+	for _, m := range st.GetMembers() {
+		if _, ok := obs.Postgres[m.GetName()]; !ok {
+			return false
+		}
+	}
+	for _, b := range st.GetBouncers() {
+		if _, ok := obs.Bouncers[b.GetName()]; !ok {
+			return false
+		}
+	}
+	return true
 }
 
 func (s *dbService) GetStatus(ctx context.Context, req *dbv1.GetStatusRequest) (*dbv1.GetStatusResponse, error) {
