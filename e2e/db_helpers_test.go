@@ -85,6 +85,16 @@ func startDB(t testing.TB, o dbOpts) *dbEnv {
 		n.args = append(n.args, agents[n.id]...)
 	})
 	e.waitPrimary("pg1", 1)
+	// As an operator would check gitraft db status first: every member
+	// registered, and the standby reporting that it streams.
+	waitFor(t, "pg2 registered and reporting as a standby", 30*time.Second, func() bool {
+		for _, m := range e.status().GetMembers() {
+			if m.GetMember().GetName() == "pg2" {
+				return m.GetRole() == "standby" && m.GetHealth().GetStreaming()
+			}
+		}
+		return false
+	})
 	return e
 }
 
