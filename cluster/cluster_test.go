@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -33,16 +32,6 @@ func testLogger(t *testing.T) *slog.Logger {
 	return slog.New(slog.NewTextHandler(io.Discard, nil))
 }
 
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
 func mustNewCluster(t *testing.T, size int, tune ...func(*Config)) *testCluster {
 	t.Helper()
 	c := &testCluster{t: t, dir: t.TempDir(), nodes: map[string]*Node{}, cfgs: map[string]Config{}}
@@ -68,7 +57,10 @@ func (c *testCluster) add(id string, bootstrap bool) *Node {
 	c.t.Helper()
 	cfg := Config{
 		NodeID: id, DataDir: filepath.Join(c.dir, id),
-		RaftAddr: freeAddr(c.t), GRPCAddr: freeAddr(c.t), HTTPAddr: freeAddr(c.t),
+		// Port 0: the kernel picks free ports as the node listens, so a
+		// port cannot be taken by another test between choosing and
+		// listening. start records the ports for restarts.
+		RaftAddr: "127.0.0.1:0", GRPCAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0",
 		Insecure: true, Bootstrap: bootstrap,
 		Raft:               RaftTuning{HeartbeatTimeout: 300 * time.Millisecond, ElectionTimeout: 300 * time.Millisecond, LeaderLeaseTimeout: 150 * time.Millisecond},
 		LockExpiryInterval: 50 * time.Millisecond,
@@ -91,6 +83,10 @@ func (c *testCluster) start(cfg Config) *Node {
 		c.t.Fatalf("start %s: %v", cfg.NodeID, err)
 	}
 	c.nodes[cfg.NodeID] = n
+	// A restart must come back on the same addresses (peers know them).
+	cfg.RaftAddr, cfg.RaftAdvertise = n.RaftAddr(), ""
+	cfg.GRPCAddr, cfg.GRPCAdvertise = n.GRPCAddr(), ""
+	cfg.HTTPAddr = n.HTTPAddr()
 	c.cfgs[cfg.NodeID] = cfg
 	return n
 }
