@@ -7,6 +7,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/gitraft/gitraft/cluster/atomicfile"
 )
 
 // dataDirMeta is written into a node's data dir on first start and checked on
@@ -47,7 +49,7 @@ func checkDataDir(dir, nodeID, caFingerprint string) error {
 		}
 		m := dataDirMeta{Format: metaFormat, NodeID: nodeID, CA: caFingerprint, Created: time.Now().UTC()}
 		b, _ := json.MarshalIndent(m, "", "  ")
-		return writeFileSync(path, append(b, '\n'), 0o600)
+		return atomicfile.Write(path, append(b, '\n'), 0o600)
 	}
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrDataDir, err)
@@ -73,32 +75,4 @@ func orNone(s string) string {
 		return "none (insecure)"
 	}
 	return s
-}
-
-func writeFileSync(path string, b []byte, mode os.FileMode) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, mode)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	d, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/gitraft/gitraft/cluster/atomicfile"
 	dbv1 "github.com/gitraft/gitraft/proto/gitraft/db/v1"
 )
 
@@ -132,22 +133,7 @@ func (a *BouncerAgent) save(st *dbv1.State, ep Endpoint) error {
 	if err := os.MkdirAll(filepath.Dir(a.cfg.StateFile), 0o700); err != nil {
 		return err
 	}
-	tmp := a.cfg.StateFile + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return err
-	}
-	return os.Rename(tmp, a.cfg.StateFile)
+	return atomicfile.Write(a.cfg.StateFile, b, 0o600)
 }
 
 // Run registers the pgbouncer and follows the state until ctx ends.

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/gitraft/gitraft/cluster/atomicfile"
 	mailv1 "github.com/gitraft/gitraft/proto/gitraft/mail/v1"
 )
 
@@ -105,7 +106,7 @@ func (o *Output) Run(ctx context.Context) {
 			fresh = false
 			frag := ZoneFragment(MXSet(hosts))
 			if frag != written {
-				if err := writeFileAtomic(o.cfg.ZoneFile, []byte(frag)); err != nil {
+				if err := atomicfile.Write(o.cfg.ZoneFile, []byte(frag), 0o644); err != nil {
 					o.log.Error("writing the MX zone fragment failed; will retry", "err", err)
 				} else {
 					o.log.Info("wrote the MX zone fragment", "mx", mxSummary(MXSet(hosts)))
@@ -162,39 +163,4 @@ func tail(s string, n int) string {
 		return "..." + s[len(s)-n:]
 	}
 	return s
-}
-
-// writeFileAtomic replaces path with data: a temporary file in the same
-// directory, fsynced, renamed over path, and the directory fsynced.
-func writeFileAtomic(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name())
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Chmod(0o644); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(f.Name(), path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }

@@ -16,6 +16,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/gitraft/gitraft/cluster/atomicfile"
 )
 
 // MTA is what the agent needs from the mail server on its host. Every
@@ -256,7 +258,7 @@ func (p *Postfix) storeSaved(m map[string]savedOverride) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(p.cfg.StateFile, b)
+	return atomicfile.Write(p.cfg.StateFile, b, 0o644)
 }
 
 // override is one wanted master.cf parameter override: set to value, or

@@ -17,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/gitraft/gitraft/cluster/atomicfile"
 	"github.com/gitraft/gitraft/cluster/dbtarget"
 )
 
@@ -279,7 +280,7 @@ func (b *Bouncer) Point(ctx context.Context, primary dbtarget.Endpoint) error {
 			uid, gid = int(st.Uid), int(st.Gid)
 		}
 	}
-	if err := writeFile(b.cfg.DatabasesFile, b.render(primary), mode, uid, gid); err != nil {
+	if err := atomicfile.WriteOwned(b.cfg.DatabasesFile, b.render(primary), mode, uid, gid); err != nil {
 		return fmt.Errorf("point: %w", err)
 	}
 	conn, err := b.admin(ctx)

@@ -118,48 +118,6 @@ func exitCode(err error) int {
 	return -1
 }
 
-// writeFile writes a file atomically (temporary file, fsync, rename, fsync
-// of the directory), owned by uid:gid when running as root.
-func writeFile(path string, data []byte, mode os.FileMode, uid, gid int) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Chmod(mode); err != nil {
-		f.Close()
-		return err
-	}
-	if os.Geteuid() == 0 && uid >= 0 {
-		if err := f.Chown(uid, gid); err != nil {
-			f.Close()
-			return err
-		}
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
-
 // quoteConnValue quotes a libpq keyword/value connection string value.
 func quoteConnValue(v string) string {
 	if v != "" && !strings.ContainsAny(v, " \t\n\r'\\") {

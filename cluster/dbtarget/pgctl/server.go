@@ -17,6 +17,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/gitraft/gitraft/cluster/atomicfile"
 	"github.com/gitraft/gitraft/cluster/dbtarget"
 )
 
@@ -557,7 +558,7 @@ func (s *Server) rewind(ctx context.Context, primary dbtarget.Endpoint) error {
 	t0 := time.Now()
 	out, err := s.user.run(ctx, s.cfg.BinDir, "pg_rewind", "--target-pgdata", s.cfg.DataDir, "--source-server", src)
 	for f, b := range saved {
-		if werr := writeFile(f, b, 0o600, s.user.uid, s.user.gid); werr != nil && err == nil {
+		if werr := atomicfile.WriteOwned(f, b, 0o600, s.user.uid, s.user.gid); werr != nil && err == nil {
 			err = werr
 		}
 	}
@@ -598,10 +599,10 @@ func (s *Server) writeStandbyConfig(primary dbtarget.Endpoint) error {
 	fmt.Fprintf(&b, "primary_conninfo = %s\n", quoteConfValue(conninfo))
 	fmt.Fprintf(&b, "primary_slot_name = %s\n", quoteConfValue(s.slot))
 	fmt.Fprintf(&b, "recovery_target_timeline = 'latest'\n")
-	if err := writeFile(path, []byte(b.String()), 0o600, s.user.uid, s.user.gid); err != nil {
+	if err := atomicfile.WriteOwned(path, []byte(b.String()), 0o600, s.user.uid, s.user.gid); err != nil {
 		return err
 	}
-	return writeFile(filepath.Join(s.cfg.DataDir, "standby.signal"), nil, 0o600, s.user.uid, s.user.gid)
+	return atomicfile.WriteOwned(filepath.Join(s.cfg.DataDir, "standby.signal"), nil, 0o600, s.user.uid, s.user.gid)
 }
 
 // quoteConfValue quotes a postgresql.conf string value.
