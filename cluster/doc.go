@@ -1,13 +1,16 @@
 // Package cluster is gitraft's consensus core: one Raft group
 // (hashicorp/raft, with raft-boltdb/v2 behind a log cache and file
 // snapshots) whose state machine records every repository's version and
-// refs, the write locks and the members' addresses.
+// refs, the write locks and the members' addresses, users, keys and grants,
+// and (through the sub-packages dbtarget and mail) the PostgreSQL failover
+// target and the mail hosts' drain state.
 //
 // A Node is one member. It serves the admin gRPC API (ClusterService,
-// RepoService, LockService) and the node-to-node API (NodeService) over
+// RepoService, LockService, UserService, DatabaseService, MailService) and
+// the node-to-node API (NodeService, DatabaseAgentService) over
 // mutual TLS, forwards writes from followers to the leader, answers reads
 // only after a read barrier (so they are never stale), and exposes
-// /metrics, /healthz and /readyz over HTTP.
+// /metrics, /healthz, /readyz and /db/writable over HTTP.
 //
 // State is the deterministic state machine; it can be driven without Raft.
 // See DESIGN.md for why it is built this way.
