@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -37,8 +39,79 @@ var (
 // third of it while the push runs.
 const pushLease = 15 * time.Second
 
-// UserForKey says whose SSH key (by SHA256 fingerprint) this is.
-func (n *Node) UserForKey(fingerprint string) (string, error) {
+// ErrNotCurrent says this node cannot confirm that its state is current:
+// it reaches no leader (no quorum, or cut off from the majority). What it
+// would answer may be stale, so by default it refuses.
+var ErrNotCurrent = errors.New("this node cannot confirm it is current")
+
+// notCurrentError is a refusal wrapping ErrNotCurrent whose message is the
+// whole explanation.
+type notCurrentError struct{ msg string }
+
+func (e *notCurrentError) Error() string { return e.msg }
+func (e *notCurrentError) Unwrap() error { return ErrNotCurrent }
+
+// readMode is what a read barrier found out about this node.
+type readMode int
+
+const (
+	readCurrent     readMode = iota // applied what the leader had committed
+	readLagging                     // a leader answered, but this node cannot apply that far in time
+	readUnconfirmed                 // no leader answered: this node may be cut off
+)
+
+// freshRead runs a read barrier, but not for long (3 s).
+//
+// readLagging means a leader answered but this node could not apply its
+// commit index in time (its log is stuck, for example on a full disk): its
+// state must not be used, and sessions go to the leader instead.
+// readUnconfirmed means no leader could be reached.
+func (n *Node) freshRead(ctx context.Context) (readMode, error) {
+	bctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	if _, err := n.ReadBarrier(bctx); err != nil {
+		if ctx.Err() != nil {
+			return 0, ctx.Err()
+		}
+		if errors.Is(err, ErrNoLeader) {
+			return readUnconfirmed, nil
+		}
+		return readLagging, nil
+	}
+	return readCurrent, nil
+}
+
+// notCurrent is the refusal of a node that cannot confirm it is current,
+// naming the other nodes a client can use instead.
+func (n *Node) notCurrent(what string) error {
+	var others []string
+	n.fsm.Read(func(s *State) {
+		for _, m := range s.Members() {
+			if m.GetId() != n.cfg.NodeID && m.GetSshAddr() != "" {
+				others = append(others, fmt.Sprintf("%s (%s)", m.GetId(), m.GetSshAddr()))
+			}
+		}
+	})
+	hint := ""
+	if len(others) > 0 {
+		hint = "; try another node: " + strings.Join(others, ", ")
+	}
+	return &notCurrentError{fmt.Sprintf("%s cannot reach the cluster's leader (no quorum from here), so it refuses to %s from a copy that may be stale%s", n.cfg.NodeID, what, hint)}
+}
+
+// UserForKey says whose SSH key (by SHA256 fingerprint) this is, from the
+// current state.
+//
+// A node that cannot confirm it is current answers from what it has, with
+// an error wrapping ErrNotCurrent (unless git.serve_stale_reads is set):
+// the front end then refuses the session with that message, instead of a
+// bare "permission denied". A lagging node answers from what it has: its
+// sessions are served by the leader, which checks the key again.
+func (n *Node) UserForKey(ctx context.Context, fingerprint string) (string, error) {
+	mode, err := n.freshRead(ctx)
+	if err != nil {
+		return "", err
+	}
 	var user string
 	n.fsm.Read(func(s *State) {
 		if k, ok := s.KeyByFingerprint(fingerprint); ok {
@@ -48,29 +121,13 @@ func (n *Node) UserForKey(fingerprint string) (string, error) {
 	if user == "" {
 		return "", fmt.Errorf("%w %s", ErrUnknownKey, fingerprint)
 	}
+	if mode == readUnconfirmed && !n.serveStale() {
+		return user, n.notCurrent("check keys")
+	}
 	return user, nil
 }
 
-// freshRead waits for a read barrier, but not long: when there is no quorum
-// it reports stale=true and the caller may serve what this node has.
-//
-// lagging=true means a leader answered but this node could not apply its
-// commit index in time (its log is stuck, for example on a full disk): its
-// state must not be used, and reads go to the leader instead.
-func (n *Node) freshRead(ctx context.Context) (stale, lagging bool, err error) {
-	bctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-	defer cancel()
-	if _, err := n.ReadBarrier(bctx); err != nil {
-		if ctx.Err() != nil {
-			return false, false, ctx.Err()
-		}
-		if errors.Is(err, ErrNoLeader) {
-			return true, false, nil
-		}
-		return false, true, nil
-	}
-	return false, false, nil
-}
+func (n *Node) serveStale() bool { return n.git != nil && n.git.cfg.ServeStaleReads }
 
 // RedirectError says this node should not take a session, and which peer
 // should.
@@ -91,14 +148,18 @@ func (n *Node) leaderPeer(reason string) error {
 	return &RedirectError{PeerID: id, PeerAddr: addr, Reason: reason}
 }
 
-// RepoAccess returns a user's access to a repository after a read barrier
-// (or from this node's state when there is no quorum).
+// RepoAccess returns a user's access to a repository after a read barrier.
 //
-// A lagging node judges from what it has applied; the session is then served
-// by the leader.
+// A node that cannot confirm it is current refuses (ErrNotCurrent), unless
+// git.serve_stale_reads is set. A lagging node judges from what it has
+// applied; the session is then served by the leader, which judges again.
 func (n *Node) RepoAccess(ctx context.Context, repo, user string) (fsmv1.Access, error) {
-	if _, _, err := n.freshRead(ctx); err != nil {
+	mode, err := n.freshRead(ctx)
+	if err != nil {
 		return 0, err
+	}
+	if mode == readUnconfirmed && !n.serveStale() {
+		return 0, n.notCurrent("check access")
 	}
 	var a fsmv1.Access
 	var found bool
@@ -119,11 +180,14 @@ func (n *Node) PrepareRead(ctx context.Context, repo string, progress func(strin
 	if n.git == nil {
 		return "", "", ErrNoGit
 	}
-	stale, lagging, err := n.freshRead(ctx)
+	mode, err := n.freshRead(ctx)
 	if err != nil {
 		return "", "", err
 	}
-	if lagging {
+	if mode == readUnconfirmed && !n.serveStale() {
+		return "", "", n.notCurrent("serve " + strconv.Quote(repo))
+	}
+	if mode == readLagging {
 		addr, id := n.leaderGRPC()
 		if addr == "" || id == n.cfg.NodeID {
 			return "", "", fmt.Errorf("%s is behind the Raft log and cannot catch up", n.cfg.NodeID)
@@ -140,14 +204,14 @@ func (n *Node) PrepareRead(ctx context.Context, repo string, progress func(strin
 		return "", "", err
 	}
 	rs := n.git.get(repo)
-	if stale {
+	if mode == readUnconfirmed {
 		rs.mu.Lock()
 		v := rs.version
 		rs.mu.Unlock()
 		if v == 0 {
 			return "", "", fmt.Errorf("%w: no quorum, and %s has no copy of %q", ErrNoLeader, n.cfg.NodeID, repo)
 		}
-		progress(fmt.Sprintf("warning: the cluster has no quorum; serving %s's copy at version %d, which may be stale", n.cfg.NodeID, v))
+		progress(fmt.Sprintf("warning: %s cannot reach the cluster's leader; serving its copy at version %d, which may be stale (git.serve_stale_reads is on)", n.cfg.NodeID, v))
 		return path, "", nil
 	}
 	deadline := time.Now().Add(n.git.cfg.ReadCatchUp)
@@ -265,6 +329,14 @@ func (n *Node) BeginPush(ctx context.Context, repo, user, pushID string, progres
 	if p.path, err = n.git.st.Path(repo); err != nil {
 		return fail(err)
 	}
+	// This node holds the write lock and the copy's guard: a ref lock file
+	// now is a leftover of a killed git, and would make git refuse refs
+	// that are about to be committed.
+	if k, err := n.git.st.RemoveStaleLocks(repo); err != nil {
+		return fail(err)
+	} else if k > 0 {
+		n.log.Warn("removed lock files an interrupted git left behind", "repo", repo, "count", k)
+	}
 	return p, nil
 }
 
@@ -286,49 +358,158 @@ func (p *Push) Path() string { return p.path }
 // Version is the version the push committed, 0 before.
 func (p *Push) Version() uint64 { return p.version }
 
+// Verdict says what becomes of one ref change of a push: Accepted, or the
+// reason git refuses it (git reports it to the client itself).
+type Verdict struct {
+	RefChange
+	Accepted bool
+	Reason   string // git's words where git has them: "funny refname", ...
+}
+
+// Judge decides, ref by ref, what git's receive-pack will do with a push's
+// commands once the pre-receive hook accepts: the same checks, on the same
+// data (the copy at the base version plus the quarantine). Only what it
+// accepts is committed; what it refuses, git refuses too and says why, so
+// the state says exactly what git accepted. A push whose outcome git would
+// decide in a way this cannot predict (a ref that is a directory of
+// another, a ref named twice) is refused whole with an error.
+func (p *Push) Judge(ctx context.Context, quarantine string, updates []RefChange) ([]Verdict, error) {
+	out := make([]Verdict, len(updates))
+	seen := map[string]bool{}
+	var tips []string
+	for i, u := range updates {
+		out[i] = Verdict{RefChange: u, Accepted: true}
+		if seen[u.Ref] {
+			return nil, fmt.Errorf("ref %s is named twice in one push", u.Ref)
+		}
+		seen[u.Ref] = true
+		switch {
+		case ValidateGitRefName(u.Ref) != nil:
+			out[i].Accepted, out[i].Reason = false, "funny refname"
+		case u.New == "" && u.Old != "" && p.base.refs[u.Ref] == "":
+			// git deletes a ref that is not there as a no-op and says ok;
+			// there is nothing to commit.
+			out[i].Accepted, out[i].Reason = false, ""
+		case p.base.refs[u.Ref] != u.Old:
+			out[i].Accepted, out[i].Reason = false, "failed to update ref (stale old value)"
+		case u.New != "":
+			tips = append(tips, u.New)
+		}
+	}
+	if len(tips) > 0 {
+		missing, err := p.n.git.st.MissingInQuarantine(ctx, p.repo, quarantine, tips)
+		if err != nil {
+			return nil, fmt.Errorf("checking the pushed objects: %w", err)
+		}
+		lacks := map[string]bool{}
+		for _, m := range missing {
+			lacks[m] = true
+		}
+		for i := range out {
+			if out[i].Accepted && lacks[out[i].New] {
+				out[i].Accepted, out[i].Reason = false, "missing necessary objects"
+			}
+		}
+	}
+	// Directory/file conflicts: git's outcome depends on the order it
+	// takes the commands in; refuse the push rather than guess.
+	final := maps.Clone(p.base.refs)
+	var accepted []*fsmv1.RefUpdate
+	for _, v := range out {
+		if !v.Accepted {
+			continue
+		}
+		accepted = append(accepted, &fsmv1.RefUpdate{Ref: v.Ref, OldOid: v.Old, NewOid: v.New})
+		if v.New == "" {
+			delete(final, v.Ref)
+		} else {
+			final[v.Ref] = v.New
+		}
+	}
+	if err := refConflicts(final, accepted); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // Commit ships the quarantined pack to the peers, waits until a majority of
-// voters (this node included) holds it durably, then commits the ref change
-// with the write lock's fencing token.
-func (p *Push) Commit(ctx context.Context, quarantine string, updates []RefChange, progress func(string)) error {
+// voters (this node included) holds it durably, then commits the accepted
+// ref changes with the write lock's fencing token, as one atomic entry.
+//
+// The verdicts come from Judge. With atomic (the client asked for
+// --atomic), one refused ref refuses the push. Commit returns the changes
+// it committed; none, and no error, when git refuses every one itself.
+func (p *Push) Commit(ctx context.Context, quarantine string, verdicts []Verdict, atomic bool, progress func(string)) ([]RefChange, error) {
 	n := p.n
 	select {
 	case <-p.held.Lost():
-		return fmt.Errorf("lost the write lock (%v); nothing was changed", p.held.Err())
+		return nil, fmt.Errorf("lost the write lock (%v); nothing was changed", p.held.Err())
 	default:
+	}
+	var changes []RefChange
+	var refused []string
+	for _, v := range verdicts {
+		if v.Accepted {
+			changes = append(changes, v.RefChange)
+		} else if v.Reason != "" {
+			refused = append(refused, fmt.Sprintf("%s (%s)", v.Ref, v.Reason))
+		}
+	}
+	if len(refused) > 0 && atomic {
+		return nil, fmt.Errorf("atomic push refused: git refuses %s; nothing was changed", strings.Join(refused, ", "))
+	}
+	for _, r := range refused {
+		progress("not committing " + r)
+	}
+	var tips []string
+	for _, c := range changes {
+		if c.New != "" && c.New != c.Old {
+			tips = append(tips, c.New)
+		}
+	}
+	if len(changes) == 0 {
+		return nil, nil
 	}
 	packs, err := quarantinePacks(quarantine)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	voters, err := n.voters()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	need := len(voters)/2 + 1
-	if err := p.replicate(ctx, packs, voters, need, progress); err != nil {
-		return err
+	if len(packs) == 0 {
+		// No new objects: every new value must already be on a majority
+		// (not merely in this node's object store, which may hold the
+		// leftovers of a push that failed).
+		if err := n.objectsOnQuorum(ctx, p.repo, tips); err != nil {
+			return nil, fmt.Errorf("%v; nothing was changed", status.Convert(err).Message())
+		}
+	} else if err := p.replicate(ctx, packs, voters, need, tips, progress); err != nil {
+		return nil, err
 	}
-	u := &fsmv1.UpdateRefs{Repo: p.repo, FencingToken: p.held.Token(), Atomic: true, PushId: p.id}
-	for _, c := range updates {
+	u := &fsmv1.UpdateRefs{Repo: p.repo, FencingToken: p.held.Token(), Atomic: true, PushId: p.id, RefRules: RefRulesGit}
+	for _, c := range changes {
 		u.Updates = append(u.Updates, &fsmv1.RefUpdate{Ref: c.Ref, OldOid: c.Old, NewOid: c.New})
 	}
 	r, err := n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_UpdateRefs{UpdateRefs: u}})
 	if err != nil {
 		if errors.Is(err, ErrNoLeader) {
-			return fmt.Errorf("the cluster lost its quorum before the push was committed; nothing was changed: %v", err)
+			return nil, fmt.Errorf("the cluster lost its quorum before the push was committed; nothing was changed: %v", err)
 		}
-		return fmt.Errorf("committing the push failed; it may or may not have been applied: %v", err)
+		return nil, fmt.Errorf("committing the push failed; it may or may not have been applied: %v", err)
 	}
 	if rf := r.GetRefusal(); rf != nil {
 		switch rf.GetReason() {
 		case fsmv1.Reason_REASON_STALE_TOKEN, fsmv1.Reason_REASON_LEASE_EXPIRED, fsmv1.Reason_REASON_LOCK_NOT_HELD:
-			return fmt.Errorf("lost the write lock before committing (%s); nothing was changed", rf.GetMessage())
+			return nil, fmt.Errorf("lost the write lock before committing (%s); nothing was changed", rf.GetMessage())
 		}
-		return fmt.Errorf("refused: %s; nothing was changed", rf.GetMessage())
+		return nil, fmt.Errorf("refused: %s; nothing was changed", rf.GetMessage())
 	}
 	p.version = r.GetRepo().GetVersion()
 	progress(fmt.Sprintf("committed version %d of %s (raft index %d)", p.version, p.repo, r.GetIndex()))
-	return nil
+	return changes, nil
 }
 
 type packFiles struct{ pack, idx string }
@@ -390,41 +571,59 @@ func (n *Node) voters() ([]*fsmv1.Member, error) {
 }
 
 // replicate sends the packs to every other voter and returns once need
-// voters (this one included) hold them durably.
-func (p *Push) replicate(ctx context.Context, packs []packFiles, voters []*fsmv1.Member, need int, progress func(string)) error {
+// voters (this one included) hold them durably, with every tip connected.
+//
+// The pack files are opened here, once: git migrates and removes the
+// quarantine as soon as the hook returns, and the open files stay readable.
+// Sends to peers that are slower than the majority carry on after the push
+// is committed (so those peers need not fetch it later), bounded by
+// stragglerTimeout and the node's life, and close the files when the last
+// one ends.
+func (p *Push) replicate(ctx context.Context, packs []packFiles, voters []*fsmv1.Member, need int, tips []string, progress func(string)) error {
 	n := p.n
 	total := len(voters)
-	if len(packs) == 0 {
-		// No new objects: every object the refs need is already on a
-		// majority, by the same rule for earlier pushes.
-		return nil
+	open, err := openPacks(packs)
+	if err != nil {
+		return err
 	}
 	type ack struct {
 		id  string
 		err error
 	}
 	acks := make(chan ack, total)
-	others := 0
+	// The sends outlive this call only up to stragglerTimeout; a push that
+	// fails cancels them at once.
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), stragglerTimeout)
+	var sends sync.WaitGroup
 	for _, m := range voters {
 		if m.GetId() == n.cfg.NodeID {
 			continue
 		}
-		others++
+		sends.Add(1)
 		go func() {
-			acks <- ack{m.GetId(), p.sendPacks(context.WithoutCancel(ctx), m, packs)}
+			defer sends.Done()
+			acks <- ack{m.GetId(), p.sendPacks(sctx, m, open, tips)}
 		}()
 	}
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		select {
+		case <-n.stop:
+			cancel()
+		case <-sctx.Done():
+		case <-waitDone(&sends):
+		}
+		sends.Wait()
+		cancel()
+		open.close()
+	}()
 	have := 1 // this node: the packs are fsynced in its quarantine
 	var failures []string
-	timeout := time.NewTimer(5 * time.Minute)
-	defer timeout.Stop()
 	// Keep the client informed (and its session alive) on long transfers.
 	tick := time.NewTicker(10 * time.Second)
 	defer tick.Stop()
-	for have < need {
-		if len(failures) > total-need {
-			break
-		}
+	for have < need && len(failures) <= total-need {
 		select {
 		case a := <-acks:
 			if a.err != nil {
@@ -433,25 +632,82 @@ func (p *Push) replicate(ctx context.Context, packs []packFiles, voters []*fsmv1
 			}
 			have++
 		case <-ctx.Done():
+			cancel()
 			return fmt.Errorf("push cancelled while replicating (%d/%d nodes hold it); nothing was changed", have, total)
+		case <-sctx.Done():
+			failures = append(failures, "timed out")
+			cancel()
+			return fmt.Errorf("replicated to %d/%d nodes, but a majority (%d) must hold a push; nothing was changed (%s)", have, total, need, strings.Join(failures, "; "))
 		case <-tick.C:
 			progress(fmt.Sprintf("replicating: %d/%d nodes hold the push so far", have, total))
-			continue
-		case <-timeout.C:
-			failures = append(failures, "timed out")
-		}
-		if len(failures) > 0 && failures[len(failures)-1] == "timed out" {
-			break
 		}
 	}
 	if have < need {
+		cancel()
 		return fmt.Errorf("replicated to %d/%d nodes, but a majority (%d) must hold a push; nothing was changed (%s)", have, total, need, strings.Join(failures, "; "))
 	}
 	progress(fmt.Sprintf("replicated to %d/%d nodes", have, total))
 	return nil
 }
 
-func (p *Push) sendPacks(ctx context.Context, m *fsmv1.Member, packs []packFiles) error {
+// stragglerTimeout bounds a push's sends to its peers, the slow ones that
+// carry on after the commit included.
+const stragglerTimeout = 10 * time.Minute
+
+func waitDone(wg *sync.WaitGroup) <-chan struct{} {
+	ch := make(chan struct{})
+	go func() { wg.Wait(); close(ch) }()
+	return ch
+}
+
+// openPack is one pack and its index, open for every peer's send.
+type openPack struct {
+	pack, idx         *os.File
+	packSize, idxSize int64
+}
+
+type openPackSet []openPack
+
+func openPacks(packs []packFiles) (openPackSet, error) {
+	var out openPackSet
+	for _, pf := range packs {
+		var op openPack
+		var err error
+		if op.pack, op.packSize, err = openSized(pf.pack); err != nil {
+			out.close()
+			return nil, err
+		}
+		if op.idx, op.idxSize, err = openSized(pf.idx); err != nil {
+			op.pack.Close()
+			out.close()
+			return nil, err
+		}
+		out = append(out, op)
+	}
+	return out, nil
+}
+
+func openSized(path string) (*os.File, int64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, 0, fmt.Errorf("opening the pushed pack: %w", err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, 0, fmt.Errorf("opening the pushed pack: %w", err)
+	}
+	return f, st.Size(), nil
+}
+
+func (s openPackSet) close() {
+	for _, op := range s {
+		op.pack.Close()
+		op.idx.Close()
+	}
+}
+
+func (p *Push) sendPacks(ctx context.Context, m *fsmv1.Member, packs openPackSet, tips []string) error {
 	if m.GetGrpcAddr() == "" {
 		return errors.New("address unknown")
 	}
@@ -459,62 +715,59 @@ func (p *Push) sendPacks(ctx context.Context, m *fsmv1.Member, packs []packFiles
 	if err != nil {
 		return err
 	}
-	for _, pf := range packs {
-		if err := p.sendPack(ctx, c, pf); err != nil {
+	for i, op := range packs {
+		var packTips []string
+		if i == len(packs)-1 {
+			packTips = tips // checked once every pack is in
+		}
+		if err := p.sendPack(ctx, c, op, packTips); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-func (p *Push) sendPack(ctx context.Context, c nodev1.NodeServiceClient, pf packFiles) error {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+func (p *Push) sendPack(ctx context.Context, c nodev1.NodeServiceClient, op openPack, tips []string) error {
+	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stream, err := c.PutPack(ctx)
 	if err != nil {
 		return err
 	}
-	ps, _ := os.Stat(pf.pack)
-	is, _ := os.Stat(pf.idx)
 	if err := stream.Send(&nodev1.PutPackRequest{Msg: &nodev1.PutPackRequest_Header{Header: &nodev1.PutPackHeader{
-		Repo: p.repo, RepoId: p.base.id, BaseVersion: p.base.version, PushId: p.id, PackSize: ps.Size(), IdxSize: is.Size(),
+		Repo: p.repo, RepoId: p.base.id, BaseVersion: p.base.version, PushId: p.id,
+		PackSize: op.packSize, IdxSize: op.idxSize, Tips: tips,
 	}}}); err != nil {
+		_, err = stream.CloseAndRecv()
 		return err
 	}
 	for _, f := range []struct {
-		path string
+		r    io.Reader
 		wrap func([]byte) *nodev1.PutPackRequest
 	}{
-		{pf.pack, func(b []byte) *nodev1.PutPackRequest {
+		{io.NewSectionReader(op.pack, 0, op.packSize), func(b []byte) *nodev1.PutPackRequest {
 			return &nodev1.PutPackRequest{Msg: &nodev1.PutPackRequest_PackChunk{PackChunk: b}}
 		}},
-		{pf.idx, func(b []byte) *nodev1.PutPackRequest {
+		{io.NewSectionReader(op.idx, 0, op.idxSize), func(b []byte) *nodev1.PutPackRequest {
 			return &nodev1.PutPackRequest{Msg: &nodev1.PutPackRequest_IdxChunk{IdxChunk: b}}
 		}},
 	} {
-		fh, err := os.Open(f.path)
-		if err != nil {
-			return err
-		}
-		buf := make([]byte, 1<<20)
 		for {
-			k, rerr := fh.Read(buf)
+			buf := make([]byte, 1<<20)
+			k, rerr := io.ReadFull(f.r, buf)
 			if k > 0 {
-				if err := stream.Send(f.wrap(append([]byte(nil), buf[:k]...))); err != nil {
-					fh.Close()
+				if err := stream.Send(f.wrap(buf[:k])); err != nil {
 					_, err = stream.CloseAndRecv()
 					return err
 				}
 			}
-			if rerr == io.EOF {
+			if rerr == io.EOF || rerr == io.ErrUnexpectedEOF {
 				break
 			}
 			if rerr != nil {
-				fh.Close()
 				return rerr
 			}
 		}
-		fh.Close()
 	}
 	_, err = stream.CloseAndRecv()
 	return err
@@ -560,7 +813,7 @@ func (p *Push) Finish(ok bool) {
 
 // GitSessionHandler serves a client session proxied from another node (the
 // SSH front end provides it). It returns git's exit code.
-type GitSessionHandler func(ctx context.Context, service, repo, user, gitProtocol string, stdin io.Reader, stdout, stderr io.Writer) int
+type GitSessionHandler func(ctx context.Context, service, repo, user string, publicKey []byte, gitProtocol string, stdin io.Reader, stdout, stderr io.Writer) int
 
 // SetGitSessionHandler installs the handler for proxied client sessions.
 func (n *Node) SetGitSessionHandler(h GitSessionHandler) { n.gitSessions.Store(&h) }
@@ -625,7 +878,7 @@ func (s *nodeService) GitSession(stream nodev1.NodeService_GitSessionServer) err
 		if h == nil {
 			return status.Error(codes.FailedPrecondition, "this node has no SSH front end to serve proxied sessions")
 		}
-		code = (*h)(ctx, st.GetService(), st.GetRepo(), st.GetUser(), st.GetGitProtocol(), stdinR, stdout, stderr)
+		code = (*h)(ctx, st.GetService(), st.GetRepo(), st.GetUser(), st.GetPublicKey(), st.GetGitProtocol(), stdinR, stdout, stderr)
 	}
 	stdinR.Close()
 	return send(&nodev1.GitSessionResponse{Msg: &nodev1.GitSessionResponse_ExitCode{ExitCode: int32(code)}})
@@ -652,12 +905,12 @@ func runGit(ctx context.Context, args []string, gitProtocol string, stdin io.Rea
 
 // ProxyGit runs a client's session on the peer at addr and returns git's
 // exit code there.
-func (n *Node) ProxyGit(ctx context.Context, addr, service, repo, user, gitProtocol string, stdin io.Reader, stdout, stderr io.Writer) (int, error) {
+func (n *Node) ProxyGit(ctx context.Context, addr, service, repo, user string, publicKey []byte, gitProtocol string, stdin io.Reader, stdout, stderr io.Writer) (int, error) {
 	c, err := n.peers.conn(addr)
 	if err != nil {
 		return 0, err
 	}
-	return gitSession(ctx, c, &nodev1.GitSessionStart{Service: service, Repo: repo, User: user, GitProtocol: gitProtocol, Via: n.cfg.NodeID}, stdin, stdout, stderr)
+	return gitSession(ctx, c, &nodev1.GitSessionStart{Service: service, Repo: repo, User: user, PublicKey: publicKey, GitProtocol: gitProtocol, Via: n.cfg.NodeID}, stdin, stdout, stderr)
 }
 
 func gitSession(ctx context.Context, c grpc.ClientConnInterface, start *nodev1.GitSessionStart, stdin io.Reader, stdout, stderr io.Writer) (int, error) {

@@ -35,6 +35,10 @@ type GitConfig struct {
 	// MinFreeBytes is the free space below which this node hands pushes to
 	// a peer instead of taking them (default 100 MB).
 	MinFreeBytes uint64
+	// ServeStaleReads lets a node that cannot confirm it is current (no
+	// leader, cut off from the quorum) serve its own copy with a warning.
+	// Off by default: such a read is refused.
+	ServeStaleReads bool
 }
 
 // replicaState is what this node's disk holds of one repository.
@@ -220,6 +224,11 @@ func (r *replicas) syncLocked(ctx context.Context, rs *replicaState, name string
 	rs.syncing = true
 	defer func() { rs.syncing = false }()
 	oids := slices.Collect(maps.Values(t.refs))
+	if k, err := r.st.RemoveStaleLocks(name); err != nil {
+		return r.fail(rs, err)
+	} else if k > 0 {
+		r.log.Warn("removed lock files an interrupted git left behind", "repo", name, "count", k)
+	}
 	missing, err := r.st.Missing(ctx, name, oids)
 	if err != nil {
 		return r.fail(rs, err)
@@ -453,10 +462,21 @@ func (s *nodeService) PutPack(stream nodev1.NodeService_PutPackServer) error {
 		err = n.git.syncLocked(cctx, rs, h.GetRepo())
 		cancel()
 	}
-	behind := rs.version < h.GetBaseVersion()
+	behind, at := rs.version < h.GetBaseVersion(), rs.version
 	rs.mu.Unlock()
 	if err != nil || behind {
-		return status.Errorf(codes.Unavailable, "%s stored the pack but is behind version %d (at %d): %v", n.cfg.NodeID, h.GetBaseVersion(), rs.version, err)
+		return status.Errorf(codes.Unavailable, "%s stored the pack but is behind version %d (at %d): %v", n.cfg.NodeID, h.GetBaseVersion(), at, err)
+	}
+	// And only when the push's new values are whole here: present, with
+	// their history, in this copy.
+	if len(h.GetTips()) > 0 {
+		missing, err := n.missingLocal(ctx, h.GetRepo(), h.GetTips())
+		if err != nil {
+			return status.Errorf(codes.Unavailable, "%s stored the pack but could not check it: %v", n.cfg.NodeID, err)
+		}
+		if len(missing) > 0 {
+			return status.Errorf(codes.FailedPrecondition, "%s stored the pack, but it does not make %s whole here", n.cfg.NodeID, strings.Join(missing[:min(3, len(missing))], ", "))
+		}
 	}
 	return stream.SendAndClose(&nodev1.PutPackResponse{NodeId: n.cfg.NodeID, Checksum: r.sum})
 }

@@ -34,7 +34,15 @@ type repoState struct {
 	updated      int64
 	updatedIndex uint64
 	head         string
+	repairs      []*fsmv1.Repair // newest last, at most maxRepairs
 }
+
+// maxRepairs is how many operator repairs a repository remembers.
+const maxRepairs = 20
+
+// RefRulesGit is UpdateRefs.ref_rules for git's full ref-name rules and no
+// directory/file conflicts between refs.
+const RefRulesGit = 2
 
 // DefaultHead is HEAD's target in a new repository.
 const DefaultHead = "refs/heads/main"
@@ -320,9 +328,14 @@ func (s *State) updateRefs(index uint64, now time.Time, u *fsmv1.UpdateRefs) *fs
 	if len(u.GetUpdates()) == 0 {
 		return refuse(fsmv1.Reason_REASON_INVALID, "no ref updates")
 	}
+	strict := u.GetRefRules() >= RefRulesGit
 	seen := map[string]bool{}
 	for _, ru := range u.GetUpdates() {
-		if err := ValidateRefName(ru.GetRef()); err != nil {
+		check := ValidateRefName
+		if strict {
+			check = ValidateGitRefName
+		}
+		if err := check(ru.GetRef()); err != nil {
 			return refuse(fsmv1.Reason_REASON_INVALID, "%s", err.Error())
 		}
 		if seen[ru.GetRef()] {
@@ -377,6 +390,25 @@ func (s *State) updateRefs(index uint64, now time.Time, u *fsmv1.UpdateRefs) *fs
 			next.refs[ru.GetRef()] = nv
 		}
 		results[i].CurrentOid = nv
+	}
+	if changed && strict {
+		if err := refConflicts(next.refs, u.GetUpdates()); err != nil {
+			r := refuse(fsmv1.Reason_REASON_INVALID, "%s", err.Error())
+			r.Repo = repo.toProto(false)
+			return r
+		}
+	}
+	if changed && u.GetRepairActor() != "" {
+		rec := &fsmv1.Repair{Index: index, UnixNano: now.UnixNano(), Actor: u.GetRepairActor(), Reason: u.GetRepairReason(), Version: next.version + 1}
+		for i, ru := range u.GetUpdates() {
+			if results[i].Status == fsmv1.RefStatus_REF_STATUS_OK {
+				rec.Changes = append(rec.Changes, &fsmv1.RefUpdate{Ref: ru.GetRef(), OldOid: repo.refs[ru.GetRef()], NewOid: normOID(ru.GetNewOid())})
+			}
+		}
+		next.repairs = append(slices.Clone(repo.repairs), rec)
+		if len(next.repairs) > maxRepairs {
+			next.repairs = next.repairs[len(next.repairs)-maxRepairs:]
+		}
 	}
 	if changed {
 		next.head = chooseHead(next.head, next.refs, u.GetUpdates())
@@ -439,6 +471,64 @@ func ValidateRefName(ref string) error {
 	for _, seg := range strings.Split(ref, "/") {
 		if strings.HasPrefix(seg, ".") || strings.HasSuffix(seg, ".lock") {
 			return bad(`a component starts with "." or ends in ".lock"`)
+		}
+	}
+	return nil
+}
+
+// ValidateGitRefName applies git's own rules for a ref a push may create
+// (receive-pack's "funny refname" check): a valid ref name under "refs/"
+// with at least two components after it, so refs/foo is refused and
+// refs/heads/foo is not. Bytes of 0x80 and above are allowed, as in git.
+func ValidateGitRefName(ref string) error {
+	if err := ValidateRefName(ref); err != nil {
+		return err
+	}
+	rest := strings.TrimPrefix(ref, "refs/")
+	if !strings.Contains(rest, "/") {
+		return fmt.Errorf("%w %q: git takes only refs with at least two components after \"refs/\" (like refs/heads/%s)", ErrInvalidRef, ref, rest)
+	}
+	return nil
+}
+
+// refConflicts refuses a ref set where a ref is also a directory of
+// another (refs/heads/a next to refs/heads/a/b): git cannot store both, so
+// no copy could reach such a state. Only refs this update creates are
+// checked; the set was free of conflicts before.
+func refConflicts(refs map[string]string, updates []*fsmv1.RefUpdate) error {
+	var created []string
+	for _, u := range updates {
+		if normOID(u.GetNewOid()) != "" && normOID(u.GetOldOid()) == "" {
+			if _, ok := refs[u.GetRef()]; ok {
+				created = append(created, u.GetRef())
+			}
+		}
+	}
+	if len(created) == 0 {
+		return nil
+	}
+	dirs := make(map[string]bool, len(refs))
+	for name := range refs {
+		for i := len(name) - 1; i > len("refs"); i-- {
+			if name[i] == '/' {
+				d := name[:i]
+				if dirs[d] {
+					break // and every shorter prefix is there too
+				}
+				dirs[d] = true
+			}
+		}
+	}
+	for _, name := range created {
+		if dirs[name] {
+			return fmt.Errorf("%w %q: refs under %s/ exist, and git cannot have a ref and a directory of the same name", ErrInvalidRef, name, name)
+		}
+		for i := len(name) - 1; i > len("refs"); i-- {
+			if name[i] == '/' {
+				if _, ok := refs[name[:i]]; ok {
+					return fmt.Errorf("%w %q: ref %s exists, and git cannot have a ref and a directory of the same name", ErrInvalidRef, name, name[:i])
+				}
+			}
 		}
 	}
 	return nil
@@ -511,7 +601,7 @@ func (r *repoState) toProto(withRefs bool) *fsmv1.Repo {
 	p := &fsmv1.Repo{
 		Name: r.name, Id: r.id, Version: r.version,
 		CreatedUnixNano: r.created, UpdatedUnixNano: r.updated, UpdatedIndex: r.updatedIndex,
-		Head: r.head,
+		Head: r.head, Repairs: r.repairs,
 	}
 	if withRefs {
 		for _, name := range slices.Sorted(maps.Keys(r.refs)) {
@@ -525,7 +615,7 @@ func repoFromProto(p *fsmv1.Repo) *repoState {
 	r := &repoState{
 		name: p.GetName(), id: p.GetId(), version: p.GetVersion(), refs: make(map[string]string, len(p.GetRefs())),
 		created: p.GetCreatedUnixNano(), updated: p.GetUpdatedUnixNano(), updatedIndex: p.GetUpdatedIndex(),
-		head: p.GetHead(),
+		head: p.GetHead(), repairs: p.GetRepairs(),
 	}
 	for _, ref := range p.GetRefs() {
 		r.refs[ref.GetName()] = ref.GetOid()

@@ -383,3 +383,69 @@ func Test_CommandName_DomainEntries(t *testing.T) {
 		}
 	}
 }
+
+// Entries written with git's ref rules refuse what git itself refuses: a
+// ref with one component under refs/, and a ref that is a directory of
+// another. Entries without the rules (older logs) apply as they did, so a
+// replay gives the state it gave before.
+func Test_State_UpdateRefs_GitRules(t *testing.T) {
+	m := newMachine(t)
+	m.ok(create("r"))
+	tok := m.ok(acquire("r", "h", time.Minute)).GetLock().GetFencingToken()
+	git := func(triples ...string) *fsmv1.Entry {
+		e := update("r", tok, true, triples...)
+		e.GetUpdateRefs().RefRules = RefRulesGit
+		return e
+	}
+	m.refused(git("refs/foo", "", oidA), fsmv1.Reason_REASON_INVALID, "at least two components")
+	m.ok(git("refs/heads/a", "", oidA))
+	m.refused(git("refs/heads/a/b", "", oidB), fsmv1.Reason_REASON_INVALID, "ref refs/heads/a exists")
+	m.refused(git("refs/heads/x/y", "", oidB, "refs/heads/x", "", oidB), fsmv1.Reason_REASON_INVALID, "directory")
+	m.refused(git("refs", "", oidB), fsmv1.Reason_REASON_INVALID, "")
+	// Deleting a and creating a/b in one entry is fine: no conflict remains.
+	m.ok(git("refs/heads/a", oidA, "", "refs/heads/a/b", "", oidB))
+	m.refused(git("refs/heads/a", "", oidA), fsmv1.Reason_REASON_INVALID, "refs under refs/heads/a/ exist")
+	if got := refs(t, m.s, "r"); len(got) != 1 || got["refs/heads/a/b"] != oidB {
+		t.Fatalf("refs = %v", got)
+	}
+	// The same one-level ref without the rules: applied, as an old log did.
+	m.ok(update("r", tok, true, "refs/foo", "", oidA))
+}
+
+// A repair records who changed which refs, from what to what, and why.
+func Test_State_UpdateRefs_RepairRecorded(t *testing.T) {
+	m := newMachine(t)
+	m.ok(create("r"))
+	tok := m.ok(acquire("r", "h", time.Minute)).GetLock().GetFencingToken()
+	m.ok(update("r", tok, true, "refs/heads/main", "", oidA, "refs/heads/dev", "", oidB))
+	e := update("r", tok, true, "refs/heads/main", oidA, oidC, "refs/heads/dev", oidB, "")
+	e.GetUpdateRefs().RepairActor, e.GetUpdateRefs().RepairReason = "admin", "disk lost"
+	r := m.ok(e)
+	got, _ := m.s.Repo("r")
+	if len(got.GetRepairs()) != 1 {
+		t.Fatalf("repairs = %v", got.GetRepairs())
+	}
+	rec := got.GetRepairs()[0]
+	if rec.GetActor() != "admin" || rec.GetReason() != "disk lost" || rec.GetVersion() != r.GetRepo().GetVersion() || rec.GetIndex() != m.index || len(rec.GetChanges()) != 2 {
+		t.Fatalf("repair record %v", rec)
+	}
+	if c := rec.GetChanges()[1]; c.GetRef() != "refs/heads/dev" || c.GetOldOid() != oidB || c.GetNewOid() != "" {
+		t.Fatalf("repair change %v", c)
+	}
+	// Snapshots keep the record.
+	var buf bytes.Buffer
+	if err := writeSnapshot(&buf, m.s.capture()); err != nil {
+		t.Fatal(err)
+	}
+	idx, items, err := readSnapshot(&buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2, err := restoreState(idx, items)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := s2.Repo("r"); len(got.GetRepairs()) != 1 {
+		t.Fatalf("repairs after restore = %v", got.GetRepairs())
+	}
+}

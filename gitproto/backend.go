@@ -23,6 +23,9 @@ const (
 var (
 	ErrRepoNotFound = errors.New("repository not found")
 	ErrUnknownKey   = errors.New("unknown key")
+	// ErrNotCurrent: the node cannot confirm its state is current (no
+	// quorum from here); the session is refused with the error's message.
+	ErrNotCurrent = errors.New("node not current")
 )
 
 // Redirect is returned by BeginPush when another node should take the
@@ -90,10 +93,14 @@ type ReadPlan struct {
 type PushTx interface {
 	// Path is the local bare repository git receive-pack runs in.
 	Path() string
-	// Commit makes the quarantined objects durable on a quorum and commits
-	// the ref change through Raft. A refusal (stale ref, lost lock, no
-	// quorum) is an error whose message is for the pusher.
-	Commit(ctx context.Context, quarantine string, updates []RefUpdate, progress func(string)) error
+	// Commit decides, ref by ref, what git will accept of updates (the
+	// same checks receive-pack makes after the hook), makes the quarantined
+	// objects durable on a quorum and commits the accepted changes through
+	// Raft, all or nothing. It returns the committed changes: git refuses
+	// the others itself and tells the client why. With atomic (the client
+	// asked for it), one refused ref refuses the push. A refusal (stale ref,
+	// lost lock, no quorum) is an error whose message is for the pusher.
+	Commit(ctx context.Context, quarantine string, updates []RefUpdate, atomic bool, progress func(string)) ([]RefUpdate, error)
 	// Finish ends the push once git is done (ok: receive-pack succeeded),
 	// records the local version and releases the write lock.
 	Finish(ok bool)
@@ -105,7 +112,9 @@ type PushTx interface {
 type Backend interface {
 	// HostSigner returns the cluster-wide SSH host key.
 	HostSigner(ctx context.Context) (gossh.Signer, error)
-	// UserForKey says whose key this is (ErrUnknownKey if nobody's).
+	// UserForKey says whose key this is (ErrUnknownKey if nobody's). With
+	// ErrNotCurrent it also names the user the node's own, possibly stale,
+	// state knows, so the session can be refused with a message.
 	UserForKey(ctx context.Context, key gossh.PublicKey) (string, error)
 	// Access returns the user's access to a repository (canonical name),
 	// after a read barrier; ErrRepoNotFound if there is no such repository.
@@ -117,5 +126,6 @@ type Backend interface {
 	// the local copy to the committed version.
 	BeginPush(ctx context.Context, repo, user, pushID string, progress func(string)) (PushTx, error)
 	// Proxy runs the session on a peer and returns git's exit code there.
-	Proxy(ctx context.Context, peer string, svc Service, repo, user, gitProtocol string, stdin io.Reader, stdout, stderr io.Writer) (int, error)
+	// The peer checks the key and the access again (ServeProxied).
+	Proxy(ctx context.Context, peer string, svc Service, repo, user string, publicKey []byte, gitProtocol string, stdin io.Reader, stdout, stderr io.Writer) (int, error)
 }

@@ -48,9 +48,13 @@ type hookServer struct {
 }
 
 type pushSession struct {
-	tx          PushTx
+	tx       PushTx
+	commands *commandList // what the client asked for (atomic)
+	maxRefs  int          // most ref updates one push may carry; 0: no limit
+
+	// Set by the hook's call once the push is committed.
 	pushOptions []string
-	updates     []RefUpdate
+	updates     []RefUpdate // the committed changes, never more
 	committed   bool
 }
 
@@ -135,14 +139,19 @@ func (h *hookServer) handle(c net.Conn) {
 		c.Read(b[:]) // returns when the hook goes away
 		cancel()
 	}()
-	err := p.tx.Commit(ctx, req.Quarantine, req.Updates, progress)
+	if p.maxRefs > 0 && len(req.Updates) > p.maxRefs {
+		enc.Encode(hookReply{Done: true, Error: fmt.Sprintf("this push updates %d refs; a push may update at most %d (git.max_refs_per_push); push them in batches", len(req.Updates), p.maxRefs)})
+		return
+	}
+	atomic := p.commands != nil && p.commands.Has("atomic")
+	committed, err := p.tx.Commit(ctx, req.Quarantine, req.Updates, atomic, progress)
 	mu.Lock()
 	defer mu.Unlock()
 	if err != nil {
 		enc.Encode(hookReply{Done: true, Error: err.Error()})
 		return
 	}
-	p.pushOptions, p.updates, p.committed = req.PushOptions, req.Updates, true
+	p.pushOptions, p.updates, p.committed = req.PushOptions, committed, len(committed) > 0
 	enc.Encode(hookReply{Done: true})
 }
 

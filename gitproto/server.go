@@ -46,10 +46,13 @@ type Config struct {
 	// GITRAFT_PUSH_ID, GITRAFT_VERSION and the ref changes on stdin.
 	PostReceive string
 
-	MaxPackBytes int64         // receive.maxInputSize; 0: no limit
-	MaxSessions  int           // concurrent sessions per node; 0: 64
-	IdleTimeout  time.Duration // no data in either direction; 0: 5m
-	MaxTimeout   time.Duration // whole session; 0: 1h
+	MaxPackBytes int64 // receive.maxInputSize; 0: no limit
+	// MaxRefsPerPush is the most ref updates one push may carry; 0: no
+	// limit. A larger push is refused whole, before anything is replicated.
+	MaxRefsPerPush int
+	MaxSessions    int           // concurrent sessions per node; 0: 64
+	IdleTimeout    time.Duration // no data in either direction; 0: 5m
+	MaxTimeout     time.Duration // whole session; 0: 1h
 }
 
 func (c *Config) setDefaults() {
@@ -81,7 +84,10 @@ type Server struct {
 
 type ctxKey string
 
-const userKey ctxKey = "gitraft-user"
+const (
+	userKey    ctxKey = "gitraft-user"
+	authErrKey ctxKey = "gitraft-auth-error"
+)
 
 // New prepares the SSH server and its hooks; Serve starts it.
 func New(cfg Config, backend Backend, logger *slog.Logger) (*Server, error) {
@@ -176,6 +182,13 @@ func (s *Server) authenticate(ctx ssh.Context, key ssh.PublicKey) bool {
 	if errors.Is(err, ErrUnknownKey) && s.cfg.KeysCommand != "" {
 		user, err = s.keysCommand(actx, key)
 	}
+	if errors.Is(err, ErrNotCurrent) && user != "" {
+		// The key is known here, but this node cannot confirm it still
+		// is: let the session start only to refuse it with the reason.
+		ctx.SetValue(authErrKey, err)
+		ctx.SetValue(userKey, user)
+		return true
+	}
 	if err != nil {
 		s.log.Info("ssh key refused", "fingerprint", gossh.FingerprintSHA256(key), "remote", ctx.RemoteAddr().String(), "err", err)
 		return false
@@ -216,6 +229,10 @@ func (s *Server) handle(sess ssh.Session) {
 	// connection (gliderlabs keeps them together; check anyway).
 	if user == "" || sess.PublicKey() == nil {
 		refuse(sess, "not authenticated")
+		return
+	}
+	if err, _ := sess.Context().Value(authErrKey).(error); err != nil {
+		refuse(sess, "%v", err)
 		return
 	}
 	select {
@@ -278,20 +295,27 @@ func (s *Server) handle(sess ssh.Session) {
 	defer stop()
 	in, out := activeReader{sess, act}, activeWriter{sess, act}
 	var code int
+	publicKey := sess.PublicKey().Marshal()
 	if cmd.Service == ReceivePack {
-		code = s.push(ctx, in, out, sess.Stderr(), repo, user, gitProtocol, log)
+		code = s.push(ctx, in, out, sess.Stderr(), repo, user, publicKey, gitProtocol, log)
 	} else {
-		code = s.read(ctx, in, out, sess.Stderr(), cmd.Service, repo, user, gitProtocol, log)
+		code = s.read(ctx, in, out, sess.Stderr(), cmd.Service, repo, user, publicKey, gitProtocol, log)
 	}
 	log.Info("session done", "exit", code, "took", time.Since(start).Round(time.Millisecond))
 	sess.Exit(code)
 }
 
-// ServeProxied serves a session that another node took and proxied here;
-// that node already authenticated and authorised the user.
-func (s *Server) ServeProxied(ctx context.Context, service, repo, user, gitProtocol string, stdin io.Reader, stdout, stderr io.Writer) int {
+// ServeProxied serves a session that another node took and proxied here.
+// That node may be behind or cut off, so this one checks the client's key
+// and the user's access again against its own state.
+func (s *Server) ServeProxied(ctx context.Context, service, repo, user string, publicKey []byte, gitProtocol string, stdin io.Reader, stdout, stderr io.Writer) int {
 	log := s.log.With("repo", repo, "user", user, "service", service, "proxied", true)
 	progress := func(msg string) { fmt.Fprintf(stderr, "gitraft: %s\n", msg) }
+	if err := s.recheck(ctx, Service(service), repo, user, publicKey); err != nil {
+		log.Info("proxied session refused", "err", err)
+		progress(err.Error())
+		return 1
+	}
 	switch Service(service) {
 	case UploadPack, UploadArchive:
 		plan, err := s.backend.PrepareRead(ctx, repo, progress)
@@ -304,13 +328,52 @@ func (s *Server) ServeProxied(ctx context.Context, service, repo, user, gitProto
 		}
 		return RunGit(ctx, s.cfg.Git, Service(service), plan.Path, gitProtocol, nil, stdin, stdout, stderr)
 	case ReceivePack:
-		return s.push(withProxied(ctx), stdin, stdout, stderr, repo, user, gitProtocol, log)
+		return s.push(withProxied(ctx), stdin, stdout, stderr, repo, user, publicKey, gitProtocol, log)
 	}
 	progress(fmt.Sprintf("unsupported service %q", service))
 	return 1
 }
 
-func (s *Server) read(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer, svc Service, repo, user, gitProtocol string, log *slog.Logger) int {
+// recheck is the authentication and authorisation of a proxied session.
+func (s *Server) recheck(ctx context.Context, svc Service, repo, user string, publicKey []byte) error {
+	key, err := gossh.ParsePublicKey(publicKey)
+	if err != nil {
+		return fmt.Errorf("the proxied session carries no valid key: %v", err)
+	}
+	owner, err := s.backend.UserForKey(ctx, key)
+	if errors.Is(err, ErrUnknownKey) && s.cfg.KeysCommand != "" {
+		owner, err = s.keysCommand(ctx, key)
+	}
+	if err != nil {
+		if errors.Is(err, ErrUnknownKey) {
+			return fmt.Errorf("key %s is not (or no longer) known", gossh.FingerprintSHA256(key))
+		}
+		return err
+	}
+	if owner != user {
+		return fmt.Errorf("key %s is not %s's", gossh.FingerprintSHA256(key), user)
+	}
+	access, err := s.backend.Access(ctx, repo, user)
+	if errors.Is(err, ErrRepoNotFound) {
+		return fmt.Errorf("repository %q not found", repo)
+	}
+	if err != nil {
+		return err
+	}
+	need := AccessRead
+	if svc == ReceivePack {
+		need = AccessWrite
+	}
+	if access < need {
+		if access == AccessNone {
+			return fmt.Errorf("repository %q not found", repo)
+		}
+		return fmt.Errorf("%s may read but not push to %q", user, repo)
+	}
+	return nil
+}
+
+func (s *Server) read(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer, svc Service, repo, user string, publicKey []byte, gitProtocol string, log *slog.Logger) int {
 	progress := func(msg string) { fmt.Fprintf(stderr, "gitraft: %s\n", msg) }
 	plan, err := s.backend.PrepareRead(ctx, repo, progress)
 	if err != nil {
@@ -319,7 +382,7 @@ func (s *Server) read(ctx context.Context, stdin io.Reader, stdout, stderr io.Wr
 	}
 	if plan.Peer != "" {
 		log.Info("proxying read", "peer", plan.Peer)
-		code, err := s.backend.Proxy(ctx, plan.Peer, svc, repo, user, gitProtocol, stdin, stdout, stderr)
+		code, err := s.backend.Proxy(ctx, plan.Peer, svc, repo, user, publicKey, gitProtocol, stdin, stdout, stderr)
 		if err != nil {
 			fmt.Fprintf(stderr, "gitraft: proxy to %s: %v\n", plan.Peer, err)
 			return 1
@@ -355,7 +418,7 @@ func RunGit(ctx context.Context, git string, svc Service, path, gitProtocol stri
 	return 0
 }
 
-func (s *Server) push(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer, repo, user, gitProtocol string, log *slog.Logger) int {
+func (s *Server) push(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer, repo, user string, publicKey []byte, gitProtocol string, log *slog.Logger) int {
 	id := newPushID()
 	log = log.With("push_id", id)
 	progress := func(msg string) { fmt.Fprintf(stderr, "gitraft: %s\n", msg) }
@@ -364,7 +427,7 @@ func (s *Server) push(ctx context.Context, stdin io.Reader, stdout, stderr io.Wr
 	if errors.As(err, &redirect) && !isProxied(ctx) {
 		progress(redirect.Error())
 		log.Info("handing push to a peer", "peer", redirect.PeerID, "reason", redirect.Reason)
-		code, err := s.backend.Proxy(ctx, redirect.Peer, ReceivePack, repo, user, gitProtocol, stdin, stdout, stderr)
+		code, err := s.backend.Proxy(ctx, redirect.Peer, ReceivePack, repo, user, publicKey, gitProtocol, stdin, stdout, stderr)
 		if err != nil {
 			fmt.Fprintf(stderr, "gitraft: proxy to %s: %v\n", redirect.PeerID, err)
 			return 1
@@ -376,12 +439,20 @@ func (s *Server) push(ctx context.Context, stdin io.Reader, stdout, stderr io.Wr
 		fmt.Fprintf(stderr, "gitraft: push to %q refused: %v\n", repo, err)
 		return 1
 	}
-	p := &pushSession{tx: tx}
+	cmds := newCommandList(stdin)
+	p := &pushSession{tx: tx, commands: cmds, maxRefs: s.cfg.MaxRefsPerPush}
 	s.hooks.register(id, p)
 	defer s.hooks.unregister(id)
 	args := []string{
 		"-c", "core.hooksPath=" + filepath.Join(s.cfg.StateDir, "hooks"),
 		"-c", "receive.advertisePushOptions=true",
+		// Check every object received, as GitHub and Gitaly do: broken
+		// commits, trees with ".git" or ".." entries and the like are
+		// refused before anything is replicated.
+		"-c", "receive.fsckObjects=true",
+		// HEAD follows the replicated state, which moves it when its
+		// branch is deleted (git refuses that by default).
+		"-c", "receive.denyDeleteCurrent=ignore",
 	}
 	if s.cfg.MaxPackBytes > 0 {
 		args = append(args, "-c", "receive.maxInputSize="+strconv.FormatInt(s.cfg.MaxPackBytes, 10))
@@ -391,7 +462,7 @@ func (s *Server) push(ctx context.Context, stdin io.Reader, stdout, stderr io.Wr
 	if gitProtocol != "" {
 		c.Env = append(c.Env, "GIT_PROTOCOL="+gitProtocol)
 	}
-	c.Stdin, c.Stdout, c.Stderr = stdin, stdout, stderr
+	c.Stdin, c.Stdout, c.Stderr = cmds, stdout, stderr
 	c.WaitDelay = 5 * time.Second
 	runErr := c.Run()
 	ok := runErr == nil && p.committed

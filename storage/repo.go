@@ -592,6 +592,110 @@ func (s *Store) Missing(ctx context.Context, name string, oids []string) ([]stri
 	return missing, nil
 }
 
+// MissingInQuarantine is Missing for a push in flight: it judges oids
+// against the repository plus the objects git received into quarantine (the
+// GIT_QUARANTINE_PATH of a pre-receive hook), the way receive-pack checks
+// each command's new value before it runs the hook. Nothing is remembered:
+// the quarantine may yet be thrown away.
+func (s *Store) MissingInQuarantine(ctx context.Context, name, quarantine string, oids []string) ([]string, error) {
+	path, err := s.existing(name)
+	if err != nil {
+		return nil, err
+	}
+	if quarantine == "" {
+		return s.Missing(ctx, name, oids)
+	}
+	qpath, err := filepath.Abs(quarantine)
+	if err != nil {
+		return nil, err
+	}
+	objects := filepath.Join(path, "objects")
+	if rel, err := filepath.Rel(objects, qpath); err != nil || rel == "." || strings.HasPrefix(rel, "..") {
+		return nil, fmt.Errorf("storage: quarantine %s is not inside %s", quarantine, objects)
+	}
+	env := []string{"GIT_OBJECT_DIRECTORY=" + qpath, "GIT_ALTERNATE_OBJECT_DIRECTORIES=" + objects}
+	var uniq []string
+	seen := map[string]bool{}
+	for _, o := range oids {
+		if o == "" || seen[o] {
+			continue
+		}
+		if !isOID(o) {
+			return nil, fmt.Errorf("storage: %q is not an object id", o)
+		}
+		seen[o] = true
+		uniq = append(uniq, o)
+	}
+	check := func(batch []string) (bool, error) {
+		in := strings.Join(batch, "\n") + "\n"
+		_, err := s.run(ctx, path, []byte(in), env, "rev-list", "--objects", "--stdin", "--not", "--all", "--quiet")
+		switch {
+		case err == nil:
+			return true, nil
+		case ctx.Err() != nil || errors.Is(err, ErrDiskFull):
+			return false, err
+		}
+		return false, nil
+	}
+	if len(uniq) == 0 {
+		return nil, nil
+	}
+	ok, err := check(uniq)
+	if err != nil || ok {
+		return nil, err
+	}
+	// As receive-pack does when the whole set fails: each on its own.
+	var missing []string
+	for _, o := range uniq {
+		ok, err := check([]string{o})
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			missing = append(missing, o)
+		}
+	}
+	return missing, nil
+}
+
+// RemoveStaleLocks removes the lock files a killed git left in a
+// repository's refs (refs/**/*.lock, packed-refs.lock, HEAD.lock). Without
+// this, one interrupted update-ref makes every later ref change fail with
+// "File exists" for good. Call it only while nothing else can be changing
+// the repository's refs (the caller's per-repository guard and write lock).
+// It returns how many it removed.
+func (s *Store) RemoveStaleLocks(name string) (int, error) {
+	path, err := s.existing(name)
+	if err != nil {
+		return 0, err
+	}
+	removed := 0
+	for _, f := range []string{"packed-refs.lock", "HEAD.lock"} {
+		switch err := os.Remove(filepath.Join(path, f)); {
+		case err == nil:
+			removed++
+		case !errors.Is(err, fs.ErrNotExist):
+			return removed, wrapIO("remove stale lock", err)
+		}
+	}
+	err = filepath.WalkDir(filepath.Join(path, "refs"), func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if !d.IsDir() && strings.HasSuffix(d.Name(), ".lock") {
+			if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return wrapIO("remove stale lock", err)
+			}
+			removed++
+		}
+		return nil
+	})
+	return removed, err
+}
+
 // incomplete returns which of oids are not connected: not there, or
 // reaching objects that are not there and that no ref reaches. The refs
 // themselves are taken to be complete (SetRefs keeps them so).
@@ -833,7 +937,7 @@ func (s *Store) Fetch(ctx context.Context, name, url string, env []string, oids 
 	if err != nil || len(missing) == 0 {
 		return err
 	}
-	args := append([]string{"-c", "protocol.ext.allow=always", "fetch", "--no-tags", "--no-write-fetch-head", "--no-auto-gc", "--quiet", "--", url}, missing...)
+	args := append([]string{"-c", "protocol.ext.allow=always", "-c", "fetch.fsckObjects=true", "fetch", "--no-tags", "--no-write-fetch-head", "--no-auto-gc", "--quiet", "--", url}, missing...)
 	packDir := filepath.Join(path, "objects", "pack")
 	before := tmpPacks(packDir)
 	if _, err := s.run(ctx, path, nil, env, args...); err != nil {

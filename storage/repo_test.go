@@ -255,3 +255,64 @@ func Test_Store_DiskFull(t *testing.T) {
 		t.Fatalf("left behind: %v", left)
 	}
 }
+
+// A git killed mid-update leaves ref lock files; with them every later
+// update of those refs fails ("File exists") until they are removed.
+func Test_Store_StaleRefLocksRemoved(t *testing.T) {
+	s := mustStore(t)
+	ctx := context.Background()
+	s.Init(ctx, "r", 1)
+	work, oids := scratch(t, 2)
+	pack, idx := packOf(t, work, oids[1])
+	pf, _ := os.Open(pack)
+	xf, _ := os.Open(idx)
+	if _, err := s.InstallPack(ctx, "r", pf, xf); err != nil {
+		t.Fatal(err)
+	}
+	pf.Close()
+	xf.Close()
+	p, _ := s.Path("r")
+	os.MkdirAll(filepath.Join(p, "refs", "heads", "team"), 0o755)
+	for _, f := range []string{"refs/heads/main.lock", "refs/heads/team/x.lock", "packed-refs.lock"} {
+		os.WriteFile(filepath.Join(p, f), nil, 0o644)
+	}
+	want := map[string]string{"refs/heads/main": oids[1], "refs/heads/team/x": oids[0]}
+	if err := s.SetRefs(ctx, "r", want, ""); err == nil {
+		t.Fatal("SetRefs succeeded with lock files in the way; the test does not test anything")
+	}
+	k, err := s.RemoveStaleLocks("r")
+	if err != nil || k != 3 {
+		t.Fatalf("RemoveStaleLocks = %d, %v; want 3", k, err)
+	}
+	if err := s.SetRefs(ctx, "r", want, ""); err != nil {
+		t.Fatalf("SetRefs after removing the locks: %v", err)
+	}
+}
+
+// MissingInQuarantine judges new values against the repository plus a
+// push's quarantine, as receive-pack does before its hook.
+func Test_Store_MissingInQuarantine(t *testing.T) {
+	s := mustStore(t)
+	ctx := context.Background()
+	s.Init(ctx, "r", 1)
+	work, oids := scratch(t, 2)
+	p, _ := s.Path("r")
+	q := filepath.Join(p, "objects", "tmp_objdir-incoming-test")
+	os.MkdirAll(filepath.Join(q, "pack"), 0o755)
+	pack, idx := packOf(t, work, oids[1])
+	for _, f := range []string{pack, idx} {
+		b, _ := os.ReadFile(f)
+		os.WriteFile(filepath.Join(q, "pack", filepath.Base(f)), b, 0o644)
+	}
+	bogus := strings.Repeat("1", 40)
+	missing, err := s.MissingInQuarantine(ctx, "r", q, []string{oids[1], bogus})
+	if err != nil || len(missing) != 1 || missing[0] != bogus {
+		t.Fatalf("MissingInQuarantine = %v, %v; want just %s", missing, err, bogus)
+	}
+	if m, _ := s.Missing(ctx, "r", []string{oids[1]}); len(m) != 1 {
+		t.Fatalf("without the quarantine the object is missing: %v", m)
+	}
+	if _, err := s.MissingInQuarantine(ctx, "r", "/tmp", oids); err == nil {
+		t.Fatal("a quarantine outside the repository was accepted")
+	}
+}

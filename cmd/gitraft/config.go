@@ -58,6 +58,11 @@ type gitSettings struct {
 	PostReceive  string        `yaml:"post_receive" help:"shell command run once per accepted push, on the node that took it"`
 	MinFreeBytes uint64        `yaml:"min_free_bytes" help:"below this much free disk a node hands pushes to a peer (default 100 MB)"`
 	KeysCommand  string        `yaml:"keys_command" help:"command asked whose an unknown SSH key is (args: type, base64 key, fingerprint; prints a user name)"`
+	// MaxRefsPerPush bounds one push's ref updates (0: no limit).
+	MaxRefsPerPush int `yaml:"max_refs_per_push" help:"most ref updates one push may carry (0: no limit)"`
+	// ServeStaleReads lets a node that cannot confirm it is current (no
+	// quorum, cut off) serve its own copy with a warning instead of refusing.
+	ServeStaleReads bool `yaml:"serve_stale_reads" help:"serve fetches from a copy that cannot be confirmed current, with a warning (default: refuse)"`
 }
 
 func defaultFileConfig() fileConfig {
@@ -68,6 +73,7 @@ func defaultFileConfig() fileConfig {
 		SSHAddr:   "127.0.0.1:7122",
 		LogFormat: "json",
 		LogLevel:  "info",
+		Git:       gitSettings{MaxRefsPerPush: 10000},
 	}
 }
 

@@ -33,13 +33,23 @@ func (b gitBackend) HostSigner(ctx context.Context) (gossh.Signer, error) {
 	}
 }
 
-func (b gitBackend) UserForKey(_ context.Context, key gossh.PublicKey) (string, error) {
-	u, err := b.n.UserForKey(gossh.FingerprintSHA256(key))
+func (b gitBackend) UserForKey(ctx context.Context, key gossh.PublicKey) (string, error) {
+	u, err := b.n.UserForKey(ctx, gossh.FingerprintSHA256(key))
 	if errors.Is(err, cluster.ErrUnknownKey) {
 		return "", gitproto.ErrUnknownKey
 	}
+	if errors.Is(err, cluster.ErrNotCurrent) {
+		return u, notCurrent{err}
+	}
 	return u, err
 }
+
+// notCurrent carries the cluster's explanation as gitproto.ErrNotCurrent.
+type notCurrent struct{ err error }
+
+func (e notCurrent) Error() string        { return e.err.Error() }
+func (e notCurrent) Is(target error) bool { return target == gitproto.ErrNotCurrent }
+func (e notCurrent) Unwrap() error        { return e.err }
 
 func (b gitBackend) Access(ctx context.Context, repo, user string) (gitproto.Access, error) {
 	a, err := b.n.RepoAccess(ctx, repo, user)
@@ -80,8 +90,8 @@ func (b gitBackend) BeginPush(ctx context.Context, repo, user, pushID string, pr
 	return pushTx{p}, nil
 }
 
-func (b gitBackend) Proxy(ctx context.Context, peer string, svc gitproto.Service, repo, user, gitProtocol string, stdin io.Reader, stdout, stderr io.Writer) (int, error) {
-	return b.n.ProxyGit(ctx, peer, string(svc), repo, user, gitProtocol, stdin, stdout, stderr)
+func (b gitBackend) Proxy(ctx context.Context, peer string, svc gitproto.Service, repo, user string, publicKey []byte, gitProtocol string, stdin io.Reader, stdout, stderr io.Writer) (int, error) {
+	return b.n.ProxyGit(ctx, peer, string(svc), repo, user, publicKey, gitProtocol, stdin, stdout, stderr)
 }
 
 type pushTx struct{ p *cluster.Push }
@@ -89,12 +99,21 @@ type pushTx struct{ p *cluster.Push }
 func (t pushTx) Path() string    { return t.p.Path() }
 func (t pushTx) Finish(ok bool)  { t.p.Finish(ok) }
 func (t pushTx) Version() uint64 { return t.p.Version() }
-func (t pushTx) Commit(ctx context.Context, quarantine string, updates []gitproto.RefUpdate, progress func(string)) error {
+func (t pushTx) Commit(ctx context.Context, quarantine string, updates []gitproto.RefUpdate, atomic bool, progress func(string)) ([]gitproto.RefUpdate, error) {
 	changes := make([]cluster.RefChange, len(updates))
 	for i, u := range updates {
 		changes[i] = cluster.RefChange{Ref: u.Ref, Old: u.Old, New: u.New}
 	}
-	return t.p.Commit(ctx, quarantine, changes, progress)
+	verdicts, err := t.p.Judge(ctx, quarantine, changes)
+	if err != nil {
+		return nil, err
+	}
+	committed, err := t.p.Commit(ctx, quarantine, verdicts, atomic, progress)
+	out := make([]gitproto.RefUpdate, len(committed))
+	for i, c := range committed {
+		out[i] = gitproto.RefUpdate{Ref: c.Ref, Old: c.Old, New: c.New}
+	}
+	return out, err
 }
 
 // newHookCmd is `gitraft hook pre-receive`, which git runs inside a push.

@@ -44,7 +44,7 @@ func startNode(cfg fileConfig, logger *slog.Logger) (*runningNode, error) {
 	if ccfg.SSHAdvertise == "" {
 		ccfg.SSHAdvertise = sshLn.Addr().String()
 	}
-	ccfg.Git = &cluster.GitConfig{Store: store, Binary: exe, MinFreeBytes: cfg.Git.MinFreeBytes}
+	ccfg.Git = &cluster.GitConfig{Store: store, Binary: exe, MinFreeBytes: cfg.Git.MinFreeBytes, ServeStaleReads: cfg.Git.ServeStaleReads}
 	n, err := cluster.New(ccfg, logger)
 	if err != nil {
 		sshLn.Close()
@@ -55,14 +55,15 @@ func startNode(cfg fileConfig, logger *slog.Logger) (*runningNode, error) {
 		KeysCommand: cfg.Git.KeysCommand, PostReceive: cfg.Git.PostReceive,
 		MaxPackBytes: cfg.Git.MaxPackBytes, MaxSessions: cfg.Git.MaxSessions,
 		IdleTimeout: cfg.Git.IdleTimeout, MaxTimeout: cfg.Git.MaxTimeout,
+		MaxRefsPerPush: cfg.Git.MaxRefsPerPush,
 	}, gitBackend{n}, logger)
 	if err != nil {
 		n.Close()
 		sshLn.Close()
 		return nil, err
 	}
-	n.SetGitSessionHandler(func(ctx context.Context, service, repo, user, gitProtocol string, stdin io.Reader, stdout, stderr io.Writer) int {
-		return srv.ServeProxied(ctx, service, repo, user, gitProtocol, stdin, stdout, stderr)
+	n.SetGitSessionHandler(func(ctx context.Context, service, repo, user string, publicKey []byte, gitProtocol string, stdin io.Reader, stdout, stderr io.Writer) int {
+		return srv.ServeProxied(ctx, service, repo, user, publicKey, gitProtocol, stdin, stdout, stderr)
 	})
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &runningNode{node: n, ssh: srv, cancel: cancel, log: logger}

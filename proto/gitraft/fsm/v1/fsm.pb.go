@@ -1143,7 +1143,18 @@ type UpdateRefs struct {
 	Updates      []*RefUpdate           `protobuf:"bytes,3,rep,name=updates,proto3" json:"updates,omitempty"`
 	Atomic       bool                   `protobuf:"varint,4,opt,name=atomic,proto3" json:"atomic,omitempty"`
 	// Free-form identifier of the push (for history and logs).
-	PushId        string `protobuf:"bytes,5,opt,name=push_id,json=pushId,proto3" json:"push_id,omitempty"`
+	PushId string `protobuf:"bytes,5,opt,name=push_id,json=pushId,proto3" json:"push_id,omitempty"`
+	// Which ref rules the state machine applies. 0 (entries written before
+	// rules were versioned): refs under refs/ without "..", "@{", control
+	// characters and the like. 2: git's full check-ref-format rules (at least
+	// two components after "refs/") and no ref that is a directory of another
+	// (refs/heads/a next to refs/heads/a/b). A rule is tied to the entry, so
+	// replaying an old log gives the state it gave then.
+	RefRules uint32 `protobuf:"varint,6,opt,name=ref_rules,json=refRules,proto3" json:"ref_rules,omitempty"`
+	// Set when an operator repaired the repository (gitraft repo set-ref,
+	// repo repair): who, and why. The change is kept in the repo's repairs.
+	RepairActor   string `protobuf:"bytes,7,opt,name=repair_actor,json=repairActor,proto3" json:"repair_actor,omitempty"`
+	RepairReason  string `protobuf:"bytes,8,opt,name=repair_reason,json=repairReason,proto3" json:"repair_reason,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1209,6 +1220,27 @@ func (x *UpdateRefs) GetAtomic() bool {
 func (x *UpdateRefs) GetPushId() string {
 	if x != nil {
 		return x.PushId
+	}
+	return ""
+}
+
+func (x *UpdateRefs) GetRefRules() uint32 {
+	if x != nil {
+		return x.RefRules
+	}
+	return 0
+}
+
+func (x *UpdateRefs) GetRepairActor() string {
+	if x != nil {
+		return x.RepairActor
+	}
+	return ""
+}
+
+func (x *UpdateRefs) GetRepairReason() string {
+	if x != nil {
+		return x.RepairReason
 	}
 	return ""
 }
@@ -1948,7 +1980,9 @@ type Repo struct {
 	UpdatedUnixNano int64  `protobuf:"varint,6,opt,name=updated_unix_nano,json=updatedUnixNano,proto3" json:"updated_unix_nano,omitempty"`
 	UpdatedIndex    uint64 `protobuf:"varint,7,opt,name=updated_index,json=updatedIndex,proto3" json:"updated_index,omitempty"`
 	// HEAD's target, e.g. "refs/heads/main".
-	Head          string `protobuf:"bytes,8,opt,name=head,proto3" json:"head,omitempty"`
+	Head string `protobuf:"bytes,8,opt,name=head,proto3" json:"head,omitempty"`
+	// The last repairs an operator made (newest last, at most 20).
+	Repairs       []*Repair `protobuf:"bytes,9,rep,name=repairs,proto3" json:"repairs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2039,6 +2073,99 @@ func (x *Repo) GetHead() string {
 	return ""
 }
 
+func (x *Repo) GetRepairs() []*Repair {
+	if x != nil {
+		return x.Repairs
+	}
+	return nil
+}
+
+// Repair records a ref change an operator forced on a repository.
+type Repair struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Index    uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	UnixNano int64                  `protobuf:"varint,2,opt,name=unix_nano,json=unixNano,proto3" json:"unix_nano,omitempty"`
+	Actor    string                 `protobuf:"bytes,3,opt,name=actor,proto3" json:"actor,omitempty"`
+	Reason   string                 `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
+	// old_oid is the value the ref had, new_oid the value it got ("" absent).
+	Changes       []*RefUpdate `protobuf:"bytes,5,rep,name=changes,proto3" json:"changes,omitempty"`
+	Version       uint64       `protobuf:"varint,6,opt,name=version,proto3" json:"version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Repair) Reset() {
+	*x = Repair{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Repair) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Repair) ProtoMessage() {}
+
+func (x *Repair) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Repair.ProtoReflect.Descriptor instead.
+func (*Repair) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *Repair) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *Repair) GetUnixNano() int64 {
+	if x != nil {
+		return x.UnixNano
+	}
+	return 0
+}
+
+func (x *Repair) GetActor() string {
+	if x != nil {
+		return x.Actor
+	}
+	return ""
+}
+
+func (x *Repair) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *Repair) GetChanges() []*RefUpdate {
+	if x != nil {
+		return x.Changes
+	}
+	return nil
+}
+
+func (x *Repair) GetVersion() uint64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
 type WriteLock struct {
 	state            protoimpl.MessageState `protogen:"open.v1"`
 	Repo             string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
@@ -2052,7 +2179,7 @@ type WriteLock struct {
 
 func (x *WriteLock) Reset() {
 	*x = WriteLock{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[26]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2064,7 +2191,7 @@ func (x *WriteLock) String() string {
 func (*WriteLock) ProtoMessage() {}
 
 func (x *WriteLock) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[26]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2077,7 +2204,7 @@ func (x *WriteLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteLock.ProtoReflect.Descriptor instead.
 func (*WriteLock) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{26}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *WriteLock) GetRepo() string {
@@ -2125,7 +2252,7 @@ type Refusal struct {
 
 func (x *Refusal) Reset() {
 	*x = Refusal{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[27]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2137,7 +2264,7 @@ func (x *Refusal) String() string {
 func (*Refusal) ProtoMessage() {}
 
 func (x *Refusal) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[27]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2150,7 +2277,7 @@ func (x *Refusal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Refusal.ProtoReflect.Descriptor instead.
 func (*Refusal) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{27}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Refusal) GetReason() Reason {
@@ -2179,7 +2306,7 @@ type RefResult struct {
 
 func (x *RefResult) Reset() {
 	*x = RefResult{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[28]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2191,7 +2318,7 @@ func (x *RefResult) String() string {
 func (*RefResult) ProtoMessage() {}
 
 func (x *RefResult) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[28]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2204,7 +2331,7 @@ func (x *RefResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefResult.ProtoReflect.Descriptor instead.
 func (*RefResult) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{28}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *RefResult) GetRef() string {
@@ -2245,7 +2372,7 @@ type Result struct {
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[29]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2257,7 +2384,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[29]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2270,7 +2397,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{29}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *Result) GetIndex() uint64 {
@@ -2342,7 +2469,7 @@ type SnapshotHeader struct {
 
 func (x *SnapshotHeader) Reset() {
 	*x = SnapshotHeader{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[30]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2354,7 +2481,7 @@ func (x *SnapshotHeader) String() string {
 func (*SnapshotHeader) ProtoMessage() {}
 
 func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[30]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2367,7 +2494,7 @@ func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotHeader.ProtoReflect.Descriptor instead.
 func (*SnapshotHeader) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{30}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *SnapshotHeader) GetFormat() EntryFormat {
@@ -2413,7 +2540,7 @@ type SnapshotItem struct {
 
 func (x *SnapshotItem) Reset() {
 	*x = SnapshotItem{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[31]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2425,7 +2552,7 @@ func (x *SnapshotItem) String() string {
 func (*SnapshotItem) ProtoMessage() {}
 
 func (x *SnapshotItem) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[31]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2438,7 +2565,7 @@ func (x *SnapshotItem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotItem.ProtoReflect.Descriptor instead.
 func (*SnapshotItem) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{31}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *SnapshotItem) GetItem() isSnapshotItem_Item {
@@ -2629,7 +2756,7 @@ type SnapshotEnd struct {
 
 func (x *SnapshotEnd) Reset() {
 	*x = SnapshotEnd{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[32]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2641,7 +2768,7 @@ func (x *SnapshotEnd) String() string {
 func (*SnapshotEnd) ProtoMessage() {}
 
 func (x *SnapshotEnd) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[32]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2654,7 +2781,7 @@ func (x *SnapshotEnd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotEnd.ProtoReflect.Descriptor instead.
 func (*SnapshotEnd) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{32}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *SnapshotEnd) GetItems() uint64 {
@@ -2675,7 +2802,7 @@ type AppliedRequest struct {
 
 func (x *AppliedRequest) Reset() {
 	*x = AppliedRequest{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[33]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2687,7 +2814,7 @@ func (x *AppliedRequest) String() string {
 func (*AppliedRequest) ProtoMessage() {}
 
 func (x *AppliedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[33]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2700,7 +2827,7 @@ func (x *AppliedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppliedRequest.ProtoReflect.Descriptor instead.
 func (*AppliedRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{33}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *AppliedRequest) GetRequestId() string {
@@ -2787,14 +2914,17 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\tRefUpdate\x12\x10\n" +
 	"\x03ref\x18\x01 \x01(\tR\x03ref\x12\x17\n" +
 	"\aold_oid\x18\x02 \x01(\tR\x06oldOid\x12\x17\n" +
-	"\anew_oid\x18\x03 \x01(\tR\x06newOid\"\xab\x01\n" +
+	"\anew_oid\x18\x03 \x01(\tR\x06newOid\"\x90\x02\n" +
 	"\n" +
 	"UpdateRefs\x12\x12\n" +
 	"\x04repo\x18\x01 \x01(\tR\x04repo\x12#\n" +
 	"\rfencing_token\x18\x02 \x01(\x04R\ffencingToken\x123\n" +
 	"\aupdates\x18\x03 \x03(\v2\x19.gitraft.fsm.v1.RefUpdateR\aupdates\x12\x16\n" +
 	"\x06atomic\x18\x04 \x01(\bR\x06atomic\x12\x17\n" +
-	"\apush_id\x18\x05 \x01(\tR\x06pushId\"Z\n" +
+	"\apush_id\x18\x05 \x01(\tR\x06pushId\x12\x1b\n" +
+	"\tref_rules\x18\x06 \x01(\rR\brefRules\x12!\n" +
+	"\frepair_actor\x18\a \x01(\tR\vrepairActor\x12#\n" +
+	"\rrepair_reason\x18\b \x01(\tR\frepairReason\"Z\n" +
 	"\vAcquireLock\x12\x12\n" +
 	"\x04repo\x18\x01 \x01(\tR\x04repo\x12\x16\n" +
 	"\x06holder\x18\x02 \x01(\tR\x06holder\x12\x1f\n" +
@@ -2843,7 +2973,7 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\x05Grant\x12\x12\n" +
 	"\x04repo\x18\x01 \x01(\tR\x04repo\x12\x12\n" +
 	"\x04user\x18\x02 \x01(\tR\x04user\x12.\n" +
-	"\x06access\x18\x03 \x01(\x0e2\x16.gitraft.fsm.v1.AccessR\x06access\"\xfe\x01\n" +
+	"\x06access\x18\x03 \x01(\x0e2\x16.gitraft.fsm.v1.AccessR\x06access\"\xb0\x02\n" +
 	"\x04Repo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\x04R\x02id\x12\x18\n" +
@@ -2852,7 +2982,15 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\x11created_unix_nano\x18\x05 \x01(\x03R\x0fcreatedUnixNano\x12*\n" +
 	"\x11updated_unix_nano\x18\x06 \x01(\x03R\x0fupdatedUnixNano\x12#\n" +
 	"\rupdated_index\x18\a \x01(\x04R\fupdatedIndex\x12\x12\n" +
-	"\x04head\x18\b \x01(\tR\x04head\"\xb6\x01\n" +
+	"\x04head\x18\b \x01(\tR\x04head\x120\n" +
+	"\arepairs\x18\t \x03(\v2\x16.gitraft.fsm.v1.RepairR\arepairs\"\xb8\x01\n" +
+	"\x06Repair\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x1b\n" +
+	"\tunix_nano\x18\x02 \x01(\x03R\bunixNano\x12\x14\n" +
+	"\x05actor\x18\x03 \x01(\tR\x05actor\x12\x16\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\x123\n" +
+	"\achanges\x18\x05 \x03(\v2\x19.gitraft.fsm.v1.RefUpdateR\achanges\x12\x18\n" +
+	"\aversion\x18\x06 \x01(\x04R\aversion\"\xb6\x01\n" +
 	"\tWriteLock\x12\x12\n" +
 	"\x04repo\x18\x01 \x01(\tR\x04repo\x12\x16\n" +
 	"\x06holder\x18\x02 \x01(\tR\x06holder\x12#\n" +
@@ -2940,7 +3078,7 @@ func file_gitraft_fsm_v1_fsm_proto_rawDescGZIP() []byte {
 }
 
 var file_gitraft_fsm_v1_fsm_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_gitraft_fsm_v1_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
+var file_gitraft_fsm_v1_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
 var file_gitraft_fsm_v1_fsm_proto_goTypes = []any{
 	(EntryFormat)(0),         // 0: gitraft.fsm.v1.EntryFormat
 	(Access)(0),              // 1: gitraft.fsm.v1.Access
@@ -2972,20 +3110,21 @@ var file_gitraft_fsm_v1_fsm_proto_goTypes = []any{
 	(*SSHKey)(nil),           // 27: gitraft.fsm.v1.SSHKey
 	(*Grant)(nil),            // 28: gitraft.fsm.v1.Grant
 	(*Repo)(nil),             // 29: gitraft.fsm.v1.Repo
-	(*WriteLock)(nil),        // 30: gitraft.fsm.v1.WriteLock
-	(*Refusal)(nil),          // 31: gitraft.fsm.v1.Refusal
-	(*RefResult)(nil),        // 32: gitraft.fsm.v1.RefResult
-	(*Result)(nil),           // 33: gitraft.fsm.v1.Result
-	(*SnapshotHeader)(nil),   // 34: gitraft.fsm.v1.SnapshotHeader
-	(*SnapshotItem)(nil),     // 35: gitraft.fsm.v1.SnapshotItem
-	(*SnapshotEnd)(nil),      // 36: gitraft.fsm.v1.SnapshotEnd
-	(*AppliedRequest)(nil),   // 37: gitraft.fsm.v1.AppliedRequest
-	(*v1.Command)(nil),       // 38: gitraft.db.v1.Command
-	(*v11.Command)(nil),      // 39: gitraft.mail.v1.Command
-	(*v1.Result)(nil),        // 40: gitraft.db.v1.Result
-	(*v11.Result)(nil),       // 41: gitraft.mail.v1.Result
-	(*v1.Snapshot)(nil),      // 42: gitraft.db.v1.Snapshot
-	(*v11.Snapshot)(nil),     // 43: gitraft.mail.v1.Snapshot
+	(*Repair)(nil),           // 30: gitraft.fsm.v1.Repair
+	(*WriteLock)(nil),        // 31: gitraft.fsm.v1.WriteLock
+	(*Refusal)(nil),          // 32: gitraft.fsm.v1.Refusal
+	(*RefResult)(nil),        // 33: gitraft.fsm.v1.RefResult
+	(*Result)(nil),           // 34: gitraft.fsm.v1.Result
+	(*SnapshotHeader)(nil),   // 35: gitraft.fsm.v1.SnapshotHeader
+	(*SnapshotItem)(nil),     // 36: gitraft.fsm.v1.SnapshotItem
+	(*SnapshotEnd)(nil),      // 37: gitraft.fsm.v1.SnapshotEnd
+	(*AppliedRequest)(nil),   // 38: gitraft.fsm.v1.AppliedRequest
+	(*v1.Command)(nil),       // 39: gitraft.db.v1.Command
+	(*v11.Command)(nil),      // 40: gitraft.mail.v1.Command
+	(*v1.Result)(nil),        // 41: gitraft.db.v1.Result
+	(*v11.Result)(nil),       // 42: gitraft.mail.v1.Result
+	(*v1.Snapshot)(nil),      // 43: gitraft.db.v1.Snapshot
+	(*v11.Snapshot)(nil),     // 44: gitraft.mail.v1.Snapshot
 }
 var file_gitraft_fsm_v1_fsm_proto_depIdxs = []int32{
 	0,  // 0: gitraft.fsm.v1.Entry.format:type_name -> gitraft.fsm.v1.EntryFormat
@@ -3006,8 +3145,8 @@ var file_gitraft_fsm_v1_fsm_proto_depIdxs = []int32{
 	8,  // 15: gitraft.fsm.v1.Entry.add_key:type_name -> gitraft.fsm.v1.AddKey
 	9,  // 16: gitraft.fsm.v1.Entry.remove_key:type_name -> gitraft.fsm.v1.RemoveKey
 	10, // 17: gitraft.fsm.v1.Entry.set_grant:type_name -> gitraft.fsm.v1.SetGrant
-	38, // 18: gitraft.fsm.v1.Entry.database:type_name -> gitraft.db.v1.Command
-	39, // 19: gitraft.fsm.v1.Entry.mail:type_name -> gitraft.mail.v1.Command
+	39, // 18: gitraft.fsm.v1.Entry.database:type_name -> gitraft.db.v1.Command
+	40, // 19: gitraft.fsm.v1.Entry.mail:type_name -> gitraft.mail.v1.Command
 	25, // 20: gitraft.fsm.v1.SetHostKey.host_key:type_name -> gitraft.fsm.v1.HostKey
 	27, // 21: gitraft.fsm.v1.AddKey.key:type_name -> gitraft.fsm.v1.SSHKey
 	1,  // 22: gitraft.fsm.v1.SetGrant.access:type_name -> gitraft.fsm.v1.Access
@@ -3015,33 +3154,35 @@ var file_gitraft_fsm_v1_fsm_proto_depIdxs = []int32{
 	23, // 24: gitraft.fsm.v1.SetMember.member:type_name -> gitraft.fsm.v1.Member
 	1,  // 25: gitraft.fsm.v1.Grant.access:type_name -> gitraft.fsm.v1.Access
 	24, // 26: gitraft.fsm.v1.Repo.refs:type_name -> gitraft.fsm.v1.Ref
-	2,  // 27: gitraft.fsm.v1.Refusal.reason:type_name -> gitraft.fsm.v1.Reason
-	3,  // 28: gitraft.fsm.v1.RefResult.status:type_name -> gitraft.fsm.v1.RefStatus
-	31, // 29: gitraft.fsm.v1.Result.refusal:type_name -> gitraft.fsm.v1.Refusal
-	29, // 30: gitraft.fsm.v1.Result.repo:type_name -> gitraft.fsm.v1.Repo
-	30, // 31: gitraft.fsm.v1.Result.lock:type_name -> gitraft.fsm.v1.WriteLock
-	30, // 32: gitraft.fsm.v1.Result.expired:type_name -> gitraft.fsm.v1.WriteLock
-	32, // 33: gitraft.fsm.v1.Result.ref_results:type_name -> gitraft.fsm.v1.RefResult
-	40, // 34: gitraft.fsm.v1.Result.database:type_name -> gitraft.db.v1.Result
-	41, // 35: gitraft.fsm.v1.Result.mail:type_name -> gitraft.mail.v1.Result
-	0,  // 36: gitraft.fsm.v1.SnapshotHeader.format:type_name -> gitraft.fsm.v1.EntryFormat
-	29, // 37: gitraft.fsm.v1.SnapshotItem.repo:type_name -> gitraft.fsm.v1.Repo
-	30, // 38: gitraft.fsm.v1.SnapshotItem.lock:type_name -> gitraft.fsm.v1.WriteLock
-	23, // 39: gitraft.fsm.v1.SnapshotItem.member:type_name -> gitraft.fsm.v1.Member
-	37, // 40: gitraft.fsm.v1.SnapshotItem.applied_request:type_name -> gitraft.fsm.v1.AppliedRequest
-	25, // 41: gitraft.fsm.v1.SnapshotItem.host_key:type_name -> gitraft.fsm.v1.HostKey
-	26, // 42: gitraft.fsm.v1.SnapshotItem.user:type_name -> gitraft.fsm.v1.User
-	27, // 43: gitraft.fsm.v1.SnapshotItem.key:type_name -> gitraft.fsm.v1.SSHKey
-	28, // 44: gitraft.fsm.v1.SnapshotItem.grant:type_name -> gitraft.fsm.v1.Grant
-	42, // 45: gitraft.fsm.v1.SnapshotItem.database:type_name -> gitraft.db.v1.Snapshot
-	43, // 46: gitraft.fsm.v1.SnapshotItem.mail:type_name -> gitraft.mail.v1.Snapshot
-	36, // 47: gitraft.fsm.v1.SnapshotItem.end:type_name -> gitraft.fsm.v1.SnapshotEnd
-	33, // 48: gitraft.fsm.v1.AppliedRequest.result:type_name -> gitraft.fsm.v1.Result
-	49, // [49:49] is the sub-list for method output_type
-	49, // [49:49] is the sub-list for method input_type
-	49, // [49:49] is the sub-list for extension type_name
-	49, // [49:49] is the sub-list for extension extendee
-	0,  // [0:49] is the sub-list for field type_name
+	30, // 27: gitraft.fsm.v1.Repo.repairs:type_name -> gitraft.fsm.v1.Repair
+	14, // 28: gitraft.fsm.v1.Repair.changes:type_name -> gitraft.fsm.v1.RefUpdate
+	2,  // 29: gitraft.fsm.v1.Refusal.reason:type_name -> gitraft.fsm.v1.Reason
+	3,  // 30: gitraft.fsm.v1.RefResult.status:type_name -> gitraft.fsm.v1.RefStatus
+	32, // 31: gitraft.fsm.v1.Result.refusal:type_name -> gitraft.fsm.v1.Refusal
+	29, // 32: gitraft.fsm.v1.Result.repo:type_name -> gitraft.fsm.v1.Repo
+	31, // 33: gitraft.fsm.v1.Result.lock:type_name -> gitraft.fsm.v1.WriteLock
+	31, // 34: gitraft.fsm.v1.Result.expired:type_name -> gitraft.fsm.v1.WriteLock
+	33, // 35: gitraft.fsm.v1.Result.ref_results:type_name -> gitraft.fsm.v1.RefResult
+	41, // 36: gitraft.fsm.v1.Result.database:type_name -> gitraft.db.v1.Result
+	42, // 37: gitraft.fsm.v1.Result.mail:type_name -> gitraft.mail.v1.Result
+	0,  // 38: gitraft.fsm.v1.SnapshotHeader.format:type_name -> gitraft.fsm.v1.EntryFormat
+	29, // 39: gitraft.fsm.v1.SnapshotItem.repo:type_name -> gitraft.fsm.v1.Repo
+	31, // 40: gitraft.fsm.v1.SnapshotItem.lock:type_name -> gitraft.fsm.v1.WriteLock
+	23, // 41: gitraft.fsm.v1.SnapshotItem.member:type_name -> gitraft.fsm.v1.Member
+	38, // 42: gitraft.fsm.v1.SnapshotItem.applied_request:type_name -> gitraft.fsm.v1.AppliedRequest
+	25, // 43: gitraft.fsm.v1.SnapshotItem.host_key:type_name -> gitraft.fsm.v1.HostKey
+	26, // 44: gitraft.fsm.v1.SnapshotItem.user:type_name -> gitraft.fsm.v1.User
+	27, // 45: gitraft.fsm.v1.SnapshotItem.key:type_name -> gitraft.fsm.v1.SSHKey
+	28, // 46: gitraft.fsm.v1.SnapshotItem.grant:type_name -> gitraft.fsm.v1.Grant
+	43, // 47: gitraft.fsm.v1.SnapshotItem.database:type_name -> gitraft.db.v1.Snapshot
+	44, // 48: gitraft.fsm.v1.SnapshotItem.mail:type_name -> gitraft.mail.v1.Snapshot
+	37, // 49: gitraft.fsm.v1.SnapshotItem.end:type_name -> gitraft.fsm.v1.SnapshotEnd
+	34, // 50: gitraft.fsm.v1.AppliedRequest.result:type_name -> gitraft.fsm.v1.Result
+	51, // [51:51] is the sub-list for method output_type
+	51, // [51:51] is the sub-list for method input_type
+	51, // [51:51] is the sub-list for extension type_name
+	51, // [51:51] is the sub-list for extension extendee
+	0,  // [0:51] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_fsm_v1_fsm_proto_init() }
@@ -3070,7 +3211,7 @@ func file_gitraft_fsm_v1_fsm_proto_init() {
 		(*Entry_Database)(nil),
 		(*Entry_Mail)(nil),
 	}
-	file_gitraft_fsm_v1_fsm_proto_msgTypes[31].OneofWrappers = []any{
+	file_gitraft_fsm_v1_fsm_proto_msgTypes[32].OneofWrappers = []any{
 		(*SnapshotItem_Repo)(nil),
 		(*SnapshotItem_Lock)(nil),
 		(*SnapshotItem_Member)(nil),
@@ -3089,7 +3230,7 @@ func file_gitraft_fsm_v1_fsm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_fsm_v1_fsm_proto_rawDesc), len(file_gitraft_fsm_v1_fsm_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   34,
+			NumMessages:   35,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

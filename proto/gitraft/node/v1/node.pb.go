@@ -307,10 +307,13 @@ type PutPackHeader struct {
 	RepoId uint64                 `protobuf:"varint,2,opt,name=repo_id,json=repoId,proto3" json:"repo_id,omitempty"`
 	// The version the push builds on; the receiver must hold it (catching up
 	// first if it is behind) for its copy to count toward the quorum.
-	BaseVersion   uint64 `protobuf:"varint,3,opt,name=base_version,json=baseVersion,proto3" json:"base_version,omitempty"`
-	PushId        string `protobuf:"bytes,4,opt,name=push_id,json=pushId,proto3" json:"push_id,omitempty"`
-	PackSize      int64  `protobuf:"varint,5,opt,name=pack_size,json=packSize,proto3" json:"pack_size,omitempty"`
-	IdxSize       int64  `protobuf:"varint,6,opt,name=idx_size,json=idxSize,proto3" json:"idx_size,omitempty"`
+	BaseVersion uint64 `protobuf:"varint,3,opt,name=base_version,json=baseVersion,proto3" json:"base_version,omitempty"`
+	PushId      string `protobuf:"bytes,4,opt,name=push_id,json=pushId,proto3" json:"push_id,omitempty"`
+	PackSize    int64  `protobuf:"varint,5,opt,name=pack_size,json=packSize,proto3" json:"pack_size,omitempty"`
+	IdxSize     int64  `protobuf:"varint,6,opt,name=idx_size,json=idxSize,proto3" json:"idx_size,omitempty"`
+	// The new ref values of the push. The receiver acks only when each is
+	// present and connected in its copy (pack plus base version).
+	Tips          []string `protobuf:"bytes,7,rep,name=tips,proto3" json:"tips,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -385,6 +388,13 @@ func (x *PutPackHeader) GetIdxSize() int64 {
 		return x.IdxSize
 	}
 	return 0
+}
+
+func (x *PutPackHeader) GetTips() []string {
+	if x != nil {
+		return x.Tips
+	}
+	return nil
 }
 
 type PutPackRequest struct {
@@ -542,13 +552,16 @@ type GitSessionStart struct {
 	// upload-pack, receive-pack or upload-archive.
 	Service string `protobuf:"bytes,1,opt,name=service,proto3" json:"service,omitempty"`
 	Repo    string `protobuf:"bytes,2,opt,name=repo,proto3" json:"repo,omitempty"`
-	// The authenticated user (already authorised by the node that took the
-	// session) or empty for node-to-node catch-up.
+	// The authenticated user or empty for node-to-node catch-up. The node
+	// that serves the session checks the key and the user's access again
+	// against its own, current, state: the node that took it may be behind.
 	User string `protobuf:"bytes,3,opt,name=user,proto3" json:"user,omitempty"`
 	// GIT_PROTOCOL from the client ("version=2").
 	GitProtocol string `protobuf:"bytes,4,opt,name=git_protocol,json=gitProtocol,proto3" json:"git_protocol,omitempty"`
 	// The node that took the session, for logs.
-	Via           string `protobuf:"bytes,5,opt,name=via,proto3" json:"via,omitempty"`
+	Via string `protobuf:"bytes,5,opt,name=via,proto3" json:"via,omitempty"`
+	// The client's SSH public key (wire format) that authenticated the user.
+	PublicKey     []byte `protobuf:"bytes,6,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -616,6 +629,13 @@ func (x *GitSessionStart) GetVia() string {
 		return x.Via
 	}
 	return ""
+}
+
+func (x *GitSessionStart) GetPublicKey() []byte {
+	if x != nil {
+		return x.PublicKey
+	}
+	return nil
 }
 
 type GitSessionRequest struct {
@@ -1307,14 +1327,15 @@ const file_gitraft_node_v1_node_proto_rawDesc = "" +
 	"\x04head\x18\x05 \x01(\tR\x04head\x1a7\n" +
 	"\tRefsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb0\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xc4\x01\n" +
 	"\rPutPackHeader\x12\x12\n" +
 	"\x04repo\x18\x01 \x01(\tR\x04repo\x12\x17\n" +
 	"\arepo_id\x18\x02 \x01(\x04R\x06repoId\x12!\n" +
 	"\fbase_version\x18\x03 \x01(\x04R\vbaseVersion\x12\x17\n" +
 	"\apush_id\x18\x04 \x01(\tR\x06pushId\x12\x1b\n" +
 	"\tpack_size\x18\x05 \x01(\x03R\bpackSize\x12\x19\n" +
-	"\bidx_size\x18\x06 \x01(\x03R\aidxSize\"\x91\x01\n" +
+	"\bidx_size\x18\x06 \x01(\x03R\aidxSize\x12\x12\n" +
+	"\x04tips\x18\a \x03(\tR\x04tips\"\x91\x01\n" +
 	"\x0ePutPackRequest\x128\n" +
 	"\x06header\x18\x01 \x01(\v2\x1e.gitraft.node.v1.PutPackHeaderH\x00R\x06header\x12\x1f\n" +
 	"\n" +
@@ -1323,13 +1344,15 @@ const file_gitraft_node_v1_node_proto_rawDesc = "" +
 	"\x03msg\"F\n" +
 	"\x0fPutPackResponse\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1a\n" +
-	"\bchecksum\x18\x02 \x01(\tR\bchecksum\"\x88\x01\n" +
+	"\bchecksum\x18\x02 \x01(\tR\bchecksum\"\xa7\x01\n" +
 	"\x0fGitSessionStart\x12\x18\n" +
 	"\aservice\x18\x01 \x01(\tR\aservice\x12\x12\n" +
 	"\x04repo\x18\x02 \x01(\tR\x04repo\x12\x12\n" +
 	"\x04user\x18\x03 \x01(\tR\x04user\x12!\n" +
 	"\fgit_protocol\x18\x04 \x01(\tR\vgitProtocol\x12\x10\n" +
-	"\x03via\x18\x05 \x01(\tR\x03via\"\x8b\x01\n" +
+	"\x03via\x18\x05 \x01(\tR\x03via\x12\x1d\n" +
+	"\n" +
+	"public_key\x18\x06 \x01(\fR\tpublicKey\"\x8b\x01\n" +
 	"\x11GitSessionRequest\x128\n" +
 	"\x05start\x18\x01 \x01(\v2 .gitraft.node.v1.GitSessionStartH\x00R\x05start\x12\x16\n" +
 	"\x05stdin\x18\x02 \x01(\fH\x00R\x05stdin\x12\x1d\n" +

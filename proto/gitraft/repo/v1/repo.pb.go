@@ -131,6 +131,309 @@ func (RefStatus) EnumDescriptor() ([]byte, []int) {
 	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{1}
 }
 
+type RepairRefsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Repo  string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
+	// Refs to set (new_oid) or delete (new_oid empty); old_oid is ignored.
+	Updates []*RefUpdate `protobuf:"bytes,2,rep,name=updates,proto3" json:"updates,omitempty"`
+	// Find the damaged refs and plan their repair (updates must be empty).
+	Auto bool `protobuf:"varint,3,opt,name=auto,proto3" json:"auto,omitempty"`
+	// Say what would be done, change nothing.
+	DryRun        bool   `protobuf:"varint,4,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
+	Reason        string `protobuf:"bytes,5,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RepairRefsRequest) Reset() {
+	*x = RepairRefsRequest{}
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RepairRefsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RepairRefsRequest) ProtoMessage() {}
+
+func (x *RepairRefsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RepairRefsRequest.ProtoReflect.Descriptor instead.
+func (*RepairRefsRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *RepairRefsRequest) GetRepo() string {
+	if x != nil {
+		return x.Repo
+	}
+	return ""
+}
+
+func (x *RepairRefsRequest) GetUpdates() []*RefUpdate {
+	if x != nil {
+		return x.Updates
+	}
+	return nil
+}
+
+func (x *RepairRefsRequest) GetAuto() bool {
+	if x != nil {
+		return x.Auto
+	}
+	return false
+}
+
+func (x *RepairRefsRequest) GetDryRun() bool {
+	if x != nil {
+		return x.DryRun
+	}
+	return false
+}
+
+func (x *RepairRefsRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type RepairChange struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Ref    string                 `protobuf:"bytes,1,opt,name=ref,proto3" json:"ref,omitempty"`
+	OldOid string                 `protobuf:"bytes,2,opt,name=old_oid,json=oldOid,proto3" json:"old_oid,omitempty"`
+	NewOid string                 `protobuf:"bytes,3,opt,name=new_oid,json=newOid,proto3" json:"new_oid,omitempty"`
+	// Why this change: "set by operator", "tip held by 1 of 3 nodes; reset to
+	// the value n2 holds", ...
+	Why           string `protobuf:"bytes,4,opt,name=why,proto3" json:"why,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RepairChange) Reset() {
+	*x = RepairChange{}
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RepairChange) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RepairChange) ProtoMessage() {}
+
+func (x *RepairChange) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RepairChange.ProtoReflect.Descriptor instead.
+func (*RepairChange) Descriptor() ([]byte, []int) {
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *RepairChange) GetRef() string {
+	if x != nil {
+		return x.Ref
+	}
+	return ""
+}
+
+func (x *RepairChange) GetOldOid() string {
+	if x != nil {
+		return x.OldOid
+	}
+	return ""
+}
+
+func (x *RepairChange) GetNewOid() string {
+	if x != nil {
+		return x.NewOid
+	}
+	return ""
+}
+
+func (x *RepairChange) GetWhy() string {
+	if x != nil {
+		return x.Why
+	}
+	return ""
+}
+
+type RepairRefsResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Repo    string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
+	Changes []*RepairChange        `protobuf:"bytes,2,rep,name=changes,proto3" json:"changes,omitempty"`
+	// Version and Raft index of the committed repair (0 for a dry run or
+	// when nothing needed repair).
+	Version       uint64 `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
+	Index         uint64 `protobuf:"varint,4,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RepairRefsResponse) Reset() {
+	*x = RepairRefsResponse{}
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RepairRefsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RepairRefsResponse) ProtoMessage() {}
+
+func (x *RepairRefsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RepairRefsResponse.ProtoReflect.Descriptor instead.
+func (*RepairRefsResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *RepairRefsResponse) GetRepo() string {
+	if x != nil {
+		return x.Repo
+	}
+	return ""
+}
+
+func (x *RepairRefsResponse) GetChanges() []*RepairChange {
+	if x != nil {
+		return x.Changes
+	}
+	return nil
+}
+
+func (x *RepairRefsResponse) GetVersion() uint64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *RepairRefsResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+type Repair struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	At            *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=at,proto3" json:"at,omitempty"`
+	Actor         string                 `protobuf:"bytes,3,opt,name=actor,proto3" json:"actor,omitempty"`
+	Reason        string                 `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
+	Changes       []*RepairChange        `protobuf:"bytes,5,rep,name=changes,proto3" json:"changes,omitempty"`
+	Version       uint64                 `protobuf:"varint,6,opt,name=version,proto3" json:"version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Repair) Reset() {
+	*x = Repair{}
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Repair) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Repair) ProtoMessage() {}
+
+func (x *Repair) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Repair.ProtoReflect.Descriptor instead.
+func (*Repair) Descriptor() ([]byte, []int) {
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *Repair) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *Repair) GetAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.At
+	}
+	return nil
+}
+
+func (x *Repair) GetActor() string {
+	if x != nil {
+		return x.Actor
+	}
+	return ""
+}
+
+func (x *Repair) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *Repair) GetChanges() []*RepairChange {
+	if x != nil {
+		return x.Changes
+	}
+	return nil
+}
+
+func (x *Repair) GetVersion() uint64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
 type VerifyRepoRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -140,7 +443,7 @@ type VerifyRepoRequest struct {
 
 func (x *VerifyRepoRequest) Reset() {
 	*x = VerifyRepoRequest{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[0]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -152,7 +455,7 @@ func (x *VerifyRepoRequest) String() string {
 func (*VerifyRepoRequest) ProtoMessage() {}
 
 func (x *VerifyRepoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[0]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -165,7 +468,7 @@ func (x *VerifyRepoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyRepoRequest.ProtoReflect.Descriptor instead.
 func (*VerifyRepoRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{0}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *VerifyRepoRequest) GetName() string {
@@ -192,7 +495,7 @@ type NodeVerification struct {
 
 func (x *NodeVerification) Reset() {
 	*x = NodeVerification{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[1]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -204,7 +507,7 @@ func (x *NodeVerification) String() string {
 func (*NodeVerification) ProtoMessage() {}
 
 func (x *NodeVerification) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[1]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -217,7 +520,7 @@ func (x *NodeVerification) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeVerification.ProtoReflect.Descriptor instead.
 func (*NodeVerification) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{1}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *NodeVerification) GetNodeId() string {
@@ -274,7 +577,7 @@ type VerifyRepoResponse struct {
 
 func (x *VerifyRepoResponse) Reset() {
 	*x = VerifyRepoResponse{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[2]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -286,7 +589,7 @@ func (x *VerifyRepoResponse) String() string {
 func (*VerifyRepoResponse) ProtoMessage() {}
 
 func (x *VerifyRepoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[2]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -299,7 +602,7 @@ func (x *VerifyRepoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyRepoResponse.ProtoReflect.Descriptor instead.
 func (*VerifyRepoResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{2}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *VerifyRepoResponse) GetName() string {
@@ -340,7 +643,7 @@ type Ref struct {
 
 func (x *Ref) Reset() {
 	*x = Ref{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[3]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -352,7 +655,7 @@ func (x *Ref) String() string {
 func (*Ref) ProtoMessage() {}
 
 func (x *Ref) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[3]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -365,7 +668,7 @@ func (x *Ref) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ref.ProtoReflect.Descriptor instead.
 func (*Ref) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{3}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Ref) GetName() string {
@@ -394,7 +697,7 @@ type Replica struct {
 
 func (x *Replica) Reset() {
 	*x = Replica{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[4]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -406,7 +709,7 @@ func (x *Replica) String() string {
 func (*Replica) ProtoMessage() {}
 
 func (x *Replica) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[4]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -419,7 +722,7 @@ func (x *Replica) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Replica.ProtoReflect.Descriptor instead.
 func (*Replica) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{4}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Replica) GetNodeId() string {
@@ -451,17 +754,19 @@ type Repo struct {
 	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
 	UpdatedAt *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
 	// Raft index of the last change to this repo.
-	UpdatedIndex  uint64     `protobuf:"varint,6,opt,name=updated_index,json=updatedIndex,proto3" json:"updated_index,omitempty"`
-	RefCount      int32      `protobuf:"varint,7,opt,name=ref_count,json=refCount,proto3" json:"ref_count,omitempty"`
-	Replicas      []*Replica `protobuf:"bytes,8,rep,name=replicas,proto3" json:"replicas,omitempty"`
-	Head          string     `protobuf:"bytes,9,opt,name=head,proto3" json:"head,omitempty"`
+	UpdatedIndex uint64     `protobuf:"varint,6,opt,name=updated_index,json=updatedIndex,proto3" json:"updated_index,omitempty"`
+	RefCount     int32      `protobuf:"varint,7,opt,name=ref_count,json=refCount,proto3" json:"ref_count,omitempty"`
+	Replicas     []*Replica `protobuf:"bytes,8,rep,name=replicas,proto3" json:"replicas,omitempty"`
+	Head         string     `protobuf:"bytes,9,opt,name=head,proto3" json:"head,omitempty"`
+	// The last repairs an operator made (newest last).
+	Repairs       []*Repair `protobuf:"bytes,10,rep,name=repairs,proto3" json:"repairs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Repo) Reset() {
 	*x = Repo{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[5]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -473,7 +778,7 @@ func (x *Repo) String() string {
 func (*Repo) ProtoMessage() {}
 
 func (x *Repo) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[5]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -486,7 +791,7 @@ func (x *Repo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Repo.ProtoReflect.Descriptor instead.
 func (*Repo) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{5}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Repo) GetName() string {
@@ -552,6 +857,13 @@ func (x *Repo) GetHead() string {
 	return ""
 }
 
+func (x *Repo) GetRepairs() []*Repair {
+	if x != nil {
+		return x.Repairs
+	}
+	return nil
+}
+
 type CreateRepoRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -561,7 +873,7 @@ type CreateRepoRequest struct {
 
 func (x *CreateRepoRequest) Reset() {
 	*x = CreateRepoRequest{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[6]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -573,7 +885,7 @@ func (x *CreateRepoRequest) String() string {
 func (*CreateRepoRequest) ProtoMessage() {}
 
 func (x *CreateRepoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[6]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -586,7 +898,7 @@ func (x *CreateRepoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateRepoRequest.ProtoReflect.Descriptor instead.
 func (*CreateRepoRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{6}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CreateRepoRequest) GetName() string {
@@ -606,7 +918,7 @@ type CreateRepoResponse struct {
 
 func (x *CreateRepoResponse) Reset() {
 	*x = CreateRepoResponse{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[7]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -618,7 +930,7 @@ func (x *CreateRepoResponse) String() string {
 func (*CreateRepoResponse) ProtoMessage() {}
 
 func (x *CreateRepoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[7]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -631,7 +943,7 @@ func (x *CreateRepoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateRepoResponse.ProtoReflect.Descriptor instead.
 func (*CreateRepoResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{7}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CreateRepoResponse) GetRepo() *Repo {
@@ -657,7 +969,7 @@ type DeleteRepoRequest struct {
 
 func (x *DeleteRepoRequest) Reset() {
 	*x = DeleteRepoRequest{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[8]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -669,7 +981,7 @@ func (x *DeleteRepoRequest) String() string {
 func (*DeleteRepoRequest) ProtoMessage() {}
 
 func (x *DeleteRepoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[8]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -682,7 +994,7 @@ func (x *DeleteRepoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteRepoRequest.ProtoReflect.Descriptor instead.
 func (*DeleteRepoRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{8}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *DeleteRepoRequest) GetName() string {
@@ -701,7 +1013,7 @@ type DeleteRepoResponse struct {
 
 func (x *DeleteRepoResponse) Reset() {
 	*x = DeleteRepoResponse{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[9]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -713,7 +1025,7 @@ func (x *DeleteRepoResponse) String() string {
 func (*DeleteRepoResponse) ProtoMessage() {}
 
 func (x *DeleteRepoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[9]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -726,7 +1038,7 @@ func (x *DeleteRepoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteRepoResponse.ProtoReflect.Descriptor instead.
 func (*DeleteRepoResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{9}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *DeleteRepoResponse) GetIndex() uint64 {
@@ -744,7 +1056,7 @@ type ListReposRequest struct {
 
 func (x *ListReposRequest) Reset() {
 	*x = ListReposRequest{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[10]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -756,7 +1068,7 @@ func (x *ListReposRequest) String() string {
 func (*ListReposRequest) ProtoMessage() {}
 
 func (x *ListReposRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[10]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -769,7 +1081,7 @@ func (x *ListReposRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListReposRequest.ProtoReflect.Descriptor instead.
 func (*ListReposRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{10}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{14}
 }
 
 type ListReposResponse struct {
@@ -784,7 +1096,7 @@ type ListReposResponse struct {
 
 func (x *ListReposResponse) Reset() {
 	*x = ListReposResponse{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[11]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -796,7 +1108,7 @@ func (x *ListReposResponse) String() string {
 func (*ListReposResponse) ProtoMessage() {}
 
 func (x *ListReposResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[11]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -809,7 +1121,7 @@ func (x *ListReposResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListReposResponse.ProtoReflect.Descriptor instead.
 func (*ListReposResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{11}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListReposResponse) GetRepos() []*Repo {
@@ -835,7 +1147,7 @@ type GetRepoRequest struct {
 
 func (x *GetRepoRequest) Reset() {
 	*x = GetRepoRequest{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[12]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -847,7 +1159,7 @@ func (x *GetRepoRequest) String() string {
 func (*GetRepoRequest) ProtoMessage() {}
 
 func (x *GetRepoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[12]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -860,7 +1172,7 @@ func (x *GetRepoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetRepoRequest.ProtoReflect.Descriptor instead.
 func (*GetRepoRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{12}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *GetRepoRequest) GetName() string {
@@ -880,7 +1192,7 @@ type GetRepoResponse struct {
 
 func (x *GetRepoResponse) Reset() {
 	*x = GetRepoResponse{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[13]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -892,7 +1204,7 @@ func (x *GetRepoResponse) String() string {
 func (*GetRepoResponse) ProtoMessage() {}
 
 func (x *GetRepoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[13]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -905,7 +1217,7 @@ func (x *GetRepoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetRepoResponse.ProtoReflect.Descriptor instead.
 func (*GetRepoResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{13}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *GetRepoResponse) GetRepo() *Repo {
@@ -935,7 +1247,7 @@ type RefUpdate struct {
 
 func (x *RefUpdate) Reset() {
 	*x = RefUpdate{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[14]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -947,7 +1259,7 @@ func (x *RefUpdate) String() string {
 func (*RefUpdate) ProtoMessage() {}
 
 func (x *RefUpdate) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[14]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -960,7 +1272,7 @@ func (x *RefUpdate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefUpdate.ProtoReflect.Descriptor instead.
 func (*RefUpdate) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{14}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *RefUpdate) GetRef() string {
@@ -996,7 +1308,7 @@ type UpdateRefsRequest struct {
 
 func (x *UpdateRefsRequest) Reset() {
 	*x = UpdateRefsRequest{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[15]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1008,7 +1320,7 @@ func (x *UpdateRefsRequest) String() string {
 func (*UpdateRefsRequest) ProtoMessage() {}
 
 func (x *UpdateRefsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[15]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1021,7 +1333,7 @@ func (x *UpdateRefsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateRefsRequest.ProtoReflect.Descriptor instead.
 func (*UpdateRefsRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{15}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *UpdateRefsRequest) GetRepo() string {
@@ -1063,7 +1375,7 @@ type RefResult struct {
 
 func (x *RefResult) Reset() {
 	*x = RefResult{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[16]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1075,7 +1387,7 @@ func (x *RefResult) String() string {
 func (*RefResult) ProtoMessage() {}
 
 func (x *RefResult) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[16]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1088,7 +1400,7 @@ func (x *RefResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefResult.ProtoReflect.Descriptor instead.
 func (*RefResult) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{16}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *RefResult) GetRef() string {
@@ -1123,7 +1435,7 @@ type UpdateRefsResponse struct {
 
 func (x *UpdateRefsResponse) Reset() {
 	*x = UpdateRefsResponse{}
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[17]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1135,7 +1447,7 @@ func (x *UpdateRefsResponse) String() string {
 func (*UpdateRefsResponse) ProtoMessage() {}
 
 func (x *UpdateRefsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[17]
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1148,7 +1460,7 @@ func (x *UpdateRefsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateRefsResponse.ProtoReflect.Descriptor instead.
 func (*UpdateRefsResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{17}
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *UpdateRefsResponse) GetVersion() uint64 {
@@ -1176,7 +1488,30 @@ var File_gitraft_repo_v1_repo_proto protoreflect.FileDescriptor
 
 const file_gitraft_repo_v1_repo_proto_rawDesc = "" +
 	"\n" +
-	"\x1agitraft/repo/v1/repo.proto\x12\x0fgitraft.repo.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"'\n" +
+	"\x1agitraft/repo/v1/repo.proto\x12\x0fgitraft.repo.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x01\n" +
+	"\x11RepairRefsRequest\x12\x12\n" +
+	"\x04repo\x18\x01 \x01(\tR\x04repo\x124\n" +
+	"\aupdates\x18\x02 \x03(\v2\x1a.gitraft.repo.v1.RefUpdateR\aupdates\x12\x12\n" +
+	"\x04auto\x18\x03 \x01(\bR\x04auto\x12\x17\n" +
+	"\adry_run\x18\x04 \x01(\bR\x06dryRun\x12\x16\n" +
+	"\x06reason\x18\x05 \x01(\tR\x06reason\"d\n" +
+	"\fRepairChange\x12\x10\n" +
+	"\x03ref\x18\x01 \x01(\tR\x03ref\x12\x17\n" +
+	"\aold_oid\x18\x02 \x01(\tR\x06oldOid\x12\x17\n" +
+	"\anew_oid\x18\x03 \x01(\tR\x06newOid\x12\x10\n" +
+	"\x03why\x18\x04 \x01(\tR\x03why\"\x91\x01\n" +
+	"\x12RepairRefsResponse\x12\x12\n" +
+	"\x04repo\x18\x01 \x01(\tR\x04repo\x127\n" +
+	"\achanges\x18\x02 \x03(\v2\x1d.gitraft.repo.v1.RepairChangeR\achanges\x12\x18\n" +
+	"\aversion\x18\x03 \x01(\x04R\aversion\x12\x14\n" +
+	"\x05index\x18\x04 \x01(\x04R\x05index\"\xcb\x01\n" +
+	"\x06Repair\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\x12*\n" +
+	"\x02at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x12\x14\n" +
+	"\x05actor\x18\x03 \x01(\tR\x05actor\x12\x16\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\x127\n" +
+	"\achanges\x18\x05 \x03(\v2\x1d.gitraft.repo.v1.RepairChangeR\achanges\x12\x18\n" +
+	"\aversion\x18\x06 \x01(\x04R\aversion\"'\n" +
 	"\x11VerifyRepoRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\xc2\x01\n" +
 	"\x10NodeVerification\x12\x17\n" +
@@ -1197,7 +1532,7 @@ const file_gitraft_repo_v1_repo_proto_rawDesc = "" +
 	"\aReplica\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x04R\aversion\x123\n" +
-	"\x05state\x18\x03 \x01(\x0e2\x1d.gitraft.repo.v1.ReplicaStateR\x05state\"\xe0\x02\n" +
+	"\x05state\x18\x03 \x01(\x0e2\x1d.gitraft.repo.v1.ReplicaStateR\x05state\"\x93\x03\n" +
 	"\x04Repo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x04R\aversion\x12(\n" +
@@ -1209,7 +1544,9 @@ const file_gitraft_repo_v1_repo_proto_rawDesc = "" +
 	"\rupdated_index\x18\x06 \x01(\x04R\fupdatedIndex\x12\x1b\n" +
 	"\tref_count\x18\a \x01(\x05R\brefCount\x124\n" +
 	"\breplicas\x18\b \x03(\v2\x18.gitraft.repo.v1.ReplicaR\breplicas\x12\x12\n" +
-	"\x04head\x18\t \x01(\tR\x04head\"'\n" +
+	"\x04head\x18\t \x01(\tR\x04head\x121\n" +
+	"\arepairs\x18\n" +
+	" \x03(\v2\x17.gitraft.repo.v1.RepairR\arepairs\"'\n" +
 	"\x11CreateRepoRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"U\n" +
 	"\x12CreateRepoResponse\x12)\n" +
@@ -1256,7 +1593,7 @@ const file_gitraft_repo_v1_repo_proto_rawDesc = "" +
 	"\x16REF_STATUS_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rREF_STATUS_OK\x10\x01\x12\x14\n" +
 	"\x10REF_STATUS_STALE\x10\x02\x12\x17\n" +
-	"\x13REF_STATUS_REJECTED\x10\x032\x8b\x04\n" +
+	"\x13REF_STATUS_REJECTED\x10\x032\xe2\x04\n" +
 	"\vRepoService\x12U\n" +
 	"\n" +
 	"CreateRepo\x12\".gitraft.repo.v1.CreateRepoRequest\x1a#.gitraft.repo.v1.CreateRepoResponse\x12U\n" +
@@ -1267,7 +1604,9 @@ const file_gitraft_repo_v1_repo_proto_rawDesc = "" +
 	"\n" +
 	"UpdateRefs\x12\".gitraft.repo.v1.UpdateRefsRequest\x1a#.gitraft.repo.v1.UpdateRefsResponse\x12U\n" +
 	"\n" +
-	"VerifyRepo\x12\".gitraft.repo.v1.VerifyRepoRequest\x1a#.gitraft.repo.v1.VerifyRepoResponseB9Z7github.com/gitraft/gitraft/proto/gitraft/repo/v1;repov1b\x06proto3"
+	"VerifyRepo\x12\".gitraft.repo.v1.VerifyRepoRequest\x1a#.gitraft.repo.v1.VerifyRepoResponse\x12U\n" +
+	"\n" +
+	"RepairRefs\x12\".gitraft.repo.v1.RepairRefsRequest\x1a#.gitraft.repo.v1.RepairRefsResponseB9Z7github.com/gitraft/gitraft/proto/gitraft/repo/v1;repov1b\x06proto3"
 
 var (
 	file_gitraft_repo_v1_repo_proto_rawDescOnce sync.Once
@@ -1282,61 +1621,72 @@ func file_gitraft_repo_v1_repo_proto_rawDescGZIP() []byte {
 }
 
 var file_gitraft_repo_v1_repo_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_gitraft_repo_v1_repo_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_gitraft_repo_v1_repo_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_gitraft_repo_v1_repo_proto_goTypes = []any{
 	(ReplicaState)(0),             // 0: gitraft.repo.v1.ReplicaState
 	(RefStatus)(0),                // 1: gitraft.repo.v1.RefStatus
-	(*VerifyRepoRequest)(nil),     // 2: gitraft.repo.v1.VerifyRepoRequest
-	(*NodeVerification)(nil),      // 3: gitraft.repo.v1.NodeVerification
-	(*VerifyRepoResponse)(nil),    // 4: gitraft.repo.v1.VerifyRepoResponse
-	(*Ref)(nil),                   // 5: gitraft.repo.v1.Ref
-	(*Replica)(nil),               // 6: gitraft.repo.v1.Replica
-	(*Repo)(nil),                  // 7: gitraft.repo.v1.Repo
-	(*CreateRepoRequest)(nil),     // 8: gitraft.repo.v1.CreateRepoRequest
-	(*CreateRepoResponse)(nil),    // 9: gitraft.repo.v1.CreateRepoResponse
-	(*DeleteRepoRequest)(nil),     // 10: gitraft.repo.v1.DeleteRepoRequest
-	(*DeleteRepoResponse)(nil),    // 11: gitraft.repo.v1.DeleteRepoResponse
-	(*ListReposRequest)(nil),      // 12: gitraft.repo.v1.ListReposRequest
-	(*ListReposResponse)(nil),     // 13: gitraft.repo.v1.ListReposResponse
-	(*GetRepoRequest)(nil),        // 14: gitraft.repo.v1.GetRepoRequest
-	(*GetRepoResponse)(nil),       // 15: gitraft.repo.v1.GetRepoResponse
-	(*RefUpdate)(nil),             // 16: gitraft.repo.v1.RefUpdate
-	(*UpdateRefsRequest)(nil),     // 17: gitraft.repo.v1.UpdateRefsRequest
-	(*RefResult)(nil),             // 18: gitraft.repo.v1.RefResult
-	(*UpdateRefsResponse)(nil),    // 19: gitraft.repo.v1.UpdateRefsResponse
-	(*timestamppb.Timestamp)(nil), // 20: google.protobuf.Timestamp
+	(*RepairRefsRequest)(nil),     // 2: gitraft.repo.v1.RepairRefsRequest
+	(*RepairChange)(nil),          // 3: gitraft.repo.v1.RepairChange
+	(*RepairRefsResponse)(nil),    // 4: gitraft.repo.v1.RepairRefsResponse
+	(*Repair)(nil),                // 5: gitraft.repo.v1.Repair
+	(*VerifyRepoRequest)(nil),     // 6: gitraft.repo.v1.VerifyRepoRequest
+	(*NodeVerification)(nil),      // 7: gitraft.repo.v1.NodeVerification
+	(*VerifyRepoResponse)(nil),    // 8: gitraft.repo.v1.VerifyRepoResponse
+	(*Ref)(nil),                   // 9: gitraft.repo.v1.Ref
+	(*Replica)(nil),               // 10: gitraft.repo.v1.Replica
+	(*Repo)(nil),                  // 11: gitraft.repo.v1.Repo
+	(*CreateRepoRequest)(nil),     // 12: gitraft.repo.v1.CreateRepoRequest
+	(*CreateRepoResponse)(nil),    // 13: gitraft.repo.v1.CreateRepoResponse
+	(*DeleteRepoRequest)(nil),     // 14: gitraft.repo.v1.DeleteRepoRequest
+	(*DeleteRepoResponse)(nil),    // 15: gitraft.repo.v1.DeleteRepoResponse
+	(*ListReposRequest)(nil),      // 16: gitraft.repo.v1.ListReposRequest
+	(*ListReposResponse)(nil),     // 17: gitraft.repo.v1.ListReposResponse
+	(*GetRepoRequest)(nil),        // 18: gitraft.repo.v1.GetRepoRequest
+	(*GetRepoResponse)(nil),       // 19: gitraft.repo.v1.GetRepoResponse
+	(*RefUpdate)(nil),             // 20: gitraft.repo.v1.RefUpdate
+	(*UpdateRefsRequest)(nil),     // 21: gitraft.repo.v1.UpdateRefsRequest
+	(*RefResult)(nil),             // 22: gitraft.repo.v1.RefResult
+	(*UpdateRefsResponse)(nil),    // 23: gitraft.repo.v1.UpdateRefsResponse
+	(*timestamppb.Timestamp)(nil), // 24: google.protobuf.Timestamp
 }
 var file_gitraft_repo_v1_repo_proto_depIdxs = []int32{
-	0,  // 0: gitraft.repo.v1.NodeVerification.state:type_name -> gitraft.repo.v1.ReplicaState
-	3,  // 1: gitraft.repo.v1.VerifyRepoResponse.nodes:type_name -> gitraft.repo.v1.NodeVerification
-	0,  // 2: gitraft.repo.v1.Replica.state:type_name -> gitraft.repo.v1.ReplicaState
-	5,  // 3: gitraft.repo.v1.Repo.refs:type_name -> gitraft.repo.v1.Ref
-	20, // 4: gitraft.repo.v1.Repo.created_at:type_name -> google.protobuf.Timestamp
-	20, // 5: gitraft.repo.v1.Repo.updated_at:type_name -> google.protobuf.Timestamp
-	6,  // 6: gitraft.repo.v1.Repo.replicas:type_name -> gitraft.repo.v1.Replica
-	7,  // 7: gitraft.repo.v1.CreateRepoResponse.repo:type_name -> gitraft.repo.v1.Repo
-	7,  // 8: gitraft.repo.v1.ListReposResponse.repos:type_name -> gitraft.repo.v1.Repo
-	7,  // 9: gitraft.repo.v1.GetRepoResponse.repo:type_name -> gitraft.repo.v1.Repo
-	16, // 10: gitraft.repo.v1.UpdateRefsRequest.updates:type_name -> gitraft.repo.v1.RefUpdate
-	1,  // 11: gitraft.repo.v1.RefResult.status:type_name -> gitraft.repo.v1.RefStatus
-	18, // 12: gitraft.repo.v1.UpdateRefsResponse.results:type_name -> gitraft.repo.v1.RefResult
-	8,  // 13: gitraft.repo.v1.RepoService.CreateRepo:input_type -> gitraft.repo.v1.CreateRepoRequest
-	10, // 14: gitraft.repo.v1.RepoService.DeleteRepo:input_type -> gitraft.repo.v1.DeleteRepoRequest
-	12, // 15: gitraft.repo.v1.RepoService.ListRepos:input_type -> gitraft.repo.v1.ListReposRequest
-	14, // 16: gitraft.repo.v1.RepoService.GetRepo:input_type -> gitraft.repo.v1.GetRepoRequest
-	17, // 17: gitraft.repo.v1.RepoService.UpdateRefs:input_type -> gitraft.repo.v1.UpdateRefsRequest
-	2,  // 18: gitraft.repo.v1.RepoService.VerifyRepo:input_type -> gitraft.repo.v1.VerifyRepoRequest
-	9,  // 19: gitraft.repo.v1.RepoService.CreateRepo:output_type -> gitraft.repo.v1.CreateRepoResponse
-	11, // 20: gitraft.repo.v1.RepoService.DeleteRepo:output_type -> gitraft.repo.v1.DeleteRepoResponse
-	13, // 21: gitraft.repo.v1.RepoService.ListRepos:output_type -> gitraft.repo.v1.ListReposResponse
-	15, // 22: gitraft.repo.v1.RepoService.GetRepo:output_type -> gitraft.repo.v1.GetRepoResponse
-	19, // 23: gitraft.repo.v1.RepoService.UpdateRefs:output_type -> gitraft.repo.v1.UpdateRefsResponse
-	4,  // 24: gitraft.repo.v1.RepoService.VerifyRepo:output_type -> gitraft.repo.v1.VerifyRepoResponse
-	19, // [19:25] is the sub-list for method output_type
-	13, // [13:19] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	20, // 0: gitraft.repo.v1.RepairRefsRequest.updates:type_name -> gitraft.repo.v1.RefUpdate
+	3,  // 1: gitraft.repo.v1.RepairRefsResponse.changes:type_name -> gitraft.repo.v1.RepairChange
+	24, // 2: gitraft.repo.v1.Repair.at:type_name -> google.protobuf.Timestamp
+	3,  // 3: gitraft.repo.v1.Repair.changes:type_name -> gitraft.repo.v1.RepairChange
+	0,  // 4: gitraft.repo.v1.NodeVerification.state:type_name -> gitraft.repo.v1.ReplicaState
+	7,  // 5: gitraft.repo.v1.VerifyRepoResponse.nodes:type_name -> gitraft.repo.v1.NodeVerification
+	0,  // 6: gitraft.repo.v1.Replica.state:type_name -> gitraft.repo.v1.ReplicaState
+	9,  // 7: gitraft.repo.v1.Repo.refs:type_name -> gitraft.repo.v1.Ref
+	24, // 8: gitraft.repo.v1.Repo.created_at:type_name -> google.protobuf.Timestamp
+	24, // 9: gitraft.repo.v1.Repo.updated_at:type_name -> google.protobuf.Timestamp
+	10, // 10: gitraft.repo.v1.Repo.replicas:type_name -> gitraft.repo.v1.Replica
+	5,  // 11: gitraft.repo.v1.Repo.repairs:type_name -> gitraft.repo.v1.Repair
+	11, // 12: gitraft.repo.v1.CreateRepoResponse.repo:type_name -> gitraft.repo.v1.Repo
+	11, // 13: gitraft.repo.v1.ListReposResponse.repos:type_name -> gitraft.repo.v1.Repo
+	11, // 14: gitraft.repo.v1.GetRepoResponse.repo:type_name -> gitraft.repo.v1.Repo
+	20, // 15: gitraft.repo.v1.UpdateRefsRequest.updates:type_name -> gitraft.repo.v1.RefUpdate
+	1,  // 16: gitraft.repo.v1.RefResult.status:type_name -> gitraft.repo.v1.RefStatus
+	22, // 17: gitraft.repo.v1.UpdateRefsResponse.results:type_name -> gitraft.repo.v1.RefResult
+	12, // 18: gitraft.repo.v1.RepoService.CreateRepo:input_type -> gitraft.repo.v1.CreateRepoRequest
+	14, // 19: gitraft.repo.v1.RepoService.DeleteRepo:input_type -> gitraft.repo.v1.DeleteRepoRequest
+	16, // 20: gitraft.repo.v1.RepoService.ListRepos:input_type -> gitraft.repo.v1.ListReposRequest
+	18, // 21: gitraft.repo.v1.RepoService.GetRepo:input_type -> gitraft.repo.v1.GetRepoRequest
+	21, // 22: gitraft.repo.v1.RepoService.UpdateRefs:input_type -> gitraft.repo.v1.UpdateRefsRequest
+	6,  // 23: gitraft.repo.v1.RepoService.VerifyRepo:input_type -> gitraft.repo.v1.VerifyRepoRequest
+	2,  // 24: gitraft.repo.v1.RepoService.RepairRefs:input_type -> gitraft.repo.v1.RepairRefsRequest
+	13, // 25: gitraft.repo.v1.RepoService.CreateRepo:output_type -> gitraft.repo.v1.CreateRepoResponse
+	15, // 26: gitraft.repo.v1.RepoService.DeleteRepo:output_type -> gitraft.repo.v1.DeleteRepoResponse
+	17, // 27: gitraft.repo.v1.RepoService.ListRepos:output_type -> gitraft.repo.v1.ListReposResponse
+	19, // 28: gitraft.repo.v1.RepoService.GetRepo:output_type -> gitraft.repo.v1.GetRepoResponse
+	23, // 29: gitraft.repo.v1.RepoService.UpdateRefs:output_type -> gitraft.repo.v1.UpdateRefsResponse
+	8,  // 30: gitraft.repo.v1.RepoService.VerifyRepo:output_type -> gitraft.repo.v1.VerifyRepoResponse
+	4,  // 31: gitraft.repo.v1.RepoService.RepairRefs:output_type -> gitraft.repo.v1.RepairRefsResponse
+	25, // [25:32] is the sub-list for method output_type
+	18, // [18:25] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_repo_v1_repo_proto_init() }
@@ -1350,7 +1700,7 @@ func file_gitraft_repo_v1_repo_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_repo_v1_repo_proto_rawDesc), len(file_gitraft_repo_v1_repo_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   18,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

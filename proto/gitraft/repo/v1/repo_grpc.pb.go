@@ -27,6 +27,7 @@ const (
 	RepoService_GetRepo_FullMethodName    = "/gitraft.repo.v1.RepoService/GetRepo"
 	RepoService_UpdateRefs_FullMethodName = "/gitraft.repo.v1.RepoService/UpdateRefs"
 	RepoService_VerifyRepo_FullMethodName = "/gitraft.repo.v1.RepoService/VerifyRepo"
+	RepoService_RepairRefs_FullMethodName = "/gitraft.repo.v1.RepoService/RepairRefs"
 )
 
 // RepoServiceClient is the client API for RepoService service.
@@ -41,6 +42,12 @@ type RepoServiceClient interface {
 	UpdateRefs(ctx context.Context, in *UpdateRefsRequest, opts ...grpc.CallOption) (*UpdateRefsResponse, error)
 	// VerifyRepo compares every node's refs on disk with the replicated state.
 	VerifyRepo(ctx context.Context, in *VerifyRepoRequest, opts ...grpc.CallOption) (*VerifyRepoResponse, error)
+	// RepairRefs forces refs of a damaged repository to new values under its
+	// write lock, whatever they were, and records who did it and why. With
+	// auto set it first finds the refs whose objects fewer than a majority of
+	// voters hold, and resets each to a value a majority can serve (or
+	// deletes it).
+	RepairRefs(ctx context.Context, in *RepairRefsRequest, opts ...grpc.CallOption) (*RepairRefsResponse, error)
 }
 
 type repoServiceClient struct {
@@ -111,6 +118,16 @@ func (c *repoServiceClient) VerifyRepo(ctx context.Context, in *VerifyRepoReques
 	return out, nil
 }
 
+func (c *repoServiceClient) RepairRefs(ctx context.Context, in *RepairRefsRequest, opts ...grpc.CallOption) (*RepairRefsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RepairRefsResponse)
+	err := c.cc.Invoke(ctx, RepoService_RepairRefs_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // RepoServiceServer is the server API for RepoService service.
 // All implementations must embed UnimplementedRepoServiceServer
 // for forward compatibility.
@@ -123,6 +140,12 @@ type RepoServiceServer interface {
 	UpdateRefs(context.Context, *UpdateRefsRequest) (*UpdateRefsResponse, error)
 	// VerifyRepo compares every node's refs on disk with the replicated state.
 	VerifyRepo(context.Context, *VerifyRepoRequest) (*VerifyRepoResponse, error)
+	// RepairRefs forces refs of a damaged repository to new values under its
+	// write lock, whatever they were, and records who did it and why. With
+	// auto set it first finds the refs whose objects fewer than a majority of
+	// voters hold, and resets each to a value a majority can serve (or
+	// deletes it).
+	RepairRefs(context.Context, *RepairRefsRequest) (*RepairRefsResponse, error)
 	mustEmbedUnimplementedRepoServiceServer()
 }
 
@@ -150,6 +173,9 @@ func (UnimplementedRepoServiceServer) UpdateRefs(context.Context, *UpdateRefsReq
 }
 func (UnimplementedRepoServiceServer) VerifyRepo(context.Context, *VerifyRepoRequest) (*VerifyRepoResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method VerifyRepo not implemented")
+}
+func (UnimplementedRepoServiceServer) RepairRefs(context.Context, *RepairRefsRequest) (*RepairRefsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RepairRefs not implemented")
 }
 func (UnimplementedRepoServiceServer) mustEmbedUnimplementedRepoServiceServer() {}
 func (UnimplementedRepoServiceServer) testEmbeddedByValue()                     {}
@@ -280,6 +306,24 @@ func _RepoService_VerifyRepo_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _RepoService_RepairRefs_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RepairRefsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RepoServiceServer).RepairRefs(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RepoService_RepairRefs_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RepoServiceServer).RepairRefs(ctx, req.(*RepairRefsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // RepoService_ServiceDesc is the grpc.ServiceDesc for RepoService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -310,6 +354,10 @@ var RepoService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "VerifyRepo",
 			Handler:    _RepoService_VerifyRepo_Handler,
+		},
+		{
+			MethodName: "RepairRefs",
+			Handler:    _RepoService_RepairRefs_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
