@@ -33,7 +33,7 @@ type fsm struct {
 	applied chan struct{} // closed and replaced after every apply
 
 	log     *slog.Logger
-	version string                // this binary's version, for messages
+	version string               // this binary's version, for messages
 	halt    atomic.Pointer[Halt] // set when halted; only Apply and Restore write it
 
 	// observe, if set, is called after each command is applied (metrics).
