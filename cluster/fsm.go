@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -18,34 +20,62 @@ import (
 
 // fsm adapts State to raft.FSM. It decodes entries, serialises access to
 // the state and lets readers wait for an index to be applied.
+//
+// An entry this binary cannot apply (a format or command from a newer
+// gitraft, or bytes that do not decode) halts the FSM instead of panicking:
+// it applies nothing from that entry on, answers each of them with an error
+// wrapping ErrHalted, and refuses to snapshot, so that Raft keeps the log
+// from the last snapshot on. A restarted, upgraded binary restores that
+// snapshot and replays the log, the halting entry included.
 type fsm struct {
 	mu      sync.RWMutex
 	state   *State
 	applied chan struct{} // closed and replaced after every apply
+
+	log     *slog.Logger
+	version string               // this binary's version, for messages
+	halt    atomic.Pointer[Halt] // set when halted; only Apply and Restore write it
 
 	// observe, if set, is called after each command is applied (metrics).
 	observe func(e *fsmv1.Entry, r *fsmv1.Result, took time.Duration)
 	// onRepoChange, if set, is called after an entry that may change what a
 	// repository looks like on disk, and after a restore.
 	onRepoChange func()
+	// newer, if set (tests only), sees every decoded entry before it is
+	// checked: it stands in for a newer binary that knows more commands.
+	newer func(e *fsmv1.Entry)
 }
 
-func newFSM() *fsm {
-	return &fsm{state: NewState(), applied: make(chan struct{})}
+func newFSM(logger *slog.Logger, version string) *fsm {
+	if logger == nil {
+		logger = slog.Default()
+	}
+	if version == "" {
+		version = "dev"
+	}
+	return &fsm{state: NewState(), applied: make(chan struct{}), log: logger, version: version}
 }
 
-// Apply implements raft.FSM.
+// Apply implements raft.FSM. It returns the entry's *fsmv1.Result, or an
+// error wrapping ErrHalted when the FSM is halted. It never blocks and never
+// panics on what the log holds.
 func (f *fsm) Apply(l *raft.Log) any {
 	if l.Type != raft.LogCommand {
 		return nil
 	}
+	if h := f.halt.Load(); h != nil {
+		return fmt.Errorf("%w: the entry at index %d is committed but this node did not apply it, nor will it until it is upgraded (%s)", ErrHalted, l.Index, h.Message())
+	}
 	start := time.Now()
 	e := &fsmv1.Entry{}
 	if err := proto.Unmarshal(l.Data, e); err != nil {
-		panic(fmt.Sprintf("gitraft: log entry at index %d does not decode: %v", l.Index, err))
+		return f.halted(&Halt{Index: l.Index, DecodeErr: err.Error(), Version: f.version})
 	}
-	if e.GetFormat() != fsmv1.EntryFormat_ENTRY_FORMAT_V1 {
-		panic(fmt.Sprintf("gitraft: log entry at index %d has format %v, which this binary does not know; upgrade gitraft on this node", l.Index, e.GetFormat()))
+	if f.newer != nil {
+		f.newer(e)
+	}
+	if what := cannotApply(e); what != "" {
+		return f.halted(&Halt{Index: l.Index, Unknown: what, Version: f.version})
 	}
 	f.mu.Lock()
 	r := f.state.Apply(l.Index, e)
@@ -63,6 +93,21 @@ func (f *fsm) Apply(l *raft.Log) any {
 	return r
 }
 
+// halted records the halt, says so in the logs and wakes readers waiting
+// for an index (they now fail instead of waiting in vain).
+func (f *fsm) halted(h *Halt) error {
+	f.mu.Lock()
+	f.halt.Store(h)
+	f.notifyLocked()
+	f.mu.Unlock()
+	f.log.Error(h.Message(), "index", h.Index, "version", h.Version,
+		"applied_index", h.Index-1, "effect", "this node applies no more entries and takes no snapshots until it is restarted with a gitraft that knows the entry; its log is kept")
+	return h.err()
+}
+
+// Halted returns why the FSM halted, or nil while it applies normally.
+func (f *fsm) Halted() *Halt { return f.halt.Load() }
+
 func (f *fsm) notifyLocked() {
 	close(f.applied)
 	f.applied = make(chan struct{})
@@ -73,7 +118,7 @@ func (f *fsm) notifyLocked() {
 // that reads waiting for a commit index that is a membership change go on.
 func (f *fsm) StoreConfiguration(index uint64, _ raft.Configuration) {
 	f.mu.Lock()
-	if index > f.state.index {
+	if index > f.state.index && f.halt.Load() == nil {
 		f.state.index = index
 	}
 	f.notifyLocked()
@@ -87,7 +132,8 @@ func (f *fsm) Index() uint64 {
 	return f.state.Index()
 }
 
-// WaitApplied blocks until index has been applied or ctx ends.
+// WaitApplied blocks until index has been applied or ctx ends. It fails at
+// once with ErrHalted when the FSM halted before index.
 func (f *fsm) WaitApplied(ctx context.Context, index uint64) error {
 	for {
 		f.mu.RLock()
@@ -95,6 +141,9 @@ func (f *fsm) WaitApplied(ctx context.Context, index uint64) error {
 		f.mu.RUnlock()
 		if done {
 			return nil
+		}
+		if h := f.halt.Load(); h != nil {
+			return h.err()
 		}
 		select {
 		case <-ch:
@@ -111,14 +160,22 @@ func (f *fsm) Read(fn func(s *State)) {
 	fn(f.state)
 }
 
-// Snapshot implements raft.FSM: it only captures; Persist writes.
+// Snapshot implements raft.FSM: it only captures; Persist writes. A halted
+// FSM refuses: Raft would label the snapshot with the index of the last
+// entry it handed to Apply, past the entries this binary skipped, and then
+// drop them from the log, so that an upgraded binary could never apply them.
 func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
+	if h := f.halt.Load(); h != nil {
+		return nil, fmt.Errorf("no snapshot while halted, so that the log from index %d on is kept: %w", h.Index, h.err())
+	}
 	f.mu.RLock()
 	defer f.mu.RUnlock()
 	return &fsmSnapshot{view: f.state.capture()}, nil
 }
 
-// Restore implements raft.FSM: it builds a new state and swaps it in.
+// Restore implements raft.FSM: it builds a new state and swaps it in. A
+// restored snapshot is the whole state at its index, so it also ends a halt
+// (Raft installs one on a follower that fell behind the leader's log).
 func (f *fsm) Restore(rc io.ReadCloser) error {
 	defer rc.Close()
 	index, items, err := readSnapshot(rc)
@@ -131,6 +188,9 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 	}
 	f.mu.Lock()
 	f.state = s
+	if h := f.halt.Swap(nil); h != nil {
+		f.log.Warn("a snapshot replaced the halted state; applying the log again", "index", index, "halted_index", h.Index)
+	}
 	f.notifyLocked()
 	f.mu.Unlock()
 	if f.onRepoChange != nil {

@@ -161,8 +161,10 @@ func toStatus(err error) error {
 		return status.Error(code, re.Message)
 	case errors.As(err, &ne):
 		return status.Error(codes.InvalidArgument, err.Error())
-	case errors.Is(err, ErrInvalidRef):
+	case errors.Is(err, ErrInvalidRef), errors.Is(err, ErrInvalidEntry):
 		return status.Error(codes.InvalidArgument, err.Error())
+	case errors.Is(err, ErrHalted):
+		return status.Error(codes.FailedPrecondition, err.Error())
 	case errors.Is(err, ErrNoLeader):
 		return status.Error(codes.Unavailable, err.Error())
 	case errors.Is(err, raft.ErrLeadershipLost):
@@ -215,6 +217,15 @@ type nodeService struct {
 }
 
 func (s *nodeService) Propose(ctx context.Context, req *nodev1.ProposeRequest) (*nodev1.ProposeResponse, error) {
+	// Checked before leadership, so that whichever node a malformed entry is
+	// sent to refuses it (applyLocal checks again).
+	who := "node " + s.n.cfg.NodeID
+	if s.n.raft.State() == raft.Leader {
+		who = "leader " + s.n.cfg.NodeID
+	}
+	if err := validateEntry(req.GetEntry(), who, s.n.cfg.Version); err != nil {
+		return nil, err
+	}
 	if s.n.raft.State() != raft.Leader {
 		return nil, status.Errorf(codes.FailedPrecondition, "%s is not the leader", s.n.cfg.NodeID)
 	}
@@ -250,6 +261,10 @@ func (n *Node) localStatus() *nodev1.GetLocalStatusResponse {
 		Term:         n.raft.CurrentTerm(),
 		CommitIndex:  n.raft.CommitIndex(),
 		AppliedIndex: n.fsm.Index(),
+		Version:      n.cfg.Version,
+	}
+	if h := n.fsm.Halted(); h != nil {
+		r.Halted, r.HaltedIndex = h.Message(), h.Index
 	}
 	if n.raft.State() != raft.Leader {
 		if lc := n.raft.LastContact(); !lc.IsZero() {

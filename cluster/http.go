@@ -41,9 +41,13 @@ func (n *Node) HTTPHandler() http.Handler {
 	return mux
 }
 
-// Ready reports whether the node is ready to serve: a leader is known and the
-// node has applied what the leader had committed when it started.
+// Ready reports whether the node is ready to serve: its state machine has
+// not halted, a leader is known and the node has applied what the leader
+// had committed when it started.
 func (n *Node) Ready() (bool, string) {
+	if h := n.fsm.Halted(); h != nil {
+		return false, h.Message()
+	}
 	if _, lid := n.raft.LeaderWithID(); lid == "" {
 		return false, "no leader known"
 	}

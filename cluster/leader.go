@@ -11,6 +11,7 @@ import (
 
 	clusterv1 "github.com/gitraft/gitraft/proto/gitraft/cluster/v1"
 	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
+	nodev1 "github.com/gitraft/gitraft/proto/gitraft/node/v1"
 )
 
 // watchLeadership runs the leader-only loops while this node leads.
@@ -46,6 +47,7 @@ func (n *Node) watchLeadership() {
 // lead is the leader's loop: a barrier first, so the state reflects every
 // entry of earlier terms, then lock expiry.
 func (n *Node) lead(ctx context.Context) {
+	n.goRun(func() { n.handOffWhileHalted(ctx) })
 	if err := n.raft.Barrier(applyTimeout).Error(); err != nil {
 		n.log.Warn("leader barrier failed", "err", err)
 		return
@@ -78,9 +80,81 @@ func (n *Node) lead(ctx context.Context) {
 	}
 }
 
+// handOffWhileHalted runs while this node leads: a leader whose state
+// machine halted takes no writes (applyLocal), so it hands leadership to a
+// voter that is not halted, if one answers. When every voter is halted (they
+// all run the binary that does not know the entry) it keeps leading: moving
+// would only churn elections.
+func (n *Node) handOffWhileHalted(ctx context.Context) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	told := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-n.stop:
+			return
+		case <-t.C:
+		}
+		h := n.fsm.Halted()
+		if h == nil {
+			continue
+		}
+		target, addr := n.healthyVoter(ctx)
+		if target == "" {
+			if !told {
+				n.log.Error("leading while halted, and no other voter is healthy: the cluster takes no writes until nodes are upgraded", "index", h.Index)
+				told = true
+			}
+			continue
+		}
+		n.log.Warn("leading while halted: handing leadership over", "to", target, "index", h.Index)
+		if err := n.raft.LeadershipTransferToServer(raft.ServerID(target), raft.ServerAddress(addr)).Error(); err != nil {
+			n.log.Warn("leadership hand-over failed; will retry", "to", target, "err", err)
+		}
+	}
+}
+
+// healthyVoter returns another voter that answers and is not halted.
+func (n *Node) healthyVoter(ctx context.Context) (id, raftAddr string) {
+	f := n.raft.GetConfiguration()
+	if f.Error() != nil {
+		return "", ""
+	}
+	for _, srv := range f.Configuration().Servers {
+		if srv.Suffrage != raft.Voter || srv.ID == raft.ServerID(n.cfg.NodeID) {
+			continue
+		}
+		var grpcAddr string
+		n.fsm.Read(func(s *State) {
+			if m, ok := s.Member(string(srv.ID)); ok {
+				grpcAddr = m.GetGrpcAddr()
+			}
+		})
+		if grpcAddr == "" {
+			continue
+		}
+		c, err := n.peers.node(grpcAddr)
+		if err != nil {
+			continue
+		}
+		cctx, cancel := context.WithTimeout(ctx, time.Second)
+		st, err := c.GetLocalStatus(cctx, &nodev1.GetLocalStatusRequest{})
+		cancel()
+		if err == nil && st.GetHalted() == "" {
+			return string(srv.ID), string(srv.Address)
+		}
+	}
+	return "", ""
+}
+
 // expireLocks proposes an expiry entry when some lease has run out by the
 // leader's clock. Apply removes what the entry's time says has expired.
 func (n *Node) expireLocks(ctx context.Context) {
+	if n.fsm.Halted() != nil {
+		return // a halted leader takes no writes; handOffWhileHalted acts
+	}
 	var expired int
 	now := time.Now()
 	n.fsm.Read(func(s *State) { expired = len(s.ExpiredLocks(now)) })

@@ -62,9 +62,21 @@ func newMetrics(n *Node) *metrics {
 		n.fsm.Read(func(s *State) { c = s.locks.Len() })
 		return float64(c)
 	})
-	gauge("gitraft_ready", "1 when this node is ready (leader known, caught up since start).", func() float64 {
-		if n.ready.Load() {
+	gauge("gitraft_ready", "1 when this node is ready (not halted, leader known, caught up since start).", func() float64 {
+		if n.ready.Load() && n.fsm.Halted() == nil {
 			return 1
+		}
+		return 0
+	})
+	gauge("gitraft_fsm_halted", "1 when the state machine halted on a committed entry this binary does not know: upgrade this node.", func() float64 {
+		if n.fsm.Halted() != nil {
+			return 1
+		}
+		return 0
+	})
+	gauge("gitraft_fsm_halted_index", "Index of the entry the state machine halted on (0 when not halted).", func() float64 {
+		if h := n.fsm.Halted(); h != nil {
+			return float64(h.Index)
 		}
 		return 0
 	})

@@ -24,6 +24,7 @@ import (
 
 	"github.com/gitraft/gitraft/cluster/pki"
 	"github.com/gitraft/gitraft/lockd"
+	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
 )
 
 // Sentinel errors of the cluster package. They become gRPC status codes only
@@ -86,6 +87,14 @@ type Config struct {
 	LockExpiryInterval time.Duration
 	// DefaultLease is the lease of a write lock acquired without one.
 	DefaultLease time.Duration
+
+	// Version is the gitraft version this binary runs, for status and for
+	// messages such as "upgrade this node" (default "dev").
+	Version string
+
+	// newerCommands, if set (tests only), stands in for a newer binary: the
+	// state machine hands it every decoded entry before checking it.
+	newerCommands func(e *fsmv1.Entry)
 }
 
 func (c *Config) setDefaults() {
@@ -122,6 +131,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.DefaultLease == 0 {
 		c.DefaultLease = 30 * time.Second
+	}
+	if c.Version == "" {
+		c.Version = "dev"
 	}
 }
 
@@ -222,7 +234,9 @@ func New(cfg Config, logger *slog.Logger) (_ *Node, err error) {
 	if logger == nil {
 		logger = slog.Default()
 	}
-	n := &Node{cfg: cfg, log: logger.With("node", cfg.NodeID), fsm: newFSM(), stop: make(chan struct{})}
+	n := &Node{cfg: cfg, log: logger.With("node", cfg.NodeID), stop: make(chan struct{})}
+	n.fsm = newFSM(n.log, cfg.Version)
+	n.fsm.newer = cfg.newerCommands
 	defer func() {
 		if err != nil {
 			n.Close()

@@ -43,7 +43,13 @@ var cryptoRandRead = crand.Read
 // there is no leader it retries with jittered backoff for up to LeaderWait
 // (or until ctx ends), then fails with ErrNoLeader. Retries carry the same
 // request id, so an entry whose answer was lost is never applied twice.
+//
+// An entry that fails validateEntry is refused with ErrInvalidEntry here,
+// and again by the leader, before it reaches the log.
 func (n *Node) Propose(ctx context.Context, e *fsmv1.Entry) (*fsmv1.Result, error) {
+	if err := validateEntry(e, "node "+n.cfg.NodeID, n.cfg.Version); err != nil {
+		return nil, err
+	}
 	if e.GetRequestId() == "" {
 		e = proto.CloneOf(e)
 		e.RequestId = newRequestID()
@@ -107,8 +113,17 @@ func (n *Node) proposeOnce(ctx context.Context, e *fsmv1.Entry) (*fsmv1.Result, 
 }
 
 // applyLocal appends the entry on this (leader) node and waits for it to be
-// applied here.
+// applied here. It is the only caller of raft.Apply: it refuses an entry
+// that fails validateEntry (ErrInvalidEntry), and any entry while this
+// node's state machine is halted (ErrHalted), since it could not tell the
+// proposer the result.
 func (n *Node) applyLocal(e *fsmv1.Entry) (*fsmv1.Result, error) {
+	if err := validateEntry(e, "leader "+n.cfg.NodeID, n.cfg.Version); err != nil {
+		return nil, err
+	}
+	if h := n.fsm.Halted(); h != nil {
+		return nil, fmt.Errorf("leader %s takes no writes: %w", n.cfg.NodeID, h.err())
+	}
 	e = proto.CloneOf(e)
 	e.Format = fsmv1.EntryFormat_ENTRY_FORMAT_V1
 	e.LeaderTimeUnixNano = time.Now().UnixNano()
@@ -123,11 +138,14 @@ func (n *Node) applyLocal(e *fsmv1.Entry) (*fsmv1.Result, error) {
 	if err := f.Error(); err != nil {
 		return nil, err
 	}
-	r, ok := f.Response().(*fsmv1.Result)
-	if !ok {
+	switch r := f.Response().(type) {
+	case *fsmv1.Result:
+		return r, nil
+	case error:
+		return nil, r
+	default:
 		return nil, fmt.Errorf("apply returned %T", f.Response())
 	}
-	return r, nil
 }
 
 // leaderGRPC returns the leader's gRPC address and ID, or "" if unknown.
@@ -147,7 +165,13 @@ func (n *Node) leaderGRPC() (addr, id string) {
 // ReadBarrier makes the next read of this node's state linearizable: it
 // learns the leader's commit index (after the leader confirmed it still
 // leads) and waits until this node has applied it. It returns that index.
+//
+// A node whose state machine halted fails at once with ErrHalted: its state
+// stops at an entry it could not apply, so it cannot serve a current read.
 func (n *Node) ReadBarrier(ctx context.Context) (uint64, error) {
+	if h := n.fsm.Halted(); h != nil {
+		return 0, h.err()
+	}
 	ctx, cancel := context.WithTimeout(ctx, n.cfg.LeaderWait)
 	defer cancel()
 	backoff := 25 * time.Millisecond

@@ -46,6 +46,7 @@ func (s *clusterService) GetStatus(ctx context.Context, _ *clusterv1.GetStatusRe
 	resp := &clusterv1.GetStatusResponse{
 		NodeId: n.cfg.NodeID, State: local.State, Term: local.Term,
 		CommitIndex: local.CommitIndex, AppliedIndex: local.AppliedIndex, LastLogIndex: n.raft.LastIndex(),
+		Halted: local.Halted, HaltedIndex: local.HaltedIndex,
 	}
 	if local.LastContactUnixNano != 0 {
 		resp.LastLeaderContact = timestamppb.New(time.Unix(0, local.LastContactUnixNano))
@@ -84,6 +85,9 @@ func (n *Node) fillMemberStatus(ctx context.Context, m *clusterv1.Member) {
 		GetState() string
 		GetAppliedIndex() uint64
 		GetLastContactUnixNano() int64
+		GetHalted() string
+		GetHaltedIndex() uint64
+		GetVersion() string
 	}
 	if m.Id == n.cfg.NodeID {
 		ls = n.localStatus()
@@ -109,6 +113,7 @@ func (n *Node) fillMemberStatus(ctx context.Context, m *clusterv1.Member) {
 	m.Reachable = true
 	m.State = ls.GetState()
 	m.AppliedIndex = ls.GetAppliedIndex()
+	m.Halted, m.HaltedIndex, m.Version = ls.GetHalted(), ls.GetHaltedIndex(), ls.GetVersion()
 	if lc := ls.GetLastContactUnixNano(); lc != 0 {
 		m.LastContact = timestamppb.New(time.Unix(0, lc))
 	}

@@ -271,16 +271,6 @@ func Test_State_RetriedRequestAppliesOnce(t *testing.T) {
 	}
 }
 
-func Test_State_UnknownCommandPanics(t *testing.T) {
-	m := newMachine(t)
-	defer func() {
-		if recover() == nil {
-			t.Fatal("an entry with no known command did not panic")
-		}
-	}()
-	m.apply(&fsmv1.Entry{})
-}
-
 // build a state with some of everything.
 func populated(t *testing.T) *machine {
 	m := newMachine(t)

@@ -58,12 +58,20 @@ func writeClusterStatus(w io.Writer, resp *clusterv1.GetStatusResponse, now time
 	if resp.GetLeaderId() != resp.GetNodeId() && validTime(resp.GetLastLeaderContact()) {
 		fmt.Fprintf(w, "last heard from the leader %s\n", ago(now, resp.GetLastLeaderContact()))
 	}
+	if resp.GetHalted() != "" {
+		fmt.Fprintf(w, "%s is HALTED: %s\n", resp.GetNodeId(), resp.GetHalted())
+	}
 	fmt.Fprintln(w)
 	t := newTable(w, "ID", "ADDRESS", "GRPC", "STATE", "VOTER", "APPLIED", "LAST CONTACT", "ERROR")
+	var halted []*clusterv1.Member
 	for _, m := range resp.GetMembers() {
 		state, applied := "unreachable", "-"
 		if m.GetReachable() {
 			state, applied = orDash(m.GetState()), strconv.FormatUint(m.GetAppliedIndex(), 10)
+		}
+		if m.GetHalted() != "" {
+			state += " HALTED"
+			halted = append(halted, m)
 		}
 		contact := "-"
 		if !m.GetLeader() {
@@ -73,9 +81,25 @@ func writeClusterStatus(w io.Writer, resp *clusterv1.GetStatusResponse, now time
 		if isTransportMessage(errText) {
 			errText = transportDetail(errText)
 		}
+		if errText == "" && m.GetHalted() != "" {
+			errText = fmt.Sprintf("upgrade this node (halted at index %d)", m.GetHaltedIndex())
+		}
 		t.row(m.GetId(), m.GetRaftAddr(), m.GetGrpcAddr(), state, suffrageText(m.GetSuffrage()), applied, contact, errText)
 	}
-	return t.flush()
+	if err := t.flush(); err != nil {
+		return err
+	}
+	if len(halted) > 0 {
+		fmt.Fprintln(w)
+	}
+	for _, m := range halted {
+		v := ""
+		if m.GetVersion() != "" {
+			v = " (gitraft " + m.GetVersion() + ")"
+		}
+		fmt.Fprintf(w, "%s%s applies nothing from index %d on: %s\n", m.GetId(), v, m.GetHaltedIndex(), m.GetHalted())
+	}
+	return nil
 }
 
 func suffrageText(s clusterv1.Suffrage) string {

@@ -200,6 +200,19 @@ func TestWriteClusterStatus(t *testing.T) {
 		t.Errorf("writeClusterStatus:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
 
+	// A halted member says "upgrade this node", in its row and in full below.
+	const halt = "upgrade this node: the entry at index 58 has command 99, which this binary (version 1.0) does not know"
+	resp.Members[1].Halted, resp.Members[1].HaltedIndex, resp.Members[1].Version = halt, 58, "1.0"
+	buf.Reset()
+	if err := writeClusterStatus(&buf, resp, testNow); err != nil {
+		t.Fatal(err)
+	}
+	got = lines(buf.String())
+	if len(got) != 8 || !strings.Contains(got[4], "Follower HALTED") || !strings.Contains(got[4], "upgrade this node (halted at index 58)") ||
+		got[7] != "n2 (gitraft 1.0) applies nothing from index 58 on: "+halt {
+		t.Errorf("halted member:\n%s", buf.String())
+	}
+
 	// A follower without a leader says so.
 	buf.Reset()
 	writeClusterStatus(&buf, &clusterv1.GetStatusResponse{NodeId: "n2", State: "Candidate"}, testNow)

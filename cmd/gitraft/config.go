@@ -235,6 +235,7 @@ func (c fileConfig) clusterConfig() cluster.Config {
 		TLS: c.TLS, Insecure: c.Insecure,
 		Raft:       c.Raft,
 		LeaderWait: c.LeaderWait, DefaultLease: c.DefaultLease,
+		Version: version,
 	}
 }
 

@@ -89,10 +89,17 @@ type Member struct {
 	LastContact *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=last_contact,json=lastContact,proto3" json:"last_contact,omitempty"`
 	SshAddr     string                 `protobuf:"bytes,8,opt,name=ssh_addr,json=sshAddr,proto3" json:"ssh_addr,omitempty"`
 	// What the member itself reports (empty when it could not be reached).
-	Reachable     bool   `protobuf:"varint,9,opt,name=reachable,proto3" json:"reachable,omitempty"`
-	State         string `protobuf:"bytes,10,opt,name=state,proto3" json:"state,omitempty"`
-	AppliedIndex  uint64 `protobuf:"varint,11,opt,name=applied_index,json=appliedIndex,proto3" json:"applied_index,omitempty"`
-	Error         string `protobuf:"bytes,12,opt,name=error,proto3" json:"error,omitempty"`
+	Reachable    bool   `protobuf:"varint,9,opt,name=reachable,proto3" json:"reachable,omitempty"`
+	State        string `protobuf:"bytes,10,opt,name=state,proto3" json:"state,omitempty"`
+	AppliedIndex uint64 `protobuf:"varint,11,opt,name=applied_index,json=appliedIndex,proto3" json:"applied_index,omitempty"`
+	Error        string `protobuf:"bytes,12,opt,name=error,proto3" json:"error,omitempty"`
+	// Set when the member's state machine halted on a committed entry it
+	// cannot apply (one from a newer gitraft): it applies nothing until it is
+	// upgraded. What to do, for people.
+	Halted      string `protobuf:"bytes,13,opt,name=halted,proto3" json:"halted,omitempty"`
+	HaltedIndex uint64 `protobuf:"varint,14,opt,name=halted_index,json=haltedIndex,proto3" json:"halted_index,omitempty"`
+	// The gitraft version the member runs (empty when unreachable).
+	Version       string `protobuf:"bytes,15,opt,name=version,proto3" json:"version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -211,6 +218,27 @@ func (x *Member) GetError() string {
 	return ""
 }
 
+func (x *Member) GetHalted() string {
+	if x != nil {
+		return x.Halted
+	}
+	return ""
+}
+
+func (x *Member) GetHaltedIndex() uint64 {
+	if x != nil {
+		return x.HaltedIndex
+	}
+	return 0
+}
+
+func (x *Member) GetVersion() string {
+	if x != nil {
+		return x.Version
+	}
+	return ""
+}
+
 type GetStatusRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -262,8 +290,11 @@ type GetStatusResponse struct {
 	Members      []*Member `protobuf:"bytes,9,rep,name=members,proto3" json:"members,omitempty"`
 	// When this node last heard from the leader (unset on the leader).
 	LastLeaderContact *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=last_leader_contact,json=lastLeaderContact,proto3" json:"last_leader_contact,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// Set when the answering node's state machine halted (see Member.halted).
+	Halted        string `protobuf:"bytes,11,opt,name=halted,proto3" json:"halted,omitempty"`
+	HaltedIndex   uint64 `protobuf:"varint,12,opt,name=halted_index,json=haltedIndex,proto3" json:"halted_index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetStatusResponse) Reset() {
@@ -364,6 +395,20 @@ func (x *GetStatusResponse) GetLastLeaderContact() *timestamppb.Timestamp {
 		return x.LastLeaderContact
 	}
 	return nil
+}
+
+func (x *GetStatusResponse) GetHalted() string {
+	if x != nil {
+		return x.Halted
+	}
+	return ""
+}
+
+func (x *GetStatusResponse) GetHaltedIndex() uint64 {
+	if x != nil {
+		return x.HaltedIndex
+	}
+	return 0
 }
 
 type AddMemberRequest struct {
@@ -667,7 +712,7 @@ var File_gitraft_cluster_v1_cluster_proto protoreflect.FileDescriptor
 
 const file_gitraft_cluster_v1_cluster_proto_rawDesc = "" +
 	"\n" +
-	" gitraft/cluster/v1/cluster.proto\x12\x12gitraft.cluster.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x03\n" +
+	" gitraft/cluster/v1/cluster.proto\x12\x12gitraft.cluster.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdf\x03\n" +
 	"\x06Member\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x1b\n" +
@@ -681,8 +726,11 @@ const file_gitraft_cluster_v1_cluster_proto_rawDesc = "" +
 	"\x05state\x18\n" +
 	" \x01(\tR\x05state\x12#\n" +
 	"\rapplied_index\x18\v \x01(\x04R\fappliedIndex\x12\x14\n" +
-	"\x05error\x18\f \x01(\tR\x05error\"\x12\n" +
-	"\x10GetStatusRequest\"\x84\x03\n" +
+	"\x05error\x18\f \x01(\tR\x05error\x12\x16\n" +
+	"\x06halted\x18\r \x01(\tR\x06halted\x12!\n" +
+	"\fhalted_index\x18\x0e \x01(\x04R\vhaltedIndex\x12\x18\n" +
+	"\aversion\x18\x0f \x01(\tR\aversion\"\x12\n" +
+	"\x10GetStatusRequest\"\xbf\x03\n" +
 	"\x11GetStatusResponse\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\x12\x1b\n" +
@@ -695,7 +743,9 @@ const file_gitraft_cluster_v1_cluster_proto_rawDesc = "" +
 	"\x0elast_log_index\x18\b \x01(\x04R\flastLogIndex\x124\n" +
 	"\amembers\x18\t \x03(\v2\x1a.gitraft.cluster.v1.MemberR\amembers\x12J\n" +
 	"\x13last_leader_contact\x18\n" +
-	" \x01(\v2\x1a.google.protobuf.TimestampR\x11lastLeaderContact\"\x94\x01\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\x11lastLeaderContact\x12\x16\n" +
+	"\x06halted\x18\v \x01(\tR\x06halted\x12!\n" +
+	"\fhalted_index\x18\f \x01(\x04R\vhaltedIndex\"\x94\x01\n" +
 	"\x10AddMemberRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x1b\n" +

@@ -6,7 +6,10 @@
 
 // Package gitraft.fsm.v1 holds the Raft log entries and the snapshot format of
 // gitraft's replicated state machine. Every committed entry is one Entry,
-// encoded with protobuf; an entry that does not decode is a bug.
+// encoded with protobuf. The leader refuses entries with no command, or with
+// a command or field it does not know, before they reach the log; a node that
+// meets a committed entry it does not know halts until it is upgraded (see
+// cluster/DESIGN.md).
 
 package fsmv1
 
@@ -27,8 +30,8 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
-// EntryFormat is the version of the envelope. Nodes refuse entries with a
-// format they do not know rather than misapplying them.
+// EntryFormat is the version of the envelope. A node halts on an entry with a
+// format it does not know rather than misapply it.
 type EntryFormat int32
 
 const (

@@ -1062,8 +1062,15 @@ type GetLocalStatusResponse struct {
 	AppliedIndex uint64                 `protobuf:"varint,5,opt,name=applied_index,json=appliedIndex,proto3" json:"applied_index,omitempty"`
 	// Unix nanoseconds of the last contact with the leader (0 on the leader).
 	LastContactUnixNano int64 `protobuf:"varint,6,opt,name=last_contact_unix_nano,json=lastContactUnixNano,proto3" json:"last_contact_unix_nano,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// Set when the node's state machine halted on a committed entry it cannot
+	// apply (one from a newer gitraft): what to do, for people.
+	Halted string `protobuf:"bytes,7,opt,name=halted,proto3" json:"halted,omitempty"`
+	// The index of that entry (0 when not halted).
+	HaltedIndex uint64 `protobuf:"varint,8,opt,name=halted_index,json=haltedIndex,proto3" json:"halted_index,omitempty"`
+	// The gitraft version the node runs.
+	Version       string `protobuf:"bytes,9,opt,name=version,proto3" json:"version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetLocalStatusResponse) Reset() {
@@ -1136,6 +1143,27 @@ func (x *GetLocalStatusResponse) GetLastContactUnixNano() int64 {
 		return x.LastContactUnixNano
 	}
 	return 0
+}
+
+func (x *GetLocalStatusResponse) GetHalted() string {
+	if x != nil {
+		return x.Halted
+	}
+	return ""
+}
+
+func (x *GetLocalStatusResponse) GetHaltedIndex() uint64 {
+	if x != nil {
+		return x.HaltedIndex
+	}
+	return 0
+}
+
+func (x *GetLocalStatusResponse) GetVersion() string {
+	if x != nil {
+		return x.Version
+	}
+	return ""
 }
 
 type ProposeRequest struct {
@@ -1375,14 +1403,17 @@ const file_gitraft_node_v1_node_proto_rawDesc = "" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x124\n" +
 	"\breplicas\x18\x02 \x03(\v2\x18.gitraft.node.v1.ReplicaR\breplicas\x12\x14\n" +
 	"\x05index\x18\x03 \x01(\x04R\x05index\"\x17\n" +
-	"\x15GetLocalStatusRequest\"\xd8\x01\n" +
+	"\x15GetLocalStatusRequest\"\xad\x02\n" +
 	"\x16GetLocalStatusResponse\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\x12\x12\n" +
 	"\x04term\x18\x03 \x01(\x04R\x04term\x12!\n" +
 	"\fcommit_index\x18\x04 \x01(\x04R\vcommitIndex\x12#\n" +
 	"\rapplied_index\x18\x05 \x01(\x04R\fappliedIndex\x123\n" +
-	"\x16last_contact_unix_nano\x18\x06 \x01(\x03R\x13lastContactUnixNano\"=\n" +
+	"\x16last_contact_unix_nano\x18\x06 \x01(\x03R\x13lastContactUnixNano\x12\x16\n" +
+	"\x06halted\x18\a \x01(\tR\x06halted\x12!\n" +
+	"\fhalted_index\x18\b \x01(\x04R\vhaltedIndex\x12\x18\n" +
+	"\aversion\x18\t \x01(\tR\aversion\"=\n" +
 	"\x0eProposeRequest\x12+\n" +
 	"\x05entry\x18\x01 \x01(\v2\x15.gitraft.fsm.v1.EntryR\x05entry\"A\n" +
 	"\x0fProposeResponse\x12.\n" +
