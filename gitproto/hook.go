@@ -49,6 +49,7 @@ type hookServer struct {
 
 type pushSession struct {
 	tx          PushTx
+	act         *activity // told while the node commits; nil for a proxied push
 	pushOptions []string
 	updates     []RefUpdate
 	committed   bool
@@ -135,7 +136,9 @@ func (h *hookServer) handle(c net.Conn) {
 		c.Read(b[:]) // returns when the hook goes away
 		cancel()
 	}()
+	done := p.act.nodeBusy()
 	err := p.tx.Commit(ctx, req.Quarantine, req.Updates, progress)
+	done()
 	mu.Lock()
 	defer mu.Unlock()
 	if err != nil {
