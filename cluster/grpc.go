@@ -161,7 +161,7 @@ func toStatus(err error) error {
 		return status.Error(code, re.Message)
 	case errors.As(err, &ne):
 		return status.Error(codes.InvalidArgument, err.Error())
-	case errors.Is(err, ErrInvalidRef), errors.Is(err, ErrInvalidEntry):
+	case errors.Is(err, ErrInvalidRef), errors.Is(err, ErrInvalidEntry), errors.Is(err, ErrNotAKey), errors.Is(err, ErrKeyOptions):
 		return status.Error(codes.InvalidArgument, err.Error())
 	case errors.Is(err, ErrHalted):
 		return status.Error(codes.FailedPrecondition, err.Error())

@@ -5,6 +5,8 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/pem"
+	"errors"
+	"fmt"
 	"strings"
 	"time"
 
@@ -71,12 +73,33 @@ func (n *Node) HostKey() (*fsmv1.HostKey, bool) {
 	return hk, hk != nil
 }
 
+// Refusals of a public key offered for a user.
+var (
+	ErrNotAKey = errors.New(`not an SSH public key in authorized_keys form (like "ssh-ed25519 AAAA... you@host")`)
+	// ErrKeyOptions: the line has authorized_keys options (from=,
+	// command=, no-port-forwarding, ...). gitraft would not enforce them,
+	// so it refuses the key rather than accept it without its restrictions.
+	ErrKeyOptions = errors.New("gitraft does not apply authorized_keys options")
+)
+
 // ParseAuthorizedKey reads one authorized_keys line into the form the state
-// stores: the key without options, its SHA256 fingerprint and comment.
+// stores: the key, its SHA256 fingerprint and comment. A line with options
+// is refused (ErrKeyOptions), naming them.
 func ParseAuthorizedKey(line string) (*fsmv1.SSHKey, error) {
-	pub, comment, _, _, err := ssh.ParseAuthorizedKey([]byte(strings.TrimSpace(line)))
+	pub, comment, options, _, err := ssh.ParseAuthorizedKey([]byte(strings.TrimSpace(line)))
 	if err != nil {
-		return nil, status.Errorf(codes.InvalidArgument, "not an SSH public key in authorized_keys form (like \"ssh-ed25519 AAAA... you@host\"): %v", err)
+		return nil, fmt.Errorf("%w: %v", ErrNotAKey, err)
+	}
+	if len(options) > 0 {
+		names := make([]string, len(options))
+		for i, o := range options {
+			if name, _, hasValue := strings.Cut(o, "="); hasValue {
+				names[i] = name + "="
+			} else {
+				names[i] = o
+			}
+		}
+		return nil, fmt.Errorf("%w: this key line has %s, which gitraft would not enforce; add the key without them (the line from %q on) if it may be used without those restrictions", ErrKeyOptions, strings.Join(names, ", "), pub.Type())
 	}
 	return &fsmv1.SSHKey{
 		PublicKey:   strings.TrimSpace(string(ssh.MarshalAuthorizedKey(pub))),

@@ -9,6 +9,13 @@
 // and calls back into this package over a unix socket; the backend then
 // replicates the pack to a quorum and commits the compare-and-swap.
 //
+// The front end limits what one client can hold: connections that have not
+// authenticated (in all and per source address, with a login grace time,
+// like OpenSSH's MaxStartups, PerSourceMaxStartups and LoginGraceTime), and
+// sessions per node, per user and per connection. A session ends when it
+// is idle, runs too long, or moves less than a floor of bytes in a window
+// while the node is not working for it.
+//
 // gitproto never imports package cluster: it declares the small Backend
 // interface it needs, and cmd wires the two together.
 package gitproto

@@ -51,6 +51,7 @@ type pushSession struct {
 	tx       PushTx
 	commands *commandList // what the client asked for (atomic)
 	maxRefs  int          // most ref updates one push may carry; 0: no limit
+	act      *activity    // told while the node commits; nil for a proxied push
 
 	// Set by the hook's call once the push is committed.
 	pushOptions []string
@@ -144,7 +145,9 @@ func (h *hookServer) handle(c net.Conn) {
 		return
 	}
 	atomic := p.commands != nil && p.commands.Has("atomic")
+	done := p.act.nodeBusy()
 	committed, err := p.tx.Commit(ctx, req.Quarantine, req.Updates, atomic, progress)
+	done()
 	mu.Lock()
 	defer mu.Unlock()
 	if err != nil {

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gliderlabs/ssh"
@@ -53,6 +54,28 @@ type Config struct {
 	MaxSessions    int           // concurrent sessions per node; 0: 64
 	IdleTimeout    time.Duration // no data in either direction; 0: 5m
 	MaxTimeout     time.Duration // whole session; 0: 1h
+
+	// MaxStartups and PerSourceMaxStartups cap the connections that have
+	// not finished authenticating, in all and per source IP address, like
+	// OpenSSH's settings of those names: a connection past either is closed
+	// at once, before any SSH work. 0: 100 and 10; below 0: no limit.
+	MaxStartups          int
+	PerSourceMaxStartups int
+	// LoginGraceTime closes a connection that has not authenticated within
+	// it, like OpenSSH's. 0: 30s; below 0: no limit.
+	LoginGraceTime time.Duration
+	// MaxSessionsPerUser caps one user's concurrent sessions on this node,
+	// over all their connections. 0: 16; below 0: no limit.
+	MaxSessionsPerUser int
+	// MaxSessionsPerConnection caps the sessions open at once on one SSH
+	// connection, like OpenSSH's MaxSessions. 0: 10; below 0: no limit.
+	MaxSessionsPerConnection int
+	// MinRateBytes must move, client to node and node to client together,
+	// in every MinRateWindow of a session, or the session ends; a window in
+	// which the node itself worked for the session (write lock, catching
+	// up, replicating) always passes. 0: 128 bytes per 5m; below 0: no floor.
+	MinRateBytes  int64
+	MinRateWindow time.Duration
 }
 
 func (c *Config) setDefaults() {
@@ -68,6 +91,32 @@ func (c *Config) setDefaults() {
 	if c.MaxTimeout == 0 {
 		c.MaxTimeout = time.Hour
 	}
+	if c.MaxStartups == 0 {
+		c.MaxStartups = 100
+	}
+	if c.PerSourceMaxStartups == 0 {
+		c.PerSourceMaxStartups = 10
+	}
+	if c.LoginGraceTime == 0 {
+		c.LoginGraceTime = 30 * time.Second
+	}
+	if c.MaxSessionsPerUser == 0 {
+		c.MaxSessionsPerUser = 16
+	}
+	if c.MaxSessionsPerConnection == 0 {
+		c.MaxSessionsPerConnection = 10
+	}
+	if c.MinRateBytes == 0 {
+		c.MinRateBytes = 128
+	}
+	if c.MinRateWindow <= 0 {
+		c.MinRateWindow = 5 * time.Minute
+	}
+}
+
+// sessionLimits are the time and rate limits of each session.
+func (c *Config) sessionLimits() sessionLimits {
+	return sessionLimits{idle: c.IdleTimeout, total: c.MaxTimeout, minRate: max(c.MinRateBytes, 0), minRateWindow: c.MinRateWindow}
 }
 
 // Server is a node's SSH front end.
@@ -80,13 +129,23 @@ type Server struct {
 	hooks   *hookServer
 	slots   chan struct{}
 	wg      sync.WaitGroup
+
+	startups     *startupGate
+	userSessions *sessionCount
+	refusedLog   logEvery // connections refused by the startup caps
+	graceLog     logEvery // connections closed by the login grace time
 }
 
 type ctxKey string
 
 const (
-	userKey    ctxKey = "gitraft-user"
-	authErrKey ctxKey = "gitraft-auth-error"
+	userKey ctxKey = "gitraft-user"
+	// startupKey holds a connection's *startup until it authenticates.
+	startupKey ctxKey = "gitraft-startup"
+	// connSessionsKey holds the *atomic.Int32 count of a connection's open
+	// sessions.
+	connSessionsKey ctxKey = "gitraft-conn-sessions"
+	authErrKey      ctxKey = "gitraft-auth-error"
 )
 
 // New prepares the SSH server and its hooks; Serve starts it.
@@ -99,7 +158,13 @@ func New(cfg Config, backend Backend, logger *slog.Logger) (*Server, error) {
 		}
 		cfg.Binary = exe
 	}
-	s := &Server{cfg: cfg, backend: backend, log: logger.With("node", cfg.NodeID), slots: make(chan struct{}, cfg.MaxSessions)}
+	s := &Server{
+		cfg: cfg, backend: backend, log: logger.With("node", cfg.NodeID), slots: make(chan struct{}, cfg.MaxSessions),
+		startups:     newStartupGate(cfg.MaxStartups, cfg.PerSourceMaxStartups),
+		userSessions: newSessionCount(cfg.MaxSessionsPerUser),
+		refusedLog:   logEvery{every: 10 * time.Second},
+		graceLog:     logEvery{every: 10 * time.Second},
+	}
 	hooksDir := filepath.Join(cfg.StateDir, "hooks")
 	if err := os.MkdirAll(hooksDir, 0o700); err != nil {
 		return nil, err
@@ -124,6 +189,11 @@ func New(cfg Config, backend Backend, logger *slog.Logger) (*Server, error) {
 		MaxTimeout:  cfg.MaxTimeout + time.Minute,
 		Version:     "gitraft",
 		PtyCallback: func(ssh.Context, ssh.Pty) bool { return false },
+		// Unauthenticated connections are capped and timed by admitConn
+		// and serverConfig; sessions per connection by openSession.
+		ConnCallback:         s.admitConn,
+		ServerConfigCallback: s.serverConfig,
+		ChannelHandlers:      map[string]ssh.ChannelHandler{"session": s.openSession},
 	}
 	return s, nil
 }
@@ -211,6 +281,104 @@ func (s *Server) keysCommand(ctx context.Context, key ssh.PublicKey) (string, er
 	return user, nil
 }
 
+// startup is a connection's place among those authenticating: given back
+// when it authenticates, closes or runs out of grace, whichever is first.
+type startup struct {
+	once    sync.Once
+	release func()
+	timer   *time.Timer // nil without a login grace time
+}
+
+// finish gives the place back; it reports whether this call did.
+func (st *startup) finish() bool {
+	first := false
+	st.once.Do(func() {
+		first = true
+		st.release()
+	})
+	return first
+}
+
+// done gives the place back and stops the grace timer. It is called only
+// after admitConn has returned (the timer itself calls finish).
+func (st *startup) done() {
+	st.finish()
+	if st.timer != nil {
+		st.timer.Stop()
+	}
+}
+
+// pendingConn gives its startup place back when it closes.
+type pendingConn struct {
+	net.Conn
+	st *startup
+}
+
+func (c *pendingConn) Close() error {
+	c.st.done()
+	return c.Conn.Close()
+}
+
+// admitConn runs first for every new connection: past the startup caps it
+// is closed at once, before the SSH version exchange; otherwise it has
+// LoginGraceTime to authenticate.
+func (s *Server) admitConn(ctx ssh.Context, c net.Conn) net.Conn {
+	src := sourceAddr(c.RemoteAddr())
+	release, err := s.startups.admit(src)
+	if err != nil {
+		if ok, held := s.refusedLog.allow(time.Now()); ok {
+			s.log.Warn("ssh connection refused", "remote", c.RemoteAddr().String(), "err", err,
+				"max_startups", s.cfg.MaxStartups, "per_source_max_startups", s.cfg.PerSourceMaxStartups,
+				"refused_unlogged", held)
+		}
+		return nil
+	}
+	st := &startup{release: release}
+	if grace := s.cfg.LoginGraceTime; grace > 0 {
+		st.timer = time.AfterFunc(grace, func() {
+			if !st.finish() {
+				return
+			}
+			if ok, held := s.graceLog.allow(time.Now()); ok {
+				s.log.Info("ssh connection closed: not authenticated in time", "remote", c.RemoteAddr().String(),
+					"login_grace_time", grace, "closed_unlogged", held)
+			}
+			c.Close()
+		})
+	}
+	ctx.SetValue(startupKey, st)
+	ctx.SetValue(connSessionsKey, new(atomic.Int32))
+	return &pendingConn{Conn: c, st: st}
+}
+
+// serverConfig gives each connection's handshake a callback that frees its
+// startup place once a key has really authenticated (a signature, not a
+// query).
+func (s *Server) serverConfig(ctx ssh.Context) *gossh.ServerConfig {
+	st, _ := ctx.Value(startupKey).(*startup)
+	return &gossh.ServerConfig{
+		AuthLogCallback: func(_ gossh.ConnMetadata, _ string, err error) {
+			if err == nil && st != nil {
+				st.done()
+			}
+		},
+	}
+}
+
+// openSession caps the sessions open on one connection, then serves the
+// session as gliderlabs/ssh does.
+func (s *Server) openSession(srv *ssh.Server, conn *gossh.ServerConn, ch gossh.NewChannel, ctx ssh.Context) {
+	if open, _ := ctx.Value(connSessionsKey).(*atomic.Int32); open != nil && s.cfg.MaxSessionsPerConnection > 0 {
+		if open.Add(1) > int32(s.cfg.MaxSessionsPerConnection) {
+			open.Add(-1)
+			ch.Reject(gossh.ResourceShortage, fmt.Sprintf("gitraft: this connection already has %d sessions open, the most one connection may (git.max_sessions_per_connection); open another connection", s.cfg.MaxSessionsPerConnection))
+			return
+		}
+		defer open.Add(-1)
+	}
+	ssh.DefaultSessionHandler(srv, conn, ch, ctx)
+}
+
 // refuse ends a session with one line a person can act on.
 func refuse(sess ssh.Session, format string, args ...any) {
 	fmt.Fprintf(sess.Stderr(), "gitraft: "+format+"\n", args...)
@@ -235,6 +403,11 @@ func (s *Server) handle(sess ssh.Session) {
 		refuse(sess, "%v", err)
 		return
 	}
+	if !s.userSessions.acquire(user) {
+		refuse(sess, "%s already has %d sessions open on this node, the most one user may (git.max_sessions_per_user); let some finish, or use another node", user, s.cfg.MaxSessionsPerUser)
+		return
+	}
+	defer s.userSessions.release(user)
 	select {
 	case s.slots <- struct{}{}:
 		defer func() { <-s.slots }()
@@ -287,19 +460,19 @@ func (s *Server) handle(sess ssh.Session) {
 	act := &activity{}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stop := watch(s.cfg.IdleTimeout, s.cfg.MaxTimeout, act, sess.Stderr(), func() {
-		log.Info("session ended by a time limit")
+	stop := watch(s.cfg.sessionLimits(), act, sess.Stderr(), func(limit string) {
+		log.Info("session ended by a limit", "limit", limit)
 		cancel()
 		sess.Close()
 	})
 	defer stop()
-	in, out := activeReader{sess, act}, activeWriter{sess, act}
+	in, out, errOut := activeReader{sess, act}, activeWriter{sess, act}, activeWriter{sess.Stderr(), act}
 	var code int
 	publicKey := sess.PublicKey().Marshal()
 	if cmd.Service == ReceivePack {
-		code = s.push(ctx, in, out, sess.Stderr(), repo, user, publicKey, gitProtocol, log)
+		code = s.push(ctx, act, in, out, errOut, repo, user, publicKey, gitProtocol, log)
 	} else {
-		code = s.read(ctx, in, out, sess.Stderr(), cmd.Service, repo, user, publicKey, gitProtocol, log)
+		code = s.read(ctx, act, in, out, errOut, cmd.Service, repo, user, publicKey, gitProtocol, log)
 	}
 	log.Info("session done", "exit", code, "took", time.Since(start).Round(time.Millisecond))
 	sess.Exit(code)
@@ -328,7 +501,7 @@ func (s *Server) ServeProxied(ctx context.Context, service, repo, user string, p
 		}
 		return RunGit(ctx, s.cfg.Git, Service(service), plan.Path, gitProtocol, nil, stdin, stdout, stderr)
 	case ReceivePack:
-		return s.push(withProxied(ctx), stdin, stdout, stderr, repo, user, publicKey, gitProtocol, log)
+		return s.push(withProxied(ctx), nil, stdin, stdout, stderr, repo, user, publicKey, gitProtocol, log)
 	}
 	progress(fmt.Sprintf("unsupported service %q", service))
 	return 1
@@ -373,9 +546,11 @@ func (s *Server) recheck(ctx context.Context, svc Service, repo, user string, pu
 	return nil
 }
 
-func (s *Server) read(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer, svc Service, repo, user string, publicKey []byte, gitProtocol string, log *slog.Logger) int {
+func (s *Server) read(ctx context.Context, act *activity, stdin io.Reader, stdout, stderr io.Writer, svc Service, repo, user string, publicKey []byte, gitProtocol string, log *slog.Logger) int {
 	progress := func(msg string) { fmt.Fprintf(stderr, "gitraft: %s\n", msg) }
+	done := act.nodeBusy()
 	plan, err := s.backend.PrepareRead(ctx, repo, progress)
+	done()
 	if err != nil {
 		fmt.Fprintf(stderr, "gitraft: cannot serve %q: %v\n", repo, err)
 		return 1
@@ -418,11 +593,14 @@ func RunGit(ctx context.Context, git string, svc Service, path, gitProtocol stri
 	return 0
 }
 
-func (s *Server) push(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer, repo, user string, publicKey []byte, gitProtocol string, log *slog.Logger) int {
+// push runs one push; act, if not nil, is told while the node works for it.
+func (s *Server) push(ctx context.Context, act *activity, stdin io.Reader, stdout, stderr io.Writer, repo, user string, publicKey []byte, gitProtocol string, log *slog.Logger) int {
 	id := newPushID()
 	log = log.With("push_id", id)
 	progress := func(msg string) { fmt.Fprintf(stderr, "gitraft: %s\n", msg) }
+	done := act.nodeBusy()
 	tx, err := s.backend.BeginPush(ctx, repo, user, id, progress)
+	done()
 	var redirect *Redirect
 	if errors.As(err, &redirect) && !isProxied(ctx) {
 		progress(redirect.Error())
@@ -440,7 +618,7 @@ func (s *Server) push(ctx context.Context, stdin io.Reader, stdout, stderr io.Wr
 		return 1
 	}
 	cmds := newCommandList(stdin)
-	p := &pushSession{tx: tx, commands: cmds, maxRefs: s.cfg.MaxRefsPerPush}
+	p := &pushSession{tx: tx, commands: cmds, maxRefs: s.cfg.MaxRefsPerPush, act: act}
 	s.hooks.register(id, p)
 	defer s.hooks.unregister(id)
 	args := []string{

@@ -9,7 +9,9 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	gossh "golang.org/x/crypto/ssh"
 
+	"github.com/gitraft/gitraft/cluster"
 	userv1 "github.com/gitraft/gitraft/proto/gitraft/user/v1"
 )
 
@@ -93,7 +95,7 @@ func readKeyArg(cmd *cobra.Command, arg string) (string, error) {
 		b, err = io.ReadAll(io.LimitReader(cmd.InOrStdin(), 64<<10))
 	} else {
 		b, err = os.ReadFile(arg)
-		if os.IsNotExist(err) && strings.HasPrefix(arg, "ssh-") {
+		if os.IsNotExist(err) && (strings.HasPrefix(arg, "ssh-") || isKeyLine(arg)) {
 			return arg, nil // the key itself, quoted on the command line
 		}
 	}
@@ -108,6 +110,13 @@ func readKeyArg(cmd *cobra.Command, arg string) (string, error) {
 	return "", fmt.Errorf("no public key in %s", arg)
 }
 
+// isKeyLine reports whether s parses as an authorized_keys line (with or
+// without options).
+func isKeyLine(s string) bool {
+	_, _, _, _, err := gossh.ParseAuthorizedKey([]byte(s))
+	return err == nil
+}
+
 // newKeyCmd is `gitraft key`: users' SSH public keys.
 func newKeyCmd(g *globalOpts) *cobra.Command {
 	cmd := &cobra.Command{Use: "key", Short: "Add, list and remove users' SSH keys"}
@@ -120,6 +129,11 @@ func newKeyCmd(g *globalOpts) *cobra.Command {
 				line, err := readKeyArg(cmd, args[1])
 				if err != nil {
 					return err
+				}
+				// The node checks too; checking here says it before
+				// connecting, and against a node that does not.
+				if _, err := cluster.ParseAuthorizedKey(line); err != nil {
+					return fmt.Errorf("add key for %q: %w", args[0], err)
 				}
 				ctx, conn, done, err := g.connect(cmd)
 				if err != nil {

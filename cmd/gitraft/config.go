@@ -63,6 +63,14 @@ type gitSettings struct {
 	// ServeStaleReads lets a node that cannot confirm it is current (no
 	// quorum, cut off) serve its own copy with a warning instead of refusing.
 	ServeStaleReads bool `yaml:"serve_stale_reads" help:"serve fetches from a copy that cannot be confirmed current, with a warning (default: refuse)"`
+
+	MaxStartups              int           `yaml:"max_startups" help:"connections not yet authenticated, per node; more are closed at once (default 100, -1: no limit)"`
+	PerSourceMaxStartups     int           `yaml:"per_source_max_startups" help:"connections not yet authenticated from one IP address (default 10, -1: no limit)"`
+	LoginGraceTime           time.Duration `yaml:"login_grace_time" help:"close a connection that has not authenticated within this (default 30s, -1s: no limit)"`
+	MaxSessionsPerUser       int           `yaml:"max_sessions_per_user" help:"concurrent SSH sessions of one user per node (default 16, -1: no limit)"`
+	MaxSessionsPerConnection int           `yaml:"max_sessions_per_connection" help:"sessions open at once on one SSH connection (default 10, -1: no limit)"`
+	MinRateBytes             int64         `yaml:"min_rate_bytes" help:"end a session that moves fewer bytes, both ways together, in a min_rate_window (default 128, -1: no floor)"`
+	MinRateWindow            time.Duration `yaml:"min_rate_window" help:"the window of min_rate_bytes (default 5m)"`
 }
 
 func defaultFileConfig() fileConfig {

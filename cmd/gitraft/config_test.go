@@ -22,13 +22,19 @@ raft:
   heartbeat_timeout: 2s
 git:
   max_sessions: 9
+  max_startups: 50
+  login_grace_time: 20s
+  min_rate_bytes: 512
 `), 0o600)
 	t.Setenv("GITRAFT_GRPC_ADDR", "10.0.0.2:7102")
 	t.Setenv("GITRAFT_TLS_CA_FILE", "/env/ca.crt")
 	t.Setenv("GITRAFT_RAFT_ELECTION_TIMEOUT", "3s")
+	t.Setenv("GITRAFT_GIT_PER_SOURCE_MAX_STARTUPS", "3")
+	t.Setenv("GITRAFT_GIT_MAX_SESSIONS_PER_CONNECTION", "4")
 	fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
 	load := configFlags(fs)
-	if err := fs.Parse([]string{"--config", path, "--tls-ca-file", "/flag/ca.crt", "--bootstrap", "--git-max-pack-bytes", "1000"}); err != nil {
+	if err := fs.Parse([]string{"--config", path, "--tls-ca-file", "/flag/ca.crt", "--bootstrap", "--git-max-pack-bytes", "1000",
+		"--git-max-sessions-per-user", "-1", "--git-min-rate-window", "2m"}); err != nil {
 		t.Fatal(err)
 	}
 	cfg, err := load()
@@ -36,16 +42,23 @@ git:
 		t.Fatal(err)
 	}
 	checks := map[string][2]any{
-		"node_id from the file":   {cfg.NodeID, "from-file"},
-		"grpc_addr from env":      {cfg.GRPCAddr, "10.0.0.2:7102"},
-		"tls.ca_file from flag":   {cfg.TLS.CAFile, "/flag/ca.crt"},
-		"raft heartbeat (file)":   {cfg.Raft.HeartbeatTimeout, 2 * time.Second},
-		"raft election (env)":     {cfg.Raft.ElectionTimeout, 3 * time.Second},
-		"bootstrap flag":          {cfg.Bootstrap, true},
-		"join list":               {strings.Join(cfg.Join, ","), "a:1,b:2"},
-		"git.max_sessions (file)": {cfg.Git.MaxSessions, 9},
-		"git.max_pack_bytes":      {cfg.Git.MaxPackBytes, int64(1000)},
-		"default http_addr":       {cfg.HTTPAddr, "127.0.0.1:7103"},
+		"node_id from the file":                 {cfg.NodeID, "from-file"},
+		"grpc_addr from env":                    {cfg.GRPCAddr, "10.0.0.2:7102"},
+		"tls.ca_file from flag":                 {cfg.TLS.CAFile, "/flag/ca.crt"},
+		"raft heartbeat (file)":                 {cfg.Raft.HeartbeatTimeout, 2 * time.Second},
+		"raft election (env)":                   {cfg.Raft.ElectionTimeout, 3 * time.Second},
+		"bootstrap flag":                        {cfg.Bootstrap, true},
+		"join list":                             {strings.Join(cfg.Join, ","), "a:1,b:2"},
+		"git.max_sessions (file)":               {cfg.Git.MaxSessions, 9},
+		"git.max_pack_bytes":                    {cfg.Git.MaxPackBytes, int64(1000)},
+		"default http_addr":                     {cfg.HTTPAddr, "127.0.0.1:7103"},
+		"git.max_startups (file)":               {cfg.Git.MaxStartups, 50},
+		"git.login_grace_time":                  {cfg.Git.LoginGraceTime, 20 * time.Second},
+		"git.min_rate_bytes":                    {cfg.Git.MinRateBytes, int64(512)},
+		"git.per_source_max_startups (env)":     {cfg.Git.PerSourceMaxStartups, 3},
+		"git.max_sessions_per_connection (env)": {cfg.Git.MaxSessionsPerConnection, 4},
+		"git.max_sessions_per_user (flag, -1)":  {cfg.Git.MaxSessionsPerUser, -1},
+		"git.min_rate_window (flag)":            {cfg.Git.MinRateWindow, 2 * time.Minute},
 	}
 	for what, c := range checks {
 		if c[0] != c[1] {

@@ -56,6 +56,10 @@ func startNode(cfg fileConfig, logger *slog.Logger) (*runningNode, error) {
 		MaxPackBytes: cfg.Git.MaxPackBytes, MaxSessions: cfg.Git.MaxSessions,
 		IdleTimeout: cfg.Git.IdleTimeout, MaxTimeout: cfg.Git.MaxTimeout,
 		MaxRefsPerPush: cfg.Git.MaxRefsPerPush,
+		MaxStartups:    cfg.Git.MaxStartups, PerSourceMaxStartups: cfg.Git.PerSourceMaxStartups,
+		LoginGraceTime:     cfg.Git.LoginGraceTime,
+		MaxSessionsPerUser: cfg.Git.MaxSessionsPerUser, MaxSessionsPerConnection: cfg.Git.MaxSessionsPerConnection,
+		MinRateBytes: cfg.Git.MinRateBytes, MinRateWindow: cfg.Git.MinRateWindow,
 	}, gitBackend{n}, logger)
 	if err != nil {
 		n.Close()
