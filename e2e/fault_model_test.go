@@ -3,6 +3,7 @@ package e2e
 import (
 	"fmt"
 	"sort"
+	"strings"
 	"testing"
 
 	"github.com/anishathalye/porcupine"
@@ -266,10 +267,16 @@ func Test_FaultModel(t *testing.T) {
 				t.Fatalf("linearizable = %v (%s), want %v", got, res, tc.ok)
 			}
 			if !tc.ok {
-				// The visualization must render for a failing history.
+				// The visualization must render for a failing history, and
+				// the report must name an operation that does not fit.
 				if err := porcupine.VisualizePath(faultModel, info, t.TempDir()+"/v.html"); err != nil {
 					t.Fatal(err)
 				}
+				why := (&faultRun{}).explain(info, tc.h)
+				if !strings.Contains(why, "none of these fits next: [") {
+					t.Fatalf("explanation names no operation: %q", why)
+				}
+				t.Log(why)
 			}
 			final := map[string]string{}
 			for _, op := range tc.h {
@@ -281,5 +288,32 @@ func Test_FaultModel(t *testing.T) {
 				t.Fatalf("lost %d acknowledged pushes, want %d", got, tc.lost)
 			}
 		})
+	}
+}
+
+// Test_FaultClassifyPush: what git printed decides whether a push happened.
+func Test_FaultClassifyPush(t *testing.T) {
+	const ref = "refs/heads/b0"
+	for _, tc := range []struct {
+		name    string
+		r       gitResult
+		want    pushOutcome
+		reached bool
+	}{
+		{"ok", gitResult{result: result{code: 0, stdout: "To ssh://x/fault.git\n+\tabc:refs/heads/b0\t111...abc (forced update)\nDone\n"}}, pushAcked, true},
+		{"stale lease", gitResult{result: result{code: 1, stdout: "To ssh://x/fault.git\n!\tabc:refs/heads/b0\t[rejected] (stale info)\nDone\n"}}, pushStale, true},
+		{"refused, nothing changed", gitResult{result: result{code: 1, stdout: "!\tabc:refs/heads/b0\t[remote rejected] (pre-receive hook declined)\n",
+			stderr: "remote: gitraft: refused: stale old value; nothing was changed\n"}}, pushRejected, true},
+		{"may or may not", gitResult{result: result{code: 1, stdout: "!\tabc:refs/heads/b0\t[remote rejected] (pre-receive hook declined)\n",
+			stderr: "remote: gitraft: committing the push failed; it may or may not have been applied: x\n"}}, pushUnknown, true},
+		{"node died", gitResult{result: result{code: 128, stderr: "fatal: the remote end hung up unexpectedly\n"}}, pushUnknown, true},
+		{"timed out", gitResult{result: result{code: -1, stdout: "!\tabc:refs/heads/b0\t[rejected] (stale info)\n"}, timedOut: true}, pushUnknown, true},
+		{"refused before receiving", gitResult{result: result{code: 128, stderr: "gitraft: push to \"fault\" refused: the cluster has lost its quorum\nfatal: Could not read from remote repository.\n"}}, pushRejected, true},
+		{"node down", gitResult{result: result{code: 128, stderr: "ssh: connect to host 127.0.0.1 port 4: Connection refused\nfatal: Could not read from remote repository.\n"}}, pushRejected, false},
+	} {
+		got, why, reached := classifyPush(tc.r, ref)
+		if got != tc.want || reached != tc.reached {
+			t.Errorf("%s: %s (reached %v, %q), want %s (reached %v)", tc.name, got, reached, why, tc.want, tc.reached)
+		}
 	}
 }

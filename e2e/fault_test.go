@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -200,7 +201,7 @@ func runFault(t *testing.T, cfg faultConfig) {
 		f.writeOut(dir, info, history)
 	}
 	if res != porcupine.Ok {
-		t.Errorf("the history is %s: %s", verdict, f.explain(info))
+		t.Errorf("the history is %s: %s", verdict, f.explain(info, history))
 	}
 }
 
@@ -233,8 +234,9 @@ func (f *faultRun) writeOut(dir string, info porcupine.LinearizationInfo, histor
 }
 
 // explain names, for each branch that porcupine could not linearize, the
-// longest prefix it could and the operations it could not place next.
-func (f *faultRun) explain(info porcupine.LinearizationInfo) string {
+// longest prefix it could, and the operations that could come next but
+// none of which fits: one of them saw or did what the contract forbids.
+func (f *faultRun) explain(info porcupine.LinearizationInfo, history []porcupine.Operation) string {
 	var out []string
 	for _, part := range info.PartialLinearizationsOperations() {
 		if len(part) == 0 {
@@ -250,11 +252,46 @@ func (f *faultRun) explain(info porcupine.LinearizationInfo) string {
 			continue
 		}
 		last := longest[len(longest)-1]
-		meta, _ := last.Metadata.(faultMeta)
-		out = append(out, fmt.Sprintf("longest linearizable prefix of %s has %d ops, ending with %s (via %s at +%.2fs)",
-			last.Input.(faultInput).Branch, len(longest), faultModel.DescribeOperation(last.Input, last.Output), meta.Node, time.Duration(last.Call).Seconds()))
+		branch := last.Input.(faultInput).Branch
+		placed := map[[2]int64]int{}
+		for _, op := range longest {
+			placed[[2]int64{op.Call, op.Return}]++
+		}
+		// The ops left of this branch; the next must be called before the
+		// earliest of them returns.
+		var rest []porcupine.Operation
+		firstReturn := int64(1<<63 - 1)
+		for _, op := range history {
+			if op.Input.(faultInput).Branch != branch {
+				continue
+			}
+			if k := [2]int64{op.Call, op.Return}; placed[k] > 0 {
+				placed[k]--
+				continue
+			}
+			rest = append(rest, op)
+			firstReturn = min(firstReturn, op.Return)
+		}
+		var next []string
+		for _, op := range rest {
+			if op.Call <= firstReturn && len(next) < 4 {
+				next = append(next, describeOp(op))
+			}
+		}
+		out = append(out, fmt.Sprintf("%s: porcupine placed %d of its ops, up to %s; none of these fits next: %s",
+			branch, len(longest), describeOp(last), strings.Join(next, "; ")))
 	}
-	return strings.Join(out, "; ")
+	return strings.Join(out, "\n")
+}
+
+func describeOp(op porcupine.Operation) string {
+	meta, _ := op.Metadata.(faultMeta)
+	s := fmt.Sprintf("[%s via %s, +%.3fs..+%.3fs]", faultModel.DescribeOperation(op.Input, op.Output), meta.Node,
+		time.Duration(op.Call).Seconds(), time.Duration(op.Return).Seconds())
+	if meta.Detail != "" {
+		s += " (" + meta.Detail + ")"
+	}
+	return s
 }
 
 // client runs operations until the run stops.
@@ -307,11 +344,12 @@ func (f *faultRun) newCommit(dir, msg string) (string, bool) {
 	return strings.TrimSpace(r.stdout), true
 }
 
+// note counts an outcome, numbers (versions, ports) left out.
 func (f *faultRun) note(detail string) {
-	if detail != "" {
-		f.detailOf[detail]++
-	}
+	f.detailOf[digits.ReplaceAllString(detail, "N")]++
 }
+
+var digits = regexp.MustCompile(`[0-9]+`)
 
 // read lists the branches through n. A failed read is not an observation and
 // is left out; a read that succeeds is one, stale warning or not.
@@ -465,7 +503,8 @@ func remoteReason(stderr string) string {
 	for _, l := range strings.Split(stderr, "\n") {
 		l = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(l), "remote:"))
 		if strings.HasPrefix(l, "gitraft: ") && !strings.Contains(l, "took the push") && !strings.Contains(l, "replicated to") &&
-			!strings.Contains(l, "waiting for the write lock") && !strings.Contains(l, "got the write lock") || strings.HasPrefix(l, "fatal:") || strings.HasPrefix(l, "error:") {
+			!strings.Contains(l, "waiting for the write lock") && !strings.Contains(l, "got the write lock") || strings.HasPrefix(l, "fatal:") || strings.HasPrefix(l, "error:") ||
+			strings.HasPrefix(l, "ssh:") {
 			why = append(why, l)
 		}
 	}
