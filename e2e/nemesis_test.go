@@ -336,7 +336,7 @@ func (m *nemesis) run(stop <-chan struct{}) {
 		m.mu.Lock()
 		m.events = append(m.events, ev)
 		m.mu.Unlock()
-		m.t.Logf("nemesis: %s %s for %.1fs", kind, ev.node, time.Duration(ev.end-ev.start).Seconds())
+		m.t.Logf("nemesis: %s %s for %.1fs from +%.1fs", kind, ev.node, time.Duration(ev.end-ev.start).Seconds(), time.Duration(ev.start).Seconds())
 		// One fault at a time: the next waits until every node is ready.
 		for _, n := range m.c.nodes {
 			if err := n.awaitReady(60 * time.Second); err != nil {
