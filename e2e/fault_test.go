@@ -272,6 +272,9 @@ func (f *faultRun) explain(info porcupine.LinearizationInfo, history []porcupine
 			rest = append(rest, op)
 			firstReturn = min(firstReturn, op.Return)
 		}
+		if len(rest) == 0 {
+			continue // this branch is linearizable
+		}
 		var next []string
 		for _, op := range rest {
 			if op.Call <= firstReturn && len(next) < 4 {
