@@ -3,6 +3,7 @@ module github.com/gitraft/gitraft
 go 1.26.8
 
 require (
+	github.com/anishathalye/porcupine v1.3.1
 	github.com/gliderlabs/ssh v0.3.8
 	github.com/hashicorp/go-hclog v1.6.2
 	github.com/hashicorp/raft v1.7.3

@@ -3,10 +3,27 @@
 #   BenchmarkCluster: committed Raft writes (locks, ref updates) and failover
 #   BenchmarkGit: git over SSH, plain git + OpenSSH sshd vs a gitraft cluster
 #   BenchmarkDatabaseSwitchover: PostgreSQL switchover write pause, failover (PostgreSQL 15 + pgbouncer, as e2e/test.sh installs)
+# and, only when asked for by name:
+#   Fault: the long run of Test_E2E_FaultInjection, thousands of compare-and-swap
+#   pushes and reads under kills, freezes and partitions, checked with porcupine
+#   (GITRAFT_FAULT_OPS operations, 3000 by default, or GITRAFT_FAULT_DURATION;
+#   GITRAFT_FAULT_OUT keeps porcupine's visualization). Partitions need root and
+#   iptables.
 # The git baseline needs OpenSSH's sshd (Debian: openssh-server) and root (it
 # creates a "gitbench" account with git-shell as its login shell).
 set -eu
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = Fault ]; then
+	if ! command -v iptables >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+		export DEBIAN_FRONTEND=noninteractive
+		apt-get update -qq
+		apt-get install -y -qq --no-install-recommends iptables openssh-client >/dev/null
+	fi
+	if [ -z "${GITRAFT_FAULT_DURATION:-}" ]; then
+		export GITRAFT_FAULT_OPS="${GITRAFT_FAULT_OPS:-3000}"
+	fi
+	exec go test -count=1 -run '^Test_E2E_FaultInjection$' -v -timeout 4h ./e2e
+fi
 if [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null 2>&1 || [ ! -x /usr/sbin/pgbouncer ] ||
 	[ ! -x /usr/lib/postgresql/15/bin/pg_ctl ]; then
 	if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -91,6 +91,10 @@ type node struct {
 	cmd                                  *exec.Cmd
 	log                                  *os.File
 	exited                               chan struct{}
+	// cgroupFD, when above zero, is an open cgroup v2 directory the process
+	// starts in, so that every socket it opens carries that cgroup (the
+	// fault test's partitions match on it).
+	cgroupFD int
 }
 
 // cluster is a set of nodes with their CA, an admin certificate and a git
@@ -211,6 +215,9 @@ func (n *node) start() {
 	n.cmd.Stdout, n.cmd.Stderr = f, f
 	n.cmd.Env = append(os.Environ(), n.env...)
 	n.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if n.cgroupFD > 0 {
+		n.cmd.SysProcAttr.UseCgroupFD, n.cmd.SysProcAttr.CgroupFD = true, n.cgroupFD
+	}
 	if err := n.cmd.Start(); err != nil {
 		n.t.Fatal(err)
 	}

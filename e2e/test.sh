@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 
 need=""
 for pair in git:git ssh:openssh-client ssh-keygen:openssh-client sshd:openssh-server \
-	pgbouncer:pgbouncer postfix:postfix /usr/lib/postgresql/15/bin/pg_ctl:postgresql-15; do
+	pgbouncer:pgbouncer postfix:postfix /usr/lib/postgresql/15/bin/pg_ctl:postgresql-15 \
+	iptables:iptables; do
 	cmd=${pair%%:*}
 	pkg=${pair#*:}
 	if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$cmd" ] && [ ! -x "$cmd" ]; then
