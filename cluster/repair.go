@@ -36,11 +36,14 @@ func (s *repoService) RepairRefs(ctx context.Context, req *repov1.RepairRefsRequ
 	if strings.TrimSpace(req.GetReason()) == "" && !req.GetDryRun() {
 		return nil, status.Error(codes.InvalidArgument, "a repair needs a reason (--reason), for the record")
 	}
+	if n.git == nil {
+		return nil, status.Error(codes.FailedPrecondition, ErrNoGit.Error())
+	}
 	if _, err := n.ReadBarrier(ctx); err != nil {
 		return nil, err
 	}
 	t, ok := n.git.target(name)
-	if n.git == nil || !ok {
+	if !ok {
 		return nil, status.Errorf(codes.NotFound, "repository %q not found", name)
 	}
 	var plan []*repov1.RepairChange
@@ -164,7 +167,8 @@ func (n *Node) repairPlan(ctx context.Context, repo string, refs map[string]stri
 	return plan, nil
 }
 
-// heldBy counts, for each oid, the voters whose copy holds it whole.
+// heldBy counts, for each oid, the voters whose copy holds it whole,
+// walking whole histories: the copies' refs may be what is damaged.
 func (n *Node) heldBy(ctx context.Context, repo string, voters []*fsmv1.Member, oids []string) (map[string]int, error) {
 	out := map[string]int{}
 	if len(oids) == 0 {
@@ -175,14 +179,14 @@ func (n *Node) heldBy(ctx context.Context, repo string, voters []*fsmv1.Member, 
 		var lacks []string
 		var err error
 		if m.GetId() == n.cfg.NodeID {
-			lacks, err = n.missingLocal(ctx, repo, oids)
+			lacks, err = n.git.st.MissingWhole(ctx, repo, oids)
 			if errors.Is(err, storage.ErrNotFound) {
 				lacks, err = oids, nil
 			}
 		} else if c, cerr := n.peers.node(m.GetGrpcAddr()); cerr == nil {
 			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 			var resp *nodev1.MissingObjectsResponse
-			resp, err = c.MissingObjects(cctx, &nodev1.MissingObjectsRequest{Repo: repo, Oids: oids})
+			resp, err = c.MissingObjects(cctx, &nodev1.MissingObjectsRequest{Repo: repo, Oids: oids, Full: true})
 			cancel()
 			lacks = resp.GetMissing()
 		} else {

@@ -234,6 +234,18 @@ func (r *replicas) syncLocked(ctx context.Context, rs *replicaState, name string
 		return r.fail(rs, err)
 	}
 	if len(missing) > 0 {
+		// Refs whose objects this copy lost would fail every check that
+		// trusts the refs; the state puts them back below.
+		if dropped, err := r.st.DropBrokenRefs(ctx, name); err != nil {
+			return r.fail(rs, err)
+		} else if len(dropped) > 0 {
+			r.log.Warn("dropped refs whose objects this copy lost", "repo", name, "refs", dropped)
+			if missing, err = r.st.Missing(ctx, name, oids); err != nil {
+				return r.fail(rs, err)
+			}
+		}
+	}
+	if len(missing) > 0 {
 		if err := r.fetchFromPeer(ctx, name, t.version, missing); err != nil {
 			return r.fail(rs, err)
 		}
@@ -560,7 +572,13 @@ func (s *nodeService) MissingObjects(ctx context.Context, req *nodev1.MissingObj
 	if s.n.git == nil {
 		return nil, status.Error(codes.FailedPrecondition, ErrNoGit.Error())
 	}
-	missing, err := s.n.missingLocal(ctx, req.GetRepo(), req.GetOids())
+	var missing []string
+	var err error
+	if req.GetFull() {
+		missing, err = s.n.git.st.MissingWhole(ctx, req.GetRepo(), req.GetOids())
+	} else {
+		missing, err = s.n.missingLocal(ctx, req.GetRepo(), req.GetOids())
+	}
 	if errors.Is(err, storage.ErrNotFound) {
 		missing = req.GetOids()
 	} else if err != nil {

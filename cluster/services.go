@@ -287,6 +287,13 @@ func repoToAPI(r *fsmv1.Repo, refCount int) *repov1.Repo {
 	for _, ref := range r.GetRefs() {
 		out.Refs = append(out.Refs, &repov1.Ref{Name: ref.GetName(), Oid: ref.GetOid()})
 	}
+	for _, rp := range r.GetRepairs() {
+		a := &repov1.Repair{Index: rp.GetIndex(), At: timestamppb.New(time.Unix(0, rp.GetUnixNano())), Actor: rp.GetActor(), Reason: rp.GetReason(), Version: rp.GetVersion()}
+		for _, c := range rp.GetChanges() {
+			a.Changes = append(a.Changes, &repov1.RepairChange{Ref: c.GetRef(), OldOid: c.GetOldOid(), NewOid: c.GetNewOid()})
+		}
+		out.Repairs = append(out.Repairs, a)
+	}
 	return out
 }
 

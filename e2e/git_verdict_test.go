@@ -207,3 +207,92 @@ func sortLines(s string) string {
 	sort.Strings(lines)
 	return strings.Join(lines, "\n")
 }
+
+// packsOf lists a copy's pack files.
+func packsOf(n *node, repo string) map[string]bool {
+	out := map[string]bool{}
+	m, _ := filepath.Glob(filepath.Join(n.dir, "repos", repo+".git", "objects", "pack", "*.pack"))
+	for _, p := range m {
+		out[p] = true
+	}
+	return out
+}
+
+// Test_E2E_GitRepairLostObjects loses the objects of an acknowledged push on
+// a majority of disks (the thing the contract cannot survive), and checks
+// that `gitraft repo repair --auto` finds the ref no majority can serve,
+// resets it to the value the remaining copy has, records the repair, and
+// leaves a repository every node serves again.
+func Test_E2E_GitRepairLostObjects(t *testing.T) {
+	c, u := gitSetup(t, "r")
+	n1, n2, n3 := c.nodes[0], c.nodes[1], c.nodes[2]
+	wt := u.workTree(url(n1, "r"))
+	a := u.commit(wt, "a", "a\n")
+	u.mustGit(wt, "push", "-q", "origin", "main")
+	waitFor(t, "every replica current", 30*time.Second, func() bool { return c.run(n1, "repo", "verify", "r").code == 0 })
+	n3.kill()
+	before1, before2 := packsOf(n1, "r"), packsOf(n2, "r")
+	b := u.commit(wt, "b", "b\n")
+	u.mustGit(wt, "push", "-q", "origin", "main")
+	// The disks of n1 and n2 lose the pack of the second push.
+	for _, x := range []struct {
+		n      *node
+		before map[string]bool
+	}{{n1, before1}, {n2, before2}} {
+		lost := 0
+		for p := range packsOf(x.n, "r") {
+			if !x.before[p] {
+				base := strings.TrimSuffix(p, ".pack")
+				for _, ext := range []string{".pack", ".idx", ".rev", ".bitmap"} {
+					os.Remove(base + ext)
+				}
+				lost++
+			}
+		}
+		if lost == 0 {
+			t.Fatalf("%s holds no new pack for the second push", x.n.id)
+		}
+	}
+	n3.start()
+	n3.waitReady(60 * time.Second)
+
+	// A dry run says what it would do and changes nothing.
+	dry := c.must(n2, "repo", "repair", "r", "--auto", "--dry-run")
+	if !strings.Contains(dry, "refs/heads/main") || !strings.Contains(dry, a) || !strings.Contains(dry, "dry run") {
+		t.Fatalf("dry run: %s", dry)
+	}
+	if c.repoVersion(n1, "r") != 3 {
+		t.Fatalf("the dry run changed the repo")
+	}
+	if s := c.fails(n2, "repo", "repair", "r", "--auto"); !strings.Contains(s, "--reason") {
+		t.Errorf("a repair without a reason: %q", s)
+	}
+	out := c.must(n2, "repo", "repair", "r", "--auto", "--reason", "lost disks n1, n2")
+	if !strings.Contains(out, "repaired") || !strings.Contains(out, b) {
+		t.Fatalf("repair: %s", out)
+	}
+	// Every node serves the repaired repo, and the record says what was done.
+	for _, n := range c.nodes {
+		d := u.cloneAndCheck(n, "r")
+		if got := strings.TrimSpace(u.mustGit(d, "rev-parse", "HEAD")); got != a {
+			t.Fatalf("%s serves %s after the repair, want %s", n.id, got, a)
+		}
+	}
+	show := c.must(n3, "repo", "show", "r")
+	if !strings.Contains(show, "lost disks n1, n2") || !strings.Contains(show, "refs/heads/main: "+b+" -> "+a) {
+		t.Errorf("repo show does not record the repair:\n%s", show)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		r := c.run(n1, "repo", "verify", "r")
+		if r.code == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("copies not current after the repair: %s", r)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	// And pushes work again.
+	u.mustGit(wt, "push", "-q", "-f", "origin", "main")
+}

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -586,6 +587,84 @@ func (s *Store) Missing(ctx context.Context, name string, oids []string) ([]stri
 	var missing []string
 	for _, o := range uniq {
 		if lacks[o] {
+			missing = append(missing, o)
+		}
+	}
+	return missing, nil
+}
+
+// DropBrokenRefs deletes the refs of a copy whose objects are gone (a lost
+// pack, a disk error). Such refs make every check that trusts the refs
+// (`--not --all`) fail, so the copy could never catch up; the replicated
+// state says what they must be, and SetRefs puts them back. It returns the
+// refs it dropped.
+func (s *Store) DropBrokenRefs(ctx context.Context, name string) ([]string, error) {
+	path, err := s.existing(name)
+	if err != nil {
+		return nil, err
+	}
+	refs, err := s.Refs(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	var in bytes.Buffer
+	names := slices.Sorted(maps.Keys(refs))
+	for _, ref := range names {
+		in.WriteString(refs[ref] + "\n")
+	}
+	if len(names) == 0 {
+		return nil, nil
+	}
+	out, err := s.run(ctx, path, in.Bytes(), nil, "cat-file", "--batch-check=%(objectname)")
+	if err != nil {
+		return nil, err
+	}
+	gone := map[string]bool{}
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		if oid, ok := strings.CutSuffix(line, " missing"); ok {
+			gone[oid] = true
+		}
+	}
+	var tx bytes.Buffer
+	var dropped []string
+	tx.WriteString("start\n")
+	for _, ref := range names {
+		if gone[refs[ref]] {
+			fmt.Fprintf(&tx, "delete %s\n", ref)
+			dropped = append(dropped, ref)
+		}
+	}
+	if len(dropped) == 0 {
+		return nil, nil
+	}
+	tx.WriteString("prepare\ncommit\n")
+	if _, err := s.run(ctx, path, tx.Bytes(), nil, "update-ref", "--stdin"); err != nil {
+		return nil, err
+	}
+	s.conn.forget(path)
+	return dropped, syncRefDirs(path, dropped)
+}
+
+// MissingWhole is Missing without trusting the copy's refs: each object's
+// whole history is walked (one `git rev-list --objects` per object), so a
+// copy whose refs point at lost objects still answers for the objects it
+// does hold. It is slow on a large history; repair uses it.
+func (s *Store) MissingWhole(ctx context.Context, name string, oids []string) ([]string, error) {
+	path, err := s.existing(name)
+	if err != nil {
+		return nil, err
+	}
+	var missing []string
+	for _, o := range oids {
+		if !isOID(o) {
+			return nil, fmt.Errorf("storage: %q is not an object id", o)
+		}
+		_, err := s.run(ctx, path, nil, nil, "rev-list", "--objects", "--quiet", o)
+		switch {
+		case err == nil:
+		case ctx.Err() != nil || errors.Is(err, ErrDiskFull):
+			return nil, err
+		default:
 			missing = append(missing, o)
 		}
 	}

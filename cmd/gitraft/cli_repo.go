@@ -21,7 +21,7 @@ func newRepoCmd(g *globalOpts) *cobra.Command {
 		Use:   "repo",
 		Short: "Create, list, show and delete repositories",
 	}
-	cmd.AddCommand(newRepoCreateCmd(g), newRepoListCmd(g), newRepoShowCmd(g), newRepoRemoveCmd(g), newRepoGrantCmd(g), newRepoRevokeCmd(g), newRepoVerifyCmd(g))
+	cmd.AddCommand(newRepoCreateCmd(g), newRepoListCmd(g), newRepoShowCmd(g), newRepoRemoveCmd(g), newRepoGrantCmd(g), newRepoRevokeCmd(g), newRepoVerifyCmd(g), newRepoRepairCmd(g))
 	return cmd
 }
 
@@ -152,6 +152,19 @@ func writeRepo(w io.Writer, resp *repov1.GetRepoResponse, now time.Time) error {
 		}
 		if err := t.flush(); err != nil {
 			return err
+		}
+	}
+	if len(r.GetRepairs()) > 0 {
+		fmt.Fprintln(w, "\nrepairs:")
+		for _, rp := range r.GetRepairs() {
+			fmt.Fprintf(w, "  version %d (raft index %d), %s by %s: %s\n", rp.GetVersion(), rp.GetIndex(), when(now, rp.GetAt()), rp.GetActor(), rp.GetReason())
+			for _, c := range rp.GetChanges() {
+				to := c.GetNewOid()
+				if to == "" {
+					to = "(deleted)"
+				}
+				fmt.Fprintf(w, "    %s: %s -> %s\n", c.GetRef(), orDash(c.GetOldOid()), to)
+			}
 		}
 	}
 	_, err := fmt.Fprintf(w, "\nas of raft index %d\n", resp.GetIndex())

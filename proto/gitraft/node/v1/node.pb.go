@@ -78,9 +78,13 @@ func (ReplicaState) EnumDescriptor() ([]byte, []int) {
 }
 
 type MissingObjectsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Repo          string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
-	Oids          []string               `protobuf:"bytes,2,rep,name=oids,proto3" json:"oids,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Repo  string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
+	Oids  []string               `protobuf:"bytes,2,rep,name=oids,proto3" json:"oids,omitempty"`
+	// Walk each object's whole history instead of stopping at what the
+	// copy's refs reach: for a copy whose refs may themselves be damaged
+	// (repair). Slower.
+	Full          bool `protobuf:"varint,3,opt,name=full,proto3" json:"full,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -127,6 +131,13 @@ func (x *MissingObjectsRequest) GetOids() []string {
 		return x.Oids
 	}
 	return nil
+}
+
+func (x *MissingObjectsRequest) GetFull() bool {
+	if x != nil {
+		return x.Full
+	}
+	return false
 }
 
 type MissingObjectsResponse struct {
@@ -1338,10 +1349,11 @@ var File_gitraft_node_v1_node_proto protoreflect.FileDescriptor
 
 const file_gitraft_node_v1_node_proto_rawDesc = "" +
 	"\n" +
-	"\x1agitraft/node/v1/node.proto\x12\x0fgitraft.node.v1\x1a\x18gitraft/fsm/v1/fsm.proto\"?\n" +
+	"\x1agitraft/node/v1/node.proto\x12\x0fgitraft.node.v1\x1a\x18gitraft/fsm/v1/fsm.proto\"S\n" +
 	"\x15MissingObjectsRequest\x12\x12\n" +
 	"\x04repo\x18\x01 \x01(\tR\x04repo\x12\x12\n" +
-	"\x04oids\x18\x02 \x03(\tR\x04oids\"K\n" +
+	"\x04oids\x18\x02 \x03(\tR\x04oids\x12\x12\n" +
+	"\x04full\x18\x03 \x01(\bR\x04full\"K\n" +
 	"\x16MissingObjectsResponse\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x18\n" +
 	"\amissing\x18\x02 \x03(\tR\amissing\")\n" +
