@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -53,6 +54,11 @@ func (n *Node) Ready() (bool, string) {
 	}
 	if !n.ready.Load() {
 		return false, "catching up with the leader's log"
+	}
+	if n.git != nil {
+		if _, stuck, names := n.git.health(); stuck > 0 {
+			return false, fmt.Sprintf("%d repositories have failed to catch up for over %s (%s); see gitraft repo show NAME", stuck, n.git.cfg.StuckAfter, strings.Join(names, ", "))
+		}
 	}
 	return true, ""
 }

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -35,6 +36,10 @@ type GitConfig struct {
 	// MinFreeBytes is the free space below which this node hands pushes to
 	// a peer instead of taking them (default 100 MB).
 	MinFreeBytes uint64
+	// StuckAfter is how long a copy may fail to catch up before it counts as
+	// stuck: /readyz turns 503 and gitraft_repos_stuck counts it (default
+	// 2m).
+	StuckAfter time.Duration
 	// ServeStaleReads lets a node that cannot confirm it is current (no
 	// leader, cut off from the quorum) serve its own copy with a warning.
 	// Off by default: such a read is refused.
@@ -48,6 +53,9 @@ type replicaState struct {
 	id      uint64
 	syncing bool
 	err     string
+	// failingSince is when catching up started failing (unix nanos; 0
+	// while it succeeds): a copy failing for long is stuck.
+	failingSince atomic.Int64
 }
 
 // replicas brings this node's disk to the replicated state, repository by
@@ -72,6 +80,9 @@ func (n *Node) enableGit(cfg GitConfig) {
 	}
 	if cfg.MinFreeBytes == 0 {
 		cfg.MinFreeBytes = 100 << 20
+	}
+	if cfg.StuckAfter == 0 {
+		cfg.StuckAfter = 2 * time.Minute
 	}
 	r := &replicas{n: n, st: cfg.Store, cfg: cfg, log: n.log.With("component", "replicas"), repos: map[string]*replicaState{}, kick: make(chan struct{}, 1)}
 	if list, err := cfg.Store.List(); err == nil {
@@ -219,6 +230,7 @@ func (r *replicas) syncLocked(ctx context.Context, rs *replicaState, name string
 	rs.id = t.id
 	if local.Version >= t.version {
 		rs.version, rs.err, rs.syncing = local.Version, "", false
+		rs.failingSince.Store(0)
 		return nil
 	}
 	rs.syncing = true
@@ -258,12 +270,48 @@ func (r *replicas) syncLocked(ctx context.Context, rs *replicaState, name string
 	}
 	r.log.Info("caught up", "repo", name, "version", t.version, "from", local.Version, "fetched", len(missing))
 	rs.version, rs.err = t.version, ""
+	rs.failingSince.Store(0)
 	return nil
 }
 
 func (r *replicas) fail(rs *replicaState, err error) error {
 	rs.err = err.Error()
+	rs.failingSince.CompareAndSwap(0, time.Now().UnixNano())
 	return err
+}
+
+// health counts the copies that are behind the replicated state and those
+// whose catching up has been failing for longer than stuckAfter, and names
+// the first few stuck ones.
+func (r *replicas) health() (behind, stuck int, names []string) {
+	targets := r.targets()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	now := time.Now().UnixNano()
+	for _, name := range slices.Sorted(maps.Keys(targets)) {
+		t := targets[name]
+		rs := r.repos[name]
+		if rs == nil {
+			behind++
+			continue
+		}
+		if !rs.mu.TryLock() {
+			continue // a push or a catch-up is at work on it right now
+		}
+		cur := rs.id == t.id && rs.version >= t.version
+		rs.mu.Unlock()
+		if cur {
+			continue
+		}
+		behind++
+		if since := rs.failingSince.Load(); since != 0 && now-since > int64(r.cfg.StuckAfter) {
+			stuck++
+			if len(names) < 5 {
+				names = append(names, name)
+			}
+		}
+	}
+	return behind, stuck, names
 }
 
 // fetchFromPeer fetches objects from a peer whose copy is at least at

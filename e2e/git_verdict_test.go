@@ -224,7 +224,11 @@ func packsOf(n *node, repo string) map[string]bool {
 // resets it to the value the remaining copy has, records the repair, and
 // leaves a repository every node serves again.
 func Test_E2E_GitRepairLostObjects(t *testing.T) {
-	c, u := gitSetup(t, "r")
+	skipWithoutSSH(t)
+	c := startCluster(t, 3, withArgs("--git-stuck-after", "2s"))
+	c.must(c.nodes[0], "repo", "create", "r")
+	u := c.addGitUser("alice")
+	c.must(c.nodes[0], "repo", "grant", "r", "alice", "write")
 	n1, n2, n3 := c.nodes[0], c.nodes[1], c.nodes[2]
 	wt := u.workTree(url(n1, "r"))
 	a := u.commit(wt, "a", "a\n")
@@ -254,7 +258,15 @@ func Test_E2E_GitRepairLostObjects(t *testing.T) {
 		}
 	}
 	n3.start()
-	n3.waitReady(60 * time.Second)
+	// n3 cannot catch up: no copy holds the second push whole. Readiness
+	// and the metrics say so once that has lasted git.stuck_after.
+	waitFor(t, n3.id+" /readyz naming the stuck repository", 60*time.Second, func() bool {
+		code, body := n3.readyz()
+		return code == 503 && strings.Contains(body, "failed to catch up") && strings.Contains(body, "(r)")
+	})
+	if _, m := httpGet("http://" + n3.httpAddr + "/metrics"); !strings.Contains(m, "gitraft_repos_stuck 1") {
+		t.Errorf("gitraft_repos_stuck is not 1 on %s", n3.id)
+	}
 
 	// A dry run says what it would do and changes nothing.
 	dry := c.must(n2, "repo", "repair", "r", "--auto", "--dry-run")
@@ -271,6 +283,7 @@ func Test_E2E_GitRepairLostObjects(t *testing.T) {
 	if !strings.Contains(out, "repaired") || !strings.Contains(out, b) {
 		t.Fatalf("repair: %s", out)
 	}
+	n3.waitReady(60 * time.Second)
 	// Every node serves the repaired repo, and the record says what was done.
 	for _, n := range c.nodes {
 		d := u.cloneAndCheck(n, "r")

@@ -62,7 +62,8 @@ type gitSettings struct {
 	MaxRefsPerPush int `yaml:"max_refs_per_push" help:"most ref updates one push may carry (0: no limit)"`
 	// ServeStaleReads lets a node that cannot confirm it is current (no
 	// quorum, cut off) serve its own copy with a warning instead of refusing.
-	ServeStaleReads bool `yaml:"serve_stale_reads" help:"serve fetches from a copy that cannot be confirmed current, with a warning (default: refuse)"`
+	StuckAfter      time.Duration `yaml:"stuck_after" help:"a repository copy failing to catch up this long is stuck: /readyz 503, gitraft_repos_stuck (default 2m)"`
+	ServeStaleReads bool          `yaml:"serve_stale_reads" help:"serve fetches from a copy that cannot be confirmed current, with a warning (default: refuse)"`
 
 	MaxStartups              int           `yaml:"max_startups" help:"connections not yet authenticated, per node; more are closed at once (default 100, -1: no limit)"`
 	PerSourceMaxStartups     int           `yaml:"per_source_max_startups" help:"connections not yet authenticated from one IP address (default 10, -1: no limit)"`

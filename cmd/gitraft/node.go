@@ -44,7 +44,7 @@ func startNode(cfg fileConfig, logger *slog.Logger) (*runningNode, error) {
 	if ccfg.SSHAdvertise == "" {
 		ccfg.SSHAdvertise = sshLn.Addr().String()
 	}
-	ccfg.Git = &cluster.GitConfig{Store: store, Binary: exe, MinFreeBytes: cfg.Git.MinFreeBytes, ServeStaleReads: cfg.Git.ServeStaleReads}
+	ccfg.Git = &cluster.GitConfig{Store: store, Binary: exe, MinFreeBytes: cfg.Git.MinFreeBytes, ServeStaleReads: cfg.Git.ServeStaleReads, StuckAfter: cfg.Git.StuckAfter}
 	n, err := cluster.New(ccfg, logger)
 	if err != nil {
 		sshLn.Close()
