@@ -631,6 +631,9 @@ func (s *Server) push(ctx context.Context, act *activity, stdin io.Reader, stdou
 		// HEAD follows the replicated state, which moves it when its
 		// branch is deleted (git refuses that by default).
 		"-c", "receive.denyDeleteCurrent=ignore",
+		// No `git gc --auto` after every push: housekeeping is the node's
+		// job, not the pusher's wait.
+		"-c", "receive.autogc=false",
 	}
 	if s.cfg.MaxPackBytes > 0 {
 		args = append(args, "-c", "receive.maxInputSize="+strconv.FormatInt(s.cfg.MaxPackBytes, 10))
