@@ -122,6 +122,10 @@ type Backend interface {
 	// PrepareRead makes sure a read is not stale: this node's copy is at the
 	// committed version (catching up first), or a current peer is named.
 	PrepareRead(ctx context.Context, repo string, progress func(string)) (ReadPlan, error)
+	// Unreachable returns which of oids (full, lowercase object ids) no ref
+	// of the repository reaches on this node's copy, objects it lacks
+	// included: what a client may not fetch by id.
+	Unreachable(ctx context.Context, repo string, oids []string) ([]string, error)
 	// BeginPush takes the repository's write lock for this node and brings
 	// the local copy to the committed version.
 	BeginPush(ctx context.Context, repo, user, pushID string, progress func(string)) (PushTx, error)

@@ -16,6 +16,11 @@
 // is idle, runs too long, or moves less than a floor of bytes in a window
 // while the node is not working for it.
 //
+// A client fetches only what the refs reach (unless the operator allows
+// any object by id): upload-pack is configured so for protocol v0 and v1,
+// and a protocol v2 session's requests are checked on their way to git,
+// which acts on a request only once it has read all of it (wants.go).
+//
 // gitproto never imports package cluster: it declares the small Backend
 // interface it needs, and cmd wires the two together.
 package gitproto

@@ -76,6 +76,12 @@ type Config struct {
 	// up, replicating) always passes. 0: 128 bytes per 5m; below 0: no floor.
 	MinRateBytes  int64
 	MinRateWindow time.Duration
+
+	// AllowAnySHA1InWant lets clients fetch any object the node has by its
+	// id, reachable from a ref or not (say, the commits of a deleted
+	// branch). Off: a client gets only what the refs reach, with every
+	// protocol version. Nodes catching up from each other always fetch by id.
+	AllowAnySHA1InWant bool
 }
 
 func (c *Config) setDefaults() {
@@ -499,7 +505,7 @@ func (s *Server) ServeProxied(ctx context.Context, service, repo, user string, p
 			progress(fmt.Sprintf("cannot serve %q: %v", repo, err))
 			return 1
 		}
-		return RunGit(ctx, s.cfg.Git, Service(service), plan.Path, gitProtocol, nil, stdin, stdout, stderr)
+		return RunGit(ctx, s.cfg.Git, Service(service), plan.Path, gitProtocol, s.wantCheck(repo), stdin, stdout, stderr)
 	case ReceivePack:
 		return s.push(withProxied(ctx), nil, stdin, stdout, stderr, repo, user, publicKey, gitProtocol, log)
 	}
@@ -564,12 +570,48 @@ func (s *Server) read(ctx context.Context, act *activity, stdin io.Reader, stdou
 		}
 		return code
 	}
-	return RunGit(ctx, s.cfg.Git, svc, plan.Path, gitProtocol, nil, stdin, stdout, stderr)
+	return RunGit(ctx, s.cfg.Git, svc, plan.Path, gitProtocol, s.wantCheck(repo), stdin, stdout, stderr)
+}
+
+// wantCheck is what a client may fetch of repo by id: nil (anything) when
+// the operator allows it, else what the refs reach.
+func (s *Server) wantCheck(repo string) WantCheck {
+	if s.cfg.AllowAnySHA1InWant {
+		return nil
+	}
+	return func(ctx context.Context, oids []string) ([]string, error) {
+		bad, err := s.backend.Unreachable(ctx, repo, oids)
+		if len(bad) > 0 {
+			s.log.Info("fetch of unreachable objects refused", "repo", repo, "oids", firstFewIDs(bad))
+		}
+		return bad, err
+	}
 }
 
 // RunGit runs one git service in a local repository, wired to the client.
-func RunGit(ctx context.Context, git string, svc Service, path, gitProtocol string, extraArgs []string, stdin io.Reader, stdout, stderr io.Writer) int {
-	args := append([]string{}, extraArgs...)
+// With wants not nil, an upload-pack serves only objects the refs reach:
+// git is told so for protocol v0 and v1 (reachableOnly), and a protocol v2
+// session's requests are checked with wants on their way to git
+// (wantFilter); a refused one ends the session with git's own "not our
+// ref" error. Node-to-node fetches, which take any object by id, do not
+// come through here.
+func RunGit(ctx context.Context, git string, svc Service, path, gitProtocol string, wants WantCheck, stdin io.Reader, stdout, stderr io.Writer) int {
+	var args []string
+	var filter *wantFilter
+	restrict := svc == UploadPack && wants != nil
+	if restrict {
+		args = append(args, reachableOnly...)
+		// git is given the version this decides on, whatever else the
+		// client's GIT_PROTOCOL says.
+		switch protocolVersion(gitProtocol) {
+		case 2:
+			gitProtocol = "version=2"
+		case 1:
+			gitProtocol = "version=1"
+		default:
+			gitProtocol = ""
+		}
+	}
 	args = append(args, string(svc))
 	if svc == UploadPack {
 		args = append(args, "--strict")
@@ -580,9 +622,23 @@ func RunGit(ctx context.Context, git string, svc Service, path, gitProtocol stri
 	if gitProtocol != "" {
 		c.Env = append(c.Env, "GIT_PROTOCOL="+gitProtocol)
 	}
+	if restrict && gitProtocol == "version=2" {
+		// The filter reads only once git has started (exec copies stdin
+		// from its own goroutine), so c.Process is set when stop runs.
+		filter = newWantFilter(ctx, stdin, wants, func() { c.Process.Kill() })
+		stdin = filter
+	}
 	c.Stdin, c.Stdout, c.Stderr = stdin, stdout, stderr
 	c.WaitDelay = 5 * time.Second
-	if err := c.Run(); err != nil {
+	err := c.Run()
+	if refused := filter.refusal(); refused != nil {
+		// git is gone and its output written: the client's next read is
+		// the reason, as git would have sent it.
+		fmt.Fprintf(stderr, "gitraft: %s\n", refused.why)
+		stdout.Write(pktLine("ERR " + refused.msg + "\n"))
+		return 1
+	}
+	if err != nil {
 		var ee *exec.ExitError
 		if errors.As(err, &ee) && ee.ExitCode() > 0 {
 			return ee.ExitCode()

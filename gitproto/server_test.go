@@ -278,3 +278,7 @@ func Test_Server_SessionsPerUser(t *testing.T) {
 		t.Fatalf("alice's third session: %v, %q", err, out)
 	}
 }
+
+func (b *fakeBackend) Unreachable(context.Context, string, []string) ([]string, error) {
+	return nil, nil
+}

@@ -64,6 +64,9 @@ type gitSettings struct {
 	// quorum, cut off) serve its own copy with a warning instead of refusing.
 	StuckAfter      time.Duration `yaml:"stuck_after" help:"a repository copy failing to catch up this long is stuck: /readyz 503, gitraft_repos_stuck (default 2m)"`
 	ServeStaleReads bool          `yaml:"serve_stale_reads" help:"serve fetches from a copy that cannot be confirmed current, with a warning (default: refuse)"`
+	// AllowAnySHA1InWant lets clients fetch objects no ref reaches (say, a
+	// deleted branch's commits) by their ids.
+	AllowAnySHA1InWant bool `yaml:"allow_any_sha1_in_want" help:"let clients fetch by id objects no branch or tag reaches, such as a deleted branch's commits (default: only reachable ones)"`
 
 	MaxStartups              int           `yaml:"max_startups" help:"connections not yet authenticated, per node; more are closed at once (default 100, -1: no limit)"`
 	PerSourceMaxStartups     int           `yaml:"per_source_max_startups" help:"connections not yet authenticated from one IP address (default 10, -1: no limit)"`

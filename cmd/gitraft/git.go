@@ -13,10 +13,15 @@ import (
 	"github.com/gitraft/gitraft/cluster"
 	"github.com/gitraft/gitraft/gitproto"
 	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
+	"github.com/gitraft/gitraft/storage"
 )
 
-// gitBackend adapts a cluster node to what the SSH front end needs.
-type gitBackend struct{ n *cluster.Node }
+// gitBackend adapts a cluster node and its repositories to what the SSH
+// front end needs.
+type gitBackend struct {
+	n     *cluster.Node
+	store *storage.Store
+}
 
 func (b gitBackend) HostSigner(ctx context.Context) (gossh.Signer, error) {
 	t := time.NewTicker(100 * time.Millisecond)
@@ -73,6 +78,10 @@ func (b gitBackend) Access(ctx context.Context, repo, user string) (gitproto.Acc
 func (b gitBackend) PrepareRead(ctx context.Context, repo string, progress func(string)) (gitproto.ReadPlan, error) {
 	path, peer, err := b.n.PrepareRead(ctx, repo, progress)
 	return gitproto.ReadPlan{Path: path, Peer: peer}, err
+}
+
+func (b gitBackend) Unreachable(ctx context.Context, repo string, oids []string) ([]string, error) {
+	return b.store.Unreachable(ctx, repo, oids)
 }
 
 func (b gitBackend) BeginPush(ctx context.Context, repo, user, pushID string, progress func(string)) (gitproto.PushTx, error) {

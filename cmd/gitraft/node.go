@@ -60,7 +60,8 @@ func startNode(cfg fileConfig, logger *slog.Logger) (*runningNode, error) {
 		LoginGraceTime:     cfg.Git.LoginGraceTime,
 		MaxSessionsPerUser: cfg.Git.MaxSessionsPerUser, MaxSessionsPerConnection: cfg.Git.MaxSessionsPerConnection,
 		MinRateBytes: cfg.Git.MinRateBytes, MinRateWindow: cfg.Git.MinRateWindow,
-	}, gitBackend{n}, logger)
+		AllowAnySHA1InWant: cfg.Git.AllowAnySHA1InWant,
+	}, gitBackend{n: n, store: store}, logger)
 	if err != nil {
 		n.Close()
 		sshLn.Close()
