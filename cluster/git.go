@@ -26,6 +26,7 @@ import (
 	"github.com/gitraft/gitraft/lockd"
 	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
 	nodev1 "github.com/gitraft/gitraft/proto/gitraft/node/v1"
+	"github.com/gitraft/gitraft/storage"
 )
 
 // Errors of the git paths.
@@ -214,12 +215,30 @@ func (n *Node) PrepareRead(ctx context.Context, repo string, progress func(strin
 		progress(fmt.Sprintf("warning: %s cannot reach the cluster's leader; serving its copy at version %d, which may be stale (git.serve_stale_reads is on)", n.cfg.NodeID, v))
 		return path, "", nil
 	}
+	// The copy is current: serve it. (A push or a catch-up at work on it
+	// holds its guard; then it is not known to be current.)
+	if rs.mu.TryLock() {
+		current := rs.id == t.id && rs.version >= t.version
+		rs.mu.Unlock()
+		if current {
+			return path, "", nil
+		}
+	}
+	// Behind: a current peer serves the read at once, and this copy catches
+	// up in the background.
+	n.git.poke()
+	if peers := n.currentPeers(ctx, repo, t.version); len(peers) > 0 {
+		progress(fmt.Sprintf("%s is behind on %q (version %d committed); serving it through %s, which is current", n.cfg.NodeID, repo, t.version, peers[0].GetId()))
+		return "", peers[0].GetGrpcAddr(), nil
+	}
+	// No peer is current either (a repository just created, or every copy
+	// catching up): catch up here, for a while.
+	progress(fmt.Sprintf("%s is behind on %q (version %d committed); catching up", n.cfg.NodeID, repo, t.version))
 	deadline := time.Now().Add(n.git.cfg.ReadCatchUp)
-	told := false
 	for {
 		rs.mu.Lock()
 		current := rs.id == t.id && rs.version >= t.version
-		if !current && time.Now().Before(deadline) {
+		if !current {
 			cctx, cancel := context.WithDeadline(ctx, deadline)
 			err := n.git.syncLocked(cctx, rs, repo)
 			cancel()
@@ -228,10 +247,6 @@ func (n *Node) PrepareRead(ctx context.Context, repo string, progress func(strin
 		rs.mu.Unlock()
 		if current {
 			return path, "", nil
-		}
-		if !told {
-			progress(fmt.Sprintf("%s is behind on %q (version %d committed); catching up", n.cfg.NodeID, repo, t.version))
-			told = true
 		}
 		if time.Now().After(deadline) {
 			break
@@ -242,12 +257,11 @@ func (n *Node) PrepareRead(ctx context.Context, repo string, progress func(strin
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
-	peers := n.currentPeers(ctx, repo, t.version)
-	if len(peers) == 0 {
-		return "", "", fmt.Errorf("%s cannot catch up on %q and no peer holds version %d", n.cfg.NodeID, repo, t.version)
+	if peers := n.currentPeers(ctx, repo, t.version); len(peers) > 0 {
+		progress(fmt.Sprintf("serving %q through %s, which is current", repo, peers[0].GetId()))
+		return "", peers[0].GetGrpcAddr(), nil
 	}
-	progress(fmt.Sprintf("serving %q through %s, which is current", repo, peers[0].GetId()))
-	return "", peers[0].GetGrpcAddr(), nil
+	return "", "", fmt.Errorf("%s cannot catch up on %q and no peer holds version %d", n.cfg.NodeID, repo, t.version)
 }
 
 // RefChange is one ref change of a push ("" is an absent ref).
@@ -892,7 +906,7 @@ func runGit(ctx context.Context, args []string, gitProtocol string, stdin io.Rea
 	}
 	c.Stdin, c.Stdout, c.Stderr = stdin, stdout, stderr
 	c.WaitDelay = 5 * time.Second
-	if err := c.Run(); err != nil {
+	if err := storage.RunNice(c); err != nil {
 		var ee *exec.ExitError
 		if errors.As(err, &ee) && ee.ExitCode() > 0 {
 			return ee.ExitCode()

@@ -36,6 +36,9 @@ type GitConfig struct {
 	// MinFreeBytes is the free space below which this node hands pushes to
 	// a peer instead of taking them (default 100 MB).
 	MinFreeBytes uint64
+	// SyncWorkers is how many copies the reconciler brings up to date at
+	// once (default 4).
+	SyncWorkers int
 	// StuckAfter is how long a copy may fail to catch up before it counts as
 	// stuck: /readyz turns 503 and gitraft_repos_stuck counts it (default
 	// 2m).
@@ -80,6 +83,9 @@ func (n *Node) enableGit(cfg GitConfig) {
 	}
 	if cfg.MinFreeBytes == 0 {
 		cfg.MinFreeBytes = 100 << 20
+	}
+	if cfg.SyncWorkers <= 0 {
+		cfg.SyncWorkers = 4
 	}
 	if cfg.StuckAfter == 0 {
 		cfg.StuckAfter = 2 * time.Minute
@@ -162,27 +168,48 @@ func (r *replicas) target(name string) (target, bool) {
 
 func (r *replicas) syncAll() {
 	targets := r.targets()
+	// The copies that need work, taken by syncWorkers goroutines at once:
+	// a burst of creates or a node back from a long absence fills many
+	// repositories, and each is mostly waiting on fsync or on a peer.
+	work := make(chan string)
+	var wg sync.WaitGroup
+	for range r.cfg.SyncWorkers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for name := range work {
+				rs := r.get(name)
+				if !rs.mu.TryLock() {
+					continue // a push or another sync has it; next round
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+				if err := r.syncLocked(ctx, rs, name); err != nil {
+					r.log.Warn("catching up failed; will retry", "repo", name, "err", err)
+				}
+				cancel()
+				rs.mu.Unlock()
+			}
+		}()
+	}
+feed:
 	for _, name := range slices.Sorted(maps.Keys(targets)) {
-		select {
-		case <-r.n.stop:
-			return
-		default:
-		}
 		rs := r.get(name)
 		t := targets[name]
-		if rs.id == t.id && rs.version >= t.version && rs.err == "" {
-			continue
+		if rs.mu.TryLock() {
+			current := rs.id == t.id && rs.version >= t.version && rs.err == ""
+			rs.mu.Unlock()
+			if current {
+				continue
+			}
 		}
-		if !rs.mu.TryLock() {
-			continue // a push or another sync has it; next round
+		select {
+		case <-r.n.stop:
+			break feed
+		case work <- name:
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-		if err := r.syncLocked(ctx, rs, name); err != nil {
-			r.log.Warn("catching up failed; will retry", "repo", name, "err", err)
-		}
-		cancel()
-		rs.mu.Unlock()
 	}
+	close(work)
+	wg.Wait()
 	// Repositories the state no longer has.
 	r.mu.Lock()
 	var gone []string

@@ -630,7 +630,7 @@ func RunGit(ctx context.Context, git string, svc Service, path, gitProtocol stri
 	}
 	c.Stdin, c.Stdout, c.Stderr = stdin, stdout, stderr
 	c.WaitDelay = 5 * time.Second
-	err := c.Run()
+	err := storage.RunNice(c)
 	if refused := filter.refusal(); refused != nil {
 		// git is gone and its output written: the client's next read is
 		// the reason, as git would have sent it.
@@ -701,7 +701,7 @@ func (s *Server) push(ctx context.Context, act *activity, stdin io.Reader, stdou
 	}
 	c.Stdin, c.Stdout, c.Stderr = cmds, stdout, stderr
 	c.WaitDelay = 5 * time.Second
-	runErr := c.Run()
+	runErr := storage.RunNice(c)
 	ok := runErr == nil && p.committed
 	tx.Finish(ok)
 	if p.committed {

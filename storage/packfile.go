@@ -232,7 +232,7 @@ func (s *Store) IndexPack(ctx context.Context, name string, pack io.Reader) (str
 	c.Stdin, c.Stdout, c.Stderr = src, &stdout, &stderr
 	packDir := filepath.Join(path, "objects", "pack")
 	before := tmpPacks(packDir)
-	if err := c.Run(); err != nil {
+	if err := RunNice(c); err != nil {
 		removeNewTmpPacks(packDir, before)
 		if src.err != nil {
 			return "", fmt.Errorf("read pack: %w", src.err)

@@ -138,7 +138,7 @@ func (s *Store) scan(ctx context.Context, path, stdin string, line func(string) 
 	if err != nil {
 		return err
 	}
-	if err := c.Start(); err != nil {
+	if err := StartNice(c); err != nil {
 		return gitError(ctx, args, err, "")
 	}
 	sc := bufio.NewScanner(pipe)

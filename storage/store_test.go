@@ -2,6 +2,7 @@ package storage
 
 import (
 	"context"
+	"fmt"
 	"encoding/json"
 	"errors"
 	"os"
@@ -566,4 +567,19 @@ func Test_Missing_ManyTips(t *testing.T) {
 	if err != nil || !slices.Equal(got, []string{all[5], all[4], all[2], all[3]}) {
 		t.Fatalf("Missing = %v, %v", got, err)
 	}
+}
+
+// BenchmarkInit is how fast a node materialises created repositories
+// (the scale issue's first point: about 5 per second with a git process
+// per setting).
+func BenchmarkInit(b *testing.B) {
+	s := mustStore(b)
+	ctx := context.Background()
+	b.ResetTimer()
+	for i := range b.N {
+		if err := s.Init(ctx, fmt.Sprintf("team/r%d", i), 1); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "repos/s")
 }
