@@ -948,7 +948,11 @@ func (s *Store) SetRefs(ctx context.Context, name string, want map[string]string
 			return fmt.Errorf("%w (%w): refs would point at objects, or history, that %s lacks: %s", ErrMissingObjects, ErrGit, name, firstFew(bad))
 		}
 	}
-	if len(changed) > 0 {
+	if len(changed) >= packedRefsThreshold {
+		if err := writeAllPacked(path, want); err != nil {
+			return err
+		}
+	} else if len(changed) > 0 {
 		if _, err := s.run(ctx, path, tx.Bytes(), nil, "update-ref", "--stdin"); err != nil {
 			if strings.Contains(err.Error(), "nonexistent object") {
 				if missing, merr := s.Missing(ctx, name, newOIDs); merr == nil && len(missing) > 0 {

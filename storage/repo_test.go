@@ -5,6 +5,8 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"maps"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -314,5 +316,55 @@ func Test_Store_MissingInQuarantine(t *testing.T) {
 	}
 	if _, err := s.MissingInQuarantine(ctx, "r", "/tmp", oids); err == nil {
 		t.Fatal("a quarantine outside the repository was accepted")
+	}
+}
+
+// Large ref changes are written as one packed-refs file; small ones after
+// that still go through update-ref, and git reads the result as the refs.
+func Test_Store_SetRefsManyPacked(t *testing.T) {
+	s := mustStore(t)
+	ctx := context.Background()
+	s.Init(ctx, "r", 1)
+	work, oids := scratch(t, 2)
+	pack, idx := packOf(t, work, oids[1])
+	pf, _ := os.Open(pack)
+	xf, _ := os.Open(idx)
+	if _, err := s.InstallPack(ctx, "r", pf, xf); err != nil {
+		t.Fatal(err)
+	}
+	pf.Close()
+	xf.Close()
+	p, _ := s.Path("r")
+	// A loose ref from before, which the packed write must not leave behind.
+	if err := s.SetRefs(ctx, "r", map[string]string{"refs/heads/team/old": oids[0]}, ""); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{}
+	for i := range packedRefsThreshold + 10 {
+		want[fmt.Sprintf("refs/heads/team/b%04d", i)] = oids[i%2]
+	}
+	want["refs/tags/v1"] = oids[0]
+	if err := s.SetRefs(ctx, "r", want, "refs/heads/team/b0001"); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.Refs(ctx, "r")
+	if err != nil || !maps.Equal(got, want) {
+		t.Fatalf("refs after the packed write: %d refs, %v; want %d", len(got), err, len(want))
+	}
+	if _, err := os.Stat(filepath.Join(p, "refs", "heads", "team", "old")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the old loose ref is still there: %v", err)
+	}
+	// A small change after it: update-ref on top of packed refs.
+	want["refs/heads/team/b0000"] = oids[1]
+	delete(want, "refs/tags/v1")
+	if err := s.SetRefs(ctx, "r", want, ""); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := s.Refs(ctx, "r"); !maps.Equal(got, want) {
+		t.Fatal("refs after a small change on top of packed refs differ")
+	}
+	git(t, p, "fsck", "--strict", "--no-progress")
+	if _, err := os.Stat(filepath.Join(p, "packed-refs.lock")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatal("packed-refs.lock left behind")
 	}
 }

@@ -583,3 +583,32 @@ func BenchmarkInit(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "repos/s")
 }
+
+// BenchmarkSetRefs10k sets 10,000 new refs in one call, as a peer does
+// after a push of that many branches.
+func BenchmarkSetRefs10k(b *testing.B) {
+	s := mustStore(b)
+	ctx := context.Background()
+	work, oids := scratch(b, 1)
+	for i := range b.N {
+		name := fmt.Sprintf("r%d", i)
+		s.Init(ctx, name, 1)
+		pack, idx := packOf(b, work, oids[0])
+		pf, _ := os.Open(pack)
+		xf, _ := os.Open(idx)
+		if _, err := s.InstallPack(ctx, name, pf, xf); err != nil {
+			b.Fatal(err)
+		}
+		pf.Close()
+		xf.Close()
+		want := map[string]string{}
+		for j := range 10000 {
+			want[fmt.Sprintf("refs/heads/b%05d", j)] = oids[0]
+		}
+		b.StartTimer()
+		if err := s.SetRefs(ctx, name, want, ""); err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+	}
+}
