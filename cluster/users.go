@@ -55,7 +55,7 @@ func hostKeyMismatch(members []*fsmv1.Member, stateKey string) string {
 		set := strings.Join(fps, ",")
 		switch {
 		case set == "" && stateKey != "":
-			set = fingerprintOf(stateKey) + " (from the state)"
+			set = fingerprintOf(stateKey) // the same key as in a file
 		case set == "":
 			set = "none"
 		}
