@@ -276,7 +276,7 @@ func (s *userService) GetHostKey(ctx context.Context, _ *userv1.GetHostKeyReques
 	}
 	keys := s.n.HostPublicKeys()
 	if len(keys) == 0 {
-		return nil, status.Error(codes.FailedPrecondition, "the cluster has no SSH host key yet: give the nodes git.host_key_files (made with `gitraft ca host-key`)")
+		return nil, status.Error(codes.FailedPrecondition, "no member has announced an SSH host key yet: nodes announce the keys of their git.host_key_files (made with `gitraft ca host-key`) a moment after they join")
 	}
 	resp := &userv1.GetHostKeyResponse{}
 	for _, k := range keys {
