@@ -213,7 +213,7 @@ func (s *Server) Listen() error {
 // Addr is the address the server listens on.
 func (s *Server) Addr() string { return s.ln.Addr().String() }
 
-// Serve waits for the cluster host key, then serves until Close.
+// Serve waits for the node's host keys (HostSigners), then serves until Close.
 func (s *Server) Serve(ctx context.Context) error {
 	if s.ln == nil {
 		if err := s.Listen(); err != nil {
