@@ -99,7 +99,7 @@ func validateEntry(e *fsmv1.Entry, who, version string) error {
 			return bad("a mail entry needs a mail command")
 		}
 		return nil
-	case *fsmv1.Entry_ExpireLocks, *fsmv1.Entry_LeaderNoop:
+	case *fsmv1.Entry_ExpireLocks, *fsmv1.Entry_LeaderNoop, *fsmv1.Entry_ForgetHostPrivateKey:
 		return nil
 	}
 	// A case of the oneof that the generated code knows and this switch

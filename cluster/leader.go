@@ -61,11 +61,6 @@ func (n *Node) lead(ctx context.Context) {
 	n.leaderReady.Store(true)
 	n.goRun(func() { n.leadDatabase(ctx) })
 	n.goRun(func() { n.leadMail(ctx) })
-	n.goRun(func() {
-		if err := n.ensureHostKey(ctx); err != nil {
-			n.log.Warn("creating the cluster SSH host key failed; the next leader will try again", "err", err)
-		}
-	})
 	t := time.NewTicker(n.cfg.LockExpiryInterval)
 	defer t.Stop()
 	for {
@@ -180,6 +175,8 @@ func (n *Node) self() *fsmv1.Member {
 		GrpcAddr: n.cfg.GRPCAdvertise,
 		HttpAddr: n.HTTPAddr(),
 		SshAddr:  n.cfg.SSHAdvertise,
+		// The public parts only: private host keys stay in their files.
+		SshHostKeys: n.cfg.SSHHostKeys,
 	}
 }
 

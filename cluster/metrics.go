@@ -150,6 +150,8 @@ func commandName(e *fsmv1.Entry) string {
 		return "leader_noop"
 	case *fsmv1.Entry_SetHostKey:
 		return "set_host_key"
+	case *fsmv1.Entry_ForgetHostPrivateKey:
+		return "forget_host_private_key"
 	case *fsmv1.Entry_AddUser:
 		return "add_user"
 	case *fsmv1.Entry_RemoveUser:

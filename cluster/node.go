@@ -63,6 +63,10 @@ type Config struct {
 	HTTPAddr                string
 	// SSHAdvertise is recorded for peers and clients (served by gitproto).
 	SSHAdvertise string
+	// SSHHostKeys are the public SSH host keys this node serves (from its
+	// host key files), in authorized_keys form. They are recorded in the
+	// replicated state for known_hosts; the private keys never reach it.
+	SSHHostKeys []string
 
 	// Bootstrap makes this node found a new cluster, once: a node that has
 	// Raft state never bootstraps again.
@@ -284,6 +288,7 @@ func New(cfg Config, logger *slog.Logger) (_ *Node, err error) {
 	}
 	n.goRun(n.watchLeadership)
 	n.goRun(n.registerSelf)
+	n.goRun(n.watchHostKeys)
 	n.goRun(n.watchReady)
 	if n.needJoin {
 		n.goRun(n.joinLoop)

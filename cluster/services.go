@@ -65,6 +65,9 @@ func (s *clusterService) GetStatus(ctx context.Context, _ *clusterv1.GetStatusRe
 		n.fsm.Read(func(st *State) {
 			if meta, ok := st.Member(m.Id); ok {
 				m.GrpcAddr, m.HttpAddr, m.SshAddr = meta.GetGrpcAddr(), meta.GetHttpAddr(), meta.GetSshAddr()
+				for _, k := range meta.GetSshHostKeys() {
+					m.SshHostKeys = append(m.SshHostKeys, fingerprintOf(k))
+				}
 			}
 		})
 		members[i] = m
@@ -76,6 +79,15 @@ func (s *clusterService) GetStatus(ctx context.Context, _ *clusterv1.GetStatusRe
 	}
 	wg.Wait()
 	resp.Members = members
+	n.fsm.Read(func(st *State) {
+		var known []*fsmv1.Member
+		for _, srv := range servers {
+			if meta, ok := st.Member(string(srv.ID)); ok {
+				known = append(known, meta)
+			}
+		}
+		resp.SshHostKeyMismatch = hostKeyMismatch(known, st.stateHostPublicKey())
+	})
 	return resp, nil
 }
 

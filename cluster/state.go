@@ -62,7 +62,7 @@ type State struct {
 	requests     map[string]*fsmv1.Result
 	requestOrder []string
 
-	hostKey *fsmv1.HostKey
+	hostKey *fsmv1.HostKey // older gitraft's key (SetHostKey); private part until forgotten
 	users   map[string]*fsmv1.User
 	keys    map[string]*fsmv1.SSHKey           // by fingerprint
 	grants  map[string]map[string]fsmv1.Access // repo -> user -> access
@@ -179,6 +179,11 @@ func (s *State) apply(index uint64, now time.Time, e *fsmv1.Entry) *fsmv1.Result
 		if m.GetId() == "" {
 			return refuse(fsmv1.Reason_REASON_INVALID, "a member needs an id")
 		}
+		for _, k := range m.GetSshHostKeys() {
+			if strings.TrimSpace(k) == "" {
+				return refuse(fsmv1.Reason_REASON_INVALID, "member %q announces an empty SSH host key", m.GetId())
+			}
+		}
 		s.members[m.GetId()] = m
 		return &fsmv1.Result{}
 	case *fsmv1.Entry_LeaderNoop:
@@ -192,6 +197,8 @@ func (s *State) apply(index uint64, now time.Time, e *fsmv1.Entry) *fsmv1.Result
 		}
 		s.hostKey = c.SetHostKey.GetHostKey()
 		return &fsmv1.Result{}
+	case *fsmv1.Entry_ForgetHostPrivateKey:
+		return s.forgetHostPrivateKey(c.ForgetHostPrivateKey.GetForce())
 	case *fsmv1.Entry_AddUser:
 		return s.addUser(now, c.AddUser.GetName())
 	case *fsmv1.Entry_RemoveUser:
@@ -263,6 +270,26 @@ func (s *State) apply(index uint64, now time.Time, e *fsmv1.Entry) *fsmv1.Result
 		// gitraft decode as unknown fields and halt the FSM before this.
 		panic(fmt.Sprintf("gitraft: bug: no case for command %T (entry at index %d)", e.Command, index))
 	}
+}
+
+// forgetHostPrivateKey keeps only the public part of SetHostKey's key.
+func (s *State) forgetHostPrivateKey(force bool) *fsmv1.Result {
+	if len(s.hostKey.GetPrivateKey()) == 0 {
+		return refuse(fsmv1.Reason_REASON_NOT_FOUND, "the replicated state holds no private SSH host key")
+	}
+	if !force {
+		var without []string
+		for _, id := range slices.Sorted(maps.Keys(s.members)) {
+			if len(s.members[id].GetSshHostKeys()) == 0 {
+				without = append(without, id)
+			}
+		}
+		if len(without) > 0 {
+			return refuse(fsmv1.Reason_REASON_PRECONDITION, "member(s) %s announce no host key file of their own and may still serve the key in the state; give them git.host_key_files first (or force)", strings.Join(without, ", "))
+		}
+	}
+	s.hostKey = &fsmv1.HostKey{PublicKey: s.hostKey.GetPublicKey(), Fingerprint: s.hostKey.GetFingerprint()}
+	return &fsmv1.Result{}
 }
 
 // ValidateUserName checks a user name: 1-39 lowercase letters, digits, '-',
@@ -680,8 +707,66 @@ func (s *State) Member(id string) (*fsmv1.Member, bool) {
 	return m, ok
 }
 
-// HostKey is the cluster's SSH host key (nil until the first leader set it).
+// HostKey is the SSH host key an older gitraft kept in the state
+// (SetHostKey), nil if none. Its private part is empty once forgotten.
 func (s *State) HostKey() *fsmv1.HostKey { return s.hostKey }
+
+// stateHostPublicKey is the public part of the state's own host key while
+// its private part is there (nodes without files serve it), else "".
+func (s *State) stateHostPublicKey() string {
+	if len(s.hostKey.GetPrivateKey()) == 0 {
+		return ""
+	}
+	return s.hostKey.GetPublicKey()
+}
+
+// HostPublicKey is one public SSH host key the cluster serves.
+type HostPublicKey struct {
+	PublicKey string   // authorized_keys form, without a comment
+	Members   []string // ids of the members announcing it, sorted
+	InState   bool     // the state's own key (SetHostKey), private part still there
+}
+
+// HostPublicKeys lists the public SSH host keys the cluster serves: every
+// key a member announces, and the state's own key while its private part
+// is there (nodes without host key files serve it). Keys come in the order
+// the members list them (members by id), the state's key first.
+func (s *State) HostPublicKeys() []HostPublicKey {
+	var out []HostPublicKey
+	at := map[string]int{}
+	add := func(key string) *HostPublicKey {
+		key = NormalizePublicKey(key)
+		i, ok := at[key]
+		if !ok {
+			i = len(out)
+			at[key] = i
+			out = append(out, HostPublicKey{PublicKey: key})
+		}
+		return &out[i]
+	}
+	if k := s.stateHostPublicKey(); k != "" {
+		add(k).InState = true
+	}
+	for _, id := range slices.Sorted(maps.Keys(s.members)) {
+		for _, k := range s.members[id].GetSshHostKeys() {
+			hk := add(k)
+			if !slices.Contains(hk.Members, id) {
+				hk.Members = append(hk.Members, id)
+			}
+		}
+	}
+	return out
+}
+
+// NormalizePublicKey is an authorized_keys line's type and base64 key,
+// without options or comment, so that two lines of one key compare equal.
+func NormalizePublicKey(line string) string {
+	f := strings.Fields(line)
+	if len(f) < 2 {
+		return strings.TrimSpace(line)
+	}
+	return f[0] + " " + f[1]
+}
 
 // Users lists users by name.
 func (s *State) Users() []*fsmv1.User {

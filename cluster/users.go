@@ -2,9 +2,6 @@ package cluster
 
 import (
 	"context"
-	"crypto/ed25519"
-	"crypto/rand"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"strings"
@@ -20,57 +17,90 @@ import (
 	"github.com/gitraft/gitraft/storage"
 )
 
-// ensureHostKey gives the cluster its SSH host key, once: the first leader
-// makes one and commits it; every node then serves the same key, so one
-// known_hosts line fits all of them and any load balancer in front.
-func (n *Node) ensureHostKey(ctx context.Context) error {
-	var have bool
-	n.fsm.Read(func(s *State) { have = s.HostKey() != nil })
-	if have {
-		return nil
-	}
-	hk, err := newHostKey()
-	if err != nil {
-		return err
-	}
-	r, err := n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_SetHostKey{SetHostKey: &fsmv1.SetHostKey{HostKey: hk}}})
-	if err != nil {
-		return err
-	}
-	if rf := r.GetRefusal(); rf != nil && rf.GetReason() != fsmv1.Reason_REASON_ALREADY_EXISTS {
-		return refusal(r)
-	}
-	if r.GetRefusal() == nil {
-		n.log.Info("created the cluster SSH host key", "fingerprint", hk.GetFingerprint(), "index", r.GetIndex())
-	}
-	return nil
-}
-
-func newHostKey() (*fsmv1.HostKey, error) {
-	pub, priv, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		return nil, err
-	}
-	blk, err := ssh.MarshalPrivateKey(priv, "gitraft cluster host key")
-	if err != nil {
-		return nil, err
-	}
-	sp, err := ssh.NewPublicKey(pub)
-	if err != nil {
-		return nil, err
-	}
-	return &fsmv1.HostKey{
-		PrivateKey:  pem.EncodeToMemory(blk),
-		PublicKey:   strings.TrimSpace(string(ssh.MarshalAuthorizedKey(sp))),
-		Fingerprint: ssh.FingerprintSHA256(sp),
-	}, nil
-}
-
-// HostKey returns the cluster's SSH host key once it exists.
+// HostKey returns the SSH host key an older gitraft kept in the replicated
+// state, while its private part is still there. Nodes without host key
+// files serve it until it is moved to files and forgotten.
 func (n *Node) HostKey() (*fsmv1.HostKey, bool) {
 	var hk *fsmv1.HostKey
 	n.fsm.Read(func(s *State) { hk = s.HostKey() })
-	return hk, hk != nil
+	if len(hk.GetPrivateKey()) == 0 {
+		return nil, false
+	}
+	return hk, true
+}
+
+// HostPublicKeys lists the public SSH host keys the cluster serves (see
+// State.HostPublicKeys).
+func (n *Node) HostPublicKeys() []HostPublicKey {
+	var keys []HostPublicKey
+	n.fsm.Read(func(s *State) { keys = s.HostPublicKeys() })
+	return keys
+}
+
+// hostKeyMismatch says which members serve other SSH host keys than the
+// rest, or "" when all serve the same ones. A member that announces none
+// serves the key in the state (stateKey, its authorized_keys line) if there
+// is one, else nothing (it runs an older gitraft, or has no key).
+func hostKeyMismatch(members []*fsmv1.Member, stateKey string) string {
+	if len(members) < 2 {
+		return ""
+	}
+	sets := map[string][]string{}
+	var order []string
+	for _, m := range members {
+		var fps []string
+		for _, k := range m.GetSshHostKeys() {
+			fps = append(fps, fingerprintOf(k))
+		}
+		set := strings.Join(fps, ",")
+		switch {
+		case set == "" && stateKey != "":
+			set = fingerprintOf(stateKey) // the same key as in a file
+		case set == "":
+			set = "none"
+		}
+		if _, ok := sets[set]; !ok {
+			order = append(order, set)
+		}
+		sets[set] = append(sets[set], m.GetId())
+	}
+	if len(sets) < 2 {
+		return ""
+	}
+	var parts []string
+	for _, set := range order {
+		parts = append(parts, fmt.Sprintf("%s: %s", strings.Join(sets[set], ","), set))
+	}
+	return "members serve different SSH host keys (" + strings.Join(parts, "; ") + "); clients, and a load balancer in front, meet different keys on different nodes"
+}
+
+// fingerprintOf is the SHA256 fingerprint of an authorized_keys line, or
+// the line itself if it does not parse.
+func fingerprintOf(line string) string {
+	pub, _, _, _, err := ssh.ParseAuthorizedKey([]byte(line))
+	if err != nil {
+		return line
+	}
+	return ssh.FingerprintSHA256(pub)
+}
+
+// watchHostKeys logs a warning when the members announce different SSH
+// host keys, once per distinct difference, on every node.
+func (n *Node) watchHostKeys() {
+	last := ""
+	for {
+		select {
+		case <-n.stop:
+			return
+		case <-time.After(10 * time.Second):
+		}
+		var msg string
+		n.fsm.Read(func(s *State) { msg = hostKeyMismatch(s.Members(), s.stateHostPublicKey()) })
+		if msg != "" && msg != last {
+			n.log.Warn(msg + "; give every node the same git.host_key_files (see gitraft cluster status)")
+		}
+		last = msg
+	}
 }
 
 // Refusals of a public key offered for a user.
@@ -244,9 +274,35 @@ func (s *userService) GetHostKey(ctx context.Context, _ *userv1.GetHostKeyReques
 	if _, err := s.n.ReadBarrier(ctx); err != nil {
 		return nil, err
 	}
+	keys := s.n.HostPublicKeys()
+	if len(keys) == 0 {
+		return nil, status.Error(codes.FailedPrecondition, "no member has announced an SSH host key yet: nodes announce the keys of their git.host_key_files (made with `gitraft ca host-key`) a moment after they join")
+	}
+	resp := &userv1.GetHostKeyResponse{}
+	for _, k := range keys {
+		resp.HostKeys = append(resp.HostKeys, &userv1.HostKey{PublicKey: k.PublicKey, Fingerprint: fingerprintOf(k.PublicKey), Members: k.Members, InState: k.InState})
+	}
+	resp.PublicKey, resp.Fingerprint = resp.HostKeys[0].GetPublicKey(), resp.HostKeys[0].GetFingerprint()
+	return resp, nil
+}
+
+func (s *userService) ExportStateHostKey(ctx context.Context, _ *userv1.ExportStateHostKeyRequest) (*userv1.ExportStateHostKeyResponse, error) {
+	if _, err := s.n.ReadBarrier(ctx); err != nil {
+		return nil, err
+	}
 	hk, ok := s.n.HostKey()
 	if !ok {
-		return nil, status.Error(codes.Unavailable, "the cluster has no SSH host key yet; the leader makes one when it starts leading")
+		return nil, status.Error(codes.NotFound, "the replicated state holds no private SSH host key (none was ever made there, or it was forgotten)")
 	}
-	return &userv1.GetHostKeyResponse{PublicKey: hk.GetPublicKey(), Fingerprint: hk.GetFingerprint()}, nil
+	s.n.log.Warn("the SSH host key in the replicated state was exported", "fingerprint", hk.GetFingerprint())
+	return &userv1.ExportStateHostKeyResponse{PrivateKey: hk.GetPrivateKey(), PublicKey: hk.GetPublicKey(), Fingerprint: hk.GetFingerprint()}, nil
+}
+
+func (s *userService) ForgetStateHostKey(ctx context.Context, req *userv1.ForgetStateHostKeyRequest) (*userv1.ForgetStateHostKeyResponse, error) {
+	r, err := s.n.commit(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_ForgetHostPrivateKey{ForgetHostPrivateKey: &fsmv1.ForgetHostPrivateKey{Force: req.GetForce()}}})
+	if err != nil {
+		return nil, err
+	}
+	s.n.log.Info("forgot the private SSH host key in the replicated state; it leaves the disk with the next snapshot", "index", r.GetIndex())
+	return &userv1.ForgetStateHostKeyResponse{Index: r.GetIndex()}, nil
 }

@@ -416,6 +416,7 @@ func Test_E2E_JoinRemoveTransfer(t *testing.T) {
 	n4.args = []string{"serve", "--node-id", "n4", "--data-dir", n4.dir,
 		"--raft-addr", n4.raftAddr, "--grpc-addr", n4.grpcAddr, "--http-addr", n4.httpAddr, "--ssh-addr", n4.sshAdr,
 		"--tls-ca-file", filepath.Join(c.ca, "ca.crt"), "--tls-cert-file", filepath.Join(c.ca, "n4.crt"), "--tls-key-file", filepath.Join(c.ca, "n4.key"),
+		"--git-host-key-files", c.hostKey(),
 		"--raft-heartbeat-timeout", "500ms", "--raft-election-timeout", "500ms", "--raft-leader-lease-timeout", "250ms"}
 	c.nodes = append(c.nodes, n4)
 	n4.start()

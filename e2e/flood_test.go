@@ -19,8 +19,8 @@ import (
 	lockv1 "github.com/gitraft/gitraft/proto/gitraft/lock/v1"
 )
 
-// startGitNode starts a one-node cluster and waits until it has its SSH
-// host key (its first leader term makes it, a moment after /readyz).
+// startGitNode starts a one-node cluster and waits until it has announced
+// its SSH host key (it registers it a moment after /readyz).
 func startGitNode(t *testing.T, args ...string) (*cluster, *node) {
 	t.Helper()
 	c := startCluster(t, 1, withArgs(args...))

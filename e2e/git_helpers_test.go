@@ -29,10 +29,32 @@ func (c *cluster) addGitUser(name string) *gitUser {
 	c.must(n, "user", "add", name)
 	c.must(n, "key", "add", name, key+".pub")
 	kh := filepath.Join(c.dir, "known_hosts")
-	if err := os.WriteFile(kh, []byte(c.must(n, "cluster", "known-hosts")), 0o600); err != nil {
+	if err := os.WriteFile(kh, []byte(c.knownHostsOf(n)), 0o600); err != nil {
 		c.t.Fatal(err)
 	}
 	return &gitUser{c: c, name: name, key: key, knownHosts: kh}
+}
+
+// knownHostsOf is `gitraft cluster known-hosts` once every running node has
+// registered its SSH address and host keys (nodes do so just after they
+// join, so a moment after /readyz).
+func (c *cluster) knownHostsOf(n *node) string {
+	c.t.Helper()
+	var out string
+	waitFor(c.t, "every node's SSH host keys in known-hosts", 30*time.Second, func() bool {
+		r := c.run(n, "cluster", "known-hosts")
+		if r.code != 0 {
+			return false
+		}
+		for _, m := range c.nodes {
+			if m.running() && !strings.Contains(r.stdout, "]:"+m.sshAdr[strings.LastIndex(m.sshAdr, ":")+1:]) {
+				return false
+			}
+		}
+		out = r.stdout
+		return true
+	})
+	return out
 }
 
 // env runs git as this user over SSH with strict host key checking.

@@ -147,7 +147,7 @@ func Test_E2E_GitKeysCommand(t *testing.T) {
 	c.must(c.nodes[0], "user", "add", "dana")
 	c.must(c.nodes[0], "repo", "grant", "r", "dana", "write")
 	kh := filepath.Join(dir, "known_hosts")
-	os.WriteFile(kh, []byte(c.must(c.nodes[0], "cluster", "known-hosts")), 0o600)
+	os.WriteFile(kh, []byte(c.knownHostsOf(c.nodes[0])), 0o600)
 	dana := &gitUser{c: c, name: "dana", key: forgeKey, knownHosts: kh}
 	wt := dana.workTree(url(c.nodes[1], "r"))
 	dana.commit(wt, "a", "by dana\n")

@@ -118,6 +118,9 @@ func startCluster(t testing.TB, size int, opts ...clusterOpt) *cluster {
 	c.ca = filepath.Join(c.dir, "ca")
 	c.run(nil, "ca", "init", "--dir", c.ca, "--name", "e2e")
 	c.run(nil, "ca", "issue", "admin", "admin", "--dir", c.ca)
+	// The cluster's SSH host key, made once and given to every node like
+	// its TLS files (ca/ssh_host_ed25519_key).
+	c.must(nil, "ca", "host-key", "--dir", c.ca)
 	t.Cleanup(func() {
 		for _, n := range c.nodes {
 			n.kill()
@@ -158,6 +161,9 @@ func startCluster(t testing.TB, size int, opts ...clusterOpt) *cluster {
 	}
 }
 
+// hostKey is the cluster's SSH host key file, which every node serves.
+func (c *cluster) hostKey() string { return filepath.Join(c.ca, "ssh_host_ed25519_key") }
+
 // portTaken reports whether a node failed because its address was in use.
 func (c *cluster) portTaken() bool {
 	for _, n := range c.nodes {
@@ -184,6 +190,7 @@ func (c *cluster) addNode(id string, bootstrap bool, opts ...clusterOpt) *node {
 		"--raft-addr", n.raftAddr, "--grpc-addr", n.grpcAddr, "--http-addr", n.httpAddr, "--ssh-addr", n.sshAdr,
 		"--tls-ca-file", filepath.Join(c.ca, "ca.crt"),
 		"--tls-cert-file", filepath.Join(c.ca, id+".crt"), "--tls-key-file", filepath.Join(c.ca, id+".key"),
+		"--git-host-key-files", c.hostKey(),
 		"--log-format", "json", "--log-level", "info",
 		"--raft-heartbeat-timeout", "500ms", "--raft-election-timeout", "500ms", "--raft-leader-lease-timeout", "250ms",
 	}

@@ -110,8 +110,11 @@ type PushTx interface {
 
 // Backend is what the SSH front end needs from the cluster.
 type Backend interface {
-	// HostSigner returns the cluster-wide SSH host key.
-	HostSigner(ctx context.Context) (gossh.Signer, error)
+	// HostSigners returns the node's SSH host keys, in the order configured.
+	// The server offers the first key of each type; further keys of a type
+	// are only announced (to known_hosts), which lets an operator roll a new
+	// key out to clients before the nodes serve it.
+	HostSigners(ctx context.Context) ([]gossh.Signer, error)
 	// UserForKey says whose key this is (ErrUnknownKey if nobody's). With
 	// ErrNotCurrent it also names the user the node's own, possibly stale,
 	// state knows, so the session can be refused with a message.

@@ -219,25 +219,57 @@ func (s *Server) Listen() error {
 // Addr is the address the server listens on.
 func (s *Server) Addr() string { return s.ln.Addr().String() }
 
-// Serve waits for the cluster host key, then serves until Close.
+// Serve waits for the node's host keys (HostSigners), then serves until Close.
 func (s *Server) Serve(ctx context.Context) error {
 	if s.ln == nil {
 		if err := s.Listen(); err != nil {
 			return err
 		}
 	}
-	signer, err := s.backend.HostSigner(ctx)
+	signers, err := s.backend.HostSigners(ctx)
+	if err == nil && len(signers) == 0 {
+		err = errors.New("none")
+	}
 	if err != nil {
 		s.ln.Close()
 		return fmt.Errorf("ssh host key: %w", err)
 	}
-	s.srv.AddHostKey(signer)
-	s.log.Info("serving git over ssh", "ssh_addr", s.Addr(), "host_key", gossh.FingerprintSHA256(signer.PublicKey()))
+	served, announced := ServedHostKeys(signers)
+	for _, k := range served {
+		s.srv.AddHostKey(k)
+	}
+	s.log.Info("serving git over ssh", "ssh_addr", s.Addr(), "host_keys", fingerprints(served), "announced_only", fingerprints(announced))
 	err = s.srv.Serve(s.ln)
 	if errors.Is(err, ssh.ErrServerClosed) {
 		return nil
 	}
 	return err
+}
+
+// ServedHostKeys splits host keys, in the order configured, into those the
+// server offers (the first of each key type, as OpenSSH's sshd does: a
+// client is shown one key per type) and the rest, which are only announced
+// for known_hosts.
+func ServedHostKeys(keys []gossh.Signer) (served, announced []gossh.Signer) {
+	seen := map[string]bool{}
+	for _, k := range keys {
+		t := k.PublicKey().Type()
+		if seen[t] {
+			announced = append(announced, k)
+			continue
+		}
+		seen[t] = true
+		served = append(served, k)
+	}
+	return served, announced
+}
+
+func fingerprints(keys []gossh.Signer) []string {
+	out := make([]string, len(keys))
+	for i, k := range keys {
+		out[i] = gossh.FingerprintSHA256(k.PublicKey())
+	}
+	return out
 }
 
 // Close stops the server; sessions under way end.

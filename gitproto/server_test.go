@@ -25,7 +25,9 @@ type fakeBackend struct {
 	repo  string
 }
 
-func (b *fakeBackend) HostSigner(context.Context) (gossh.Signer, error) { return b.host, nil }
+func (b *fakeBackend) HostSigners(context.Context) ([]gossh.Signer, error) {
+	return []gossh.Signer{b.host}, nil
+}
 
 func (b *fakeBackend) UserForKey(_ context.Context, key gossh.PublicKey) (string, error) {
 	if bytes.Equal(key.Marshal(), b.alice.Marshal()) {

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	gossh "golang.org/x/crypto/ssh"
 
 	"github.com/gitraft/gitraft/cluster/pki"
 )
@@ -20,13 +21,15 @@ func newCACmd() *cobra.Command {
 	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "ca",
-		Short: "Create the cluster's CA and issue node and admin certificates",
+		Short: "Create the cluster's CA, issue node and admin certificates, make the SSH host key",
 		Long: `Create the cluster's certificate authority and issue certificates with it.
 Nodes and the admin command line authenticate each other with mutual TLS:
-every node needs a node certificate, and people (or tools) an admin one.`,
+every node needs a node certificate, and people (or tools) an admin one.
+The cluster's SSH host key is made here too, once, and copied to every node
+like its TLS key.`,
 	}
 	cmd.PersistentFlags().BoolVar(&asJSON, "json", false, "print the paths written as JSON")
-	cmd.AddCommand(newCAInitCmd(&asJSON), newCAIssueCmd(&asJSON))
+	cmd.AddCommand(newCAInitCmd(&asJSON), newCAIssueCmd(&asJSON), newCAHostKeyCmd(&asJSON))
 	return cmd
 }
 
@@ -121,6 +124,55 @@ certificate is for people and tools using the admin API.`,
 	f.StringArrayVar(&hosts, "host", nil, "IP address or DNS name the node is reached at (repeatable; node certificates)")
 	f.IntVar(&days, "days", int(pki.DefaultValidity/(24*time.Hour)), "validity of the certificate, in days")
 	return cmd
+}
+
+func newCAHostKeyCmd(asJSON *bool) *cobra.Command {
+	var dir, out string
+	cmd := &cobra.Command{
+		Use:   "host-key",
+		Short: "Make the cluster's SSH host key file (once; copy it to every node)",
+		Long: `Make a new ed25519 SSH host key: the private key in --out (default
+` + HostKeyFile + ` in the CA's directory, mode 0600) and the public key next to
+it (.pub). Every node serves the same key, so one known_hosts line fits them all
+and any load balancer in front: copy the file to each node, like its TLS key,
+and name it in the node's configuration (git.host_key_files). The private key
+never enters the Raft log or snapshots; only its public part does.
+
+To rotate, make another key with a new --out and follow "Rotating the SSH host
+key" in the README.`,
+		Example: `  gitraft ca host-key
+  gitraft ca host-key --out gitraft-ca/ssh_host_ed25519_key.2025`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cmd.SilenceUsage = true
+			if out == "" {
+				out = filepath.Join(dir, HostKeyFile)
+			}
+			b, err := newHostKeyPEM("gitraft cluster host key")
+			if err != nil {
+				return err
+			}
+			s, err := writeHostKeyFile(out, b, "gitraft-host-key")
+			if err != nil {
+				return fmt.Errorf("SSH host key: %w", err)
+			}
+			return writeHostKey(cmd.OutOrStdout(), *asJSON, out, s)
+		},
+	}
+	cmd.Flags().StringVar(&dir, "dir", defaultCADir, "the CA's directory (the key goes there unless --out says otherwise)")
+	cmd.Flags().StringVar(&out, "out", "", "file to write the private key to (default: DIR/"+HostKeyFile+")")
+	return cmd
+}
+
+// writeHostKey prints what `ca host-key` (or `cluster host-key export`) wrote.
+func writeHostKey(w io.Writer, asJSON bool, path string, s gossh.Signer) error {
+	fp := gossh.FingerprintSHA256(s.PublicKey())
+	if asJSON {
+		return printJSON(w, map[string]string{"key": absPath(path), "public_key": absPath(path + ".pub"), "fingerprint": fp})
+	}
+	fmt.Fprintf(w, "SSH host key %s:\n  private key: %s (copy to every node, mode 0600, readable only by gitraft)\n  public key:  %s.pub\n", fp, path, path)
+	fmt.Fprintf(w, "in every node's configuration:\ngit:\n  host_key_files: [%s]\n", absPath(path))
+	return nil
 }
 
 // writeIssued prints what `ca issue` wrote and how to use it.

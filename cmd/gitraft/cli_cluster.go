@@ -17,7 +17,7 @@ func newClusterCmd(g *globalOpts) *cobra.Command {
 		Use:   "cluster",
 		Short: "Show and change the cluster's members",
 	}
-	cmd.AddCommand(newClusterStatusCmd(g), newClusterJoinCmd(g), newClusterRemoveCmd(g), newClusterTransferCmd(g), newClusterKnownHostsCmd(g))
+	cmd.AddCommand(newClusterStatusCmd(g), newClusterJoinCmd(g), newClusterRemoveCmd(g), newClusterTransferCmd(g), newClusterKnownHostsCmd(g), newClusterHostKeyCmd(g))
 	return cmd
 }
 
@@ -98,6 +98,9 @@ func writeClusterStatus(w io.Writer, resp *clusterv1.GetStatusResponse, now time
 			v = " (gitraft " + m.GetVersion() + ")"
 		}
 		fmt.Fprintf(w, "%s%s applies nothing from index %d on: %s\n", m.GetId(), v, m.GetHaltedIndex(), m.GetHalted())
+	}
+	if msg := resp.GetSshHostKeyMismatch(); msg != "" {
+		fmt.Fprintf(w, "\nWARNING: %s. Give every node the same git.host_key_files.\n", msg)
 	}
 	return nil
 }

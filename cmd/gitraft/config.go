@@ -51,6 +51,9 @@ type fileConfig struct {
 
 // gitSettings are the git front end's limits and hooks.
 type gitSettings struct {
+	// HostKeyFiles are the node's SSH host keys (OpenSSH private key files,
+	// mode 0600), the same on every node; made by `gitraft ca host-key`.
+	HostKeyFiles []string      `yaml:"host_key_files" help:"SSH host key files (from gitraft ca host-key), the same on every node; the first key of each type is served, the rest only announced for known_hosts"`
 	MaxPackBytes int64         `yaml:"max_pack_bytes" help:"largest pack a push may send, in bytes (0: no limit)"`
 	MaxSessions  int           `yaml:"max_sessions" help:"concurrent SSH sessions per node"`
 	IdleTimeout  time.Duration `yaml:"idle_timeout" help:"end an SSH session idle this long"`

@@ -104,6 +104,12 @@ func runDev(ctx context.Context, out io.Writer, dir string, count, basePort int,
 	if err != nil {
 		return err
 	}
+	// The SSH host key file, as `gitraft ca host-key` makes it: every node
+	// serves it; only its public part enters the replicated state.
+	hostKey := filepath.Join(caDir, HostKeyFile)
+	if err := ensureHostKeyFile(hostKey, "gitraft-dev-host-key"); err != nil {
+		return err
+	}
 
 	logPath := filepath.Join(dir, "gitraft.log")
 	logFile, err := os.OpenFile(logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
@@ -164,6 +170,7 @@ func runDev(ctx context.Context, out io.Writer, dir string, count, basePort int,
 			RaftAddr: addrs[0], GRPCAddr: addrs[1], HTTPAddr: addrs[2], SSHAddr: addrs[3],
 			TLS:       cluster.TLSFiles{CAFile: caCert, CertFile: cert, KeyFile: key},
 			Bootstrap: i == 1,
+			Git:       gitSettings{HostKeyFiles: []string{hostKey}},
 		}
 		if i > 1 {
 			cfg.Join = []string{running[0].node.GRPCAddr()}
@@ -188,7 +195,7 @@ func runDev(ctx context.Context, out io.Writer, dir string, count, basePort int,
 			return fmt.Errorf("node %s: %w", r.node.ID(), err)
 		}
 	}
-	gitInfo, err := devGitSetup(wctx, running[0].node, dir, info.Nodes)
+	gitInfo, err := devGitSetup(wctx, running[0].node, dir, hostKey+".pub", info.Nodes)
 	if err != nil {
 		return fmt.Errorf("setting up git access: %w", err)
 	}

@@ -11,7 +11,6 @@ import (
 	"os/user"
 	"path/filepath"
 	"strings"
-	"time"
 
 	gossh "golang.org/x/crypto/ssh"
 
@@ -30,9 +29,10 @@ type devGitInfo struct {
 }
 
 // devGitSetup registers the user's own SSH key (or makes one under dir),
-// writes a known_hosts file for the cluster host key, and creates a demo
+// writes a known_hosts file for the cluster host key (hostPub, its public
+// key file), and creates a demo
 // repository the user may push to.
-func devGitSetup(ctx context.Context, n *cluster.Node, dir string, nodes []devNodeInfo) (devGitInfo, error) {
+func devGitSetup(ctx context.Context, n *cluster.Node, dir, hostPub string, nodes []devNodeInfo) (devGitInfo, error) {
 	var info devGitInfo
 	name := "dev"
 	if u, err := user.Current(); err == nil && cluster.ValidateUserName(strings.ToLower(u.Username)) == nil {
@@ -74,16 +74,9 @@ func devGitSetup(ctx context.Context, n *cluster.Node, dir string, nodes []devNo
 			return info, err
 		}
 	}
-	var hk *fsmv1.HostKey
-	for hk == nil {
-		var ok bool
-		if hk, ok = n.HostKey(); !ok {
-			select {
-			case <-ctx.Done():
-				return info, fmt.Errorf("no cluster host key: %w", ctx.Err())
-			case <-time.After(50 * time.Millisecond):
-			}
-		}
+	hk, err := readPublicKeyFile(hostPub)
+	if err != nil {
+		return info, fmt.Errorf("the cluster's SSH host key: %w", err)
 	}
 	var hosts []string
 	for _, nd := range nodes {
@@ -91,7 +84,7 @@ func devGitSetup(ctx context.Context, n *cluster.Node, dir string, nodes []devNo
 		info.CloneURLs = append(info.CloneURLs, fmt.Sprintf("ssh://git@%s/%s.git", nd.SSHAddr, info.Repo))
 	}
 	info.KnownHosts = filepath.Join(dir, "known_hosts")
-	if err := os.WriteFile(info.KnownHosts, []byte(strings.Join(hosts, ",")+" "+hk.GetPublicKey()+"\n"), 0o600); err != nil {
+	if err := os.WriteFile(info.KnownHosts, []byte(strings.Join(hosts, ",")+" "+cluster.NormalizePublicKey(string(gossh.MarshalAuthorizedKey(hk)))+"\n"), 0o600); err != nil {
 		return info, err
 	}
 	info.SSHCommand = fmt.Sprintf("ssh -i %s -o IdentitiesOnly=yes -o UserKnownHostsFile=%s", priv, info.KnownHosts)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"os"
 	"time"
 
@@ -19,16 +20,34 @@ import (
 // gitBackend adapts a cluster node and its repositories to what the SSH
 // front end needs.
 type gitBackend struct {
-	n     *cluster.Node
-	store *storage.Store
+	n        *cluster.Node
+	store    *storage.Store
+	hostKeys []gossh.Signer // from git.host_key_files
+	log      *slog.Logger
 }
 
-func (b gitBackend) HostSigner(ctx context.Context) (gossh.Signer, error) {
+// HostSigners returns the node's host key files. A node without any
+// serves the key an older gitraft kept in the replicated state, if there is
+// one, and says how to move it to a file.
+func (b gitBackend) HostSigners(ctx context.Context) ([]gossh.Signer, error) {
+	if len(b.hostKeys) > 0 {
+		return b.hostKeys, nil
+	}
 	t := time.NewTicker(100 * time.Millisecond)
 	defer t.Stop()
 	for {
 		if hk, ok := b.n.HostKey(); ok {
-			return gossh.ParsePrivateKey(hk.GetPrivateKey())
+			s, err := gossh.ParsePrivateKey(hk.GetPrivateKey())
+			if err != nil {
+				return nil, err
+			}
+			b.log.Warn("serving the SSH host key kept in the replicated state, where every raft.db and snapshot holds it in cleartext: "+
+				"export it once with `gitraft cluster host-key export --out FILE`, copy FILE to every node (mode 0600) and set git.host_key_files, "+
+				"then run `gitraft cluster host-key forget-private`", "fingerprint", hk.GetFingerprint())
+			return []gossh.Signer{s}, nil
+		}
+		if ok, _ := b.n.Ready(); ok {
+			return nil, errors.New("no SSH host key: set git.host_key_files to a key made with `gitraft ca host-key` (the same file on every node)")
 		}
 		select {
 		case <-ctx.Done():

@@ -44,6 +44,12 @@ func startNode(cfg fileConfig, logger *slog.Logger) (*runningNode, error) {
 	if ccfg.SSHAdvertise == "" {
 		ccfg.SSHAdvertise = sshLn.Addr().String()
 	}
+	hostKeys, err := loadHostKeys(cfg.Git.HostKeyFiles)
+	if err != nil {
+		sshLn.Close()
+		return nil, err
+	}
+	ccfg.SSHHostKeys = publicKeyLines(hostKeys)
 	ccfg.Git = &cluster.GitConfig{Store: store, Binary: exe, MinFreeBytes: cfg.Git.MinFreeBytes, ServeStaleReads: cfg.Git.ServeStaleReads, StuckAfter: cfg.Git.StuckAfter}
 	n, err := cluster.New(ccfg, logger)
 	if err != nil {
@@ -61,7 +67,7 @@ func startNode(cfg fileConfig, logger *slog.Logger) (*runningNode, error) {
 		MaxSessionsPerUser: cfg.Git.MaxSessionsPerUser, MaxSessionsPerConnection: cfg.Git.MaxSessionsPerConnection,
 		MinRateBytes: cfg.Git.MinRateBytes, MinRateWindow: cfg.Git.MinRateWindow,
 		AllowAnySHA1InWant: cfg.Git.AllowAnySHA1InWant,
-	}, gitBackend{n: n, store: store}, logger)
+	}, gitBackend{n: n, store: store, hostKeys: hostKeys, log: logger}, logger)
 	if err != nil {
 		n.Close()
 		sshLn.Close()

@@ -99,7 +99,10 @@ type Member struct {
 	Halted      string `protobuf:"bytes,13,opt,name=halted,proto3" json:"halted,omitempty"`
 	HaltedIndex uint64 `protobuf:"varint,14,opt,name=halted_index,json=haltedIndex,proto3" json:"halted_index,omitempty"`
 	// The gitraft version the member runs (empty when unreachable).
-	Version       string `protobuf:"bytes,15,opt,name=version,proto3" json:"version,omitempty"`
+	Version string `protobuf:"bytes,15,opt,name=version,proto3" json:"version,omitempty"`
+	// SHA256 fingerprints of the SSH host keys the member announces from its
+	// host key files, in the order configured (from the replicated state).
+	SshHostKeys   []string `protobuf:"bytes,16,rep,name=ssh_host_keys,json=sshHostKeys,proto3" json:"ssh_host_keys,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -239,6 +242,13 @@ func (x *Member) GetVersion() string {
 	return ""
 }
 
+func (x *Member) GetSshHostKeys() []string {
+	if x != nil {
+		return x.SshHostKeys
+	}
+	return nil
+}
+
 type GetStatusRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -291,10 +301,14 @@ type GetStatusResponse struct {
 	// When this node last heard from the leader (unset on the leader).
 	LastLeaderContact *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=last_leader_contact,json=lastLeaderContact,proto3" json:"last_leader_contact,omitempty"`
 	// Set when the answering node's state machine halted (see Member.halted).
-	Halted        string `protobuf:"bytes,11,opt,name=halted,proto3" json:"halted,omitempty"`
-	HaltedIndex   uint64 `protobuf:"varint,12,opt,name=halted_index,json=haltedIndex,proto3" json:"halted_index,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Halted      string `protobuf:"bytes,11,opt,name=halted,proto3" json:"halted,omitempty"`
+	HaltedIndex uint64 `protobuf:"varint,12,opt,name=halted_index,json=haltedIndex,proto3" json:"halted_index,omitempty"`
+	// Set when the members do not all announce the same SSH host keys: a
+	// client (or a load balancer in front) then meets different keys on
+	// different nodes. What differs, for people.
+	SshHostKeyMismatch string `protobuf:"bytes,13,opt,name=ssh_host_key_mismatch,json=sshHostKeyMismatch,proto3" json:"ssh_host_key_mismatch,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *GetStatusResponse) Reset() {
@@ -409,6 +423,13 @@ func (x *GetStatusResponse) GetHaltedIndex() uint64 {
 		return x.HaltedIndex
 	}
 	return 0
+}
+
+func (x *GetStatusResponse) GetSshHostKeyMismatch() string {
+	if x != nil {
+		return x.SshHostKeyMismatch
+	}
+	return ""
 }
 
 type AddMemberRequest struct {
@@ -712,7 +733,7 @@ var File_gitraft_cluster_v1_cluster_proto protoreflect.FileDescriptor
 
 const file_gitraft_cluster_v1_cluster_proto_rawDesc = "" +
 	"\n" +
-	" gitraft/cluster/v1/cluster.proto\x12\x12gitraft.cluster.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdf\x03\n" +
+	" gitraft/cluster/v1/cluster.proto\x12\x12gitraft.cluster.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x83\x04\n" +
 	"\x06Member\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x1b\n" +
@@ -729,8 +750,9 @@ const file_gitraft_cluster_v1_cluster_proto_rawDesc = "" +
 	"\x05error\x18\f \x01(\tR\x05error\x12\x16\n" +
 	"\x06halted\x18\r \x01(\tR\x06halted\x12!\n" +
 	"\fhalted_index\x18\x0e \x01(\x04R\vhaltedIndex\x12\x18\n" +
-	"\aversion\x18\x0f \x01(\tR\aversion\"\x12\n" +
-	"\x10GetStatusRequest\"\xbf\x03\n" +
+	"\aversion\x18\x0f \x01(\tR\aversion\x12\"\n" +
+	"\rssh_host_keys\x18\x10 \x03(\tR\vsshHostKeys\"\x12\n" +
+	"\x10GetStatusRequest\"\xf2\x03\n" +
 	"\x11GetStatusResponse\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\x12\x1b\n" +
@@ -745,7 +767,8 @@ const file_gitraft_cluster_v1_cluster_proto_rawDesc = "" +
 	"\x13last_leader_contact\x18\n" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\x11lastLeaderContact\x12\x16\n" +
 	"\x06halted\x18\v \x01(\tR\x06halted\x12!\n" +
-	"\fhalted_index\x18\f \x01(\x04R\vhaltedIndex\"\x94\x01\n" +
+	"\fhalted_index\x18\f \x01(\x04R\vhaltedIndex\x121\n" +
+	"\x15ssh_host_key_mismatch\x18\r \x01(\tR\x12sshHostKeyMismatch\"\x94\x01\n" +
 	"\x10AddMemberRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x1b\n" +

@@ -293,6 +293,7 @@ type Entry struct {
 	//	*Entry_SetGrant
 	//	*Entry_Database
 	//	*Entry_Mail
+	//	*Entry_ForgetHostPrivateKey
 	Command       isEntry_Command `protobuf_oneof:"command"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -534,6 +535,15 @@ func (x *Entry) GetMail() *v11.Command {
 	return nil
 }
 
+func (x *Entry) GetForgetHostPrivateKey() *ForgetHostPrivateKey {
+	if x != nil {
+		if x, ok := x.Command.(*Entry_ForgetHostPrivateKey); ok {
+			return x.ForgetHostPrivateKey
+		}
+	}
+	return nil
+}
+
 type isEntry_Command interface {
 	isEntry_Command()
 }
@@ -616,6 +626,10 @@ type Entry_Mail struct {
 	Mail *v11.Command `protobuf:"bytes,28,opt,name=mail,proto3,oneof"`
 }
 
+type Entry_ForgetHostPrivateKey struct {
+	ForgetHostPrivateKey *ForgetHostPrivateKey `protobuf:"bytes,29,opt,name=forget_host_private_key,json=forgetHostPrivateKey,proto3,oneof"`
+}
+
 func (*Entry_CreateRepo) isEntry_Command() {}
 
 func (*Entry_DeleteRepo) isEntry_Command() {}
@@ -654,8 +668,12 @@ func (*Entry_Database) isEntry_Command() {}
 
 func (*Entry_Mail) isEntry_Command() {}
 
-// SetHostKey records the cluster-wide SSH host key. The first one wins: a
-// later entry is refused, so every node serves the same key forever.
+func (*Entry_ForgetHostPrivateKey) isEntry_Command() {}
+
+// SetHostKey records a cluster-wide SSH host key, private part included.
+// Written only by gitraft before host key files (git.host_key_files); kept
+// so that old logs and snapshots still apply. The first one wins: a later
+// entry is refused, also once ForgetHostPrivateKey dropped its private part.
 type SetHostKey struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	HostKey       *HostKey               `protobuf:"bytes,1,opt,name=host_key,json=hostKey,proto3" json:"host_key,omitempty"`
@@ -700,6 +718,54 @@ func (x *SetHostKey) GetHostKey() *HostKey {
 	return nil
 }
 
+// ForgetHostPrivateKey drops the private part of the SetHostKey key from the
+// state (its public part stays, so a late SetHostKey is still refused). It
+// is refused while a member announces no host key of its own (it may still
+// serve the state's key), unless force is set.
+type ForgetHostPrivateKey struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Force         bool                   `protobuf:"varint,1,opt,name=force,proto3" json:"force,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ForgetHostPrivateKey) Reset() {
+	*x = ForgetHostPrivateKey{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ForgetHostPrivateKey) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ForgetHostPrivateKey) ProtoMessage() {}
+
+func (x *ForgetHostPrivateKey) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ForgetHostPrivateKey.ProtoReflect.Descriptor instead.
+func (*ForgetHostPrivateKey) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ForgetHostPrivateKey) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
 type AddUser struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -709,7 +775,7 @@ type AddUser struct {
 
 func (x *AddUser) Reset() {
 	*x = AddUser{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[2]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -721,7 +787,7 @@ func (x *AddUser) String() string {
 func (*AddUser) ProtoMessage() {}
 
 func (x *AddUser) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[2]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -734,7 +800,7 @@ func (x *AddUser) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddUser.ProtoReflect.Descriptor instead.
 func (*AddUser) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{2}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *AddUser) GetName() string {
@@ -754,7 +820,7 @@ type RemoveUser struct {
 
 func (x *RemoveUser) Reset() {
 	*x = RemoveUser{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[3]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -766,7 +832,7 @@ func (x *RemoveUser) String() string {
 func (*RemoveUser) ProtoMessage() {}
 
 func (x *RemoveUser) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[3]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -779,7 +845,7 @@ func (x *RemoveUser) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveUser.ProtoReflect.Descriptor instead.
 func (*RemoveUser) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{3}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *RemoveUser) GetName() string {
@@ -798,7 +864,7 @@ type AddKey struct {
 
 func (x *AddKey) Reset() {
 	*x = AddKey{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[4]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -810,7 +876,7 @@ func (x *AddKey) String() string {
 func (*AddKey) ProtoMessage() {}
 
 func (x *AddKey) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[4]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -823,7 +889,7 @@ func (x *AddKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddKey.ProtoReflect.Descriptor instead.
 func (*AddKey) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{4}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *AddKey) GetKey() *SSHKey {
@@ -842,7 +908,7 @@ type RemoveKey struct {
 
 func (x *RemoveKey) Reset() {
 	*x = RemoveKey{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[5]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -854,7 +920,7 @@ func (x *RemoveKey) String() string {
 func (*RemoveKey) ProtoMessage() {}
 
 func (x *RemoveKey) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[5]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -867,7 +933,7 @@ func (x *RemoveKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveKey.ProtoReflect.Descriptor instead.
 func (*RemoveKey) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{5}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *RemoveKey) GetFingerprint() string {
@@ -889,7 +955,7 @@ type SetGrant struct {
 
 func (x *SetGrant) Reset() {
 	*x = SetGrant{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[6]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -901,7 +967,7 @@ func (x *SetGrant) String() string {
 func (*SetGrant) ProtoMessage() {}
 
 func (x *SetGrant) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[6]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -914,7 +980,7 @@ func (x *SetGrant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetGrant.ProtoReflect.Descriptor instead.
 func (*SetGrant) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{6}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *SetGrant) GetRepo() string {
@@ -951,7 +1017,7 @@ type LeaderNoop struct {
 
 func (x *LeaderNoop) Reset() {
 	*x = LeaderNoop{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[7]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -963,7 +1029,7 @@ func (x *LeaderNoop) String() string {
 func (*LeaderNoop) ProtoMessage() {}
 
 func (x *LeaderNoop) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[7]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -976,7 +1042,7 @@ func (x *LeaderNoop) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaderNoop.ProtoReflect.Descriptor instead.
 func (*LeaderNoop) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{7}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *LeaderNoop) GetTerm() uint64 {
@@ -995,7 +1061,7 @@ type CreateRepo struct {
 
 func (x *CreateRepo) Reset() {
 	*x = CreateRepo{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[8]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1007,7 +1073,7 @@ func (x *CreateRepo) String() string {
 func (*CreateRepo) ProtoMessage() {}
 
 func (x *CreateRepo) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[8]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1020,7 +1086,7 @@ func (x *CreateRepo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateRepo.ProtoReflect.Descriptor instead.
 func (*CreateRepo) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{8}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CreateRepo) GetName() string {
@@ -1039,7 +1105,7 @@ type DeleteRepo struct {
 
 func (x *DeleteRepo) Reset() {
 	*x = DeleteRepo{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[9]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1051,7 +1117,7 @@ func (x *DeleteRepo) String() string {
 func (*DeleteRepo) ProtoMessage() {}
 
 func (x *DeleteRepo) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[9]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1064,7 +1130,7 @@ func (x *DeleteRepo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteRepo.ProtoReflect.Descriptor instead.
 func (*DeleteRepo) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{9}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *DeleteRepo) GetName() string {
@@ -1087,7 +1153,7 @@ type RefUpdate struct {
 
 func (x *RefUpdate) Reset() {
 	*x = RefUpdate{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[10]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1099,7 +1165,7 @@ func (x *RefUpdate) String() string {
 func (*RefUpdate) ProtoMessage() {}
 
 func (x *RefUpdate) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[10]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1112,7 +1178,7 @@ func (x *RefUpdate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefUpdate.ProtoReflect.Descriptor instead.
 func (*RefUpdate) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{10}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *RefUpdate) GetRef() string {
@@ -1164,7 +1230,7 @@ type UpdateRefs struct {
 
 func (x *UpdateRefs) Reset() {
 	*x = UpdateRefs{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[11]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1176,7 +1242,7 @@ func (x *UpdateRefs) String() string {
 func (*UpdateRefs) ProtoMessage() {}
 
 func (x *UpdateRefs) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[11]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1189,7 +1255,7 @@ func (x *UpdateRefs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateRefs.ProtoReflect.Descriptor instead.
 func (*UpdateRefs) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{11}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *UpdateRefs) GetRepo() string {
@@ -1259,7 +1325,7 @@ type AcquireLock struct {
 
 func (x *AcquireLock) Reset() {
 	*x = AcquireLock{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[12]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1271,7 +1337,7 @@ func (x *AcquireLock) String() string {
 func (*AcquireLock) ProtoMessage() {}
 
 func (x *AcquireLock) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[12]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1284,7 +1350,7 @@ func (x *AcquireLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AcquireLock.ProtoReflect.Descriptor instead.
 func (*AcquireLock) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{12}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *AcquireLock) GetRepo() string {
@@ -1319,7 +1385,7 @@ type RenewLock struct {
 
 func (x *RenewLock) Reset() {
 	*x = RenewLock{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[13]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1331,7 +1397,7 @@ func (x *RenewLock) String() string {
 func (*RenewLock) ProtoMessage() {}
 
 func (x *RenewLock) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[13]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1344,7 +1410,7 @@ func (x *RenewLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLock.ProtoReflect.Descriptor instead.
 func (*RenewLock) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{13}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *RenewLock) GetRepo() string {
@@ -1378,7 +1444,7 @@ type ReleaseLock struct {
 
 func (x *ReleaseLock) Reset() {
 	*x = ReleaseLock{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[14]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1390,7 +1456,7 @@ func (x *ReleaseLock) String() string {
 func (*ReleaseLock) ProtoMessage() {}
 
 func (x *ReleaseLock) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[14]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1403,7 +1469,7 @@ func (x *ReleaseLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseLock.ProtoReflect.Descriptor instead.
 func (*ReleaseLock) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{14}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ReleaseLock) GetRepo() string {
@@ -1429,7 +1495,7 @@ type ForceReleaseLock struct {
 
 func (x *ForceReleaseLock) Reset() {
 	*x = ForceReleaseLock{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[15]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1441,7 +1507,7 @@ func (x *ForceReleaseLock) String() string {
 func (*ForceReleaseLock) ProtoMessage() {}
 
 func (x *ForceReleaseLock) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[15]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1454,7 +1520,7 @@ func (x *ForceReleaseLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForceReleaseLock.ProtoReflect.Descriptor instead.
 func (*ForceReleaseLock) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{15}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ForceReleaseLock) GetRepo() string {
@@ -1473,7 +1539,7 @@ type ExpireLocks struct {
 
 func (x *ExpireLocks) Reset() {
 	*x = ExpireLocks{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[16]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1485,7 +1551,7 @@ func (x *ExpireLocks) String() string {
 func (*ExpireLocks) ProtoMessage() {}
 
 func (x *ExpireLocks) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[16]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1498,7 +1564,7 @@ func (x *ExpireLocks) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpireLocks.ProtoReflect.Descriptor instead.
 func (*ExpireLocks) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{16}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{17}
 }
 
 // SetMember records how to reach a node (its Raft membership lives in Raft's
@@ -1512,7 +1578,7 @@ type SetMember struct {
 
 func (x *SetMember) Reset() {
 	*x = SetMember{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[17]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1524,7 +1590,7 @@ func (x *SetMember) String() string {
 func (*SetMember) ProtoMessage() {}
 
 func (x *SetMember) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[17]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1537,7 +1603,7 @@ func (x *SetMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetMember.ProtoReflect.Descriptor instead.
 func (*SetMember) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{17}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SetMember) GetMember() *Member {
@@ -1556,7 +1622,7 @@ type RemoveMember struct {
 
 func (x *RemoveMember) Reset() {
 	*x = RemoveMember{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[18]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1568,7 +1634,7 @@ func (x *RemoveMember) String() string {
 func (*RemoveMember) ProtoMessage() {}
 
 func (x *RemoveMember) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[18]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1581,7 +1647,7 @@ func (x *RemoveMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveMember.ProtoReflect.Descriptor instead.
 func (*RemoveMember) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{18}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *RemoveMember) GetId() string {
@@ -1592,19 +1658,23 @@ func (x *RemoveMember) GetId() string {
 }
 
 type Member struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	RaftAddr      string                 `protobuf:"bytes,2,opt,name=raft_addr,json=raftAddr,proto3" json:"raft_addr,omitempty"`
-	GrpcAddr      string                 `protobuf:"bytes,3,opt,name=grpc_addr,json=grpcAddr,proto3" json:"grpc_addr,omitempty"`
-	HttpAddr      string                 `protobuf:"bytes,4,opt,name=http_addr,json=httpAddr,proto3" json:"http_addr,omitempty"`
-	SshAddr       string                 `protobuf:"bytes,5,opt,name=ssh_addr,json=sshAddr,proto3" json:"ssh_addr,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Id       string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	RaftAddr string                 `protobuf:"bytes,2,opt,name=raft_addr,json=raftAddr,proto3" json:"raft_addr,omitempty"`
+	GrpcAddr string                 `protobuf:"bytes,3,opt,name=grpc_addr,json=grpcAddr,proto3" json:"grpc_addr,omitempty"`
+	HttpAddr string                 `protobuf:"bytes,4,opt,name=http_addr,json=httpAddr,proto3" json:"http_addr,omitempty"`
+	SshAddr  string                 `protobuf:"bytes,5,opt,name=ssh_addr,json=sshAddr,proto3" json:"ssh_addr,omitempty"`
+	// The public SSH host keys this node serves from its host key files, in
+	// authorized_keys form, in the order configured. The cluster's
+	// known_hosts lines are made from these; no private key is ever here.
+	SshHostKeys   []string `protobuf:"bytes,6,rep,name=ssh_host_keys,json=sshHostKeys,proto3" json:"ssh_host_keys,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[19]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1616,7 +1686,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[19]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1629,7 +1699,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{19}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Member) GetId() string {
@@ -1667,6 +1737,13 @@ func (x *Member) GetSshAddr() string {
 	return ""
 }
 
+func (x *Member) GetSshHostKeys() []string {
+	if x != nil {
+		return x.SshHostKeys
+	}
+	return nil
+}
+
 type Ref struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -1677,7 +1754,7 @@ type Ref struct {
 
 func (x *Ref) Reset() {
 	*x = Ref{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[20]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1689,7 +1766,7 @@ func (x *Ref) String() string {
 func (*Ref) ProtoMessage() {}
 
 func (x *Ref) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[20]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1702,7 +1779,7 @@ func (x *Ref) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ref.ProtoReflect.Descriptor instead.
 func (*Ref) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{20}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Ref) GetName() string {
@@ -1719,6 +1796,8 @@ func (x *Ref) GetOid() string {
 	return ""
 }
 
+// HostKey is the SSH host key of SetHostKey (older gitraft). After
+// ForgetHostPrivateKey only the public part remains.
 type HostKey struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// OpenSSH PEM private key.
@@ -1732,7 +1811,7 @@ type HostKey struct {
 
 func (x *HostKey) Reset() {
 	*x = HostKey{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[21]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1744,7 +1823,7 @@ func (x *HostKey) String() string {
 func (*HostKey) ProtoMessage() {}
 
 func (x *HostKey) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[21]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1757,7 +1836,7 @@ func (x *HostKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HostKey.ProtoReflect.Descriptor instead.
 func (*HostKey) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{21}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *HostKey) GetPrivateKey() []byte {
@@ -1791,7 +1870,7 @@ type User struct {
 
 func (x *User) Reset() {
 	*x = User{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[22]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1803,7 +1882,7 @@ func (x *User) String() string {
 func (*User) ProtoMessage() {}
 
 func (x *User) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[22]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1816,7 +1895,7 @@ func (x *User) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use User.ProtoReflect.Descriptor instead.
 func (*User) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{22}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *User) GetName() string {
@@ -1848,7 +1927,7 @@ type SSHKey struct {
 
 func (x *SSHKey) Reset() {
 	*x = SSHKey{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[23]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1860,7 +1939,7 @@ func (x *SSHKey) String() string {
 func (*SSHKey) ProtoMessage() {}
 
 func (x *SSHKey) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[23]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1873,7 +1952,7 @@ func (x *SSHKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SSHKey.ProtoReflect.Descriptor instead.
 func (*SSHKey) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{23}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *SSHKey) GetUser() string {
@@ -1922,7 +2001,7 @@ type Grant struct {
 
 func (x *Grant) Reset() {
 	*x = Grant{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[24]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1934,7 +2013,7 @@ func (x *Grant) String() string {
 func (*Grant) ProtoMessage() {}
 
 func (x *Grant) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[24]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1947,7 +2026,7 @@ func (x *Grant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Grant.ProtoReflect.Descriptor instead.
 func (*Grant) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{24}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Grant) GetRepo() string {
@@ -1992,7 +2071,7 @@ type Repo struct {
 
 func (x *Repo) Reset() {
 	*x = Repo{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[25]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2004,7 +2083,7 @@ func (x *Repo) String() string {
 func (*Repo) ProtoMessage() {}
 
 func (x *Repo) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[25]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2017,7 +2096,7 @@ func (x *Repo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Repo.ProtoReflect.Descriptor instead.
 func (*Repo) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{25}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Repo) GetName() string {
@@ -2099,7 +2178,7 @@ type Repair struct {
 
 func (x *Repair) Reset() {
 	*x = Repair{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[26]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2111,7 +2190,7 @@ func (x *Repair) String() string {
 func (*Repair) ProtoMessage() {}
 
 func (x *Repair) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[26]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2124,7 +2203,7 @@ func (x *Repair) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Repair.ProtoReflect.Descriptor instead.
 func (*Repair) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{26}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Repair) GetIndex() uint64 {
@@ -2182,7 +2261,7 @@ type WriteLock struct {
 
 func (x *WriteLock) Reset() {
 	*x = WriteLock{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[27]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2194,7 +2273,7 @@ func (x *WriteLock) String() string {
 func (*WriteLock) ProtoMessage() {}
 
 func (x *WriteLock) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[27]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2207,7 +2286,7 @@ func (x *WriteLock) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteLock.ProtoReflect.Descriptor instead.
 func (*WriteLock) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{27}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *WriteLock) GetRepo() string {
@@ -2255,7 +2334,7 @@ type Refusal struct {
 
 func (x *Refusal) Reset() {
 	*x = Refusal{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[28]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2267,7 +2346,7 @@ func (x *Refusal) String() string {
 func (*Refusal) ProtoMessage() {}
 
 func (x *Refusal) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[28]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2280,7 +2359,7 @@ func (x *Refusal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Refusal.ProtoReflect.Descriptor instead.
 func (*Refusal) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{28}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Refusal) GetReason() Reason {
@@ -2309,7 +2388,7 @@ type RefResult struct {
 
 func (x *RefResult) Reset() {
 	*x = RefResult{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[29]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2321,7 +2400,7 @@ func (x *RefResult) String() string {
 func (*RefResult) ProtoMessage() {}
 
 func (x *RefResult) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[29]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2334,7 +2413,7 @@ func (x *RefResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefResult.ProtoReflect.Descriptor instead.
 func (*RefResult) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{29}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *RefResult) GetRef() string {
@@ -2375,7 +2454,7 @@ type Result struct {
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[30]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2387,7 +2466,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[30]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2400,7 +2479,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{30}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *Result) GetIndex() uint64 {
@@ -2472,7 +2551,7 @@ type SnapshotHeader struct {
 
 func (x *SnapshotHeader) Reset() {
 	*x = SnapshotHeader{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[31]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2484,7 +2563,7 @@ func (x *SnapshotHeader) String() string {
 func (*SnapshotHeader) ProtoMessage() {}
 
 func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[31]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2497,7 +2576,7 @@ func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotHeader.ProtoReflect.Descriptor instead.
 func (*SnapshotHeader) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{31}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *SnapshotHeader) GetFormat() EntryFormat {
@@ -2543,7 +2622,7 @@ type SnapshotItem struct {
 
 func (x *SnapshotItem) Reset() {
 	*x = SnapshotItem{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[32]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2555,7 +2634,7 @@ func (x *SnapshotItem) String() string {
 func (*SnapshotItem) ProtoMessage() {}
 
 func (x *SnapshotItem) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[32]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2568,7 +2647,7 @@ func (x *SnapshotItem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotItem.ProtoReflect.Descriptor instead.
 func (*SnapshotItem) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{32}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *SnapshotItem) GetItem() isSnapshotItem_Item {
@@ -2759,7 +2838,7 @@ type SnapshotEnd struct {
 
 func (x *SnapshotEnd) Reset() {
 	*x = SnapshotEnd{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[33]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2771,7 +2850,7 @@ func (x *SnapshotEnd) String() string {
 func (*SnapshotEnd) ProtoMessage() {}
 
 func (x *SnapshotEnd) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[33]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2784,7 +2863,7 @@ func (x *SnapshotEnd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotEnd.ProtoReflect.Descriptor instead.
 func (*SnapshotEnd) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{33}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *SnapshotEnd) GetItems() uint64 {
@@ -2805,7 +2884,7 @@ type AppliedRequest struct {
 
 func (x *AppliedRequest) Reset() {
 	*x = AppliedRequest{}
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[34]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2817,7 +2896,7 @@ func (x *AppliedRequest) String() string {
 func (*AppliedRequest) ProtoMessage() {}
 
 func (x *AppliedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[34]
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2830,7 +2909,7 @@ func (x *AppliedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppliedRequest.ProtoReflect.Descriptor instead.
 func (*AppliedRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{34}
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *AppliedRequest) GetRequestId() string {
@@ -2851,8 +2930,7 @@ var File_gitraft_fsm_v1_fsm_proto protoreflect.FileDescriptor
 
 const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\n" +
-	"\x18gitraft/fsm/v1/fsm.proto\x12\x0egitraft.fsm.v1\x1a\x16gitraft/db/v1/db.proto\x1a\x1agitraft/mail/v1/mail.proto\"\xc9\n" +
-	"\n" +
+	"\x18gitraft/fsm/v1/fsm.proto\x12\x0egitraft.fsm.v1\x1a\x16gitraft/db/v1/db.proto\x1a\x1agitraft/mail/v1/mail.proto\"\xa8\v\n" +
 	"\x05Entry\x123\n" +
 	"\x06format\x18\x01 \x01(\x0e2\x1b.gitraft.fsm.v1.EntryFormatR\x06format\x121\n" +
 	"\x15leader_time_unix_nano\x18\x02 \x01(\x03R\x12leaderTimeUnixNano\x12\x1a\n" +
@@ -2887,11 +2965,14 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"remove_key\x18\x19 \x01(\v2\x19.gitraft.fsm.v1.RemoveKeyH\x00R\tremoveKey\x127\n" +
 	"\tset_grant\x18\x1a \x01(\v2\x18.gitraft.fsm.v1.SetGrantH\x00R\bsetGrant\x124\n" +
 	"\bdatabase\x18\x1b \x01(\v2\x16.gitraft.db.v1.CommandH\x00R\bdatabase\x12.\n" +
-	"\x04mail\x18\x1c \x01(\v2\x18.gitraft.mail.v1.CommandH\x00R\x04mailB\t\n" +
+	"\x04mail\x18\x1c \x01(\v2\x18.gitraft.mail.v1.CommandH\x00R\x04mail\x12]\n" +
+	"\x17forget_host_private_key\x18\x1d \x01(\v2$.gitraft.fsm.v1.ForgetHostPrivateKeyH\x00R\x14forgetHostPrivateKeyB\t\n" +
 	"\acommand\"@\n" +
 	"\n" +
 	"SetHostKey\x122\n" +
-	"\bhost_key\x18\x01 \x01(\v2\x17.gitraft.fsm.v1.HostKeyR\ahostKey\"\x1d\n" +
+	"\bhost_key\x18\x01 \x01(\v2\x17.gitraft.fsm.v1.HostKeyR\ahostKey\",\n" +
+	"\x14ForgetHostPrivateKey\x12\x14\n" +
+	"\x05force\x18\x01 \x01(\bR\x05force\"\x1d\n" +
 	"\aAddUser\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\" \n" +
 	"\n" +
@@ -2947,13 +3028,14 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\tSetMember\x12.\n" +
 	"\x06member\x18\x01 \x01(\v2\x16.gitraft.fsm.v1.MemberR\x06member\"\x1e\n" +
 	"\fRemoveMember\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"\x8a\x01\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\xae\x01\n" +
 	"\x06Member\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x1b\n" +
 	"\tgrpc_addr\x18\x03 \x01(\tR\bgrpcAddr\x12\x1b\n" +
 	"\thttp_addr\x18\x04 \x01(\tR\bhttpAddr\x12\x19\n" +
-	"\bssh_addr\x18\x05 \x01(\tR\asshAddr\"+\n" +
+	"\bssh_addr\x18\x05 \x01(\tR\asshAddr\x12\"\n" +
+	"\rssh_host_keys\x18\x06 \x03(\tR\vsshHostKeys\"+\n" +
 	"\x03Ref\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n" +
 	"\x03oid\x18\x02 \x01(\tR\x03oid\"k\n" +
@@ -3081,111 +3163,113 @@ func file_gitraft_fsm_v1_fsm_proto_rawDescGZIP() []byte {
 }
 
 var file_gitraft_fsm_v1_fsm_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_gitraft_fsm_v1_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
+var file_gitraft_fsm_v1_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
 var file_gitraft_fsm_v1_fsm_proto_goTypes = []any{
-	(EntryFormat)(0),         // 0: gitraft.fsm.v1.EntryFormat
-	(Access)(0),              // 1: gitraft.fsm.v1.Access
-	(Reason)(0),              // 2: gitraft.fsm.v1.Reason
-	(RefStatus)(0),           // 3: gitraft.fsm.v1.RefStatus
-	(*Entry)(nil),            // 4: gitraft.fsm.v1.Entry
-	(*SetHostKey)(nil),       // 5: gitraft.fsm.v1.SetHostKey
-	(*AddUser)(nil),          // 6: gitraft.fsm.v1.AddUser
-	(*RemoveUser)(nil),       // 7: gitraft.fsm.v1.RemoveUser
-	(*AddKey)(nil),           // 8: gitraft.fsm.v1.AddKey
-	(*RemoveKey)(nil),        // 9: gitraft.fsm.v1.RemoveKey
-	(*SetGrant)(nil),         // 10: gitraft.fsm.v1.SetGrant
-	(*LeaderNoop)(nil),       // 11: gitraft.fsm.v1.LeaderNoop
-	(*CreateRepo)(nil),       // 12: gitraft.fsm.v1.CreateRepo
-	(*DeleteRepo)(nil),       // 13: gitraft.fsm.v1.DeleteRepo
-	(*RefUpdate)(nil),        // 14: gitraft.fsm.v1.RefUpdate
-	(*UpdateRefs)(nil),       // 15: gitraft.fsm.v1.UpdateRefs
-	(*AcquireLock)(nil),      // 16: gitraft.fsm.v1.AcquireLock
-	(*RenewLock)(nil),        // 17: gitraft.fsm.v1.RenewLock
-	(*ReleaseLock)(nil),      // 18: gitraft.fsm.v1.ReleaseLock
-	(*ForceReleaseLock)(nil), // 19: gitraft.fsm.v1.ForceReleaseLock
-	(*ExpireLocks)(nil),      // 20: gitraft.fsm.v1.ExpireLocks
-	(*SetMember)(nil),        // 21: gitraft.fsm.v1.SetMember
-	(*RemoveMember)(nil),     // 22: gitraft.fsm.v1.RemoveMember
-	(*Member)(nil),           // 23: gitraft.fsm.v1.Member
-	(*Ref)(nil),              // 24: gitraft.fsm.v1.Ref
-	(*HostKey)(nil),          // 25: gitraft.fsm.v1.HostKey
-	(*User)(nil),             // 26: gitraft.fsm.v1.User
-	(*SSHKey)(nil),           // 27: gitraft.fsm.v1.SSHKey
-	(*Grant)(nil),            // 28: gitraft.fsm.v1.Grant
-	(*Repo)(nil),             // 29: gitraft.fsm.v1.Repo
-	(*Repair)(nil),           // 30: gitraft.fsm.v1.Repair
-	(*WriteLock)(nil),        // 31: gitraft.fsm.v1.WriteLock
-	(*Refusal)(nil),          // 32: gitraft.fsm.v1.Refusal
-	(*RefResult)(nil),        // 33: gitraft.fsm.v1.RefResult
-	(*Result)(nil),           // 34: gitraft.fsm.v1.Result
-	(*SnapshotHeader)(nil),   // 35: gitraft.fsm.v1.SnapshotHeader
-	(*SnapshotItem)(nil),     // 36: gitraft.fsm.v1.SnapshotItem
-	(*SnapshotEnd)(nil),      // 37: gitraft.fsm.v1.SnapshotEnd
-	(*AppliedRequest)(nil),   // 38: gitraft.fsm.v1.AppliedRequest
-	(*v1.Command)(nil),       // 39: gitraft.db.v1.Command
-	(*v11.Command)(nil),      // 40: gitraft.mail.v1.Command
-	(*v1.Result)(nil),        // 41: gitraft.db.v1.Result
-	(*v11.Result)(nil),       // 42: gitraft.mail.v1.Result
-	(*v1.Snapshot)(nil),      // 43: gitraft.db.v1.Snapshot
-	(*v11.Snapshot)(nil),     // 44: gitraft.mail.v1.Snapshot
+	(EntryFormat)(0),             // 0: gitraft.fsm.v1.EntryFormat
+	(Access)(0),                  // 1: gitraft.fsm.v1.Access
+	(Reason)(0),                  // 2: gitraft.fsm.v1.Reason
+	(RefStatus)(0),               // 3: gitraft.fsm.v1.RefStatus
+	(*Entry)(nil),                // 4: gitraft.fsm.v1.Entry
+	(*SetHostKey)(nil),           // 5: gitraft.fsm.v1.SetHostKey
+	(*ForgetHostPrivateKey)(nil), // 6: gitraft.fsm.v1.ForgetHostPrivateKey
+	(*AddUser)(nil),              // 7: gitraft.fsm.v1.AddUser
+	(*RemoveUser)(nil),           // 8: gitraft.fsm.v1.RemoveUser
+	(*AddKey)(nil),               // 9: gitraft.fsm.v1.AddKey
+	(*RemoveKey)(nil),            // 10: gitraft.fsm.v1.RemoveKey
+	(*SetGrant)(nil),             // 11: gitraft.fsm.v1.SetGrant
+	(*LeaderNoop)(nil),           // 12: gitraft.fsm.v1.LeaderNoop
+	(*CreateRepo)(nil),           // 13: gitraft.fsm.v1.CreateRepo
+	(*DeleteRepo)(nil),           // 14: gitraft.fsm.v1.DeleteRepo
+	(*RefUpdate)(nil),            // 15: gitraft.fsm.v1.RefUpdate
+	(*UpdateRefs)(nil),           // 16: gitraft.fsm.v1.UpdateRefs
+	(*AcquireLock)(nil),          // 17: gitraft.fsm.v1.AcquireLock
+	(*RenewLock)(nil),            // 18: gitraft.fsm.v1.RenewLock
+	(*ReleaseLock)(nil),          // 19: gitraft.fsm.v1.ReleaseLock
+	(*ForceReleaseLock)(nil),     // 20: gitraft.fsm.v1.ForceReleaseLock
+	(*ExpireLocks)(nil),          // 21: gitraft.fsm.v1.ExpireLocks
+	(*SetMember)(nil),            // 22: gitraft.fsm.v1.SetMember
+	(*RemoveMember)(nil),         // 23: gitraft.fsm.v1.RemoveMember
+	(*Member)(nil),               // 24: gitraft.fsm.v1.Member
+	(*Ref)(nil),                  // 25: gitraft.fsm.v1.Ref
+	(*HostKey)(nil),              // 26: gitraft.fsm.v1.HostKey
+	(*User)(nil),                 // 27: gitraft.fsm.v1.User
+	(*SSHKey)(nil),               // 28: gitraft.fsm.v1.SSHKey
+	(*Grant)(nil),                // 29: gitraft.fsm.v1.Grant
+	(*Repo)(nil),                 // 30: gitraft.fsm.v1.Repo
+	(*Repair)(nil),               // 31: gitraft.fsm.v1.Repair
+	(*WriteLock)(nil),            // 32: gitraft.fsm.v1.WriteLock
+	(*Refusal)(nil),              // 33: gitraft.fsm.v1.Refusal
+	(*RefResult)(nil),            // 34: gitraft.fsm.v1.RefResult
+	(*Result)(nil),               // 35: gitraft.fsm.v1.Result
+	(*SnapshotHeader)(nil),       // 36: gitraft.fsm.v1.SnapshotHeader
+	(*SnapshotItem)(nil),         // 37: gitraft.fsm.v1.SnapshotItem
+	(*SnapshotEnd)(nil),          // 38: gitraft.fsm.v1.SnapshotEnd
+	(*AppliedRequest)(nil),       // 39: gitraft.fsm.v1.AppliedRequest
+	(*v1.Command)(nil),           // 40: gitraft.db.v1.Command
+	(*v11.Command)(nil),          // 41: gitraft.mail.v1.Command
+	(*v1.Result)(nil),            // 42: gitraft.db.v1.Result
+	(*v11.Result)(nil),           // 43: gitraft.mail.v1.Result
+	(*v1.Snapshot)(nil),          // 44: gitraft.db.v1.Snapshot
+	(*v11.Snapshot)(nil),         // 45: gitraft.mail.v1.Snapshot
 }
 var file_gitraft_fsm_v1_fsm_proto_depIdxs = []int32{
 	0,  // 0: gitraft.fsm.v1.Entry.format:type_name -> gitraft.fsm.v1.EntryFormat
-	12, // 1: gitraft.fsm.v1.Entry.create_repo:type_name -> gitraft.fsm.v1.CreateRepo
-	13, // 2: gitraft.fsm.v1.Entry.delete_repo:type_name -> gitraft.fsm.v1.DeleteRepo
-	15, // 3: gitraft.fsm.v1.Entry.update_refs:type_name -> gitraft.fsm.v1.UpdateRefs
-	16, // 4: gitraft.fsm.v1.Entry.acquire_lock:type_name -> gitraft.fsm.v1.AcquireLock
-	17, // 5: gitraft.fsm.v1.Entry.renew_lock:type_name -> gitraft.fsm.v1.RenewLock
-	18, // 6: gitraft.fsm.v1.Entry.release_lock:type_name -> gitraft.fsm.v1.ReleaseLock
-	19, // 7: gitraft.fsm.v1.Entry.force_release_lock:type_name -> gitraft.fsm.v1.ForceReleaseLock
-	20, // 8: gitraft.fsm.v1.Entry.expire_locks:type_name -> gitraft.fsm.v1.ExpireLocks
-	21, // 9: gitraft.fsm.v1.Entry.set_member:type_name -> gitraft.fsm.v1.SetMember
-	22, // 10: gitraft.fsm.v1.Entry.remove_member:type_name -> gitraft.fsm.v1.RemoveMember
-	11, // 11: gitraft.fsm.v1.Entry.leader_noop:type_name -> gitraft.fsm.v1.LeaderNoop
+	13, // 1: gitraft.fsm.v1.Entry.create_repo:type_name -> gitraft.fsm.v1.CreateRepo
+	14, // 2: gitraft.fsm.v1.Entry.delete_repo:type_name -> gitraft.fsm.v1.DeleteRepo
+	16, // 3: gitraft.fsm.v1.Entry.update_refs:type_name -> gitraft.fsm.v1.UpdateRefs
+	17, // 4: gitraft.fsm.v1.Entry.acquire_lock:type_name -> gitraft.fsm.v1.AcquireLock
+	18, // 5: gitraft.fsm.v1.Entry.renew_lock:type_name -> gitraft.fsm.v1.RenewLock
+	19, // 6: gitraft.fsm.v1.Entry.release_lock:type_name -> gitraft.fsm.v1.ReleaseLock
+	20, // 7: gitraft.fsm.v1.Entry.force_release_lock:type_name -> gitraft.fsm.v1.ForceReleaseLock
+	21, // 8: gitraft.fsm.v1.Entry.expire_locks:type_name -> gitraft.fsm.v1.ExpireLocks
+	22, // 9: gitraft.fsm.v1.Entry.set_member:type_name -> gitraft.fsm.v1.SetMember
+	23, // 10: gitraft.fsm.v1.Entry.remove_member:type_name -> gitraft.fsm.v1.RemoveMember
+	12, // 11: gitraft.fsm.v1.Entry.leader_noop:type_name -> gitraft.fsm.v1.LeaderNoop
 	5,  // 12: gitraft.fsm.v1.Entry.set_host_key:type_name -> gitraft.fsm.v1.SetHostKey
-	6,  // 13: gitraft.fsm.v1.Entry.add_user:type_name -> gitraft.fsm.v1.AddUser
-	7,  // 14: gitraft.fsm.v1.Entry.remove_user:type_name -> gitraft.fsm.v1.RemoveUser
-	8,  // 15: gitraft.fsm.v1.Entry.add_key:type_name -> gitraft.fsm.v1.AddKey
-	9,  // 16: gitraft.fsm.v1.Entry.remove_key:type_name -> gitraft.fsm.v1.RemoveKey
-	10, // 17: gitraft.fsm.v1.Entry.set_grant:type_name -> gitraft.fsm.v1.SetGrant
-	39, // 18: gitraft.fsm.v1.Entry.database:type_name -> gitraft.db.v1.Command
-	40, // 19: gitraft.fsm.v1.Entry.mail:type_name -> gitraft.mail.v1.Command
-	25, // 20: gitraft.fsm.v1.SetHostKey.host_key:type_name -> gitraft.fsm.v1.HostKey
-	27, // 21: gitraft.fsm.v1.AddKey.key:type_name -> gitraft.fsm.v1.SSHKey
-	1,  // 22: gitraft.fsm.v1.SetGrant.access:type_name -> gitraft.fsm.v1.Access
-	14, // 23: gitraft.fsm.v1.UpdateRefs.updates:type_name -> gitraft.fsm.v1.RefUpdate
-	23, // 24: gitraft.fsm.v1.SetMember.member:type_name -> gitraft.fsm.v1.Member
-	1,  // 25: gitraft.fsm.v1.Grant.access:type_name -> gitraft.fsm.v1.Access
-	24, // 26: gitraft.fsm.v1.Repo.refs:type_name -> gitraft.fsm.v1.Ref
-	30, // 27: gitraft.fsm.v1.Repo.repairs:type_name -> gitraft.fsm.v1.Repair
-	14, // 28: gitraft.fsm.v1.Repair.changes:type_name -> gitraft.fsm.v1.RefUpdate
-	2,  // 29: gitraft.fsm.v1.Refusal.reason:type_name -> gitraft.fsm.v1.Reason
-	3,  // 30: gitraft.fsm.v1.RefResult.status:type_name -> gitraft.fsm.v1.RefStatus
-	32, // 31: gitraft.fsm.v1.Result.refusal:type_name -> gitraft.fsm.v1.Refusal
-	29, // 32: gitraft.fsm.v1.Result.repo:type_name -> gitraft.fsm.v1.Repo
-	31, // 33: gitraft.fsm.v1.Result.lock:type_name -> gitraft.fsm.v1.WriteLock
-	31, // 34: gitraft.fsm.v1.Result.expired:type_name -> gitraft.fsm.v1.WriteLock
-	33, // 35: gitraft.fsm.v1.Result.ref_results:type_name -> gitraft.fsm.v1.RefResult
-	41, // 36: gitraft.fsm.v1.Result.database:type_name -> gitraft.db.v1.Result
-	42, // 37: gitraft.fsm.v1.Result.mail:type_name -> gitraft.mail.v1.Result
-	0,  // 38: gitraft.fsm.v1.SnapshotHeader.format:type_name -> gitraft.fsm.v1.EntryFormat
-	29, // 39: gitraft.fsm.v1.SnapshotItem.repo:type_name -> gitraft.fsm.v1.Repo
-	31, // 40: gitraft.fsm.v1.SnapshotItem.lock:type_name -> gitraft.fsm.v1.WriteLock
-	23, // 41: gitraft.fsm.v1.SnapshotItem.member:type_name -> gitraft.fsm.v1.Member
-	38, // 42: gitraft.fsm.v1.SnapshotItem.applied_request:type_name -> gitraft.fsm.v1.AppliedRequest
-	25, // 43: gitraft.fsm.v1.SnapshotItem.host_key:type_name -> gitraft.fsm.v1.HostKey
-	26, // 44: gitraft.fsm.v1.SnapshotItem.user:type_name -> gitraft.fsm.v1.User
-	27, // 45: gitraft.fsm.v1.SnapshotItem.key:type_name -> gitraft.fsm.v1.SSHKey
-	28, // 46: gitraft.fsm.v1.SnapshotItem.grant:type_name -> gitraft.fsm.v1.Grant
-	43, // 47: gitraft.fsm.v1.SnapshotItem.database:type_name -> gitraft.db.v1.Snapshot
-	44, // 48: gitraft.fsm.v1.SnapshotItem.mail:type_name -> gitraft.mail.v1.Snapshot
-	37, // 49: gitraft.fsm.v1.SnapshotItem.end:type_name -> gitraft.fsm.v1.SnapshotEnd
-	34, // 50: gitraft.fsm.v1.AppliedRequest.result:type_name -> gitraft.fsm.v1.Result
-	51, // [51:51] is the sub-list for method output_type
-	51, // [51:51] is the sub-list for method input_type
-	51, // [51:51] is the sub-list for extension type_name
-	51, // [51:51] is the sub-list for extension extendee
-	0,  // [0:51] is the sub-list for field type_name
+	7,  // 13: gitraft.fsm.v1.Entry.add_user:type_name -> gitraft.fsm.v1.AddUser
+	8,  // 14: gitraft.fsm.v1.Entry.remove_user:type_name -> gitraft.fsm.v1.RemoveUser
+	9,  // 15: gitraft.fsm.v1.Entry.add_key:type_name -> gitraft.fsm.v1.AddKey
+	10, // 16: gitraft.fsm.v1.Entry.remove_key:type_name -> gitraft.fsm.v1.RemoveKey
+	11, // 17: gitraft.fsm.v1.Entry.set_grant:type_name -> gitraft.fsm.v1.SetGrant
+	40, // 18: gitraft.fsm.v1.Entry.database:type_name -> gitraft.db.v1.Command
+	41, // 19: gitraft.fsm.v1.Entry.mail:type_name -> gitraft.mail.v1.Command
+	6,  // 20: gitraft.fsm.v1.Entry.forget_host_private_key:type_name -> gitraft.fsm.v1.ForgetHostPrivateKey
+	26, // 21: gitraft.fsm.v1.SetHostKey.host_key:type_name -> gitraft.fsm.v1.HostKey
+	28, // 22: gitraft.fsm.v1.AddKey.key:type_name -> gitraft.fsm.v1.SSHKey
+	1,  // 23: gitraft.fsm.v1.SetGrant.access:type_name -> gitraft.fsm.v1.Access
+	15, // 24: gitraft.fsm.v1.UpdateRefs.updates:type_name -> gitraft.fsm.v1.RefUpdate
+	24, // 25: gitraft.fsm.v1.SetMember.member:type_name -> gitraft.fsm.v1.Member
+	1,  // 26: gitraft.fsm.v1.Grant.access:type_name -> gitraft.fsm.v1.Access
+	25, // 27: gitraft.fsm.v1.Repo.refs:type_name -> gitraft.fsm.v1.Ref
+	31, // 28: gitraft.fsm.v1.Repo.repairs:type_name -> gitraft.fsm.v1.Repair
+	15, // 29: gitraft.fsm.v1.Repair.changes:type_name -> gitraft.fsm.v1.RefUpdate
+	2,  // 30: gitraft.fsm.v1.Refusal.reason:type_name -> gitraft.fsm.v1.Reason
+	3,  // 31: gitraft.fsm.v1.RefResult.status:type_name -> gitraft.fsm.v1.RefStatus
+	33, // 32: gitraft.fsm.v1.Result.refusal:type_name -> gitraft.fsm.v1.Refusal
+	30, // 33: gitraft.fsm.v1.Result.repo:type_name -> gitraft.fsm.v1.Repo
+	32, // 34: gitraft.fsm.v1.Result.lock:type_name -> gitraft.fsm.v1.WriteLock
+	32, // 35: gitraft.fsm.v1.Result.expired:type_name -> gitraft.fsm.v1.WriteLock
+	34, // 36: gitraft.fsm.v1.Result.ref_results:type_name -> gitraft.fsm.v1.RefResult
+	42, // 37: gitraft.fsm.v1.Result.database:type_name -> gitraft.db.v1.Result
+	43, // 38: gitraft.fsm.v1.Result.mail:type_name -> gitraft.mail.v1.Result
+	0,  // 39: gitraft.fsm.v1.SnapshotHeader.format:type_name -> gitraft.fsm.v1.EntryFormat
+	30, // 40: gitraft.fsm.v1.SnapshotItem.repo:type_name -> gitraft.fsm.v1.Repo
+	32, // 41: gitraft.fsm.v1.SnapshotItem.lock:type_name -> gitraft.fsm.v1.WriteLock
+	24, // 42: gitraft.fsm.v1.SnapshotItem.member:type_name -> gitraft.fsm.v1.Member
+	39, // 43: gitraft.fsm.v1.SnapshotItem.applied_request:type_name -> gitraft.fsm.v1.AppliedRequest
+	26, // 44: gitraft.fsm.v1.SnapshotItem.host_key:type_name -> gitraft.fsm.v1.HostKey
+	27, // 45: gitraft.fsm.v1.SnapshotItem.user:type_name -> gitraft.fsm.v1.User
+	28, // 46: gitraft.fsm.v1.SnapshotItem.key:type_name -> gitraft.fsm.v1.SSHKey
+	29, // 47: gitraft.fsm.v1.SnapshotItem.grant:type_name -> gitraft.fsm.v1.Grant
+	44, // 48: gitraft.fsm.v1.SnapshotItem.database:type_name -> gitraft.db.v1.Snapshot
+	45, // 49: gitraft.fsm.v1.SnapshotItem.mail:type_name -> gitraft.mail.v1.Snapshot
+	38, // 50: gitraft.fsm.v1.SnapshotItem.end:type_name -> gitraft.fsm.v1.SnapshotEnd
+	35, // 51: gitraft.fsm.v1.AppliedRequest.result:type_name -> gitraft.fsm.v1.Result
+	52, // [52:52] is the sub-list for method output_type
+	52, // [52:52] is the sub-list for method input_type
+	52, // [52:52] is the sub-list for extension type_name
+	52, // [52:52] is the sub-list for extension extendee
+	0,  // [0:52] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_fsm_v1_fsm_proto_init() }
@@ -3213,8 +3297,9 @@ func file_gitraft_fsm_v1_fsm_proto_init() {
 		(*Entry_SetGrant)(nil),
 		(*Entry_Database)(nil),
 		(*Entry_Mail)(nil),
+		(*Entry_ForgetHostPrivateKey)(nil),
 	}
-	file_gitraft_fsm_v1_fsm_proto_msgTypes[32].OneofWrappers = []any{
+	file_gitraft_fsm_v1_fsm_proto_msgTypes[33].OneofWrappers = []any{
 		(*SnapshotItem_Repo)(nil),
 		(*SnapshotItem_Lock)(nil),
 		(*SnapshotItem_Member)(nil),
@@ -3233,7 +3318,7 @@ func file_gitraft_fsm_v1_fsm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_fsm_v1_fsm_proto_rawDesc), len(file_gitraft_fsm_v1_fsm_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   35,
+			NumMessages:   36,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

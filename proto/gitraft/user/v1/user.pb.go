@@ -1076,9 +1076,11 @@ func (*GetHostKeyRequest) Descriptor() ([]byte, []int) {
 }
 
 type GetHostKeyResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	PublicKey     string                 `protobuf:"bytes,1,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
-	Fingerprint   string                 `protobuf:"bytes,2,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The first of host_keys (for older command lines).
+	PublicKey     string     `protobuf:"bytes,1,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
+	Fingerprint   string     `protobuf:"bytes,2,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"`
+	HostKeys      []*HostKey `protobuf:"bytes,3,rep,name=host_keys,json=hostKeys,proto3" json:"host_keys,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1125,6 +1127,272 @@ func (x *GetHostKeyResponse) GetFingerprint() string {
 		return x.Fingerprint
 	}
 	return ""
+}
+
+func (x *GetHostKeyResponse) GetHostKeys() []*HostKey {
+	if x != nil {
+		return x.HostKeys
+	}
+	return nil
+}
+
+// HostKey is one public SSH host key of the cluster.
+type HostKey struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// authorized_keys form.
+	PublicKey   string `protobuf:"bytes,1,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
+	Fingerprint string `protobuf:"bytes,2,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"`
+	// The members that announce it from their host key files, by id.
+	Members []string `protobuf:"bytes,3,rep,name=members,proto3" json:"members,omitempty"`
+	// Whether it is the key kept, with its private part, in the replicated
+	// state (older gitraft); nodes without host key files serve it.
+	InState       bool `protobuf:"varint,4,opt,name=in_state,json=inState,proto3" json:"in_state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HostKey) Reset() {
+	*x = HostKey{}
+	mi := &file_gitraft_user_v1_user_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HostKey) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HostKey) ProtoMessage() {}
+
+func (x *HostKey) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_user_v1_user_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HostKey.ProtoReflect.Descriptor instead.
+func (*HostKey) Descriptor() ([]byte, []int) {
+	return file_gitraft_user_v1_user_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *HostKey) GetPublicKey() string {
+	if x != nil {
+		return x.PublicKey
+	}
+	return ""
+}
+
+func (x *HostKey) GetFingerprint() string {
+	if x != nil {
+		return x.Fingerprint
+	}
+	return ""
+}
+
+func (x *HostKey) GetMembers() []string {
+	if x != nil {
+		return x.Members
+	}
+	return nil
+}
+
+func (x *HostKey) GetInState() bool {
+	if x != nil {
+		return x.InState
+	}
+	return false
+}
+
+type ExportStateHostKeyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportStateHostKeyRequest) Reset() {
+	*x = ExportStateHostKeyRequest{}
+	mi := &file_gitraft_user_v1_user_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportStateHostKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportStateHostKeyRequest) ProtoMessage() {}
+
+func (x *ExportStateHostKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_user_v1_user_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportStateHostKeyRequest.ProtoReflect.Descriptor instead.
+func (*ExportStateHostKeyRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_user_v1_user_proto_rawDescGZIP(), []int{22}
+}
+
+type ExportStateHostKeyResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// OpenSSH PEM private key.
+	PrivateKey    []byte `protobuf:"bytes,1,opt,name=private_key,json=privateKey,proto3" json:"private_key,omitempty"`
+	PublicKey     string `protobuf:"bytes,2,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
+	Fingerprint   string `protobuf:"bytes,3,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportStateHostKeyResponse) Reset() {
+	*x = ExportStateHostKeyResponse{}
+	mi := &file_gitraft_user_v1_user_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportStateHostKeyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportStateHostKeyResponse) ProtoMessage() {}
+
+func (x *ExportStateHostKeyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_user_v1_user_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportStateHostKeyResponse.ProtoReflect.Descriptor instead.
+func (*ExportStateHostKeyResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_user_v1_user_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *ExportStateHostKeyResponse) GetPrivateKey() []byte {
+	if x != nil {
+		return x.PrivateKey
+	}
+	return nil
+}
+
+func (x *ExportStateHostKeyResponse) GetPublicKey() string {
+	if x != nil {
+		return x.PublicKey
+	}
+	return ""
+}
+
+func (x *ExportStateHostKeyResponse) GetFingerprint() string {
+	if x != nil {
+		return x.Fingerprint
+	}
+	return ""
+}
+
+type ForgetStateHostKeyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Forget it even while members announce no host key file of their own.
+	Force         bool `protobuf:"varint,1,opt,name=force,proto3" json:"force,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ForgetStateHostKeyRequest) Reset() {
+	*x = ForgetStateHostKeyRequest{}
+	mi := &file_gitraft_user_v1_user_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ForgetStateHostKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ForgetStateHostKeyRequest) ProtoMessage() {}
+
+func (x *ForgetStateHostKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_user_v1_user_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ForgetStateHostKeyRequest.ProtoReflect.Descriptor instead.
+func (*ForgetStateHostKeyRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_user_v1_user_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *ForgetStateHostKeyRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+type ForgetStateHostKeyResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ForgetStateHostKeyResponse) Reset() {
+	*x = ForgetStateHostKeyResponse{}
+	mi := &file_gitraft_user_v1_user_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ForgetStateHostKeyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ForgetStateHostKeyResponse) ProtoMessage() {}
+
+func (x *ForgetStateHostKeyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_user_v1_user_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ForgetStateHostKeyResponse.ProtoReflect.Descriptor instead.
+func (*ForgetStateHostKeyResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_user_v1_user_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *ForgetStateHostKeyResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
 }
 
 var File_gitraft_user_v1_user_proto protoreflect.FileDescriptor
@@ -1188,17 +1456,35 @@ const file_gitraft_user_v1_user_proto_rawDesc = "" +
 	"\x12ListGrantsResponse\x12.\n" +
 	"\x06grants\x18\x01 \x03(\v2\x16.gitraft.user.v1.GrantR\x06grants\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\"\x13\n" +
-	"\x11GetHostKeyRequest\"U\n" +
+	"\x11GetHostKeyRequest\"\x8c\x01\n" +
 	"\x12GetHostKeyResponse\x12\x1d\n" +
 	"\n" +
 	"public_key\x18\x01 \x01(\tR\tpublicKey\x12 \n" +
-	"\vfingerprint\x18\x02 \x01(\tR\vfingerprint*f\n" +
+	"\vfingerprint\x18\x02 \x01(\tR\vfingerprint\x125\n" +
+	"\thost_keys\x18\x03 \x03(\v2\x18.gitraft.user.v1.HostKeyR\bhostKeys\"\x7f\n" +
+	"\aHostKey\x12\x1d\n" +
+	"\n" +
+	"public_key\x18\x01 \x01(\tR\tpublicKey\x12 \n" +
+	"\vfingerprint\x18\x02 \x01(\tR\vfingerprint\x12\x18\n" +
+	"\amembers\x18\x03 \x03(\tR\amembers\x12\x19\n" +
+	"\bin_state\x18\x04 \x01(\bR\ainState\"\x1b\n" +
+	"\x19ExportStateHostKeyRequest\"~\n" +
+	"\x1aExportStateHostKeyResponse\x12\x1f\n" +
+	"\vprivate_key\x18\x01 \x01(\fR\n" +
+	"privateKey\x12\x1d\n" +
+	"\n" +
+	"public_key\x18\x02 \x01(\tR\tpublicKey\x12 \n" +
+	"\vfingerprint\x18\x03 \x01(\tR\vfingerprint\"1\n" +
+	"\x19ForgetStateHostKeyRequest\x12\x14\n" +
+	"\x05force\x18\x01 \x01(\bR\x05force\"2\n" +
+	"\x1aForgetStateHostKeyResponse\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index*f\n" +
 	"\x06Access\x12\x16\n" +
 	"\x12ACCESS_UNSPECIFIED\x10\x00\x12\x0f\n" +
 	"\vACCESS_NONE\x10\x01\x12\x0f\n" +
 	"\vACCESS_READ\x10\x02\x12\x10\n" +
 	"\fACCESS_WRITE\x10\x03\x12\x10\n" +
-	"\fACCESS_ADMIN\x10\x042\x81\x06\n" +
+	"\fACCESS_ADMIN\x10\x042\xdf\a\n" +
 	"\vUserService\x12U\n" +
 	"\n" +
 	"CreateUser\x12\".gitraft.user.v1.CreateUserRequest\x1a#.gitraft.user.v1.CreateUserResponse\x12U\n" +
@@ -1212,7 +1498,9 @@ const file_gitraft_user_v1_user_proto_rawDesc = "" +
 	"\n" +
 	"ListGrants\x12\".gitraft.user.v1.ListGrantsRequest\x1a#.gitraft.user.v1.ListGrantsResponse\x12U\n" +
 	"\n" +
-	"GetHostKey\x12\".gitraft.user.v1.GetHostKeyRequest\x1a#.gitraft.user.v1.GetHostKeyResponseB9Z7github.com/gitraft/gitraft/proto/gitraft/user/v1;userv1b\x06proto3"
+	"GetHostKey\x12\".gitraft.user.v1.GetHostKeyRequest\x1a#.gitraft.user.v1.GetHostKeyResponse\x12m\n" +
+	"\x12ExportStateHostKey\x12*.gitraft.user.v1.ExportStateHostKeyRequest\x1a+.gitraft.user.v1.ExportStateHostKeyResponse\x12m\n" +
+	"\x12ForgetStateHostKey\x12*.gitraft.user.v1.ForgetStateHostKeyRequest\x1a+.gitraft.user.v1.ForgetStateHostKeyResponseB9Z7github.com/gitraft/gitraft/proto/gitraft/user/v1;userv1b\x06proto3"
 
 var (
 	file_gitraft_user_v1_user_proto_rawDescOnce sync.Once
@@ -1227,35 +1515,40 @@ func file_gitraft_user_v1_user_proto_rawDescGZIP() []byte {
 }
 
 var file_gitraft_user_v1_user_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_gitraft_user_v1_user_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_gitraft_user_v1_user_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_gitraft_user_v1_user_proto_goTypes = []any{
-	(Access)(0),                   // 0: gitraft.user.v1.Access
-	(*User)(nil),                  // 1: gitraft.user.v1.User
-	(*SSHKey)(nil),                // 2: gitraft.user.v1.SSHKey
-	(*Grant)(nil),                 // 3: gitraft.user.v1.Grant
-	(*CreateUserRequest)(nil),     // 4: gitraft.user.v1.CreateUserRequest
-	(*CreateUserResponse)(nil),    // 5: gitraft.user.v1.CreateUserResponse
-	(*DeleteUserRequest)(nil),     // 6: gitraft.user.v1.DeleteUserRequest
-	(*DeleteUserResponse)(nil),    // 7: gitraft.user.v1.DeleteUserResponse
-	(*ListUsersRequest)(nil),      // 8: gitraft.user.v1.ListUsersRequest
-	(*ListUsersResponse)(nil),     // 9: gitraft.user.v1.ListUsersResponse
-	(*AddKeyRequest)(nil),         // 10: gitraft.user.v1.AddKeyRequest
-	(*AddKeyResponse)(nil),        // 11: gitraft.user.v1.AddKeyResponse
-	(*RemoveKeyRequest)(nil),      // 12: gitraft.user.v1.RemoveKeyRequest
-	(*RemoveKeyResponse)(nil),     // 13: gitraft.user.v1.RemoveKeyResponse
-	(*ListKeysRequest)(nil),       // 14: gitraft.user.v1.ListKeysRequest
-	(*ListKeysResponse)(nil),      // 15: gitraft.user.v1.ListKeysResponse
-	(*SetAccessRequest)(nil),      // 16: gitraft.user.v1.SetAccessRequest
-	(*SetAccessResponse)(nil),     // 17: gitraft.user.v1.SetAccessResponse
-	(*ListGrantsRequest)(nil),     // 18: gitraft.user.v1.ListGrantsRequest
-	(*ListGrantsResponse)(nil),    // 19: gitraft.user.v1.ListGrantsResponse
-	(*GetHostKeyRequest)(nil),     // 20: gitraft.user.v1.GetHostKeyRequest
-	(*GetHostKeyResponse)(nil),    // 21: gitraft.user.v1.GetHostKeyResponse
-	(*timestamppb.Timestamp)(nil), // 22: google.protobuf.Timestamp
+	(Access)(0),                        // 0: gitraft.user.v1.Access
+	(*User)(nil),                       // 1: gitraft.user.v1.User
+	(*SSHKey)(nil),                     // 2: gitraft.user.v1.SSHKey
+	(*Grant)(nil),                      // 3: gitraft.user.v1.Grant
+	(*CreateUserRequest)(nil),          // 4: gitraft.user.v1.CreateUserRequest
+	(*CreateUserResponse)(nil),         // 5: gitraft.user.v1.CreateUserResponse
+	(*DeleteUserRequest)(nil),          // 6: gitraft.user.v1.DeleteUserRequest
+	(*DeleteUserResponse)(nil),         // 7: gitraft.user.v1.DeleteUserResponse
+	(*ListUsersRequest)(nil),           // 8: gitraft.user.v1.ListUsersRequest
+	(*ListUsersResponse)(nil),          // 9: gitraft.user.v1.ListUsersResponse
+	(*AddKeyRequest)(nil),              // 10: gitraft.user.v1.AddKeyRequest
+	(*AddKeyResponse)(nil),             // 11: gitraft.user.v1.AddKeyResponse
+	(*RemoveKeyRequest)(nil),           // 12: gitraft.user.v1.RemoveKeyRequest
+	(*RemoveKeyResponse)(nil),          // 13: gitraft.user.v1.RemoveKeyResponse
+	(*ListKeysRequest)(nil),            // 14: gitraft.user.v1.ListKeysRequest
+	(*ListKeysResponse)(nil),           // 15: gitraft.user.v1.ListKeysResponse
+	(*SetAccessRequest)(nil),           // 16: gitraft.user.v1.SetAccessRequest
+	(*SetAccessResponse)(nil),          // 17: gitraft.user.v1.SetAccessResponse
+	(*ListGrantsRequest)(nil),          // 18: gitraft.user.v1.ListGrantsRequest
+	(*ListGrantsResponse)(nil),         // 19: gitraft.user.v1.ListGrantsResponse
+	(*GetHostKeyRequest)(nil),          // 20: gitraft.user.v1.GetHostKeyRequest
+	(*GetHostKeyResponse)(nil),         // 21: gitraft.user.v1.GetHostKeyResponse
+	(*HostKey)(nil),                    // 22: gitraft.user.v1.HostKey
+	(*ExportStateHostKeyRequest)(nil),  // 23: gitraft.user.v1.ExportStateHostKeyRequest
+	(*ExportStateHostKeyResponse)(nil), // 24: gitraft.user.v1.ExportStateHostKeyResponse
+	(*ForgetStateHostKeyRequest)(nil),  // 25: gitraft.user.v1.ForgetStateHostKeyRequest
+	(*ForgetStateHostKeyResponse)(nil), // 26: gitraft.user.v1.ForgetStateHostKeyResponse
+	(*timestamppb.Timestamp)(nil),      // 27: google.protobuf.Timestamp
 }
 var file_gitraft_user_v1_user_proto_depIdxs = []int32{
-	22, // 0: gitraft.user.v1.User.created_at:type_name -> google.protobuf.Timestamp
-	22, // 1: gitraft.user.v1.SSHKey.added_at:type_name -> google.protobuf.Timestamp
+	27, // 0: gitraft.user.v1.User.created_at:type_name -> google.protobuf.Timestamp
+	27, // 1: gitraft.user.v1.SSHKey.added_at:type_name -> google.protobuf.Timestamp
 	0,  // 2: gitraft.user.v1.Grant.access:type_name -> gitraft.user.v1.Access
 	1,  // 3: gitraft.user.v1.CreateUserResponse.user:type_name -> gitraft.user.v1.User
 	1,  // 4: gitraft.user.v1.ListUsersResponse.users:type_name -> gitraft.user.v1.User
@@ -1263,29 +1556,34 @@ var file_gitraft_user_v1_user_proto_depIdxs = []int32{
 	2,  // 6: gitraft.user.v1.ListKeysResponse.keys:type_name -> gitraft.user.v1.SSHKey
 	0,  // 7: gitraft.user.v1.SetAccessRequest.access:type_name -> gitraft.user.v1.Access
 	3,  // 8: gitraft.user.v1.ListGrantsResponse.grants:type_name -> gitraft.user.v1.Grant
-	4,  // 9: gitraft.user.v1.UserService.CreateUser:input_type -> gitraft.user.v1.CreateUserRequest
-	6,  // 10: gitraft.user.v1.UserService.DeleteUser:input_type -> gitraft.user.v1.DeleteUserRequest
-	8,  // 11: gitraft.user.v1.UserService.ListUsers:input_type -> gitraft.user.v1.ListUsersRequest
-	10, // 12: gitraft.user.v1.UserService.AddKey:input_type -> gitraft.user.v1.AddKeyRequest
-	12, // 13: gitraft.user.v1.UserService.RemoveKey:input_type -> gitraft.user.v1.RemoveKeyRequest
-	14, // 14: gitraft.user.v1.UserService.ListKeys:input_type -> gitraft.user.v1.ListKeysRequest
-	16, // 15: gitraft.user.v1.UserService.SetAccess:input_type -> gitraft.user.v1.SetAccessRequest
-	18, // 16: gitraft.user.v1.UserService.ListGrants:input_type -> gitraft.user.v1.ListGrantsRequest
-	20, // 17: gitraft.user.v1.UserService.GetHostKey:input_type -> gitraft.user.v1.GetHostKeyRequest
-	5,  // 18: gitraft.user.v1.UserService.CreateUser:output_type -> gitraft.user.v1.CreateUserResponse
-	7,  // 19: gitraft.user.v1.UserService.DeleteUser:output_type -> gitraft.user.v1.DeleteUserResponse
-	9,  // 20: gitraft.user.v1.UserService.ListUsers:output_type -> gitraft.user.v1.ListUsersResponse
-	11, // 21: gitraft.user.v1.UserService.AddKey:output_type -> gitraft.user.v1.AddKeyResponse
-	13, // 22: gitraft.user.v1.UserService.RemoveKey:output_type -> gitraft.user.v1.RemoveKeyResponse
-	15, // 23: gitraft.user.v1.UserService.ListKeys:output_type -> gitraft.user.v1.ListKeysResponse
-	17, // 24: gitraft.user.v1.UserService.SetAccess:output_type -> gitraft.user.v1.SetAccessResponse
-	19, // 25: gitraft.user.v1.UserService.ListGrants:output_type -> gitraft.user.v1.ListGrantsResponse
-	21, // 26: gitraft.user.v1.UserService.GetHostKey:output_type -> gitraft.user.v1.GetHostKeyResponse
-	18, // [18:27] is the sub-list for method output_type
-	9,  // [9:18] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	22, // 9: gitraft.user.v1.GetHostKeyResponse.host_keys:type_name -> gitraft.user.v1.HostKey
+	4,  // 10: gitraft.user.v1.UserService.CreateUser:input_type -> gitraft.user.v1.CreateUserRequest
+	6,  // 11: gitraft.user.v1.UserService.DeleteUser:input_type -> gitraft.user.v1.DeleteUserRequest
+	8,  // 12: gitraft.user.v1.UserService.ListUsers:input_type -> gitraft.user.v1.ListUsersRequest
+	10, // 13: gitraft.user.v1.UserService.AddKey:input_type -> gitraft.user.v1.AddKeyRequest
+	12, // 14: gitraft.user.v1.UserService.RemoveKey:input_type -> gitraft.user.v1.RemoveKeyRequest
+	14, // 15: gitraft.user.v1.UserService.ListKeys:input_type -> gitraft.user.v1.ListKeysRequest
+	16, // 16: gitraft.user.v1.UserService.SetAccess:input_type -> gitraft.user.v1.SetAccessRequest
+	18, // 17: gitraft.user.v1.UserService.ListGrants:input_type -> gitraft.user.v1.ListGrantsRequest
+	20, // 18: gitraft.user.v1.UserService.GetHostKey:input_type -> gitraft.user.v1.GetHostKeyRequest
+	23, // 19: gitraft.user.v1.UserService.ExportStateHostKey:input_type -> gitraft.user.v1.ExportStateHostKeyRequest
+	25, // 20: gitraft.user.v1.UserService.ForgetStateHostKey:input_type -> gitraft.user.v1.ForgetStateHostKeyRequest
+	5,  // 21: gitraft.user.v1.UserService.CreateUser:output_type -> gitraft.user.v1.CreateUserResponse
+	7,  // 22: gitraft.user.v1.UserService.DeleteUser:output_type -> gitraft.user.v1.DeleteUserResponse
+	9,  // 23: gitraft.user.v1.UserService.ListUsers:output_type -> gitraft.user.v1.ListUsersResponse
+	11, // 24: gitraft.user.v1.UserService.AddKey:output_type -> gitraft.user.v1.AddKeyResponse
+	13, // 25: gitraft.user.v1.UserService.RemoveKey:output_type -> gitraft.user.v1.RemoveKeyResponse
+	15, // 26: gitraft.user.v1.UserService.ListKeys:output_type -> gitraft.user.v1.ListKeysResponse
+	17, // 27: gitraft.user.v1.UserService.SetAccess:output_type -> gitraft.user.v1.SetAccessResponse
+	19, // 28: gitraft.user.v1.UserService.ListGrants:output_type -> gitraft.user.v1.ListGrantsResponse
+	21, // 29: gitraft.user.v1.UserService.GetHostKey:output_type -> gitraft.user.v1.GetHostKeyResponse
+	24, // 30: gitraft.user.v1.UserService.ExportStateHostKey:output_type -> gitraft.user.v1.ExportStateHostKeyResponse
+	26, // 31: gitraft.user.v1.UserService.ForgetStateHostKey:output_type -> gitraft.user.v1.ForgetStateHostKeyResponse
+	21, // [21:32] is the sub-list for method output_type
+	10, // [10:21] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_user_v1_user_proto_init() }
@@ -1299,7 +1597,7 @@ func file_gitraft_user_v1_user_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_user_v1_user_proto_rawDesc), len(file_gitraft_user_v1_user_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   21,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

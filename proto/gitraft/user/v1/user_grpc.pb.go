@@ -22,15 +22,17 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	UserService_CreateUser_FullMethodName = "/gitraft.user.v1.UserService/CreateUser"
-	UserService_DeleteUser_FullMethodName = "/gitraft.user.v1.UserService/DeleteUser"
-	UserService_ListUsers_FullMethodName  = "/gitraft.user.v1.UserService/ListUsers"
-	UserService_AddKey_FullMethodName     = "/gitraft.user.v1.UserService/AddKey"
-	UserService_RemoveKey_FullMethodName  = "/gitraft.user.v1.UserService/RemoveKey"
-	UserService_ListKeys_FullMethodName   = "/gitraft.user.v1.UserService/ListKeys"
-	UserService_SetAccess_FullMethodName  = "/gitraft.user.v1.UserService/SetAccess"
-	UserService_ListGrants_FullMethodName = "/gitraft.user.v1.UserService/ListGrants"
-	UserService_GetHostKey_FullMethodName = "/gitraft.user.v1.UserService/GetHostKey"
+	UserService_CreateUser_FullMethodName         = "/gitraft.user.v1.UserService/CreateUser"
+	UserService_DeleteUser_FullMethodName         = "/gitraft.user.v1.UserService/DeleteUser"
+	UserService_ListUsers_FullMethodName          = "/gitraft.user.v1.UserService/ListUsers"
+	UserService_AddKey_FullMethodName             = "/gitraft.user.v1.UserService/AddKey"
+	UserService_RemoveKey_FullMethodName          = "/gitraft.user.v1.UserService/RemoveKey"
+	UserService_ListKeys_FullMethodName           = "/gitraft.user.v1.UserService/ListKeys"
+	UserService_SetAccess_FullMethodName          = "/gitraft.user.v1.UserService/SetAccess"
+	UserService_ListGrants_FullMethodName         = "/gitraft.user.v1.UserService/ListGrants"
+	UserService_GetHostKey_FullMethodName         = "/gitraft.user.v1.UserService/GetHostKey"
+	UserService_ExportStateHostKey_FullMethodName = "/gitraft.user.v1.UserService/ExportStateHostKey"
+	UserService_ForgetStateHostKey_FullMethodName = "/gitraft.user.v1.UserService/ForgetStateHostKey"
 )
 
 // UserServiceClient is the client API for UserService service.
@@ -47,8 +49,17 @@ type UserServiceClient interface {
 	// SetAccess grants (or, with ACCESS_NONE, revokes) a user's access to a repo.
 	SetAccess(ctx context.Context, in *SetAccessRequest, opts ...grpc.CallOption) (*SetAccessResponse, error)
 	ListGrants(ctx context.Context, in *ListGrantsRequest, opts ...grpc.CallOption) (*ListGrantsResponse, error)
-	// GetHostKey returns the cluster's SSH host key, public part only.
+	// GetHostKey returns the cluster's SSH host keys, public parts only: every
+	// key a member announces from its host key files, and the key an older
+	// gitraft kept in the replicated state while its private part is there.
 	GetHostKey(ctx context.Context, in *GetHostKeyRequest, opts ...grpc.CallOption) (*GetHostKeyResponse, error)
+	// ExportStateHostKey returns the private SSH host key an older gitraft
+	// kept in the replicated state, so that it can be moved to host key files
+	// (gitraft cluster host-key export). NotFound when there is none.
+	ExportStateHostKey(ctx context.Context, in *ExportStateHostKeyRequest, opts ...grpc.CallOption) (*ExportStateHostKeyResponse, error)
+	// ForgetStateHostKey drops that private key from the replicated state
+	// (gitraft cluster host-key forget-private).
+	ForgetStateHostKey(ctx context.Context, in *ForgetStateHostKeyRequest, opts ...grpc.CallOption) (*ForgetStateHostKeyResponse, error)
 }
 
 type userServiceClient struct {
@@ -149,6 +160,26 @@ func (c *userServiceClient) GetHostKey(ctx context.Context, in *GetHostKeyReques
 	return out, nil
 }
 
+func (c *userServiceClient) ExportStateHostKey(ctx context.Context, in *ExportStateHostKeyRequest, opts ...grpc.CallOption) (*ExportStateHostKeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ExportStateHostKeyResponse)
+	err := c.cc.Invoke(ctx, UserService_ExportStateHostKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *userServiceClient) ForgetStateHostKey(ctx context.Context, in *ForgetStateHostKeyRequest, opts ...grpc.CallOption) (*ForgetStateHostKeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ForgetStateHostKeyResponse)
+	err := c.cc.Invoke(ctx, UserService_ForgetStateHostKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // UserServiceServer is the server API for UserService service.
 // All implementations must embed UnimplementedUserServiceServer
 // for forward compatibility.
@@ -163,8 +194,17 @@ type UserServiceServer interface {
 	// SetAccess grants (or, with ACCESS_NONE, revokes) a user's access to a repo.
 	SetAccess(context.Context, *SetAccessRequest) (*SetAccessResponse, error)
 	ListGrants(context.Context, *ListGrantsRequest) (*ListGrantsResponse, error)
-	// GetHostKey returns the cluster's SSH host key, public part only.
+	// GetHostKey returns the cluster's SSH host keys, public parts only: every
+	// key a member announces from its host key files, and the key an older
+	// gitraft kept in the replicated state while its private part is there.
 	GetHostKey(context.Context, *GetHostKeyRequest) (*GetHostKeyResponse, error)
+	// ExportStateHostKey returns the private SSH host key an older gitraft
+	// kept in the replicated state, so that it can be moved to host key files
+	// (gitraft cluster host-key export). NotFound when there is none.
+	ExportStateHostKey(context.Context, *ExportStateHostKeyRequest) (*ExportStateHostKeyResponse, error)
+	// ForgetStateHostKey drops that private key from the replicated state
+	// (gitraft cluster host-key forget-private).
+	ForgetStateHostKey(context.Context, *ForgetStateHostKeyRequest) (*ForgetStateHostKeyResponse, error)
 	mustEmbedUnimplementedUserServiceServer()
 }
 
@@ -201,6 +241,12 @@ func (UnimplementedUserServiceServer) ListGrants(context.Context, *ListGrantsReq
 }
 func (UnimplementedUserServiceServer) GetHostKey(context.Context, *GetHostKeyRequest) (*GetHostKeyResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetHostKey not implemented")
+}
+func (UnimplementedUserServiceServer) ExportStateHostKey(context.Context, *ExportStateHostKeyRequest) (*ExportStateHostKeyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ExportStateHostKey not implemented")
+}
+func (UnimplementedUserServiceServer) ForgetStateHostKey(context.Context, *ForgetStateHostKeyRequest) (*ForgetStateHostKeyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ForgetStateHostKey not implemented")
 }
 func (UnimplementedUserServiceServer) mustEmbedUnimplementedUserServiceServer() {}
 func (UnimplementedUserServiceServer) testEmbeddedByValue()                     {}
@@ -385,6 +431,42 @@ func _UserService_GetHostKey_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _UserService_ExportStateHostKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ExportStateHostKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).ExportStateHostKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_ExportStateHostKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).ExportStateHostKey(ctx, req.(*ExportStateHostKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _UserService_ForgetStateHostKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ForgetStateHostKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(UserServiceServer).ForgetStateHostKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: UserService_ForgetStateHostKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(UserServiceServer).ForgetStateHostKey(ctx, req.(*ForgetStateHostKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // UserService_ServiceDesc is the grpc.ServiceDesc for UserService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -427,6 +509,14 @@ var UserService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetHostKey",
 			Handler:    _UserService_GetHostKey_Handler,
+		},
+		{
+			MethodName: "ExportStateHostKey",
+			Handler:    _UserService_ExportStateHostKey_Handler,
+		},
+		{
+			MethodName: "ForgetStateHostKey",
+			Handler:    _UserService_ForgetStateHostKey_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
