@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"net/smtp"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -241,5 +242,109 @@ func Test_E2E_MailDrain(t *testing.T) {
 	})
 	if ls := c.must(agentNode, "mail", "ls"); !strings.Contains(ls, "mx2") || !strings.Contains(ls, "active") {
 		t.Fatalf("mail ls:\n%s", ls)
+	}
+}
+
+// startMailCluster starts three nodes with the agent of mail host mx2 on
+// n3, driving pf, and registers mx1 (no agent) as the other MX.
+func startMailCluster(t *testing.T, pf *postfixInstance, extra ...string) *cluster {
+	t.Helper()
+	c := startCluster(t, 3, func(n *node) {
+		if n.id == "n3" {
+			n.args = append(n.args, "--mail-host", "mx2", "--mail-address", "mx2.example.test", "--mail-priority", "20",
+				"--mail-postfix-config-dir", pf.conf,
+				"--mail-flush-interval", "1s", "--mail-queue-interval", "250ms", "--mail-report-interval", "2s", "--mail-settle", "1s")
+			n.args = append(n.args, extra...)
+		}
+	})
+	c.must(c.nodes[0], "mail", "add", "mx1", "--address", "mx1.example.test", "--priority", "10")
+	waitFor(t, "mx2 registered by its agent", 30*time.Second, func() bool {
+		return c.mailHost(c.nodes[0], "mx2").GetQueueReportedBy() == "agent:n3"
+	})
+	return c
+}
+
+// Test_E2E_MailOldSessionAcrossDrain opens an SMTP session before a drain
+// and keeps it open across it: Postfix's reload leaves that session alone,
+// so it can still queue mail. The host stays draining while it is open,
+// the message it sends afterwards is accepted and reaches the relay, and
+// only then is the host drained.
+func Test_E2E_MailOldSessionAcrossDrain(t *testing.T) {
+	relay := startSink(t, true)
+	pf := startPostfix(t, relay.addr())
+	c := startMailCluster(t, pf)
+
+	old, err := smtp.Dial(pf.smtpAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	if err := old.Hello("old-session.example.test"); err != nil {
+		t.Fatal(err)
+	}
+
+	c.must(c.nodes[0], "mail", "drain", "mx2", "--deadline", "10m")
+	var probes []string
+	waitFor(t, "new mail to mx2 refused with 4xx", 15*time.Second, func() bool {
+		id := fmt.Sprintf("probe-%d@e2e.test", time.Now().UnixNano())
+		err := pf.send(id)
+		if err == nil {
+			probes = append(probes, id)
+			return false
+		}
+		if code := smtpCode(err); code < 400 || code > 499 {
+			t.Fatalf("new mail while draining: %v, want a 4xx reply", err)
+		}
+		return true
+	})
+	// Well past settle (1s) and a few queue counts: the queue is empty, but
+	// the old session is open.
+	until := time.Now().Add(5 * time.Second)
+	for time.Now().Before(until) {
+		h := c.mailHost(c.nodes[0], "mx2")
+		if h.GetState() != mailv1.HostState_HOST_STATE_DRAINING {
+			t.Fatalf("mx2 is %s with an SMTP session from before the drain open: %v", h.GetState(), h)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if h := c.mailHost(c.nodes[0], "mx2"); h.GetOldSessions() != 1 {
+		t.Fatalf("mx2 reports %d old sessions, want 1: %v", h.GetOldSessions(), h)
+	}
+	if ls := c.must(c.nodes[1], "mail", "ls"); !strings.Contains(ls, "1 SMTP session from before the drain") {
+		t.Fatalf("mail ls does not say why mx2 is not drained:\n%s", ls)
+	}
+
+	// The old session still gets its message accepted.
+	const id = "old-session@e2e.test"
+	if err := old.Mail("sender@client.example.test"); err != nil {
+		t.Fatalf("MAIL in the old session: %v", err)
+	}
+	if err := old.Rcpt("user@forge.example.test"); err != nil {
+		t.Fatalf("RCPT in the old session: %v", err)
+	}
+	w, err := old.Data()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(w, "Message-ID: <%s>\r\nSubject: old session\r\n\r\nqueued after the drain\r\n", id)
+	if err := w.Close(); err != nil {
+		t.Fatalf("the old session's message was not accepted: %v", err)
+	}
+	time.Sleep(time.Second)
+	if h := c.mailHost(c.nodes[0], "mx2"); h.GetState() != mailv1.HostState_HOST_STATE_DRAINING {
+		t.Fatalf("mx2 is %s while the old session is still open", h.GetState())
+	}
+	if err := old.Quit(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "mx2 drained once the old session ended", 30*time.Second, func() bool {
+		return c.mailHost(c.nodes[0], "mx2").GetState() == mailv1.HostState_HOST_STATE_DRAINED
+	})
+	_, got := relay.counts()
+	if want := slices.Sorted(slices.Values(append(probes, id))); !slices.Equal(got, want) {
+		t.Fatalf("mx2 is drained, and the relay received\n%v\nwant\n%v", got, want)
+	}
+	if q := pf.queue(); q != 0 {
+		t.Fatalf("drained with %d messages queued", q)
 	}
 }

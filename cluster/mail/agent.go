@@ -7,6 +7,8 @@ import (
 	"strings"
 	"time"
 
+	"google.golang.org/protobuf/types/known/durationpb"
+
 	mailv1 "github.com/gitraft/gitraft/proto/gitraft/mail/v1"
 )
 
@@ -81,6 +83,7 @@ type Agent struct {
 	lastFlush  time.Time // of drainID
 	lastSample time.Time // of the queue
 	lastReport time.Time // of the queue
+	oldSessions int      // SMTP sessions from before the drain, last counted
 	warned     map[string]warning
 }
 
@@ -337,21 +340,41 @@ func (a *Agent) flush(ctx context.Context, now time.Time) {
 
 // report counts the queue and reports it when it changed (an active host
 // at most every activeReportEvery), or when the last report is older than
-// ReportInterval. A count taken after new mail had been refused for Settle
-// carries the drain's id, so that an empty queue ends the drain.
+// ReportInterval. A count can end the drain (it carries the drain's id)
+// only once new mail has been refused for Settle and no SMTP session that
+// began before the refusal is open: such a session may still queue mail.
+// The sessions are counted before the queue, so that a message such a
+// session queued before it ended is in the count.
 func (a *Agent) report(ctx context.Context, me *mailv1.Host, now time.Time) {
+	var drainID uint64
+	var old int
+	if me.GetState() != mailv1.HostState_HOST_STATE_ACTIVE && a.deferOn != nil && *a.deferOn && now.Sub(a.deferredAt) >= a.cfg.Settle {
+		n, err := a.mta.OldSessions(ctx)
+		switch {
+		case err != nil:
+			a.warn("counting the SMTP sessions from before the drain failed; the host stays draining", err)
+			old = int(me.GetOldSessions())
+		case n > 0:
+			old = n
+			if n != a.oldSessions {
+				a.log.Info("waiting for SMTP sessions from before the drain to end: they may still queue mail", "sessions", n, "drain", me.GetDrainId())
+			}
+		default:
+			drainID = me.GetDrainId()
+		}
+		if err == nil {
+			a.oldSessions = n
+		}
+	}
 	size, err := a.mta.QueueSize(ctx)
 	if err != nil {
 		a.warn("counting the queue failed", err)
 		return
 	}
 	a.lastSample = now
-	var drainID uint64
-	if me.GetState() != mailv1.HostState_HOST_STATE_ACTIVE && a.deferOn != nil && *a.deferOn && now.Sub(a.deferredAt) >= a.cfg.Settle {
-		drainID = me.GetDrainId()
-	}
 	stale := me.GetQueueReportedAt() == nil || now.Sub(me.GetQueueReportedAt().AsTime()) >= a.cfg.ReportInterval
-	need := stale || uint64(size) != me.GetQueueSize() || me.GetQueueReportedBy() != a.by()
+	need := stale || uint64(size) != me.GetQueueSize() || me.GetQueueReportedBy() != a.by() ||
+		uint32(old) != me.GetOldSessions() || me.GetAgentReportInterval().AsDuration() != a.cfg.ReportInterval
 	if drainID != 0 && me.GetState() == mailv1.HostState_HOST_STATE_DRAINING && size == 0 {
 		need = true
 	}
@@ -363,6 +386,7 @@ func (a *Agent) report(ctx context.Context, me *mailv1.Host, now time.Time) {
 	}
 	r, err := a.cluster.ProposeMail(ctx, &mailv1.Command{Command: &mailv1.Command_ReportQueue{ReportQueue: &mailv1.ReportQueue{
 		Name: me.GetName(), DrainId: drainID, QueueSize: uint64(size), By: a.by(),
+		OldSessions: uint32(old), ReportInterval: durationpb.New(a.cfg.ReportInterval),
 	}}})
 	if err != nil {
 		a.warn("reporting the queue failed; will retry", err)

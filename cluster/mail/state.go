@@ -284,10 +284,14 @@ func (s *State) reportQueue(index uint64, now time.Time, c *mailv1.ReportQueue) 
 	n.QueueSize = c.GetQueueSize()
 	n.QueueReportedAt = timestamppb.New(now)
 	n.QueueReportedBy = c.GetBy()
+	n.OldSessions = c.GetOldSessions()
+	if c.GetReportInterval() != nil {
+		n.AgentReportInterval = c.GetReportInterval()
+	}
 	s.hosts[n.GetName()] = n
 	current := c.GetDrainId() != 0 && c.GetDrainId() == h.GetDrainId()
 	switch {
-	case current && h.GetState() == mailv1.HostState_HOST_STATE_DRAINING && c.GetQueueSize() == 0:
+	case current && h.GetState() == mailv1.HostState_HOST_STATE_DRAINING && c.GetQueueSize() == 0 && c.GetOldSessions() == 0:
 		n.State = mailv1.HostState_HOST_STATE_DRAINED
 		n.StateChangedAt = timestamppb.New(now)
 		s.record(index, now, n.GetName(), mailv1.Event_EVENT_DRAINED, h.GetState(), n.GetState(), c.GetBy(), "queue empty")

@@ -77,6 +77,9 @@ func writeMailHosts(w io.Writer, hosts []*mailv1.Host, now time.Time) error {
 			if h.GetHandoffPeer() != "" {
 				state += ", handed to " + h.GetHandoffPeer()
 			}
+			if n := h.GetOldSessions(); n > 0 {
+				state += fmt.Sprintf(", %d SMTP %s from before the drain open", n, plural(int(n), "session", "sessions"))
+			}
 		case mailv1.HostState_HOST_STATE_DRAINED:
 			deadline = "drained " + ago(now, h.GetStateChangedAt())
 		}
@@ -307,4 +310,11 @@ func newMailMXCmd(g *globalOpts) *cobra.Command {
 			return err
 		},
 	}
+}
+
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return one
+	}
+	return many
 }
