@@ -72,19 +72,19 @@ type Agent struct {
 	now     func() time.Time
 	peers   []handoffPeer
 
-	registered bool
-	synced     bool      // a linearizable read happened
-	deferOn    *bool     // what the MTA was last set to (nil: unknown)
-	deferredAt time.Time // when deferring started
-	appliedAt  time.Time // when the MTA settings were last applied
-	handoff    *string   // next hop the MTA was last set to (nil: unknown)
-	handPeer   string    // the host behind handoff
-	drainID    uint64    // the drain last seen
-	lastFlush  time.Time // of drainID
-	lastSample time.Time // of the queue
-	lastReport time.Time // of the queue
-	oldSessions int      // SMTP sessions from before the drain, last counted
-	warned     map[string]warning
+	registered  bool
+	synced      bool      // a linearizable read happened
+	deferOn     *bool     // what the MTA was last set to (nil: unknown)
+	deferredAt  time.Time // when deferring started
+	appliedAt   time.Time // when the MTA settings were last applied
+	handoff     *string   // next hop the MTA was last set to (nil: unknown)
+	handPeer    string    // the host behind handoff
+	drainID     uint64    // the drain last seen
+	lastFlush   time.Time // of drainID
+	lastSample  time.Time // of the queue
+	lastReport  time.Time // of the queue
+	oldSessions int       // SMTP sessions from before the drain, last counted
+	warned      map[string]warning
 }
 
 type warning struct {
