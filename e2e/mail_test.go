@@ -348,3 +348,75 @@ func Test_E2E_MailOldSessionAcrossDrain(t *testing.T) {
 		t.Fatalf("drained with %d messages queued", q)
 	}
 }
+
+// Test_E2E_MailAgentDown drains and undrains a host while its agent's node
+// is down: the state changes, Postfix there cannot, and the CLI, mail ls
+// and the metrics say so. When the node comes back, its agent applies the
+// state and the flag clears.
+func Test_E2E_MailAgentDown(t *testing.T) {
+	relay := startSink(t, true)
+	pf := startPostfix(t, relay.addr())
+	c := startMailCluster(t, pf)
+	agentNode := c.node("n3")
+	other := c.node("n1")
+	metric := func() string {
+		_, body := httpGet("http://" + other.httpAddr + "/metrics")
+		for _, l := range strings.Split(body, "\n") {
+			if strings.HasPrefix(l, `gitraft_mail_agent_silent{host="mx2"}`) {
+				return l
+			}
+		}
+		return "(no gitraft_mail_agent_silent for mx2)"
+	}
+	if m := metric(); !strings.HasSuffix(m, " 0") {
+		t.Fatalf("agent up: %s", m)
+	}
+	if r := c.run(other, "mail", "drain", "mx2", "--deadline", "10m"); r.code != 0 || strings.Contains(r.stderr, "warning") {
+		t.Fatalf("drain with the agent up: %s", r)
+	}
+	c.must(other, "mail", "undrain", "mx2")
+
+	agentNode.kill()
+	// The agent reports every 2s: silent after 3 intervals.
+	waitFor(t, "mx2's agent flagged silent by mail ls", 20*time.Second, func() bool {
+		return strings.Contains(c.must(other, "mail", "ls"), "SILENT")
+	})
+	if m := metric(); !strings.HasSuffix(m, " 1") {
+		t.Fatalf("agent down: %s", m)
+	}
+	const warn = "has not reported for"
+	const unchanged = "Postfix there is unchanged until it comes back"
+	r := c.run(other, "mail", "drain", "mx2", "--deadline", "10m", "--reason", "agent down")
+	if r.code != 0 || !strings.Contains(r.stderr, "recorded, but the agent on mx2 "+warn) || !strings.Contains(r.stderr, unchanged) {
+		t.Fatalf("drain with the agent down: %s", r)
+	}
+	// Postfix there did not follow: it still takes mail.
+	if err := pf.send("while-agent-down@e2e.test"); err != nil {
+		t.Fatalf("mx2's Postfix changed without its agent: %v", err)
+	}
+	r = c.run(other, "mail", "undrain", "mx2")
+	if r.code != 0 || !strings.Contains(r.stderr, warn) || !strings.Contains(r.stderr, unchanged) {
+		t.Fatalf("undrain with the agent down: %s", r)
+	}
+	r = c.run(other, "mail", "drain", "mx2", "--deadline", "10m")
+	if r.code != 0 || !strings.Contains(r.stderr, warn) {
+		t.Fatalf("second drain with the agent down: %s", r)
+	}
+
+	// The node comes back: its agent applies the drain.
+	agentNode.start()
+	agentNode.waitReady(60 * time.Second)
+	waitFor(t, "mx2's Postfix refusing new mail with 4xx", 30*time.Second, func() bool {
+		err := pf.send(fmt.Sprintf("after-return-%d@e2e.test", time.Now().UnixNano()))
+		return err != nil && smtpCode(err) >= 400 && smtpCode(err) < 500
+	})
+	waitFor(t, "mx2 drained by its returned agent", 30*time.Second, func() bool {
+		return c.mailHost(other, "mx2").GetState() == mailv1.HostState_HOST_STATE_DRAINED
+	})
+	if ls := c.must(other, "mail", "ls"); strings.Contains(ls, "SILENT") {
+		t.Fatalf("still flagged after the agent came back:\n%s", ls)
+	}
+	if m := metric(); !strings.HasSuffix(m, " 0") {
+		t.Fatalf("agent back: %s", m)
+	}
+}

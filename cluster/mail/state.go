@@ -446,3 +446,28 @@ func Restore(snap *mailv1.Snapshot) (*State, error) {
 	}
 	return s, nil
 }
+
+// SilentAfter is how many of its report intervals an agent may go without
+// reporting before its host is flagged: its Postfix may no longer follow
+// the state.
+const SilentAfter = 3
+
+// DefaultReportInterval is the agent's report interval when it did not
+// announce one.
+const DefaultReportInterval = time.Minute
+
+// AgentSilence says whether the agent of h has gone silent by now: no
+// report for SilentAfter of its report intervals, or none ever (since is
+// then 0). A silent agent's Postfix is unchanged by drains and undrains
+// until it reports again.
+func AgentSilence(h *mailv1.Host, now time.Time) (since time.Duration, silent bool) {
+	if h.GetQueueReportedAt() == nil {
+		return 0, true
+	}
+	every := h.GetAgentReportInterval().AsDuration()
+	if every <= 0 {
+		every = DefaultReportInterval
+	}
+	since = now.Sub(h.GetQueueReportedAt().AsTime())
+	return since, since > SilentAfter*every
+}

@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/cobra"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/gitraft/gitraft/cluster/mail"
 	mailv1 "github.com/gitraft/gitraft/proto/gitraft/mail/v1"
 )
 
@@ -63,7 +64,7 @@ func writeMailHosts(w io.Writer, hosts []*mailv1.Host, now time.Time) error {
 		_, err := fmt.Fprintln(w, "no mail hosts (add one: gitraft mail add NAME --address mx1.example.org)")
 		return err
 	}
-	t := newTable(w, "HOST", "ADDRESS", "PRIORITY", "STATE", "QUEUE", "DEADLINE", "REASON")
+	t := newTable(w, "HOST", "ADDRESS", "PRIORITY", "STATE", "QUEUE", "AGENT", "DEADLINE", "REASON")
 	for _, h := range hosts {
 		state := stateWord(h.GetState())
 		deadline := ""
@@ -87,9 +88,38 @@ func writeMailHosts(w io.Writer, hosts []*mailv1.Host, now time.Time) error {
 		if validTime(h.GetQueueReportedAt()) {
 			queue = fmt.Sprintf("%d (%s)", h.GetQueueSize(), ago(now, h.GetQueueReportedAt()))
 		}
-		t.row(h.GetName(), h.GetAddress(), strconv.Itoa(int(h.GetPriority())), state, queue, deadline, h.GetReason())
+		t.row(h.GetName(), h.GetAddress(), strconv.Itoa(int(h.GetPriority())), state, queue, agentWord(h, now), deadline, h.GetReason())
 	}
 	return t.flush()
+}
+
+// agentWord says how the host's agent is doing: "n3", or "SILENT 5m (n3)"
+// when it has not reported for mail.SilentAfter of its report intervals,
+// or "NONE" when no agent ever reported.
+func agentWord(h *mailv1.Host, now time.Time) string {
+	since, silent := mail.AgentSilence(h, now)
+	by := strings.TrimPrefix(h.GetQueueReportedBy(), "agent:")
+	switch {
+	case !validTime(h.GetQueueReportedAt()):
+		return "NONE"
+	case silent:
+		return "SILENT " + humanDuration(since) + " (" + by + ")"
+	}
+	return by
+}
+
+// agentWarning is what a drain or undrain of h must add when the host's
+// agent is silent: the change is recorded, but Postfix does not follow it
+// yet. "" when the agent reports.
+func agentWarning(h *mailv1.Host, now time.Time) string {
+	since, silent := mail.AgentSilence(h, now)
+	switch {
+	case !silent:
+		return ""
+	case !validTime(h.GetQueueReportedAt()):
+		return fmt.Sprintf("recorded, but no agent has ever reported for %s (does a node run gitraft serve with mail.host: %s?); Postfix there is unchanged until one does", h.GetName(), h.GetName())
+	}
+	return fmt.Sprintf("recorded, but the agent on %s has not reported for %s; Postfix there is unchanged until it comes back", h.GetName(), humanDuration(since))
 }
 
 func newMailAddCmd(g *globalOpts) *cobra.Command {
@@ -196,14 +226,17 @@ nothing.`,
 				return nil
 			}
 			h := resp.GetHost()
-			queue := fmt.Sprintf("no agent has reported its queue yet: does a node run with mail.host: %s?", h.GetName())
-			if validTime(h.GetQueueReportedAt()) {
-				queue = fmt.Sprintf("%d messages as last reported", h.GetQueueSize())
-			}
 			now := time.Now()
+			queue := "no queue reported yet"
+			if validTime(h.GetQueueReportedAt()) {
+				queue = fmt.Sprintf("%d messages as reported %s", h.GetQueueSize(), ago(now, h.GetQueueReportedAt()))
+			}
 			fmt.Fprintf(out, "mail host %s is draining (index %d): out of the MX set now; its agent refuses new mail with 4xx and flushes the queue (%s)\n", h.GetName(), resp.GetIndex(), queue)
 			fmt.Fprintf(out, "deadline %s (%s); it is drained once its queue is empty: gitraft mail ls\n",
 				h.GetDeadline().AsTime().Local().Format("2006-01-02 15:04:05 MST"), expiresIn(now, h.GetDeadline()))
+			if w := agentWarning(h, now); w != "" {
+				fmt.Fprintln(cmd.ErrOrStderr(), "warning: "+w)
+			}
 			return nil
 		},
 	}
@@ -235,6 +268,9 @@ func newMailUndrainCmd(g *globalOpts) *cobra.Command {
 				return nil
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "mail host %s is active (index %d): back in the MX set; its agent takes new mail again\n", args[0], resp.GetIndex())
+			if w := agentWarning(resp.GetHost(), time.Now()); w != "" {
+				fmt.Fprintln(cmd.ErrOrStderr(), "warning: "+w)
+			}
 			return nil
 		},
 	}
