@@ -232,6 +232,7 @@ func (s *mailService) Drain(ctx context.Context, req *mailv1.DrainRequest) (*mai
 	by := caller(ctx)
 	r, err := s.n.commit(ctx, mailEntry(&mailv1.Command{Command: &mailv1.Command_Drain{Drain: &mailv1.Drain{
 		Name: req.GetName(), Deadline: durationpb.New(d), Reason: req.GetReason(), By: by, Force: req.GetForce(),
+		UpdateDeadline: req.GetDeadline() != nil,
 	}}}))
 	if err != nil {
 		return nil, err
