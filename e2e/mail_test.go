@@ -420,3 +420,64 @@ func Test_E2E_MailAgentDown(t *testing.T) {
 		t.Fatalf("agent back: %s", m)
 	}
 }
+
+// Test_E2E_MailHandoffFlushesPeer hands an overdue drain's leftover mail to
+// a peer whose next hop refuses it: once the next hop takes mail again, the
+// peer delivers it at once (its agent flushes while it is handed mail),
+// not after Postfix's retry backoff (5 minutes and more). The drain's
+// deadline is moved on the command line, and --wait blocks until drained.
+func Test_E2E_MailHandoffFlushesPeer(t *testing.T) {
+	relay := startSink(t, false)
+	pf1 := startPostfixAs(t, relay.addr(), "mx1.example.test")
+	pf2 := startPostfix(t, relay.addr())
+	c := startCluster(t, 3, func(n *node) {
+		common := []string{"--mail-flush-interval", "1s", "--mail-queue-interval", "250ms", "--mail-report-interval", "2s", "--mail-settle", "1s"}
+		switch n.id {
+		case "n2":
+			n.args = append(n.args, "--mail-host", "mx1", "--mail-address", "mx1.example.test", "--mail-priority", "10", "--mail-postfix-config-dir", pf1.conf)
+			n.args = append(n.args, common...)
+		case "n3":
+			n.args = append(n.args, "--mail-host", "mx2", "--mail-address", "mx2.example.test", "--mail-priority", "20", "--mail-postfix-config-dir", pf2.conf,
+				"--mail-handoff-peers", "mx1="+relayHost(pf1.smtpAddr))
+			n.args = append(n.args, common...)
+		}
+	})
+	n1 := c.node("n1")
+	waitFor(t, "both agents registered", 30*time.Second, func() bool {
+		return c.mailHost(n1, "mx1").GetQueueReportedBy() == "agent:n2" && c.mailHost(n1, "mx2").GetQueueReportedBy() == "agent:n3"
+	})
+	want := []string{"handed-1@e2e.test", "handed-2@e2e.test"}
+	for _, id := range want {
+		if err := pf2.send(id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "2 messages queued on mx2", 30*time.Second, func() bool { return pf2.queue() == 2 })
+
+	c.must(n1, "mail", "drain", "mx2", "--deadline", "1h")
+	if s := c.must(n1, "mail", "drain", "mx2"); !strings.Contains(s, "already draining") {
+		t.Fatalf("drain again without --deadline: %q", s)
+	}
+	// Move the deadline: 2s from now, so that the drain is overdue and its
+	// mail goes to mx1. --wait returns once mx2 is drained.
+	s := c.must(n1, "mail", "drain", "mx2", "--deadline", "2s", "--wait", "--wait-timeout", "60s")
+	if !strings.Contains(s, "deadline of the drain of mx2 moved to") || !strings.Contains(s, "mx2 is drained") {
+		t.Fatalf("drain --deadline 2s --wait said:\n%s", s)
+	}
+	h := c.mailHost(n1, "mx2")
+	if h.GetState() != mailv1.HostState_HOST_STATE_DRAINED || h.GetHandoffPeer() != "mx1" || pf2.queue() != 0 {
+		t.Fatalf("after --wait: %v, mx2's queue %d", h, pf2.queue())
+	}
+	if countEvents(c.mailHistory(n1, "mx2"), mailv1.Event_EVENT_UPDATED) != 1 {
+		t.Fatalf("the deadline's move is not in the history: %v", c.mailHistory(n1, "mx2"))
+	}
+	// The handed mail waits on mx1, its next hop refusing.
+	waitFor(t, "the handed mail deferred on mx1", 30*time.Second, func() bool {
+		return pf1.deferred() == 2
+	})
+	relay.setAccept(true)
+	waitFor(t, "the handed mail delivered by mx1 without waiting for its backoff", 30*time.Second, func() bool {
+		_, got := relay.counts()
+		return slices.Equal(got, want)
+	})
+}

@@ -51,6 +51,11 @@ type AgentConfig struct {
 	Settle time.Duration
 }
 
+// handoffFlushTail is how long a handoff peer goes on flushing its queue
+// after the host handing it mail is drained: the handed mail is all there
+// by then, and some of it may wait for Postfix's own retry backoff.
+const handoffFlushTail = 15 * time.Minute
+
 // activeReportEvery limits queue reports of an active host, whose queue
 // changes all the time, to one per this period.
 const activeReportEvery = 15 * time.Second
@@ -84,6 +89,8 @@ type Agent struct {
 	lastSample  time.Time // of the queue
 	lastReport  time.Time // of the queue
 	oldSessions int       // SMTP sessions from before the drain, last counted
+	peerFlush   time.Time // last flush for hosts handing mail to this one
+	givers      string    // the hosts handing mail to this one, last seen
 	warned      map[string]warning
 }
 
@@ -221,6 +228,8 @@ func (a *Agent) Step(ctx context.Context) {
 	}
 	if draining && now.Sub(a.lastFlush) >= a.cfg.FlushInterval {
 		a.flush(ctx, now)
+	} else if !draining {
+		a.flushForGivers(ctx, hosts, now)
 	}
 	if !newDrain && now.Sub(a.lastSample) < a.cfg.QueueInterval {
 		return
@@ -329,6 +338,45 @@ func (a *Agent) handoffTarget(me *mailv1.Host, hosts []*mailv1.Host) (nexthop, p
 	}
 	a.warn("no handoff peer", fmt.Errorf("the drain of %s is overdue, but none of the handoff peers (%s) is active; the leftover mail stays queued", me.GetName(), strings.Join(a.cfg.HandoffPeers, ", ")))
 	return "", ""
+}
+
+// flushForGivers flushes this host's queue at once and every
+// FlushInterval while another host hands its leftover mail to this one, and
+// for handoffFlushTail after that host is drained: mail handed over while
+// the next hop refused would otherwise wait for this Postfix's own retry
+// backoff (minutes to over an hour) once the next hop takes mail again.
+func (a *Agent) flushForGivers(ctx context.Context, hosts []*mailv1.Host, now time.Time) {
+	var givers []string
+	for _, h := range hosts {
+		if h.GetHandoffPeer() != a.cfg.Host || h.GetName() == a.cfg.Host {
+			continue
+		}
+		switch h.GetState() {
+		case mailv1.HostState_HOST_STATE_DRAINING:
+		case mailv1.HostState_HOST_STATE_DRAINED:
+			if now.Sub(h.GetStateChangedAt().AsTime()) >= handoffFlushTail {
+				continue
+			}
+		default:
+			continue
+		}
+		givers = append(givers, h.GetName())
+	}
+	g := strings.Join(givers, ",")
+	if g != a.givers {
+		if g != "" {
+			a.log.Info("flushing the queue regularly: other hosts hand their leftover mail to this one", "from", g, "every", a.cfg.FlushInterval)
+			a.peerFlush = time.Time{}
+		}
+		a.givers = g
+	}
+	if g == "" || now.Sub(a.peerFlush) < a.cfg.FlushInterval {
+		return
+	}
+	a.peerFlush = now
+	if err := a.mta.Flush(ctx); err != nil {
+		a.warn("flushing the queue for handed-off mail failed", err)
+	}
 }
 
 func (a *Agent) flush(ctx context.Context, now time.Time) {

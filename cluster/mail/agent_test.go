@@ -389,3 +389,47 @@ func Test_Agent_Config(t *testing.T) {
 		}
 	}
 }
+
+// The peer that takes a drain's leftover mail flushes its own queue while
+// it is handed mail and for a while after the giver is drained, so that
+// handed mail does not wait for its retry backoff; then it stops.
+func Test_Agent_PeerFlushesHandedMail(t *testing.T) {
+	r := newAgentRig(t, AgentConfig{Host: "mx1", FlushInterval: 5 * time.Second})
+	r.c.apply(t, add("mx1", "mx1.example.org", 10))
+	r.c.apply(t, add("mx2", "mx2.example.org", 20))
+	r.step(time.Second)
+	r.step(10 * time.Second)
+	if r.mta.flushes != 0 {
+		t.Fatalf("an active host with no giver flushed %d times", r.mta.flushes)
+	}
+	r.c.apply(t, drain("mx2", 10*time.Second, "", false))
+	id := r.c.index
+	r.clock = r.clock.Add(20 * time.Second)
+	r.c.apply(t, overdue("mx2", id))
+	r.step(time.Second)
+	if r.mta.flushes != 0 {
+		t.Fatal("flushed before any mail was handed to it")
+	}
+	r.c.apply(t, &mailv1.Command{Command: &mailv1.Command_ReportHandoff{ReportHandoff: &mailv1.ReportHandoff{Name: "mx2", DrainId: id, Peer: "mx1"}}})
+	r.step(time.Second)
+	if r.mta.flushes != 1 {
+		t.Fatalf("no flush at once when mail is handed to it: %d", r.mta.flushes)
+	}
+	for i := 0; i < 10; i++ {
+		r.step(time.Second)
+	}
+	if r.mta.flushes != 3 {
+		t.Fatalf("flushes every 5s while handed mail: %d in 10s, want 3", r.mta.flushes)
+	}
+	r.c.apply(t, report("mx2", id, 0))
+	n := r.mta.flushes
+	r.step(handoffFlushTail / 2)
+	if r.mta.flushes != n+1 {
+		t.Fatal("stopped flushing as soon as the giver was drained")
+	}
+	r.step(handoffFlushTail)
+	r.step(time.Minute)
+	if r.mta.flushes != n+1 {
+		t.Fatalf("still flushing %s after the giver was drained", handoffFlushTail)
+	}
+}
