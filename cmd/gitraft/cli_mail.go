@@ -24,11 +24,13 @@ func newMailCmd(g *globalOpts) *cobra.Command {
 		Short: "Drain, flush and return MX hosts",
 		Long: `Mail hosts (MX) and their drain state, held by the cluster.
 
-A drained host is out of the MX set at once (mail.mx_zone_file on every node
+A draining host is out of the MX set at once (mail.mx_zone_file on every node
 that sets it, and gitraft mail mx). Its agent (gitraft serve with mail.host)
 has Postfix answer new mail with 4xx, flushes the queue, and reports its
-size; the host is drained once the queue is empty. gitraft mail undrain puts
-it back.`,
+size; the host is drained once the queue is empty and no SMTP session from
+before the drain is open. gitraft mail undrain puts it back. A host whose
+agent has not reported for 3 of its report intervals is shown as SILENT:
+its Postfix does not follow drains and undrains until the agent is back.`,
 	}
 	cmd.AddCommand(newMailListCmd(g), newMailAddCmd(g), newMailRemoveCmd(g), newMailDrainCmd(g),
 		newMailUndrainCmd(g), newMailHistoryCmd(g), newMailMXCmd(g))
