@@ -2,8 +2,10 @@ package cluster
 
 import (
 	"context"
+	"strings"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -90,9 +92,63 @@ func (n *Node) ProposeMail(ctx context.Context, c *mailv1.Command) (*mailv1.Resu
 	return r.GetMail(), nil
 }
 
-// registerMail adds the MailService to the node's gRPC server.
+// registerMail adds the MailService to the node's gRPC server, and the
+// mail metrics.
 func (n *Node) registerMail(s *grpc.Server) {
 	mailv1.RegisterMailServiceServer(s, &mailService{n: n})
+	n.metrics.reg.MustRegister(&mailCollector{n: n})
+}
+
+// mailCollector exports each mail host's state, queue and agent as this
+// node last applied them, with this node's clock for the ages.
+type mailCollector struct{ n *Node }
+
+var (
+	mailStateDesc = prometheus.NewDesc("gitraft_mail_host_state",
+		"State of each mail host (1 for its current state).", []string{"host", "state"}, nil)
+	mailQueueDesc = prometheus.NewDesc("gitraft_mail_queue_messages",
+		"Messages in the mail host's queue, as its agent last reported.", []string{"host"}, nil)
+	mailReportAgeDesc = prometheus.NewDesc("gitraft_mail_agent_report_age_seconds",
+		"Seconds since the mail host's agent last reported (absent when it never did).", []string{"host"}, nil)
+	mailSilentDesc = prometheus.NewDesc("gitraft_mail_agent_silent",
+		"1 when the mail host's agent has not reported for 3 of its report intervals, or never: its Postfix does not follow drains and undrains.", []string{"host"}, nil)
+	mailOldSessionsDesc = prometheus.NewDesc("gitraft_mail_old_sessions",
+		"SMTP sessions from before the drain still open on the mail host, as its agent last reported.", []string{"host"}, nil)
+)
+
+func (c *mailCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{mailStateDesc, mailQueueDesc, mailReportAgeDesc, mailSilentDesc, mailOldSessionsDesc} {
+		ch <- d
+	}
+}
+
+func (c *mailCollector) Collect(ch chan<- prometheus.Metric) {
+	var hosts []*mailv1.Host
+	c.n.fsm.Read(func(s *State) { hosts = s.Mail().Hosts() })
+	now := time.Now()
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	for _, h := range hosts {
+		for _, st := range []mailv1.HostState{mailv1.HostState_HOST_STATE_ACTIVE, mailv1.HostState_HOST_STATE_DRAINING, mailv1.HostState_HOST_STATE_DRAINED} {
+			v := 0.0
+			if h.GetState() == st {
+				v = 1
+			}
+			gauge(mailStateDesc, v, h.GetName(), strings.ToLower(strings.TrimPrefix(st.String(), "HOST_STATE_")))
+		}
+		gauge(mailQueueDesc, float64(h.GetQueueSize()), h.GetName())
+		gauge(mailOldSessionsDesc, float64(h.GetOldSessions()), h.GetName())
+		since, silent := mail.AgentSilence(h, now)
+		if h.GetQueueReportedAt() != nil {
+			gauge(mailReportAgeDesc, since.Seconds(), h.GetName())
+		}
+		v := 0.0
+		if silent {
+			v = 1
+		}
+		gauge(mailSilentDesc, v, h.GetName())
+	}
 }
 
 type mailService struct {
@@ -176,6 +232,7 @@ func (s *mailService) Drain(ctx context.Context, req *mailv1.DrainRequest) (*mai
 	by := caller(ctx)
 	r, err := s.n.commit(ctx, mailEntry(&mailv1.Command{Command: &mailv1.Command_Drain{Drain: &mailv1.Drain{
 		Name: req.GetName(), Deadline: durationpb.New(d), Reason: req.GetReason(), By: by, Force: req.GetForce(),
+		UpdateDeadline: req.GetDeadline() != nil,
 	}}}))
 	if err != nil {
 		return nil, err

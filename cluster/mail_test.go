@@ -61,6 +61,16 @@ func Test_Mail_ServiceThroughFollower(t *testing.T) {
 	if got := d.GetHost().GetDeadline().AsTime().Sub(d.GetHost().GetDrainStartedAt().AsTime()); got != DefaultDrainDeadline {
 		t.Fatalf("default deadline %s", got)
 	}
+	// Without a deadline, draining again changes nothing; with one, it
+	// moves the deadline.
+	if again, err := s.Drain(ctx, &mailv1.DrainRequest{Name: "mx2"}); err != nil || again.GetChanged() {
+		t.Fatalf("drain again: %v %v", again, err)
+	}
+	moved, err := s.Drain(ctx, &mailv1.DrainRequest{Name: "mx2", Deadline: durationpb.New(3 * time.Hour)})
+	if err != nil || !moved.GetChanged() || moved.GetHost().GetDrainId() != d.GetHost().GetDrainId() ||
+		moved.GetHost().GetDeadline().AsTime().Sub(d.GetHost().GetDeadline().AsTime()) < 2*time.Hour {
+		t.Fatalf("move the deadline: %v %v", moved, err)
+	}
 	_, err = s.Drain(ctx, &mailv1.DrainRequest{Name: "mx1"})
 	if code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "last active mail host") {
 		t.Fatalf("last active host: %v", err)
@@ -70,7 +80,7 @@ func Test_Mail_ServiceThroughFollower(t *testing.T) {
 		t.Fatalf("MX set while mx2 drains: %v %v", mxs, err)
 	}
 	hist, err := s.GetHistory(ctx, &mailv1.GetHistoryRequest{Host: "mx2"})
-	if err != nil || len(hist.GetEntries()) != 2 || hist.GetEntries()[1].GetBy() != "client" || hist.GetEntries()[1].GetReason() != "disk swap" {
+	if err != nil || len(hist.GetEntries()) != 3 || hist.GetEntries()[1].GetBy() != "client" || hist.GetEntries()[1].GetReason() != "disk swap" {
 		t.Fatalf("history: %v %v", hist, err)
 	}
 	if _, err := s.GetHistory(ctx, &mailv1.GetHistoryRequest{Host: "nope"}); code(err) != codes.NotFound {

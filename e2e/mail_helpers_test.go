@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bufio"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -32,6 +33,14 @@ type postfixInstance struct {
 // needs real directories the postfix user can reach: not t.TempDir, whose
 // parent is private to root.
 func startPostfix(t testing.TB, relay string) *postfixInstance {
+	t.Helper()
+	return startPostfixAs(t, relay, "mx2.example.test")
+}
+
+// startPostfixAs starts a Postfix instance named myhostname (instances
+// that relay to each other need their own names: Postfix refuses to relay
+// to a server that greets it with its own).
+func startPostfixAs(t testing.TB, relay, myhostname string) *postfixInstance {
 	t.Helper()
 	postfix, err := exec.LookPath("postfix")
 	if err != nil {
@@ -73,7 +82,7 @@ queue_directory = %[1]s/spool
 data_directory = %[1]s/data
 mail_owner = postfix
 setgid_group = postdrop
-myhostname = mx2.example.test
+myhostname = %[3]s
 mydestination =
 mynetworks = 127.0.0.0/8
 inet_interfaces = 127.0.0.1
@@ -86,7 +95,7 @@ smtp_dns_support_level = disabled
 smtp_connect_timeout = 5s
 maillog_file = %[1]s/maillog
 maillog_file_prefixes = %[1]s
-`, root, relayHost(relay))
+`, root, relayHost(relay), myhostname)
 	masterCf := fmt.Sprintf(`%s:%s inet n - n - - smtpd
 pickup unix n - n 60 1 pickup
 cleanup unix n - n - 0 cleanup
@@ -148,6 +157,26 @@ func (p *postfixInstance) queue() int {
 		p.t.Fatalf("postqueue -j: %s", r)
 	}
 	return strings.Count(r.stdout, `"queue_id"`)
+}
+
+// deferred counts the messages in Postfix's deferred queue: those whose
+// delivery failed and that wait for Postfix's retry backoff.
+func (p *postfixInstance) deferred() int {
+	p.t.Helper()
+	r := runCmd(p.t, p.root, nil, 30*time.Second, "postqueue", "-c", p.conf, "-j")
+	if r.code != 0 {
+		p.t.Fatalf("postqueue -j: %s", r)
+	}
+	n := 0
+	for _, line := range strings.Split(r.stdout, "\n") {
+		var m struct {
+			Queue string `json:"queue_name"`
+		}
+		if json.Unmarshal([]byte(line), &m) == nil && m.Queue == "deferred" {
+			n++
+		}
+	}
+	return n
 }
 
 // overrides lists master.cf's parameter overrides (postconf -P).

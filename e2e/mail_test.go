@@ -3,6 +3,7 @@ package e2e
 import (
 	"fmt"
 	"net"
+	"net/smtp"
 	"os"
 	"path/filepath"
 	"slices"
@@ -242,4 +243,241 @@ func Test_E2E_MailDrain(t *testing.T) {
 	if ls := c.must(agentNode, "mail", "ls"); !strings.Contains(ls, "mx2") || !strings.Contains(ls, "active") {
 		t.Fatalf("mail ls:\n%s", ls)
 	}
+}
+
+// startMailCluster starts three nodes with the agent of mail host mx2 on
+// n3, driving pf, and registers mx1 (no agent) as the other MX.
+func startMailCluster(t *testing.T, pf *postfixInstance, extra ...string) *cluster {
+	t.Helper()
+	c := startCluster(t, 3, func(n *node) {
+		if n.id == "n3" {
+			n.args = append(n.args, "--mail-host", "mx2", "--mail-address", "mx2.example.test", "--mail-priority", "20",
+				"--mail-postfix-config-dir", pf.conf,
+				"--mail-flush-interval", "1s", "--mail-queue-interval", "250ms", "--mail-report-interval", "2s", "--mail-settle", "1s")
+			n.args = append(n.args, extra...)
+		}
+	})
+	c.must(c.nodes[0], "mail", "add", "mx1", "--address", "mx1.example.test", "--priority", "10")
+	waitFor(t, "mx2 registered by its agent", 30*time.Second, func() bool {
+		return c.mailHost(c.nodes[0], "mx2").GetQueueReportedBy() == "agent:n3"
+	})
+	return c
+}
+
+// Test_E2E_MailOldSessionAcrossDrain opens an SMTP session before a drain
+// and keeps it open across it: Postfix's reload leaves that session alone,
+// so it can still queue mail. The host stays draining while it is open,
+// the message it sends afterwards is accepted and reaches the relay, and
+// only then is the host drained.
+func Test_E2E_MailOldSessionAcrossDrain(t *testing.T) {
+	relay := startSink(t, true)
+	pf := startPostfix(t, relay.addr())
+	c := startMailCluster(t, pf)
+
+	old, err := smtp.Dial(pf.smtpAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	if err := old.Hello("old-session.example.test"); err != nil {
+		t.Fatal(err)
+	}
+
+	c.must(c.nodes[0], "mail", "drain", "mx2", "--deadline", "10m")
+	var probes []string
+	waitFor(t, "new mail to mx2 refused with 4xx", 15*time.Second, func() bool {
+		id := fmt.Sprintf("probe-%d@e2e.test", time.Now().UnixNano())
+		err := pf.send(id)
+		if err == nil {
+			probes = append(probes, id)
+			return false
+		}
+		if code := smtpCode(err); code < 400 || code > 499 {
+			t.Fatalf("new mail while draining: %v, want a 4xx reply", err)
+		}
+		return true
+	})
+	// Well past settle (1s) and a few queue counts: the queue is empty, but
+	// the old session is open.
+	until := time.Now().Add(5 * time.Second)
+	for time.Now().Before(until) {
+		h := c.mailHost(c.nodes[0], "mx2")
+		if h.GetState() != mailv1.HostState_HOST_STATE_DRAINING {
+			t.Fatalf("mx2 is %s with an SMTP session from before the drain open: %v", h.GetState(), h)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if h := c.mailHost(c.nodes[0], "mx2"); h.GetOldSessions() != 1 {
+		t.Fatalf("mx2 reports %d old sessions, want 1: %v", h.GetOldSessions(), h)
+	}
+	if ls := c.must(c.nodes[1], "mail", "ls"); !strings.Contains(ls, "1 SMTP session from before the drain") {
+		t.Fatalf("mail ls does not say why mx2 is not drained:\n%s", ls)
+	}
+
+	// The old session still gets its message accepted.
+	const id = "old-session@e2e.test"
+	if err := old.Mail("sender@client.example.test"); err != nil {
+		t.Fatalf("MAIL in the old session: %v", err)
+	}
+	if err := old.Rcpt("user@forge.example.test"); err != nil {
+		t.Fatalf("RCPT in the old session: %v", err)
+	}
+	w, err := old.Data()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(w, "Message-ID: <%s>\r\nSubject: old session\r\n\r\nqueued after the drain\r\n", id)
+	if err := w.Close(); err != nil {
+		t.Fatalf("the old session's message was not accepted: %v", err)
+	}
+	time.Sleep(time.Second)
+	if h := c.mailHost(c.nodes[0], "mx2"); h.GetState() != mailv1.HostState_HOST_STATE_DRAINING {
+		t.Fatalf("mx2 is %s while the old session is still open", h.GetState())
+	}
+	if err := old.Quit(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "mx2 drained once the old session ended", 30*time.Second, func() bool {
+		return c.mailHost(c.nodes[0], "mx2").GetState() == mailv1.HostState_HOST_STATE_DRAINED
+	})
+	_, got := relay.counts()
+	if want := slices.Sorted(slices.Values(append(probes, id))); !slices.Equal(got, want) {
+		t.Fatalf("mx2 is drained, and the relay received\n%v\nwant\n%v", got, want)
+	}
+	if q := pf.queue(); q != 0 {
+		t.Fatalf("drained with %d messages queued", q)
+	}
+}
+
+// Test_E2E_MailAgentDown drains and undrains a host while its agent's node
+// is down: the state changes, Postfix there cannot, and the CLI, mail ls
+// and the metrics say so. When the node comes back, its agent applies the
+// state and the flag clears.
+func Test_E2E_MailAgentDown(t *testing.T) {
+	relay := startSink(t, true)
+	pf := startPostfix(t, relay.addr())
+	c := startMailCluster(t, pf)
+	agentNode := c.node("n3")
+	other := c.node("n1")
+	metric := func() string {
+		_, body := httpGet("http://" + other.httpAddr + "/metrics")
+		for _, l := range strings.Split(body, "\n") {
+			if strings.HasPrefix(l, `gitraft_mail_agent_silent{host="mx2"}`) {
+				return l
+			}
+		}
+		return "(no gitraft_mail_agent_silent for mx2)"
+	}
+	if m := metric(); !strings.HasSuffix(m, " 0") {
+		t.Fatalf("agent up: %s", m)
+	}
+	if r := c.run(other, "mail", "drain", "mx2", "--deadline", "10m"); r.code != 0 || strings.Contains(r.stderr, "warning") {
+		t.Fatalf("drain with the agent up: %s", r)
+	}
+	c.must(other, "mail", "undrain", "mx2")
+
+	agentNode.kill()
+	// The agent reports every 2s: silent after 3 intervals.
+	waitFor(t, "mx2's agent flagged silent by mail ls", 20*time.Second, func() bool {
+		return strings.Contains(c.must(other, "mail", "ls"), "SILENT")
+	})
+	if m := metric(); !strings.HasSuffix(m, " 1") {
+		t.Fatalf("agent down: %s", m)
+	}
+	const warn = "has not reported for"
+	const unchanged = "Postfix there is unchanged until it comes back"
+	r := c.run(other, "mail", "drain", "mx2", "--deadline", "10m", "--reason", "agent down")
+	if r.code != 0 || !strings.Contains(r.stderr, "recorded, but the agent on mx2 "+warn) || !strings.Contains(r.stderr, unchanged) {
+		t.Fatalf("drain with the agent down: %s", r)
+	}
+	// Postfix there did not follow: it still takes mail.
+	if err := pf.send("while-agent-down@e2e.test"); err != nil {
+		t.Fatalf("mx2's Postfix changed without its agent: %v", err)
+	}
+	r = c.run(other, "mail", "undrain", "mx2")
+	if r.code != 0 || !strings.Contains(r.stderr, warn) || !strings.Contains(r.stderr, unchanged) {
+		t.Fatalf("undrain with the agent down: %s", r)
+	}
+	r = c.run(other, "mail", "drain", "mx2", "--deadline", "10m")
+	if r.code != 0 || !strings.Contains(r.stderr, warn) {
+		t.Fatalf("second drain with the agent down: %s", r)
+	}
+
+	// The node comes back: its agent applies the drain.
+	agentNode.start()
+	agentNode.waitReady(60 * time.Second)
+	waitFor(t, "mx2's Postfix refusing new mail with 4xx", 30*time.Second, func() bool {
+		err := pf.send(fmt.Sprintf("after-return-%d@e2e.test", time.Now().UnixNano()))
+		return err != nil && smtpCode(err) >= 400 && smtpCode(err) < 500
+	})
+	waitFor(t, "mx2 drained by its returned agent", 30*time.Second, func() bool {
+		return c.mailHost(other, "mx2").GetState() == mailv1.HostState_HOST_STATE_DRAINED
+	})
+	if ls := c.must(other, "mail", "ls"); strings.Contains(ls, "SILENT") {
+		t.Fatalf("still flagged after the agent came back:\n%s", ls)
+	}
+	if m := metric(); !strings.HasSuffix(m, " 0") {
+		t.Fatalf("agent back: %s", m)
+	}
+}
+
+// Test_E2E_MailHandoffFlushesPeer hands an overdue drain's leftover mail to
+// a peer whose next hop refuses it: once the next hop takes mail again, the
+// peer delivers it at once (its agent flushes while it is handed mail),
+// not after Postfix's retry backoff (5 minutes and more). The drain's
+// deadline is moved on the command line, and --wait blocks until drained.
+func Test_E2E_MailHandoffFlushesPeer(t *testing.T) {
+	relay := startSink(t, false)
+	pf1 := startPostfixAs(t, relay.addr(), "mx1.example.test")
+	pf2 := startPostfix(t, relay.addr())
+	c := startCluster(t, 3, func(n *node) {
+		common := []string{"--mail-flush-interval", "1s", "--mail-queue-interval", "250ms", "--mail-report-interval", "2s", "--mail-settle", "1s"}
+		switch n.id {
+		case "n2":
+			n.args = append(n.args, "--mail-host", "mx1", "--mail-address", "mx1.example.test", "--mail-priority", "10", "--mail-postfix-config-dir", pf1.conf)
+			n.args = append(n.args, common...)
+		case "n3":
+			n.args = append(n.args, "--mail-host", "mx2", "--mail-address", "mx2.example.test", "--mail-priority", "20", "--mail-postfix-config-dir", pf2.conf,
+				"--mail-handoff-peers", "mx1="+relayHost(pf1.smtpAddr))
+			n.args = append(n.args, common...)
+		}
+	})
+	n1 := c.node("n1")
+	waitFor(t, "both agents registered", 30*time.Second, func() bool {
+		return c.mailHost(n1, "mx1").GetQueueReportedBy() == "agent:n2" && c.mailHost(n1, "mx2").GetQueueReportedBy() == "agent:n3"
+	})
+	want := []string{"handed-1@e2e.test", "handed-2@e2e.test"}
+	for _, id := range want {
+		if err := pf2.send(id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "2 messages queued on mx2", 30*time.Second, func() bool { return pf2.queue() == 2 })
+
+	c.must(n1, "mail", "drain", "mx2", "--deadline", "1h")
+	if s := c.must(n1, "mail", "drain", "mx2"); !strings.Contains(s, "already draining") {
+		t.Fatalf("drain again without --deadline: %q", s)
+	}
+	// Move the deadline: 2s from now, so that the drain is overdue and its
+	// mail goes to mx1. --wait returns once mx2 is drained.
+	s := c.must(n1, "mail", "drain", "mx2", "--deadline", "2s", "--wait", "--wait-timeout", "60s")
+	if !strings.Contains(s, "deadline of the drain of mx2 moved to") || !strings.Contains(s, "mx2 is drained") {
+		t.Fatalf("drain --deadline 2s --wait said:\n%s", s)
+	}
+	h := c.mailHost(n1, "mx2")
+	if h.GetState() != mailv1.HostState_HOST_STATE_DRAINED || h.GetHandoffPeer() != "mx1" || pf2.queue() != 0 {
+		t.Fatalf("after --wait: %v, mx2's queue %d", h, pf2.queue())
+	}
+	if countEvents(c.mailHistory(n1, "mx2"), mailv1.Event_EVENT_UPDATED) != 1 {
+		t.Fatalf("the deadline's move is not in the history: %v", c.mailHistory(n1, "mx2"))
+	}
+	// The handed mail waits on mx1, its next hop refusing.
+	waitFor(t, "the handed mail deferred on mx1", 30*time.Second, func() bool {
+		return pf1.deferred() == 2
+	})
+	relay.setAccept(true)
+	waitFor(t, "the handed mail delivered by mx1 without waiting for its backoff", 30*time.Second, func() bool {
+		_, got := relay.counts()
+		return slices.Equal(got, want)
+	})
 }

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"time"
 
+	"google.golang.org/protobuf/types/known/durationpb"
+
 	mailv1 "github.com/gitraft/gitraft/proto/gitraft/mail/v1"
 )
 
@@ -49,6 +51,11 @@ type AgentConfig struct {
 	Settle time.Duration
 }
 
+// handoffFlushTail is how long a handoff peer goes on flushing its queue
+// after the host handing it mail is drained: the handed mail is all there
+// by then, and some of it may wait for Postfix's own retry backoff.
+const handoffFlushTail = 15 * time.Minute
+
 // activeReportEvery limits queue reports of an active host, whose queue
 // changes all the time, to one per this period.
 const activeReportEvery = 15 * time.Second
@@ -70,18 +77,21 @@ type Agent struct {
 	now     func() time.Time
 	peers   []handoffPeer
 
-	registered bool
-	synced     bool      // a linearizable read happened
-	deferOn    *bool     // what the MTA was last set to (nil: unknown)
-	deferredAt time.Time // when deferring started
-	appliedAt  time.Time // when the MTA settings were last applied
-	handoff    *string   // next hop the MTA was last set to (nil: unknown)
-	handPeer   string    // the host behind handoff
-	drainID    uint64    // the drain last seen
-	lastFlush  time.Time // of drainID
-	lastSample time.Time // of the queue
-	lastReport time.Time // of the queue
-	warned     map[string]warning
+	registered  bool
+	synced      bool      // a linearizable read happened
+	deferOn     *bool     // what the MTA was last set to (nil: unknown)
+	deferredAt  time.Time // when deferring started
+	appliedAt   time.Time // when the MTA settings were last applied
+	handoff     *string   // next hop the MTA was last set to (nil: unknown)
+	handPeer    string    // the host behind handoff
+	drainID     uint64    // the drain last seen
+	lastFlush   time.Time // of drainID
+	lastSample  time.Time // of the queue
+	lastReport  time.Time // of the queue
+	oldSessions int       // SMTP sessions from before the drain, last counted
+	peerFlush   time.Time // last flush for hosts handing mail to this one
+	givers      string    // the hosts handing mail to this one, last seen
+	warned      map[string]warning
 }
 
 type warning struct {
@@ -218,6 +228,8 @@ func (a *Agent) Step(ctx context.Context) {
 	}
 	if draining && now.Sub(a.lastFlush) >= a.cfg.FlushInterval {
 		a.flush(ctx, now)
+	} else if !draining {
+		a.flushForGivers(ctx, hosts, now)
 	}
 	if !newDrain && now.Sub(a.lastSample) < a.cfg.QueueInterval {
 		return
@@ -328,6 +340,45 @@ func (a *Agent) handoffTarget(me *mailv1.Host, hosts []*mailv1.Host) (nexthop, p
 	return "", ""
 }
 
+// flushForGivers flushes this host's queue at once and every
+// FlushInterval while another host hands its leftover mail to this one, and
+// for handoffFlushTail after that host is drained: mail handed over while
+// the next hop refused would otherwise wait for this Postfix's own retry
+// backoff (minutes to over an hour) once the next hop takes mail again.
+func (a *Agent) flushForGivers(ctx context.Context, hosts []*mailv1.Host, now time.Time) {
+	var givers []string
+	for _, h := range hosts {
+		if h.GetHandoffPeer() != a.cfg.Host || h.GetName() == a.cfg.Host {
+			continue
+		}
+		switch h.GetState() {
+		case mailv1.HostState_HOST_STATE_DRAINING:
+		case mailv1.HostState_HOST_STATE_DRAINED:
+			if now.Sub(h.GetStateChangedAt().AsTime()) >= handoffFlushTail {
+				continue
+			}
+		default:
+			continue
+		}
+		givers = append(givers, h.GetName())
+	}
+	g := strings.Join(givers, ",")
+	if g != a.givers {
+		if g != "" {
+			a.log.Info("flushing the queue regularly: other hosts hand their leftover mail to this one", "from", g, "every", a.cfg.FlushInterval)
+			a.peerFlush = time.Time{}
+		}
+		a.givers = g
+	}
+	if g == "" || now.Sub(a.peerFlush) < a.cfg.FlushInterval {
+		return
+	}
+	a.peerFlush = now
+	if err := a.mta.Flush(ctx); err != nil {
+		a.warn("flushing the queue for handed-off mail failed", err)
+	}
+}
+
 func (a *Agent) flush(ctx context.Context, now time.Time) {
 	a.lastFlush = now
 	if err := a.mta.Flush(ctx); err != nil {
@@ -337,21 +388,41 @@ func (a *Agent) flush(ctx context.Context, now time.Time) {
 
 // report counts the queue and reports it when it changed (an active host
 // at most every activeReportEvery), or when the last report is older than
-// ReportInterval. A count taken after new mail had been refused for Settle
-// carries the drain's id, so that an empty queue ends the drain.
+// ReportInterval. A count can end the drain (it carries the drain's id)
+// only once new mail has been refused for Settle and no SMTP session that
+// began before the refusal is open: such a session may still queue mail.
+// The sessions are counted before the queue, so that a message such a
+// session queued before it ended is in the count.
 func (a *Agent) report(ctx context.Context, me *mailv1.Host, now time.Time) {
+	var drainID uint64
+	var old int
+	if me.GetState() != mailv1.HostState_HOST_STATE_ACTIVE && a.deferOn != nil && *a.deferOn && now.Sub(a.deferredAt) >= a.cfg.Settle {
+		n, err := a.mta.OldSessions(ctx)
+		switch {
+		case err != nil:
+			a.warn("counting the SMTP sessions from before the drain failed; the host stays draining", err)
+			old = int(me.GetOldSessions())
+		case n > 0:
+			old = n
+			if n != a.oldSessions {
+				a.log.Info("waiting for SMTP sessions from before the drain to end: they may still queue mail", "sessions", n, "drain", me.GetDrainId())
+			}
+		default:
+			drainID = me.GetDrainId()
+		}
+		if err == nil {
+			a.oldSessions = n
+		}
+	}
 	size, err := a.mta.QueueSize(ctx)
 	if err != nil {
 		a.warn("counting the queue failed", err)
 		return
 	}
 	a.lastSample = now
-	var drainID uint64
-	if me.GetState() != mailv1.HostState_HOST_STATE_ACTIVE && a.deferOn != nil && *a.deferOn && now.Sub(a.deferredAt) >= a.cfg.Settle {
-		drainID = me.GetDrainId()
-	}
 	stale := me.GetQueueReportedAt() == nil || now.Sub(me.GetQueueReportedAt().AsTime()) >= a.cfg.ReportInterval
-	need := stale || uint64(size) != me.GetQueueSize() || me.GetQueueReportedBy() != a.by()
+	need := stale || uint64(size) != me.GetQueueSize() || me.GetQueueReportedBy() != a.by() ||
+		uint32(old) != me.GetOldSessions() || me.GetAgentReportInterval().AsDuration() != a.cfg.ReportInterval
 	if drainID != 0 && me.GetState() == mailv1.HostState_HOST_STATE_DRAINING && size == 0 {
 		need = true
 	}
@@ -363,6 +434,7 @@ func (a *Agent) report(ctx context.Context, me *mailv1.Host, now time.Time) {
 	}
 	r, err := a.cluster.ProposeMail(ctx, &mailv1.Command{Command: &mailv1.Command_ReportQueue{ReportQueue: &mailv1.ReportQueue{
 		Name: me.GetName(), DrainId: drainID, QueueSize: uint64(size), By: a.by(),
+		OldSessions: uint32(old), ReportInterval: durationpb.New(a.cfg.ReportInterval),
 	}}})
 	if err != nil {
 		a.warn("reporting the queue failed; will retry", err)

@@ -83,6 +83,7 @@ type fakeMTA struct {
 	handoff    string
 	flushes    int
 	queue      int
+	old        int // smtpd processes of an older configuration
 	err        error
 	setDefers  int
 	setHandoff int
@@ -115,6 +116,8 @@ func (m *fakeMTA) Flush(context.Context) error {
 }
 
 func (m *fakeMTA) QueueSize(context.Context) (int, error) { return m.queue, m.err }
+
+func (m *fakeMTA) OldSessions(context.Context) (int, error) { return m.old, m.err }
 
 type agentRig struct {
 	t     *testing.T
@@ -200,6 +203,38 @@ func Test_Agent_DrainFlushDrainedUndrain(t *testing.T) {
 	r.step(100 * time.Millisecond)
 	if r.mta.deferOn || r.state() != mailv1.HostState_HOST_STATE_ACTIVE {
 		t.Fatalf("undrained: mta %+v", r.mta)
+	}
+}
+
+// An SMTP session that began before the defer may still queue mail: with
+// the queue empty, the host stays draining while any is open, and the
+// count is reported.
+func Test_Agent_NotDrainedWhileOldSessionsOpen(t *testing.T) {
+	r := newAgentRig(t, AgentConfig{ReportInterval: 10 * time.Second})
+	r.c.apply(t, add("mx1", "mx1.example.org", 10))
+	r.c.apply(t, add("mx2", "mx2.example.org", 10))
+	r.c.apply(t, drain("mx2", time.Hour, "", false))
+	r.mta.old = 1
+	for i := 0; i < 10; i++ {
+		r.step(time.Second)
+	}
+	h := r.c.host(t, "mx2")
+	if h.GetState() != mailv1.HostState_HOST_STATE_DRAINING || h.GetOldSessions() != 1 || h.GetQueueSize() != 0 {
+		t.Fatalf("empty queue with a session from before the drain open: %v", h)
+	}
+	if h.GetAgentReportInterval().AsDuration() != 10*time.Second {
+		t.Fatalf("report interval not recorded: %v", h)
+	}
+	// The session queues a message and ends.
+	r.mta.old, r.mta.queue = 0, 1
+	r.step(2 * time.Second)
+	if h := r.c.host(t, "mx2"); h.GetState() != mailv1.HostState_HOST_STATE_DRAINING || h.GetQueueSize() != 1 || h.GetOldSessions() != 0 {
+		t.Fatalf("after the session ended: %v", h)
+	}
+	r.mta.queue = 0
+	r.step(2 * time.Second)
+	if r.state() != mailv1.HostState_HOST_STATE_DRAINED {
+		t.Fatalf("not drained: %v", r.c.host(t, "mx2"))
 	}
 }
 
@@ -352,5 +387,49 @@ func Test_Agent_Config(t *testing.T) {
 		if _, err := NewAgent(tc.cfg, c, &fakeMTA{}, log); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%+v: %v, want an error about %q", tc.cfg, err, tc.want)
 		}
+	}
+}
+
+// The peer that takes a drain's leftover mail flushes its own queue while
+// it is handed mail and for a while after the giver is drained, so that
+// handed mail does not wait for its retry backoff; then it stops.
+func Test_Agent_PeerFlushesHandedMail(t *testing.T) {
+	r := newAgentRig(t, AgentConfig{Host: "mx1", FlushInterval: 5 * time.Second})
+	r.c.apply(t, add("mx1", "mx1.example.org", 10))
+	r.c.apply(t, add("mx2", "mx2.example.org", 20))
+	r.step(time.Second)
+	r.step(10 * time.Second)
+	if r.mta.flushes != 0 {
+		t.Fatalf("an active host with no giver flushed %d times", r.mta.flushes)
+	}
+	r.c.apply(t, drain("mx2", 10*time.Second, "", false))
+	id := r.c.index
+	r.clock = r.clock.Add(20 * time.Second)
+	r.c.apply(t, overdue("mx2", id))
+	r.step(time.Second)
+	if r.mta.flushes != 0 {
+		t.Fatal("flushed before any mail was handed to it")
+	}
+	r.c.apply(t, &mailv1.Command{Command: &mailv1.Command_ReportHandoff{ReportHandoff: &mailv1.ReportHandoff{Name: "mx2", DrainId: id, Peer: "mx1"}}})
+	r.step(time.Second)
+	if r.mta.flushes != 1 {
+		t.Fatalf("no flush at once when mail is handed to it: %d", r.mta.flushes)
+	}
+	for i := 0; i < 10; i++ {
+		r.step(time.Second)
+	}
+	if r.mta.flushes != 3 {
+		t.Fatalf("flushes every 5s while handed mail: %d in 10s, want 3", r.mta.flushes)
+	}
+	r.c.apply(t, report("mx2", id, 0))
+	n := r.mta.flushes
+	r.step(handoffFlushTail / 2)
+	if r.mta.flushes != n+1 {
+		t.Fatal("stopped flushing as soon as the giver was drained")
+	}
+	r.step(handoffFlushTail)
+	r.step(time.Minute)
+	if r.mta.flushes != n+1 {
+		t.Fatalf("still flushing %s after the giver was drained", handoffFlushTail)
 	}
 }

@@ -51,8 +51,11 @@ type Hosts interface {
 type OutputConfig struct {
 	// ZoneFile is where the zone fragment goes (replaced atomically).
 	ZoneFile string
-	// OnChange is a shell command run after each change of the fragment,
-	// with the fragment's path as $1 (and in $GITRAFT_MX_ZONE_FILE).
+	// OnChange is run after each change of the fragment, with its path in
+	// $GITRAFT_MX_ZONE_FILE. A plain command (a program and arguments with
+	// no shell syntax, such as /usr/local/bin/push-dns) runs directly with
+	// the path as its last argument; anything else runs with sh -c, the path
+	// in $1.
 	OnChange string
 	// Poll is how often the local state is checked (default 250ms).
 	Poll time.Duration
@@ -136,7 +139,8 @@ func (o *Output) Run(ctx context.Context) {
 func (o *Output) runOnChange(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, o.cfg.CommandTimeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "sh", "-c", o.cfg.OnChange, "sh", o.cfg.ZoneFile)
+	argv := onChangeArgv(o.cfg.OnChange, o.cfg.ZoneFile)
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	cmd.Env = append(os.Environ(), "GITRAFT_MX_ZONE_FILE="+o.cfg.ZoneFile)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
@@ -145,6 +149,22 @@ func (o *Output) runOnChange(ctx context.Context) error {
 	}
 	o.log.Info("ran mail.on_change", "command", o.cfg.OnChange)
 	return nil
+}
+
+// shellSyntax are the characters that make a command need the shell.
+const shellSyntax = "$`'\"\\;&|<>(){}[]*?~#!\n"
+
+// onChangeArgv turns mail.on_change into the command to run with the
+// zone file: a plain program and its arguments run directly with the file
+// as the last argument (so the README's `on_change: /usr/local/bin/push-dns`
+// gets it as $1); a command with shell syntax runs as `sh -c CMD sh FILE`,
+// where it can use "$1".
+func onChangeArgv(command, file string) []string {
+	f := strings.Fields(command)
+	if len(f) > 0 && !strings.ContainsAny(command, shellSyntax) && !strings.Contains(f[0], "=") {
+		return append(f, file)
+	}
+	return []string{"sh", "-c", command, "sh", file}
 }
 
 func mxSummary(rs []*mailv1.MXRecord) string {

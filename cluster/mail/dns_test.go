@@ -107,3 +107,52 @@ func Test_Output_NoCommandWhenUnchanged(t *testing.T) {
 		t.Fatal("a relative zone file was accepted")
 	}
 }
+
+// mail.on_change as the README has it: a script's path, which gets the
+// zone file as $1; and a plain command with arguments.
+func Test_Output_OnChangeScriptPath(t *testing.T) {
+	dir := t.TempDir()
+	zone := filepath.Join(dir, "mx.zone")
+	got := filepath.Join(dir, "got")
+	script := filepath.Join(dir, "push-dns")
+	body := "#!/bin/sh\nset -eu\necho \"args=$# first=$1 last=${2:-}\" > " + got + "\nfor a; do z=$a; done\ncp \"$z\" " + got + ".zone\n"
+	if err := os.WriteFile(script, []byte(body), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ cmd, want string }{
+		{script, "args=1 first=" + zone + " last="},
+		{script + "  --verbose ", "args=2 first=--verbose last=" + zone},
+	} {
+		os.Remove(zone)
+		os.Remove(got)
+		os.Remove(got + ".zone")
+		c := &fakeCluster{s: NewState(), now: time.Now}
+		c.apply(t, add("mx1", "mx1.example.org", 10))
+		o, err := NewOutput(OutputConfig{ZoneFile: zone, OnChange: tc.cmd, Poll: 10 * time.Millisecond}, c, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { o.Run(ctx); close(done) }()
+		waitUntil(t, "the script's run", func() bool { return strings.Contains(readFile(got+".zone"), "mx1.example.org.") })
+		cancel()
+		<-done
+		if g := strings.TrimSpace(readFile(got)); g != tc.want {
+			t.Errorf("on_change %q: the script saw %q, want %q", tc.cmd, g, tc.want)
+		}
+	}
+	for cmd, direct := range map[string]bool{
+		"/usr/local/bin/push-dns":      true,
+		"push-dns --zone example.org":  true,
+		`cp "$1" /srv/dns/`:            false,
+		"push-dns; rndc reload":        false,
+		"ZONE=x push-dns":              false,
+		"push-dns > /var/log/push.log": false,
+	} {
+		argv := onChangeArgv(cmd, "/z")
+		if (argv[0] != "sh") != direct || argv[len(argv)-1] != "/z" {
+			t.Errorf("%q runs as %q", cmd, argv)
+		}
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -34,6 +35,11 @@ type MTA interface {
 	Flush(ctx context.Context) error
 	// QueueSize counts the queued messages (every queue, hold included).
 	QueueSize(ctx context.Context) (int, error)
+	// OldSessions counts the SMTP server processes started under an older
+	// configuration than the one in effect: sessions that began before the
+	// last change (such as the defer) and may still take mail as the old
+	// configuration allowed. Such a process exits when its session ends.
+	OldSessions(ctx context.Context) (int, error)
 }
 
 // ErrPostfix is wrapped by failures of Postfix's commands.
@@ -54,8 +60,11 @@ type PostfixConfig struct {
 	// CommandDir holds postconf, postfix and postqueue ("" to search PATH,
 	// then /usr/sbin).
 	CommandDir string
-	// Timeout bounds one Postfix command (default 30s).
+	// Timeout bounds one Postfix command (default 30s), and the wait for
+	// a reload to take effect.
 	Timeout time.Duration
+	// Proc is where the process table is read ("" for /proc).
+	Proc string
 }
 
 // Postfix drives a Postfix instance with its own commands. While draining,
@@ -69,6 +78,11 @@ type Postfix struct {
 	cfg PostfixConfig
 	log *slog.Logger
 	mu  sync.Mutex
+	// reloaded: this process has reloaded Postfix since it started, so a
+	// change written to master.cf by an earlier process that died before
+	// its reload is in effect.
+	reloaded bool
+	queueDir string // queue_directory, read once
 }
 
 // DeferRestriction is the smtpd_client_restrictions value that answers new
@@ -88,6 +102,9 @@ func NewPostfix(cfg PostfixConfig, log *slog.Logger) (*Postfix, error) {
 	}
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = 30 * time.Second
+	}
+	if cfg.Proc == "" {
+		cfg.Proc = "/proc"
 	}
 	for _, s := range cfg.Services {
 		if name, typ, ok := strings.Cut(s, "/"); !ok || name == "" || typ == "" || strings.Contains(typ, "/") {
@@ -333,21 +350,69 @@ func (p *Postfix) apply(ctx context.Context, want map[string]override) error {
 		}
 	}
 	if len(set)+len(remove) == 0 {
-		return nil
+		if p.reloaded {
+			return nil
+		}
+		// The first apply of this process: an earlier one may have died
+		// between changing master.cf and reloading.
+		return p.reload(ctx)
 	}
 	p.log.Info("changed Postfix master.cf overrides", "config_dir", p.dir(), "set", set, "removed", remove)
 	return p.reload(ctx)
 }
 
-// reload makes a running Postfix read its config again; a stopped one
-// reads it when it starts.
+// reload makes a running Postfix read its config again, and returns once
+// the master has (a stopped Postfix reads it when it starts). `postfix
+// reload` only signals the master; the master then replaces the status
+// channel of every service, so the reload has taken effect when the
+// master's sockets changed. Until then it may still start smtpd processes
+// of the old configuration.
 func (p *Postfix) reload(ctx context.Context) error {
 	if _, err := p.run(ctx, "postfix", "status"); err != nil {
 		p.log.Warn("Postfix is not running; the change takes effect when it starts", "config_dir", p.dir())
+		p.reloaded = true
 		return nil
 	}
-	_, err := p.run(ctx, "postfix", "reload")
-	return err
+	master, err := p.masterPID(ctx)
+	if err != nil {
+		return err
+	}
+	var before map[string]bool
+	if master != 0 {
+		if before, err = p.sockets(master); err != nil {
+			return err
+		}
+	}
+	if _, err := p.run(ctx, "postfix", "reload"); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(p.cfg.Timeout)
+	for master != 0 {
+		now, err := p.masterPID(ctx)
+		if err != nil {
+			return err
+		}
+		if now != master {
+			break // restarted: it read the new config at start
+		}
+		after, err := p.sockets(master)
+		if err != nil {
+			return err
+		}
+		if !maps.Equal(before, after) {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%w: postfix reload: the master (pid %d) did not reload within %s", ErrPostfix, master, p.cfg.Timeout)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	p.reloaded = true
+	return nil
 }
 
 // SetDefer implements MTA.
@@ -397,6 +462,130 @@ func (p *Postfix) SetHandoff(ctx context.Context, nexthop string) error {
 		}
 	}
 	return p.apply(ctx, want)
+}
+
+// masterPID returns the pid of the running master process of this
+// instance (from queue_directory/pid/master.pid), or 0 when none runs.
+func (p *Postfix) masterPID(ctx context.Context) (int, error) {
+	if p.queueDir == "" {
+		out, err := p.run(ctx, "postconf", "-h", "queue_directory")
+		if err != nil {
+			return 0, err
+		}
+		p.queueDir = strings.TrimSpace(out)
+	}
+	b, err := os.ReadFile(filepath.Join(p.queueDir, "pid", "master.pid"))
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("%w: read the master's pid: %v", ErrPostfix, err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 0 {
+		return 0, fmt.Errorf("%w: %s/pid/master.pid holds %.40q, not a pid", ErrPostfix, p.queueDir, b)
+	}
+	st, err := readStat(p.cfg.Proc, pid)
+	if err != nil || st.comm != "master" {
+		return 0, nil // a stale pid file
+	}
+	return pid, nil
+}
+
+// sockets returns the sockets a process holds open ("socket:[inode]").
+func (p *Postfix) sockets(pid int) (map[string]bool, error) {
+	dir := filepath.Join(p.cfg.Proc, strconv.Itoa(pid), "fd")
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("%w: list the open files of Postfix's master: %v (the agent must run as root, as postfix reload needs)", ErrPostfix, err)
+	}
+	out := map[string]bool{}
+	for _, e := range ents {
+		l, err := os.Readlink(filepath.Join(dir, e.Name()))
+		if err == nil && strings.HasPrefix(l, "socket:") {
+			out[l] = true
+		}
+	}
+	return out, nil
+}
+
+// statusFD is the descriptor on which a Postfix daemon holds its status
+// channel to the master (MASTER_STATUS_FD in Postfix's master_proto.h).
+const statusFD = 5
+
+// procStat is what the agent reads of /proc/PID/stat.
+type procStat struct {
+	comm string
+	ppid int
+}
+
+func readStat(proc string, pid int) (procStat, error) {
+	b, err := os.ReadFile(filepath.Join(proc, strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return procStat{}, err
+	}
+	return parseStat(string(b))
+}
+
+// parseStat reads "pid (comm) state ppid ...": comm may hold spaces and
+// parentheses, so it ends at the last ')'.
+func parseStat(s string) (procStat, error) {
+	open, end := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
+	if open < 0 || end < open {
+		return procStat{}, fmt.Errorf("unreadable stat %.80q", s)
+	}
+	f := strings.Fields(s[end+1:])
+	if len(f) < 2 {
+		return procStat{}, fmt.Errorf("unreadable stat %.80q", s)
+	}
+	ppid, err := strconv.Atoi(f[1])
+	if err != nil {
+		return procStat{}, fmt.Errorf("unreadable stat %.80q", s)
+	}
+	return procStat{comm: s[open+1 : end], ppid: ppid}, nil
+}
+
+// OldSessions implements MTA. On a reload the master opens a new status
+// channel for each service and lets the processes of the old one finish:
+// an smtpd holds the channel of its generation until it exits, after its
+// current session. So an smtpd child of the master whose status channel the
+// master no longer holds began under an older configuration.
+func (p *Postfix) OldSessions(ctx context.Context) (int, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	master, err := p.masterPID(ctx)
+	if err != nil || master == 0 {
+		return 0, err
+	}
+	current, err := p.sockets(master)
+	if err != nil {
+		return 0, err
+	}
+	ents, err := os.ReadDir(p.cfg.Proc)
+	if err != nil {
+		return 0, fmt.Errorf("%w: list processes: %v", ErrPostfix, err)
+	}
+	old := 0
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		st, err := readStat(p.cfg.Proc, pid)
+		if err != nil || st.ppid != master || st.comm != "smtpd" {
+			continue // gone, or not ours
+		}
+		l, err := os.Readlink(filepath.Join(p.cfg.Proc, e.Name(), "fd", strconv.Itoa(statusFD)))
+		switch {
+		case errors.Is(err, os.ErrNotExist):
+			continue // exited meanwhile
+		case err != nil:
+			return 0, fmt.Errorf("%w: read the status channel of smtpd %d: %v (the agent must run as root, as postfix reload needs)", ErrPostfix, pid, err)
+		case !current[l]:
+			old++
+		}
+	}
+	return old, nil
 }
 
 // Flush implements MTA.

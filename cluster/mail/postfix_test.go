@@ -2,11 +2,13 @@ package mail
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -187,5 +189,72 @@ func Test_Postfix_Parse(t *testing.T) {
 	}
 	if _, err := NewPostfix(PostfixConfig{StateFile: "x", Services: []string{"smtp"}}, slog.Default()); err == nil {
 		t.Fatal("a service without a type accepted")
+	}
+}
+
+// fakeProc builds a process table: pid -> comm, ppid and fd links.
+func fakeProc(t *testing.T, procs map[int]struct {
+	comm string
+	ppid int
+	fds  map[int]string
+}) string {
+	t.Helper()
+	root := t.TempDir()
+	for pid, p := range procs {
+		dir := filepath.Join(root, strconv.Itoa(pid))
+		if err := os.MkdirAll(filepath.Join(dir, "fd"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		stat := fmt.Sprintf("%d (%s) S %d %d 0 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 1234 0", pid, p.comm, p.ppid, pid)
+		if err := os.WriteFile(filepath.Join(dir, "stat"), []byte(stat), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		for fd, target := range p.fds {
+			if err := os.Symlink(target, filepath.Join(dir, "fd", strconv.Itoa(fd))); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	return root
+}
+
+// An smtpd whose status channel the master no longer holds began before
+// the last reload; smtpd processes of another master, and other daemons,
+// do not count.
+func Test_Postfix_OldSessions(t *testing.T) {
+	type proc = struct {
+		comm string
+		ppid int
+		fds  map[int]string
+	}
+	root := fakeProc(t, map[int]proc{
+		100: {"master", 1, map[int]string{12: "socket:[10]", 14: "socket:[20]", 15: "socket:[21]", 9: "/x/master.pid"}},
+		200: {"smtpd", 100, map[int]string{5: "socket:[21]", 6: "socket:[10]"}}, // current
+		201: {"smtpd", 100, map[int]string{5: "socket:[11]", 6: "socket:[10]"}}, // old
+		202: {"smtpd", 100, map[int]string{5: "socket:[12]", 6: "socket:[10]"}}, // old
+		203: {"cleanup", 100, map[int]string{5: "socket:[13]"}},                 // old, but no smtpd
+		300: {"smtpd", 999, map[int]string{5: "socket:[11]"}},                   // another instance
+		400: {"a (smtpd) b", 100, map[int]string{5: "socket:[11]"}},
+	})
+	qdir := t.TempDir()
+	os.MkdirAll(filepath.Join(qdir, "pid"), 0o755)
+	os.WriteFile(filepath.Join(qdir, "pid", "master.pid"), []byte("       100\n"), 0o644)
+	p, err := NewPostfix(PostfixConfig{StateFile: filepath.Join(t.TempDir(), "s.json"), Proc: root}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.queueDir = qdir
+	n, err := p.OldSessions(context.Background())
+	if err != nil || n != 2 {
+		t.Fatalf("old sessions: %d, %v; want 2", n, err)
+	}
+	// No master running (stale pid file): no sessions.
+	os.WriteFile(filepath.Join(qdir, "pid", "master.pid"), []byte("200\n"), 0o644)
+	if n, err := p.OldSessions(context.Background()); err != nil || n != 0 {
+		t.Fatalf("with a stale pid file: %d, %v", n, err)
+	}
+	st, err := parseStat("400 (a (smtpd) b) S 100 400")
+	if err != nil || st.comm != "a (smtpd) b" || st.ppid != 100 {
+		t.Fatalf("parseStat: %+v %v", st, err)
 	}
 }

@@ -230,7 +230,10 @@ func (s *State) drain(index uint64, now time.Time, c *mailv1.Drain) *fsmv1.Resul
 	}
 	switch h.GetState() {
 	case mailv1.HostState_HOST_STATE_DRAINING:
-		return unchanged(h, "mail host %s is already draining since %s (deadline %s, reason %q); nothing changed",
+		if c.GetUpdateDeadline() {
+			return s.moveDeadline(index, now, h, d, c)
+		}
+		return unchanged(h, "mail host %s is already draining since %s (deadline %s, reason %q); nothing changed (give --deadline to move the deadline)",
 			h.GetName(), stamp(h.GetDrainStartedAt()), stamp(h.GetDeadline()), h.GetReason())
 	case mailv1.HostState_HOST_STATE_DRAINED:
 		return unchanged(h, "mail host %s is already drained (since %s); nothing changed", h.GetName(), stamp(h.GetStateChangedAt()))
@@ -255,6 +258,26 @@ func (s *State) drain(index uint64, now time.Time, c *mailv1.Drain) *fsmv1.Resul
 	s.hosts[n.GetName()] = n
 	s.record(index, now, n.GetName(), mailv1.Event_EVENT_DRAIN, h.GetState(), n.GetState(), c.GetBy(), reason)
 	return changed(n)
+}
+
+// moveDeadline sets a draining host's deadline to now+d. A deadline moved
+// past now ends an overdue drain's handoff: the leftover mail is retried
+// by the host itself again.
+func (s *State) moveDeadline(index uint64, now time.Time, h *mailv1.Host, d time.Duration, c *mailv1.Drain) *fsmv1.Result {
+	deadline := now.Add(d)
+	n := proto.CloneOf(h)
+	n.Deadline = timestamppb.New(deadline)
+	note := fmt.Sprintf("the deadline of the drain of %s moved to %s (was %s)", h.GetName(), stamp(n.GetDeadline()), stamp(h.GetDeadline()))
+	if h.GetOverdue() {
+		n.Overdue, n.HandoffPeer = false, ""
+		note += "; it is no longer overdue"
+		if h.GetHandoffPeer() != "" {
+			note += ", and its leftover mail is no longer handed to " + h.GetHandoffPeer()
+		}
+	}
+	s.hosts[n.GetName()] = n
+	s.record(index, now, n.GetName(), mailv1.Event_EVENT_UPDATED, h.GetState(), n.GetState(), c.GetBy(), strings.TrimSpace(note+" "+c.GetReason()))
+	return &fsmv1.Result{Mail: &mailv1.Result{Host: n, Changed: true, Note: note}}
 }
 
 func (s *State) undrain(index uint64, now time.Time, c *mailv1.Undrain) *fsmv1.Result {
@@ -284,10 +307,14 @@ func (s *State) reportQueue(index uint64, now time.Time, c *mailv1.ReportQueue) 
 	n.QueueSize = c.GetQueueSize()
 	n.QueueReportedAt = timestamppb.New(now)
 	n.QueueReportedBy = c.GetBy()
+	n.OldSessions = c.GetOldSessions()
+	if c.GetReportInterval() != nil {
+		n.AgentReportInterval = c.GetReportInterval()
+	}
 	s.hosts[n.GetName()] = n
 	current := c.GetDrainId() != 0 && c.GetDrainId() == h.GetDrainId()
 	switch {
-	case current && h.GetState() == mailv1.HostState_HOST_STATE_DRAINING && c.GetQueueSize() == 0:
+	case current && h.GetState() == mailv1.HostState_HOST_STATE_DRAINING && c.GetQueueSize() == 0 && c.GetOldSessions() == 0:
 		n.State = mailv1.HostState_HOST_STATE_DRAINED
 		n.StateChangedAt = timestamppb.New(now)
 		s.record(index, now, n.GetName(), mailv1.Event_EVENT_DRAINED, h.GetState(), n.GetState(), c.GetBy(), "queue empty")
@@ -441,4 +468,29 @@ func Restore(snap *mailv1.Snapshot) (*State, error) {
 		s.history = s.history[n:]
 	}
 	return s, nil
+}
+
+// SilentAfter is how many of its report intervals an agent may go without
+// reporting before its host is flagged: its Postfix may no longer follow
+// the state.
+const SilentAfter = 3
+
+// DefaultReportInterval is the agent's report interval when it did not
+// announce one.
+const DefaultReportInterval = time.Minute
+
+// AgentSilence says whether the agent of h has gone silent by now: no
+// report for SilentAfter of its report intervals, or none ever (since is
+// then 0). A silent agent's Postfix is unchanged by drains and undrains
+// until it reports again.
+func AgentSilence(h *mailv1.Host, now time.Time) (since time.Duration, silent bool) {
+	if h.GetQueueReportedAt() == nil {
+		return 0, true
+	}
+	every := h.GetAgentReportInterval().AsDuration()
+	if every <= 0 {
+		every = DefaultReportInterval
+	}
+	since = now.Sub(h.GetQueueReportedAt().AsTime())
+	return since, since > SilentAfter*every
 }

@@ -386,3 +386,40 @@ func Test_ZoneFragment(t *testing.T) {
 		}
 	}
 }
+
+// A drain's deadline can be moved while it drains; moved past now, an
+// overdue drain is no longer overdue nor handed off. A drain without a new
+// deadline still changes nothing.
+func Test_MoveDeadline(t *testing.T) {
+	a := newApplier(t)
+	a.ok(add("mx1", "mx1.example.org", 10))
+	a.ok(add("mx2", "mx2.example.org", 20))
+	a.ok(drain("mx2", 10*time.Second, "", false))
+	id := a.index
+	start := a.now
+	a.now = a.now.Add(20 * time.Second)
+	a.ok(overdue("mx2", id))
+	a.ok(&mailv1.Command{Command: &mailv1.Command_ReportHandoff{ReportHandoff: &mailv1.ReportHandoff{Name: "mx2", DrainId: id, Peer: "mx1"}}})
+	if r := a.ok(drain("mx2", time.Hour, "", false)); r.GetChanged() || !strings.Contains(r.GetNote(), "already draining") {
+		t.Fatalf("drain without a new deadline: %v", r)
+	}
+	move := drain("mx2", 2*time.Hour, "more time", false)
+	move.GetDrain().UpdateDeadline = true
+	r := a.ok(move)
+	h := a.host("mx2")
+	if !r.GetChanged() || !h.GetDeadline().AsTime().Equal(a.now.Add(2*time.Hour)) || h.GetOverdue() || h.GetHandoffPeer() != "" ||
+		h.GetDrainId() != id || !h.GetDrainStartedAt().AsTime().Equal(start) || h.GetState() != mailv1.HostState_HOST_STATE_DRAINING {
+		t.Fatalf("moved deadline: %v %v", r, h)
+	}
+	if !strings.Contains(r.GetNote(), "no longer overdue") || !strings.Contains(r.GetNote(), "no longer handed to mx1") {
+		t.Fatalf("note: %q", r.GetNote())
+	}
+	if last := a.s.History("mx2", 1)[0]; last.GetEvent() != mailv1.Event_EVENT_UPDATED || !strings.Contains(last.GetReason(), "more time") {
+		t.Fatalf("history: %v", last)
+	}
+	// Drained: nothing to move.
+	a.ok(report("mx2", id, 0))
+	if r := a.ok(move); r.GetChanged() {
+		t.Fatalf("moved the deadline of a drained host: %v", r)
+	}
+}

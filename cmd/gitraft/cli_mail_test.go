@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	mailv1 "github.com/gitraft/gitraft/proto/gitraft/mail/v1"
@@ -18,10 +19,10 @@ func Test_WriteMailHosts(t *testing.T) {
 	now := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
 	ts := func(d time.Duration) *timestamppb.Timestamp { return timestamppb.New(now.Add(d)) }
 	hosts := []*mailv1.Host{
-		{Name: "mx1", Address: "mx1.example.org", Priority: 10, State: mailv1.HostState_HOST_STATE_ACTIVE, QueueSize: 4, QueueReportedAt: ts(-3 * time.Second)},
+		{Name: "mx1", Address: "mx1.example.org", Priority: 10, State: mailv1.HostState_HOST_STATE_ACTIVE, QueueSize: 4, QueueReportedAt: ts(-3 * time.Second), QueueReportedBy: "agent:n3"},
 		{Name: "mx2", Address: "mx2.example.org", Priority: 20, State: mailv1.HostState_HOST_STATE_DRAINING, Deadline: ts(30 * time.Minute), Reason: "kernel update"},
 		{Name: "mx3", Address: "mx3.example.org", Priority: 20, State: mailv1.HostState_HOST_STATE_DRAINING, Deadline: ts(-2 * time.Minute), Overdue: true, HandoffPeer: "mx1"},
-		{Name: "mx4", Address: "mx4.example.org", Priority: 30, State: mailv1.HostState_HOST_STATE_DRAINED, StateChangedAt: ts(-time.Hour), QueueReportedAt: ts(-time.Minute)},
+		{Name: "mx4", Address: "mx4.example.org", Priority: 30, State: mailv1.HostState_HOST_STATE_DRAINED, StateChangedAt: ts(-time.Hour), QueueReportedAt: ts(-time.Minute), QueueReportedBy: "agent:n2", AgentReportInterval: durationpb.New(10 * time.Second)},
 	}
 	var b bytes.Buffer
 	if err := writeMailHosts(&b, hosts, now); err != nil {
@@ -32,10 +33,10 @@ func Test_WriteMailHosts(t *testing.T) {
 		t.Fatalf("table:\n%s", b.String())
 	}
 	for i, want := range [][]string{
-		{"mx1", "active", "4 (3s ago)"},
-		{"mx2", "draining", "in 30m", "kernel update"},
+		{"mx1", "active", "4 (3s ago)", " n3 "},
+		{"mx2", "draining", "in 30m", "kernel update", "NONE"},
 		{"mx3", "draining (overdue), handed to mx1", "overdue 2m"},
-		{"mx4", "drained", "0 (1m ago)", "drained 1h ago"},
+		{"mx4", "drained", "0 (1m ago)", "drained 1h ago", "SILENT 1m (n2)"},
 	} {
 		for _, w := range want {
 			if !strings.Contains(lines[i+1], w) {
@@ -86,5 +87,20 @@ func Test_MailSettingsRefused(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%+v: %v, want %q", tc.m, err, tc.want)
 		}
+	}
+}
+
+func Test_AgentWarning(t *testing.T) {
+	now := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+	h := &mailv1.Host{Name: "mx2", QueueReportedAt: timestamppb.New(now.Add(-25 * time.Second)), AgentReportInterval: durationpb.New(10 * time.Second)}
+	if w := agentWarning(h, now); w != "" {
+		t.Fatalf("25s with a 10s interval is not silent yet: %q", w)
+	}
+	h.QueueReportedAt = timestamppb.New(now.Add(-40 * time.Second))
+	if w := agentWarning(h, now); !strings.Contains(w, "recorded, but the agent on mx2 has not reported for 40s; Postfix there is unchanged until it comes back") {
+		t.Fatalf("silent: %q", w)
+	}
+	if w := agentWarning(&mailv1.Host{Name: "mx2"}, now); !strings.Contains(w, "no agent has ever reported for mx2") {
+		t.Fatalf("never reported: %q", w)
 	}
 }

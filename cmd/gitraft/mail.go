@@ -25,7 +25,7 @@ type mailSettings struct {
 	ReportInterval   time.Duration `yaml:"report_interval" help:"how often the agent reports an unchanged queue and applies its Postfix settings again (default 1m)"`
 	Settle           time.Duration `yaml:"settle" help:"how long new mail must have been refused before an empty queue counts as drained (default 2s)"`
 	MXZoneFile       string        `yaml:"mx_zone_file" help:"write the MX set here as a zone-file fragment on every change"`
-	OnChange         string        `yaml:"on_change" help:"shell command run after each change of mx_zone_file (its path is $1)"`
+	OnChange         string        `yaml:"on_change" help:"command run after each change of mx_zone_file: a plain program gets the path as its last argument, a shell command as $1"`
 }
 
 // startMailAgent starts the Postfix drain agent if this node's configuration

@@ -185,8 +185,15 @@ type Host struct {
 	QueueReportedAt *timestamppb.Timestamp `protobuf:"bytes,15,opt,name=queue_reported_at,json=queueReportedAt,proto3" json:"queue_reported_at,omitempty"`
 	// The gitraft node whose agent reported it.
 	QueueReportedBy string `protobuf:"bytes,16,opt,name=queue_reported_by,json=queueReportedBy,proto3" json:"queue_reported_by,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// SMTP sessions that began before the drain and were still open, as the
+	// agent last reported them: they may still queue mail, so the host is not
+	// drained while there are any.
+	OldSessions uint32 `protobuf:"varint,17,opt,name=old_sessions,json=oldSessions,proto3" json:"old_sessions,omitempty"`
+	// How often the reporting agent reports at the least: an agent silent for
+	// several of these is flagged (see mail.AgentSilence).
+	AgentReportInterval *durationpb.Duration `protobuf:"bytes,18,opt,name=agent_report_interval,json=agentReportInterval,proto3" json:"agent_report_interval,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *Host) Reset() {
@@ -329,6 +336,20 @@ func (x *Host) GetQueueReportedBy() string {
 		return x.QueueReportedBy
 	}
 	return ""
+}
+
+func (x *Host) GetOldSessions() uint32 {
+	if x != nil {
+		return x.OldSessions
+	}
+	return 0
+}
+
+func (x *Host) GetAgentReportInterval() *durationpb.Duration {
+	if x != nil {
+		return x.AgentReportInterval
+	}
+	return nil
 }
 
 // HistoryEntry is one change of a mail host.
@@ -805,9 +826,12 @@ type Drain struct {
 	Reason   string               `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
 	By       string               `protobuf:"bytes,4,opt,name=by,proto3" json:"by,omitempty"`
 	// Drain even the last active host.
-	Force         bool `protobuf:"varint,5,opt,name=force,proto3" json:"force,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Force bool `protobuf:"varint,5,opt,name=force,proto3" json:"force,omitempty"`
+	// On a draining host: move its deadline to the entry's time plus
+	// deadline (gitraft mail drain HOST --deadline D on a draining host).
+	UpdateDeadline bool `protobuf:"varint,6,opt,name=update_deadline,json=updateDeadline,proto3" json:"update_deadline,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Drain) Reset() {
@@ -871,6 +895,13 @@ func (x *Drain) GetBy() string {
 func (x *Drain) GetForce() bool {
 	if x != nil {
 		return x.Force
+	}
+	return false
+}
+
+func (x *Drain) GetUpdateDeadline() bool {
+	if x != nil {
+		return x.UpdateDeadline
 	}
 	return false
 }
@@ -944,9 +975,13 @@ type ReportQueue struct {
 	DrainId   uint64 `protobuf:"varint,2,opt,name=drain_id,json=drainId,proto3" json:"drain_id,omitempty"`
 	QueueSize uint64 `protobuf:"varint,3,opt,name=queue_size,json=queueSize,proto3" json:"queue_size,omitempty"`
 	// The reporting node.
-	By            string `protobuf:"bytes,4,opt,name=by,proto3" json:"by,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	By string `protobuf:"bytes,4,opt,name=by,proto3" json:"by,omitempty"`
+	// SMTP sessions that began before the drain and are still open.
+	OldSessions uint32 `protobuf:"varint,5,opt,name=old_sessions,json=oldSessions,proto3" json:"old_sessions,omitempty"`
+	// How often this agent reports at the least.
+	ReportInterval *durationpb.Duration `protobuf:"bytes,6,opt,name=report_interval,json=reportInterval,proto3" json:"report_interval,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *ReportQueue) Reset() {
@@ -1005,6 +1040,20 @@ func (x *ReportQueue) GetBy() string {
 		return x.By
 	}
 	return ""
+}
+
+func (x *ReportQueue) GetOldSessions() uint32 {
+	if x != nil {
+		return x.OldSessions
+	}
+	return 0
+}
+
+func (x *ReportQueue) GetReportInterval() *durationpb.Duration {
+	if x != nil {
+		return x.ReportInterval
+	}
+	return nil
 }
 
 // MarkOverdue is the leader's note that a drain's deadline passed.
@@ -1579,7 +1628,8 @@ func (x *RemoveHostResponse) GetIndex() uint64 {
 type DrainRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	// How long the queue may take to flush (default 1h).
+	// How long the queue may take to flush (default 1h). Given for a host
+	// that is already draining, it moves the deadline to now plus this.
 	Deadline      *durationpb.Duration `protobuf:"bytes,2,opt,name=deadline,proto3" json:"deadline,omitempty"`
 	Reason        string               `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
 	Force         bool                 `protobuf:"varint,4,opt,name=force,proto3" json:"force,omitempty"`
@@ -2042,7 +2092,7 @@ var File_gitraft_mail_v1_mail_proto protoreflect.FileDescriptor
 
 const file_gitraft_mail_v1_mail_proto_rawDesc = "" +
 	"\n" +
-	"\x1agitraft/mail/v1/mail.proto\x12\x0fgitraft.mail.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9f\x05\n" +
+	"\x1agitraft/mail/v1/mail.proto\x12\x0fgitraft.mail.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x91\x06\n" +
 	"\x04Host\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x1a\n" +
@@ -2062,7 +2112,9 @@ const file_gitraft_mail_v1_mail_proto_rawDesc = "" +
 	"\n" +
 	"queue_size\x18\x0e \x01(\x04R\tqueueSize\x12F\n" +
 	"\x11queue_reported_at\x18\x0f \x01(\v2\x1a.google.protobuf.TimestampR\x0fqueueReportedAt\x12*\n" +
-	"\x11queue_reported_by\x18\x10 \x01(\tR\x0fqueueReportedBy\"\x9a\x02\n" +
+	"\x11queue_reported_by\x18\x10 \x01(\tR\x0fqueueReportedBy\x12!\n" +
+	"\fold_sessions\x18\x11 \x01(\rR\voldSessions\x12M\n" +
+	"\x15agent_report_interval\x18\x12 \x01(\v2\x19.google.protobuf.DurationR\x13agentReportInterval\"\x9a\x02\n" +
 	"\fHistoryEntry\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12.\n" +
 	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x12\n" +
@@ -2096,23 +2148,26 @@ const file_gitraft_mail_v1_mail_proto_rawDesc = "" +
 	"RemoveHost\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x0e\n" +
 	"\x02by\x18\x02 \x01(\tR\x02by\x12\x14\n" +
-	"\x05force\x18\x03 \x01(\bR\x05force\"\x90\x01\n" +
+	"\x05force\x18\x03 \x01(\bR\x05force\"\xb9\x01\n" +
 	"\x05Drain\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x125\n" +
 	"\bdeadline\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\bdeadline\x12\x16\n" +
 	"\x06reason\x18\x03 \x01(\tR\x06reason\x12\x0e\n" +
 	"\x02by\x18\x04 \x01(\tR\x02by\x12\x14\n" +
-	"\x05force\x18\x05 \x01(\bR\x05force\"E\n" +
+	"\x05force\x18\x05 \x01(\bR\x05force\x12'\n" +
+	"\x0fupdate_deadline\x18\x06 \x01(\bR\x0eupdateDeadline\"E\n" +
 	"\aUndrain\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x0e\n" +
 	"\x02by\x18\x02 \x01(\tR\x02by\x12\x16\n" +
-	"\x06reason\x18\x03 \x01(\tR\x06reason\"k\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"\xd2\x01\n" +
 	"\vReportQueue\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n" +
 	"\bdrain_id\x18\x02 \x01(\x04R\adrainId\x12\x1d\n" +
 	"\n" +
 	"queue_size\x18\x03 \x01(\x04R\tqueueSize\x12\x0e\n" +
-	"\x02by\x18\x04 \x01(\tR\x02by\"L\n" +
+	"\x02by\x18\x04 \x01(\tR\x02by\x12!\n" +
+	"\fold_sessions\x18\x05 \x01(\rR\voldSessions\x12B\n" +
+	"\x0freport_interval\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\x0ereportInterval\"L\n" +
 	"\vMarkOverdue\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n" +
 	"\bdrain_id\x18\x02 \x01(\x04R\adrainId\x12\x0e\n" +
@@ -2258,48 +2313,50 @@ var file_gitraft_mail_v1_mail_proto_depIdxs = []int32{
 	29, // 3: gitraft.mail.v1.Host.drain_started_at:type_name -> google.protobuf.Timestamp
 	29, // 4: gitraft.mail.v1.Host.deadline:type_name -> google.protobuf.Timestamp
 	29, // 5: gitraft.mail.v1.Host.queue_reported_at:type_name -> google.protobuf.Timestamp
-	29, // 6: gitraft.mail.v1.HistoryEntry.time:type_name -> google.protobuf.Timestamp
-	1,  // 7: gitraft.mail.v1.HistoryEntry.event:type_name -> gitraft.mail.v1.Event
-	0,  // 8: gitraft.mail.v1.HistoryEntry.from:type_name -> gitraft.mail.v1.HostState
-	0,  // 9: gitraft.mail.v1.HistoryEntry.to:type_name -> gitraft.mail.v1.HostState
-	6,  // 10: gitraft.mail.v1.Command.add_host:type_name -> gitraft.mail.v1.AddHost
-	7,  // 11: gitraft.mail.v1.Command.remove_host:type_name -> gitraft.mail.v1.RemoveHost
-	8,  // 12: gitraft.mail.v1.Command.drain:type_name -> gitraft.mail.v1.Drain
-	9,  // 13: gitraft.mail.v1.Command.undrain:type_name -> gitraft.mail.v1.Undrain
-	10, // 14: gitraft.mail.v1.Command.report_queue:type_name -> gitraft.mail.v1.ReportQueue
-	11, // 15: gitraft.mail.v1.Command.mark_overdue:type_name -> gitraft.mail.v1.MarkOverdue
-	12, // 16: gitraft.mail.v1.Command.report_handoff:type_name -> gitraft.mail.v1.ReportHandoff
-	30, // 17: gitraft.mail.v1.Drain.deadline:type_name -> google.protobuf.Duration
-	2,  // 18: gitraft.mail.v1.Result.host:type_name -> gitraft.mail.v1.Host
-	2,  // 19: gitraft.mail.v1.Snapshot.hosts:type_name -> gitraft.mail.v1.Host
-	3,  // 20: gitraft.mail.v1.Snapshot.history:type_name -> gitraft.mail.v1.HistoryEntry
-	2,  // 21: gitraft.mail.v1.ListHostsResponse.hosts:type_name -> gitraft.mail.v1.Host
-	2,  // 22: gitraft.mail.v1.AddHostResponse.host:type_name -> gitraft.mail.v1.Host
-	2,  // 23: gitraft.mail.v1.RemoveHostResponse.removed:type_name -> gitraft.mail.v1.Host
-	30, // 24: gitraft.mail.v1.DrainRequest.deadline:type_name -> google.protobuf.Duration
-	2,  // 25: gitraft.mail.v1.DrainResponse.host:type_name -> gitraft.mail.v1.Host
-	2,  // 26: gitraft.mail.v1.UndrainResponse.host:type_name -> gitraft.mail.v1.Host
-	3,  // 27: gitraft.mail.v1.GetHistoryResponse.entries:type_name -> gitraft.mail.v1.HistoryEntry
-	4,  // 28: gitraft.mail.v1.GetMXSetResponse.records:type_name -> gitraft.mail.v1.MXRecord
-	15, // 29: gitraft.mail.v1.MailService.ListHosts:input_type -> gitraft.mail.v1.ListHostsRequest
-	17, // 30: gitraft.mail.v1.MailService.AddHost:input_type -> gitraft.mail.v1.AddHostRequest
-	19, // 31: gitraft.mail.v1.MailService.RemoveHost:input_type -> gitraft.mail.v1.RemoveHostRequest
-	21, // 32: gitraft.mail.v1.MailService.Drain:input_type -> gitraft.mail.v1.DrainRequest
-	23, // 33: gitraft.mail.v1.MailService.Undrain:input_type -> gitraft.mail.v1.UndrainRequest
-	25, // 34: gitraft.mail.v1.MailService.GetHistory:input_type -> gitraft.mail.v1.GetHistoryRequest
-	27, // 35: gitraft.mail.v1.MailService.GetMXSet:input_type -> gitraft.mail.v1.GetMXSetRequest
-	16, // 36: gitraft.mail.v1.MailService.ListHosts:output_type -> gitraft.mail.v1.ListHostsResponse
-	18, // 37: gitraft.mail.v1.MailService.AddHost:output_type -> gitraft.mail.v1.AddHostResponse
-	20, // 38: gitraft.mail.v1.MailService.RemoveHost:output_type -> gitraft.mail.v1.RemoveHostResponse
-	22, // 39: gitraft.mail.v1.MailService.Drain:output_type -> gitraft.mail.v1.DrainResponse
-	24, // 40: gitraft.mail.v1.MailService.Undrain:output_type -> gitraft.mail.v1.UndrainResponse
-	26, // 41: gitraft.mail.v1.MailService.GetHistory:output_type -> gitraft.mail.v1.GetHistoryResponse
-	28, // 42: gitraft.mail.v1.MailService.GetMXSet:output_type -> gitraft.mail.v1.GetMXSetResponse
-	36, // [36:43] is the sub-list for method output_type
-	29, // [29:36] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	30, // 6: gitraft.mail.v1.Host.agent_report_interval:type_name -> google.protobuf.Duration
+	29, // 7: gitraft.mail.v1.HistoryEntry.time:type_name -> google.protobuf.Timestamp
+	1,  // 8: gitraft.mail.v1.HistoryEntry.event:type_name -> gitraft.mail.v1.Event
+	0,  // 9: gitraft.mail.v1.HistoryEntry.from:type_name -> gitraft.mail.v1.HostState
+	0,  // 10: gitraft.mail.v1.HistoryEntry.to:type_name -> gitraft.mail.v1.HostState
+	6,  // 11: gitraft.mail.v1.Command.add_host:type_name -> gitraft.mail.v1.AddHost
+	7,  // 12: gitraft.mail.v1.Command.remove_host:type_name -> gitraft.mail.v1.RemoveHost
+	8,  // 13: gitraft.mail.v1.Command.drain:type_name -> gitraft.mail.v1.Drain
+	9,  // 14: gitraft.mail.v1.Command.undrain:type_name -> gitraft.mail.v1.Undrain
+	10, // 15: gitraft.mail.v1.Command.report_queue:type_name -> gitraft.mail.v1.ReportQueue
+	11, // 16: gitraft.mail.v1.Command.mark_overdue:type_name -> gitraft.mail.v1.MarkOverdue
+	12, // 17: gitraft.mail.v1.Command.report_handoff:type_name -> gitraft.mail.v1.ReportHandoff
+	30, // 18: gitraft.mail.v1.Drain.deadline:type_name -> google.protobuf.Duration
+	30, // 19: gitraft.mail.v1.ReportQueue.report_interval:type_name -> google.protobuf.Duration
+	2,  // 20: gitraft.mail.v1.Result.host:type_name -> gitraft.mail.v1.Host
+	2,  // 21: gitraft.mail.v1.Snapshot.hosts:type_name -> gitraft.mail.v1.Host
+	3,  // 22: gitraft.mail.v1.Snapshot.history:type_name -> gitraft.mail.v1.HistoryEntry
+	2,  // 23: gitraft.mail.v1.ListHostsResponse.hosts:type_name -> gitraft.mail.v1.Host
+	2,  // 24: gitraft.mail.v1.AddHostResponse.host:type_name -> gitraft.mail.v1.Host
+	2,  // 25: gitraft.mail.v1.RemoveHostResponse.removed:type_name -> gitraft.mail.v1.Host
+	30, // 26: gitraft.mail.v1.DrainRequest.deadline:type_name -> google.protobuf.Duration
+	2,  // 27: gitraft.mail.v1.DrainResponse.host:type_name -> gitraft.mail.v1.Host
+	2,  // 28: gitraft.mail.v1.UndrainResponse.host:type_name -> gitraft.mail.v1.Host
+	3,  // 29: gitraft.mail.v1.GetHistoryResponse.entries:type_name -> gitraft.mail.v1.HistoryEntry
+	4,  // 30: gitraft.mail.v1.GetMXSetResponse.records:type_name -> gitraft.mail.v1.MXRecord
+	15, // 31: gitraft.mail.v1.MailService.ListHosts:input_type -> gitraft.mail.v1.ListHostsRequest
+	17, // 32: gitraft.mail.v1.MailService.AddHost:input_type -> gitraft.mail.v1.AddHostRequest
+	19, // 33: gitraft.mail.v1.MailService.RemoveHost:input_type -> gitraft.mail.v1.RemoveHostRequest
+	21, // 34: gitraft.mail.v1.MailService.Drain:input_type -> gitraft.mail.v1.DrainRequest
+	23, // 35: gitraft.mail.v1.MailService.Undrain:input_type -> gitraft.mail.v1.UndrainRequest
+	25, // 36: gitraft.mail.v1.MailService.GetHistory:input_type -> gitraft.mail.v1.GetHistoryRequest
+	27, // 37: gitraft.mail.v1.MailService.GetMXSet:input_type -> gitraft.mail.v1.GetMXSetRequest
+	16, // 38: gitraft.mail.v1.MailService.ListHosts:output_type -> gitraft.mail.v1.ListHostsResponse
+	18, // 39: gitraft.mail.v1.MailService.AddHost:output_type -> gitraft.mail.v1.AddHostResponse
+	20, // 40: gitraft.mail.v1.MailService.RemoveHost:output_type -> gitraft.mail.v1.RemoveHostResponse
+	22, // 41: gitraft.mail.v1.MailService.Drain:output_type -> gitraft.mail.v1.DrainResponse
+	24, // 42: gitraft.mail.v1.MailService.Undrain:output_type -> gitraft.mail.v1.UndrainResponse
+	26, // 43: gitraft.mail.v1.MailService.GetHistory:output_type -> gitraft.mail.v1.GetHistoryResponse
+	28, // 44: gitraft.mail.v1.MailService.GetMXSet:output_type -> gitraft.mail.v1.GetMXSetResponse
+	38, // [38:45] is the sub-list for method output_type
+	31, // [31:38] is the sub-list for method input_type
+	31, // [31:31] is the sub-list for extension type_name
+	31, // [31:31] is the sub-list for extension extendee
+	0,  // [0:31] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_mail_v1_mail_proto_init() }
