@@ -594,7 +594,7 @@ func (s *dbService) Failover(ctx context.Context, req *dbv1.FailoverRequest) (*d
 	if err != nil {
 		return nil, err
 	}
-	target, err := dbtarget.CheckFailover(st, obs, set, req.GetTo(), time.Now())
+	target, err := dbtarget.CheckFailover(st, obs, set, req.GetTo(), req.GetForce(), time.Now())
 	if err != nil {
 		return nil, dbRefusal(err)
 	}
@@ -606,7 +606,7 @@ func (s *dbService) Failover(ctx context.Context, req *dbv1.FailoverRequest) (*d
 		return nil, err
 	}
 	n.db.poke()
-	n.log.Warn("failover requested", "target", target, "op", res.GetOperation().GetId(), "by", requester(ctx))
+	n.log.Warn("failover requested", "target", target, "op", res.GetOperation().GetId(), "by", requester(ctx), "force", req.GetForce())
 	return &dbv1.FailoverResponse{Operation: res.GetOperation(), Index: res.GetOperation().GetId()}, nil
 }
 
