@@ -187,3 +187,36 @@ func Test_E2E_DB_ElectionLongerThanFenceWindow(t *testing.T) {
 	r = e.checkWrites(w, e.pg["pg1"], stopped, time.Now())
 	t.Logf("leader %s stopped with SIGTERM and started again: longest write %s; %d committed, %d failed", leader.id, r.MaxLatency.Round(time.Millisecond), r.Committed, r.Failed)
 }
+
+// A pgbouncer that died (as 1.18 can on KILL) routes nothing: its agent
+// reports it down, db status shows it, and a failover counts it as fenced
+// rather than wait for it. Started again, it routes nothing until its agent
+// points it at the new primary, then routes there.
+func Test_E2E_DB_DeadPgbouncerCountsAsFenced(t *testing.T) {
+	e := startDB(t, dbOpts{})
+	b3 := e.bouncers[2]
+	b3.Kill()
+	waitFor(t, "b3 reported down", 20*time.Second, func() bool {
+		for _, b := range e.status().GetBouncers() {
+			if b.GetBouncer().GetName() == "b3" {
+				return b.GetReport().GetDown()
+			}
+		}
+		return false
+	})
+	if out := e.c.must(e.c.other(), "db", "status"); !strings.Contains(out, "down (routes nothing)") {
+		t.Errorf("db status does not show b3 down:\n%s", out)
+	}
+	start := time.Now()
+	out := e.c.must(e.c.other(), "db", "failover", "--to", "pg2")
+	took := time.Since(start)
+	if !strings.Contains(out, "pg2 is the primary") {
+		t.Fatalf("db failover --to pg2 printed:\n%s", out)
+	}
+	if took > 10*time.Second {
+		t.Errorf("the failover took %s with a pgbouncer down, want it not to wait for it", took.Round(time.Millisecond))
+	}
+	t.Logf("failover with b3 down: %s", took.Round(time.Millisecond))
+	b3.Restart()
+	e.waitPrimary("pg2", 2)
+}

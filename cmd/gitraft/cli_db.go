@@ -208,6 +208,8 @@ func writeDBStatus(w io.Writer, r *dbv1.GetStatusResponse, now time.Time) error 
 		switch {
 		case rep == nil:
 			state = "unknown"
+		case rep.GetDown():
+			state = "down (routes nothing)"
 		case rep.GetFenced():
 			state = "fenced"
 		case rep.GetPaused():
