@@ -87,6 +87,53 @@ func (s Settings) WithDefaults() Settings {
 	return s
 }
 
+// Canonical is the settings as "key=value" pairs in key order, the way
+// nodes tell the leader theirs so that it notices nodes configured
+// differently (see DiffSettings).
+func (s Settings) Canonical() string {
+	return strings.Join([]string{
+		fmt.Sprintf("automatic_failover=%t", s.AutomaticFailover),
+		"failover_after=" + s.FailoverAfter.String(),
+		"isolation_fence_after=" + s.IsolationFenceAfter.String(),
+		fmt.Sprintf("max_lag_bytes=%d", s.MaxLagBytes),
+		"pause_timeout=" + s.PauseTimeout.String(),
+		"probe_timeout=" + s.ProbeTimeout.String(),
+		"report_interval=" + s.ReportInterval.String(),
+		"switchover_timeout=" + s.SwitchoverTimeout.String(),
+	}, " ")
+}
+
+// DiffSettings lists how other (a Canonical form) differs from mine:
+// "failover_after=2s (leader: 5s)".
+func DiffSettings(mine, other string) []string {
+	kv := func(s string) map[string]string {
+		m := map[string]string{}
+		for _, f := range strings.Fields(s) {
+			k, v, _ := strings.Cut(f, "=")
+			m[k] = v
+		}
+		return m
+	}
+	a, b := kv(mine), kv(other)
+	var keys []string
+	for k := range a {
+		keys = append(keys, k)
+	}
+	for k := range b {
+		if _, ok := a[k]; !ok {
+			keys = append(keys, k)
+		}
+	}
+	slices.Sort(keys)
+	var out []string
+	for _, k := range keys {
+		if a[k] != b[k] {
+			out = append(out, fmt.Sprintf("%s=%s (leader: %s)", k, b[k], a[k]))
+		}
+	}
+	return out
+}
+
 // IsolationMargin is what the leader adds to IsolationFenceAfter before it
 // counts a silent pgbouncer as fenced by itself: the agent's own lateness
 // (it fences at expiry, plus the admin command) and the time a node takes to

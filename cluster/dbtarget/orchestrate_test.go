@@ -604,3 +604,15 @@ func TestCheckFailoverLagGuard(t *testing.T) {
 		t.Errorf("receive lag: %v, want a precondition refusal", err)
 	}
 }
+
+func TestDiffSettings(t *testing.T) {
+	a := Settings{}.WithDefaults()
+	b := Settings{FailoverAfter: 2 * time.Second}.WithDefaults()
+	if d := DiffSettings(a.Canonical(), a.Canonical()); len(d) != 0 {
+		t.Errorf("same settings differ: %v", d)
+	}
+	got := strings.Join(DiffSettings(a.Canonical(), b.Canonical()), ", ")
+	if want := "failover_after=2s (leader: 5s), isolation_fence_after=1s (leader: 3s)"; got != want {
+		t.Errorf("DiffSettings = %q, want %q", got, want)
+	}
+}

@@ -163,6 +163,13 @@ func writeDBStatus(w io.Writer, r *dbv1.GetStatusResponse, now time.Time) error 
 	}
 	kv.row("failover:", failover)
 	kv.row("leader:", fmt.Sprintf("%s (index %d)", r.GetLeader(), r.GetIndex()))
+	for i, m := range r.GetSettingsMismatch() {
+		label := ""
+		if i == 0 {
+			label = "settings differ:"
+		}
+		kv.row(label, m+" (switchovers refused until every node has the leader's database.* settings)")
+	}
 	if err := kv.flush(); err != nil {
 		return err
 	}
