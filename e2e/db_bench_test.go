@@ -66,14 +66,15 @@ func BenchmarkDatabaseSwitchover(b *testing.B) {
 	// rows a client saw committed that pg1 lacks.
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	cut := time.Now() // rows committed before it are on pg1 when it is read
 	have1, err := e.pg["pg1"].IDs(ctx)
 	if err != nil {
 		b.Fatal(err)
 	}
-	lostSwitchovers := len(pgtest.Missing(pgtest.ReportBetween(w.Writes(), time.Time{}, time.Now()).CommittedIDs, have1))
+	lostSwitchovers := len(pgtest.Missing(pgtest.ReportBetween(w.Writes(), time.Time{}, cut).CommittedIDs, have1))
 	killed := time.Now()
 	e.pg["pg1"].Kill()
-	e.waitPrimary("pg2", 6)
+	e.waitPrimary("pg2", switchovers+2)
 	var first time.Time
 	waitFor(b, "a write committed on pg2", 30*time.Second, func() bool {
 		first = pgtest.FirstCommitOn(w.Writes(), e.pg["pg2"].Port, killed)
