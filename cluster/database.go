@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -18,6 +19,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/gitraft/gitraft/cluster/dbtarget"
 	"github.com/gitraft/gitraft/cluster/pki"
@@ -36,6 +38,9 @@ type dbRuntime struct {
 	postgres map[string]dbtarget.Heard[*dbv1.PostgresReport]
 	bouncers map[string]dbtarget.Heard[*dbv1.BouncerReport]
 	probes   map[string]dbtarget.Heard[*dbv1.ProbeReport]
+	// settingsOf are the cluster-wide settings each node reported
+	// (Settings.Canonical), by node.
+	settingsOf map[string]dbtarget.Heard[string]
 	// localProbe is this node's own probe of the primary (the read-only
 	// signal uses it on every node).
 	localProbe dbtarget.Heard[*dbv1.ProbeReport]
@@ -72,6 +77,7 @@ func (d *dbRuntime) reset(now time.Time) uint64 {
 	d.postgres = map[string]dbtarget.Heard[*dbv1.PostgresReport]{}
 	d.bouncers = map[string]dbtarget.Heard[*dbv1.BouncerReport]{}
 	d.probes = map[string]dbtarget.Heard[*dbv1.ProbeReport]{}
+	d.settingsOf = map[string]dbtarget.Heard[string]{}
 	return d.leading
 }
 
@@ -80,7 +86,7 @@ func (d *dbRuntime) stop(l uint64) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.leading == l {
-		d.postgres, d.bouncers, d.probes = nil, nil, nil
+		d.postgres, d.bouncers, d.probes, d.settingsOf = nil, nil, nil, nil
 	}
 }
 
@@ -99,6 +105,26 @@ func (d *dbRuntime) record(r *dbv1.ReportRequest, now time.Time) {
 	if p := r.GetProbe(); p != nil {
 		d.probes[r.GetNode()] = dbtarget.Heard[*dbv1.ProbeReport]{Report: p, At: now}
 	}
+	if cs := r.GetClusterSettings(); cs != "" && r.GetNode() != "" {
+		d.settingsOf[r.GetNode()] = dbtarget.Heard[string]{Report: cs, At: now}
+	}
+}
+
+// mismatch lists the nodes whose fresh reports carry cluster-wide settings
+// other than this leader's, each with what differs.
+func (d *dbRuntime) mismatch(now time.Time) []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	mine := d.settings.Canonical()
+	var out []string
+	for node, h := range d.settingsOf {
+		if now.Sub(h.At) > d.settings.Fresh() || h.Report == mine {
+			continue
+		}
+		out = append(out, fmt.Sprintf("node %s: %s", node, strings.Join(dbtarget.DiffSettings(mine, h.Report), ", ")))
+	}
+	slices.Sort(out)
+	return out
 }
 
 func (d *dbRuntime) observed(voters []string) (dbtarget.Observed, dbtarget.Settings) {
@@ -188,6 +214,10 @@ func (n *Node) ProposeDatabase(ctx context.Context, c *dbv1.Command) (*dbv1.Resu
 func (n *Node) ReportDatabase(ctx context.Context, r *dbv1.ReportRequest) error {
 	n.db.init()
 	now := time.Now()
+	if r.GetClusterSettings() == "" {
+		r = proto.CloneOf(r)
+		r.ClusterSettings = n.DatabaseSettings().Canonical()
+	}
 	if p := r.GetProbe(); p != nil && r.GetNode() == n.cfg.NodeID {
 		n.db.mu.Lock()
 		n.db.localProbe = dbtarget.Heard[*dbv1.ProbeReport]{Report: p, At: now}
@@ -499,7 +529,9 @@ func (s *dbService) GetStatus(ctx context.Context, req *dbv1.GetStatusRequest) (
 	if err != nil {
 		return nil, err
 	}
-	return statusOf(st, obs, set, time.Now(), n.cfg.NodeID, idx, n.Writable()), nil
+	resp = statusOf(st, obs, set, time.Now(), n.cfg.NodeID, idx, n.Writable())
+	resp.SettingsMismatch = n.db.mismatch(time.Now())
+	return resp, nil
 }
 
 func statusOf(st *dbv1.State, obs dbtarget.Observed, set dbtarget.Settings, now time.Time, leader string, idx uint64, wr *dbv1.GetWritableResponse) *dbv1.GetStatusResponse {
@@ -564,6 +596,11 @@ func (s *dbService) Switchover(ctx context.Context, req *dbv1.SwitchoverRequest)
 		return nil, err
 	}
 	now := time.Now()
+	if mm := n.db.mismatch(now); len(mm) > 0 {
+		return nil, &RefusalError{Reason: fsmv1.Reason_REASON_PRECONDITION, Message: fmt.Sprintf(
+			"nodes are configured with other cluster-wide database settings than the leader %s (%s); give every node the same database.* settings and restart them, then switch over",
+			n.cfg.NodeID, strings.Join(mm, "; "))}
+	}
 	if req.GetAtUnixNano() <= now.UnixNano() {
 		if err := dbtarget.CheckSwitchover(st, obs, set, req.GetTo(), now); err != nil {
 			return nil, dbRefusal(err)
@@ -594,7 +631,7 @@ func (s *dbService) Failover(ctx context.Context, req *dbv1.FailoverRequest) (*d
 	if err != nil {
 		return nil, err
 	}
-	target, err := dbtarget.CheckFailover(st, obs, set, req.GetTo(), time.Now())
+	target, err := dbtarget.CheckFailover(st, obs, set, req.GetTo(), req.GetForce(), time.Now())
 	if err != nil {
 		return nil, dbRefusal(err)
 	}
@@ -606,7 +643,7 @@ func (s *dbService) Failover(ctx context.Context, req *dbv1.FailoverRequest) (*d
 		return nil, err
 	}
 	n.db.poke()
-	n.log.Warn("failover requested", "target", target, "op", res.GetOperation().GetId(), "by", requester(ctx))
+	n.log.Warn("failover requested", "target", target, "op", res.GetOperation().GetId(), "by", requester(ctx), "force", req.GetForce())
 	return &dbv1.FailoverResponse{Operation: res.GetOperation(), Index: res.GetOperation().GetId()}, nil
 }
 

@@ -334,14 +334,16 @@ func (b *fakeBouncer) Point(ctx context.Context, primary dbtarget.Endpoint) erro
 	return nil
 }
 
-func (b *fakeBouncer) Fence(ctx context.Context) error {
+func (b *fakeBouncer) Fence(ctx context.Context, drain time.Duration) (bool, error) {
 	pg := b.pg
 	pg.mu.Lock()
 	defer pg.mu.Unlock()
 	b.paused, b.fenced = true, true
 	pg.event("fence %s", b.name)
-	return nil
+	return false, nil
 }
+
+func (b *fakeBouncer) Ping(ctx context.Context) error { return nil }
 
 func (b *fakeBouncer) Target() (dbtarget.Endpoint, error) {
 	pg := b.pg

@@ -473,6 +473,39 @@ func (n *Node) IsLeader() bool { return n.raft.State() == raft.Leader }
 // AppliedIndex is the last index this node's state machine applied.
 func (n *Node) AppliedIndex() uint64 { return n.fsm.Index() }
 
+// handOverLeadership transfers leadership to another voter when this node
+// leads and has one; it waits at most timeout, and a failure only means an
+// ordinary election follows.
+func (n *Node) handOverLeadership(timeout time.Duration) {
+	if n.raft == nil || n.raft.State() != raft.Leader {
+		return
+	}
+	voters := 0
+	if f := n.raft.GetConfiguration(); f.Error() == nil {
+		for _, s := range f.Configuration().Servers {
+			if s.Suffrage == raft.Voter {
+				voters++
+			}
+		}
+	}
+	if voters < 2 {
+		return
+	}
+	done := make(chan error, 1)
+	go func() { done <- n.raft.LeadershipTransfer().Error() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			n.log.Warn("stopping: leadership transfer failed; the others elect a leader", "err", err)
+			return
+		}
+		_, to := n.raft.LeaderWithID()
+		n.log.Info("stopping: handed leadership over", "leader", string(to))
+	case <-time.After(timeout):
+		n.log.Warn("stopping: leadership transfer did not finish in time; the others elect a leader", "timeout", timeout.String())
+	}
+}
+
 // WaitLeader blocks until some leader is known, or ctx ends.
 func (n *Node) WaitLeader(ctx context.Context) (string, error) {
 	t := time.NewTicker(20 * time.Millisecond)
@@ -489,10 +522,15 @@ func (n *Node) WaitLeader(ctx context.Context) (string, error) {
 	}
 }
 
-// Close stops the servers and Raft. It does not leave the cluster.
+// Close stops the servers and Raft. It does not leave the cluster. A
+// leader first hands leadership to another voter (bounded by 5 s), so that a
+// graceful stop costs the cluster no election timeout: while no node can
+// confirm the state, pgbouncer agents hold their clients
+// (database.isolation_fence_after).
 func (n *Node) Close() error {
 	var err error
 	n.closeOne.Do(func() {
+		n.handOverLeadership(5 * time.Second)
 		close(n.stop)
 		if n.httpServer != nil {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"sort"
 	"strings"
@@ -14,7 +15,7 @@ import (
 // of a real PostgreSQL 15 primary and standby behind three pgbouncers
 // (transaction pooling) driven by a 3-node gitraft cluster, with a client
 // writing one row per transaction through every pgbouncer the whole time:
-// for each switchover the write pause clients see (their longest single
+// for each of 20 switchovers the write pause clients see (their longest single
 // write), the whole switchover (begin to done, demotion of the old primary
 // included) and failed transactions; then the time from a SIGKILL of the
 // primary's postmaster to the first write committed on the new primary
@@ -38,7 +39,8 @@ func BenchmarkDatabaseSwitchover(b *testing.B) {
 	var pauses []time.Duration
 	failed := 0
 	to := "pg2"
-	for i := range 4 {
+	const switchovers = 20
+	for i := range switchovers {
 		from := otherMember(to)
 		start := time.Now()
 		cli := e.switchover(to)
@@ -52,12 +54,27 @@ func BenchmarkDatabaseSwitchover(b *testing.B) {
 		pauses = append(pauses, rep.MaxLatency)
 		failed += rep.Failed
 		waitFor(b, from+" streaming from "+to, 60*time.Second, func() bool { return e.pg[from].StreamingFrom(e.pg[to]) })
+		// As an operator would: the next switchover once db status shows
+		// the old primary streaming.
+		waitFor(b, "db status to show "+from+" streaming", 30*time.Second, func() bool {
+			m := memberStatus(e.status(), from)
+			return m.GetRole() == "standby" && m.GetHealth().GetStreaming()
+		})
 		to = from
 	}
-	// to is pg2 again here: pg1 is the primary.
+	// to is pg2 again here: pg1 is the primary. Lost in the switchovers:
+	// rows a client saw committed that pg1 lacks.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cut := time.Now() // rows committed before it are on pg1 when it is read
+	have1, err := e.pg["pg1"].IDs(ctx)
+	if err != nil {
+		b.Fatal(err)
+	}
+	lostSwitchovers := len(pgtest.Missing(pgtest.ReportBetween(w.Writes(), time.Time{}, cut).CommittedIDs, have1))
 	killed := time.Now()
 	e.pg["pg1"].Kill()
-	e.waitPrimary("pg2", 6)
+	e.waitPrimary("pg2", switchovers+2)
 	var first time.Time
 	waitFor(b, "a write committed on pg2", 30*time.Second, func() bool {
 		first = pgtest.FirstCommitOn(w.Writes(), e.pg["pg2"].Port, killed)
@@ -65,6 +82,12 @@ func BenchmarkDatabaseSwitchover(b *testing.B) {
 	})
 	failover := first.Sub(killed)
 	w.Stop()
+	// Lost in the failover: rows a client saw committed that pg2 lacks.
+	have2, err := e.pg["pg2"].IDs(ctx)
+	if err != nil {
+		b.Fatal(err)
+	}
+	lostFailover := len(pgtest.Missing(pgtest.ReportBetween(w.Writes(), time.Time{}, time.Time{}).CommittedIDs, have2))
 
 	sort.Slice(pauses, func(i, j int) bool { return pauses[i] < pauses[j] })
 	p50, worst := pauses[len(pauses)/2], pauses[len(pauses)-1]
@@ -75,11 +98,20 @@ func BenchmarkDatabaseSwitchover(b *testing.B) {
 		fmt.Printf("%-26s %10s %10s %12s %12s %10d %7d\n", x.name, r(x.whole), r(x.cli), r(x.pause), r(x.gap), x.committed, x.fails)
 	}
 	fmt.Printf("write pause: p50 %s, max %s over %d switchovers; failed transactions: %d\n", r(p50), r(worst), len(rows), failed)
+	fmt.Printf("\n%-34s %12s %12s\n", "", "this run", "issue 10")
+	fmt.Printf("%-34s %12s %12s\n", "switchovers", fmt.Sprint(len(rows)), "44")
+	fmt.Printf("%-34s %12s %12s\n", "write pause p50", r(p50), "810ms")
+	fmt.Printf("%-34s %12s %12s\n", "write pause max", r(worst), "2.71s")
+	fmt.Printf("%-34s %12d %12s\n", "failed transactions", failed, "0")
+	fmt.Printf("%-34s %12d %12s\n", "lost (switchovers)", lostSwitchovers, "0")
+	fmt.Printf("%-34s %12s %12s\n", "failover: kill to first write", r(failover), "7.5-8.1s")
+	fmt.Printf("%-34s %12d %12s\n", "lost (async failover)", lostFailover, "0, 1, 3")
 	fmt.Printf("automatic failover (failover_after %s): SIGKILL of the primary's postmaster to the first committed write on the new primary: %s\n", failoverAfter, r(failover))
 	fmt.Printf("(for scale: Patroni switchovers take about 5 s; stolon-pgbouncer pauses about 10 s)\n%s\n", strings.Repeat("-", 40))
 	b.ReportMetric(ms(p50), "pause-p50-ms")
 	b.ReportMetric(ms(worst), "pause-max-ms")
 	b.ReportMetric(float64(failed), "failed-tx")
+	b.ReportMetric(float64(lostSwitchovers), "lost-tx")
 	b.ReportMetric(ms(failover), "failover-ms")
 	var wholes []time.Duration
 	for _, x := range rows {

@@ -33,6 +33,10 @@ type dbOpts struct {
 	// reportInterval is how often agents report and nodes probe the
 	// primary (default 200ms; gitraft's own default is 1s).
 	reportInterval time.Duration
+	// pauseExpiry is each pgbouncer's pause_expiry (default 20s).
+	pauseExpiry time.Duration
+	// isolationFenceAfter, when set, is database.isolation_fence_after.
+	isolationFenceAfter time.Duration
 }
 
 func needPostgres(t testing.TB) {
@@ -60,6 +64,9 @@ func startDB(t testing.TB, o dbOpts) *dbEnv {
 	if o.reportInterval == 0 {
 		o.reportInterval = 200 * time.Millisecond
 	}
+	if o.pauseExpiry == 0 {
+		o.pauseExpiry = 20 * time.Second
+	}
 	dir := pgtest.Dir(t)
 	e := &dbEnv{t: t, pg: map[string]*pgtest.Postgres{}, conns: map[string]dbv1.DatabaseServiceClient{}}
 	e.pg["pg1"] = pgtest.StartPrimary(t, dir, "pg1")
@@ -68,9 +75,9 @@ func startDB(t testing.TB, o dbOpts) *dbEnv {
 		e.bouncers = append(e.bouncers, pgtest.StartBouncer(t, dir, name, e.pg["pg1"]))
 	}
 	agents := map[string][]string{
-		"n1": append(e.postgresFlags("pg1"), bouncerFlags(e.bouncers[0])...),
-		"n2": append(e.postgresFlags("pg2"), bouncerFlags(e.bouncers[1])...),
-		"n3": bouncerFlags(e.bouncers[2]),
+		"n1": append(e.postgresFlags("pg1"), bouncerFlags(e.bouncers[0], o.pauseExpiry)...),
+		"n2": append(e.postgresFlags("pg2"), bouncerFlags(e.bouncers[1], o.pauseExpiry)...),
+		"n3": bouncerFlags(e.bouncers[2], o.pauseExpiry),
 	}
 	e.c = startCluster(t, 3, func(n *node) {
 		n.args = append(n.args,
@@ -82,6 +89,9 @@ func startDB(t testing.TB, o dbOpts) *dbEnv {
 			"--database-report-interval", o.reportInterval.String(),
 			"--database-probe-timeout", min(o.reportInterval, time.Second).String(),
 		)
+		if o.isolationFenceAfter > 0 {
+			n.args = append(n.args, "--database-isolation-fence-after", o.isolationFenceAfter.String())
+		}
 		n.args = append(n.args, agents[n.id]...)
 	})
 	e.waitPrimary("pg1", 1)
@@ -112,7 +122,7 @@ func (e *dbEnv) postgresFlags(name string) []string {
 	}
 }
 
-func bouncerFlags(b *pgtest.Bouncer) []string {
+func bouncerFlags(b *pgtest.Bouncer, pauseExpiry time.Duration) []string {
 	bc := b.BouncerConfig()
 	return []string{
 		"--database-pgbouncer-name", b.Name,
@@ -120,7 +130,7 @@ func bouncerFlags(b *pgtest.Bouncer) []string {
 		"--database-pgbouncer-admin-user", bc.AdminUser,
 		"--database-pgbouncer-databases-file", bc.DatabasesFile,
 		"--database-pgbouncer-databases", strings.Join(bc.Databases, ","),
-		"--database-pgbouncer-pause-expiry", "20s",
+		"--database-pgbouncer-pause-expiry", pauseExpiry.String(),
 	}
 }
 

@@ -240,6 +240,10 @@ func Test_E2E_DB_Refusals(t *testing.T) {
 		return m.GetLagKnown() && m.GetLagBytes() > 1<<20
 	})
 	refused("max_lag_bytes", "db", "switchover", "--to", "pg2")
+	// failover --to holds the target to the same bound while the primary
+	// runs, and says what it would cost.
+	refused("--force", "db", "failover", "--to", "pg2")
+	refused("before it takes writes", "db", "failover", "--to", "pg2")
 	pg2.MustExec(ctx, "postgres", "SELECT pg_wal_replay_resume()")
 	waitFor(t, "pg2 caught up", 30*time.Second, func() bool {
 		m := memberStatus(e.status(), "pg2")

@@ -36,7 +36,12 @@ type BouncerAgentConfig struct {
 	// report to the leader, the agent fences pgbouncer until it can again
 	// (default DefaultIsolationFenceAfter of the default settings).
 	IsolationFenceAfter time.Duration
-	// Now replaces time.Now for the isolation lease (tests).
+	// Drain bounds how long a fence waits for pgbouncer's busy server
+	// connections (transactions under way) before it KILLs them (default
+	// ReportInterval, half the margin the leader allows a silent pgbouncer).
+	Drain time.Duration
+	// Now replaces time.Now for the isolation lease and the pause expiry
+	// (tests).
 	Now func() time.Time
 }
 
@@ -50,6 +55,7 @@ type BouncerAgent struct {
 	log *slog.Logger
 
 	applied     uint64 // generation applied
+	down        bool   // pgbouncer did not run at the last look
 	paused      bool
 	pausedOp    uint64
 	pausedAt    time.Time
@@ -72,6 +78,14 @@ type BouncerAgent struct {
 	isolatedAt   time.Time
 	published    *dbv1.BouncerReport // the main loop's last report, for the guard's heartbeats
 	sendMu       sync.Mutex          // one report in flight at a time, so they arrive in order
+	// pauseUntil is when the planned pause in force ends by itself (zero:
+	// none); the guard RESUMEs then, whatever the main loop is doing.
+	pauseUntil time.Time
+	pauseOp    uint64 // the operation of that pause
+	expired    uint64 // the operation whose pause the guard ended, for the main loop
+
+	fileMu sync.Mutex
+	file   bouncerFile // what StateFile holds
 }
 
 // NewBouncerAgent returns an agent; Run starts it.
@@ -88,6 +102,9 @@ func NewBouncerAgent(cfg BouncerAgentConfig, c Cluster, b Bouncer, log *slog.Log
 	if cfg.IsolationFenceAfter <= 0 {
 		cfg.IsolationFenceAfter = DefaultIsolationFenceAfter(DefaultFailoverAfter, cfg.ReportInterval)
 	}
+	if cfg.Drain <= 0 {
+		cfg.Drain = cfg.ReportInterval
+	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
@@ -97,10 +114,21 @@ func NewBouncerAgent(cfg BouncerAgentConfig, c Cluster, b Bouncer, log *slog.Log
 	return &BouncerAgent{cfg: cfg, c: c, b: b, log: log.With("pgbouncer", cfg.Name)}
 }
 
+// bouncerFile is what the agent keeps across restarts: the generation it
+// applied, and the pause or fence it put in force, so that an agent started
+// again after it died ends that pause when it was due, not pause_expiry
+// after the restart.
 type bouncerFile struct {
 	Generation uint64 `json:"generation"`
 	Primary    string `json:"primary"`
 	Endpoint   string `json:"endpoint"`
+	// PausedOp and PausedAt: the operation a PAUSE was issued for, and
+	// when (recorded before the PAUSE goes out); 0 when not paused.
+	PausedOp uint64 `json:"paused_op,omitempty"`
+	PausedAt int64  `json:"paused_at_unix_nano,omitempty"`
+	// Fenced: a fence is in force (a fence does not expire).
+	Fenced   bool   `json:"fenced,omitempty"`
+	FencedOp uint64 `json:"fenced_op,omitempty"`
 }
 
 func (a *BouncerAgent) load() error {
@@ -119,14 +147,21 @@ func (a *BouncerAgent) load() error {
 		return fmt.Errorf("%s: %w", a.cfg.StateFile, err)
 	}
 	a.applied = f.Generation
+	a.fileMu.Lock()
+	a.file = f
+	a.fileMu.Unlock()
 	return nil
 }
 
-func (a *BouncerAgent) save(st *dbv1.State, ep Endpoint) error {
+// record changes what StateFile holds and writes it.
+func (a *BouncerAgent) record(change func(f *bouncerFile)) error {
+	a.fileMu.Lock()
+	defer a.fileMu.Unlock()
+	change(&a.file)
 	if a.cfg.StateFile == "" {
 		return nil
 	}
-	b, err := json.Marshal(bouncerFile{Generation: st.GetGeneration(), Primary: st.GetPrimary(), Endpoint: ep.String()})
+	b, err := json.Marshal(a.file)
 	if err != nil {
 		return err
 	}
@@ -134,6 +169,50 @@ func (a *BouncerAgent) save(st *dbv1.State, ep Endpoint) error {
 		return err
 	}
 	return atomicfile.Write(a.cfg.StateFile, b, 0o600)
+}
+
+func (a *BouncerAgent) save(st *dbv1.State, ep Endpoint) error {
+	return a.record(func(f *bouncerFile) {
+		f.Generation, f.Primary, f.Endpoint = st.GetGeneration(), st.GetPrimary(), ep.String()
+	})
+}
+
+// recordPause notes a planned pause for op issued at t (before the PAUSE
+// goes out) and arms the guard's expiry; op 0 clears it.
+func (a *BouncerAgent) recordPause(op uint64, t time.Time) {
+	a.mu.Lock()
+	if op == 0 {
+		a.pauseUntil, a.pauseOp = time.Time{}, 0
+	} else {
+		a.pauseUntil, a.pauseOp = t.Add(a.cfg.PauseExpiry), op
+	}
+	a.mu.Unlock()
+	if err := a.record(func(f *bouncerFile) {
+		f.PausedOp, f.PausedAt = op, 0
+		if op != 0 {
+			f.PausedAt = t.UnixNano()
+		}
+	}); err != nil {
+		a.fail("recording the pause", err)
+	}
+}
+
+// recordFence notes a fence in force (for op; 0: for isolation), or none.
+// A fence ends any planned pause: it does not expire.
+func (a *BouncerAgent) recordFence(fenced bool, op uint64) {
+	a.mu.Lock()
+	if fenced {
+		a.pauseUntil, a.pauseOp = time.Time{}, 0
+	}
+	a.mu.Unlock()
+	if err := a.record(func(f *bouncerFile) {
+		f.Fenced, f.FencedOp = fenced, op
+		if fenced {
+			f.PausedOp, f.PausedAt = 0, 0
+		}
+	}); err != nil {
+		a.fail("recording the fence", err)
+	}
 }
 
 // Run registers the pgbouncer and follows the state until ctx ends.
@@ -148,6 +227,26 @@ func (a *BouncerAgent) Run(ctx context.Context) {
 	t0 := a.cfg.Now()
 	a.readAt, a.reportAt = t0, t0
 	a.mu.Unlock()
+	// A pause or fence the previous run left in force: a pause still ends
+	// pause_expiry after it was issued, whether or not this run reaches
+	// the cluster (the guard ends it), and a fence stays until the state's
+	// primary is pointed at.
+	a.fileMu.Lock()
+	f := a.file
+	a.fileMu.Unlock()
+	switch {
+	case f.Fenced:
+		a.fenced, a.fencedOp = true, f.FencedOp
+		a.log.Info("a fence left by the previous run is in force", "op", f.FencedOp)
+	case f.PausedAt != 0:
+		at := time.Unix(0, f.PausedAt)
+		a.paused, a.pausedOp, a.pausedAt = true, f.PausedOp, at
+		a.mu.Lock()
+		a.pauseUntil, a.pauseOp = at.Add(a.cfg.PauseExpiry), f.PausedOp
+		a.mu.Unlock()
+		a.log.Info("a PAUSE left by the previous run is in force; it ends when it was due", "op", f.PausedOp,
+			"paused_for", t0.Sub(at).Round(time.Millisecond).String(), "ends_in", max(0, at.Add(a.cfg.PauseExpiry).Sub(t0)).Round(time.Millisecond).String())
+	}
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	wg.Add(2)
@@ -210,22 +309,70 @@ func (a *BouncerAgent) leaseLeft(now time.Time) time.Duration {
 	return a.cfg.IsolationFenceAfter - now.Sub(base)
 }
 
-// guard fences pgbouncer when the lease runs out.
+// guard fences pgbouncer when the lease runs out, and ends a planned pause
+// when it expires: neither waits for the main loop, which may be stuck
+// registering, in a long admin command, or on a cluster that does not
+// answer.
 func (a *BouncerAgent) guard(ctx context.Context) {
 	every := a.probeEvery()
 	for ctx.Err() == nil {
+		now := a.cfg.Now()
 		a.mu.Lock()
-		left, isolated := a.leaseLeft(a.cfg.Now()), a.isolated
+		left, isolated := a.leaseLeft(now), a.isolated
+		until := a.pauseUntil
 		a.mu.Unlock()
 		if left <= 0 && !isolated {
 			a.isolate(ctx)
 			left = every
+		}
+		if !until.IsZero() {
+			if d := until.Sub(now); d <= 0 {
+				a.expire(ctx)
+			} else {
+				left = min(left, d)
+			}
 		}
 		select {
 		case <-ctx.Done():
 		case <-time.After(min(max(left, 5*time.Millisecond), every)):
 		}
 	}
+}
+
+// expire RESUMEs a planned pause that is due, unless a fence stands.
+func (a *BouncerAgent) expire(ctx context.Context) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	now := a.cfg.Now()
+	if a.pauseUntil.IsZero() || now.Before(a.pauseUntil) || a.isolated {
+		return
+	}
+	rctx, cancel := context.WithTimeout(ctx, a.cfg.PauseTimeout)
+	err := a.b.Resume(rctx)
+	cancel()
+	if err != nil && !errors.Is(err, ErrBouncerDown) {
+		a.log.Error("the PAUSE expired, and RESUME failed; retrying", "op", a.pauseOp, "err", err)
+		return
+	}
+	a.log.Warn("the PAUSE expired: resumed by itself (database.pgbouncer.pause_expiry)", "op", a.pauseOp, "pause_expiry", a.cfg.PauseExpiry.String())
+	a.expired = a.pauseOp
+	if a.expired == 0 {
+		a.expired = ^uint64(0)
+	}
+	a.pauseUntil, a.pauseOp = time.Time{}, 0
+	if err := a.record(func(f *bouncerFile) { f.PausedOp, f.PausedAt = 0, 0 }); err != nil {
+		a.log.Warn("recording the end of the pause failed", "err", err)
+	}
+}
+
+// takeExpired returns the operation whose pause the guard ended since the
+// last call (^0 for a pause of no operation), or 0.
+func (a *BouncerAgent) takeExpired() uint64 {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	e := a.expired
+	a.expired = 0
+	return e
 }
 
 // renew confirms the state with the quorum every probe period, and reports
@@ -289,16 +436,25 @@ func (a *BouncerAgent) isolate(ctx context.Context) {
 		return
 	}
 	fctx, cancel := context.WithTimeout(ctx, a.cfg.PauseTimeout)
-	err := a.b.Fence(fctx)
+	killed, err := a.b.Fence(fctx, a.cfg.Drain)
 	cancel()
 	args := []any{"isolation_fence_after", a.cfg.IsolationFenceAfter.String(),
 		"last_confirmed", now.Sub(a.readAt).Round(time.Millisecond).String(), "last_report", now.Sub(a.reportAt).Round(time.Millisecond).String()}
-	if err != nil {
+	switch {
+	case errors.Is(err, ErrBouncerDown):
+		args = append(args, "pgbouncer", "not running")
+	case err != nil:
 		a.log.Error("cut off from the cluster, and fencing pgbouncer failed; retrying (it may still route to the old primary)", append(args, "err", err)...)
 		return
+	case killed:
+		args = append(args, "killed", "transactions still under way after "+a.cfg.Drain.String())
 	}
 	a.isolated, a.isolatedAt = true, now
-	a.log.Warn("cut off from the cluster: pgbouncer fenced (it routes to no server) until this node confirms the state with the quorum and reaches the leader again", args...)
+	a.pauseUntil, a.pauseOp = time.Time{}, 0
+	a.log.Warn("cut off from the cluster: pgbouncer holds its clients (PAUSE; it routes to no server) until this node confirms the state with the quorum and reaches the leader again", args...)
+	if err := a.record(func(f *bouncerFile) { f.Fenced, f.FencedOp, f.PausedOp, f.PausedAt = true, 0, 0, 0 }); err != nil {
+		a.log.Warn("recording the isolation fence failed", "err", err)
+	}
 }
 
 // lift ends an isolation fence once a linearizable read succeeds and the
@@ -367,7 +523,7 @@ func (a *BouncerAgent) refence(ctx context.Context) {
 	}
 	fctx, cancel := context.WithTimeout(ctx, a.cfg.PauseTimeout)
 	defer cancel()
-	if err := a.b.Fence(fctx); err != nil {
+	if _, err := a.b.Fence(fctx, a.cfg.Drain); err != nil && !errors.Is(err, ErrBouncerDown) {
 		a.log.Error("fencing pgbouncer again for isolation failed", "err", err)
 	}
 }
@@ -380,15 +536,32 @@ func (a *BouncerAgent) refence(ctx context.Context) {
 // only then RESUMEs.
 func (a *BouncerAgent) adopt(ctx context.Context, st *dbv1.State) {
 	op := st.GetOperation()
+	recorded := a.paused && a.pausedOp != 0 // a pause the previous run recorded
 	switch {
+	case a.fenced:
+		// A fence the previous run recorded: it ends by pointing at the
+		// state's primary (act).
+	case recorded && op.GetId() == a.pausedOp && holdsPause(op.GetPhase()):
+		// Still this operation's: it keeps its expiry. In pausing, act
+		// PAUSEs again (the previous run may have died before the PAUSE
+		// completed) and reports it, with the expiry of the first.
+		if op.GetPhase() == dbv1.Phase_PHASE_PAUSING {
+			a.pausedOp = 0
+		}
+	case recorded:
+		// The operation moved on: point at the state's primary, then
+		// RESUME (act).
+		a.pausedOp = 0
 	case op != nil && op.GetKind() == dbv1.Kind_KIND_SWITCHOVER && holdsPause(op.GetPhase()) && op.GetPhase() != dbv1.Phase_PHASE_PAUSING:
-		a.paused, a.pausedOp, a.pausedAt = true, op.GetId(), time.Now()
+		now := a.cfg.Now()
+		a.paused, a.pausedOp, a.pausedAt = true, op.GetId(), now
+		a.recordPause(op.GetId(), now)
 	case op.GetPhase() == dbv1.Phase_PHASE_PAUSING:
 		if _, err := a.bResume(ctx); err != nil {
 			a.log.Warn("RESUME at start failed", "err", err)
 		}
 	default:
-		a.paused, a.pausedAt = true, time.Now()
+		a.paused, a.pausedAt = true, a.cfg.Now()
 	}
 }
 
@@ -420,15 +593,54 @@ func (a *BouncerAgent) fail(what string, err error) {
 func (a *BouncerAgent) act(ctx context.Context, st *dbv1.State, now time.Time) {
 	op := st.GetOperation()
 	ep, havePrimary := PrimaryEndpoint(st)
+	if e := a.takeExpired(); e != 0 && a.paused && !a.fenced {
+		// The guard ended the pause (pause_expiry): this operation does
+		// not PAUSE it again, and the leader hears that this pgbouncer no
+		// longer holds its clients, so a switchover still pausing rolls
+		// back rather than stop the primary under them.
+		a.paused, a.expiredOp = false, a.pausedOp
+		if a.step != nil && a.step.GetOpId() == e && a.step.GetPhase() == dbv1.Phase_PHASE_PAUSING {
+			a.step = &dbv1.Step{OpId: e, Phase: dbv1.Phase_PHASE_PAUSING, Error: fmt.Sprintf("the PAUSE expired after %s (database.pgbouncer.pause_expiry) before the switchover moved on", a.cfg.PauseExpiry)}
+		}
+	}
+	// Does pgbouncer run? One that does not routes nothing; one that came
+	// back runs without the pause or fence it had, so put that back first.
+	wasDown := a.down
+	perr := a.b.Ping(ctx)
+	a.down = errors.Is(perr, ErrBouncerDown)
+	switch {
+	case a.down && !wasDown:
+		a.log.Error("pgbouncer does not run: it routes nothing (counted as paused and fenced); start it again (systemd: Restart=)", "err", perr)
+	case wasDown && !a.down:
+		a.log.Warn("pgbouncer runs again")
+		if a.fenced || a.isIsolated() {
+			fctx, cancel := context.WithTimeout(ctx, a.cfg.PauseTimeout)
+			_, err := a.b.Fence(fctx, a.cfg.Drain)
+			cancel()
+			if err != nil {
+				a.fail("fencing pgbouncer again after it started", err)
+			}
+		} else if a.paused {
+			pctx, cancel := context.WithTimeout(ctx, a.cfg.PauseTimeout)
+			err := a.b.Pause(pctx)
+			cancel()
+			if err != nil {
+				a.fail("pausing pgbouncer again after it started", err)
+			}
+		}
+	}
 	holdPause := a.paused && op != nil && op.GetId() == a.pausedOp && holdsPause(op.GetPhase())
 	holdFence := a.fenced && op != nil && op.GetId() == a.fencedOp && holdsFence(op.GetPhase())
 	a.behind = false
 
 	// Point at the state's primary: a newer generation, or the include file
-	// no longer says what the applied generation does.
-	if havePrimary && st.GetGeneration() >= a.applied {
+	// no longer says what the applied generation does (not while a fence
+	// stands: a fenced pgbouncer that was down keeps an include file that
+	// routes nothing until the fence ends).
+	if havePrimary && st.GetGeneration() >= a.applied && !a.down {
 		cur, terr := a.b.Target()
-		if st.GetGeneration() > a.applied || terr != nil || cur != ep {
+		repair := (terr != nil || cur != ep) && !a.fenced && !a.isIsolated()
+		if st.GetGeneration() > a.applied || repair {
 			if now.Sub(a.lastPointAt) >= 200*time.Millisecond || st.GetGeneration() > a.applied {
 				a.lastPointAt = now
 				if err := a.b.Point(ctx, ep); err != nil {
@@ -449,21 +661,42 @@ func (a *BouncerAgent) act(ctx context.Context, st *dbv1.State, now time.Time) {
 				}
 			}
 		}
+	} else if a.down && st.GetGeneration() > a.applied && havePrimary {
+		// pgbouncer is down: it routes nothing now, and reads the include
+		// file when it starts. Point writes the file before it RELOADs.
+		if err := a.b.Point(ctx, ep); err != nil && !errors.Is(err, ErrBouncerDown) {
+			a.fail("writing the include file while pgbouncer is down", err)
+		} else {
+			a.applied = st.GetGeneration()
+			if err := a.save(st, ep); err != nil {
+				a.fail("recording the applied generation", err)
+			}
+		}
 	}
 
 	switch {
 	case op == nil:
 	case op.GetPhase() == dbv1.Phase_PHASE_PAUSING && a.pausedOp != op.GetId() && a.expiredOp != op.GetId():
 		a.step = &dbv1.Step{OpId: op.GetId(), Phase: op.GetPhase()}
-		if a.fenced {
-			// Fenced already (cut off from the cluster a moment ago): clients
-			// wait as under PAUSE, and no server connection is left.
-			a.pausedOp, a.paused, a.pausedAt = op.GetId(), true, time.Now()
+		if a.fenced || a.down {
+			// Fenced already (cut off from the cluster a moment ago), or
+			// not running: clients wait as under PAUSE, or have no
+			// pgbouncer, and no server connection is left.
+			a.pausedOp, a.paused, a.pausedAt = op.GetId(), true, now
 			a.step.Done = true
 			holdPause = true
-			a.log.Info("paused (fenced already)", "op", op.GetId())
+			a.log.Info("paused (fenced or down already)", "op", op.GetId(), "down", a.down)
 			break
 		}
+		// A PAUSE counts from when it is first issued for the operation,
+		// also across a restart of this agent.
+		issued := now
+		a.fileMu.Lock()
+		if a.file.PausedOp == op.GetId() && a.file.PausedAt != 0 {
+			issued = time.Unix(0, a.file.PausedAt)
+		}
+		a.fileMu.Unlock()
+		a.recordPause(op.GetId(), issued)
 		timeout := a.cfg.PauseTimeout
 		if d := time.Until(time.Unix(0, op.GetDeadlineUnixNano())); op.GetDeadlineUnixNano() != 0 && d < timeout {
 			timeout = max(d, 100*time.Millisecond)
@@ -480,28 +713,35 @@ func (a *BouncerAgent) act(ctx context.Context, st *dbv1.State, now time.Time) {
 			if _, rerr := a.bResume(ctx); rerr != nil {
 				a.fail("RESUME after a failed PAUSE", rerr)
 			}
+			a.recordPause(0, time.Time{})
 			return
 		}
-		a.paused, a.pausedAt = true, time.Now()
+		a.paused, a.pausedAt = true, issued
 		a.step.Done = true
 		holdPause = true
-		a.log.Info("paused", "op", op.GetId(), "expires_in", a.cfg.PauseExpiry.String())
+		a.log.Info("paused", "op", op.GetId(), "expires_in", issued.Add(a.cfg.PauseExpiry).Sub(a.cfg.Now()).Round(time.Millisecond).String())
 	case op.GetPhase() == dbv1.Phase_PHASE_FENCING && a.fencedOp != op.GetId():
 		a.step = &dbv1.Step{OpId: op.GetId(), Phase: op.GetPhase()}
 		if !a.fenced { // fenced already for isolation: nothing routes
 			fctx, cancel := context.WithTimeout(ctx, a.cfg.PauseTimeout)
-			err := a.b.Fence(fctx)
+			killed, err := a.b.Fence(fctx, a.cfg.Drain)
 			cancel()
-			if err != nil {
+			switch {
+			case errors.Is(err, ErrBouncerDown):
+				a.down = true // it routes nothing, and will not when it starts
+			case err != nil:
 				a.step.Error = err.Error()
 				a.fail("fencing", err)
 				return
+			case killed:
+				a.log.Warn("fencing: transactions still under way were dropped (KILL)", "op", op.GetId(), "drain", a.cfg.Drain.String())
 			}
 		}
 		a.fencedOp, a.fenced = op.GetId(), true
+		a.recordFence(true, op.GetId())
 		a.step.Done = true
 		holdFence = true
-		a.log.Warn("fenced: routing to no server until the new primary is recorded", "op", op.GetId(), "old_primary", op.GetOldPrimary())
+		a.log.Warn("fenced: holding clients, routing to no server until the new primary is recorded", "op", op.GetId(), "old_primary", op.GetOldPrimary(), "down", a.down)
 	}
 
 	switch {
@@ -509,7 +749,7 @@ func (a *BouncerAgent) act(ctx context.Context, st *dbv1.State, now time.Time) {
 		// Cut off from the cluster: fenced until lift says otherwise.
 	case a.fenced && !holdFence && !holdPause:
 		// A fence ends by pointing at the state's primary, then RESUME.
-		if havePrimary {
+		if havePrimary && !a.down {
 			if err := a.b.Point(ctx, ep); err != nil {
 				a.fail("pointing at the primary to end a fence", err)
 				return
@@ -522,16 +762,12 @@ func (a *BouncerAgent) act(ctx context.Context, st *dbv1.State, now time.Time) {
 		a.resume(ctx, why)
 	case a.paused && !a.fenced && !holdPause && !a.behind:
 		a.resume(ctx, "the operation no longer needs the pause")
-	case a.paused && (!a.fenced || a.fencedOp == 0) && now.Sub(a.pausedAt) >= a.cfg.PauseExpiry:
-		a.log.Warn("the PAUSE expired: resuming by itself", "op", a.pausedOp, "paused_for", now.Sub(a.pausedAt).String())
-		a.expiredOp = a.pausedOp
-		a.resume(ctx, "pause expired")
 	}
 }
 
 func (a *BouncerAgent) resume(ctx context.Context, why string) {
 	did, err := a.bResume(ctx)
-	if err != nil {
+	if err != nil && !errors.Is(err, ErrBouncerDown) {
 		a.fail("RESUME", err)
 		return
 	}
@@ -539,14 +775,19 @@ func (a *BouncerAgent) resume(ctx context.Context, why string) {
 		return // fenced for isolation meanwhile
 	}
 	a.log.Info("resumed", "why", why)
+	wasFenced := a.fenced
 	a.paused, a.fenced = false, false
+	a.recordPause(0, time.Time{})
+	if wasFenced {
+		a.recordFence(false, 0)
+	}
 }
 
 func (a *BouncerAgent) report(ctx context.Context) {
 	r := &dbv1.BouncerReport{
 		// A pause adopted at start (pausedOp 0) is a guess, not a fact.
 		Name: a.cfg.Name, AppliedGeneration: a.applied, Paused: a.paused && a.pausedOp != 0, Fenced: a.fenced || a.isIsolated(),
-		Error: a.lastErr, Step: a.step,
+		Error: a.lastErr, Step: a.step, Down: a.down,
 	}
 	if t, err := a.b.Target(); err == nil {
 		r.Target = t.String()

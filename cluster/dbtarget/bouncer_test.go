@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -183,13 +184,15 @@ func (b *fakeBouncer) Point(ctx context.Context, primary Endpoint) error {
 	return nil
 }
 
-func (b *fakeBouncer) Fence(ctx context.Context) error {
+func (b *fakeBouncer) Fence(ctx context.Context, drain time.Duration) (bool, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.paused, b.fenced = true, true
 	b.event("fence")
-	return nil
+	return false, nil
 }
+
+func (b *fakeBouncer) Ping(ctx context.Context) error { return nil }
 
 func (b *fakeBouncer) Target() (Endpoint, error) {
 	b.mu.Lock()
@@ -381,5 +384,50 @@ func TestIsolationSettings(t *testing.T) {
 	}
 	if s.IsolationMargin() != 2*s.ReportInterval {
 		t.Errorf("margin %s, want 2 report intervals", s.IsolationMargin())
+	}
+}
+
+func TestBouncerAgentPauseLeftByDeadRunEndsWhenDue(t *testing.T) {
+	// The previous run PAUSEd for operation 20 and died 50 s into a
+	// one-minute pause_expiry. The new run cannot register (its proposals
+	// fail, so its main loop never starts), yet the pause ends when it was
+	// due: 10 s later on the agent's clock, not a minute after the restart.
+	c := newFakeCluster(&dbv1.State{
+		Members:      []*dbv1.Member{{Name: "pg1", Host: "127.0.0.1", Port: 5432, Node: "n1"}},
+		Primary:      "pg1",
+		Generation:   1,
+		UpdatedIndex: 10,
+		Operation:    &dbv1.Operation{Id: 20, Kind: dbv1.Kind_KIND_SWITCHOVER, Phase: dbv1.Phase_PHASE_STOPPING_OLD, Target: "pg2", OldPrimary: "pg1"},
+	})
+	clock := &fakeClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+	file := t.TempDir() + "/pgbouncer.json"
+	prev := fmt.Sprintf(`{"generation":1,"primary":"pg1","endpoint":"127.0.0.1:5432","paused_op":20,"paused_at_unix_nano":%d}`, clock.Now().Add(-50*time.Second).UnixNano())
+	if err := os.WriteFile(file, []byte(prev), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	b := &fakeBouncer{target: pg1Endpoint, paused: true}
+	a := NewBouncerAgent(BouncerAgentConfig{
+		Name: "b1", StateFile: file, ReportInterval: 20 * time.Millisecond, PauseTimeout: 30 * time.Second, PauseExpiry: time.Minute,
+		IsolationFenceAfter: time.Hour, Now: clock.Now,
+	}, c, b, testLog(t))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); a.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+
+	moreProbes(t, c, 3)
+	clock.advance(9 * time.Second)
+	moreProbes(t, c, 3)
+	if got := b.routing(); got != "" {
+		t.Fatalf("routes to %q 59 s into the pause, want still paused", got)
+	}
+	clock.advance(1500 * time.Millisecond)
+	waitUntil(t, "the pause to end at its expiry", func() bool { return b.routing() == pg1Endpoint.String() })
+	raw, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(raw), "paused_op") {
+		t.Errorf("the state file still records the pause: %s", raw)
 	}
 }

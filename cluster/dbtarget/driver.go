@@ -2,9 +2,11 @@ package dbtarget
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // LSN is a PostgreSQL write-ahead log position.
@@ -79,6 +81,10 @@ type Server interface {
 	Demote(ctx context.Context, primary Endpoint) error
 }
 
+// ErrBouncerDown means pgbouncer does not run: its admin console refuses
+// connections. A pgbouncer that does not run routes nothing.
+var ErrBouncerDown = errors.New("pgbouncer does not run")
+
 // Bouncer drives one pgbouncer through its admin console and the file of
 // [databases] entries it includes.
 type Bouncer interface {
@@ -91,10 +97,16 @@ type Bouncer interface {
 	// Point writes the [databases] entries so that every database routes to
 	// primary, and issues RELOAD.
 	Point(ctx context.Context, primary Endpoint) error
-	// Fence stops routing to any server: new queries wait (as under PAUSE)
-	// and existing server connections are closed (KILL). Point followed by
-	// Resume ends it.
-	Fence(ctx context.Context) error
+	// Fence stops routing to any server: new queries wait (PAUSE, clients
+	// see no error), and server connections still busy after drain are
+	// dropped with their clients (KILL); it reports whether it had to.
+	// Point followed by Resume ends it. A pgbouncer that does not run is
+	// fenced as it is: Fence makes sure that it routes nothing when it
+	// starts again and returns an error wrapping ErrBouncerDown.
+	Fence(ctx context.Context, drain time.Duration) (killed bool, err error)
+	// Ping checks that pgbouncer runs; an error wraps ErrBouncerDown when
+	// it does not (its admin console refuses connections).
+	Ping(ctx context.Context) error
 	// Target reports where the include file currently routes.
 	Target() (Endpoint, error)
 }

@@ -87,6 +87,53 @@ func (s Settings) WithDefaults() Settings {
 	return s
 }
 
+// Canonical is the settings as "key=value" pairs in key order, the way
+// nodes tell the leader theirs so that it notices nodes configured
+// differently (see DiffSettings).
+func (s Settings) Canonical() string {
+	return strings.Join([]string{
+		fmt.Sprintf("automatic_failover=%t", s.AutomaticFailover),
+		"failover_after=" + s.FailoverAfter.String(),
+		"isolation_fence_after=" + s.IsolationFenceAfter.String(),
+		fmt.Sprintf("max_lag_bytes=%d", s.MaxLagBytes),
+		"pause_timeout=" + s.PauseTimeout.String(),
+		"probe_timeout=" + s.ProbeTimeout.String(),
+		"report_interval=" + s.ReportInterval.String(),
+		"switchover_timeout=" + s.SwitchoverTimeout.String(),
+	}, " ")
+}
+
+// DiffSettings lists how other (a Canonical form) differs from mine:
+// "failover_after=2s (leader: 5s)".
+func DiffSettings(mine, other string) []string {
+	kv := func(s string) map[string]string {
+		m := map[string]string{}
+		for _, f := range strings.Fields(s) {
+			k, v, _ := strings.Cut(f, "=")
+			m[k] = v
+		}
+		return m
+	}
+	a, b := kv(mine), kv(other)
+	var keys []string
+	for k := range a {
+		keys = append(keys, k)
+	}
+	for k := range b {
+		if _, ok := a[k]; !ok {
+			keys = append(keys, k)
+		}
+	}
+	slices.Sort(keys)
+	var out []string
+	for _, k := range keys {
+		if a[k] != b[k] {
+			out = append(out, fmt.Sprintf("%s=%s (leader: %s)", k, b[k], a[k]))
+		}
+	}
+	return out
+}
+
 // IsolationMargin is what the leader adds to IsolationFenceAfter before it
 // counts a silent pgbouncer as fenced by itself: the agent's own lateness
 // (it fences at expiry, plus the admin command) and the time a node takes to
@@ -315,8 +362,12 @@ func PickCandidate(st *dbv1.State, obs Observed, s Settings, now time.Time) (str
 }
 
 // CheckFailover checks a failover to target (or, when target is "", picks
-// one) and returns the member to promote.
-func CheckFailover(st *dbv1.State, obs Observed, s Settings, target string, now time.Time) (string, error) {
+// one) and returns the member to promote. A target named by the operator is
+// held to the lag bound as a switchover target is, unless force: WAL it has
+// not received is lost with the acknowledged transactions in it, and WAL it
+// has not replayed delays its first write. The refusal says how much of
+// each.
+func CheckFailover(st *dbv1.State, obs Observed, s Settings, target string, force bool, now time.Time) (string, error) {
 	if op := st.GetOperation(); op != nil {
 		return "", refusal(fsmv1.Reason_REASON_PRECONDITION, "%s; wait for it to finish, or roll it back with gitraft db abort", describeOp(op))
 	}
@@ -342,20 +393,36 @@ func CheckFailover(st *dbv1.State, obs Observed, s Settings, target string, now 
 	case !r.GetInRecovery():
 		return "", refusal(fsmv1.Reason_REASON_PRECONDITION, "target %s is not a standby", target)
 	}
+	// The best known WAL position: the primary's, while it reports as a
+	// running primary; otherwise its last report and every running standby.
 	var ref uint64
-	if h, ok := obs.Postgres[st.GetPrimary()]; ok {
-		ref = h.Report.GetWriteLsn()
-	}
-	for _, o := range st.GetMembers() {
-		if or, ok := obs.postgres(o.GetName(), now, s); ok && o.GetName() != st.GetPrimary() && or.GetRunning() {
-			ref = max(ref, position(or))
+	refName := "the best known WAL position"
+	if p, ok := obs.postgres(st.GetPrimary(), now, s); ok && p.GetRunning() && !p.GetInRecovery() {
+		ref, refName = p.GetWriteLsn(), "the primary "+st.GetPrimary()+", which still runs"
+	} else {
+		if h, ok := obs.Postgres[st.GetPrimary()]; ok {
+			ref = h.Report.GetWriteLsn()
+		}
+		for _, o := range st.GetMembers() {
+			if or, ok := obs.postgres(o.GetName(), now, s); ok && o.GetName() != st.GetPrimary() && or.GetRunning() {
+				ref = max(ref, position(or))
+			}
 		}
 	}
-	if lag := lagBytes(ref, position(r)); lag > s.MaxLagBytes {
-		return "", refusal(fsmv1.Reason_REASON_PRECONDITION, "target %s lags %s behind the best known WAL position %s; the limit is %s (database.max_lag_bytes)",
-			target, Bytes(lag), LSN(ref), Bytes(s.MaxLagBytes))
+	lost, behind := lagBytes(ref, position(r)), lagBytes(ref, r.GetReplayLsn())
+	if force || (lost <= s.MaxLagBytes && behind <= s.MaxLagBytes) {
+		return target, nil
 	}
-	return target, nil
+	what := fmt.Sprintf("nothing acknowledged would be lost (it received all but %s), but it must replay %s before it takes writes", Bytes(lost), Bytes(behind))
+	if lost > 0 {
+		what = fmt.Sprintf("a failover now loses the %s of WAL it has not received, and the acknowledged transactions in it; it must also replay %s before it takes writes", Bytes(lost), Bytes(behind))
+	}
+	hint := "wait for it to catch up"
+	if strings.HasPrefix(refName, "the primary") {
+		hint = fmt.Sprintf("wait for it to catch up, or switch over instead (gitraft db switchover --to %s loses nothing)", target)
+	}
+	return "", refusal(fsmv1.Reason_REASON_PRECONDITION, "target %s lags %s behind %s (%s, received %s, replayed %s); the limit is %s (database.max_lag_bytes): %s; %s, or fail over anyway with --force",
+		target, Bytes(max(lost, behind)), refName, LSN(ref), LSN(position(r)), LSN(r.GetReplayLsn()), Bytes(s.MaxLagBytes), what, hint)
 }
 
 // FailoverVotes counts the voters whose fresh probe says the state's primary

@@ -572,3 +572,47 @@ func TestBytes(t *testing.T) {
 		}
 	}
 }
+
+func TestCheckFailoverLagGuard(t *testing.T) {
+	w := newWorld(t)
+	st := w.s.View()
+	// Within the bound (1000 bytes): promoted.
+	if got, err := CheckFailover(st, w.obs, testSettings, "pg2", false, w.now); err != nil || got != "pg2" {
+		t.Fatalf("CheckFailover within the bound: %q, %v", got, err)
+	}
+	// Received everything, but 35 kB to replay, with the primary running:
+	// refused, saying nothing acknowledged is lost; --force goes ahead.
+	w.pg("pg2", &dbv1.PostgresReport{Running: true, InRecovery: true, Streaming: true, WriteLsn: 5000, ReplayLsn: 1000})
+	w.pg("pg1", &dbv1.PostgresReport{Running: true, WriteLsn: 40000, ReplayLsn: 40000})
+	w.pg("pg2", &dbv1.PostgresReport{Running: true, InRecovery: true, Streaming: true, WriteLsn: 40000, ReplayLsn: 5000})
+	_, err := CheckFailover(st, w.obs, testSettings, "pg2", false, w.now)
+	if err == nil || !strings.Contains(err.Error(), "nothing acknowledged would be lost") || !strings.Contains(err.Error(), "replay 35.0 kB") ||
+		!strings.Contains(err.Error(), "--force") || !strings.Contains(err.Error(), "switchover --to pg2") {
+		t.Errorf("replay lag: %v", err)
+	}
+	if got, err := CheckFailover(st, w.obs, testSettings, "pg2", true, w.now); err != nil || got != "pg2" {
+		t.Errorf("CheckFailover --force: %q, %v", got, err)
+	}
+	// 30 kB not received: refused, saying what would be lost.
+	w.pg("pg2", &dbv1.PostgresReport{Running: true, InRecovery: true, Streaming: true, WriteLsn: 10000, ReplayLsn: 10000})
+	_, err = CheckFailover(st, w.obs, testSettings, "pg2", false, w.now)
+	if err == nil || !strings.Contains(err.Error(), "loses the 30.0 kB of WAL it has not received") {
+		t.Errorf("receive lag: %v", err)
+	}
+	var r *Refusal
+	if !errors.As(err, &r) || r.Reason != fsmv1.Reason_REASON_PRECONDITION {
+		t.Errorf("receive lag: %v, want a precondition refusal", err)
+	}
+}
+
+func TestDiffSettings(t *testing.T) {
+	a := Settings{}.WithDefaults()
+	b := Settings{FailoverAfter: 2 * time.Second}.WithDefaults()
+	if d := DiffSettings(a.Canonical(), a.Canonical()); len(d) != 0 {
+		t.Errorf("same settings differ: %v", d)
+	}
+	got := strings.Join(DiffSettings(a.Canonical(), b.Canonical()), ", ")
+	if want := "failover_after=2s (leader: 5s), isolation_fence_after=1s (leader: 3s)"; got != want {
+		t.Errorf("DiffSettings = %q, want %q", got, want)
+	}
+}

@@ -163,6 +163,13 @@ func writeDBStatus(w io.Writer, r *dbv1.GetStatusResponse, now time.Time) error 
 	}
 	kv.row("failover:", failover)
 	kv.row("leader:", fmt.Sprintf("%s (index %d)", r.GetLeader(), r.GetIndex()))
+	for i, m := range r.GetSettingsMismatch() {
+		label := ""
+		if i == 0 {
+			label = "settings differ:"
+		}
+		kv.row(label, m+" (switchovers refused until every node has the leader's database.* settings)")
+	}
 	if err := kv.flush(); err != nil {
 		return err
 	}
@@ -208,6 +215,8 @@ func writeDBStatus(w io.Writer, r *dbv1.GetStatusResponse, now time.Time) error 
 		switch {
 		case rep == nil:
 			state = "unknown"
+		case rep.GetDown():
+			state = "down (routes nothing)"
 		case rep.GetFenced():
 			state = "fenced"
 		case rep.GetPaused():
@@ -442,7 +451,7 @@ func opResponse(op *dbv1.Operation) *dbv1.SwitchoverResponse {
 
 func newDBFailoverCmd(g *globalOpts) *cobra.Command {
 	var to string
-	var noWait bool
+	var noWait, force bool
 	var wait time.Duration
 	cmd := &cobra.Command{
 		Use:   "failover [--to MEMBER]",
@@ -451,7 +460,12 @@ func newDBFailoverCmd(g *globalOpts) *cobra.Command {
 (and the old primary's agent stops it if it still runs), the standby is
 promoted, and every pgbouncer points at it. Without --to, the standby with the
 most WAL (then the highest priority) is chosen. It works while automatic
-failover is paused. An old primary that comes back is demoted by its agent.`,
+failover is paused. An old primary that comes back is demoted by its agent.
+
+A standby named with --to must be within database.max_lag_bytes of the
+primary (of the best known position when the primary is gone), in WAL
+received and replayed, as for a switchover; otherwise the failover is refused
+with what it would lose. --force promotes it anyway.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, conn, done, err := g.longConn(cmd, wait)
@@ -461,7 +475,7 @@ failover is paused. An old primary that comes back is demoted by its agent.`,
 			defer done()
 			c := dbv1.NewDatabaseServiceClient(conn)
 			rctx, cancel := g.rpcCtx(ctx)
-			resp, err := c.Failover(rctx, &dbv1.FailoverRequest{To: to})
+			resp, err := c.Failover(rctx, &dbv1.FailoverRequest{To: to, Force: force})
 			cancel()
 			if err != nil {
 				what := "failover"
@@ -474,6 +488,7 @@ failover is paused. An old primary that comes back is demoted by its agent.`,
 		},
 	}
 	cmd.Flags().StringVar(&to, "to", "", "the standby to promote (default: the healthiest)")
+	cmd.Flags().BoolVar(&force, "force", false, "promote the --to standby although it lags beyond database.max_lag_bytes (WAL it has not received is lost)")
 	cmd.Flags().BoolVar(&noWait, "no-wait", false, "return once it began")
 	cmd.Flags().DurationVar(&wait, "wait", 5*time.Minute, "how long to wait for it to finish")
 	return cmd

@@ -103,6 +103,9 @@ func (b *Bouncer) admin(ctx context.Context) (*pgx.Conn, error) {
 	cc.DefaultQueryExecMode = pgx.QueryExecModeSimpleProtocol
 	cc.StatementCacheCapacity, cc.DescriptionCacheCapacity = 0, 0
 	conn, err := pgx.ConnectConfig(ctx, cc)
+	if errors.Is(err, syscall.ECONNREFUSED) {
+		return nil, fmt.Errorf("%w: %w: %s:%d refuses connections", ErrAdmin, dbtarget.ErrBouncerDown, b.cfg.AdminHost, b.cfg.AdminPort)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("%w: connect: %v", ErrAdmin, err)
 	}
@@ -353,21 +356,157 @@ func showDatabases(ctx context.Context, conn *pgx.Conn) (map[string]dbtarget.End
 	return out, nil
 }
 
-// Fence stops routing to any server: KILL for each routed database drops
-// its client and server connections at once, and new clients wait until
-// RESUME. Point followed by Resume ends it.
-func (b *Bouncer) Fence(ctx context.Context) error {
+// Fence stops routing to any server without dropping clients where it can:
+// PAUSE for each routed database (new queries wait, as under a planned
+// pause, and pgbouncer closes each server connection once released), then
+// it waits up to drain for the server connections to go. Only databases
+// that still have one then (a transaction under way, which could still
+// commit on the old primary) get KILL, which drops their clients: pgbouncer
+// 1.18 can crash on KILL while a client logs in, so it is the last resort.
+// It reports whether it had to KILL. A database stays paused until RESUME;
+// Point followed by Resume ends a fence.
+//
+// A pgbouncer that does not run routes nothing: Fence then rewrites the
+// include file without the routed databases, so that a pgbouncer started
+// again routes nothing either until Point, and returns an error wrapping
+// dbtarget.ErrBouncerDown.
+func (b *Bouncer) Fence(ctx context.Context, drain time.Duration) (bool, error) {
 	conn, err := b.admin(ctx)
 	if err != nil {
-		return fmt.Errorf("fence: %w", err)
+		if errors.Is(err, dbtarget.ErrBouncerDown) {
+			if werr := b.blank(); werr != nil {
+				return false, fmt.Errorf("fence: %w; emptying %s failed: %v", err, b.cfg.DatabasesFile, werr)
+			}
+			b.log.Warn("fence: pgbouncer does not run; its include file now routes nothing until the agent points it again", "file", b.cfg.DatabasesFile)
+		}
+		return false, fmt.Errorf("fence: %w", err)
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
+	t0 := time.Now()
+	// PAUSE waits for the database's server connections to be released:
+	// bound that wait by drain, then look at what is left.
+	dctx, cancel := context.WithTimeout(ctx, drain)
+	perr := error(nil)
 	for _, d := range b.cfg.Databases {
-		if err := adminExec(ctx, conn, "KILL "+d); err != nil {
-			return fmt.Errorf("fence: %w", err)
+		if perr = adminExec(dctx, conn, "PAUSE "+d); perr != nil {
+			break
 		}
 	}
-	b.log.Info("fenced")
+	cancel()
+	if perr != nil {
+		// The PAUSE cut off by drain stays in force in pgbouncer; the
+		// connection it ran on is gone, so open another.
+		conn.Close(context.WithoutCancel(ctx))
+		if conn, err = b.admin(ctx); err != nil {
+			return false, fmt.Errorf("fence: %w", err)
+		}
+		// PAUSE each database again: one the loop did not reach is not
+		// paused yet (a database paused already is fine).
+		for _, d := range b.cfg.Databases {
+			pctx, pcancel := context.WithTimeout(ctx, 50*time.Millisecond)
+			err := adminExec(pctx, conn, "PAUSE "+d)
+			pcancel()
+			if err != nil && ctx.Err() == nil && !errors.Is(err, context.DeadlineExceeded) {
+				var pe *pgconn.PgError
+				if !errors.As(err, &pe) {
+					// The connection broke on the cut-off PAUSE: reconnect.
+					conn.Close(context.WithoutCancel(ctx))
+					if conn, err = b.admin(ctx); err != nil {
+						return false, fmt.Errorf("fence: %w", err)
+					}
+				}
+			}
+		}
+	}
+	// pgbouncer 1.18 can answer PAUSE before the server connections are
+	// gone (see pause): wait for them by SHOW SERVERS, up to drain.
+	var busy []string
+	for {
+		if conn.IsClosed() {
+			if conn, err = b.admin(ctx); err != nil {
+				return false, fmt.Errorf("fence: %w", err)
+			}
+		}
+		if busy, err = b.busyDatabases(ctx, conn); err != nil {
+			return false, fmt.Errorf("fence: %w", err)
+		}
+		if len(busy) == 0 || time.Since(t0) >= drain {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return false, fmt.Errorf("fence: %w", ctx.Err())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	for _, d := range busy {
+		if err := adminExec(ctx, conn, "KILL "+d); err != nil {
+			return false, fmt.Errorf("fence: %w", err)
+		}
+	}
+	if len(busy) > 0 {
+		b.log.Warn("fenced: PAUSE, and KILL for databases whose server connections stayed busy", "killed", strings.Join(busy, ","), "drain", drain.String(), "took", time.Since(t0).Round(time.Millisecond))
+		return true, nil
+	}
+	b.log.Info("fenced (paused, no server connection left)", "took", time.Since(t0).Round(time.Millisecond))
+	return false, nil
+}
+
+// busyDatabases lists the routed databases that still have a server
+// connection.
+func (b *Bouncer) busyDatabases(ctx context.Context, conn *pgx.Conn) ([]string, error) {
+	rows, err := conn.Query(ctx, "SHOW SERVERS")
+	if err != nil {
+		return nil, fmt.Errorf("%w: SHOW SERVERS: %v", ErrAdmin, err)
+	}
+	defer rows.Close()
+	dbCol := -1
+	for i, f := range rows.FieldDescriptions() {
+		if f.Name == "database" {
+			dbCol = i
+		}
+	}
+	if dbCol < 0 {
+		return nil, fmt.Errorf("%w: SHOW SERVERS has no database column", ErrAdmin)
+	}
+	busy := map[string]bool{}
+	for rows.Next() {
+		busy[string(rows.RawValues()[dbCol])] = true
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("%w: SHOW SERVERS: %v", ErrAdmin, err)
+	}
+	var out []string
+	for _, d := range b.cfg.Databases {
+		if busy[d] {
+			out = append(out, d)
+		}
+	}
+	return out, nil
+}
+
+// blank rewrites the include file without entries: a pgbouncer that starts
+// with it routes none of the databases.
+func (b *Bouncer) blank() error {
+	mode, uid, gid := os.FileMode(0o644), -1, -1
+	if fi, err := os.Stat(b.cfg.DatabasesFile); err == nil {
+		mode = fi.Mode().Perm()
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			uid, gid = int(st.Uid), int(st.Gid)
+		}
+	}
+	text := "# Written by gitraft's pgbouncer agent: fenced while pgbouncer did not run; it routes nothing until the agent points it at the primary.\n"
+	return atomicfile.WriteOwned(b.cfg.DatabasesFile, []byte(text), mode, uid, gid)
+}
+
+// Ping checks that pgbouncer runs: its admin console answers. When it
+// refuses connections the error wraps dbtarget.ErrBouncerDown.
+func (b *Bouncer) Ping(ctx context.Context) error {
+	conn, err := b.admin(ctx)
+	if err != nil {
+		return err
+	}
+	conn.Close(context.WithoutCancel(ctx))
 	return nil
 }
 

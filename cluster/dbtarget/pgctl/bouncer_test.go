@@ -184,20 +184,29 @@ func Test_Bouncer_AdminConsole(t *testing.T) {
 		}
 	})
 
-	t.Run("fence closes connections and holds queries until point and resume", func(t *testing.T) {
+	t.Run("fence holds clients without dropping them until point and resume", func(t *testing.T) {
 		ctx := ctxT(t, 30*time.Second)
 		idle := connect(t, b)
 		serverPort(t, idle)
-		if err := bd.Fence(ctx); err != nil {
+		killed, err := bd.Fence(ctx, 2*time.Second)
+		if err != nil {
 			t.Fatal(err)
 		}
-		if err := idle.Ping(ctx); err == nil {
-			t.Error("a client connection survived KILL")
+		if killed {
+			t.Error("Fence KILLed with no transaction under way")
 		}
 		if !pausedDatabases(t, b)[pgtest.Database] {
 			t.Error("database not paused after Fence")
 		}
-		answered := make(chan int, 1)
+		answered := make(chan int, 2)
+		held := func(c *pgx.Conn) {
+			var port int
+			if err := c.QueryRow(ctx, "SELECT inet_server_port()").Scan(&port); err != nil {
+				t.Error("a query held by the fence failed:", err)
+			}
+			answered <- port
+		}
+		go held(idle) // a client connected before the fence
 		go func() {
 			c, err := b.Connect(ctx)
 			if err != nil {
@@ -206,23 +215,57 @@ func Test_Bouncer_AdminConsole(t *testing.T) {
 				return
 			}
 			defer c.Close(context.Background())
-			var port int
-			if err := c.QueryRow(ctx, "SELECT inet_server_port()").Scan(&port); err != nil {
-				t.Error("a query held by the fence failed:", err)
-			}
-			answered <- port
+			held(c)
 		}()
+		time.Sleep(200 * time.Millisecond)
 		if err := bd.Point(ctx, p2.Endpoint()); err != nil {
 			t.Fatal(err)
 		}
 		if err := bd.Resume(ctx); err != nil {
 			t.Fatal(err)
 		}
-		if port := <-answered; port != p2.Port {
-			t.Errorf("after the fence the held query ran on port %d, want pg2's %d", port, p2.Port)
+		for range 2 {
+			if port := <-answered; port != p2.Port {
+				t.Errorf("after the fence a held query ran on port %d, want pg2's %d", port, p2.Port)
+			}
 		}
 		if err := bd.Point(ctx, p1.Endpoint()); err != nil {
 			t.Fatal(err)
+		}
+	})
+
+	t.Run("fence KILLs a transaction still under way after drain", func(t *testing.T) {
+		ctx := ctxT(t, 30*time.Second)
+		busy := connect(t, b)
+		tx, err := busy.Begin(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tx.Exec(ctx, "SELECT 1"); err != nil {
+			t.Fatal(err)
+		}
+		t0 := time.Now()
+		killed, err := bd.Fence(ctx, 300*time.Millisecond)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !killed {
+			t.Error("Fence did not report the KILL of a transaction under way")
+		}
+		if took := time.Since(t0); took > 3*time.Second {
+			t.Errorf("Fence took %s with a drain of 300ms", took)
+		}
+		if err := tx.Commit(ctx); err == nil {
+			t.Error("the transaction under way committed after the fence")
+		}
+		if err := bd.Point(ctx, p1.Endpoint()); err != nil {
+			t.Fatal(err)
+		}
+		if err := bd.Resume(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if got := serverPort(t, connect(t, b)); got != p1.Port {
+			t.Errorf("server port %d after the fence ended, want pg1's %d", got, p1.Port)
 		}
 	})
 
@@ -245,14 +288,29 @@ func Test_Bouncer_AdminConsole(t *testing.T) {
 	t.Run("admin console unreachable", func(t *testing.T) {
 		cfg := b.BouncerConfig()
 		cfg.AdminPort = pgtest.FreePort(t)
+		cfg.DatabasesFile = filepath.Join(dir, "gone-databases.ini")
+		if err := os.WriteFile(cfg.DatabasesFile, []byte("app = host=127.0.0.1 port=5432 dbname=app\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
 		gone, err := pgctl.NewBouncer(cfg, testLogger(t))
 		if err != nil {
 			t.Fatal(err)
 		}
-		for name, f := range map[string]func(context.Context) error{"Pause": gone.Pause, "Resume": gone.Resume, "Fence": gone.Fence} {
+		for name, f := range map[string]func(context.Context) error{"Pause": gone.Pause, "Resume": gone.Resume, "Ping": gone.Ping} {
 			if err := f(ctxT(t, 10*time.Second)); !errors.Is(err, pgctl.ErrAdmin) && !errors.Is(err, pgctl.ErrPaused) {
 				t.Errorf("%s with no pgbouncer: %v, want ErrAdmin", name, err)
 			}
+		}
+		if err := gone.Ping(ctxT(t, 10*time.Second)); !errors.Is(err, dbtarget.ErrBouncerDown) {
+			t.Errorf("Ping with no pgbouncer: %v, want ErrBouncerDown", err)
+		}
+		// A pgbouncer that does not run is fenced as it is, and its include
+		// file routes nothing when it starts again.
+		if _, err := gone.Fence(ctxT(t, 10*time.Second), time.Second); !errors.Is(err, dbtarget.ErrBouncerDown) {
+			t.Errorf("Fence with no pgbouncer: %v, want ErrBouncerDown", err)
+		}
+		if ep, err := gone.Target(); err == nil {
+			t.Errorf("after Fence of a pgbouncer that does not run, its include file routes to %s, want nothing", ep)
 		}
 	})
 }

@@ -229,7 +229,7 @@ func Test_Server_SwitchoverFailoverRewind(t *testing.T) {
 		ctx := ctxT(t, 2*time.Minute)
 		died := time.Now()
 		p1.Kill()
-		if err := bd.Fence(ctx); err != nil {
+		if _, err := bd.Fence(ctx, time.Second); err != nil {
 			t.Fatal(err)
 		}
 		// Backends of a killed postmaster may still commit a transaction

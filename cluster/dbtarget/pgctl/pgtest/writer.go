@@ -19,6 +19,9 @@ type Write struct {
 	Err        error // nil: committed
 	// Port is the port of the server that committed it (inet_server_port()).
 	Port int
+	// Writer is the index of the pgbouncer it went through (StartWriter's
+	// order).
+	Writer int
 }
 
 // Writer is a client that inserts numbered rows, one INSERT per
@@ -57,7 +60,7 @@ func (w *Writer) loop(ctx context.Context, writer int, b *Bouncer, perWrite time
 	}()
 	for ctx.Err() == nil {
 		id := w.next.Add(1)
-		wr := Write{ID: id, Start: time.Now()}
+		wr := Write{ID: id, Start: time.Now(), Writer: writer}
 		wctx, cancel := context.WithTimeout(ctx, perWrite)
 		if conn == nil {
 			conn, wr.Err = b.Connect(wctx)

@@ -100,6 +100,9 @@ const (
 	Phase_PHASE_FENCING Phase = 7
 	// Before promotion only: the old primary runs again, then pgbouncers RESUME.
 	Phase_PHASE_ROLLING_BACK Phase = 8
+	// Switchover, before pausing: the old primary runs CHECKPOINT, so that its
+	// fast stop under the pause has little left to flush.
+	Phase_PHASE_CHECKPOINTING Phase = 9
 )
 
 // Enum value maps for Phase.
@@ -114,17 +117,19 @@ var (
 		6: "PHASE_DEMOTING",
 		7: "PHASE_FENCING",
 		8: "PHASE_ROLLING_BACK",
+		9: "PHASE_CHECKPOINTING",
 	}
 	Phase_value = map[string]int32{
-		"PHASE_UNSPECIFIED":  0,
-		"PHASE_SCHEDULED":    1,
-		"PHASE_PAUSING":      2,
-		"PHASE_STOPPING_OLD": 3,
-		"PHASE_PROMOTING":    4,
-		"PHASE_REPOINTING":   5,
-		"PHASE_DEMOTING":     6,
-		"PHASE_FENCING":      7,
-		"PHASE_ROLLING_BACK": 8,
+		"PHASE_UNSPECIFIED":   0,
+		"PHASE_SCHEDULED":     1,
+		"PHASE_PAUSING":       2,
+		"PHASE_STOPPING_OLD":  3,
+		"PHASE_PROMOTING":     4,
+		"PHASE_REPOINTING":    5,
+		"PHASE_DEMOTING":      6,
+		"PHASE_FENCING":       7,
+		"PHASE_ROLLING_BACK":  8,
+		"PHASE_CHECKPOINTING": 9,
 	}
 )
 
@@ -1753,16 +1758,23 @@ func (x *Step) GetLsn() uint64 {
 
 // PostgresReport is what a postgres agent sees of its server.
 type PostgresReport struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Member        string                 `protobuf:"bytes,1,opt,name=member,proto3" json:"member,omitempty"`
-	Running       bool                   `protobuf:"varint,2,opt,name=running,proto3" json:"running,omitempty"`
-	InRecovery    bool                   `protobuf:"varint,3,opt,name=in_recovery,json=inRecovery,proto3" json:"in_recovery,omitempty"`
-	Timeline      uint32                 `protobuf:"varint,4,opt,name=timeline,proto3" json:"timeline,omitempty"`
-	WriteLsn      uint64                 `protobuf:"varint,5,opt,name=write_lsn,json=writeLsn,proto3" json:"write_lsn,omitempty"`
-	ReplayLsn     uint64                 `protobuf:"varint,6,opt,name=replay_lsn,json=replayLsn,proto3" json:"replay_lsn,omitempty"`
-	Streaming     bool                   `protobuf:"varint,7,opt,name=streaming,proto3" json:"streaming,omitempty"`
-	Error         string                 `protobuf:"bytes,8,opt,name=error,proto3" json:"error,omitempty"`
-	Step          *Step                  `protobuf:"bytes,9,opt,name=step,proto3" json:"step,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Member     string                 `protobuf:"bytes,1,opt,name=member,proto3" json:"member,omitempty"`
+	Running    bool                   `protobuf:"varint,2,opt,name=running,proto3" json:"running,omitempty"`
+	InRecovery bool                   `protobuf:"varint,3,opt,name=in_recovery,json=inRecovery,proto3" json:"in_recovery,omitempty"`
+	Timeline   uint32                 `protobuf:"varint,4,opt,name=timeline,proto3" json:"timeline,omitempty"`
+	WriteLsn   uint64                 `protobuf:"varint,5,opt,name=write_lsn,json=writeLsn,proto3" json:"write_lsn,omitempty"`
+	ReplayLsn  uint64                 `protobuf:"varint,6,opt,name=replay_lsn,json=replayLsn,proto3" json:"replay_lsn,omitempty"`
+	Streaming  bool                   `protobuf:"varint,7,opt,name=streaming,proto3" json:"streaming,omitempty"`
+	Error      string                 `protobuf:"bytes,8,opt,name=error,proto3" json:"error,omitempty"`
+	Step       *Step                  `protobuf:"bytes,9,opt,name=step,proto3" json:"step,omitempty"`
+	// A standby's WAL receiver's upstream (host:port), "" when not streaming.
+	Upstream string `protobuf:"bytes,10,opt,name=upstream,proto3" json:"upstream,omitempty"`
+	// A primary's synchronous_standby_names as it is in force.
+	SynchronousStandbyNames string `protobuf:"bytes,11,opt,name=synchronous_standby_names,json=synchronousStandbyNames,proto3" json:"synchronous_standby_names,omitempty"`
+	// A primary's standbys that are synchronous now (pg_stat_replication
+	// sync_state sync or quorum), by application_name.
+	Synchronous   []string `protobuf:"bytes,12,rep,name=synchronous,proto3" json:"synchronous,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1860,6 +1872,27 @@ func (x *PostgresReport) GetStep() *Step {
 	return nil
 }
 
+func (x *PostgresReport) GetUpstream() string {
+	if x != nil {
+		return x.Upstream
+	}
+	return ""
+}
+
+func (x *PostgresReport) GetSynchronousStandbyNames() string {
+	if x != nil {
+		return x.SynchronousStandbyNames
+	}
+	return ""
+}
+
+func (x *PostgresReport) GetSynchronous() []string {
+	if x != nil {
+		return x.Synchronous
+	}
+	return nil
+}
+
 // BouncerReport is what a pgbouncer agent has done.
 type BouncerReport struct {
 	state             protoimpl.MessageState `protogen:"open.v1"`
@@ -1870,8 +1903,11 @@ type BouncerReport struct {
 	Fenced            bool                   `protobuf:"varint,5,opt,name=fenced,proto3" json:"fenced,omitempty"`
 	Error             string                 `protobuf:"bytes,6,opt,name=error,proto3" json:"error,omitempty"`
 	Step              *Step                  `protobuf:"bytes,7,opt,name=step,proto3" json:"step,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// pgbouncer does not run (its admin console refuses connections): it
+	// routes nothing, so it counts as paused and fenced.
+	Down          bool `protobuf:"varint,8,opt,name=down,proto3" json:"down,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *BouncerReport) Reset() {
@@ -1953,6 +1989,13 @@ func (x *BouncerReport) GetStep() *Step {
 	return nil
 }
 
+func (x *BouncerReport) GetDown() bool {
+	if x != nil {
+		return x.Down
+	}
+	return false
+}
+
 // ProbeReport is one node's view of the primary's endpoint.
 type ProbeReport struct {
 	state      protoimpl.MessageState `protogen:"open.v1"`
@@ -2032,13 +2075,17 @@ func (x *ProbeReport) GetError() string {
 }
 
 type ReportRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
-	Postgres      *PostgresReport        `protobuf:"bytes,2,opt,name=postgres,proto3" json:"postgres,omitempty"`
-	Bouncer       *BouncerReport         `protobuf:"bytes,3,opt,name=bouncer,proto3" json:"bouncer,omitempty"`
-	Probe         *ProbeReport           `protobuf:"bytes,4,opt,name=probe,proto3" json:"probe,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Node     string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	Postgres *PostgresReport        `protobuf:"bytes,2,opt,name=postgres,proto3" json:"postgres,omitempty"`
+	Bouncer  *BouncerReport         `protobuf:"bytes,3,opt,name=bouncer,proto3" json:"bouncer,omitempty"`
+	Probe    *ProbeReport           `protobuf:"bytes,4,opt,name=probe,proto3" json:"probe,omitempty"`
+	// The sending node's cluster-wide database settings in a canonical text
+	// form ("key=value key=value"), so the leader notices nodes configured
+	// differently.
+	ClusterSettings string `protobuf:"bytes,5,opt,name=cluster_settings,json=clusterSettings,proto3" json:"cluster_settings,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *ReportRequest) Reset() {
@@ -2097,6 +2144,13 @@ func (x *ReportRequest) GetProbe() *ProbeReport {
 		return x.Probe
 	}
 	return nil
+}
+
+func (x *ReportRequest) GetClusterSettings() string {
+	if x != nil {
+		return x.ClusterSettings
+	}
+	return ""
 }
 
 type ReportResponse struct {
@@ -2471,8 +2525,11 @@ type GetStatusResponse struct {
 	Index          uint64                 `protobuf:"varint,7,opt,name=index,proto3" json:"index,omitempty"`
 	Writable       bool                   `protobuf:"varint,8,opt,name=writable,proto3" json:"writable,omitempty"`
 	WritableReason string                 `protobuf:"bytes,9,opt,name=writable_reason,json=writableReason,proto3" json:"writable_reason,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Nodes whose cluster-wide database settings differ from the leader's,
+	// each with what differs (switchovers are refused until fixed).
+	SettingsMismatch []string `protobuf:"bytes,10,rep,name=settings_mismatch,json=settingsMismatch,proto3" json:"settings_mismatch,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *GetStatusResponse) Reset() {
@@ -2566,6 +2623,13 @@ func (x *GetStatusResponse) GetWritableReason() string {
 		return x.WritableReason
 	}
 	return ""
+}
+
+func (x *GetStatusResponse) GetSettingsMismatch() []string {
+	if x != nil {
+		return x.SettingsMismatch
+	}
+	return nil
 }
 
 type SwitchoverRequest struct {
@@ -2676,7 +2740,10 @@ func (x *SwitchoverResponse) GetIndex() uint64 {
 type FailoverRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// "" picks the healthiest standby.
-	To            string `protobuf:"bytes,1,opt,name=to,proto3" json:"to,omitempty"`
+	To string `protobuf:"bytes,1,opt,name=to,proto3" json:"to,omitempty"`
+	// Promote although the target lags beyond max_lag_bytes: acknowledged
+	// transactions it has not received are lost.
+	Force         bool `protobuf:"varint,2,opt,name=force,proto3" json:"force,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2716,6 +2783,13 @@ func (x *FailoverRequest) GetTo() string {
 		return x.To
 	}
 	return ""
+}
+
+func (x *FailoverRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
 }
 
 type FailoverResponse struct {
@@ -3476,7 +3550,7 @@ const file_gitraft_db_v1_db_proto_rawDesc = "" +
 	"\x05phase\x18\x02 \x01(\x0e2\x14.gitraft.db.v1.PhaseR\x05phase\x12\x12\n" +
 	"\x04done\x18\x03 \x01(\bR\x04done\x12\x14\n" +
 	"\x05error\x18\x04 \x01(\tR\x05error\x12\x10\n" +
-	"\x03lsn\x18\x05 \x01(\x04R\x03lsn\"\x98\x02\n" +
+	"\x03lsn\x18\x05 \x01(\x04R\x03lsn\"\x92\x03\n" +
 	"\x0ePostgresReport\x12\x16\n" +
 	"\x06member\x18\x01 \x01(\tR\x06member\x12\x18\n" +
 	"\arunning\x18\x02 \x01(\bR\arunning\x12\x1f\n" +
@@ -3488,7 +3562,11 @@ const file_gitraft_db_v1_db_proto_rawDesc = "" +
 	"replay_lsn\x18\x06 \x01(\x04R\treplayLsn\x12\x1c\n" +
 	"\tstreaming\x18\a \x01(\bR\tstreaming\x12\x14\n" +
 	"\x05error\x18\b \x01(\tR\x05error\x12'\n" +
-	"\x04step\x18\t \x01(\v2\x13.gitraft.db.v1.StepR\x04step\"\xd9\x01\n" +
+	"\x04step\x18\t \x01(\v2\x13.gitraft.db.v1.StepR\x04step\x12\x1a\n" +
+	"\bupstream\x18\n" +
+	" \x01(\tR\bupstream\x12:\n" +
+	"\x19synchronous_standby_names\x18\v \x01(\tR\x17synchronousStandbyNames\x12 \n" +
+	"\vsynchronous\x18\f \x03(\tR\vsynchronous\"\xed\x01\n" +
 	"\rBouncerReport\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12-\n" +
 	"\x12applied_generation\x18\x02 \x01(\x04R\x11appliedGeneration\x12\x16\n" +
@@ -3496,7 +3574,8 @@ const file_gitraft_db_v1_db_proto_rawDesc = "" +
 	"\x06paused\x18\x04 \x01(\bR\x06paused\x12\x16\n" +
 	"\x06fenced\x18\x05 \x01(\bR\x06fenced\x12\x14\n" +
 	"\x05error\x18\x06 \x01(\tR\x05error\x12'\n" +
-	"\x04step\x18\a \x01(\v2\x13.gitraft.db.v1.StepR\x04step\"\xa8\x01\n" +
+	"\x04step\x18\a \x01(\v2\x13.gitraft.db.v1.StepR\x04step\x12\x12\n" +
+	"\x04down\x18\b \x01(\bR\x04down\"\xa8\x01\n" +
 	"\vProbeReport\x12\x18\n" +
 	"\aprimary\x18\x01 \x01(\tR\aprimary\x12\x1e\n" +
 	"\n" +
@@ -3504,12 +3583,13 @@ const file_gitraft_db_v1_db_proto_rawDesc = "" +
 	"generation\x12\x1c\n" +
 	"\treachable\x18\x03 \x01(\bR\treachable\x12+\n" +
 	"\x11unreachable_nanos\x18\x04 \x01(\x03R\x10unreachableNanos\x12\x14\n" +
-	"\x05error\x18\x05 \x01(\tR\x05error\"\xc8\x01\n" +
+	"\x05error\x18\x05 \x01(\tR\x05error\"\xf3\x01\n" +
 	"\rReportRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x129\n" +
 	"\bpostgres\x18\x02 \x01(\v2\x1d.gitraft.db.v1.PostgresReportR\bpostgres\x126\n" +
 	"\abouncer\x18\x03 \x01(\v2\x1c.gitraft.db.v1.BouncerReportR\abouncer\x120\n" +
-	"\x05probe\x18\x04 \x01(\v2\x1a.gitraft.db.v1.ProbeReportR\x05probe\"(\n" +
+	"\x05probe\x18\x04 \x01(\v2\x1a.gitraft.db.v1.ProbeReportR\x05probe\x12)\n" +
+	"\x10cluster_settings\x18\x05 \x01(\tR\x0fclusterSettings\"(\n" +
 	"\x0eReportResponse\x12\x16\n" +
 	"\x06leader\x18\x01 \x01(\tR\x06leader\"\xec\x01\n" +
 	"\fMemberStatus\x12-\n" +
@@ -3532,7 +3612,7 @@ const file_gitraft_db_v1_db_proto_rawDesc = "" +
 	"\x05votes\x18\x02 \x01(\x05R\x05votes\x12\x16\n" +
 	"\x06needed\x18\x03 \x01(\x05R\x06needed\x12\x18\n" +
 	"\ablocked\x18\x04 \x01(\tR\ablocked\"\x12\n" +
-	"\x10GetStatusRequest\"\x92\x03\n" +
+	"\x10GetStatusRequest\"\xbf\x03\n" +
 	"\x11GetStatusResponse\x12*\n" +
 	"\x05state\x18\x01 \x01(\v2\x14.gitraft.db.v1.StateR\x05state\x125\n" +
 	"\amembers\x18\x02 \x03(\v2\x1b.gitraft.db.v1.MemberStatusR\amembers\x128\n" +
@@ -3542,16 +3622,19 @@ const file_gitraft_db_v1_db_proto_rawDesc = "" +
 	"\x06leader\x18\x06 \x01(\tR\x06leader\x12\x14\n" +
 	"\x05index\x18\a \x01(\x04R\x05index\x12\x1a\n" +
 	"\bwritable\x18\b \x01(\bR\bwritable\x12'\n" +
-	"\x0fwritable_reason\x18\t \x01(\tR\x0ewritableReason\"E\n" +
+	"\x0fwritable_reason\x18\t \x01(\tR\x0ewritableReason\x12+\n" +
+	"\x11settings_mismatch\x18\n" +
+	" \x03(\tR\x10settingsMismatch\"E\n" +
 	"\x11SwitchoverRequest\x12\x0e\n" +
 	"\x02to\x18\x01 \x01(\tR\x02to\x12 \n" +
 	"\fat_unix_nano\x18\x02 \x01(\x03R\n" +
 	"atUnixNano\"b\n" +
 	"\x12SwitchoverResponse\x126\n" +
 	"\toperation\x18\x01 \x01(\v2\x18.gitraft.db.v1.OperationR\toperation\x12\x14\n" +
-	"\x05index\x18\x02 \x01(\x04R\x05index\"!\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"7\n" +
 	"\x0fFailoverRequest\x12\x0e\n" +
-	"\x02to\x18\x01 \x01(\tR\x02to\"`\n" +
+	"\x02to\x18\x01 \x01(\tR\x02to\x12\x14\n" +
+	"\x05force\x18\x02 \x01(\bR\x05force\"`\n" +
 	"\x10FailoverResponse\x126\n" +
 	"\toperation\x18\x01 \x01(\v2\x18.gitraft.db.v1.OperationR\toperation\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\"&\n" +
@@ -3590,7 +3673,7 @@ const file_gitraft_db_v1_db_proto_rawDesc = "" +
 	"\x10KIND_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fKIND_SWITCHOVER\x10\x01\x12\x11\n" +
 	"\rKIND_FAILOVER\x10\x02\x12\x12\n" +
-	"\x0eKIND_BOOTSTRAP\x10\x03*\xc8\x01\n" +
+	"\x0eKIND_BOOTSTRAP\x10\x03*\xe1\x01\n" +
 	"\x05Phase\x12\x15\n" +
 	"\x11PHASE_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fPHASE_SCHEDULED\x10\x01\x12\x11\n" +
@@ -3600,7 +3683,8 @@ const file_gitraft_db_v1_db_proto_rawDesc = "" +
 	"\x10PHASE_REPOINTING\x10\x05\x12\x12\n" +
 	"\x0ePHASE_DEMOTING\x10\x06\x12\x11\n" +
 	"\rPHASE_FENCING\x10\a\x12\x16\n" +
-	"\x12PHASE_ROLLING_BACK\x10\b*]\n" +
+	"\x12PHASE_ROLLING_BACK\x10\b\x12\x17\n" +
+	"\x13PHASE_CHECKPOINTING\x10\t*]\n" +
 	"\aOutcome\x12\x17\n" +
 	"\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x10\n" +
 	"\fOUTCOME_DONE\x10\x01\x12\x13\n" +
