@@ -21,6 +21,7 @@ type metrics struct {
 	lockGrants    prometheus.Counter
 	locksExpired  prometheus.Counter
 	refusals      *prometheus.CounterVec
+	sizeSnapshots prometheus.Counter
 }
 
 func newMetrics(n *Node) *metrics {
@@ -46,12 +47,18 @@ func newMetrics(n *Node) *metrics {
 	m.refusals = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "gitraft_fsm_refusals_total", Help: "Committed entries the state machine refused (stale ref, lock held, ...).",
 	}, []string{"reason"})
-	m.reg.MustRegister(m.leaderChanges, m.applySeconds, m.commitSeconds, m.lockGrants, m.locksExpired, m.refusals)
+	m.sizeSnapshots = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "gitraft_raft_size_snapshots_total", Help: "Snapshots taken because the log since the last one reached raft.snapshot_bytes.",
+	})
+	m.reg.MustRegister(m.leaderChanges, m.applySeconds, m.commitSeconds, m.lockGrants, m.locksExpired, m.refusals, m.sizeSnapshots)
 
 	gauge := func(name, help string, fn func() float64) {
 		m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, fn))
 	}
 	gauge("gitraft_fsm_applied_index", "Last Raft index applied to the state machine.", func() float64 { return float64(n.fsm.Index()) })
+	gauge("gitraft_raft_bytes_since_snapshot", "Bytes of the entries applied since the last snapshot: what a restart replays from the log. A snapshot is taken when it reaches raft.snapshot_bytes.", func() float64 {
+		return float64(n.fsm.BytesSinceSnapshot())
+	})
 	gauge("gitraft_repos", "Repositories in the replicated state.", func() float64 {
 		var c int
 		n.fsm.Read(func(s *State) { c = len(s.repos) })

@@ -48,6 +48,11 @@ type RaftTuning struct {
 	ElectionTimeout    time.Duration `yaml:"election_timeout"`
 	LeaderLeaseTimeout time.Duration `yaml:"leader_lease_timeout"`
 	SnapshotThreshold  uint64        `yaml:"snapshot_threshold"`
+	// SnapshotBytes takes a snapshot once the entries applied since the
+	// last one add up to this many bytes (default 64 MiB), however few they
+	// are: a push of many refs is one large entry, and the entry count alone
+	// let a million refs live only in the log.
+	SnapshotBytes uint64 `yaml:"snapshot_bytes" help:"take a snapshot once the entries applied since the last one reach this many bytes (default 64 MiB)"`
 	SnapshotInterval   time.Duration `yaml:"snapshot_interval"`
 	TrailingLogs       uint64        `yaml:"trailing_logs"`
 }
@@ -116,6 +121,9 @@ func (c *Config) setDefaults() {
 	}
 	if r.SnapshotThreshold == 0 {
 		r.SnapshotThreshold = 8192
+	}
+	if r.SnapshotBytes == 0 {
+		r.SnapshotBytes = 64 << 20
 	}
 	if r.SnapshotInterval == 0 {
 		r.SnapshotInterval = 2 * time.Minute
@@ -196,6 +204,7 @@ type Node struct {
 	fsm    *fsm
 	raft   *raft.Raft
 	store  *raftboltdb.BoltStore
+	snaps  raft.SnapshotStore
 	trans  *raft.NetworkTransport
 	bundle *pki.Bundle // nil when insecure
 
@@ -237,6 +246,7 @@ func New(cfg Config, logger *slog.Logger) (_ *Node, err error) {
 	n := &Node{cfg: cfg, log: logger.With("node", cfg.NodeID), stop: make(chan struct{})}
 	n.fsm = newFSM(n.log, cfg.Version)
 	n.fsm.newer = cfg.newerCommands
+	n.fsm.snapshotBytes = cfg.Raft.SnapshotBytes
 	defer func() {
 		if err != nil {
 			n.Close()
@@ -285,6 +295,7 @@ func New(cfg Config, logger *slog.Logger) (_ *Node, err error) {
 	n.goRun(n.watchLeadership)
 	n.goRun(n.registerSelf)
 	n.goRun(n.watchReady)
+	n.goRun(n.snapshotBySize)
 	if n.needJoin {
 		n.goRun(n.joinLoop)
 	}
@@ -361,6 +372,7 @@ func (n *Node) openRaft() error {
 	if err != nil {
 		return fmt.Errorf("%w: snapshots in %s: %v", ErrDataDir, dir, err)
 	}
+	n.snaps = snaps
 
 	ln, err := net.Listen("tcp", n.cfg.RaftAddr)
 	if err != nil {
