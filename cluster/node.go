@@ -52,9 +52,9 @@ type RaftTuning struct {
 	// last one add up to this many bytes (default 64 MiB), however few they
 	// are: a push of many refs is one large entry, and the entry count alone
 	// let a million refs live only in the log.
-	SnapshotBytes uint64 `yaml:"snapshot_bytes" help:"take a snapshot once the entries applied since the last one reach this many bytes (default 64 MiB)"`
-	SnapshotInterval   time.Duration `yaml:"snapshot_interval"`
-	TrailingLogs       uint64        `yaml:"trailing_logs"`
+	SnapshotBytes    uint64        `yaml:"snapshot_bytes" help:"take a snapshot once the entries applied since the last one reach this many bytes (default 64 MiB)"`
+	SnapshotInterval time.Duration `yaml:"snapshot_interval"`
+	TrailingLogs     uint64        `yaml:"trailing_logs"`
 }
 
 // Config configures one node.
