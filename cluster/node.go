@@ -66,6 +66,10 @@ type Config struct {
 	RaftAddr, RaftAdvertise string
 	GRPCAddr, GRPCAdvertise string
 	HTTPAddr                string
+	// PProf serves Go's profiler under /debug/pprof/ on the HTTP port. That
+	// port has no authentication: anyone who reaches it can profile the
+	// process and read its command line. Off by default.
+	PProf bool
 	// SSHAdvertise is recorded for peers and clients (served by gitproto).
 	SSHAdvertise string
 
