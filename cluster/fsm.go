@@ -55,6 +55,12 @@ type fsm struct {
 	// Node.snapshotBySize).
 	snapshotBytes uint64
 	logGrown      chan struct{}
+
+	// configIndex is the index of the last configuration entry applied (0
+	// until one is, after a start from a snapshot). GetConfiguration does
+	// not say it; a configuration change may pass it as prevIndex to fail
+	// if another change came first.
+	configIndex atomic.Uint64
 }
 
 func newFSM(logger *slog.Logger, version string) *fsm {
@@ -135,6 +141,9 @@ func (f *fsm) notifyLocked() {
 // entries change no gitraft state, but the applied index must pass them so
 // that reads waiting for a commit index that is a membership change go on.
 func (f *fsm) StoreConfiguration(index uint64, _ raft.Configuration) {
+	if index > f.configIndex.Load() {
+		f.configIndex.Store(index) // only the FSM goroutine writes it
+	}
 	f.mu.Lock()
 	if index > f.state.index && f.halt.Load() == nil {
 		f.state.index = index

@@ -25,6 +25,7 @@ import (
 	"github.com/gitraft/gitraft/cluster/pki"
 	"github.com/gitraft/gitraft/lockd"
 	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
+	nodev1 "github.com/gitraft/gitraft/proto/gitraft/node/v1"
 )
 
 // Sentinel errors of the cluster package. They become gRPC status codes only
@@ -96,6 +97,9 @@ type Config struct {
 	LockExpiryInterval time.Duration
 	// DefaultLease is the lease of a write lock acquired without one.
 	DefaultLease time.Duration
+	// PromoteInterval is how often the leader asks each non-voter how much
+	// it holds, to promote it to voter once it holds everything (default 1s).
+	PromoteInterval time.Duration
 
 	// Version is the gitraft version this binary runs, for status and for
 	// messages such as "upgrade this node" (default "dev").
@@ -104,6 +108,11 @@ type Config struct {
 	// newerCommands, if set (tests only), stands in for a newer binary: the
 	// state machine hands it every decoded entry before checking it.
 	newerCommands func(e *fsmv1.Entry)
+	// replicasOf, if set (tests only), answers for a member's
+	// NodeService.GetReplicas, which the leader asks before promoting a
+	// non-voter (in-process nodes keep no repositories); ask asks the
+	// member itself.
+	replicasOf func(ctx context.Context, id string, ask func(context.Context) (*nodev1.GetReplicasResponse, error)) (*nodev1.GetReplicasResponse, error)
 }
 
 func (c *Config) setDefaults() {
@@ -140,6 +149,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.LockExpiryInterval == 0 {
 		c.LockExpiryInterval = time.Second
+	}
+	if c.PromoteInterval == 0 {
+		c.PromoteInterval = time.Second
 	}
 	if c.DefaultLease == 0 {
 		c.DefaultLease = 30 * time.Second
