@@ -49,7 +49,7 @@ func devNull(b *testing.B) *os.File {
 	return f
 }
 
-// drainedPipe is a pipe whose other end another process... here a goroutine
+// drainedPipe is a pipe whose other end a goroutine
 // reads and discards, as when the CLI's output goes to a pager or a script.
 func drainedPipe(b *testing.B) *os.File {
 	r, w, err := os.Pipe()
