@@ -50,6 +50,7 @@ func mustNewCluster(t *testing.T, size int, tune ...func(*Config)) *testCluster 
 		}
 	}
 	c.waitMembers(size)
+	c.waitVoters(size)
 	return c
 }
 
@@ -64,6 +65,7 @@ func (c *testCluster) add(id string, bootstrap bool) *Node {
 		Insecure: true, Bootstrap: bootstrap,
 		Raft:               RaftTuning{HeartbeatTimeout: 300 * time.Millisecond, ElectionTimeout: 300 * time.Millisecond, LeaderLeaseTimeout: 150 * time.Millisecond},
 		LockExpiryInterval: 50 * time.Millisecond,
+		PromoteInterval:    50 * time.Millisecond,
 	}
 	if c.tune != nil {
 		c.tune(&cfg)
@@ -143,6 +145,35 @@ func (c *testCluster) waitMembers(size int) {
 			}
 		}
 		return true
+	})
+}
+
+// suffrages is the Raft configuration as the leader sees it: ID to suffrage.
+func (c *testCluster) suffrages() map[string]raft.ServerSuffrage {
+	c.t.Helper()
+	f := c.waitLeader().raft.GetConfiguration()
+	if err := f.Error(); err != nil {
+		c.t.Fatal(err)
+	}
+	out := map[string]raft.ServerSuffrage{}
+	for _, s := range f.Configuration().Servers {
+		out[string(s.ID)] = s.Suffrage
+	}
+	return out
+}
+
+// waitVoters waits until the configuration has size voters: members join as
+// non-voters, and the leader promotes them.
+func (c *testCluster) waitVoters(size int) {
+	c.t.Helper()
+	waitFor(c.t, fmt.Sprintf("%d voters", size), 15*time.Second, func() bool {
+		voters := 0
+		for _, s := range c.suffrages() {
+			if s == raft.Voter {
+				voters++
+			}
+		}
+		return voters == size
 	})
 }
 

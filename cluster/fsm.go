@@ -44,6 +44,23 @@ type fsm struct {
 	// newer, if set (tests only), sees every decoded entry before it is
 	// checked: it stands in for a newer binary that knows more commands.
 	newer func(e *fsmv1.Entry)
+
+	// sinceSnapshot counts the bytes of the command entries applied since
+	// the last snapshot that was persisted: what a restart would replay
+	// from the log. Apply adds to it, a persisted snapshot takes off what it
+	// covers, a restore clears it.
+	sinceSnapshot atomic.Uint64
+	// snapshotBytes, when not 0, is the count at which Apply pokes
+	// logGrown, without blocking (the node takes a snapshot; see
+	// Node.snapshotBySize).
+	snapshotBytes uint64
+	logGrown      chan struct{}
+
+	// configIndex is the index of the last configuration entry applied (0
+	// until one is, after a start from a snapshot). GetConfiguration does
+	// not say it; a configuration change may pass it as prevIndex to fail
+	// if another change came first.
+	configIndex atomic.Uint64
 }
 
 func newFSM(logger *slog.Logger, version string) *fsm {
@@ -53,7 +70,7 @@ func newFSM(logger *slog.Logger, version string) *fsm {
 	if version == "" {
 		version = "dev"
 	}
-	return &fsm{state: NewState(), applied: make(chan struct{}), log: logger, version: version}
+	return &fsm{state: NewState(), applied: make(chan struct{}), log: logger, version: version, logGrown: make(chan struct{}, 1)}
 }
 
 // Apply implements raft.FSM. It returns the entry's *fsmv1.Result, or an
@@ -79,8 +96,15 @@ func (f *fsm) Apply(l *raft.Log) any {
 	}
 	f.mu.Lock()
 	r := f.state.Apply(l.Index, e)
+	grown := f.sinceSnapshot.Add(uint64(len(l.Data)))
 	f.notifyLocked()
 	f.mu.Unlock()
+	if f.snapshotBytes > 0 && grown >= f.snapshotBytes {
+		select {
+		case f.logGrown <- struct{}{}:
+		default:
+		}
+	}
 	if f.observe != nil {
 		f.observe(e, r, time.Since(start))
 	}
@@ -117,6 +141,9 @@ func (f *fsm) notifyLocked() {
 // entries change no gitraft state, but the applied index must pass them so
 // that reads waiting for a commit index that is a membership change go on.
 func (f *fsm) StoreConfiguration(index uint64, _ raft.Configuration) {
+	if index > f.configIndex.Load() {
+		f.configIndex.Store(index) // only the FSM goroutine writes it
+	}
 	f.mu.Lock()
 	if index > f.state.index && f.halt.Load() == nil {
 		f.state.index = index
@@ -170,8 +197,12 @@ func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
 	}
 	f.mu.RLock()
 	defer f.mu.RUnlock()
-	return &fsmSnapshot{view: f.state.capture()}, nil
+	return &fsmSnapshot{view: f.state.capture(), f: f, covers: f.sinceSnapshot.Load()}, nil
 }
+
+// BytesSinceSnapshot is the size of the command entries applied since the
+// last persisted snapshot.
+func (f *fsm) BytesSinceSnapshot() uint64 { return f.sinceSnapshot.Load() }
 
 // Restore implements raft.FSM: it builds a new state and swaps it in. A
 // restored snapshot is the whole state at its index, so it also ends a halt
@@ -188,6 +219,7 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 	}
 	f.mu.Lock()
 	f.state = s
+	f.sinceSnapshot.Store(0)
 	if h := f.halt.Swap(nil); h != nil {
 		f.log.Warn("a snapshot replaced the halted state; applying the log again", "index", index, "halted_index", h.Index)
 	}
@@ -199,14 +231,38 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 	return nil
 }
 
-type fsmSnapshot struct{ view *snapshotView }
+type fsmSnapshot struct {
+	view *snapshotView
+	f    *fsm
+	// covers is the fsm's bytes since the last snapshot when this one was
+	// captured: once persisted, the log no longer needs them.
+	covers uint64
+}
 
 func (s *fsmSnapshot) Persist(sink raft.SnapshotSink) error {
 	if err := writeSnapshot(sink, s.view); err != nil {
 		sink.Cancel()
 		return err
 	}
-	return sink.Close()
+	if err := sink.Close(); err != nil {
+		return err
+	}
+	if s.f != nil {
+		s.f.snapshotPersisted(s.covers)
+	}
+	return nil
+}
+
+// snapshotPersisted takes what a persisted snapshot covers off the bytes
+// since the last snapshot (never below zero: a restore may have cleared
+// them meanwhile).
+func (f *fsm) snapshotPersisted(covers uint64) {
+	for {
+		cur := f.sinceSnapshot.Load()
+		if f.sinceSnapshot.CompareAndSwap(cur, cur-min(cur, covers)) {
+			return
+		}
+	}
 }
 
 func (s *fsmSnapshot) Release() {}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"strings"
 	"time"
 
@@ -19,6 +20,9 @@ func (n *Node) serveHTTP() error {
 	}
 	n.httpLn = ln
 	n.httpServer = &http.Server{Handler: n.HTTPHandler(), ReadHeaderTimeout: 5 * time.Second}
+	if n.cfg.PProf {
+		n.log.Warn("serving /debug/pprof/ on the HTTP port, which has no authentication: anyone who reaches it can profile this node and read its command line; keep the port private or turn http.pprof off", "http_addr", ln.Addr().String())
+	}
 	n.goRun(func() {
 		if err := n.httpServer.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			n.log.Error("http server stopped", "err", err)
@@ -27,9 +31,17 @@ func (n *Node) serveHTTP() error {
 	return nil
 }
 
-// HTTPHandler serves /metrics, /healthz and /readyz.
+// HTTPHandler serves /metrics, /healthz and /readyz, and /debug/pprof/
+// when Config.PProf is set.
 func (n *Node) HTTPHandler() http.Handler {
 	mux := http.NewServeMux()
+	if n.cfg.PProf {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
 	mux.Handle("GET /metrics", promhttp.HandlerFor(n.metrics.reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		writeHealth(w, true, map[string]any{"node": n.cfg.NodeID, "state": n.raft.State().String()})

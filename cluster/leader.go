@@ -45,7 +45,8 @@ func (n *Node) watchLeadership() {
 }
 
 // lead is the leader's loop: a barrier first, so the state reflects every
-// entry of earlier terms, then lock expiry.
+// entry of earlier terms, then lock expiry; beside it the database and mail
+// loops and the promotion of non-voters.
 func (n *Node) lead(ctx context.Context) {
 	n.goRun(func() { n.handOffWhileHalted(ctx) })
 	if err := n.raft.Barrier(applyTimeout).Error(); err != nil {
@@ -61,6 +62,7 @@ func (n *Node) lead(ctx context.Context) {
 	n.leaderReady.Store(true)
 	n.goRun(func() { n.leadDatabase(ctx) })
 	n.goRun(func() { n.leadMail(ctx) })
+	n.goRun(func() { n.promoteNonvoters(ctx) })
 	t := time.NewTicker(n.cfg.LockExpiryInterval)
 	defer t.Stop()
 	for {

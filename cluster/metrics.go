@@ -21,6 +21,8 @@ type metrics struct {
 	lockGrants    prometheus.Counter
 	locksExpired  prometheus.Counter
 	refusals      *prometheus.CounterVec
+	sizeSnapshots prometheus.Counter
+	promotions    prometheus.Counter
 }
 
 func newMetrics(n *Node) *metrics {
@@ -46,12 +48,21 @@ func newMetrics(n *Node) *metrics {
 	m.refusals = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "gitraft_fsm_refusals_total", Help: "Committed entries the state machine refused (stale ref, lock held, ...).",
 	}, []string{"reason"})
-	m.reg.MustRegister(m.leaderChanges, m.applySeconds, m.commitSeconds, m.lockGrants, m.locksExpired, m.refusals)
+	m.sizeSnapshots = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "gitraft_raft_size_snapshots_total", Help: "Snapshots taken because the log since the last one reached raft.snapshot_bytes.",
+	})
+	m.promotions = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "gitraft_members_promoted_total", Help: "Non-voters this node promoted to voter while it led (each once it held every repository).",
+	})
+	m.reg.MustRegister(m.leaderChanges, m.applySeconds, m.commitSeconds, m.lockGrants, m.locksExpired, m.refusals, m.sizeSnapshots, m.promotions)
 
 	gauge := func(name, help string, fn func() float64) {
 		m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, fn))
 	}
 	gauge("gitraft_fsm_applied_index", "Last Raft index applied to the state machine.", func() float64 { return float64(n.fsm.Index()) })
+	gauge("gitraft_raft_bytes_since_snapshot", "Bytes of the entries applied since the last snapshot: what a restart replays from the log. A snapshot is taken when it reaches raft.snapshot_bytes.", func() float64 {
+		return float64(n.fsm.BytesSinceSnapshot())
+	})
 	gauge("gitraft_repos", "Repositories in the replicated state.", func() float64 {
 		var c int
 		n.fsm.Read(func(s *State) { c = len(s.repos) })
@@ -106,6 +117,19 @@ func (m *metrics) watchRaft(r *raft.Raft) {
 	gauge("gitraft_raft_commit_index", "Raft commit index known to this node.", func() float64 { return float64(r.CommitIndex()) })
 	gauge("gitraft_raft_applied_index", "Raft applied index (as Raft tracks it).", func() float64 { return float64(r.AppliedIndex()) })
 	gauge("gitraft_raft_last_index", "Last index in this node's Raft log.", func() float64 { return float64(r.LastIndex()) })
+	gauge("gitraft_raft_nonvoters", "Members in the Raft configuration that do not vote yet: joined, filling their disk, promoted by the leader once they hold every repository.", func() float64 {
+		f := r.GetConfiguration()
+		if f.Error() != nil {
+			return 0
+		}
+		c := 0
+		for _, s := range f.Configuration().Servers {
+			if s.Suffrage != raft.Voter {
+				c++
+			}
+		}
+		return float64(c)
+	})
 	gauge("gitraft_raft_leader", "1 when this node is the leader.", func() float64 {
 		if r.State() == raft.Leader {
 			return 1

@@ -25,6 +25,7 @@ import (
 	"github.com/gitraft/gitraft/cluster/pki"
 	"github.com/gitraft/gitraft/lockd"
 	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
+	nodev1 "github.com/gitraft/gitraft/proto/gitraft/node/v1"
 )
 
 // Sentinel errors of the cluster package. They become gRPC status codes only
@@ -48,8 +49,13 @@ type RaftTuning struct {
 	ElectionTimeout    time.Duration `yaml:"election_timeout"`
 	LeaderLeaseTimeout time.Duration `yaml:"leader_lease_timeout"`
 	SnapshotThreshold  uint64        `yaml:"snapshot_threshold"`
-	SnapshotInterval   time.Duration `yaml:"snapshot_interval"`
-	TrailingLogs       uint64        `yaml:"trailing_logs"`
+	// SnapshotBytes takes a snapshot once the entries applied since the
+	// last one add up to this many bytes (default 64 MiB), however few they
+	// are: a push of many refs is one large entry, and the entry count alone
+	// let a million refs live only in the log.
+	SnapshotBytes    uint64        `yaml:"snapshot_bytes" help:"take a snapshot once the entries applied since the last one reach this many bytes (default 64 MiB)"`
+	SnapshotInterval time.Duration `yaml:"snapshot_interval"`
+	TrailingLogs     uint64        `yaml:"trailing_logs"`
 }
 
 // Config configures one node.
@@ -61,6 +67,10 @@ type Config struct {
 	RaftAddr, RaftAdvertise string
 	GRPCAddr, GRPCAdvertise string
 	HTTPAddr                string
+	// PProf serves Go's profiler under /debug/pprof/ on the HTTP port. That
+	// port has no authentication: anyone who reaches it can profile the
+	// process and read its command line. Off by default.
+	PProf bool
 	// SSHAdvertise is recorded for peers and clients (served by gitproto).
 	SSHAdvertise string
 	// SSHHostKeys are the public SSH host keys this node serves (from its
@@ -91,6 +101,9 @@ type Config struct {
 	LockExpiryInterval time.Duration
 	// DefaultLease is the lease of a write lock acquired without one.
 	DefaultLease time.Duration
+	// PromoteInterval is how often the leader asks each non-voter how much
+	// it holds, to promote it to voter once it holds everything (default 1s).
+	PromoteInterval time.Duration
 
 	// Version is the gitraft version this binary runs, for status and for
 	// messages such as "upgrade this node" (default "dev").
@@ -99,6 +112,11 @@ type Config struct {
 	// newerCommands, if set (tests only), stands in for a newer binary: the
 	// state machine hands it every decoded entry before checking it.
 	newerCommands func(e *fsmv1.Entry)
+	// replicasOf, if set (tests only), answers for a member's
+	// NodeService.GetReplicas, which the leader asks before promoting a
+	// non-voter (in-process nodes keep no repositories); ask asks the
+	// member itself.
+	replicasOf func(ctx context.Context, id string, ask func(context.Context) (*nodev1.GetReplicasResponse, error)) (*nodev1.GetReplicasResponse, error)
 }
 
 func (c *Config) setDefaults() {
@@ -121,6 +139,9 @@ func (c *Config) setDefaults() {
 	if r.SnapshotThreshold == 0 {
 		r.SnapshotThreshold = 8192
 	}
+	if r.SnapshotBytes == 0 {
+		r.SnapshotBytes = 64 << 20
+	}
 	if r.SnapshotInterval == 0 {
 		r.SnapshotInterval = 2 * time.Minute
 	}
@@ -132,6 +153,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.LockExpiryInterval == 0 {
 		c.LockExpiryInterval = time.Second
+	}
+	if c.PromoteInterval == 0 {
+		c.PromoteInterval = time.Second
 	}
 	if c.DefaultLease == 0 {
 		c.DefaultLease = 30 * time.Second
@@ -200,6 +224,7 @@ type Node struct {
 	fsm    *fsm
 	raft   *raft.Raft
 	store  *raftboltdb.BoltStore
+	snaps  raft.SnapshotStore
 	trans  *raft.NetworkTransport
 	bundle *pki.Bundle // nil when insecure
 
@@ -241,6 +266,7 @@ func New(cfg Config, logger *slog.Logger) (_ *Node, err error) {
 	n := &Node{cfg: cfg, log: logger.With("node", cfg.NodeID), stop: make(chan struct{})}
 	n.fsm = newFSM(n.log, cfg.Version)
 	n.fsm.newer = cfg.newerCommands
+	n.fsm.snapshotBytes = cfg.Raft.SnapshotBytes
 	defer func() {
 		if err != nil {
 			n.Close()
@@ -290,6 +316,7 @@ func New(cfg Config, logger *slog.Logger) (_ *Node, err error) {
 	n.goRun(n.registerSelf)
 	n.goRun(n.watchHostKeys)
 	n.goRun(n.watchReady)
+	n.goRun(n.snapshotBySize)
 	if n.needJoin {
 		n.goRun(n.joinLoop)
 	}
@@ -366,6 +393,7 @@ func (n *Node) openRaft() error {
 	if err != nil {
 		return fmt.Errorf("%w: snapshots in %s: %v", ErrDataDir, dir, err)
 	}
+	n.snaps = snaps
 
 	ln, err := net.Listen("tcp", n.cfg.RaftAddr)
 	if err != nil {

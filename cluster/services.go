@@ -75,6 +75,9 @@ func (s *clusterService) GetStatus(ctx context.Context, _ *clusterv1.GetStatusRe
 		go func() {
 			defer wg.Done()
 			n.fillMemberStatus(ctx, m)
+			if srv.Suffrage == raft.Nonvoter && m.Reachable {
+				n.memberFill(ctx, m)
+			}
 		}()
 	}
 	wg.Wait()
@@ -178,11 +181,14 @@ func (s *clusterService) AddMember(ctx context.Context, req *clusterv1.AddMember
 			return nil, status.Errorf(codes.AlreadyExists, "raft address %s is already used by member %q", req.GetRaftAddr(), srv.ID)
 		}
 	}
-	af := n.raft.AddVoter(raft.ServerID(req.GetId()), raft.ServerAddress(req.GetRaftAddr()), f.Index(), applyTimeout)
+	// A new member holds nothing yet: it joins without a vote, so that it
+	// neither counts toward the quorum nor leads, and the leader promotes
+	// it once it holds every repository (promoteNonvoters).
+	af := n.raft.AddNonvoter(raft.ServerID(req.GetId()), raft.ServerAddress(req.GetRaftAddr()), f.Index(), applyTimeout)
 	if err := af.Error(); err != nil {
-		return nil, fmt.Errorf("add voter %s: %w", req.GetId(), err)
+		return nil, fmt.Errorf("add member %s: %w", req.GetId(), err)
 	}
-	n.log.Info("added member", "member", req.GetId(), "raft_addr", req.GetRaftAddr(), "index", af.Index())
+	n.log.Info("added member as a non-voter; it becomes a voter once it holds every repository", "member", req.GetId(), "raft_addr", req.GetRaftAddr(), "index", af.Index())
 	r, err := n.commit(ctx, setMemberEntry(req))
 	if err != nil {
 		return nil, err

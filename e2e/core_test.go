@@ -422,6 +422,8 @@ func Test_E2E_JoinRemoveTransfer(t *testing.T) {
 	n4.start()
 	c.must(c.nodes[1], "cluster", "join", "--id", "n4", "--raft-addr", n4.raftAddr, "--grpc-addr", n4.grpcAddr)
 	n4.waitReady(60 * time.Second)
+	// Joined by hand, it is promoted like a node that joined by itself.
+	c.waitVoters(4)
 	if got, want := strings.Join(c.repoNames(n4), " "), strings.Join(c.repoNames(c.nodes[0]), " "); got != want {
 		t.Fatalf("n4 lists %q, want %q", got, want)
 	}

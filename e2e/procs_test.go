@@ -146,6 +146,8 @@ func startCluster(t testing.TB, size int, opts ...clusterOpt) *cluster {
 			}
 		}
 		if err == nil {
+			// Nodes join as non-voters; tests count on every node voting.
+			c.waitVoters(size)
 			return c
 		}
 		if attempt == 3 || !c.portTaken() {
@@ -414,6 +416,33 @@ type statusJSON struct {
 		State     string `json:"state"`
 		SSHAddr   string `json:"ssh_addr"`
 	} `json:"members"`
+}
+
+// waitVoters waits until the cluster has size members and every one of
+// them votes: a node joins as a non-voter and the leader promotes it once
+// it holds every repository.
+func (c *cluster) waitVoters(size int) {
+	c.t.Helper()
+	waitFor(c.t, fmt.Sprintf("%d voters", size), 60*time.Second, func() bool {
+		for _, n := range c.nodes {
+			if !n.running() {
+				continue
+			}
+			r := c.run(n, "cluster", "status", "--json")
+			var st statusJSON
+			if r.code != 0 || json.Unmarshal([]byte(r.stdout), &st) != nil {
+				continue
+			}
+			voters := 0
+			for _, m := range st.Members {
+				if m.Suffrage == "SUFFRAGE_VOTER" {
+					voters++
+				}
+			}
+			return voters == size && len(st.Members) == size
+		}
+		return false
+	})
 }
 
 // leader returns the leader's node, asking any running node.

@@ -358,7 +358,7 @@ func TestCommandsAgainstFakeServer(t *testing.T) {
 	}
 
 	out, err = run(t, "cluster", "join", "--id", "n4", "--raft-addr", "127.0.0.1:7201", "--grpc-addr", "127.0.0.1:7202")
-	if err != nil || out != "added n4 (raft 127.0.0.1:7201) at index 57\n" {
+	if err != nil || out != "added n4 (raft 127.0.0.1:7201) at index 57; it becomes a voter once it holds every repository (see gitraft cluster status)\n" {
 		t.Fatalf("cluster join = %q, %v", out, err)
 	}
 	_, err = run(t, "cluster", "join", "--id", "n4")

@@ -63,7 +63,7 @@ func writeClusterStatus(w io.Writer, resp *clusterv1.GetStatusResponse, now time
 	}
 	fmt.Fprintln(w)
 	t := newTable(w, "ID", "ADDRESS", "GRPC", "STATE", "VOTER", "APPLIED", "LAST CONTACT", "ERROR")
-	var halted []*clusterv1.Member
+	var halted, filling []*clusterv1.Member
 	for _, m := range resp.GetMembers() {
 		state, applied := "unreachable", "-"
 		if m.GetReachable() {
@@ -84,10 +84,25 @@ func writeClusterStatus(w io.Writer, resp *clusterv1.GetStatusResponse, now time
 		if errText == "" && m.GetHalted() != "" {
 			errText = fmt.Sprintf("upgrade this node (halted at index %d)", m.GetHaltedIndex())
 		}
-		t.row(m.GetId(), m.GetRaftAddr(), m.GetGrpcAddr(), state, suffrageText(m.GetSuffrage()), applied, contact, errText)
+		voter := suffrageText(m.GetSuffrage())
+		if f := m.GetFill(); f != nil {
+			voter += fmt.Sprintf(" (filling: %d/%d repos)", f.GetReposCurrent(), f.GetReposTotal())
+			filling = append(filling, m)
+		}
+		t.row(m.GetId(), m.GetRaftAddr(), m.GetGrpcAddr(), state, voter, applied, contact, errText)
 	}
 	if err := t.flush(); err != nil {
 		return err
+	}
+	if len(filling) > 0 {
+		fmt.Fprintln(w)
+	}
+	for _, m := range filling {
+		why := "nothing: the leader promotes it at its next check"
+		if f := m.GetFill(); f.GetWaitingFor() != "" {
+			why = f.GetWaitingFor()
+		}
+		fmt.Fprintf(w, "%s is not a voter yet: it becomes one once it holds every repository at its committed version; waiting for %s\n", m.GetId(), why)
 	}
 	if len(halted) > 0 {
 		fmt.Fprintln(w)
@@ -128,10 +143,16 @@ func newClusterJoinCmd(g *globalOpts) *cobra.Command {
 	var req clusterv1.AddMemberRequest
 	cmd := &cobra.Command{
 		Use:   "join --id ID --raft-addr HOST:PORT --grpc-addr HOST:PORT",
-		Short: "Add a node to the cluster as a voter",
-		Long: `Add a node to the cluster as a voter. The request goes to the node at --addr
-and runs on the leader. Start the new node first (without bootstrapping), then
-join it with the addresses other nodes reach it at.`,
+		Short: "Add a node to the cluster (as a non-voter until it holds every repository)",
+		Long: `Add a node to the cluster. The request goes to the node at --addr and runs
+on the leader. Start the new node first (without bootstrapping), then join it
+with the addresses other nodes reach it at.
+
+The node joins as a non-voter: it receives the log and fills its disk from
+its peers without counting toward the quorum, and cannot become leader. The
+leader promotes it to voter once it holds every repository at its committed
+version; gitraft cluster status shows its progress ("filling: 120/10001
+repos"). Joining a member again with the same ID and address changes nothing.`,
 		Example: "  gitraft cluster join --id n4 --raft-addr 10.0.0.4:7101 --grpc-addr 10.0.0.4:7102",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -147,7 +168,7 @@ join it with the addresses other nodes reach it at.`,
 			if g.JSON {
 				return printProtoJSON(cmd.OutOrStdout(), resp)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "added %s (raft %s) at index %d\n", req.GetId(), req.GetRaftAddr(), resp.GetIndex())
+			fmt.Fprintf(cmd.OutOrStdout(), "added %s (raft %s) at index %d; it becomes a voter once it holds every repository (see gitraft cluster status)\n", req.GetId(), req.GetRaftAddr(), resp.GetIndex())
 			return nil
 		},
 	}

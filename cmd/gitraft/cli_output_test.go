@@ -213,6 +213,21 @@ func TestWriteClusterStatus(t *testing.T) {
 		t.Errorf("halted member:\n%s", buf.String())
 	}
 
+	// A non-voter that fills its disk shows how far it got, and what its
+	// promotion waits for.
+	resp.Members[1].Halted = ""
+	resp.Members[2] = &clusterv1.Member{Id: "n4", RaftAddr: "127.0.0.1:7401", GrpcAddr: "127.0.0.1:7402", Suffrage: clusterv1.Suffrage_SUFFRAGE_NONVOTER,
+		Reachable: true, State: "Follower", AppliedIndex: 57, Fill: &clusterv1.Fill{ReposCurrent: 120, ReposTotal: 10001, AppliedIndex: 57, WaitingFor: "9881 of 10001 repos"}}
+	buf.Reset()
+	if err := writeClusterStatus(&buf, resp, testNow); err != nil {
+		t.Fatal(err)
+	}
+	got = lines(buf.String())
+	if len(got) != 8 || !strings.Contains(got[5], "no (filling: 120/10001 repos)") ||
+		got[7] != "n4 is not a voter yet: it becomes one once it holds every repository at its committed version; waiting for 9881 of 10001 repos" {
+		t.Errorf("filling non-voter:\n%s", buf.String())
+	}
+
 	// A follower without a leader says so.
 	buf.Reset()
 	writeClusterStatus(&buf, &clusterv1.GetStatusResponse{NodeId: "n2", State: "Candidate"}, testNow)

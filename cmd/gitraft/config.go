@@ -41,12 +41,20 @@ type fileConfig struct {
 	DefaultLease  time.Duration `yaml:"default_lease" help:"lease of a write lock acquired without one"`
 
 	TLS  cluster.TLSFiles   `yaml:"tls"`
+	HTTP httpSettings       `yaml:"http"`
 	Raft cluster.RaftTuning `yaml:"raft"`
 	Git  gitSettings        `yaml:"git"`
 	// Database configures the PostgreSQL and pgbouncer agents on this host.
 	Database dbSettings `yaml:"database"`
 	// Mail configures the Postfix drain agent on this host.
 	Mail mailSettings `yaml:"mail"`
+}
+
+// httpSettings are what the HTTP port (http_addr) serves besides /metrics,
+// /healthz and /readyz.
+type httpSettings struct {
+	// PProf serves /debug/pprof/. The HTTP port has no authentication.
+	PProf bool `yaml:"pprof" help:"serve Go's profiler at /debug/pprof/ on the HTTP port, which has NO authentication: only where that port is private (default off)"`
 }
 
 // gitSettings are the git front end's limits and hooks.
@@ -245,7 +253,7 @@ func (c fileConfig) clusterConfig() cluster.Config {
 		NodeID: c.NodeID, DataDir: c.DataDir,
 		RaftAddr: c.RaftAddr, RaftAdvertise: c.RaftAdvertise,
 		GRPCAddr: c.GRPCAddr, GRPCAdvertise: c.GRPCAdvertise,
-		HTTPAddr:  c.HTTPAddr,
+		HTTPAddr: c.HTTPAddr, PProf: c.HTTP.PProf,
 		Bootstrap: c.Bootstrap, Join: c.Join,
 		TLS: c.TLS, Insecure: c.Insecure,
 		Raft:       c.Raft,

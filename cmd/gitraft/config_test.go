@@ -20,6 +20,9 @@ tls:
   ca_file: /file/ca.crt
 raft:
   heartbeat_timeout: 2s
+  snapshot_bytes: 1048576
+http:
+  pprof: true
 git:
   max_sessions: 9
   max_startups: 50
@@ -59,6 +62,9 @@ git:
 		"git.max_sessions_per_connection (env)": {cfg.Git.MaxSessionsPerConnection, 4},
 		"git.max_sessions_per_user (flag, -1)":  {cfg.Git.MaxSessionsPerUser, -1},
 		"git.min_rate_window (flag)":            {cfg.Git.MinRateWindow, 2 * time.Minute},
+		"raft.snapshot_bytes (file)":            {cfg.Raft.SnapshotBytes, uint64(1 << 20)},
+		"http.pprof (file)":                     {cfg.HTTP.PProf, true},
+		"http.pprof reaches the node":           {cfg.clusterConfig().PProf, true},
 	}
 	for what, c := range checks {
 		if c[0] != c[1] {

@@ -102,7 +102,12 @@ type Member struct {
 	Version string `protobuf:"bytes,15,opt,name=version,proto3" json:"version,omitempty"`
 	// SHA256 fingerprints of the SSH host keys the member announces from its
 	// host key files, in the order configured (from the replicated state).
-	SshHostKeys   []string `protobuf:"bytes,16,rep,name=ssh_host_keys,json=sshHostKeys,proto3" json:"ssh_host_keys,omitempty"`
+	SshHostKeys []string `protobuf:"bytes,16,rep,name=ssh_host_keys,json=sshHostKeys,proto3" json:"ssh_host_keys,omitempty"`
+	// Set for a non-voter: how much of the replicated state its disk holds.
+	// A member joins as a non-voter and the leader promotes it to voter once
+	// it holds every repository at its committed version and has applied the
+	// log near the commit index.
+	Fill          *Fill `protobuf:"bytes,17,opt,name=fill,proto3" json:"fill,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -249,6 +254,87 @@ func (x *Member) GetSshHostKeys() []string {
 	return nil
 }
 
+func (x *Member) GetFill() *Fill {
+	if x != nil {
+		return x.Fill
+	}
+	return nil
+}
+
+// Fill is how far a member's disk is from the replicated state.
+type Fill struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Repositories whose copy on the member is at the version its state has.
+	ReposCurrent uint64 `protobuf:"varint,1,opt,name=repos_current,json=reposCurrent,proto3" json:"repos_current,omitempty"`
+	// Repositories in the member's state.
+	ReposTotal uint64 `protobuf:"varint,2,opt,name=repos_total,json=reposTotal,proto3" json:"repos_total,omitempty"`
+	// The member's applied index the counts were judged at.
+	AppliedIndex uint64 `protobuf:"varint,3,opt,name=applied_index,json=appliedIndex,proto3" json:"applied_index,omitempty"`
+	// Why the leader has not promoted it yet, for people ("3 repos behind",
+	// "applied index 120 of 4000"); empty when nothing holds it back.
+	WaitingFor    string `protobuf:"bytes,4,opt,name=waiting_for,json=waitingFor,proto3" json:"waiting_for,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Fill) Reset() {
+	*x = Fill{}
+	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Fill) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Fill) ProtoMessage() {}
+
+func (x *Fill) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Fill.ProtoReflect.Descriptor instead.
+func (*Fill) Descriptor() ([]byte, []int) {
+	return file_gitraft_cluster_v1_cluster_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *Fill) GetReposCurrent() uint64 {
+	if x != nil {
+		return x.ReposCurrent
+	}
+	return 0
+}
+
+func (x *Fill) GetReposTotal() uint64 {
+	if x != nil {
+		return x.ReposTotal
+	}
+	return 0
+}
+
+func (x *Fill) GetAppliedIndex() uint64 {
+	if x != nil {
+		return x.AppliedIndex
+	}
+	return 0
+}
+
+func (x *Fill) GetWaitingFor() string {
+	if x != nil {
+		return x.WaitingFor
+	}
+	return ""
+}
+
 type GetStatusRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -257,7 +343,7 @@ type GetStatusRequest struct {
 
 func (x *GetStatusRequest) Reset() {
 	*x = GetStatusRequest{}
-	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[1]
+	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -269,7 +355,7 @@ func (x *GetStatusRequest) String() string {
 func (*GetStatusRequest) ProtoMessage() {}
 
 func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[1]
+	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -282,7 +368,7 @@ func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetStatusRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_cluster_v1_cluster_proto_rawDescGZIP(), []int{1}
+	return file_gitraft_cluster_v1_cluster_proto_rawDescGZIP(), []int{2}
 }
 
 type GetStatusResponse struct {
@@ -313,7 +399,7 @@ type GetStatusResponse struct {
 
 func (x *GetStatusResponse) Reset() {
 	*x = GetStatusResponse{}
-	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[2]
+	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -325,7 +411,7 @@ func (x *GetStatusResponse) String() string {
 func (*GetStatusResponse) ProtoMessage() {}
 
 func (x *GetStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[2]
+	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -338,7 +424,7 @@ func (x *GetStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetStatusResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_cluster_v1_cluster_proto_rawDescGZIP(), []int{2}
+	return file_gitraft_cluster_v1_cluster_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *GetStatusResponse) GetNodeId() string {
@@ -445,7 +531,7 @@ type AddMemberRequest struct {
 
 func (x *AddMemberRequest) Reset() {
 	*x = AddMemberRequest{}
-	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[3]
+	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -457,7 +543,7 @@ func (x *AddMemberRequest) String() string {
 func (*AddMemberRequest) ProtoMessage() {}
 
 func (x *AddMemberRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[3]
+	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -470,7 +556,7 @@ func (x *AddMemberRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddMemberRequest.ProtoReflect.Descriptor instead.
 func (*AddMemberRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_cluster_v1_cluster_proto_rawDescGZIP(), []int{3}
+	return file_gitraft_cluster_v1_cluster_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *AddMemberRequest) GetId() string {
@@ -517,7 +603,7 @@ type AddMemberResponse struct {
 
 func (x *AddMemberResponse) Reset() {
 	*x = AddMemberResponse{}
-	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[4]
+	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -529,7 +615,7 @@ func (x *AddMemberResponse) String() string {
 func (*AddMemberResponse) ProtoMessage() {}
 
 func (x *AddMemberResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[4]
+	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -542,7 +628,7 @@ func (x *AddMemberResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddMemberResponse.ProtoReflect.Descriptor instead.
 func (*AddMemberResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_cluster_v1_cluster_proto_rawDescGZIP(), []int{4}
+	return file_gitraft_cluster_v1_cluster_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *AddMemberResponse) GetIndex() uint64 {
@@ -561,7 +647,7 @@ type RemoveMemberRequest struct {
 
 func (x *RemoveMemberRequest) Reset() {
 	*x = RemoveMemberRequest{}
-	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[5]
+	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -573,7 +659,7 @@ func (x *RemoveMemberRequest) String() string {
 func (*RemoveMemberRequest) ProtoMessage() {}
 
 func (x *RemoveMemberRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[5]
+	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -586,7 +672,7 @@ func (x *RemoveMemberRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveMemberRequest.ProtoReflect.Descriptor instead.
 func (*RemoveMemberRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_cluster_v1_cluster_proto_rawDescGZIP(), []int{5}
+	return file_gitraft_cluster_v1_cluster_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *RemoveMemberRequest) GetId() string {
@@ -605,7 +691,7 @@ type RemoveMemberResponse struct {
 
 func (x *RemoveMemberResponse) Reset() {
 	*x = RemoveMemberResponse{}
-	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[6]
+	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -617,7 +703,7 @@ func (x *RemoveMemberResponse) String() string {
 func (*RemoveMemberResponse) ProtoMessage() {}
 
 func (x *RemoveMemberResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[6]
+	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -630,7 +716,7 @@ func (x *RemoveMemberResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveMemberResponse.ProtoReflect.Descriptor instead.
 func (*RemoveMemberResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_cluster_v1_cluster_proto_rawDescGZIP(), []int{6}
+	return file_gitraft_cluster_v1_cluster_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *RemoveMemberResponse) GetIndex() uint64 {
@@ -650,7 +736,7 @@ type TransferLeadershipRequest struct {
 
 func (x *TransferLeadershipRequest) Reset() {
 	*x = TransferLeadershipRequest{}
-	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[7]
+	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -662,7 +748,7 @@ func (x *TransferLeadershipRequest) String() string {
 func (*TransferLeadershipRequest) ProtoMessage() {}
 
 func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[7]
+	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -675,7 +761,7 @@ func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_cluster_v1_cluster_proto_rawDescGZIP(), []int{7}
+	return file_gitraft_cluster_v1_cluster_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *TransferLeadershipRequest) GetId() string {
@@ -694,7 +780,7 @@ type TransferLeadershipResponse struct {
 
 func (x *TransferLeadershipResponse) Reset() {
 	*x = TransferLeadershipResponse{}
-	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[8]
+	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -706,7 +792,7 @@ func (x *TransferLeadershipResponse) String() string {
 func (*TransferLeadershipResponse) ProtoMessage() {}
 
 func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[8]
+	mi := &file_gitraft_cluster_v1_cluster_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -719,7 +805,7 @@ func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_cluster_v1_cluster_proto_rawDescGZIP(), []int{8}
+	return file_gitraft_cluster_v1_cluster_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *TransferLeadershipResponse) GetLeaderId() string {
@@ -733,7 +819,7 @@ var File_gitraft_cluster_v1_cluster_proto protoreflect.FileDescriptor
 
 const file_gitraft_cluster_v1_cluster_proto_rawDesc = "" +
 	"\n" +
-	" gitraft/cluster/v1/cluster.proto\x12\x12gitraft.cluster.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x83\x04\n" +
+	" gitraft/cluster/v1/cluster.proto\x12\x12gitraft.cluster.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x04\n" +
 	"\x06Member\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x1b\n" +
@@ -751,7 +837,15 @@ const file_gitraft_cluster_v1_cluster_proto_rawDesc = "" +
 	"\x06halted\x18\r \x01(\tR\x06halted\x12!\n" +
 	"\fhalted_index\x18\x0e \x01(\x04R\vhaltedIndex\x12\x18\n" +
 	"\aversion\x18\x0f \x01(\tR\aversion\x12\"\n" +
-	"\rssh_host_keys\x18\x10 \x03(\tR\vsshHostKeys\"\x12\n" +
+	"\rssh_host_keys\x18\x10 \x03(\tR\vsshHostKeys\x12,\n" +
+	"\x04fill\x18\x11 \x01(\v2\x18.gitraft.cluster.v1.FillR\x04fill\"\x92\x01\n" +
+	"\x04Fill\x12#\n" +
+	"\rrepos_current\x18\x01 \x01(\x04R\freposCurrent\x12\x1f\n" +
+	"\vrepos_total\x18\x02 \x01(\x04R\n" +
+	"reposTotal\x12#\n" +
+	"\rapplied_index\x18\x03 \x01(\x04R\fappliedIndex\x12\x1f\n" +
+	"\vwaiting_for\x18\x04 \x01(\tR\n" +
+	"waitingFor\"\x12\n" +
 	"\x10GetStatusRequest\"\xf2\x03\n" +
 	"\x11GetStatusResponse\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x14\n" +
@@ -809,38 +903,40 @@ func file_gitraft_cluster_v1_cluster_proto_rawDescGZIP() []byte {
 }
 
 var file_gitraft_cluster_v1_cluster_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_gitraft_cluster_v1_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_gitraft_cluster_v1_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
 var file_gitraft_cluster_v1_cluster_proto_goTypes = []any{
 	(Suffrage)(0),                      // 0: gitraft.cluster.v1.Suffrage
 	(*Member)(nil),                     // 1: gitraft.cluster.v1.Member
-	(*GetStatusRequest)(nil),           // 2: gitraft.cluster.v1.GetStatusRequest
-	(*GetStatusResponse)(nil),          // 3: gitraft.cluster.v1.GetStatusResponse
-	(*AddMemberRequest)(nil),           // 4: gitraft.cluster.v1.AddMemberRequest
-	(*AddMemberResponse)(nil),          // 5: gitraft.cluster.v1.AddMemberResponse
-	(*RemoveMemberRequest)(nil),        // 6: gitraft.cluster.v1.RemoveMemberRequest
-	(*RemoveMemberResponse)(nil),       // 7: gitraft.cluster.v1.RemoveMemberResponse
-	(*TransferLeadershipRequest)(nil),  // 8: gitraft.cluster.v1.TransferLeadershipRequest
-	(*TransferLeadershipResponse)(nil), // 9: gitraft.cluster.v1.TransferLeadershipResponse
-	(*timestamppb.Timestamp)(nil),      // 10: google.protobuf.Timestamp
+	(*Fill)(nil),                       // 2: gitraft.cluster.v1.Fill
+	(*GetStatusRequest)(nil),           // 3: gitraft.cluster.v1.GetStatusRequest
+	(*GetStatusResponse)(nil),          // 4: gitraft.cluster.v1.GetStatusResponse
+	(*AddMemberRequest)(nil),           // 5: gitraft.cluster.v1.AddMemberRequest
+	(*AddMemberResponse)(nil),          // 6: gitraft.cluster.v1.AddMemberResponse
+	(*RemoveMemberRequest)(nil),        // 7: gitraft.cluster.v1.RemoveMemberRequest
+	(*RemoveMemberResponse)(nil),       // 8: gitraft.cluster.v1.RemoveMemberResponse
+	(*TransferLeadershipRequest)(nil),  // 9: gitraft.cluster.v1.TransferLeadershipRequest
+	(*TransferLeadershipResponse)(nil), // 10: gitraft.cluster.v1.TransferLeadershipResponse
+	(*timestamppb.Timestamp)(nil),      // 11: google.protobuf.Timestamp
 }
 var file_gitraft_cluster_v1_cluster_proto_depIdxs = []int32{
 	0,  // 0: gitraft.cluster.v1.Member.suffrage:type_name -> gitraft.cluster.v1.Suffrage
-	10, // 1: gitraft.cluster.v1.Member.last_contact:type_name -> google.protobuf.Timestamp
-	1,  // 2: gitraft.cluster.v1.GetStatusResponse.members:type_name -> gitraft.cluster.v1.Member
-	10, // 3: gitraft.cluster.v1.GetStatusResponse.last_leader_contact:type_name -> google.protobuf.Timestamp
-	2,  // 4: gitraft.cluster.v1.ClusterService.GetStatus:input_type -> gitraft.cluster.v1.GetStatusRequest
-	4,  // 5: gitraft.cluster.v1.ClusterService.AddMember:input_type -> gitraft.cluster.v1.AddMemberRequest
-	6,  // 6: gitraft.cluster.v1.ClusterService.RemoveMember:input_type -> gitraft.cluster.v1.RemoveMemberRequest
-	8,  // 7: gitraft.cluster.v1.ClusterService.TransferLeadership:input_type -> gitraft.cluster.v1.TransferLeadershipRequest
-	3,  // 8: gitraft.cluster.v1.ClusterService.GetStatus:output_type -> gitraft.cluster.v1.GetStatusResponse
-	5,  // 9: gitraft.cluster.v1.ClusterService.AddMember:output_type -> gitraft.cluster.v1.AddMemberResponse
-	7,  // 10: gitraft.cluster.v1.ClusterService.RemoveMember:output_type -> gitraft.cluster.v1.RemoveMemberResponse
-	9,  // 11: gitraft.cluster.v1.ClusterService.TransferLeadership:output_type -> gitraft.cluster.v1.TransferLeadershipResponse
-	8,  // [8:12] is the sub-list for method output_type
-	4,  // [4:8] is the sub-list for method input_type
-	4,  // [4:4] is the sub-list for extension type_name
-	4,  // [4:4] is the sub-list for extension extendee
-	0,  // [0:4] is the sub-list for field type_name
+	11, // 1: gitraft.cluster.v1.Member.last_contact:type_name -> google.protobuf.Timestamp
+	2,  // 2: gitraft.cluster.v1.Member.fill:type_name -> gitraft.cluster.v1.Fill
+	1,  // 3: gitraft.cluster.v1.GetStatusResponse.members:type_name -> gitraft.cluster.v1.Member
+	11, // 4: gitraft.cluster.v1.GetStatusResponse.last_leader_contact:type_name -> google.protobuf.Timestamp
+	3,  // 5: gitraft.cluster.v1.ClusterService.GetStatus:input_type -> gitraft.cluster.v1.GetStatusRequest
+	5,  // 6: gitraft.cluster.v1.ClusterService.AddMember:input_type -> gitraft.cluster.v1.AddMemberRequest
+	7,  // 7: gitraft.cluster.v1.ClusterService.RemoveMember:input_type -> gitraft.cluster.v1.RemoveMemberRequest
+	9,  // 8: gitraft.cluster.v1.ClusterService.TransferLeadership:input_type -> gitraft.cluster.v1.TransferLeadershipRequest
+	4,  // 9: gitraft.cluster.v1.ClusterService.GetStatus:output_type -> gitraft.cluster.v1.GetStatusResponse
+	6,  // 10: gitraft.cluster.v1.ClusterService.AddMember:output_type -> gitraft.cluster.v1.AddMemberResponse
+	8,  // 11: gitraft.cluster.v1.ClusterService.RemoveMember:output_type -> gitraft.cluster.v1.RemoveMemberResponse
+	10, // 12: gitraft.cluster.v1.ClusterService.TransferLeadership:output_type -> gitraft.cluster.v1.TransferLeadershipResponse
+	9,  // [9:13] is the sub-list for method output_type
+	5,  // [5:9] is the sub-list for method input_type
+	5,  // [5:5] is the sub-list for extension type_name
+	5,  // [5:5] is the sub-list for extension extendee
+	0,  // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_cluster_v1_cluster_proto_init() }
@@ -854,7 +950,7 @@ func file_gitraft_cluster_v1_cluster_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_cluster_v1_cluster_proto_rawDesc), len(file_gitraft_cluster_v1_cluster_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   9,
+			NumMessages:   10,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

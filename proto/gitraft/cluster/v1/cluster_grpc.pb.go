@@ -33,7 +33,10 @@ const (
 type ClusterServiceClient interface {
 	// GetStatus reports the members, the leader and this node's view of Raft.
 	GetStatus(ctx context.Context, in *GetStatusRequest, opts ...grpc.CallOption) (*GetStatusResponse, error)
-	// AddMember adds a node as a voter. Sent to any node; runs on the leader.
+	// AddMember adds a node as a non-voter; the leader promotes it to voter
+	// once it holds every repository (see Member.fill). Sent to any node;
+	// runs on the leader. Adding a member again with the same ID and Raft
+	// address changes nothing.
 	AddMember(ctx context.Context, in *AddMemberRequest, opts ...grpc.CallOption) (*AddMemberResponse, error)
 	// RemoveMember removes a node from the Raft configuration.
 	RemoveMember(ctx context.Context, in *RemoveMemberRequest, opts ...grpc.CallOption) (*RemoveMemberResponse, error)
@@ -95,7 +98,10 @@ func (c *clusterServiceClient) TransferLeadership(ctx context.Context, in *Trans
 type ClusterServiceServer interface {
 	// GetStatus reports the members, the leader and this node's view of Raft.
 	GetStatus(context.Context, *GetStatusRequest) (*GetStatusResponse, error)
-	// AddMember adds a node as a voter. Sent to any node; runs on the leader.
+	// AddMember adds a node as a non-voter; the leader promotes it to voter
+	// once it holds every repository (see Member.fill). Sent to any node;
+	// runs on the leader. Adding a member again with the same ID and Raft
+	// address changes nothing.
 	AddMember(context.Context, *AddMemberRequest) (*AddMemberResponse, error)
 	// RemoveMember removes a node from the Raft configuration.
 	RemoveMember(context.Context, *RemoveMemberRequest) (*RemoveMemberResponse, error)
