@@ -67,7 +67,7 @@ func rssMB(n *node) float64 {
 // allCurrent reports whether node n holds every repository at its committed
 // version (its own GetReplicas report).
 func (c *cluster) allCurrent(n *node) (current, total int) {
-	conn := c.grpcConn(n, "admin")
+	conn := c.grpcConn(n, c.nodes[0].id) // NodeService takes node certificates
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	resp, err := nodev1.NewNodeServiceClient(conn).GetReplicas(ctx, &nodev1.GetReplicasRequest{})

@@ -223,7 +223,10 @@ func (n *node) start() {
 	n.cmd = exec.Command(bin, n.args...)
 	n.cmd.Stdout, n.cmd.Stderr = f, f
 	n.cmd.Env = append(os.Environ(), n.env...)
-	n.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// Its own process group, so kill reaches git's children too; and killed
+	// with the test binary, should that die without running its cleanups (a
+	// -timeout panic), so no node outlives its test.
+	n.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if n.cgroupFD > 0 {
 		n.cmd.SysProcAttr.UseCgroupFD, n.cmd.SysProcAttr.CgroupFD = true, n.cgroupFD
 	}
