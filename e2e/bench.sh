@@ -4,6 +4,10 @@
 #   BenchmarkGit: git over SSH, plain git + OpenSSH sshd vs a gitraft cluster
 #   BenchmarkDatabaseSwitchover: PostgreSQL switchover write pause, failover (PostgreSQL 15 + pgbouncer, as e2e/test.sh installs)
 # and, only when asked for by name:
+#   Scale: BenchmarkScale, a cluster filled to 10,000 repositories and a million
+#   refs (GITRAFT_SCALE_REPOS, GITRAFT_SCALE_BIG_REPOS, GITRAFT_SCALE_REFS make
+#   it smaller): creates, fill time, big pushes and ls-remote against plain git,
+#   restarts, memory, a fourth node. About 20 minutes.
 #   Fault: the long run of Test_E2E_FaultInjection, thousands of compare-and-swap
 #   pushes and reads under kills, freezes and partitions, checked with porcupine
 #   (GITRAFT_FAULT_OPS operations, 3000 by default, or GITRAFT_FAULT_DURATION;
@@ -35,4 +39,8 @@ if [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null 2>&1 || [ ! -x /usr/sb
 		exit 1
 	fi
 fi
-exec go test -count=1 -run '^$' -bench "${1:-.}" -benchtime 1x -timeout 30m ./e2e
+case "${1:-}" in
+"") bench='^Benchmark(Cluster|Git|DatabaseSwitchover)$' ;;
+*) bench="$1" ;;
+esac
+exec go test -count=1 -run '^$' -bench "$bench" -benchtime 1x -timeout 90m ./e2e
