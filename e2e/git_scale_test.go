@@ -75,3 +75,31 @@ func Test_E2E_GitBehindNodeServesThroughPeer(t *testing.T) {
 	}
 	waitFor(t, "n3 current again", 60*time.Second, func() bool { return c.run(n1, "repo", "verify", "r").code == 0 })
 }
+
+// Test_E2E_GitCatchUpAfterKilledGit leaves what a git killed mid-catch-up
+// leaves (ref lock files) in a copy that is behind, and checks that the copy
+// still catches up: before, every later catch-up failed with "File exists"
+// and the copy stayed behind for good.
+func Test_E2E_GitCatchUpAfterKilledGit(t *testing.T) {
+	c, u := gitSetup(t, "r")
+	n1, n3 := c.nodes[0], c.nodes[2]
+	wt := u.workTree(url(n1, "r"))
+	u.commit(wt, "a", "a\n")
+	u.mustGit(wt, "push", "-q", "origin", "main", "main:refs/heads/dev")
+	waitFor(t, "every replica current", 30*time.Second, func() bool { return c.run(n1, "repo", "verify", "r").code == 0 })
+	n3.kill()
+	last := u.commit(wt, "b", "b\n")
+	u.mustGit(wt, "push", "-q", "origin", "main", "main:refs/heads/dev")
+	repo := filepath.Join(n3.dir, "repos", "r.git")
+	for _, f := range []string{"refs/heads/main.lock", "refs/heads/dev.lock", "packed-refs.lock"} {
+		if err := os.WriteFile(filepath.Join(repo, f), nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n3.start()
+	n3.waitReady(60 * time.Second)
+	waitFor(t, "n3 to catch up", 60*time.Second, func() bool { return c.run(n1, "repo", "verify", "r").code == 0 })
+	if !u.hasCommit(n3, "r", last) {
+		t.Fatal("n3 does not serve the last push")
+	}
+}
