@@ -47,6 +47,21 @@ func onDisk(n *node, prefix string) int {
 	return len(m)
 }
 
+// leaderChanges sums gitraft_raft_leader_changes_total over the nodes.
+func (c *cluster) leaderChanges() int {
+	total := 0
+	for _, n := range c.nodes {
+		_, m := httpGet("http://" + n.httpAddr + "/metrics")
+		for _, line := range strings.Split(m, "\n") {
+			if v, ok := strings.CutPrefix(line, "gitraft_raft_leader_changes_total "); ok {
+				f, _ := strconv.ParseFloat(strings.TrimSpace(v), 64)
+				total += int(f)
+			}
+		}
+	}
+	return total
+}
+
 func rssMB(n *node) float64 {
 	if n.cmd == nil || n.cmd.Process == nil {
 		return 0
@@ -175,6 +190,7 @@ func BenchmarkScale(b *testing.B) {
 		b.Fatal(r)
 	}
 	var pushTimes timing
+	changesBefore := c.leaderChanges()
 	for i := range bigRepos {
 		name := fmt.Sprintf("big/r%03d", i)
 		c.must(lead, "repo", "create", name)
@@ -184,6 +200,7 @@ func BenchmarkScale(b *testing.B) {
 			return u.git(wt, "push", "-q", url(via, name), "refs/heads/b*:refs/heads/b*")
 		}))
 	}
+	add("leader changes during the big pushes (default 1 s timeouts)", "%d", c.leaderChanges()-changesBefore)
 	plain.initBare(b, "big")
 	plainPush := timed(b, func() result { return plainUser.git(wt, "push", "-q", plain.url("big"), "refs/heads/b*:refs/heads/b*") })
 	add(fmt.Sprintf("push of %d branches, plain git", refs), "%s", plainPush.Round(time.Millisecond))
