@@ -310,16 +310,15 @@ func (s *Store) Init(ctx context.Context, name string, id uint64) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return wrapIO("create parent directory", err)
 	}
-	// Half-made repositories of an Init that crashed.
-	if entries, err := os.ReadDir(filepath.Dir(path)); err == nil {
-		for _, e := range entries {
-			if strings.HasPrefix(e.Name(), filepath.Base(path)+".init-") {
-				os.RemoveAll(filepath.Join(filepath.Dir(path), e.Name()))
-			}
-		}
-	}
+	// The repository is built under one fixed temporary name: the caller
+	// serialises Inits of a name, so what is there is the half-made
+	// repository of an Init that crashed. (Listing the parent directory to
+	// find it cost a node O(repositories) per create.)
 	s.conn.forget(path)
-	tmp := path + ".init-" + randHex(4)
+	tmp := path + ".init-tmp"
+	if err := os.RemoveAll(tmp); err != nil {
+		return wrapIO("remove a half-made repository", err)
+	}
 	if err := writeSkeleton(tmp); err != nil {
 		os.RemoveAll(tmp)
 		return err

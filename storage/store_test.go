@@ -165,11 +165,11 @@ func Test_Init_OtherIncarnationMovedAway(t *testing.T) {
 		t.Fatalf("the old directory is still there: %v", err)
 	}
 	// Half-made repositories of a crashed Init go on the next one.
-	os.MkdirAll(p+".init-0badc0de/objects", 0o700)
+	os.MkdirAll(p+".init-tmp/objects", 0o700)
 	if err := s.Init(ctx, "junk", 4); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(p + ".init-0badc0de"); !os.IsNotExist(err) {
+	if _, err := os.Stat(p + ".init-tmp"); !os.IsNotExist(err) {
 		t.Fatalf("a crashed Init's directory is still there: %v", err)
 	}
 }
