@@ -92,10 +92,11 @@ func Test_E2E_JoinAsNonvoterUntilFilled(t *testing.T) {
 		}
 		time.Sleep(time.Second)
 	}
-	out := c.must(n1, "cluster", "status")
-	if !strings.Contains(out, "filling: ") || !strings.Contains(out, "n4 is not a voter yet") {
-		t.Errorf("cluster status does not show n4 filling:\n%s", out)
-	}
+	var out string
+	waitFor(t, "cluster status to show n4 filling", 30*time.Second, func() bool {
+		out = c.must(n1, "cluster", "status")
+		return strings.Contains(out, "filling: ") && strings.Contains(out, "n4 is not a voter yet")
+	})
 	t.Logf("while blocked:\n%s", out)
 
 	os.Remove(gate)
