@@ -58,7 +58,7 @@ func Test_E2E_DB_AgentKilledMidSwitchover(t *testing.T) {
 	// default of these tests, the election after the leader's SIGKILL on a
 	// loaded machine can outlast it, and b1 would then rightly KILL the
 	// transaction the test holds open.
-	e := startDB(t, dbOpts{pauseTimeout: 20 * time.Second, pauseExpiry: expiry, isolationFenceAfter: 10 * time.Second})
+	e := startDB(t, dbOpts{pauseTimeout: 20 * time.Second, pauseExpiry: expiry, failoverAfter: 12 * time.Second, isolationFenceAfter: 10 * time.Second})
 	n3 := e.c.node("n3")
 	e.c.must(n3, "cluster", "transfer-leader", "n3")
 	waitFor(t, "n3 to lead", 20*time.Second, func() bool { return e.c.leader() == n3 })
