@@ -48,8 +48,9 @@ type fakeServer struct {
 	// Hooks and injected failures (set under mu).
 	promoteGate chan struct{} // Promote waits until it is closed
 	stopGate    chan struct{}
-	promoteErr  error
-	stopErr     error
+	promoteErr    error
+	stopErr       error
+	checkpointErr error
 }
 
 type fakeBouncer struct {
@@ -237,6 +238,20 @@ func (s *fakeServer) Stop(ctx context.Context) (dbtarget.LSN, error) {
 	}
 	pg.syncLocked() // the shutdown checkpoint goes to the standbys
 	return dbtarget.LSN(len(s.rows) + 1), nil
+}
+
+func (s *fakeServer) Checkpoint(ctx context.Context) error {
+	pg := s.pg
+	pg.mu.Lock()
+	defer pg.mu.Unlock()
+	if !s.running {
+		return errors.New("checkpoint: not running")
+	}
+	if s.checkpointErr != nil {
+		return s.checkpointErr
+	}
+	pg.event("checkpoint %s", s.name)
+	return nil
 }
 
 func (s *fakeServer) Start(ctx context.Context) error {

@@ -314,6 +314,12 @@ func Test_DB_SwitchoverAndBack(t *testing.T) {
 		t.Fatalf("switchover: %v", e)
 	}
 	h.waitSettled("pg2", 2)
+	h.pg.mu.Lock()
+	ck, pause := slices.Index(h.pg.events, "checkpoint pg1"), slices.IndexFunc(h.pg.events, func(e string) bool { return strings.HasPrefix(e, "pause ") })
+	h.pg.mu.Unlock()
+	if ck < 0 || pause < 0 || ck > pause {
+		t.Errorf("want a CHECKPOINT on pg1 before the first PAUSE: checkpoint at event %d, pause at %d", ck, pause)
+	}
 	waitFor(t, "pg1 to follow pg2", 10*time.Second, func() bool {
 		running, rec, up, _ := h.pg.snapshot("pg1")
 		return running && rec && up == "pg2"

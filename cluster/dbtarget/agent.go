@@ -253,6 +253,16 @@ func (a *PostgresAgent) act(ctx context.Context, st *dbv1.State, h Health) bool 
 	me := a.name
 	switch {
 	case op == nil:
+	case op.GetPhase() == dbv1.Phase_PHASE_CHECKPOINTING && op.GetOldPrimary() == me:
+		if a.step.due(op, now) {
+			// Not destructive: no read barrier first. Clients still write.
+			t0 := time.Now()
+			err := a.srv.Checkpoint(ctx)
+			a.step.result(time.Now(), 0, err)
+			a.logStep(op, err, "took", time.Since(t0).Round(time.Millisecond).String())
+			a.soon = err != nil
+			return true
+		}
 	case op.GetPhase() == dbv1.Phase_PHASE_STOPPING_OLD && op.GetOldPrimary() == me:
 		if a.step.due(op, now) {
 			if _, err := still(ctx, a.c, op); err != nil {

@@ -70,6 +70,9 @@ type Server interface {
 	// last WAL position the server wrote. Stopping a stopped server returns
 	// that location too.
 	Stop(ctx context.Context) (LSN, error)
+	// Checkpoint runs CHECKPOINT on a running server, so that a fast stop
+	// soon after has few dirty buffers left to write.
+	Checkpoint(ctx context.Context) error
 	// Start starts the server as its data directory says (primary, or a
 	// standby when standby.signal is present) and waits until it answers.
 	Start(ctx context.Context) error

@@ -512,7 +512,31 @@ func Next(st *dbv1.State, obs Observed, s Settings, now time.Time) Decision {
 		if err := checkScheduled(st, obs, s, op, now); err != nil {
 			return do(cmdFinish(op, dbv1.Outcome_OUTCOME_ABORTED, "at the scheduled time: "+err.Error()), "scheduled switchover cannot start: %v", err)
 		}
-		return do(cmdAdvance(op, dbv1.Phase_PHASE_PAUSING, s.PauseTimeout, 0, ""), "scheduled switchover to %s begins", op.GetTarget())
+		return do(cmdAdvance(op, dbv1.Phase_PHASE_CHECKPOINTING, s.SwitchoverTimeout, 0, ""), "scheduled switchover to %s begins", op.GetTarget())
+
+	case dbv1.Phase_PHASE_CHECKPOINTING:
+		// The old primary runs CHECKPOINT while clients still write, so
+		// that its fast stop under the pause has little left to flush. A
+		// checkpoint that fails or takes too long only makes that stop
+		// slower: the switchover goes on.
+		pause := func(note, format string, args ...any) Decision {
+			return do(cmdAdvance(op, dbv1.Phase_PHASE_PAUSING, s.PauseTimeout, 0, note), format, args...)
+		}
+		r, _ := obs.postgres(op.GetOldPrimary(), now, s)
+		if step := r.GetStep(); step.GetOpId() == op.GetId() && step.GetPhase() == op.GetPhase() {
+			if step.GetError() != "" {
+				return pause(fmt.Sprintf("CHECKPOINT on %s failed (%s); its stop may take longer", op.GetOldPrimary(), step.GetError()),
+					"CHECKPOINT on the old primary %s failed: %s; pause every pgbouncer anyway", op.GetOldPrimary(), step.GetError())
+			}
+			if step.GetDone() {
+				return pause("", "old primary %s checkpointed; pause every pgbouncer", op.GetOldPrimary())
+			}
+		}
+		if past {
+			return pause(fmt.Sprintf("%s did not report its CHECKPOINT within %s; its stop may take longer", op.GetOldPrimary(), s.SwitchoverTimeout),
+				"the old primary %s did not report its CHECKPOINT in time; pause every pgbouncer anyway", op.GetOldPrimary())
+		}
+		return wait("the old primary %s to checkpoint", op.GetOldPrimary())
 
 	case dbv1.Phase_PHASE_PAUSING:
 		var notYet []string
@@ -762,7 +786,7 @@ func Writable(st *dbv1.State) (bool, string) {
 	}
 	op := st.GetOperation()
 	switch op.GetPhase() {
-	case dbv1.Phase_PHASE_UNSPECIFIED, dbv1.Phase_PHASE_SCHEDULED, dbv1.Phase_PHASE_DEMOTING:
+	case dbv1.Phase_PHASE_UNSPECIFIED, dbv1.Phase_PHASE_SCHEDULED, dbv1.Phase_PHASE_CHECKPOINTING, dbv1.Phase_PHASE_DEMOTING:
 		return true, ""
 	}
 	return false, describeOp(op)

@@ -309,9 +309,12 @@ func (s *State) begin(index uint64, now time.Time, b *dbv1.BeginOperation) *fsmv
 		if st.GetPrimary() == "" {
 			return refuse(fsmv1.Reason_REASON_PRECONDITION, "there is no primary to switch over from; promote %s with gitraft db failover --to %s", target, target)
 		}
-		if at := b.GetAtUnixNano(); at > now.UnixNano() {
+		switch at := b.GetAtUnixNano(); {
+		case at > now.UnixNano():
 			op.Phase, op.AtUnixNano = dbv1.Phase_PHASE_SCHEDULED, at
-		} else {
+		case b.GetCheckpoint():
+			op.Phase, op.DeadlineUnixNano = dbv1.Phase_PHASE_CHECKPOINTING, deadline(now, b.GetTimeoutNanos())
+		default:
 			op.Phase, op.DeadlineUnixNano = dbv1.Phase_PHASE_PAUSING, deadline(now, b.GetTimeoutNanos())
 		}
 	case dbv1.Kind_KIND_FAILOVER:
@@ -338,11 +341,12 @@ func pausedText(st *dbv1.State) string {
 // steps lists the phase changes AdvancePhase may make, per kind.
 var steps = map[dbv1.Kind]map[dbv1.Phase][]dbv1.Phase{
 	dbv1.Kind_KIND_SWITCHOVER: {
-		dbv1.Phase_PHASE_SCHEDULED:    {dbv1.Phase_PHASE_PAUSING},
-		dbv1.Phase_PHASE_PAUSING:      {dbv1.Phase_PHASE_STOPPING_OLD, dbv1.Phase_PHASE_ROLLING_BACK},
-		dbv1.Phase_PHASE_STOPPING_OLD: {dbv1.Phase_PHASE_PROMOTING, dbv1.Phase_PHASE_ROLLING_BACK},
-		dbv1.Phase_PHASE_PROMOTING:    {dbv1.Phase_PHASE_ROLLING_BACK},
-		dbv1.Phase_PHASE_REPOINTING:   {dbv1.Phase_PHASE_DEMOTING},
+		dbv1.Phase_PHASE_SCHEDULED:     {dbv1.Phase_PHASE_CHECKPOINTING, dbv1.Phase_PHASE_PAUSING},
+		dbv1.Phase_PHASE_CHECKPOINTING: {dbv1.Phase_PHASE_PAUSING},
+		dbv1.Phase_PHASE_PAUSING:       {dbv1.Phase_PHASE_STOPPING_OLD, dbv1.Phase_PHASE_ROLLING_BACK},
+		dbv1.Phase_PHASE_STOPPING_OLD:  {dbv1.Phase_PHASE_PROMOTING, dbv1.Phase_PHASE_ROLLING_BACK},
+		dbv1.Phase_PHASE_PROMOTING:     {dbv1.Phase_PHASE_ROLLING_BACK},
+		dbv1.Phase_PHASE_REPOINTING:    {dbv1.Phase_PHASE_DEMOTING},
 	},
 	dbv1.Kind_KIND_FAILOVER: {
 		dbv1.Phase_PHASE_FENCING:   {dbv1.Phase_PHASE_PROMOTING, dbv1.Phase_PHASE_ROLLING_BACK},
@@ -488,7 +492,8 @@ func (s *State) abort(now time.Time, a *dbv1.AbortOperation) *fsmv1.Result {
 		reason += ": " + a.GetReason()
 	}
 	switch op.GetPhase() {
-	case dbv1.Phase_PHASE_SCHEDULED:
+	case dbv1.Phase_PHASE_SCHEDULED, dbv1.Phase_PHASE_CHECKPOINTING:
+		// Nothing paused or stopped yet: it ends at once.
 		return s.finish(now, &dbv1.FinishOperation{OpId: op.GetId(), From: op.GetPhase(), Outcome: dbv1.Outcome_OUTCOME_ABORTED, Reason: reason})
 	case dbv1.Phase_PHASE_ROLLING_BACK:
 		return refuse(fsmv1.Reason_REASON_PRECONDITION, "operation %d is rolling back already (%s)", op.GetId(), op.GetNote())

@@ -79,6 +79,9 @@ func waitHealth(t *testing.T, s *pgctl.Server, what string, cond func(dbtarget.H
 func switchover(t *testing.T, from, to *pgctl.Server, toEP dbtarget.Endpoint, bouncers ...*pgctl.Bouncer) {
 	t.Helper()
 	ctx := ctxT(t, 2*time.Minute)
+	if err := from.Checkpoint(ctx); err != nil {
+		t.Fatal(err)
+	}
 	for _, b := range bouncers {
 		if err := b.Pause(ctxT(t, 10*time.Second)); err != nil {
 			t.Fatal(err)
@@ -218,6 +221,9 @@ func Test_Server_SwitchoverFailoverRewind(t *testing.T) {
 		}
 		if h := s2.Health(ctx); h.Running || h.Err == "" {
 			t.Errorf("health of a stopped server %+v, want not running with a reason", h)
+		}
+		if err := s2.Checkpoint(ctx); !errors.Is(err, pgctl.ErrNotRunning) {
+			t.Errorf("CHECKPOINT on a stopped server: %v, want ErrNotRunning", err)
 		}
 		if err := s2.Start(ctx); err != nil {
 			t.Fatal(err)

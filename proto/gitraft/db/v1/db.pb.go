@@ -1177,7 +1177,11 @@ type BeginOperation struct {
 	Automatic   bool   `protobuf:"varint,5,opt,name=automatic,proto3" json:"automatic,omitempty"`
 	RequestedBy string `protobuf:"bytes,6,opt,name=requested_by,json=requestedBy,proto3" json:"requested_by,omitempty"`
 	// Bound of the first phase, counted from the entry's time.
-	TimeoutNanos  int64 `protobuf:"varint,7,opt,name=timeout_nanos,json=timeoutNanos,proto3" json:"timeout_nanos,omitempty"`
+	TimeoutNanos int64 `protobuf:"varint,7,opt,name=timeout_nanos,json=timeoutNanos,proto3" json:"timeout_nanos,omitempty"`
+	// Switchover that begins now: begin with PHASE_CHECKPOINTING (the old
+	// primary runs CHECKPOINT before anything pauses) rather than
+	// PHASE_PAUSING. Entries written before it existed begin with pausing.
+	Checkpoint    bool `protobuf:"varint,8,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1259,6 +1263,13 @@ func (x *BeginOperation) GetTimeoutNanos() int64 {
 		return x.TimeoutNanos
 	}
 	return 0
+}
+
+func (x *BeginOperation) GetCheckpoint() bool {
+	if x != nil {
+		return x.Checkpoint
+	}
+	return false
 }
 
 // AdvancePhase moves the operation id from one phase to the next allowed one.
@@ -1685,7 +1696,8 @@ type Step struct {
 	Phase Phase                  `protobuf:"varint,2,opt,name=phase,proto3,enum=gitraft.db.v1.Phase" json:"phase,omitempty"`
 	Done  bool                   `protobuf:"varint,3,opt,name=done,proto3" json:"done,omitempty"`
 	Error string                 `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
-	// PHASE_STOPPING_OLD: the stopped server's checkpoint location.
+	// PHASE_STOPPING_OLD: the LSN the target must have replayed before it is
+	// promoted: the end of the stopped server's WAL.
 	Lsn           uint64 `protobuf:"varint,5,opt,name=lsn,proto3" json:"lsn,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -3503,7 +3515,7 @@ const file_gitraft_db_v1_db_proto_rawDesc = "" +
 	"\x0fRegisterBouncer\x120\n" +
 	"\abouncer\x18\x01 \x01(\v2\x16.gitraft.db.v1.BouncerR\abouncer\"\x1c\n" +
 	"\x06Forget\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\x8a\x02\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\xaa\x02\n" +
 	"\x0eBeginOperation\x12'\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x13.gitraft.db.v1.KindR\x04kind\x12\x16\n" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12/\n" +
@@ -3512,7 +3524,10 @@ const file_gitraft_db_v1_db_proto_rawDesc = "" +
 	"atUnixNano\x12\x1c\n" +
 	"\tautomatic\x18\x05 \x01(\bR\tautomatic\x12!\n" +
 	"\frequested_by\x18\x06 \x01(\tR\vrequestedBy\x12#\n" +
-	"\rtimeout_nanos\x18\a \x01(\x03R\ftimeoutNanos\"\xc7\x01\n" +
+	"\rtimeout_nanos\x18\a \x01(\x03R\ftimeoutNanos\x12\x1e\n" +
+	"\n" +
+	"checkpoint\x18\b \x01(\bR\n" +
+	"checkpoint\"\xc7\x01\n" +
 	"\fAdvancePhase\x12\x13\n" +
 	"\x05op_id\x18\x01 \x01(\x04R\x04opId\x12(\n" +
 	"\x04from\x18\x02 \x01(\x0e2\x14.gitraft.db.v1.PhaseR\x04from\x12$\n" +
