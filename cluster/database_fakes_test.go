@@ -46,8 +46,8 @@ type fakeServer struct {
 	lagRows    int  // a standby stays this many rows behind
 
 	// Hooks and injected failures (set under mu).
-	promoteGate chan struct{} // Promote waits until it is closed
-	stopGate    chan struct{}
+	promoteGate   chan struct{} // Promote waits until it is closed
+	stopGate      chan struct{}
 	promoteErr    error
 	stopErr       error
 	checkpointErr error
