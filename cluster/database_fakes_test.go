@@ -11,6 +11,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -42,8 +45,9 @@ type fakeServer struct {
 	timeline   uint32
 	rows       []int // committed rows, in WAL order; the LSN is len(rows)
 	upstream   string
-	cleanStop  bool // stopped by a fast shutdown (its WAL reached standbys)
-	lagRows    int  // a standby stays this many rows behind
+	cleanStop  bool   // stopped by a fast shutdown (its WAL reached standbys)
+	lagRows    int    // a standby stays this many rows behind
+	syncNames  string // synchronous_standby_names in force (a primary)
 
 	// Hooks and injected failures (set under mu).
 	promoteGate   chan struct{} // Promote waits until it is closed
@@ -119,6 +123,19 @@ func (pg *fakePG) syncLocked() {
 	}
 }
 
+// syncStandbyLocked is the standby a commit on primary p waits for, as
+// PostgreSQL would with p's synchronous_standby_names: a running standby
+// streaming from p that the names match (FIRST 1); nil when none.
+func (pg *fakePG) syncStandbyLocked(p *fakeServer) *fakeServer {
+	for _, name := range slices.Sorted(maps.Keys(pg.servers)) {
+		s := pg.servers[name]
+		if s.running && s.inRecovery && s.upstream == p.name && (p.syncNames == "*" || strings.EqualFold(p.syncNames, `"`+s.name+`"`)) {
+			return s
+		}
+	}
+	return nil
+}
+
 // checkLocked records a violation of the contract: two writable primaries
 // reachable through pgbouncer.
 func (pg *fakePG) checkLocked(after string) {
@@ -176,6 +193,24 @@ func (pg *fakePG) commit(b *fakeBouncer, row int, wait time.Duration) error {
 				pg.mu.Unlock()
 				return fmt.Errorf("server %s is read-only", s.name)
 			}
+			if s.syncNames != "" {
+				sb := pg.syncStandbyLocked(s)
+				if sb == nil {
+					// Synchronous replication without a standby: the
+					// commit waits.
+					pg.mu.Unlock()
+					if time.Now().After(deadline) {
+						return fmt.Errorf("server %s: commit waited %s for a synchronous standby (%s)", s.name, wait, s.syncNames)
+					}
+					time.Sleep(5 * time.Millisecond)
+					continue
+				}
+				s.rows = append(s.rows, row)
+				sb.rows = append(sb.rows[:0:0], s.rows...) // acknowledged once the standby has it
+				sb.timeline = s.timeline
+				pg.mu.Unlock()
+				return nil
+			}
 			s.rows = append(s.rows, row)
 			pg.mu.Unlock()
 			return nil
@@ -211,8 +246,32 @@ func (s *fakeServer) Health(ctx context.Context) dbtarget.Health {
 	if s.inRecovery {
 		up := pg.servers[s.upstream]
 		h.Streaming = up != nil && up.running && !up.inRecovery
+	} else {
+		h.SynchronousStandbyNames = s.syncNames
+		if sb := pg.syncStandbyLocked(s); sb != nil {
+			h.Synchronous = []string{sb.name}
+		}
+		for _, name := range slices.Sorted(maps.Keys(pg.servers)) {
+			if o := pg.servers[name]; o.running && o.inRecovery && o.upstream == s.name {
+				h.Replicas = append(h.Replicas, o.name)
+			}
+		}
 	}
 	return h
+}
+
+func (s *fakeServer) SetSynchronousStandbyNames(ctx context.Context, value string) error {
+	pg := s.pg
+	pg.mu.Lock()
+	defer pg.mu.Unlock()
+	if !s.running || s.inRecovery {
+		return errors.New("synchronous_standby_names: not a running primary")
+	}
+	if s.syncNames != value {
+		pg.event("synchronous_standby_names %s = %q", s.name, value)
+	}
+	s.syncNames = value
+	return nil
 }
 
 func (s *fakeServer) Stop(ctx context.Context) (dbtarget.LSN, error) {

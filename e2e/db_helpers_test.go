@@ -37,6 +37,8 @@ type dbOpts struct {
 	pauseExpiry time.Duration
 	// isolationFenceAfter, when set, is database.isolation_fence_after.
 	isolationFenceAfter time.Duration
+	// synchronousMode, when set, is database.synchronous_mode.
+	synchronousMode string
 }
 
 func needPostgres(t testing.TB) {
@@ -89,6 +91,9 @@ func startDB(t testing.TB, o dbOpts) *dbEnv {
 			"--database-report-interval", o.reportInterval.String(),
 			"--database-probe-timeout", min(o.reportInterval, time.Second).String(),
 		)
+		if o.synchronousMode != "" {
+			n.args = append(n.args, "--database-synchronous-mode", o.synchronousMode)
+		}
 		if o.isolationFenceAfter > 0 {
 			n.args = append(n.args, "--database-isolation-fence-after", o.isolationFenceAfter.String())
 		}
@@ -294,6 +299,54 @@ func (e *dbEnv) checkWrites(w *pgtest.Writer, p *pgtest.Postgres, from, to time.
 		e.t.Errorf("%d committed rows missing on %s (first: %v)", len(miss), p.Name, miss[:min(5, len(miss))])
 	}
 	return r
+}
+
+// waitSyncStandby waits until the state records name as the synchronous
+// standby and the primary runs with it synchronous (db status).
+func (e *dbEnv) waitSyncStandby(name string) {
+	e.t.Helper()
+	waitFor(e.t, name+" recorded as the synchronous standby", 60*time.Second, func() bool {
+		r := e.status()
+		p := memberStatus(r, r.GetState().GetPrimary())
+		return r.GetState().GetSynchronousStandby() == name && slicesContain(p.GetHealth().GetSynchronous(), name)
+	})
+}
+
+func slicesContain(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// killPrimaryAndFailOver SIGKILLs the primary's postmaster with w writing,
+// waits until the failover to target is done and a write committed on it,
+// stops w, and returns the time from the kill to that write and the
+// acknowledged transactions target lacks.
+func (e *dbEnv) killPrimaryAndFailOver(w *pgtest.Writer, from, target string, gen uint64) (time.Duration, int) {
+	e.t.Helper()
+	killed := time.Now()
+	e.pg[from].Kill()
+	e.waitPrimary(target, gen)
+	var first time.Time
+	waitFor(e.t, "a write committed on "+target, 30*time.Second, func() bool {
+		first = pgtest.FirstCommitOn(w.Writes(), e.pg[target].Port, killed)
+		return !first.IsZero()
+	})
+	w.Stop()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	have, err := e.pg[target].IDs(ctx)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	lost := pgtest.Missing(pgtest.ReportBetween(w.Writes(), time.Time{}, time.Time{}).CommittedIDs, have)
+	if len(lost) > 0 {
+		e.t.Logf("%d acknowledged transactions lost in the failover from %s to %s (first: %v)", len(lost), from, target, lost[:min(5, len(lost))])
+	}
+	return first.Sub(killed), len(lost)
 }
 
 // other returns the member that is not name.

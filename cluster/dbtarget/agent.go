@@ -129,6 +129,7 @@ type PostgresAgent struct {
 
 	notStreaming time.Time // since when this standby has not streamed
 	lastFollow   time.Time
+	lastSync     time.Time // last attempt to set synchronous_standby_names
 	probe        func(ctx context.Context, ep Endpoint, timeout time.Duration) error
 }
 
@@ -236,7 +237,7 @@ func (a *PostgresAgent) report(ctx context.Context, h Health) {
 	r := &dbv1.PostgresReport{
 		Member: a.name, Running: h.Running, InRecovery: h.InRecovery, Timeline: h.Timeline,
 		WriteLsn: uint64(h.WriteLSN), ReplayLsn: uint64(h.ReplayLSN), Streaming: h.Streaming, Error: h.Err,
-		Step: a.step.step,
+		Step: a.step.step, SynchronousStandbyNames: h.SynchronousStandbyNames, Synchronous: h.Synchronous, Replicas: h.Replicas,
 	}
 	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
@@ -251,6 +252,7 @@ func (a *PostgresAgent) act(ctx context.Context, st *dbv1.State, h Health) bool 
 	op := st.GetOperation()
 	now := time.Now()
 	me := a.name
+	synced := a.applySync(ctx, st, h)
 	switch {
 	case op == nil:
 	case op.GetPhase() == dbv1.Phase_PHASE_CHECKPOINTING && op.GetOldPrimary() == me:
@@ -363,7 +365,30 @@ func (a *PostgresAgent) act(ctx context.Context, st *dbv1.State, h Health) bool 
 			return true
 		}
 	}
-	return a.demoteStale(ctx, st, h) || a.follow(ctx, st, h)
+	return a.demoteStale(ctx, st, h) || a.follow(ctx, st, h) || synced
+}
+
+// applySync gives the state's primary the synchronous_standby_names the
+// state asks for (synchronous mode), after a linearizable read: a node cut
+// off from the quorum changes nothing on stale state.
+func (a *PostgresAgent) applySync(ctx context.Context, st *dbv1.State, h Health) bool {
+	want := FormatSyncNames(st.GetSynchronousStandbyNames())
+	if st.GetPrimary() != a.name || !h.Running || h.InRecovery || h.SynchronousStandbyNames == want || time.Since(a.lastSync) < 200*time.Millisecond {
+		return false
+	}
+	a.lastSync = time.Now()
+	st2, err := still(ctx, a.c, nil)
+	if err != nil || st2.GetPrimary() != a.name {
+		return false
+	}
+	want = FormatSyncNames(st2.GetSynchronousStandbyNames())
+	if err := a.srv.SetSynchronousStandbyNames(ctx, want); err != nil {
+		a.log.Error("setting synchronous_standby_names failed", "want", want, "err", err)
+		a.soon = true
+		return false
+	}
+	a.log.Info("synchronous_standby_names set", "was", h.SynchronousStandbyNames, "now", want, "synchronous_standby", st2.GetSynchronousStandby())
+	return true
 }
 
 // follow re-points a standby that has not streamed for a while (it follows

@@ -48,6 +48,16 @@ type Health struct {
 	ReplayLSN LSN
 	// Streaming: a standby's WAL receiver is connected to a primary.
 	Streaming bool
+	// SynchronousStandbyNames: on a primary, synchronous_standby_names as
+	// it is in force.
+	SynchronousStandbyNames string
+	// Synchronous: on a primary, the standbys that are synchronous now
+	// (pg_stat_replication sync_state sync or quorum), by
+	// application_name.
+	Synchronous []string
+	// Replicas: on a primary, the standbys streaming from it, by
+	// application_name.
+	Replicas []string
 	// Err says why the server is not running or could not be asked.
 	Err string
 }
@@ -73,6 +83,10 @@ type Server interface {
 	// Checkpoint runs CHECKPOINT on a running server, so that a fast stop
 	// soon after has few dirty buffers left to write.
 	Checkpoint(ctx context.Context) error
+	// SetSynchronousStandbyNames sets synchronous_standby_names on a
+	// running primary (ALTER SYSTEM, then pg_reload_conf) to value, a
+	// setting as FormatSyncNames gives it ("" resets it).
+	SetSynchronousStandbyNames(ctx context.Context, value string) error
 	// Start starts the server as its data directory says (primary, or a
 	// standby when standby.signal is present) and waits until it answers.
 	Start(ctx context.Context) error

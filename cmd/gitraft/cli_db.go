@@ -162,6 +162,16 @@ func writeDBStatus(w io.Writer, r *dbv1.GetStatusResponse, now time.Time) error 
 		failover += "; held back: " + fo.GetBlocked()
 	}
 	kv.row("failover:", failover)
+	sync := "none (asynchronous replication)"
+	switch names, rec := st.GetSynchronousStandbyNames(), st.GetSynchronousStandby(); {
+	case rec != "":
+		sync = rec + " (a failover promotes only it)"
+	case names == dbtarget.AnyStandby:
+		sync = "any standby (strict mode: commits wait for the first to connect), none confirmed"
+	case names != "":
+		sync = names + " named, not yet confirmed (no failover without --force meanwhile)"
+	}
+	kv.row("sync:", sync)
 	kv.row("leader:", fmt.Sprintf("%s (index %d)", r.GetLeader(), r.GetIndex()))
 	for i, m := range r.GetSettingsMismatch() {
 		label := ""

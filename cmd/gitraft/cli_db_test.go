@@ -336,6 +336,7 @@ func TestDatabaseConfigRefused(t *testing.T) {
 		{dbSettings{FailoverAfter: 2 * time.Second, IsolationFenceAfter: 2 * time.Second}, "database.isolation_fence_after (2s) must be below database.failover_after (2s)"},
 		{dbSettings{IsolationFenceAfter: 6 * time.Second}, "set it to 3s or less"},
 		{dbSettings{IsolationFenceAfter: -time.Second}, "database.isolation_fence_after -1s: give a positive duration"},
+		{dbSettings{SynchronousMode: "yes"}, `database.synchronous_mode "yes": want off, on or strict`},
 	}
 	for _, c := range cases {
 		err := c.d.validate()

@@ -168,7 +168,11 @@ func (s *Server) probe(ctx context.Context) probe {
 	var tli int64
 	if !p.InRecovery {
 		err = conn.QueryRow(ctx, `SELECT pg_current_wal_lsn()::text,
-			('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint`).Scan(&write, &tli)
+			('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint,
+			current_setting('synchronous_standby_names'),
+			coalesce((SELECT array_agg(application_name::text ORDER BY application_name) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')), '{}'),
+			coalesce((SELECT array_agg(application_name::text ORDER BY application_name) FROM pg_stat_replication WHERE state = 'streaming'), '{}')`).
+			Scan(&write, &tli, &p.SynchronousStandbyNames, &p.Synchronous, &p.Replicas)
 		replay = write
 	} else {
 		var status, host *string
@@ -364,6 +368,43 @@ func (s *Server) fastStop(ctx context.Context) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-time.After(every):
+		}
+	}
+}
+
+// SetSynchronousStandbyNames sets synchronous_standby_names with ALTER
+// SYSTEM (RESET for "") and pg_reload_conf, and waits (at most 5s) until
+// the setting is in force.
+func (s *Server) SetSynchronousStandbyNames(ctx context.Context, value string) error {
+	ctx, cancel := context.WithTimeout(ctx, healthTimeout)
+	defer cancel()
+	conn, err := s.connect(ctx, s.cfg.Host, s.cfg.Port)
+	if err != nil {
+		return fmt.Errorf("synchronous_standby_names: %w: %v", ErrNotRunning, err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	stmt := "ALTER SYSTEM SET synchronous_standby_names = " + quoteConfValue(value)
+	if value == "" {
+		stmt = "ALTER SYSTEM RESET synchronous_standby_names"
+	}
+	if _, err := conn.Exec(ctx, stmt); err != nil {
+		return fmt.Errorf("synchronous_standby_names: %w", err)
+	}
+	if _, err := conn.Exec(ctx, "SELECT pg_reload_conf()"); err != nil {
+		return fmt.Errorf("synchronous_standby_names: reload: %w", err)
+	}
+	for {
+		var cur string
+		if err := conn.QueryRow(ctx, "SELECT current_setting('synchronous_standby_names')").Scan(&cur); err != nil {
+			return fmt.Errorf("synchronous_standby_names: %w", err)
+		}
+		if cur == value {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("synchronous_standby_names: still %q after reload, want %q: %w", cur, value, ctx.Err())
+		case <-time.After(10 * time.Millisecond):
 		}
 	}
 }
