@@ -112,7 +112,7 @@ func (pg *fakePG) syncLocked() {
 			continue
 		}
 		up := pg.servers[s.upstream]
-		if up == nil || (!up.running && !up.cleanStop) || up.inRecovery {
+		if up == nil || (!up.running && !up.cleanStop) {
 			continue
 		}
 		n := len(up.rows) - s.lagRows
@@ -244,8 +244,11 @@ func (s *fakeServer) Health(ctx context.Context) dbtarget.Health {
 	}
 	h := dbtarget.Health{Running: true, InRecovery: s.inRecovery, Timeline: s.timeline, WriteLSN: dbtarget.LSN(len(s.rows) + 1), ReplayLSN: dbtarget.LSN(len(s.rows) + 1)}
 	if s.inRecovery {
-		up := pg.servers[s.upstream]
-		h.Streaming = up != nil && up.running && !up.inRecovery
+		// A standby streams from a running primary, or cascades through a
+		// running standby.
+		if up := pg.servers[s.upstream]; up != nil && up.running {
+			h.Streaming, h.Upstream = true, up.ep
+		}
 	} else {
 		h.SynchronousStandbyNames = s.syncNames
 		if sb := pg.syncStandbyLocked(s); sb != nil {

@@ -39,6 +39,8 @@ type dbOpts struct {
 	isolationFenceAfter time.Duration
 	// synchronousMode, when set, is database.synchronous_mode.
 	synchronousMode string
+	// thirdMember adds pg3, a second standby of pg1, driven by n3.
+	thirdMember bool
 }
 
 func needPostgres(t testing.TB) {
@@ -73,6 +75,9 @@ func startDB(t testing.TB, o dbOpts) *dbEnv {
 	e := &dbEnv{t: t, pg: map[string]*pgtest.Postgres{}, conns: map[string]dbv1.DatabaseServiceClient{}}
 	e.pg["pg1"] = pgtest.StartPrimary(t, dir, "pg1")
 	e.pg["pg2"] = e.pg["pg1"].StartStandby(t, dir, "pg2")
+	if o.thirdMember {
+		e.pg["pg3"] = e.pg["pg1"].StartStandby(t, dir, "pg3")
+	}
 	for _, name := range []string{"b1", "b2", "b3"} {
 		e.bouncers = append(e.bouncers, pgtest.StartBouncer(t, dir, name, e.pg["pg1"]))
 	}
@@ -80,6 +85,9 @@ func startDB(t testing.TB, o dbOpts) *dbEnv {
 		"n1": append(e.postgresFlags("pg1"), bouncerFlags(e.bouncers[0], o.pauseExpiry)...),
 		"n2": append(e.postgresFlags("pg2"), bouncerFlags(e.bouncers[1], o.pauseExpiry)...),
 		"n3": bouncerFlags(e.bouncers[2], o.pauseExpiry),
+	}
+	if o.thirdMember {
+		agents["n3"] = append(e.postgresFlags("pg3"), agents["n3"]...)
 	}
 	e.c = startCluster(t, 3, func(n *node) {
 		n.args = append(n.args,
@@ -102,14 +110,19 @@ func startDB(t testing.TB, o dbOpts) *dbEnv {
 	e.waitPrimary("pg1", 1)
 	// As an operator would check gitraft db status first: every member
 	// registered, and the standby reporting that it streams.
-	waitFor(t, "pg2 registered and reporting as a standby", 30*time.Second, func() bool {
-		for _, m := range e.status().GetMembers() {
-			if m.GetMember().GetName() == "pg2" {
-				return m.GetRole() == "standby" && m.GetHealth().GetStreaming()
-			}
+	for name := range e.pg {
+		if name == "pg1" {
+			continue
 		}
-		return false
-	})
+		waitFor(t, name+" registered and reporting as a standby", 30*time.Second, func() bool {
+			for _, m := range e.status().GetMembers() {
+				if m.GetMember().GetName() == name {
+					return m.GetRole() == "standby" && m.GetHealth().GetStreaming()
+				}
+			}
+			return false
+		})
+	}
 	return e
 }
 

@@ -129,6 +129,7 @@ type PostgresAgent struct {
 
 	notStreaming time.Time // since when this standby has not streamed
 	lastFollow   time.Time
+	followedGen  uint64    // the generation whose primary this standby was last seen streaming from
 	lastSync     time.Time // last attempt to set synchronous_standby_names
 	probe        func(ctx context.Context, ep Endpoint, timeout time.Duration) error
 }
@@ -237,13 +238,20 @@ func (a *PostgresAgent) report(ctx context.Context, h Health) {
 	r := &dbv1.PostgresReport{
 		Member: a.name, Running: h.Running, InRecovery: h.InRecovery, Timeline: h.Timeline,
 		WriteLsn: uint64(h.WriteLSN), ReplayLsn: uint64(h.ReplayLSN), Streaming: h.Streaming, Error: h.Err,
-		Step: a.step.step, SynchronousStandbyNames: h.SynchronousStandbyNames, Synchronous: h.Synchronous, Replicas: h.Replicas,
+		Step: a.step.step, Upstream: upstreamText(h), SynchronousStandbyNames: h.SynchronousStandbyNames, Synchronous: h.Synchronous, Replicas: h.Replicas,
 	}
 	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	if err := a.c.ReportDatabase(rctx, &dbv1.ReportRequest{Node: a.c.ID(), Postgres: r}); err != nil {
 		a.log.Debug("report to the leader failed", "err", err)
 	}
+}
+
+func upstreamText(h Health) string {
+	if !h.Streaming || h.Upstream == (Endpoint{}) {
+		return ""
+	}
+	return h.Upstream.String()
 }
 
 // act does what the state asks of this server; it reports whether it did
@@ -391,35 +399,76 @@ func (a *PostgresAgent) applySync(ctx context.Context, st *dbv1.State, h Health)
 	return true
 }
 
-// follow re-points a standby that has not streamed for a while (it follows
-// a primary that is gone, after a failover) at the state's primary, once
-// that answers. It does nothing while an operation is under way.
+// follow points a standby that does not stream from the state's primary
+// at it (Demote: in place while it runs, else with pg_rewind), once the
+// primary answers a probe:
+//
+//   - at once when the primary changed since this agent last saw it stream
+//     from the primary (a switchover or failover: a third member that
+//     followed the old primary, cascading through it once that is a
+//     standby, or waiting for it while it is gone), from the moment the
+//     new primary is recorded (phase repointing) on;
+//   - otherwise only when it has not streamed for a while (10 report
+//     intervals, at least 5s) and no operation is under way: the primary
+//     may only be restarting.
+//
+// The old primary of an operation under way is left to its demoting step.
 func (a *PostgresAgent) follow(ctx context.Context, st *dbv1.State, h Health) bool {
 	now := time.Now()
-	if st.GetOperation() != nil || st.GetGeneration() == 0 || st.GetPrimary() == a.name || !h.Running || !h.InRecovery || h.Streaming {
+	op := st.GetOperation()
+	ep, havePrimary := PrimaryEndpoint(st)
+	if st.GetGeneration() == 0 || !havePrimary || st.GetPrimary() == a.name || !h.Running || !h.InRecovery {
 		a.notStreaming = time.Time{}
 		return false
 	}
-	if a.notStreaming.IsZero() {
+	if h.Streaming && h.Upstream == ep {
+		a.notStreaming, a.followedGen = time.Time{}, st.GetGeneration()
+		return false
+	}
+	if op != nil && (!promoted(op.GetPhase()) || op.GetOldPrimary() == a.name) {
+		return false // the primary is not recorded yet, or demoting is this server's step
+	}
+	newPrimary := st.GetGeneration() > a.followedGen
+	if !h.Streaming && a.notStreaming.IsZero() {
 		a.notStreaming = now
-		return false
 	}
-	if now.Sub(a.notStreaming) < max(10*a.cfg.ReportInterval, 5*time.Second) || now.Sub(a.lastFollow) < 30*time.Second {
-		return false
+	switch {
+	case newPrimary:
+		if now.Sub(a.lastFollow) < 2*time.Second {
+			a.soon = true
+			return false
+		}
+	case !h.Streaming:
+		if op != nil || now.Sub(a.notStreaming) < max(10*a.cfg.ReportInterval, 5*time.Second) || now.Sub(a.lastFollow) < 30*time.Second {
+			return false
+		}
+	default:
+		// Streaming, through another server than the primary, with no
+		// change of primary since it was last seen streaming from the
+		// primary: pointed there by hand; it is pointed back in a while.
+		if now.Sub(a.lastFollow) < 30*time.Second {
+			return false
+		}
 	}
-	ep, ok := PrimaryEndpoint(st)
-	if !ok || a.probe(ctx, ep, 2*time.Second) != nil {
+	if a.probe(ctx, ep, 2*time.Second) != nil {
+		a.soon = newPrimary
 		return false // the primary does not answer: leave the standby be
 	}
 	st2, err := still(ctx, a.c, nil)
-	if err != nil || st2.GetOperation() != nil || st2.GetPrimary() != st.GetPrimary() {
+	if err != nil || st2.GetPrimary() != st.GetPrimary() || st2.GetGeneration() != st.GetGeneration() {
 		return false
 	}
 	a.lastFollow = now
-	a.log.Warn("this standby has not streamed for a while: pointing it at the primary", "primary", st.GetPrimary(), "endpoint", ep.String(), "for", now.Sub(a.notStreaming).Round(time.Second).String())
+	upstream := "none (not streaming)"
+	if h.Streaming {
+		upstream = h.Upstream.String()
+	}
+	a.log.Warn("this standby does not stream from the primary: pointing it there", "primary", st.GetPrimary(), "endpoint", ep.String(), "upstream", upstream, "generation", st.GetGeneration())
 	if err := a.srv.Demote(ctx, ep); err != nil {
 		a.log.Error("pointing the standby at the primary failed", "err", err)
+		return true
 	}
+	a.followedGen = st.GetGeneration()
 	return true
 }
 

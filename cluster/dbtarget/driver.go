@@ -48,6 +48,10 @@ type Health struct {
 	ReplayLSN LSN
 	// Streaming: a standby's WAL receiver is connected to a primary.
 	Streaming bool
+	// Upstream: where a streaming standby's WAL receiver is connected
+	// (pg_stat_wal_receiver sender_host and sender_port): the primary, or
+	// another standby it cascades through. Zero when not streaming.
+	Upstream Endpoint
 	// SynchronousStandbyNames: on a primary, synchronous_standby_names as
 	// it is in force.
 	SynchronousStandbyNames string
@@ -92,9 +96,12 @@ type Server interface {
 	Start(ctx context.Context) error
 	// Promote promotes a standby and waits until it accepts writes.
 	Promote(ctx context.Context) error
-	// Demote turns this server into a streaming standby of primary: it stops
-	// it if it runs, rewinds it with pg_rewind when its history diverged,
-	// writes standby.signal and primary_conninfo, and starts it.
+	// Demote turns this server into a streaming standby of primary. A
+	// running standby is first pointed at primary in place
+	// (primary_conninfo, reload); otherwise, or if it does not stream from
+	// primary then, it stops it if it runs, rewinds it with pg_rewind when
+	// its history diverged, writes standby.signal and primary_conninfo, and
+	// starts it. A standby already streaming from primary is left alone.
 	Demote(ctx context.Context, primary Endpoint) error
 }
 

@@ -192,6 +192,9 @@ func (s *Server) probe(ctx context.Context) probe {
 			if port != nil {
 				p.senderPort = int(*port)
 			}
+			if p.Streaming {
+				p.Upstream = dbtarget.Endpoint{Host: p.senderHost, Port: p.senderPort}
+			}
 		}
 		if write == nil {
 			write = replay
@@ -524,17 +527,33 @@ func (s *Server) Demote(ctx context.Context, primary dbtarget.Endpoint) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 3*s.cfg.Timeout)
 	defer cancel()
-	if p := s.probe(ctx); p.Running && p.InRecovery && p.Streaming && sameEndpoint(primary, dbtarget.Endpoint{Host: p.senderHost, Port: p.senderPort}) {
+	p := s.probe(ctx)
+	if p.Running && p.InRecovery && p.Streaming && sameEndpoint(primary, dbtarget.Endpoint{Host: p.senderHost, Port: p.senderPort}) {
 		s.log.Info("demote: already streaming from the primary", "primary", primary.String())
 		return nil
 	}
 	t0 := time.Now()
+	if p.Running && p.InRecovery {
+		// A standby that follows another server (a primary that is gone,
+		// or an old primary it now cascades through): point it at primary
+		// in place. PostgreSQL 13 and later restart the WAL receiver when
+		// primary_conninfo changes on reload, and recovery_target_timeline
+		// 'latest' follows the new primary's timeline. If its history
+		// diverged from primary's it cannot stream: then the full way
+		// below, with pg_rewind.
+		err := s.repoint(ctx, primary)
+		if err == nil {
+			s.log.Info("demote: pointed the standby at the primary in place", "primary", primary.String(), "was", p.senderHost+":"+strconv.Itoa(p.senderPort), "took", time.Since(t0).Round(time.Millisecond))
+			return nil
+		}
+		s.log.Warn("demote: pointing the running standby at the primary did not work; stopping, rewinding and starting it", "primary", primary.String(), "err", err)
+	}
 	if _, err := s.stop(ctx); err != nil {
 		if up, rerr := s.running(ctx); rerr != nil || up {
 			return fmt.Errorf("demote: %w", err)
 		}
 	}
-	if err := s.preparePrimary(ctx, primary); err != nil {
+	if err := s.preparePrimary(ctx, primary, true); err != nil {
 		return fmt.Errorf("demote: %w", err)
 	}
 	if err := s.rewind(ctx, primary); err != nil {
@@ -560,6 +579,42 @@ func (s *Server) Demote(ctx context.Context, primary dbtarget.Endpoint) error {
 	}
 }
 
+// repoint points a running standby at primary: its slot there,
+// primary_conninfo, reload, then it waits (at most 10s) until it streams
+// from primary.
+func (s *Server) repoint(ctx context.Context, primary dbtarget.Endpoint) error {
+	if err := s.preparePrimary(ctx, primary, false); err != nil {
+		return err
+	}
+	if err := s.writeStandbyConfig(primary); err != nil {
+		return err
+	}
+	conn, err := s.connect(ctx, s.cfg.Host, s.cfg.Port)
+	if err != nil {
+		return err
+	}
+	_, err = conn.Exec(ctx, "SELECT pg_reload_conf()")
+	conn.Close(context.WithoutCancel(ctx))
+	if err != nil {
+		return fmt.Errorf("reload: %w", err)
+	}
+	deadline := time.Now().Add(min(10*time.Second, s.cfg.Timeout))
+	for {
+		p := s.probe(ctx)
+		if p.Running && p.InRecovery && p.Streaming && sameEndpoint(primary, p.Upstream) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%w from %s after reload (running %v, in recovery %v, streaming from %s): %s", ErrNotStreaming, primary, p.Running, p.InRecovery, p.Upstream, p.Err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
 // sameEndpoint compares endpoints, treating names that resolve to the same
 // address as equal.
 func sameEndpoint(a, b dbtarget.Endpoint) bool {
@@ -575,11 +630,11 @@ func sameEndpoint(a, b dbtarget.Endpoint) bool {
 
 // preparePrimary readies primary for this server to follow it: it
 // creates this member's physical replication slot there when missing, and,
-// when the primary's last checkpoint is on an older timeline than the one
-// it writes (it was promoted a moment ago), runs CHECKPOINT: pg_rewind
-// reads the source's timeline from its control file and would otherwise
-// compare histories against the old timeline.
-func (s *Server) preparePrimary(ctx context.Context, primary dbtarget.Endpoint) error {
+// for a rewind, when the primary's last checkpoint is on an older timeline
+// than the one it writes (it was promoted a moment ago), runs CHECKPOINT:
+// pg_rewind reads the source's timeline from its control file and would
+// otherwise compare histories against the old timeline.
+func (s *Server) preparePrimary(ctx context.Context, primary dbtarget.Endpoint, forRewind bool) error {
 	conn, err := s.connect(ctx, primary.Host, primary.Port)
 	if err != nil {
 		return fmt.Errorf("primary %s: %w", primary, err)
@@ -601,6 +656,9 @@ func (s *Server) preparePrimary(ctx context.Context, primary dbtarget.Endpoint) 
 	}
 	if created {
 		s.log.Info("created replication slot", "slot", s.slot, "primary", primary.String())
+	}
+	if !forRewind {
+		return nil
 	}
 	const timelines = `SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint,
 		(SELECT timeline_id FROM pg_control_checkpoint())`
