@@ -243,6 +243,7 @@ func (s *fakeServer) Health(ctx context.Context) dbtarget.Health {
 		return dbtarget.Health{Err: "connection refused"}
 	}
 	h := dbtarget.Health{Running: true, InRecovery: s.inRecovery, Timeline: s.timeline, WriteLSN: dbtarget.LSN(len(s.rows) + 1), ReplayLSN: dbtarget.LSN(len(s.rows) + 1)}
+	h.SynchronousStandbyNames = s.syncNames
 	if s.inRecovery {
 		// A standby streams from a running primary, or cascades through a
 		// running standby.
@@ -267,8 +268,8 @@ func (s *fakeServer) SetSynchronousStandbyNames(ctx context.Context, value strin
 	pg := s.pg
 	pg.mu.Lock()
 	defer pg.mu.Unlock()
-	if !s.running || s.inRecovery {
-		return errors.New("synchronous_standby_names: not a running primary")
+	if !s.running {
+		return errors.New("synchronous_standby_names: not running")
 	}
 	if s.syncNames != value {
 		pg.event("synchronous_standby_names %s = %q", s.name, value)

@@ -7,6 +7,7 @@ package cluster
 
 import (
 	"context"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -148,5 +149,13 @@ func Test_DB_SynchronousStrictWaits(t *testing.T) {
 		t.Fatalf("switchover: %v", e)
 	}
 	h.waitSync("pg2", "pg1")
+	// pg2 had "*" in force before it was promoted: not one commit ran on
+	// it without a standby.
+	h.pg.mu.Lock()
+	named, promote := slices.Index(h.pg.events, `synchronous_standby_names pg2 = "*"`), slices.Index(h.pg.events, "promote pg2")
+	h.pg.mu.Unlock()
+	if named < 0 || promote < 0 || named > promote {
+		t.Errorf("pg2 got synchronous_standby_names '*' at event %d, was promoted at %d; want it set first", named, promote)
+	}
 	h.checkNoViolations()
 }

@@ -117,9 +117,10 @@ func (h *dbHarness) startAgents(id string) {
 	if a.member != "" {
 		s := h.pg.servers[a.member]
 		run(dbtarget.NewPostgresAgent(dbtarget.PostgresAgentConfig{
-			Member:         &dbv1.Member{Name: a.member, Host: s.ep.Host, Port: int32(s.ep.Port)},
-			ReportInterval: h.set.ReportInterval,
-			Probe:          probe,
+			Member:          &dbv1.Member{Name: a.member, Host: s.ep.Host, Port: int32(s.ep.Port)},
+			ReportInterval:  h.set.ReportInterval,
+			Probe:           probe,
+			SynchronousMode: h.set.SynchronousMode,
 		}, cc, s, log).Run)
 	}
 	if a.bouncer != "" {

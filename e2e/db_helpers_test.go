@@ -334,6 +334,21 @@ func slicesContain(list []string, s string) bool {
 	return false
 }
 
+// killPrimaryAndFailOverAny is killPrimaryAndFailOver to whichever member
+// the cluster promotes.
+func (e *dbEnv) killPrimaryAndFailOverAny(w *pgtest.Writer, from string, gen uint64) (time.Duration, int) {
+	e.t.Helper()
+	killed := time.Now()
+	e.pg[from].Kill()
+	var to string
+	waitFor(e.t, "a new primary recorded", 60*time.Second, func() bool {
+		st := e.status().GetState()
+		to = st.GetPrimary()
+		return st.GetGeneration() == gen && st.GetOperation() == nil
+	})
+	return e.failedOver(w, from, to, gen, killed)
+}
+
 // killPrimaryAndFailOver SIGKILLs the primary's postmaster with w writing,
 // waits until the failover to target is done and a write committed on it,
 // stops w, and returns the time from the kill to that write and the
@@ -342,6 +357,11 @@ func (e *dbEnv) killPrimaryAndFailOver(w *pgtest.Writer, from, target string, ge
 	e.t.Helper()
 	killed := time.Now()
 	e.pg[from].Kill()
+	return e.failedOver(w, from, target, gen, killed)
+}
+
+func (e *dbEnv) failedOver(w *pgtest.Writer, from, target string, gen uint64, killed time.Time) (time.Duration, int) {
+	e.t.Helper()
 	e.waitPrimary(target, gen)
 	var first time.Time
 	waitFor(e.t, "a write committed on "+target, 30*time.Second, func() bool {

@@ -111,6 +111,12 @@ type PostgresAgentConfig struct {
 	ReportInterval time.Duration
 	// Probe replaces the real Probe of the primary (tests).
 	Probe func(ctx context.Context, ep Endpoint, timeout time.Duration) error
+	// SynchronousMode is the cluster-wide database.synchronous_mode: a
+	// standby about to be promoted first gets the
+	// synchronous_standby_names a new primary starts with
+	// (NewPrimarySyncNames), so that it never runs a moment with a stale
+	// value of its own.
+	SynchronousMode string
 }
 
 // PostgresAgent drives one PostgreSQL server after the replicated state: it
@@ -304,6 +310,15 @@ func (a *PostgresAgent) act(ctx context.Context, st *dbv1.State, h Health) bool 
 		if _, err := still(ctx, a.c, op); err != nil {
 			a.soon = true
 			return false
+		}
+		// Its postgresql.auto.conf may name standbys from an earlier time
+		// as primary: in force at promotion, they would hold commits (or,
+		// empty in strict mode, not hold them). ALTER SYSTEM works on a
+		// standby.
+		if want := FormatSyncNames(NewPrimarySyncNames(Settings{SynchronousMode: a.cfg.SynchronousMode})); h.SynchronousStandbyNames != want {
+			if err := a.srv.SetSynchronousStandbyNames(ctx, want); err != nil {
+				a.log.Warn("setting synchronous_standby_names before promoting failed; set once it is the primary", "want", want, "err", err)
+			}
 		}
 		a.log.Info("promoting", "op", op.GetId(), "replayed", h.ReplayLSN.String(), "lsn", LSN(op.GetWaitLsn()).String())
 		err := a.srv.Promote(ctx)

@@ -52,8 +52,8 @@ type Health struct {
 	// (pg_stat_wal_receiver sender_host and sender_port): the primary, or
 	// another standby it cascades through. Zero when not streaming.
 	Upstream Endpoint
-	// SynchronousStandbyNames: on a primary, synchronous_standby_names as
-	// it is in force.
+	// SynchronousStandbyNames: synchronous_standby_names as it is in force
+	// (on a standby, what it would be once promoted).
 	SynchronousStandbyNames string
 	// Synchronous: on a primary, the standbys that are synchronous now
 	// (pg_stat_replication sync_state sync or quorum), by
@@ -88,8 +88,9 @@ type Server interface {
 	// soon after has few dirty buffers left to write.
 	Checkpoint(ctx context.Context) error
 	// SetSynchronousStandbyNames sets synchronous_standby_names on a
-	// running primary (ALTER SYSTEM, then pg_reload_conf) to value, a
-	// setting as FormatSyncNames gives it ("" resets it).
+	// running server, primary or standby (ALTER SYSTEM, then
+	// pg_reload_conf) to value, a setting as FormatSyncNames gives it (""
+	// resets it).
 	SetSynchronousStandbyNames(ctx context.Context, value string) error
 	// Start starts the server as its data directory says (primary, or a
 	// standby when standby.signal is present) and waits until it answers.

@@ -154,8 +154,9 @@ func startDatabaseAgents(ctx context.Context, cfg fileConfig, n *cluster.Node, l
 			return fmt.Errorf("database.postgres (%s): %w", p.Member, err)
 		}
 		pgAgent = dbtarget.NewPostgresAgent(dbtarget.PostgresAgentConfig{
-			Member:         &dbv1.Member{Name: p.Member, Host: host, Port: int32(port), Priority: int32(p.Priority), NoFailover: p.NoFailover},
-			ReportInterval: set.ReportInterval,
+			Member:          &dbv1.Member{Name: p.Member, Host: host, Port: int32(port), Priority: int32(p.Priority), NoFailover: p.NoFailover},
+			ReportInterval:  set.ReportInterval,
+			SynchronousMode: set.SynchronousMode,
 		}, n, srv, log)
 	}
 	var bAgent *dbtarget.BouncerAgent

@@ -179,8 +179,8 @@ func (s *Server) probe(ctx context.Context) probe {
 		var recvTLI, port *int64
 		err = conn.QueryRow(ctx, `SELECT pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text,
 			greatest((SELECT timeline_id FROM pg_control_checkpoint()), (SELECT min_recovery_end_timeline FROM pg_control_recovery())),
-			r.status, r.received_tli, r.sender_host, r.sender_port
-			FROM (SELECT 1) one LEFT JOIN pg_stat_wal_receiver r ON true`).Scan(&write, &replay, &tli, &status, &recvTLI, &host, &port)
+			r.status, r.received_tli, r.sender_host, r.sender_port, current_setting('synchronous_standby_names')
+			FROM (SELECT 1) one LEFT JOIN pg_stat_wal_receiver r ON true`).Scan(&write, &replay, &tli, &status, &recvTLI, &host, &port, &p.SynchronousStandbyNames)
 		if err == nil {
 			if recvTLI != nil && *recvTLI > tli {
 				tli = *recvTLI
