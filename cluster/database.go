@@ -608,7 +608,7 @@ func (s *dbService) Switchover(ctx context.Context, req *dbv1.SwitchoverRequest)
 	}
 	res, err := n.ProposeDatabase(ctx, &dbv1.Command{Command: &dbv1.Command_Begin{Begin: &dbv1.BeginOperation{
 		Kind: dbv1.Kind_KIND_SWITCHOVER, Target: req.GetTo(), ExpectedGeneration: st.GetGeneration(),
-		AtUnixNano: req.GetAtUnixNano(), RequestedBy: requester(ctx), TimeoutNanos: int64(set.PauseTimeout),
+		AtUnixNano: req.GetAtUnixNano(), RequestedBy: requester(ctx), TimeoutNanos: int64(set.SwitchoverTimeout), Checkpoint: true,
 	}}})
 	if err != nil {
 		return nil, err

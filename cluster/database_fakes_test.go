@@ -11,6 +11,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -42,14 +45,16 @@ type fakeServer struct {
 	timeline   uint32
 	rows       []int // committed rows, in WAL order; the LSN is len(rows)
 	upstream   string
-	cleanStop  bool // stopped by a fast shutdown (its WAL reached standbys)
-	lagRows    int  // a standby stays this many rows behind
+	cleanStop  bool   // stopped by a fast shutdown (its WAL reached standbys)
+	lagRows    int    // a standby stays this many rows behind
+	syncNames  string // synchronous_standby_names in force (a primary)
 
 	// Hooks and injected failures (set under mu).
-	promoteGate chan struct{} // Promote waits until it is closed
-	stopGate    chan struct{}
-	promoteErr  error
-	stopErr     error
+	promoteGate   chan struct{} // Promote waits until it is closed
+	stopGate      chan struct{}
+	promoteErr    error
+	stopErr       error
+	checkpointErr error
 }
 
 type fakeBouncer struct {
@@ -107,7 +112,7 @@ func (pg *fakePG) syncLocked() {
 			continue
 		}
 		up := pg.servers[s.upstream]
-		if up == nil || (!up.running && !up.cleanStop) || up.inRecovery {
+		if up == nil || (!up.running && !up.cleanStop) {
 			continue
 		}
 		n := len(up.rows) - s.lagRows
@@ -116,6 +121,19 @@ func (pg *fakePG) syncLocked() {
 			s.timeline = up.timeline
 		}
 	}
+}
+
+// syncStandbyLocked is the standby a commit on primary p waits for, as
+// PostgreSQL would with p's synchronous_standby_names: a running standby
+// streaming from p that the names match (FIRST 1); nil when none.
+func (pg *fakePG) syncStandbyLocked(p *fakeServer) *fakeServer {
+	for _, name := range slices.Sorted(maps.Keys(pg.servers)) {
+		s := pg.servers[name]
+		if s.running && s.inRecovery && s.upstream == p.name && (p.syncNames == "*" || strings.EqualFold(p.syncNames, `"`+s.name+`"`)) {
+			return s
+		}
+	}
+	return nil
 }
 
 // checkLocked records a violation of the contract: two writable primaries
@@ -175,6 +193,24 @@ func (pg *fakePG) commit(b *fakeBouncer, row int, wait time.Duration) error {
 				pg.mu.Unlock()
 				return fmt.Errorf("server %s is read-only", s.name)
 			}
+			if s.syncNames != "" {
+				sb := pg.syncStandbyLocked(s)
+				if sb == nil {
+					// Synchronous replication without a standby: the
+					// commit waits.
+					pg.mu.Unlock()
+					if time.Now().After(deadline) {
+						return fmt.Errorf("server %s: commit waited %s for a synchronous standby (%s)", s.name, wait, s.syncNames)
+					}
+					time.Sleep(5 * time.Millisecond)
+					continue
+				}
+				s.rows = append(s.rows, row)
+				sb.rows = append(sb.rows[:0:0], s.rows...) // acknowledged once the standby has it
+				sb.timeline = s.timeline
+				pg.mu.Unlock()
+				return nil
+			}
 			s.rows = append(s.rows, row)
 			pg.mu.Unlock()
 			return nil
@@ -207,11 +243,39 @@ func (s *fakeServer) Health(ctx context.Context) dbtarget.Health {
 		return dbtarget.Health{Err: "connection refused"}
 	}
 	h := dbtarget.Health{Running: true, InRecovery: s.inRecovery, Timeline: s.timeline, WriteLSN: dbtarget.LSN(len(s.rows) + 1), ReplayLSN: dbtarget.LSN(len(s.rows) + 1)}
+	h.SynchronousStandbyNames = s.syncNames
 	if s.inRecovery {
-		up := pg.servers[s.upstream]
-		h.Streaming = up != nil && up.running && !up.inRecovery
+		// A standby streams from a running primary, or cascades through a
+		// running standby.
+		if up := pg.servers[s.upstream]; up != nil && up.running {
+			h.Streaming, h.Upstream = true, up.ep
+		}
+	} else {
+		h.SynchronousStandbyNames = s.syncNames
+		if sb := pg.syncStandbyLocked(s); sb != nil {
+			h.Synchronous = []string{sb.name}
+		}
+		for _, name := range slices.Sorted(maps.Keys(pg.servers)) {
+			if o := pg.servers[name]; o.running && o.inRecovery && o.upstream == s.name {
+				h.Replicas = append(h.Replicas, o.name)
+			}
+		}
 	}
 	return h
+}
+
+func (s *fakeServer) SetSynchronousStandbyNames(ctx context.Context, value string) error {
+	pg := s.pg
+	pg.mu.Lock()
+	defer pg.mu.Unlock()
+	if !s.running {
+		return errors.New("synchronous_standby_names: not running")
+	}
+	if s.syncNames != value {
+		pg.event("synchronous_standby_names %s = %q", s.name, value)
+	}
+	s.syncNames = value
+	return nil
 }
 
 func (s *fakeServer) Stop(ctx context.Context) (dbtarget.LSN, error) {
@@ -237,6 +301,20 @@ func (s *fakeServer) Stop(ctx context.Context) (dbtarget.LSN, error) {
 	}
 	pg.syncLocked() // the shutdown checkpoint goes to the standbys
 	return dbtarget.LSN(len(s.rows) + 1), nil
+}
+
+func (s *fakeServer) Checkpoint(ctx context.Context) error {
+	pg := s.pg
+	pg.mu.Lock()
+	defer pg.mu.Unlock()
+	if !s.running {
+		return errors.New("checkpoint: not running")
+	}
+	if s.checkpointErr != nil {
+		return s.checkpointErr
+	}
+	pg.event("checkpoint %s", s.name)
+	return nil
 }
 
 func (s *fakeServer) Start(ctx context.Context) error {

@@ -117,9 +117,10 @@ func (h *dbHarness) startAgents(id string) {
 	if a.member != "" {
 		s := h.pg.servers[a.member]
 		run(dbtarget.NewPostgresAgent(dbtarget.PostgresAgentConfig{
-			Member:         &dbv1.Member{Name: a.member, Host: s.ep.Host, Port: int32(s.ep.Port)},
-			ReportInterval: h.set.ReportInterval,
-			Probe:          probe,
+			Member:          &dbv1.Member{Name: a.member, Host: s.ep.Host, Port: int32(s.ep.Port)},
+			ReportInterval:  h.set.ReportInterval,
+			Probe:           probe,
+			SynchronousMode: h.set.SynchronousMode,
 		}, cc, s, log).Run)
 	}
 	if a.bouncer != "" {
@@ -314,6 +315,12 @@ func Test_DB_SwitchoverAndBack(t *testing.T) {
 		t.Fatalf("switchover: %v", e)
 	}
 	h.waitSettled("pg2", 2)
+	h.pg.mu.Lock()
+	ck, pause := slices.Index(h.pg.events, "checkpoint pg1"), slices.IndexFunc(h.pg.events, func(e string) bool { return strings.HasPrefix(e, "pause ") })
+	h.pg.mu.Unlock()
+	if ck < 0 || pause < 0 || ck > pause {
+		t.Errorf("want a CHECKPOINT on pg1 before the first PAUSE: checkpoint at event %d, pause at %d", ck, pause)
+	}
 	waitFor(t, "pg1 to follow pg2", 10*time.Second, func() bool {
 		running, rec, up, _ := h.pg.snapshot("pg1")
 		return running && rec && up == "pg2"
@@ -787,6 +794,48 @@ func Test_DB_FailoverWithThreeMembers(t *testing.T) {
 		return running && rec && up == "pg2"
 	})
 	w.finish()
+	h.checkNoViolations()
+}
+
+func Test_DB_ThirdMemberFollowsNewPrimaryAfterSwitchover(t *testing.T) {
+	// pg3 streams from pg1. After a switchover to pg2 it would cascade
+	// through pg1 (a standby of pg2 by then); its agent points it at pg2
+	// as soon as pg2 is recorded, and status shows each standby's upstream.
+	h := newDBHarness(t, fastDBSettings(), map[string]agentsOf{"n1": {"pg1", "b1"}, "n2": {"pg2", "b2"}, "n3": {"pg3", ""}})
+	h.waitSettled("pg1", 1)
+	w := h.startWriter("b1", "b2")
+	e := h.switchover("n3", "pg2")
+	if e.GetOutcome() != dbv1.Outcome_OUTCOME_DONE {
+		t.Fatalf("switchover: %v", e)
+	}
+	done := time.Now()
+	h.waitSettled("pg2", 2)
+	waitFor(t, "pg3 to follow pg2", 5*time.Second, func() bool {
+		running, rec, up, _ := h.pg.snapshot("pg3")
+		return running && rec && up == "pg2"
+	})
+	t.Logf("pg3 follows pg2 %s after the switchover finished", time.Since(done).Round(time.Millisecond))
+	waitFor(t, "status to show pg1 and pg3 streaming from pg2", 5*time.Second, func() bool {
+		st, err := h.client("n1").GetStatus(context.Background(), &dbv1.GetStatusRequest{})
+		if err != nil {
+			return false
+		}
+		pg2 := h.pg.servers["pg2"].ep.String()
+		ups := map[string]string{}
+		for _, m := range st.GetMembers() {
+			ups[m.GetMember().GetName()] = m.GetHealth().GetUpstream()
+		}
+		return ups["pg1"] == pg2 && ups["pg3"] == pg2 && ups["pg2"] == ""
+	})
+	committed, failed := w.finish()
+	if len(failed) > 0 {
+		t.Errorf("%d failed writes; first %s", len(failed), failed[0])
+	}
+	waitFor(t, "pg3 to hold every committed row", 5*time.Second, func() bool {
+		_, _, _, rows := h.pg.snapshot("pg3")
+		return len(rows) >= len(committed)
+	})
+	h.checkAllRows("pg3", committed)
 	h.checkNoViolations()
 }
 

@@ -37,6 +37,10 @@ type dbOpts struct {
 	pauseExpiry time.Duration
 	// isolationFenceAfter, when set, is database.isolation_fence_after.
 	isolationFenceAfter time.Duration
+	// synchronousMode, when set, is database.synchronous_mode.
+	synchronousMode string
+	// thirdMember adds pg3, a second standby of pg1, driven by n3.
+	thirdMember bool
 }
 
 func needPostgres(t testing.TB) {
@@ -71,6 +75,9 @@ func startDB(t testing.TB, o dbOpts) *dbEnv {
 	e := &dbEnv{t: t, pg: map[string]*pgtest.Postgres{}, conns: map[string]dbv1.DatabaseServiceClient{}}
 	e.pg["pg1"] = pgtest.StartPrimary(t, dir, "pg1")
 	e.pg["pg2"] = e.pg["pg1"].StartStandby(t, dir, "pg2")
+	if o.thirdMember {
+		e.pg["pg3"] = e.pg["pg1"].StartStandby(t, dir, "pg3")
+	}
 	for _, name := range []string{"b1", "b2", "b3"} {
 		e.bouncers = append(e.bouncers, pgtest.StartBouncer(t, dir, name, e.pg["pg1"]))
 	}
@@ -78,6 +85,9 @@ func startDB(t testing.TB, o dbOpts) *dbEnv {
 		"n1": append(e.postgresFlags("pg1"), bouncerFlags(e.bouncers[0], o.pauseExpiry)...),
 		"n2": append(e.postgresFlags("pg2"), bouncerFlags(e.bouncers[1], o.pauseExpiry)...),
 		"n3": bouncerFlags(e.bouncers[2], o.pauseExpiry),
+	}
+	if o.thirdMember {
+		agents["n3"] = append(e.postgresFlags("pg3"), agents["n3"]...)
 	}
 	e.c = startCluster(t, 3, func(n *node) {
 		n.args = append(n.args,
@@ -89,6 +99,9 @@ func startDB(t testing.TB, o dbOpts) *dbEnv {
 			"--database-report-interval", o.reportInterval.String(),
 			"--database-probe-timeout", min(o.reportInterval, time.Second).String(),
 		)
+		if o.synchronousMode != "" {
+			n.args = append(n.args, "--database-synchronous-mode", o.synchronousMode)
+		}
 		if o.isolationFenceAfter > 0 {
 			n.args = append(n.args, "--database-isolation-fence-after", o.isolationFenceAfter.String())
 		}
@@ -97,14 +110,19 @@ func startDB(t testing.TB, o dbOpts) *dbEnv {
 	e.waitPrimary("pg1", 1)
 	// As an operator would check gitraft db status first: every member
 	// registered, and the standby reporting that it streams.
-	waitFor(t, "pg2 registered and reporting as a standby", 30*time.Second, func() bool {
-		for _, m := range e.status().GetMembers() {
-			if m.GetMember().GetName() == "pg2" {
-				return m.GetRole() == "standby" && m.GetHealth().GetStreaming()
-			}
+	for name := range e.pg {
+		if name == "pg1" {
+			continue
 		}
-		return false
-	})
+		waitFor(t, name+" registered and reporting as a standby", 30*time.Second, func() bool {
+			for _, m := range e.status().GetMembers() {
+				if m.GetMember().GetName() == name {
+					return m.GetRole() == "standby" && m.GetHealth().GetStreaming()
+				}
+			}
+			return false
+		})
+	}
 	return e
 }
 
@@ -294,6 +312,74 @@ func (e *dbEnv) checkWrites(w *pgtest.Writer, p *pgtest.Postgres, from, to time.
 		e.t.Errorf("%d committed rows missing on %s (first: %v)", len(miss), p.Name, miss[:min(5, len(miss))])
 	}
 	return r
+}
+
+// waitSyncStandby waits until the state records name as the synchronous
+// standby and the primary runs with it synchronous (db status).
+func (e *dbEnv) waitSyncStandby(name string) {
+	e.t.Helper()
+	waitFor(e.t, name+" recorded as the synchronous standby", 60*time.Second, func() bool {
+		r := e.status()
+		p := memberStatus(r, r.GetState().GetPrimary())
+		return r.GetState().GetSynchronousStandby() == name && slicesContain(p.GetHealth().GetSynchronous(), name)
+	})
+}
+
+func slicesContain(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// killPrimaryAndFailOverAny is killPrimaryAndFailOver to whichever member
+// the cluster promotes.
+func (e *dbEnv) killPrimaryAndFailOverAny(w *pgtest.Writer, from string, gen uint64) (time.Duration, int) {
+	e.t.Helper()
+	killed := time.Now()
+	e.pg[from].Kill()
+	var to string
+	waitFor(e.t, "a new primary recorded", 60*time.Second, func() bool {
+		st := e.status().GetState()
+		to = st.GetPrimary()
+		return st.GetGeneration() == gen && st.GetOperation() == nil
+	})
+	return e.failedOver(w, from, to, gen, killed)
+}
+
+// killPrimaryAndFailOver SIGKILLs the primary's postmaster with w writing,
+// waits until the failover to target is done and a write committed on it,
+// stops w, and returns the time from the kill to that write and the
+// acknowledged transactions target lacks.
+func (e *dbEnv) killPrimaryAndFailOver(w *pgtest.Writer, from, target string, gen uint64) (time.Duration, int) {
+	e.t.Helper()
+	killed := time.Now()
+	e.pg[from].Kill()
+	return e.failedOver(w, from, target, gen, killed)
+}
+
+func (e *dbEnv) failedOver(w *pgtest.Writer, from, target string, gen uint64, killed time.Time) (time.Duration, int) {
+	e.t.Helper()
+	e.waitPrimary(target, gen)
+	var first time.Time
+	waitFor(e.t, "a write committed on "+target, 30*time.Second, func() bool {
+		first = pgtest.FirstCommitOn(w.Writes(), e.pg[target].Port, killed)
+		return !first.IsZero()
+	})
+	w.Stop()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	have, err := e.pg[target].IDs(ctx)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	lost := pgtest.Missing(pgtest.ReportBetween(w.Writes(), time.Time{}, time.Time{}).CommittedIDs, have)
+	if len(lost) > 0 {
+		e.t.Logf("%d acknowledged transactions lost in the failover from %s to %s (first: %v)", len(lost), from, target, lost[:min(5, len(lost))])
+	}
+	return first.Sub(killed), len(lost)
 }
 
 // other returns the member that is not name.

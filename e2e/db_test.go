@@ -328,3 +328,48 @@ func Test_E2E_DB_Refusals(t *testing.T) {
 		t.Error("the failover ended the maintenance pause")
 	}
 }
+
+// A third member that streamed from the old primary follows the new one
+// after a switchover (not cascading through the old primary), and db status
+// shows each standby's upstream.
+func Test_E2E_DB_ThirdMemberFollowsNewPrimary(t *testing.T) {
+	e := startDB(t, dbOpts{thirdMember: true})
+	w := pgtest.StartWriter(t, 30*time.Second, e.bouncers...)
+	w.WaitCommitted(100, 30*time.Second)
+	for i, to := range []string{"pg2", "pg1"} {
+		gen := uint64(i + 2)
+		e.switchover(to)
+		done := time.Now()
+		e.waitPrimary(to, gen)
+		waitFor(t, "pg3 streaming from "+to, 30*time.Second, func() bool { return e.pg["pg3"].StreamingFrom(e.pg[to]) })
+		t.Logf("pg3 streams from %s %s after the switchover finished", to, time.Since(done).Round(time.Millisecond))
+		var out string
+		waitFor(t, "db status to show every standby streaming from "+to, 30*time.Second, func() bool {
+			out = e.c.must(e.c.nodes[0], "db", "status")
+			r := e.status()
+			for _, name := range []string{"pg1", "pg2", "pg3"} {
+				if name == to {
+					continue
+				}
+				if m := memberStatus(r, name); m.GetHealth().GetUpstream() != e.pg[to].Endpoint().String() {
+					return false
+				}
+			}
+			return true
+		})
+		for _, line := range strings.Split(out, "\n") {
+			if f := strings.Fields(line); len(f) > 10 && f[0] != to && strings.HasPrefix(f[0], "pg") && f[10] != to {
+				t.Errorf("db status: %s's upstream column %q, want %s:\n%s", f[0], f[10], to, out)
+			}
+		}
+	}
+	w.WaitCommitted(100, 30*time.Second)
+	w.Stop()
+	e.checkWrites(w, e.pg["pg1"], time.Time{}, time.Time{})
+	waitFor(t, "pg3 to hold every committed row", 30*time.Second, func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		have, err := e.pg["pg3"].IDs(ctx)
+		return err == nil && len(pgtest.Missing(pgtest.ReportBetween(w.Writes(), time.Time{}, time.Time{}).CommittedIDs, have)) == 0
+	})
+}

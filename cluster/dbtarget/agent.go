@@ -111,6 +111,12 @@ type PostgresAgentConfig struct {
 	ReportInterval time.Duration
 	// Probe replaces the real Probe of the primary (tests).
 	Probe func(ctx context.Context, ep Endpoint, timeout time.Duration) error
+	// SynchronousMode is the cluster-wide database.synchronous_mode: a
+	// standby about to be promoted first gets the
+	// synchronous_standby_names a new primary starts with
+	// (NewPrimarySyncNames), so that it never runs a moment with a stale
+	// value of its own.
+	SynchronousMode string
 }
 
 // PostgresAgent drives one PostgreSQL server after the replicated state: it
@@ -129,6 +135,8 @@ type PostgresAgent struct {
 
 	notStreaming time.Time // since when this standby has not streamed
 	lastFollow   time.Time
+	followedGen  uint64    // the generation whose primary this standby was last seen streaming from
+	lastSync     time.Time // last attempt to set synchronous_standby_names
 	probe        func(ctx context.Context, ep Endpoint, timeout time.Duration) error
 }
 
@@ -236,7 +244,7 @@ func (a *PostgresAgent) report(ctx context.Context, h Health) {
 	r := &dbv1.PostgresReport{
 		Member: a.name, Running: h.Running, InRecovery: h.InRecovery, Timeline: h.Timeline,
 		WriteLsn: uint64(h.WriteLSN), ReplayLsn: uint64(h.ReplayLSN), Streaming: h.Streaming, Error: h.Err,
-		Step: a.step.step,
+		Step: a.step.step, Upstream: upstreamText(h), SynchronousStandbyNames: h.SynchronousStandbyNames, Synchronous: h.Synchronous, Replicas: h.Replicas,
 	}
 	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
@@ -245,14 +253,32 @@ func (a *PostgresAgent) report(ctx context.Context, h Health) {
 	}
 }
 
+func upstreamText(h Health) string {
+	if !h.Streaming || h.Upstream == (Endpoint{}) {
+		return ""
+	}
+	return h.Upstream.String()
+}
+
 // act does what the state asks of this server; it reports whether it did
 // anything (so health is read again).
 func (a *PostgresAgent) act(ctx context.Context, st *dbv1.State, h Health) bool {
 	op := st.GetOperation()
 	now := time.Now()
 	me := a.name
+	synced := a.applySync(ctx, st, h)
 	switch {
 	case op == nil:
+	case op.GetPhase() == dbv1.Phase_PHASE_CHECKPOINTING && op.GetOldPrimary() == me:
+		if a.step.due(op, now) {
+			// Not destructive: no read barrier first. Clients still write.
+			t0 := time.Now()
+			err := a.srv.Checkpoint(ctx)
+			a.step.result(time.Now(), 0, err)
+			a.logStep(op, err, "took", time.Since(t0).Round(time.Millisecond).String())
+			a.soon = err != nil
+			return true
+		}
 	case op.GetPhase() == dbv1.Phase_PHASE_STOPPING_OLD && op.GetOldPrimary() == me:
 		if a.step.due(op, now) {
 			if _, err := still(ctx, a.c, op); err != nil {
@@ -284,6 +310,15 @@ func (a *PostgresAgent) act(ctx context.Context, st *dbv1.State, h Health) bool 
 		if _, err := still(ctx, a.c, op); err != nil {
 			a.soon = true
 			return false
+		}
+		// Its postgresql.auto.conf may name standbys from an earlier time
+		// as primary: in force at promotion, they would hold commits (or,
+		// empty in strict mode, not hold them). ALTER SYSTEM works on a
+		// standby.
+		if want := FormatSyncNames(NewPrimarySyncNames(Settings{SynchronousMode: a.cfg.SynchronousMode})); h.SynchronousStandbyNames != want {
+			if err := a.srv.SetSynchronousStandbyNames(ctx, want); err != nil {
+				a.log.Warn("setting synchronous_standby_names before promoting failed; set once it is the primary", "want", want, "err", err)
+			}
 		}
 		a.log.Info("promoting", "op", op.GetId(), "replayed", h.ReplayLSN.String(), "lsn", LSN(op.GetWaitLsn()).String())
 		err := a.srv.Promote(ctx)
@@ -353,38 +388,102 @@ func (a *PostgresAgent) act(ctx context.Context, st *dbv1.State, h Health) bool 
 			return true
 		}
 	}
-	return a.demoteStale(ctx, st, h) || a.follow(ctx, st, h)
+	return a.demoteStale(ctx, st, h) || a.follow(ctx, st, h) || synced
 }
 
-// follow re-points a standby that has not streamed for a while (it follows
-// a primary that is gone, after a failover) at the state's primary, once
-// that answers. It does nothing while an operation is under way.
+// applySync gives the state's primary the synchronous_standby_names the
+// state asks for (synchronous mode), after a linearizable read: a node cut
+// off from the quorum changes nothing on stale state.
+func (a *PostgresAgent) applySync(ctx context.Context, st *dbv1.State, h Health) bool {
+	want := FormatSyncNames(st.GetSynchronousStandbyNames())
+	if st.GetPrimary() != a.name || !h.Running || h.InRecovery || h.SynchronousStandbyNames == want || time.Since(a.lastSync) < 200*time.Millisecond {
+		return false
+	}
+	a.lastSync = time.Now()
+	st2, err := still(ctx, a.c, nil)
+	if err != nil || st2.GetPrimary() != a.name {
+		return false
+	}
+	want = FormatSyncNames(st2.GetSynchronousStandbyNames())
+	if err := a.srv.SetSynchronousStandbyNames(ctx, want); err != nil {
+		a.log.Error("setting synchronous_standby_names failed", "want", want, "err", err)
+		a.soon = true
+		return false
+	}
+	a.log.Info("synchronous_standby_names set", "was", h.SynchronousStandbyNames, "now", want, "synchronous_standby", st2.GetSynchronousStandby())
+	return true
+}
+
+// follow points a standby that does not stream from the state's primary
+// at it (Demote: in place while it runs, else with pg_rewind), once the
+// primary answers a probe:
+//
+//   - at once when the primary changed since this agent last saw it stream
+//     from the primary (a switchover or failover: a third member that
+//     followed the old primary, cascading through it once that is a
+//     standby, or waiting for it while it is gone), from the moment the
+//     new primary is recorded (phase repointing) on;
+//   - otherwise only when it has not streamed for a while (10 report
+//     intervals, at least 5s) and no operation is under way: the primary
+//     may only be restarting.
+//
+// The old primary of an operation under way is left to its demoting step.
 func (a *PostgresAgent) follow(ctx context.Context, st *dbv1.State, h Health) bool {
 	now := time.Now()
-	if st.GetOperation() != nil || st.GetGeneration() == 0 || st.GetPrimary() == a.name || !h.Running || !h.InRecovery || h.Streaming {
+	op := st.GetOperation()
+	ep, havePrimary := PrimaryEndpoint(st)
+	if st.GetGeneration() == 0 || !havePrimary || st.GetPrimary() == a.name || !h.Running || !h.InRecovery {
 		a.notStreaming = time.Time{}
 		return false
 	}
-	if a.notStreaming.IsZero() {
+	if h.Streaming && h.Upstream == ep {
+		a.notStreaming, a.followedGen = time.Time{}, st.GetGeneration()
+		return false
+	}
+	if op != nil && (!promoted(op.GetPhase()) || op.GetOldPrimary() == a.name) {
+		return false // the primary is not recorded yet, or demoting is this server's step
+	}
+	newPrimary := st.GetGeneration() > a.followedGen
+	if !h.Streaming && a.notStreaming.IsZero() {
 		a.notStreaming = now
-		return false
 	}
-	if now.Sub(a.notStreaming) < max(10*a.cfg.ReportInterval, 5*time.Second) || now.Sub(a.lastFollow) < 30*time.Second {
-		return false
+	switch {
+	case newPrimary:
+		if now.Sub(a.lastFollow) < 2*time.Second {
+			a.soon = true
+			return false
+		}
+	case !h.Streaming:
+		if op != nil || now.Sub(a.notStreaming) < max(10*a.cfg.ReportInterval, 5*time.Second) || now.Sub(a.lastFollow) < 30*time.Second {
+			return false
+		}
+	default:
+		// Streaming, through another server than the primary, with no
+		// change of primary since it was last seen streaming from the
+		// primary: pointed there by hand; it is pointed back in a while.
+		if now.Sub(a.lastFollow) < 30*time.Second {
+			return false
+		}
 	}
-	ep, ok := PrimaryEndpoint(st)
-	if !ok || a.probe(ctx, ep, 2*time.Second) != nil {
+	if a.probe(ctx, ep, 2*time.Second) != nil {
+		a.soon = newPrimary
 		return false // the primary does not answer: leave the standby be
 	}
 	st2, err := still(ctx, a.c, nil)
-	if err != nil || st2.GetOperation() != nil || st2.GetPrimary() != st.GetPrimary() {
+	if err != nil || st2.GetPrimary() != st.GetPrimary() || st2.GetGeneration() != st.GetGeneration() {
 		return false
 	}
 	a.lastFollow = now
-	a.log.Warn("this standby has not streamed for a while: pointing it at the primary", "primary", st.GetPrimary(), "endpoint", ep.String(), "for", now.Sub(a.notStreaming).Round(time.Second).String())
+	upstream := "none (not streaming)"
+	if h.Streaming {
+		upstream = h.Upstream.String()
+	}
+	a.log.Warn("this standby does not stream from the primary: pointing it there", "primary", st.GetPrimary(), "endpoint", ep.String(), "upstream", upstream, "generation", st.GetGeneration())
 	if err := a.srv.Demote(ctx, ep); err != nil {
 		a.log.Error("pointing the standby at the primary failed", "err", err)
+		return true
 	}
+	a.followedGen = st.GetGeneration()
 	return true
 }
 

@@ -48,6 +48,20 @@ type Health struct {
 	ReplayLSN LSN
 	// Streaming: a standby's WAL receiver is connected to a primary.
 	Streaming bool
+	// Upstream: where a streaming standby's WAL receiver is connected
+	// (pg_stat_wal_receiver sender_host and sender_port): the primary, or
+	// another standby it cascades through. Zero when not streaming.
+	Upstream Endpoint
+	// SynchronousStandbyNames: synchronous_standby_names as it is in force
+	// (on a standby, what it would be once promoted).
+	SynchronousStandbyNames string
+	// Synchronous: on a primary, the standbys that are synchronous now
+	// (pg_stat_replication sync_state sync or quorum), by
+	// application_name.
+	Synchronous []string
+	// Replicas: on a primary, the standbys streaming from it, by
+	// application_name.
+	Replicas []string
 	// Err says why the server is not running or could not be asked.
 	Err string
 }
@@ -70,14 +84,25 @@ type Server interface {
 	// last WAL position the server wrote. Stopping a stopped server returns
 	// that location too.
 	Stop(ctx context.Context) (LSN, error)
+	// Checkpoint runs CHECKPOINT on a running server, so that a fast stop
+	// soon after has few dirty buffers left to write.
+	Checkpoint(ctx context.Context) error
+	// SetSynchronousStandbyNames sets synchronous_standby_names on a
+	// running server, primary or standby (ALTER SYSTEM, then
+	// pg_reload_conf) to value, a setting as FormatSyncNames gives it (""
+	// resets it).
+	SetSynchronousStandbyNames(ctx context.Context, value string) error
 	// Start starts the server as its data directory says (primary, or a
 	// standby when standby.signal is present) and waits until it answers.
 	Start(ctx context.Context) error
 	// Promote promotes a standby and waits until it accepts writes.
 	Promote(ctx context.Context) error
-	// Demote turns this server into a streaming standby of primary: it stops
-	// it if it runs, rewinds it with pg_rewind when its history diverged,
-	// writes standby.signal and primary_conninfo, and starts it.
+	// Demote turns this server into a streaming standby of primary. A
+	// running standby is first pointed at primary in place
+	// (primary_conninfo, reload); otherwise, or if it does not stream from
+	// primary then, it stops it if it runs, rewinds it with pg_rewind when
+	// its history diverged, writes standby.signal and primary_conninfo, and
+	// starts it. A standby already streaming from primary is left alone.
 	Demote(ctx context.Context, primary Endpoint) error
 }
 

@@ -38,6 +38,38 @@ type Settings struct {
 	// has been silent this long plus IsolationMargin as fenced. It must be
 	// the same on every node and below FailoverAfter.
 	IsolationFenceAfter time.Duration
+	// SynchronousMode is SyncOff (asynchronous replication), SyncOn or
+	// SyncStrict (see SyncStep).
+	SynchronousMode string
+}
+
+// Values of Settings.SynchronousMode (database.synchronous_mode).
+const (
+	// SyncOff: asynchronous replication; a failover may lose the
+	// acknowledged transactions the standby had not received.
+	SyncOff = "off"
+	// SyncOn: the cluster keeps one synchronous standby when it can, and
+	// a failover promotes only it; without one, the primary falls back to
+	// asynchronous replication (writes go on) and no failover promotes
+	// anyone without --force.
+	SyncOn = "on"
+	// SyncStrict: as SyncOn, but synchronous_standby_names is never
+	// cleared: without a synchronous standby, commits wait.
+	SyncStrict = "strict"
+)
+
+// CheckSynchronousMode checks a database.synchronous_mode value.
+func CheckSynchronousMode(m string) error {
+	switch m {
+	case "", SyncOff, SyncOn, SyncStrict:
+		return nil
+	}
+	return fmt.Errorf("synchronous_mode %q: want off, on or strict", m)
+}
+
+// Synchronous reports whether the settings ask for synchronous replication.
+func (s Settings) Synchronous() bool {
+	return s.SynchronousMode == SyncOn || s.SynchronousMode == SyncStrict
 }
 
 // Defaults of Settings.
@@ -84,6 +116,9 @@ func (s Settings) WithDefaults() Settings {
 	if s.IsolationFenceAfter <= 0 {
 		s.IsolationFenceAfter = DefaultIsolationFenceAfter(s.FailoverAfter, s.ReportInterval)
 	}
+	if s.SynchronousMode == "" {
+		s.SynchronousMode = SyncOff
+	}
 	return s
 }
 
@@ -100,6 +135,7 @@ func (s Settings) Canonical() string {
 		"probe_timeout=" + s.ProbeTimeout.String(),
 		"report_interval=" + s.ReportInterval.String(),
 		"switchover_timeout=" + s.SwitchoverTimeout.String(),
+		"synchronous_mode=" + s.SynchronousMode,
 	}, " ")
 }
 
@@ -305,6 +341,9 @@ func position(r *dbv1.PostgresReport) uint64 { return max(r.GetWriteLsn(), r.Get
 // the most WAL, then the highest priority, then the first by name. If none
 // fits, it says why each was passed over.
 func PickCandidate(st *dbv1.State, obs Observed, s Settings, now time.Time) (string, error) {
+	if s.Synchronous() {
+		return syncCandidate(st, obs, s, now)
+	}
 	var ref uint64
 	if h, ok := obs.Postgres[st.GetPrimary()]; ok {
 		ref = h.Report.GetWriteLsn()
@@ -392,6 +431,15 @@ func CheckFailover(st *dbv1.State, obs Observed, s Settings, target string, forc
 		return "", refusal(fsmv1.Reason_REASON_PRECONDITION, "target %s is down: %s", target, healthText(r))
 	case !r.GetInRecovery():
 		return "", refusal(fsmv1.Reason_REASON_PRECONDITION, "target %s is not a standby", target)
+	}
+	if s.Synchronous() && !force {
+		if rec := st.GetSynchronousStandby(); target != rec {
+			return "", refusal(fsmv1.Reason_REASON_PRECONDITION, "synchronous mode (database.synchronous_mode: %s): %s; promoting %s may lose acknowledged transactions: fail over to it anyway with --force",
+				s.SynchronousMode, syncHolder(st), target)
+		}
+		// It holds every acknowledged transaction: nothing is lost,
+		// whatever it has yet to replay.
+		return target, nil
 	}
 	// The best known WAL position: the primary's, while it reports as a
 	// running primary; otherwise its last report and every running standby.
@@ -512,7 +560,31 @@ func Next(st *dbv1.State, obs Observed, s Settings, now time.Time) Decision {
 		if err := checkScheduled(st, obs, s, op, now); err != nil {
 			return do(cmdFinish(op, dbv1.Outcome_OUTCOME_ABORTED, "at the scheduled time: "+err.Error()), "scheduled switchover cannot start: %v", err)
 		}
-		return do(cmdAdvance(op, dbv1.Phase_PHASE_PAUSING, s.PauseTimeout, 0, ""), "scheduled switchover to %s begins", op.GetTarget())
+		return do(cmdAdvance(op, dbv1.Phase_PHASE_CHECKPOINTING, s.SwitchoverTimeout, 0, ""), "scheduled switchover to %s begins", op.GetTarget())
+
+	case dbv1.Phase_PHASE_CHECKPOINTING:
+		// The old primary runs CHECKPOINT while clients still write, so
+		// that its fast stop under the pause has little left to flush. A
+		// checkpoint that fails or takes too long only makes that stop
+		// slower: the switchover goes on.
+		pause := func(note, format string, args ...any) Decision {
+			return do(cmdAdvance(op, dbv1.Phase_PHASE_PAUSING, s.PauseTimeout, 0, note), format, args...)
+		}
+		r, _ := obs.postgres(op.GetOldPrimary(), now, s)
+		if step := r.GetStep(); step.GetOpId() == op.GetId() && step.GetPhase() == op.GetPhase() {
+			if step.GetError() != "" {
+				return pause(fmt.Sprintf("CHECKPOINT on %s failed (%s); its stop may take longer", op.GetOldPrimary(), step.GetError()),
+					"CHECKPOINT on the old primary %s failed: %s; pause every pgbouncer anyway", op.GetOldPrimary(), step.GetError())
+			}
+			if step.GetDone() {
+				return pause("", "old primary %s checkpointed; pause every pgbouncer", op.GetOldPrimary())
+			}
+		}
+		if past {
+			return pause(fmt.Sprintf("%s did not report its CHECKPOINT within %s; its stop may take longer", op.GetOldPrimary(), s.SwitchoverTimeout),
+				"the old primary %s did not report its CHECKPOINT in time; pause every pgbouncer anyway", op.GetOldPrimary())
+		}
+		return wait("the old primary %s to checkpoint", op.GetOldPrimary())
 
 	case dbv1.Phase_PHASE_PAUSING:
 		var notYet []string
@@ -563,6 +635,7 @@ func Next(st *dbv1.State, obs Observed, s Settings, now time.Time) Decision {
 		if mine && step.GetDone() {
 			return do(&dbv1.Command{Command: &dbv1.Command_SetPrimary{SetPrimary: &dbv1.SetPrimary{
 				OpId: op.GetId(), Name: op.GetTarget(), ExpectedGeneration: st.GetGeneration(), TimeoutNanos: int64(s.SwitchoverTimeout),
+				SynchronousStandbyNames: NewPrimarySyncNames(s),
 			}}}, "%s promoted; record it as the primary (generation %d)", op.GetTarget(), st.GetGeneration()+1)
 		}
 		failed := mine && step.GetError() != ""
@@ -573,6 +646,7 @@ func Next(st *dbv1.State, obs Observed, s Settings, now time.Time) Decision {
 			// Promoted after all, though the agent saw an error: only forward.
 			return do(&dbv1.Command{Command: &dbv1.Command_SetPrimary{SetPrimary: &dbv1.SetPrimary{
 				OpId: op.GetId(), Name: op.GetTarget(), ExpectedGeneration: st.GetGeneration(), TimeoutNanos: int64(s.SwitchoverTimeout),
+				SynchronousStandbyNames: NewPrimarySyncNames(s),
 			}}}, "%s runs as a primary; record it (generation %d)", op.GetTarget(), st.GetGeneration()+1)
 		}
 		if failed {
@@ -739,6 +813,10 @@ func idle(st *dbv1.State, obs Observed, s Settings, now time.Time) Decision {
 	}
 	fs := AutomaticFailover(st, obs, s, now)
 	if fs.GetVotes() < fs.GetNeeded() {
+		if c := SyncStep(st, obs, s, now); c != nil {
+			x := c.GetSetSynchronous()
+			return do(c, "synchronous mode %s: synchronous_standby_names %q, synchronous standby %q (was %s)", s.SynchronousMode, FormatSyncNames(x.GetNames()), x.GetStandby(), syncText(st))
+		}
 		return Decision{}
 	}
 	if fs.GetBlocked() != "" {
@@ -762,7 +840,7 @@ func Writable(st *dbv1.State) (bool, string) {
 	}
 	op := st.GetOperation()
 	switch op.GetPhase() {
-	case dbv1.Phase_PHASE_UNSPECIFIED, dbv1.Phase_PHASE_SCHEDULED, dbv1.Phase_PHASE_DEMOTING:
+	case dbv1.Phase_PHASE_UNSPECIFIED, dbv1.Phase_PHASE_SCHEDULED, dbv1.Phase_PHASE_CHECKPOINTING, dbv1.Phase_PHASE_DEMOTING:
 		return true, ""
 	}
 	return false, describeOp(op)

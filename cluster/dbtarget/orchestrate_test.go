@@ -97,12 +97,35 @@ func (w *world) beginSwitchover() {
 	if err := CheckSwitchover(w.s.View(), w.obs, testSettings, "pg2", w.now); err != nil {
 		w.t.Fatal(err)
 	}
-	w.ok(begin(dbv1.Kind_KIND_SWITCHOVER, "pg2", 1))
+	w.ok(beginCheckpoint("pg2", 1))
+	w.wantPhase(dbv1.Phase_PHASE_CHECKPOINTING)
+	w.pg("pg1", &dbv1.PostgresReport{Running: true, WriteLsn: 5000, ReplayLsn: 5000, Step: w.step(dbv1.Phase_PHASE_CHECKPOINTING, true, "", 0)})
+	w.next()
+	w.wantPhase(dbv1.Phase_PHASE_PAUSING)
+}
+
+// beginCheckpoint is the switchover a leader begins now: with a
+// CHECKPOINT on the old primary.
+func beginCheckpoint(target string, gen uint64) *dbv1.Command {
+	c := begin(dbv1.Kind_KIND_SWITCHOVER, target, gen)
+	c.GetBegin().Checkpoint = true
+	return c
 }
 
 func TestNextSwitchover(t *testing.T) {
 	w := newWorld(t)
-	w.beginSwitchover()
+	w.ok(beginCheckpoint("pg2", 1))
+	w.wantPhase(dbv1.Phase_PHASE_CHECKPOINTING)
+	if ok, _ := Writable(w.s.View()); !ok {
+		t.Error("not writable while the old primary checkpoints: clients still write then")
+	}
+	w.wantWait("pg1 to checkpoint")
+	w.pg("pg1", &dbv1.PostgresReport{Running: true, WriteLsn: 5000, ReplayLsn: 5000, Step: w.step(dbv1.Phase_PHASE_CHECKPOINTING, true, "", 0)})
+	w.next()
+	w.wantPhase(dbv1.Phase_PHASE_PAUSING)
+	if w.op().GetNote() != "" {
+		t.Errorf("note %q after a checkpoint that went well", w.op().GetNote())
+	}
 	w.wantWait("pgbouncer b1 to pause")
 	w.bouncer("b1", &dbv1.BouncerReport{AppliedGeneration: 1, Paused: true, Step: w.step(dbv1.Phase_PHASE_PAUSING, true, "", 0)})
 	w.next()
@@ -139,8 +162,8 @@ func TestNextSwitchover(t *testing.T) {
 
 func TestNextWaitsForReportsAfterElection(t *testing.T) {
 	w := newWorld(t)
-	w.obs.Since = w.now.Add(-time.Second)
 	w.beginSwitchover()
+	w.obs.Since = w.now.Add(-time.Second)
 	w.bouncer("b1", &dbv1.BouncerReport{Paused: true, Step: w.step(dbv1.Phase_PHASE_PAUSING, true, "", 0)})
 	w.wantWait("hearing from the agents")
 	w.obs.Since = w.now.Add(-testSettings.ReportInterval * 3)
@@ -218,6 +241,35 @@ func TestNextPromotionFailure(t *testing.T) {
 	}
 	if h := st.GetHistory()[len(st.GetHistory())-1]; !strings.Contains(h.GetReason(), "did not report running again") {
 		t.Errorf("history reason %q", h.GetReason())
+	}
+}
+
+func TestNextCheckpointFailureGoesOn(t *testing.T) {
+	// A CHECKPOINT that fails, or does not finish in time, only makes the
+	// old primary's stop slower: the switchover pauses anyway, noting it.
+	w := newWorld(t)
+	w.ok(beginCheckpoint("pg2", 1))
+	w.pg("pg1", &dbv1.PostgresReport{Running: true, WriteLsn: 5000, ReplayLsn: 5000, Step: w.step(dbv1.Phase_PHASE_CHECKPOINTING, false, "checkpoint: canceling statement", 0)})
+	w.next()
+	w.wantPhase(dbv1.Phase_PHASE_PAUSING)
+	if !strings.Contains(w.op().GetNote(), "CHECKPOINT on pg1 failed (checkpoint: canceling statement); its stop may take longer") {
+		t.Errorf("note %q", w.op().GetNote())
+	}
+
+	w2 := newWorld(t)
+	w2.ok(beginCheckpoint("pg2", 1))
+	w2.wantWait("pg1 to checkpoint")
+	w2.now = w2.now.Add(5*time.Second + time.Millisecond) // begin's timeout
+	w2.healthy()
+	w2.bouncer("b1", &dbv1.BouncerReport{AppliedGeneration: 1})
+	w2.next()
+	w2.wantPhase(dbv1.Phase_PHASE_PAUSING)
+	if !strings.Contains(w2.op().GetNote(), "pg1 did not report its CHECKPOINT within") {
+		t.Errorf("note %q", w2.op().GetNote())
+	}
+	// The pausing phase has its own bound (pause_timeout from now).
+	if d := time.Duration(w2.op().GetDeadlineUnixNano() - w2.now.UnixNano()); d != testSettings.PauseTimeout {
+		t.Errorf("pausing deadline in %s, want %s", d, testSettings.PauseTimeout)
 	}
 }
 
@@ -518,7 +570,7 @@ func TestScheduledSwitchover(t *testing.T) {
 	w.healthy()
 	w.bouncer("b1", &dbv1.BouncerReport{AppliedGeneration: 1})
 	w.next()
-	w.wantPhase(dbv1.Phase_PHASE_PAUSING)
+	w.wantPhase(dbv1.Phase_PHASE_CHECKPOINTING)
 
 	// One whose target is down at the time is aborted, with the reason.
 	w2 := newWorld(t)

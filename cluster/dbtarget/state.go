@@ -87,6 +87,8 @@ func (s *State) apply(index uint64, now time.Time, c *dbv1.Command) *fsmv1.Resul
 		return s.finish(now, x.Finish)
 	case *dbv1.Command_Abort:
 		return s.abort(now, x.Abort)
+	case *dbv1.Command_SetSynchronous:
+		return s.setSynchronous(now, x.SetSynchronous)
 	case *dbv1.Command_SetPaused:
 		p := x.SetPaused
 		s.st.Paused = p.GetPaused()
@@ -228,6 +230,10 @@ func (s *State) forget(name string) *fsmv1.Result {
 			return refuse(fsmv1.Reason_REASON_PRECONDITION, "%s is the primary; switch over to another member first (gitraft db switchover --to NAME)", name)
 		}
 		s.st.Members = slices.DeleteFunc(s.st.Members, func(m *dbv1.Member) bool { return m.GetName() == name })
+		if s.st.GetSynchronousStandby() == name {
+			// Gone: no failover may count on it (the leader names another).
+			s.st.SynchronousStandby = ""
+		}
 		return &fsmv1.Result{}
 	}
 	if findBouncer(s.st, name) != nil {
@@ -309,9 +315,12 @@ func (s *State) begin(index uint64, now time.Time, b *dbv1.BeginOperation) *fsmv
 		if st.GetPrimary() == "" {
 			return refuse(fsmv1.Reason_REASON_PRECONDITION, "there is no primary to switch over from; promote %s with gitraft db failover --to %s", target, target)
 		}
-		if at := b.GetAtUnixNano(); at > now.UnixNano() {
+		switch at := b.GetAtUnixNano(); {
+		case at > now.UnixNano():
 			op.Phase, op.AtUnixNano = dbv1.Phase_PHASE_SCHEDULED, at
-		} else {
+		case b.GetCheckpoint():
+			op.Phase, op.DeadlineUnixNano = dbv1.Phase_PHASE_CHECKPOINTING, deadline(now, b.GetTimeoutNanos())
+		default:
 			op.Phase, op.DeadlineUnixNano = dbv1.Phase_PHASE_PAUSING, deadline(now, b.GetTimeoutNanos())
 		}
 	case dbv1.Kind_KIND_FAILOVER:
@@ -338,11 +347,12 @@ func pausedText(st *dbv1.State) string {
 // steps lists the phase changes AdvancePhase may make, per kind.
 var steps = map[dbv1.Kind]map[dbv1.Phase][]dbv1.Phase{
 	dbv1.Kind_KIND_SWITCHOVER: {
-		dbv1.Phase_PHASE_SCHEDULED:    {dbv1.Phase_PHASE_PAUSING},
-		dbv1.Phase_PHASE_PAUSING:      {dbv1.Phase_PHASE_STOPPING_OLD, dbv1.Phase_PHASE_ROLLING_BACK},
-		dbv1.Phase_PHASE_STOPPING_OLD: {dbv1.Phase_PHASE_PROMOTING, dbv1.Phase_PHASE_ROLLING_BACK},
-		dbv1.Phase_PHASE_PROMOTING:    {dbv1.Phase_PHASE_ROLLING_BACK},
-		dbv1.Phase_PHASE_REPOINTING:   {dbv1.Phase_PHASE_DEMOTING},
+		dbv1.Phase_PHASE_SCHEDULED:     {dbv1.Phase_PHASE_CHECKPOINTING, dbv1.Phase_PHASE_PAUSING},
+		dbv1.Phase_PHASE_CHECKPOINTING: {dbv1.Phase_PHASE_PAUSING},
+		dbv1.Phase_PHASE_PAUSING:       {dbv1.Phase_PHASE_STOPPING_OLD, dbv1.Phase_PHASE_ROLLING_BACK},
+		dbv1.Phase_PHASE_STOPPING_OLD:  {dbv1.Phase_PHASE_PROMOTING, dbv1.Phase_PHASE_ROLLING_BACK},
+		dbv1.Phase_PHASE_PROMOTING:     {dbv1.Phase_PHASE_ROLLING_BACK},
+		dbv1.Phase_PHASE_REPOINTING:    {dbv1.Phase_PHASE_DEMOTING},
 	},
 	dbv1.Kind_KIND_FAILOVER: {
 		dbv1.Phase_PHASE_FENCING:   {dbv1.Phase_PHASE_PROMOTING, dbv1.Phase_PHASE_ROLLING_BACK},
@@ -429,6 +439,11 @@ func (s *State) setPrimary(index uint64, now time.Time, p *dbv1.SetPrimary) *fsm
 		return refuse(fsmv1.Reason_REASON_INVALID, "operation %d promotes %s, not %s", op.GetId(), op.GetTarget(), p.GetName())
 	}
 	st.Primary, st.Generation, st.PrimarySinceUnixNano = m.GetName(), st.GetGeneration()+1, now.UnixNano()
+	// A new primary: what the old one waited for means nothing to it.
+	if st.GetSynchronousStandbyNames() != p.GetSynchronousStandbyNames() {
+		st.SynchronousSinceUnixNano = now.UnixNano()
+	}
+	st.SynchronousStandbyNames, st.SynchronousStandby = p.GetSynchronousStandbyNames(), ""
 	op.Phase = dbv1.Phase_PHASE_REPOINTING
 	op.PhaseStartedUnixNano = now.UnixNano()
 	op.DeadlineUnixNano = deadline(now, p.GetTimeoutNanos())
@@ -468,6 +483,32 @@ func (s *State) finish(now time.Time, f *dbv1.FinishOperation) *fsmv1.Result {
 	return &fsmv1.Result{}
 }
 
+// setSynchronous records what the primary's synchronous_standby_names
+// should name and which standby is synchronous (see SyncStep).
+func (s *State) setSynchronous(now time.Time, c *dbv1.SetSynchronous) *fsmv1.Result {
+	st := s.st
+	if c.GetExpectedGeneration() != st.GetGeneration() {
+		return refuse(fsmv1.Reason_REASON_STALE_TOKEN, "generation is %d, not %d: the primary changed meanwhile", st.GetGeneration(), c.GetExpectedGeneration())
+	}
+	names, standby := c.GetNames(), c.GetStandby()
+	if names != "" && names != AnyStandby {
+		if findMember(st, names) == nil {
+			return refuse(fsmv1.Reason_REASON_NOT_FOUND, "no member named %q; members: %s", names, memberList(st))
+		}
+		if names == st.GetPrimary() {
+			return refuse(fsmv1.Reason_REASON_INVALID, "%s is the primary; it cannot be its own synchronous standby", names)
+		}
+	}
+	if standby != "" && standby != names {
+		return refuse(fsmv1.Reason_REASON_INVALID, "the synchronous standby %s must be the one synchronous_standby_names names (%q)", standby, names)
+	}
+	if names != st.GetSynchronousStandbyNames() {
+		st.SynchronousSinceUnixNano = now.UnixNano()
+	}
+	st.SynchronousStandbyNames, st.SynchronousStandby = names, standby
+	return &fsmv1.Result{}
+}
+
 func (s *State) record(h *dbv1.HistoryEntry) {
 	s.st.History = append(s.st.History, h)
 	if n := len(s.st.History); n > HistoryLimit {
@@ -488,7 +529,8 @@ func (s *State) abort(now time.Time, a *dbv1.AbortOperation) *fsmv1.Result {
 		reason += ": " + a.GetReason()
 	}
 	switch op.GetPhase() {
-	case dbv1.Phase_PHASE_SCHEDULED:
+	case dbv1.Phase_PHASE_SCHEDULED, dbv1.Phase_PHASE_CHECKPOINTING:
+		// Nothing paused or stopped yet: it ends at once.
 		return s.finish(now, &dbv1.FinishOperation{OpId: op.GetId(), From: op.GetPhase(), Outcome: dbv1.Outcome_OUTCOME_ABORTED, Reason: reason})
 	case dbv1.Phase_PHASE_ROLLING_BACK:
 		return refuse(fsmv1.Reason_REASON_PRECONDITION, "operation %d is rolling back already (%s)", op.GetId(), op.GetNote())

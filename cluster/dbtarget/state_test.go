@@ -285,6 +285,17 @@ func TestAbort(t *testing.T) {
 	if st.GetOperation() != nil || h.GetOutcome() != dbv1.Outcome_OUTCOME_ABORTED || !strings.Contains(h.GetReason(), "by bob: not tonight") {
 		t.Fatalf("operation %v history %v", st.GetOperation(), h)
 	}
+	// One still checkpointing ends at once: nothing is paused or stopped.
+	ck := begin(dbv1.Kind_KIND_SWITCHOVER, "pg2", 1)
+	ck.GetBegin().Checkpoint = true
+	if op := m.ok(ck).GetOperation(); op.GetPhase() != dbv1.Phase_PHASE_CHECKPOINTING || op.GetDeadlineUnixNano() == 0 {
+		t.Fatalf("begin with a checkpoint: %v", op)
+	}
+	m.refused(advance(m.s.View().GetOperation().GetId(), dbv1.Phase_PHASE_CHECKPOINTING, dbv1.Phase_PHASE_STOPPING_OLD, 0), fsmv1.Reason_REASON_INVALID, "does not go from phase checkpointing to stopping_old")
+	m.ok(&dbv1.Command{Command: &dbv1.Command_Abort{Abort: &dbv1.AbortOperation{Reason: "later"}}})
+	if st := m.s.View(); st.GetOperation() != nil || st.GetHistory()[len(st.GetHistory())-1].GetOutcome() != dbv1.Outcome_OUTCOME_ABORTED {
+		t.Fatalf("abort while checkpointing: %v", st.GetOperation())
+	}
 	// One before promotion rolls back.
 	id := m.ok(begin(dbv1.Kind_KIND_SWITCHOVER, "pg2", 1)).GetOperation().GetId()
 	m.ok(advance(id, dbv1.Phase_PHASE_PAUSING, dbv1.Phase_PHASE_STOPPING_OLD, 0))

@@ -162,6 +162,16 @@ func writeDBStatus(w io.Writer, r *dbv1.GetStatusResponse, now time.Time) error 
 		failover += "; held back: " + fo.GetBlocked()
 	}
 	kv.row("failover:", failover)
+	sync := "none (asynchronous replication)"
+	switch names, rec := st.GetSynchronousStandbyNames(), st.GetSynchronousStandby(); {
+	case rec != "":
+		sync = rec + " (a failover promotes only it)"
+	case names == dbtarget.AnyStandby:
+		sync = "any standby (strict mode: commits wait for the first to connect), none confirmed"
+	case names != "":
+		sync = names + " named, not yet confirmed (no failover without --force meanwhile)"
+	}
+	kv.row("sync:", sync)
 	kv.row("leader:", fmt.Sprintf("%s (index %d)", r.GetLeader(), r.GetIndex()))
 	for i, m := range r.GetSettingsMismatch() {
 		label := ""
@@ -177,7 +187,11 @@ func writeDBStatus(w io.Writer, r *dbv1.GetStatusResponse, now time.Time) error 
 	if len(r.GetMembers()) == 0 {
 		fmt.Fprintln(w, "no PostgreSQL members registered (set database.postgres.member on the nodes that run PostgreSQL)")
 	} else {
-		t := newTable(w, "MEMBER", "ROLE", "ADDRESS", "NODE", "TL", "WRITE LSN", "REPLAY LSN", "LAG", "STREAMING", "PRIORITY", "REPORTED", "ERROR")
+		byAddr := map[string]string{}
+		for _, m := range r.GetMembers() {
+			byAddr[fmt.Sprintf("%s:%d", m.GetMember().GetHost(), m.GetMember().GetPort())] = m.GetMember().GetName()
+		}
+		t := newTable(w, "MEMBER", "ROLE", "ADDRESS", "NODE", "TL", "WRITE LSN", "REPLAY LSN", "LAG", "STREAMING", "UPSTREAM", "PRIORITY", "REPORTED", "ERROR")
 		for _, m := range r.GetMembers() {
 			mm, h := m.GetMember(), m.GetHealth()
 			lag := ""
@@ -188,16 +202,23 @@ func writeDBStatus(w io.Writer, r *dbv1.GetStatusResponse, now time.Time) error 
 			if mm.GetNoFailover() {
 				prio += " (no failover)"
 			}
-			streaming := ""
+			streaming, upstream := "", ""
 			if h.GetRunning() && h.GetInRecovery() {
 				streaming = yesNo(h.GetStreaming())
+				upstream = h.GetUpstream()
+				if name, ok := byAddr[upstream]; ok {
+					upstream = name
+					if name != st.GetPrimary() {
+						upstream += " (cascading)"
+					}
+				}
 			}
 			tl := ""
 			if h.GetTimeline() != 0 {
 				tl = strconv.Itoa(int(h.GetTimeline()))
 			}
 			t.row(mm.GetName(), m.GetRole(), fmt.Sprintf("%s:%d", mm.GetHost(), mm.GetPort()), mm.GetNode(), tl,
-				lsnText(h.GetWriteLsn()), lsnText(h.GetReplayLsn()), lag, streaming, prio, ageText(m.GetReportAgeNanos()), h.GetError())
+				lsnText(h.GetWriteLsn()), lsnText(h.GetReplayLsn()), lag, streaming, upstream, prio, ageText(m.GetReportAgeNanos()), h.GetError())
 		}
 		if err := t.flush(); err != nil {
 			return err

@@ -50,12 +50,13 @@ func testStatus(now time.Time) *dbv1.GetStatusResponse {
 		State: &dbv1.State{
 			Primary: "pg1", Generation: 3, PrimarySinceUnixNano: now.Add(-time.Hour).UnixNano(),
 			Paused: true, PausedBy: "alice", PausedReason: "kernel upgrade", PausedUnixNano: now.Add(-time.Minute).UnixNano(),
+			SynchronousStandbyNames: "pg2", SynchronousStandby: "pg2",
 		},
 		Members: []*dbv1.MemberStatus{
 			{Member: &dbv1.Member{Name: "pg1", Host: "10.0.0.1", Port: 5432, Node: "n1"}, Role: "primary",
 				Health: &dbv1.PostgresReport{Running: true, Timeline: 2, WriteLsn: 0x3000060, ReplayLsn: 0x3000060}, ReportAgeNanos: int64(300 * time.Millisecond)},
 			{Member: &dbv1.Member{Name: "pg2", Host: "10.0.0.2", Port: 5432, Node: "n2", NoFailover: true}, Role: "standby",
-				Health: &dbv1.PostgresReport{Running: true, InRecovery: true, Streaming: true, Timeline: 2, WriteLsn: 0x3000060, ReplayLsn: 0x3000000}, LagBytes: 96, LagKnown: true, ReportAgeNanos: int64(time.Second)},
+				Health: &dbv1.PostgresReport{Running: true, InRecovery: true, Streaming: true, Upstream: "10.0.0.1:5432", Timeline: 2, WriteLsn: 0x3000060, ReplayLsn: 0x3000000}, LagBytes: 96, LagKnown: true, ReportAgeNanos: int64(time.Second)},
 			{Member: &dbv1.Member{Name: "pg3", Host: "10.0.0.3", Port: 5432, Node: "n3"}, Role: "unknown"},
 		},
 		Bouncers: []*dbv1.BouncerStatus{
@@ -74,6 +75,11 @@ func TestWriteDBStatus(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := b.String()
+	for _, line := range strings.Split(out, "\n") {
+		if f := strings.Fields(line); len(f) > 10 && f[0] == "pg2" && (f[9] != "yes" || f[10] != "pg1") {
+			t.Errorf("pg2's streaming and upstream columns %q, want yes pg1:\n%s", f[9:11], out)
+		}
+	}
 	for _, want := range []string{
 		"primary:   pg1 (generation 3, since 1h ago)",
 		"operation: none",
@@ -81,6 +87,7 @@ func TestWriteDBStatus(t *testing.T) {
 		"writable:  yes",
 		"failover:  automatic, primary unreachable for 2 of 2 needed voters; held back: paused by alice",
 		"leader:    n2 (index 812)",
+		"sync:      pg2 (a failover promotes only it)",
 		"pg1     primary  10.0.0.1:5432  n1    2   0/3000060  0/3000060",
 		"96 B",
 		"0 (no failover)",
@@ -336,6 +343,7 @@ func TestDatabaseConfigRefused(t *testing.T) {
 		{dbSettings{FailoverAfter: 2 * time.Second, IsolationFenceAfter: 2 * time.Second}, "database.isolation_fence_after (2s) must be below database.failover_after (2s)"},
 		{dbSettings{IsolationFenceAfter: 6 * time.Second}, "set it to 3s or less"},
 		{dbSettings{IsolationFenceAfter: -time.Second}, "database.isolation_fence_after -1s: give a positive duration"},
+		{dbSettings{SynchronousMode: "yes"}, `database.synchronous_mode "yes": want off, on or strict`},
 	}
 	for _, c := range cases {
 		err := c.d.validate()

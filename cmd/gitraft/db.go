@@ -29,6 +29,7 @@ type dbSettings struct {
 	// itself) and by the leader (when a silent pgbouncer counts as fenced),
 	// so it must be the same on every node.
 	IsolationFenceAfter time.Duration `yaml:"isolation_fence_after" help:"a pgbouncer whose node cannot reach the cluster's quorum and leader for this long fences itself until it can; the leader counts one silent this long (plus 2 report intervals) as fenced. Same on every node, below failover_after (default failover_after minus 2 report intervals, at least failover_after/2: 3s)"`
+	SynchronousMode     string        `yaml:"synchronous_mode" help:"off (asynchronous replication), on (keep one synchronous standby when one streams, and fail over only to it; without one, writes go on asynchronously and no failover promotes anyone without --force) or strict (as on, but commits wait while no standby is synchronous). Cluster-wide (default off)"`
 
 	Postgres  postgresSettings  `yaml:"postgres"`
 	PgBouncer pgbouncerSettings `yaml:"pgbouncer"`
@@ -72,6 +73,7 @@ func (d dbSettings) clusterSettings() dbtarget.Settings {
 		AutomaticFailover: d.AutomaticFailover, FailoverAfter: d.FailoverAfter, MaxLagBytes: d.MaxLagBytes,
 		PauseTimeout: d.PauseTimeout, SwitchoverTimeout: d.SwitchoverTimeout,
 		ReportInterval: d.ReportInterval, ProbeTimeout: d.ProbeTimeout, IsolationFenceAfter: d.IsolationFenceAfter,
+		SynchronousMode: d.SynchronousMode,
 	}.WithDefaults()
 }
 
@@ -79,6 +81,9 @@ func (d dbSettings) clusterSettings() dbtarget.Settings {
 func (d dbSettings) validate() error {
 	bad := func(format string, args ...any) error {
 		return fmt.Errorf("%w: %s", cluster.ErrConfig, fmt.Sprintf(format, args...))
+	}
+	if err := dbtarget.CheckSynchronousMode(d.SynchronousMode); err != nil {
+		return bad("database.%v", err)
 	}
 	if d.IsolationFenceAfter < 0 {
 		return bad("database.isolation_fence_after %s: give a positive duration, or leave it unset (failover_after minus 2 report intervals)", d.IsolationFenceAfter)
@@ -149,8 +154,9 @@ func startDatabaseAgents(ctx context.Context, cfg fileConfig, n *cluster.Node, l
 			return fmt.Errorf("database.postgres (%s): %w", p.Member, err)
 		}
 		pgAgent = dbtarget.NewPostgresAgent(dbtarget.PostgresAgentConfig{
-			Member:         &dbv1.Member{Name: p.Member, Host: host, Port: int32(port), Priority: int32(p.Priority), NoFailover: p.NoFailover},
-			ReportInterval: set.ReportInterval,
+			Member:          &dbv1.Member{Name: p.Member, Host: host, Port: int32(port), Priority: int32(p.Priority), NoFailover: p.NoFailover},
+			ReportInterval:  set.ReportInterval,
+			SynchronousMode: set.SynchronousMode,
 		}, n, srv, log)
 	}
 	var bAgent *dbtarget.BouncerAgent

@@ -168,15 +168,19 @@ func (s *Server) probe(ctx context.Context) probe {
 	var tli int64
 	if !p.InRecovery {
 		err = conn.QueryRow(ctx, `SELECT pg_current_wal_lsn()::text,
-			('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint`).Scan(&write, &tli)
+			('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint,
+			current_setting('synchronous_standby_names'),
+			coalesce((SELECT array_agg(application_name::text ORDER BY application_name) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')), '{}'),
+			coalesce((SELECT array_agg(application_name::text ORDER BY application_name) FROM pg_stat_replication WHERE state = 'streaming'), '{}')`).
+			Scan(&write, &tli, &p.SynchronousStandbyNames, &p.Synchronous, &p.Replicas)
 		replay = write
 	} else {
 		var status, host *string
 		var recvTLI, port *int64
 		err = conn.QueryRow(ctx, `SELECT pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text,
 			greatest((SELECT timeline_id FROM pg_control_checkpoint()), (SELECT min_recovery_end_timeline FROM pg_control_recovery())),
-			r.status, r.received_tli, r.sender_host, r.sender_port
-			FROM (SELECT 1) one LEFT JOIN pg_stat_wal_receiver r ON true`).Scan(&write, &replay, &tli, &status, &recvTLI, &host, &port)
+			r.status, r.received_tli, r.sender_host, r.sender_port, current_setting('synchronous_standby_names')
+			FROM (SELECT 1) one LEFT JOIN pg_stat_wal_receiver r ON true`).Scan(&write, &replay, &tli, &status, &recvTLI, &host, &port, &p.SynchronousStandbyNames)
 		if err == nil {
 			if recvTLI != nil && *recvTLI > tli {
 				tli = *recvTLI
@@ -187,6 +191,9 @@ func (s *Server) probe(ctx context.Context) probe {
 			}
 			if port != nil {
 				p.senderPort = int(*port)
+			}
+			if p.Streaming {
+				p.Upstream = dbtarget.Endpoint{Host: p.senderHost, Port: p.senderPort}
 			}
 		}
 		if write == nil {
@@ -290,7 +297,7 @@ func (s *Server) stop(ctx context.Context) (dbtarget.LSN, error) {
 	}
 	if up {
 		t0 := time.Now()
-		if _, err := s.user.run(ctx, s.cfg.BinDir, "pg_ctl", "stop", "-D", s.cfg.DataDir, "-m", "fast", "-w", "-t", s.timeoutSeconds()); err != nil {
+		if err := s.fastStop(ctx); err != nil {
 			// Fencing matters more than a clean checkpoint: make sure it
 			// is down, and say that the location is not final.
 			s.log.Warn("fast shutdown failed; stopping with an immediate shutdown", "err", err)
@@ -309,6 +316,100 @@ func (s *Server) stop(ctx context.Context) (dbtarget.LSN, error) {
 		s.log.Warn("server was not shut down cleanly; its checkpoint location is older than its last WAL", "state", cd.state, "lsn", cd.checkpoint.String())
 	}
 	return cd.checkpoint, nil
+}
+
+// Checkpoint runs CHECKPOINT, which writes every dirty buffer now, while
+// clients still write, so that a fast stop soon after (whose shutdown
+// checkpoint clients wait for under a switchover's pause) has little left
+// to write. It does not wait for Stop and friends, nor they for it.
+func (s *Server) Checkpoint(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.Timeout)
+	defer cancel()
+	conn, err := s.connect(ctx, s.cfg.Host, s.cfg.Port)
+	if err != nil {
+		return fmt.Errorf("checkpoint: %w: %v", ErrNotRunning, err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	t0 := time.Now()
+	if _, err := conn.Exec(ctx, "CHECKPOINT"); err != nil {
+		return fmt.Errorf("checkpoint: %w", err)
+	}
+	s.log.Info("checkpoint", "took", time.Since(t0).Round(time.Millisecond))
+	return nil
+}
+
+// fastStop asks the postmaster for a fast shutdown and waits until it is
+// gone (postmaster.pid removed, as pg_ctl -w sees it), at most the
+// configured timeout. It watches every 10ms, where pg_ctl -w looks every
+// 100ms: under a switchover's pause every moment counts.
+func (s *Server) fastStop(ctx context.Context) error {
+	if _, err := s.user.run(ctx, s.cfg.BinDir, "pg_ctl", "stop", "-D", s.cfg.DataDir, "-m", "fast", "-W"); err != nil {
+		if up, rerr := s.running(ctx); rerr == nil && !up {
+			return nil // it stopped meanwhile
+		}
+		return err
+	}
+	pidFile := filepath.Join(s.cfg.DataDir, "postmaster.pid")
+	deadline := time.Now().Add(s.cfg.Timeout)
+	every := 10 * time.Millisecond
+	for {
+		_, err := os.Stat(pidFile)
+		switch {
+		case errors.Is(err, os.ErrNotExist):
+			return nil
+		case err != nil:
+			// Not ours to read: ask pg_ctl, less often.
+			every = 50 * time.Millisecond
+			if up, rerr := s.running(ctx); rerr == nil && !up {
+				return nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("pg_ctl stop -m fast: %w: the server still runs after %s", ErrTool, s.cfg.Timeout)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(every):
+		}
+	}
+}
+
+// SetSynchronousStandbyNames sets synchronous_standby_names with ALTER
+// SYSTEM (RESET for "") and pg_reload_conf, and waits (at most 5s) until
+// the setting is in force.
+func (s *Server) SetSynchronousStandbyNames(ctx context.Context, value string) error {
+	ctx, cancel := context.WithTimeout(ctx, healthTimeout)
+	defer cancel()
+	conn, err := s.connect(ctx, s.cfg.Host, s.cfg.Port)
+	if err != nil {
+		return fmt.Errorf("synchronous_standby_names: %w: %v", ErrNotRunning, err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	stmt := "ALTER SYSTEM SET synchronous_standby_names = " + quoteConfValue(value)
+	if value == "" {
+		stmt = "ALTER SYSTEM RESET synchronous_standby_names"
+	}
+	if _, err := conn.Exec(ctx, stmt); err != nil {
+		return fmt.Errorf("synchronous_standby_names: %w", err)
+	}
+	if _, err := conn.Exec(ctx, "SELECT pg_reload_conf()"); err != nil {
+		return fmt.Errorf("synchronous_standby_names: reload: %w", err)
+	}
+	for {
+		var cur string
+		if err := conn.QueryRow(ctx, "SELECT current_setting('synchronous_standby_names')").Scan(&cur); err != nil {
+			return fmt.Errorf("synchronous_standby_names: %w", err)
+		}
+		if cur == value {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("synchronous_standby_names: still %q after reload, want %q: %w", cur, value, ctx.Err())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
 }
 
 // Start starts the server as its data directory says and waits until it
@@ -426,17 +527,33 @@ func (s *Server) Demote(ctx context.Context, primary dbtarget.Endpoint) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 3*s.cfg.Timeout)
 	defer cancel()
-	if p := s.probe(ctx); p.Running && p.InRecovery && p.Streaming && sameEndpoint(primary, dbtarget.Endpoint{Host: p.senderHost, Port: p.senderPort}) {
+	p := s.probe(ctx)
+	if p.Running && p.InRecovery && p.Streaming && sameEndpoint(primary, dbtarget.Endpoint{Host: p.senderHost, Port: p.senderPort}) {
 		s.log.Info("demote: already streaming from the primary", "primary", primary.String())
 		return nil
 	}
 	t0 := time.Now()
+	if p.Running && p.InRecovery {
+		// A standby that follows another server (a primary that is gone,
+		// or an old primary it now cascades through): point it at primary
+		// in place. PostgreSQL 13 and later restart the WAL receiver when
+		// primary_conninfo changes on reload, and recovery_target_timeline
+		// 'latest' follows the new primary's timeline. If its history
+		// diverged from primary's it cannot stream: then the full way
+		// below, with pg_rewind.
+		err := s.repoint(ctx, primary)
+		if err == nil {
+			s.log.Info("demote: pointed the standby at the primary in place", "primary", primary.String(), "was", p.senderHost+":"+strconv.Itoa(p.senderPort), "took", time.Since(t0).Round(time.Millisecond))
+			return nil
+		}
+		s.log.Warn("demote: pointing the running standby at the primary did not work; stopping, rewinding and starting it", "primary", primary.String(), "err", err)
+	}
 	if _, err := s.stop(ctx); err != nil {
 		if up, rerr := s.running(ctx); rerr != nil || up {
 			return fmt.Errorf("demote: %w", err)
 		}
 	}
-	if err := s.preparePrimary(ctx, primary); err != nil {
+	if err := s.preparePrimary(ctx, primary, true); err != nil {
 		return fmt.Errorf("demote: %w", err)
 	}
 	if err := s.rewind(ctx, primary); err != nil {
@@ -462,6 +579,42 @@ func (s *Server) Demote(ctx context.Context, primary dbtarget.Endpoint) error {
 	}
 }
 
+// repoint points a running standby at primary: its slot there,
+// primary_conninfo, reload, then it waits (at most 10s) until it streams
+// from primary.
+func (s *Server) repoint(ctx context.Context, primary dbtarget.Endpoint) error {
+	if err := s.preparePrimary(ctx, primary, false); err != nil {
+		return err
+	}
+	if err := s.writeStandbyConfig(primary); err != nil {
+		return err
+	}
+	conn, err := s.connect(ctx, s.cfg.Host, s.cfg.Port)
+	if err != nil {
+		return err
+	}
+	_, err = conn.Exec(ctx, "SELECT pg_reload_conf()")
+	conn.Close(context.WithoutCancel(ctx))
+	if err != nil {
+		return fmt.Errorf("reload: %w", err)
+	}
+	deadline := time.Now().Add(min(10*time.Second, s.cfg.Timeout))
+	for {
+		p := s.probe(ctx)
+		if p.Running && p.InRecovery && p.Streaming && sameEndpoint(primary, p.Upstream) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%w from %s after reload (running %v, in recovery %v, streaming from %s): %s", ErrNotStreaming, primary, p.Running, p.InRecovery, p.Upstream, p.Err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
 // sameEndpoint compares endpoints, treating names that resolve to the same
 // address as equal.
 func sameEndpoint(a, b dbtarget.Endpoint) bool {
@@ -477,11 +630,11 @@ func sameEndpoint(a, b dbtarget.Endpoint) bool {
 
 // preparePrimary readies primary for this server to follow it: it
 // creates this member's physical replication slot there when missing, and,
-// when the primary's last checkpoint is on an older timeline than the one
-// it writes (it was promoted a moment ago), runs CHECKPOINT: pg_rewind
-// reads the source's timeline from its control file and would otherwise
-// compare histories against the old timeline.
-func (s *Server) preparePrimary(ctx context.Context, primary dbtarget.Endpoint) error {
+// for a rewind, when the primary's last checkpoint is on an older timeline
+// than the one it writes (it was promoted a moment ago), runs CHECKPOINT:
+// pg_rewind reads the source's timeline from its control file and would
+// otherwise compare histories against the old timeline.
+func (s *Server) preparePrimary(ctx context.Context, primary dbtarget.Endpoint, forRewind bool) error {
 	conn, err := s.connect(ctx, primary.Host, primary.Port)
 	if err != nil {
 		return fmt.Errorf("primary %s: %w", primary, err)
@@ -503,6 +656,9 @@ func (s *Server) preparePrimary(ctx context.Context, primary dbtarget.Endpoint) 
 	}
 	if created {
 		s.log.Info("created replication slot", "slot", s.slot, "primary", primary.String())
+	}
+	if !forRewind {
+		return nil
 	}
 	const timelines = `SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint,
 		(SELECT timeline_id FROM pg_control_checkpoint())`

@@ -79,6 +79,9 @@ func waitHealth(t *testing.T, s *pgctl.Server, what string, cond func(dbtarget.H
 func switchover(t *testing.T, from, to *pgctl.Server, toEP dbtarget.Endpoint, bouncers ...*pgctl.Bouncer) {
 	t.Helper()
 	ctx := ctxT(t, 2*time.Minute)
+	if err := from.Checkpoint(ctx); err != nil {
+		t.Fatal(err)
+	}
 	for _, b := range bouncers {
 		if err := b.Pause(ctxT(t, 10*time.Second)); err != nil {
 			t.Fatal(err)
@@ -219,6 +222,9 @@ func Test_Server_SwitchoverFailoverRewind(t *testing.T) {
 		if h := s2.Health(ctx); h.Running || h.Err == "" {
 			t.Errorf("health of a stopped server %+v, want not running with a reason", h)
 		}
+		if err := s2.Checkpoint(ctx); !errors.Is(err, pgctl.ErrNotRunning) {
+			t.Errorf("CHECKPOINT on a stopped server: %v, want ErrNotRunning", err)
+		}
 		if err := s2.Start(ctx); err != nil {
 			t.Fatal(err)
 		}
@@ -283,4 +289,43 @@ func Test_Server_SwitchoverFailoverRewind(t *testing.T) {
 			t.Errorf("%d writes committed on the old primary pg1 after it was fenced (first: row %d)", len(late), late[0].ID)
 		}
 	})
+}
+
+// A third member keeps following the old primary after a switchover: its
+// WAL receiver reconnects to it, a standby by then, and cascades through
+// it. Health reports that upstream, and Demote points the running standby
+// at the new primary in place (no restart, no rewind).
+func Test_Server_ThirdStandbyRepointedInPlace(t *testing.T) {
+	needPostgres(t)
+	dir := pgtest.Dir(t)
+	p1 := pgtest.StartPrimary(t, dir, "pg1")
+	p2 := p1.StartStandby(t, dir, "pg2")
+	p3 := p1.StartStandby(t, dir, "pg3")
+	s1, s2, s3 := newServer(t, p1), newServer(t, p2), newServer(t, p3)
+	h3 := waitHealth(t, s3, "pg3 streaming from pg1", func(h dbtarget.Health) bool { return h.Streaming })
+	if h3.Upstream != p1.Endpoint() {
+		t.Errorf("pg3's upstream %v, want pg1 %v", h3.Upstream, p1.Endpoint())
+	}
+	if h1 := s1.Health(ctxT(t, 5*time.Second)); h1.Upstream != (dbtarget.Endpoint{}) || len(h1.Replicas) != 2 {
+		t.Errorf("primary health %+v: want no upstream and two replicas", h1)
+	}
+	switchover(t, s1, s2, p2.Endpoint())
+	waitHealth(t, s3, "pg3 cascading through pg1", func(h dbtarget.Health) bool { return h.Streaming && h.Upstream == p1.Endpoint() })
+	pid := p3.PostmasterPID()
+	ctx := ctxT(t, time.Minute)
+	if err := s3.Demote(ctx, p2.Endpoint()); err != nil {
+		t.Fatal(err)
+	}
+	if !p3.StreamingFrom(p2) {
+		t.Fatal("pg3 does not stream from pg2 after Demote")
+	}
+	if got := p3.PostmasterPID(); got != pid {
+		t.Errorf("Demote restarted the running standby (pid %d, was %d); want it pointed in place", got, pid)
+	}
+	p2.MustExec(ctx, pgtest.Database, "INSERT INTO rows (id, writer) VALUES (42, 0)")
+	lsn := s2.Health(ctx).WriteLSN
+	waitHealth(t, s3, "pg3 replaying pg2's WAL", func(h dbtarget.Health) bool { return h.ReplayLSN >= lsn && h.Upstream == p2.Endpoint() })
+	if have, err := p3.IDs(ctx); err != nil || !have[42] {
+		t.Errorf("row written on pg2 not on pg3 (%v)", err)
+	}
 }

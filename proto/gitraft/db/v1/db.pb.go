@@ -670,8 +670,20 @@ type State struct {
 	// Raft index of the last entry that changed this state.
 	UpdatedIndex         uint64 `protobuf:"varint,11,opt,name=updated_index,json=updatedIndex,proto3" json:"updated_index,omitempty"`
 	PrimarySinceUnixNano int64  `protobuf:"varint,12,opt,name=primary_since_unix_nano,json=primarySinceUnixNano,proto3" json:"primary_since_unix_nano,omitempty"`
-	unknownFields        protoimpl.UnknownFields
-	sizeCache            protoimpl.SizeCache
+	// Synchronous mode (database.synchronous_mode on or strict): what the
+	// primary's synchronous_standby_names should name: a member, "*" (any
+	// standby; strict mode with none known), or "" (none: asynchronous).
+	SynchronousStandbyNames string `protobuf:"bytes,13,opt,name=synchronous_standby_names,json=synchronousStandbyNames,proto3" json:"synchronous_standby_names,omitempty"`
+	// The standby known to hold every transaction the primary acknowledged:
+	// named by synchronous_standby_names, confirmed synchronous by the
+	// primary, and caught up with it when it was named. A failover in
+	// synchronous mode promotes only it. Recorded only after the primary
+	// confirmed it; cleared before the primary stops waiting for it.
+	SynchronousStandby string `protobuf:"bytes,14,opt,name=synchronous_standby,json=synchronousStandby,proto3" json:"synchronous_standby,omitempty"`
+	// When synchronous_standby_names last changed (the entry's time).
+	SynchronousSinceUnixNano int64 `protobuf:"varint,15,opt,name=synchronous_since_unix_nano,json=synchronousSinceUnixNano,proto3" json:"synchronous_since_unix_nano,omitempty"`
+	unknownFields            protoimpl.UnknownFields
+	sizeCache                protoimpl.SizeCache
 }
 
 func (x *State) Reset() {
@@ -788,6 +800,27 @@ func (x *State) GetPrimarySinceUnixNano() int64 {
 	return 0
 }
 
+func (x *State) GetSynchronousStandbyNames() string {
+	if x != nil {
+		return x.SynchronousStandbyNames
+	}
+	return ""
+}
+
+func (x *State) GetSynchronousStandby() string {
+	if x != nil {
+		return x.SynchronousStandby
+	}
+	return ""
+}
+
+func (x *State) GetSynchronousSinceUnixNano() int64 {
+	if x != nil {
+		return x.SynchronousSinceUnixNano
+	}
+	return 0
+}
+
 // Snapshot is the whole database state in a Raft snapshot.
 type Snapshot struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -847,6 +880,7 @@ type Command struct {
 	//	*Command_Finish
 	//	*Command_Abort
 	//	*Command_SetPaused
+	//	*Command_SetSynchronous
 	Command       isCommand_Command `protobuf_oneof:"command"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -970,6 +1004,15 @@ func (x *Command) GetSetPaused() *SetPaused {
 	return nil
 }
 
+func (x *Command) GetSetSynchronous() *SetSynchronous {
+	if x != nil {
+		if x, ok := x.Command.(*Command_SetSynchronous); ok {
+			return x.SetSynchronous
+		}
+	}
+	return nil
+}
+
 type isCommand_Command interface {
 	isCommand_Command()
 }
@@ -1010,6 +1053,10 @@ type Command_SetPaused struct {
 	SetPaused *SetPaused `protobuf:"bytes,9,opt,name=set_paused,json=setPaused,proto3,oneof"`
 }
 
+type Command_SetSynchronous struct {
+	SetSynchronous *SetSynchronous `protobuf:"bytes,10,opt,name=set_synchronous,json=setSynchronous,proto3,oneof"`
+}
+
 func (*Command_RegisterMember) isCommand_Command() {}
 
 func (*Command_RegisterBouncer) isCommand_Command() {}
@@ -1028,6 +1075,72 @@ func (*Command_Abort) isCommand_Command() {}
 
 func (*Command_SetPaused) isCommand_Command() {}
 
+func (*Command_SetSynchronous) isCommand_Command() {}
+
+// SetSynchronous sets what the primary's synchronous_standby_names should
+// name and which standby is recorded as synchronous (the leader's steps in
+// synchronous mode). standby is "" or the member names names. Refused when
+// the generation moved on, for an unknown member, for the primary itself.
+type SetSynchronous struct {
+	state              protoimpl.MessageState `protogen:"open.v1"`
+	Names              string                 `protobuf:"bytes,1,opt,name=names,proto3" json:"names,omitempty"`
+	Standby            string                 `protobuf:"bytes,2,opt,name=standby,proto3" json:"standby,omitempty"`
+	ExpectedGeneration uint64                 `protobuf:"varint,3,opt,name=expected_generation,json=expectedGeneration,proto3" json:"expected_generation,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *SetSynchronous) Reset() {
+	*x = SetSynchronous{}
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetSynchronous) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetSynchronous) ProtoMessage() {}
+
+func (x *SetSynchronous) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetSynchronous.ProtoReflect.Descriptor instead.
+func (*SetSynchronous) Descriptor() ([]byte, []int) {
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *SetSynchronous) GetNames() string {
+	if x != nil {
+		return x.Names
+	}
+	return ""
+}
+
+func (x *SetSynchronous) GetStandby() string {
+	if x != nil {
+		return x.Standby
+	}
+	return ""
+}
+
+func (x *SetSynchronous) GetExpectedGeneration() uint64 {
+	if x != nil {
+		return x.ExpectedGeneration
+	}
+	return 0
+}
+
 // RegisterMember adds a member or updates its address and preferences.
 type RegisterMember struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1038,7 +1151,7 @@ type RegisterMember struct {
 
 func (x *RegisterMember) Reset() {
 	*x = RegisterMember{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[7]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1050,7 +1163,7 @@ func (x *RegisterMember) String() string {
 func (*RegisterMember) ProtoMessage() {}
 
 func (x *RegisterMember) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[7]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1063,7 +1176,7 @@ func (x *RegisterMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterMember.ProtoReflect.Descriptor instead.
 func (*RegisterMember) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{7}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *RegisterMember) GetMember() *Member {
@@ -1083,7 +1196,7 @@ type RegisterBouncer struct {
 
 func (x *RegisterBouncer) Reset() {
 	*x = RegisterBouncer{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[8]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1095,7 +1208,7 @@ func (x *RegisterBouncer) String() string {
 func (*RegisterBouncer) ProtoMessage() {}
 
 func (x *RegisterBouncer) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[8]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1108,7 +1221,7 @@ func (x *RegisterBouncer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterBouncer.ProtoReflect.Descriptor instead.
 func (*RegisterBouncer) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{8}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RegisterBouncer) GetBouncer() *Bouncer {
@@ -1129,7 +1242,7 @@ type Forget struct {
 
 func (x *Forget) Reset() {
 	*x = Forget{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[9]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1141,7 +1254,7 @@ func (x *Forget) String() string {
 func (*Forget) ProtoMessage() {}
 
 func (x *Forget) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[9]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1154,7 +1267,7 @@ func (x *Forget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Forget.ProtoReflect.Descriptor instead.
 func (*Forget) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{9}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Forget) GetName() string {
@@ -1177,14 +1290,18 @@ type BeginOperation struct {
 	Automatic   bool   `protobuf:"varint,5,opt,name=automatic,proto3" json:"automatic,omitempty"`
 	RequestedBy string `protobuf:"bytes,6,opt,name=requested_by,json=requestedBy,proto3" json:"requested_by,omitempty"`
 	// Bound of the first phase, counted from the entry's time.
-	TimeoutNanos  int64 `protobuf:"varint,7,opt,name=timeout_nanos,json=timeoutNanos,proto3" json:"timeout_nanos,omitempty"`
+	TimeoutNanos int64 `protobuf:"varint,7,opt,name=timeout_nanos,json=timeoutNanos,proto3" json:"timeout_nanos,omitempty"`
+	// Switchover that begins now: begin with PHASE_CHECKPOINTING (the old
+	// primary runs CHECKPOINT before anything pauses) rather than
+	// PHASE_PAUSING. Entries written before it existed begin with pausing.
+	Checkpoint    bool `protobuf:"varint,8,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *BeginOperation) Reset() {
 	*x = BeginOperation{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[10]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1196,7 +1313,7 @@ func (x *BeginOperation) String() string {
 func (*BeginOperation) ProtoMessage() {}
 
 func (x *BeginOperation) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[10]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1209,7 +1326,7 @@ func (x *BeginOperation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BeginOperation.ProtoReflect.Descriptor instead.
 func (*BeginOperation) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{10}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *BeginOperation) GetKind() Kind {
@@ -1261,6 +1378,13 @@ func (x *BeginOperation) GetTimeoutNanos() int64 {
 	return 0
 }
 
+func (x *BeginOperation) GetCheckpoint() bool {
+	if x != nil {
+		return x.Checkpoint
+	}
+	return false
+}
+
 // AdvancePhase moves the operation id from one phase to the next allowed one.
 type AdvancePhase struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1279,7 +1403,7 @@ type AdvancePhase struct {
 
 func (x *AdvancePhase) Reset() {
 	*x = AdvancePhase{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[11]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1291,7 +1415,7 @@ func (x *AdvancePhase) String() string {
 func (*AdvancePhase) ProtoMessage() {}
 
 func (x *AdvancePhase) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[11]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1304,7 +1428,7 @@ func (x *AdvancePhase) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdvancePhase.ProtoReflect.Descriptor instead.
 func (*AdvancePhase) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{11}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *AdvancePhase) GetOpId() uint64 {
@@ -1359,14 +1483,17 @@ type SetPrimary struct {
 	Name               string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
 	ExpectedGeneration uint64                 `protobuf:"varint,3,opt,name=expected_generation,json=expectedGeneration,proto3" json:"expected_generation,omitempty"`
 	// Bound of PHASE_REPOINTING.
-	TimeoutNanos  int64 `protobuf:"varint,4,opt,name=timeout_nanos,json=timeoutNanos,proto3" json:"timeout_nanos,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	TimeoutNanos int64 `protobuf:"varint,4,opt,name=timeout_nanos,json=timeoutNanos,proto3" json:"timeout_nanos,omitempty"`
+	// The new primary's State.synchronous_standby_names ("*" in strict
+	// synchronous mode, else ""); the recorded synchronous standby is cleared.
+	SynchronousStandbyNames string `protobuf:"bytes,5,opt,name=synchronous_standby_names,json=synchronousStandbyNames,proto3" json:"synchronous_standby_names,omitempty"`
+	unknownFields           protoimpl.UnknownFields
+	sizeCache               protoimpl.SizeCache
 }
 
 func (x *SetPrimary) Reset() {
 	*x = SetPrimary{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[12]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1378,7 +1505,7 @@ func (x *SetPrimary) String() string {
 func (*SetPrimary) ProtoMessage() {}
 
 func (x *SetPrimary) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[12]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1391,7 +1518,7 @@ func (x *SetPrimary) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPrimary.ProtoReflect.Descriptor instead.
 func (*SetPrimary) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{12}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SetPrimary) GetOpId() uint64 {
@@ -1422,6 +1549,13 @@ func (x *SetPrimary) GetTimeoutNanos() int64 {
 	return 0
 }
 
+func (x *SetPrimary) GetSynchronousStandbyNames() string {
+	if x != nil {
+		return x.SynchronousStandbyNames
+	}
+	return ""
+}
+
 // FinishOperation ends the operation id, which must be in phase `from`, and
 // records it in the history.
 type FinishOperation struct {
@@ -1436,7 +1570,7 @@ type FinishOperation struct {
 
 func (x *FinishOperation) Reset() {
 	*x = FinishOperation{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[13]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1448,7 +1582,7 @@ func (x *FinishOperation) String() string {
 func (*FinishOperation) ProtoMessage() {}
 
 func (x *FinishOperation) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[13]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1461,7 +1595,7 @@ func (x *FinishOperation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FinishOperation.ProtoReflect.Descriptor instead.
 func (*FinishOperation) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{13}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *FinishOperation) GetOpId() uint64 {
@@ -1506,7 +1640,7 @@ type AbortOperation struct {
 
 func (x *AbortOperation) Reset() {
 	*x = AbortOperation{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[14]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1518,7 +1652,7 @@ func (x *AbortOperation) String() string {
 func (*AbortOperation) ProtoMessage() {}
 
 func (x *AbortOperation) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[14]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1531,7 +1665,7 @@ func (x *AbortOperation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortOperation.ProtoReflect.Descriptor instead.
 func (*AbortOperation) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{14}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *AbortOperation) GetReason() string {
@@ -1567,7 +1701,7 @@ type SetPaused struct {
 
 func (x *SetPaused) Reset() {
 	*x = SetPaused{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[15]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1579,7 +1713,7 @@ func (x *SetPaused) String() string {
 func (*SetPaused) ProtoMessage() {}
 
 func (x *SetPaused) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[15]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1592,7 +1726,7 @@ func (x *SetPaused) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPaused.ProtoReflect.Descriptor instead.
 func (*SetPaused) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{15}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SetPaused) GetPaused() bool {
@@ -1629,7 +1763,7 @@ type Result struct {
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[16]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1641,7 +1775,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[16]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1654,7 +1788,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{16}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Result) GetOperation() *Operation {
@@ -1685,7 +1819,8 @@ type Step struct {
 	Phase Phase                  `protobuf:"varint,2,opt,name=phase,proto3,enum=gitraft.db.v1.Phase" json:"phase,omitempty"`
 	Done  bool                   `protobuf:"varint,3,opt,name=done,proto3" json:"done,omitempty"`
 	Error string                 `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
-	// PHASE_STOPPING_OLD: the stopped server's checkpoint location.
+	// PHASE_STOPPING_OLD: the LSN the target must have replayed before it is
+	// promoted: the end of the stopped server's WAL.
 	Lsn           uint64 `protobuf:"varint,5,opt,name=lsn,proto3" json:"lsn,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1693,7 +1828,7 @@ type Step struct {
 
 func (x *Step) Reset() {
 	*x = Step{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[17]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1705,7 +1840,7 @@ func (x *Step) String() string {
 func (*Step) ProtoMessage() {}
 
 func (x *Step) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[17]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1718,7 +1853,7 @@ func (x *Step) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Step.ProtoReflect.Descriptor instead.
 func (*Step) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{17}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Step) GetOpId() uint64 {
@@ -1774,14 +1909,17 @@ type PostgresReport struct {
 	SynchronousStandbyNames string `protobuf:"bytes,11,opt,name=synchronous_standby_names,json=synchronousStandbyNames,proto3" json:"synchronous_standby_names,omitempty"`
 	// A primary's standbys that are synchronous now (pg_stat_replication
 	// sync_state sync or quorum), by application_name.
-	Synchronous   []string `protobuf:"bytes,12,rep,name=synchronous,proto3" json:"synchronous,omitempty"`
+	Synchronous []string `protobuf:"bytes,12,rep,name=synchronous,proto3" json:"synchronous,omitempty"`
+	// A primary's standbys streaming from it (pg_stat_replication state
+	// streaming), by application_name.
+	Replicas      []string `protobuf:"bytes,13,rep,name=replicas,proto3" json:"replicas,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PostgresReport) Reset() {
 	*x = PostgresReport{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[18]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1793,7 +1931,7 @@ func (x *PostgresReport) String() string {
 func (*PostgresReport) ProtoMessage() {}
 
 func (x *PostgresReport) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[18]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1806,7 +1944,7 @@ func (x *PostgresReport) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PostgresReport.ProtoReflect.Descriptor instead.
 func (*PostgresReport) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{18}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *PostgresReport) GetMember() string {
@@ -1893,6 +2031,13 @@ func (x *PostgresReport) GetSynchronous() []string {
 	return nil
 }
 
+func (x *PostgresReport) GetReplicas() []string {
+	if x != nil {
+		return x.Replicas
+	}
+	return nil
+}
+
 // BouncerReport is what a pgbouncer agent has done.
 type BouncerReport struct {
 	state             protoimpl.MessageState `protogen:"open.v1"`
@@ -1912,7 +2057,7 @@ type BouncerReport struct {
 
 func (x *BouncerReport) Reset() {
 	*x = BouncerReport{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[19]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1924,7 +2069,7 @@ func (x *BouncerReport) String() string {
 func (*BouncerReport) ProtoMessage() {}
 
 func (x *BouncerReport) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[19]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1937,7 +2082,7 @@ func (x *BouncerReport) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BouncerReport.ProtoReflect.Descriptor instead.
 func (*BouncerReport) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{19}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *BouncerReport) GetName() string {
@@ -2011,7 +2156,7 @@ type ProbeReport struct {
 
 func (x *ProbeReport) Reset() {
 	*x = ProbeReport{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[20]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2023,7 +2168,7 @@ func (x *ProbeReport) String() string {
 func (*ProbeReport) ProtoMessage() {}
 
 func (x *ProbeReport) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[20]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2036,7 +2181,7 @@ func (x *ProbeReport) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProbeReport.ProtoReflect.Descriptor instead.
 func (*ProbeReport) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{20}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ProbeReport) GetPrimary() string {
@@ -2090,7 +2235,7 @@ type ReportRequest struct {
 
 func (x *ReportRequest) Reset() {
 	*x = ReportRequest{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[21]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2102,7 +2247,7 @@ func (x *ReportRequest) String() string {
 func (*ReportRequest) ProtoMessage() {}
 
 func (x *ReportRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[21]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2115,7 +2260,7 @@ func (x *ReportRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportRequest.ProtoReflect.Descriptor instead.
 func (*ReportRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{21}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ReportRequest) GetNode() string {
@@ -2162,7 +2307,7 @@ type ReportResponse struct {
 
 func (x *ReportResponse) Reset() {
 	*x = ReportResponse{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[22]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2174,7 +2319,7 @@ func (x *ReportResponse) String() string {
 func (*ReportResponse) ProtoMessage() {}
 
 func (x *ReportResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[22]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2187,7 +2332,7 @@ func (x *ReportResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportResponse.ProtoReflect.Descriptor instead.
 func (*ReportResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{22}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ReportResponse) GetLeader() string {
@@ -2216,7 +2361,7 @@ type MemberStatus struct {
 
 func (x *MemberStatus) Reset() {
 	*x = MemberStatus{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[23]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2228,7 +2373,7 @@ func (x *MemberStatus) String() string {
 func (*MemberStatus) ProtoMessage() {}
 
 func (x *MemberStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[23]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2241,7 +2386,7 @@ func (x *MemberStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemberStatus.ProtoReflect.Descriptor instead.
 func (*MemberStatus) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{23}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *MemberStatus) GetMember() *Member {
@@ -2297,7 +2442,7 @@ type BouncerStatus struct {
 
 func (x *BouncerStatus) Reset() {
 	*x = BouncerStatus{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[24]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2309,7 +2454,7 @@ func (x *BouncerStatus) String() string {
 func (*BouncerStatus) ProtoMessage() {}
 
 func (x *BouncerStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[24]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2322,7 +2467,7 @@ func (x *BouncerStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BouncerStatus.ProtoReflect.Descriptor instead.
 func (*BouncerStatus) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{24}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *BouncerStatus) GetBouncer() *Bouncer {
@@ -2357,7 +2502,7 @@ type ProbeStatus struct {
 
 func (x *ProbeStatus) Reset() {
 	*x = ProbeStatus{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[25]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2369,7 +2514,7 @@ func (x *ProbeStatus) String() string {
 func (*ProbeStatus) ProtoMessage() {}
 
 func (x *ProbeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[25]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2382,7 +2527,7 @@ func (x *ProbeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProbeStatus.ProtoReflect.Descriptor instead.
 func (*ProbeStatus) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{25}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ProbeStatus) GetNode() string {
@@ -2422,7 +2567,7 @@ type FailoverStatus struct {
 
 func (x *FailoverStatus) Reset() {
 	*x = FailoverStatus{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[26]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2434,7 +2579,7 @@ func (x *FailoverStatus) String() string {
 func (*FailoverStatus) ProtoMessage() {}
 
 func (x *FailoverStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[26]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2447,7 +2592,7 @@ func (x *FailoverStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FailoverStatus.ProtoReflect.Descriptor instead.
 func (*FailoverStatus) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{26}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *FailoverStatus) GetAutomatic() bool {
@@ -2486,7 +2631,7 @@ type GetStatusRequest struct {
 
 func (x *GetStatusRequest) Reset() {
 	*x = GetStatusRequest{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[27]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2498,7 +2643,7 @@ func (x *GetStatusRequest) String() string {
 func (*GetStatusRequest) ProtoMessage() {}
 
 func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[27]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2511,7 +2656,7 @@ func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetStatusRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{27}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{28}
 }
 
 type GetStatusResponse struct {
@@ -2534,7 +2679,7 @@ type GetStatusResponse struct {
 
 func (x *GetStatusResponse) Reset() {
 	*x = GetStatusResponse{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[28]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2546,7 +2691,7 @@ func (x *GetStatusResponse) String() string {
 func (*GetStatusResponse) ProtoMessage() {}
 
 func (x *GetStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[28]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2559,7 +2704,7 @@ func (x *GetStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetStatusResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{28}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *GetStatusResponse) GetState() *State {
@@ -2643,7 +2788,7 @@ type SwitchoverRequest struct {
 
 func (x *SwitchoverRequest) Reset() {
 	*x = SwitchoverRequest{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[29]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2655,7 +2800,7 @@ func (x *SwitchoverRequest) String() string {
 func (*SwitchoverRequest) ProtoMessage() {}
 
 func (x *SwitchoverRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[29]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2668,7 +2813,7 @@ func (x *SwitchoverRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SwitchoverRequest.ProtoReflect.Descriptor instead.
 func (*SwitchoverRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{29}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *SwitchoverRequest) GetTo() string {
@@ -2695,7 +2840,7 @@ type SwitchoverResponse struct {
 
 func (x *SwitchoverResponse) Reset() {
 	*x = SwitchoverResponse{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[30]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2707,7 +2852,7 @@ func (x *SwitchoverResponse) String() string {
 func (*SwitchoverResponse) ProtoMessage() {}
 
 func (x *SwitchoverResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[30]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2720,7 +2865,7 @@ func (x *SwitchoverResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SwitchoverResponse.ProtoReflect.Descriptor instead.
 func (*SwitchoverResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{30}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *SwitchoverResponse) GetOperation() *Operation {
@@ -2750,7 +2895,7 @@ type FailoverRequest struct {
 
 func (x *FailoverRequest) Reset() {
 	*x = FailoverRequest{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[31]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2762,7 +2907,7 @@ func (x *FailoverRequest) String() string {
 func (*FailoverRequest) ProtoMessage() {}
 
 func (x *FailoverRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[31]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2775,7 +2920,7 @@ func (x *FailoverRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FailoverRequest.ProtoReflect.Descriptor instead.
 func (*FailoverRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{31}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *FailoverRequest) GetTo() string {
@@ -2802,7 +2947,7 @@ type FailoverResponse struct {
 
 func (x *FailoverResponse) Reset() {
 	*x = FailoverResponse{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[32]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2814,7 +2959,7 @@ func (x *FailoverResponse) String() string {
 func (*FailoverResponse) ProtoMessage() {}
 
 func (x *FailoverResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[32]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2827,7 +2972,7 @@ func (x *FailoverResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FailoverResponse.ProtoReflect.Descriptor instead.
 func (*FailoverResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{32}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *FailoverResponse) GetOperation() *Operation {
@@ -2853,7 +2998,7 @@ type AbortRequest struct {
 
 func (x *AbortRequest) Reset() {
 	*x = AbortRequest{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[33]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2865,7 +3010,7 @@ func (x *AbortRequest) String() string {
 func (*AbortRequest) ProtoMessage() {}
 
 func (x *AbortRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[33]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2878,7 +3023,7 @@ func (x *AbortRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortRequest.ProtoReflect.Descriptor instead.
 func (*AbortRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{33}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *AbortRequest) GetReason() string {
@@ -2898,7 +3043,7 @@ type AbortResponse struct {
 
 func (x *AbortResponse) Reset() {
 	*x = AbortResponse{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[34]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2910,7 +3055,7 @@ func (x *AbortResponse) String() string {
 func (*AbortResponse) ProtoMessage() {}
 
 func (x *AbortResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[34]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2923,7 +3068,7 @@ func (x *AbortResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortResponse.ProtoReflect.Descriptor instead.
 func (*AbortResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{34}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *AbortResponse) GetOperation() *Operation {
@@ -2949,7 +3094,7 @@ type PauseRequest struct {
 
 func (x *PauseRequest) Reset() {
 	*x = PauseRequest{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[35]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2961,7 +3106,7 @@ func (x *PauseRequest) String() string {
 func (*PauseRequest) ProtoMessage() {}
 
 func (x *PauseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[35]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2974,7 +3119,7 @@ func (x *PauseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseRequest.ProtoReflect.Descriptor instead.
 func (*PauseRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{35}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *PauseRequest) GetReason() string {
@@ -2993,7 +3138,7 @@ type PauseResponse struct {
 
 func (x *PauseResponse) Reset() {
 	*x = PauseResponse{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[36]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3005,7 +3150,7 @@ func (x *PauseResponse) String() string {
 func (*PauseResponse) ProtoMessage() {}
 
 func (x *PauseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[36]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3018,7 +3163,7 @@ func (x *PauseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseResponse.ProtoReflect.Descriptor instead.
 func (*PauseResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{36}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *PauseResponse) GetIndex() uint64 {
@@ -3036,7 +3181,7 @@ type ResumeRequest struct {
 
 func (x *ResumeRequest) Reset() {
 	*x = ResumeRequest{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[37]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3048,7 +3193,7 @@ func (x *ResumeRequest) String() string {
 func (*ResumeRequest) ProtoMessage() {}
 
 func (x *ResumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[37]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3061,7 +3206,7 @@ func (x *ResumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeRequest.ProtoReflect.Descriptor instead.
 func (*ResumeRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{37}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{38}
 }
 
 type ResumeResponse struct {
@@ -3073,7 +3218,7 @@ type ResumeResponse struct {
 
 func (x *ResumeResponse) Reset() {
 	*x = ResumeResponse{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[38]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3085,7 +3230,7 @@ func (x *ResumeResponse) String() string {
 func (*ResumeResponse) ProtoMessage() {}
 
 func (x *ResumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[38]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3098,7 +3243,7 @@ func (x *ResumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeResponse.ProtoReflect.Descriptor instead.
 func (*ResumeResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{38}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *ResumeResponse) GetIndex() uint64 {
@@ -3118,7 +3263,7 @@ type GetHistoryRequest struct {
 
 func (x *GetHistoryRequest) Reset() {
 	*x = GetHistoryRequest{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[39]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3130,7 +3275,7 @@ func (x *GetHistoryRequest) String() string {
 func (*GetHistoryRequest) ProtoMessage() {}
 
 func (x *GetHistoryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[39]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3143,7 +3288,7 @@ func (x *GetHistoryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetHistoryRequest.ProtoReflect.Descriptor instead.
 func (*GetHistoryRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{39}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *GetHistoryRequest) GetLimit() int32 {
@@ -3163,7 +3308,7 @@ type GetHistoryResponse struct {
 
 func (x *GetHistoryResponse) Reset() {
 	*x = GetHistoryResponse{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[40]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3175,7 +3320,7 @@ func (x *GetHistoryResponse) String() string {
 func (*GetHistoryResponse) ProtoMessage() {}
 
 func (x *GetHistoryResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[40]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3188,7 +3333,7 @@ func (x *GetHistoryResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetHistoryResponse.ProtoReflect.Descriptor instead.
 func (*GetHistoryResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{40}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *GetHistoryResponse) GetHistory() []*HistoryEntry {
@@ -3213,7 +3358,7 @@ type GetWritableRequest struct {
 
 func (x *GetWritableRequest) Reset() {
 	*x = GetWritableRequest{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[41]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3225,7 +3370,7 @@ func (x *GetWritableRequest) String() string {
 func (*GetWritableRequest) ProtoMessage() {}
 
 func (x *GetWritableRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[41]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3238,7 +3383,7 @@ func (x *GetWritableRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetWritableRequest.ProtoReflect.Descriptor instead.
 func (*GetWritableRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{41}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{42}
 }
 
 type GetWritableResponse struct {
@@ -3256,7 +3401,7 @@ type GetWritableResponse struct {
 
 func (x *GetWritableResponse) Reset() {
 	*x = GetWritableResponse{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[42]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3268,7 +3413,7 @@ func (x *GetWritableResponse) String() string {
 func (*GetWritableResponse) ProtoMessage() {}
 
 func (x *GetWritableResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[42]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3281,7 +3426,7 @@ func (x *GetWritableResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetWritableResponse.ProtoReflect.Descriptor instead.
 func (*GetWritableResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{42}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *GetWritableResponse) GetWritable() bool {
@@ -3335,7 +3480,7 @@ type ForgetRequest struct {
 
 func (x *ForgetRequest) Reset() {
 	*x = ForgetRequest{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[43]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3347,7 +3492,7 @@ func (x *ForgetRequest) String() string {
 func (*ForgetRequest) ProtoMessage() {}
 
 func (x *ForgetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[43]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3360,7 +3505,7 @@ func (x *ForgetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForgetRequest.ProtoReflect.Descriptor instead.
 func (*ForgetRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{43}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *ForgetRequest) GetName() string {
@@ -3379,7 +3524,7 @@ type ForgetResponse struct {
 
 func (x *ForgetResponse) Reset() {
 	*x = ForgetResponse{}
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[44]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3391,7 +3536,7 @@ func (x *ForgetResponse) String() string {
 func (*ForgetResponse) ProtoMessage() {}
 
 func (x *ForgetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_db_v1_db_proto_msgTypes[44]
+	mi := &file_gitraft_db_v1_db_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3404,7 +3549,7 @@ func (x *ForgetResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForgetResponse.ProtoReflect.Descriptor instead.
 func (*ForgetResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{44}
+	return file_gitraft_db_v1_db_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *ForgetResponse) GetIndex() uint64 {
@@ -3466,7 +3611,7 @@ const file_gitraft_db_v1_db_proto_rawDesc = "" +
 	"\x12finished_unix_nano\x18\t \x01(\x03R\x10finishedUnixNano\x12\x1c\n" +
 	"\tautomatic\x18\n" +
 	" \x01(\bR\tautomatic\x12!\n" +
-	"\frequested_by\x18\v \x01(\tR\vrequestedBy\"\xf5\x03\n" +
+	"\frequested_by\x18\v \x01(\tR\vrequestedBy\"\xa1\x05\n" +
 	"\x05State\x12/\n" +
 	"\amembers\x18\x01 \x03(\v2\x15.gitraft.db.v1.MemberR\amembers\x122\n" +
 	"\bbouncers\x18\x02 \x03(\v2\x16.gitraft.db.v1.BouncerR\bbouncers\x12\x18\n" +
@@ -3482,9 +3627,12 @@ const file_gitraft_db_v1_db_proto_rawDesc = "" +
 	"\ahistory\x18\n" +
 	" \x03(\v2\x1b.gitraft.db.v1.HistoryEntryR\ahistory\x12#\n" +
 	"\rupdated_index\x18\v \x01(\x04R\fupdatedIndex\x125\n" +
-	"\x17primary_since_unix_nano\x18\f \x01(\x03R\x14primarySinceUnixNano\"6\n" +
+	"\x17primary_since_unix_nano\x18\f \x01(\x03R\x14primarySinceUnixNano\x12:\n" +
+	"\x19synchronous_standby_names\x18\r \x01(\tR\x17synchronousStandbyNames\x12/\n" +
+	"\x13synchronous_standby\x18\x0e \x01(\tR\x12synchronousStandby\x12=\n" +
+	"\x1bsynchronous_since_unix_nano\x18\x0f \x01(\x03R\x18synchronousSinceUnixNano\"6\n" +
 	"\bSnapshot\x12*\n" +
-	"\x05state\x18\x01 \x01(\v2\x14.gitraft.db.v1.StateR\x05state\"\xb6\x04\n" +
+	"\x05state\x18\x01 \x01(\v2\x14.gitraft.db.v1.StateR\x05state\"\x80\x05\n" +
 	"\aCommand\x12H\n" +
 	"\x0fregister_member\x18\x01 \x01(\v2\x1d.gitraft.db.v1.RegisterMemberH\x00R\x0eregisterMember\x12K\n" +
 	"\x10register_bouncer\x18\x02 \x01(\v2\x1e.gitraft.db.v1.RegisterBouncerH\x00R\x0fregisterBouncer\x12/\n" +
@@ -3496,14 +3644,20 @@ const file_gitraft_db_v1_db_proto_rawDesc = "" +
 	"\x06finish\x18\a \x01(\v2\x1e.gitraft.db.v1.FinishOperationH\x00R\x06finish\x125\n" +
 	"\x05abort\x18\b \x01(\v2\x1d.gitraft.db.v1.AbortOperationH\x00R\x05abort\x129\n" +
 	"\n" +
-	"set_paused\x18\t \x01(\v2\x18.gitraft.db.v1.SetPausedH\x00R\tsetPausedB\t\n" +
-	"\acommand\"?\n" +
+	"set_paused\x18\t \x01(\v2\x18.gitraft.db.v1.SetPausedH\x00R\tsetPaused\x12H\n" +
+	"\x0fset_synchronous\x18\n" +
+	" \x01(\v2\x1d.gitraft.db.v1.SetSynchronousH\x00R\x0esetSynchronousB\t\n" +
+	"\acommand\"q\n" +
+	"\x0eSetSynchronous\x12\x14\n" +
+	"\x05names\x18\x01 \x01(\tR\x05names\x12\x18\n" +
+	"\astandby\x18\x02 \x01(\tR\astandby\x12/\n" +
+	"\x13expected_generation\x18\x03 \x01(\x04R\x12expectedGeneration\"?\n" +
 	"\x0eRegisterMember\x12-\n" +
 	"\x06member\x18\x01 \x01(\v2\x15.gitraft.db.v1.MemberR\x06member\"C\n" +
 	"\x0fRegisterBouncer\x120\n" +
 	"\abouncer\x18\x01 \x01(\v2\x16.gitraft.db.v1.BouncerR\abouncer\"\x1c\n" +
 	"\x06Forget\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\x8a\x02\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\xaa\x02\n" +
 	"\x0eBeginOperation\x12'\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x13.gitraft.db.v1.KindR\x04kind\x12\x16\n" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12/\n" +
@@ -3512,20 +3666,24 @@ const file_gitraft_db_v1_db_proto_rawDesc = "" +
 	"atUnixNano\x12\x1c\n" +
 	"\tautomatic\x18\x05 \x01(\bR\tautomatic\x12!\n" +
 	"\frequested_by\x18\x06 \x01(\tR\vrequestedBy\x12#\n" +
-	"\rtimeout_nanos\x18\a \x01(\x03R\ftimeoutNanos\"\xc7\x01\n" +
+	"\rtimeout_nanos\x18\a \x01(\x03R\ftimeoutNanos\x12\x1e\n" +
+	"\n" +
+	"checkpoint\x18\b \x01(\bR\n" +
+	"checkpoint\"\xc7\x01\n" +
 	"\fAdvancePhase\x12\x13\n" +
 	"\x05op_id\x18\x01 \x01(\x04R\x04opId\x12(\n" +
 	"\x04from\x18\x02 \x01(\x0e2\x14.gitraft.db.v1.PhaseR\x04from\x12$\n" +
 	"\x02to\x18\x03 \x01(\x0e2\x14.gitraft.db.v1.PhaseR\x02to\x12#\n" +
 	"\rtimeout_nanos\x18\x04 \x01(\x03R\ftimeoutNanos\x12\x19\n" +
 	"\bwait_lsn\x18\x05 \x01(\x04R\awaitLsn\x12\x12\n" +
-	"\x04note\x18\x06 \x01(\tR\x04note\"\x8b\x01\n" +
+	"\x04note\x18\x06 \x01(\tR\x04note\"\xc7\x01\n" +
 	"\n" +
 	"SetPrimary\x12\x13\n" +
 	"\x05op_id\x18\x01 \x01(\x04R\x04opId\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12/\n" +
 	"\x13expected_generation\x18\x03 \x01(\x04R\x12expectedGeneration\x12#\n" +
-	"\rtimeout_nanos\x18\x04 \x01(\x03R\ftimeoutNanos\"\x9a\x01\n" +
+	"\rtimeout_nanos\x18\x04 \x01(\x03R\ftimeoutNanos\x12:\n" +
+	"\x19synchronous_standby_names\x18\x05 \x01(\tR\x17synchronousStandbyNames\"\x9a\x01\n" +
 	"\x0fFinishOperation\x12\x13\n" +
 	"\x05op_id\x18\x01 \x01(\x04R\x04opId\x12(\n" +
 	"\x04from\x18\x02 \x01(\x0e2\x14.gitraft.db.v1.PhaseR\x04from\x120\n" +
@@ -3550,7 +3708,7 @@ const file_gitraft_db_v1_db_proto_rawDesc = "" +
 	"\x05phase\x18\x02 \x01(\x0e2\x14.gitraft.db.v1.PhaseR\x05phase\x12\x12\n" +
 	"\x04done\x18\x03 \x01(\bR\x04done\x12\x14\n" +
 	"\x05error\x18\x04 \x01(\tR\x05error\x12\x10\n" +
-	"\x03lsn\x18\x05 \x01(\x04R\x03lsn\"\x92\x03\n" +
+	"\x03lsn\x18\x05 \x01(\x04R\x03lsn\"\xae\x03\n" +
 	"\x0ePostgresReport\x12\x16\n" +
 	"\x06member\x18\x01 \x01(\tR\x06member\x12\x18\n" +
 	"\arunning\x18\x02 \x01(\bR\arunning\x12\x1f\n" +
@@ -3566,7 +3724,8 @@ const file_gitraft_db_v1_db_proto_rawDesc = "" +
 	"\bupstream\x18\n" +
 	" \x01(\tR\bupstream\x12:\n" +
 	"\x19synchronous_standby_names\x18\v \x01(\tR\x17synchronousStandbyNames\x12 \n" +
-	"\vsynchronous\x18\f \x03(\tR\vsynchronous\"\xed\x01\n" +
+	"\vsynchronous\x18\f \x03(\tR\vsynchronous\x12\x1a\n" +
+	"\breplicas\x18\r \x03(\tR\breplicas\"\xed\x01\n" +
 	"\rBouncerReport\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12-\n" +
 	"\x12applied_generation\x18\x02 \x01(\x04R\x11appliedGeneration\x12\x16\n" +
@@ -3718,7 +3877,7 @@ func file_gitraft_db_v1_db_proto_rawDescGZIP() []byte {
 }
 
 var file_gitraft_db_v1_db_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_gitraft_db_v1_db_proto_msgTypes = make([]protoimpl.MessageInfo, 45)
+var file_gitraft_db_v1_db_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
 var file_gitraft_db_v1_db_proto_goTypes = []any{
 	(Kind)(0),                   // 0: gitraft.db.v1.Kind
 	(Phase)(0),                  // 1: gitraft.db.v1.Phase
@@ -3730,44 +3889,45 @@ var file_gitraft_db_v1_db_proto_goTypes = []any{
 	(*State)(nil),               // 7: gitraft.db.v1.State
 	(*Snapshot)(nil),            // 8: gitraft.db.v1.Snapshot
 	(*Command)(nil),             // 9: gitraft.db.v1.Command
-	(*RegisterMember)(nil),      // 10: gitraft.db.v1.RegisterMember
-	(*RegisterBouncer)(nil),     // 11: gitraft.db.v1.RegisterBouncer
-	(*Forget)(nil),              // 12: gitraft.db.v1.Forget
-	(*BeginOperation)(nil),      // 13: gitraft.db.v1.BeginOperation
-	(*AdvancePhase)(nil),        // 14: gitraft.db.v1.AdvancePhase
-	(*SetPrimary)(nil),          // 15: gitraft.db.v1.SetPrimary
-	(*FinishOperation)(nil),     // 16: gitraft.db.v1.FinishOperation
-	(*AbortOperation)(nil),      // 17: gitraft.db.v1.AbortOperation
-	(*SetPaused)(nil),           // 18: gitraft.db.v1.SetPaused
-	(*Result)(nil),              // 19: gitraft.db.v1.Result
-	(*Step)(nil),                // 20: gitraft.db.v1.Step
-	(*PostgresReport)(nil),      // 21: gitraft.db.v1.PostgresReport
-	(*BouncerReport)(nil),       // 22: gitraft.db.v1.BouncerReport
-	(*ProbeReport)(nil),         // 23: gitraft.db.v1.ProbeReport
-	(*ReportRequest)(nil),       // 24: gitraft.db.v1.ReportRequest
-	(*ReportResponse)(nil),      // 25: gitraft.db.v1.ReportResponse
-	(*MemberStatus)(nil),        // 26: gitraft.db.v1.MemberStatus
-	(*BouncerStatus)(nil),       // 27: gitraft.db.v1.BouncerStatus
-	(*ProbeStatus)(nil),         // 28: gitraft.db.v1.ProbeStatus
-	(*FailoverStatus)(nil),      // 29: gitraft.db.v1.FailoverStatus
-	(*GetStatusRequest)(nil),    // 30: gitraft.db.v1.GetStatusRequest
-	(*GetStatusResponse)(nil),   // 31: gitraft.db.v1.GetStatusResponse
-	(*SwitchoverRequest)(nil),   // 32: gitraft.db.v1.SwitchoverRequest
-	(*SwitchoverResponse)(nil),  // 33: gitraft.db.v1.SwitchoverResponse
-	(*FailoverRequest)(nil),     // 34: gitraft.db.v1.FailoverRequest
-	(*FailoverResponse)(nil),    // 35: gitraft.db.v1.FailoverResponse
-	(*AbortRequest)(nil),        // 36: gitraft.db.v1.AbortRequest
-	(*AbortResponse)(nil),       // 37: gitraft.db.v1.AbortResponse
-	(*PauseRequest)(nil),        // 38: gitraft.db.v1.PauseRequest
-	(*PauseResponse)(nil),       // 39: gitraft.db.v1.PauseResponse
-	(*ResumeRequest)(nil),       // 40: gitraft.db.v1.ResumeRequest
-	(*ResumeResponse)(nil),      // 41: gitraft.db.v1.ResumeResponse
-	(*GetHistoryRequest)(nil),   // 42: gitraft.db.v1.GetHistoryRequest
-	(*GetHistoryResponse)(nil),  // 43: gitraft.db.v1.GetHistoryResponse
-	(*GetWritableRequest)(nil),  // 44: gitraft.db.v1.GetWritableRequest
-	(*GetWritableResponse)(nil), // 45: gitraft.db.v1.GetWritableResponse
-	(*ForgetRequest)(nil),       // 46: gitraft.db.v1.ForgetRequest
-	(*ForgetResponse)(nil),      // 47: gitraft.db.v1.ForgetResponse
+	(*SetSynchronous)(nil),      // 10: gitraft.db.v1.SetSynchronous
+	(*RegisterMember)(nil),      // 11: gitraft.db.v1.RegisterMember
+	(*RegisterBouncer)(nil),     // 12: gitraft.db.v1.RegisterBouncer
+	(*Forget)(nil),              // 13: gitraft.db.v1.Forget
+	(*BeginOperation)(nil),      // 14: gitraft.db.v1.BeginOperation
+	(*AdvancePhase)(nil),        // 15: gitraft.db.v1.AdvancePhase
+	(*SetPrimary)(nil),          // 16: gitraft.db.v1.SetPrimary
+	(*FinishOperation)(nil),     // 17: gitraft.db.v1.FinishOperation
+	(*AbortOperation)(nil),      // 18: gitraft.db.v1.AbortOperation
+	(*SetPaused)(nil),           // 19: gitraft.db.v1.SetPaused
+	(*Result)(nil),              // 20: gitraft.db.v1.Result
+	(*Step)(nil),                // 21: gitraft.db.v1.Step
+	(*PostgresReport)(nil),      // 22: gitraft.db.v1.PostgresReport
+	(*BouncerReport)(nil),       // 23: gitraft.db.v1.BouncerReport
+	(*ProbeReport)(nil),         // 24: gitraft.db.v1.ProbeReport
+	(*ReportRequest)(nil),       // 25: gitraft.db.v1.ReportRequest
+	(*ReportResponse)(nil),      // 26: gitraft.db.v1.ReportResponse
+	(*MemberStatus)(nil),        // 27: gitraft.db.v1.MemberStatus
+	(*BouncerStatus)(nil),       // 28: gitraft.db.v1.BouncerStatus
+	(*ProbeStatus)(nil),         // 29: gitraft.db.v1.ProbeStatus
+	(*FailoverStatus)(nil),      // 30: gitraft.db.v1.FailoverStatus
+	(*GetStatusRequest)(nil),    // 31: gitraft.db.v1.GetStatusRequest
+	(*GetStatusResponse)(nil),   // 32: gitraft.db.v1.GetStatusResponse
+	(*SwitchoverRequest)(nil),   // 33: gitraft.db.v1.SwitchoverRequest
+	(*SwitchoverResponse)(nil),  // 34: gitraft.db.v1.SwitchoverResponse
+	(*FailoverRequest)(nil),     // 35: gitraft.db.v1.FailoverRequest
+	(*FailoverResponse)(nil),    // 36: gitraft.db.v1.FailoverResponse
+	(*AbortRequest)(nil),        // 37: gitraft.db.v1.AbortRequest
+	(*AbortResponse)(nil),       // 38: gitraft.db.v1.AbortResponse
+	(*PauseRequest)(nil),        // 39: gitraft.db.v1.PauseRequest
+	(*PauseResponse)(nil),       // 40: gitraft.db.v1.PauseResponse
+	(*ResumeRequest)(nil),       // 41: gitraft.db.v1.ResumeRequest
+	(*ResumeResponse)(nil),      // 42: gitraft.db.v1.ResumeResponse
+	(*GetHistoryRequest)(nil),   // 43: gitraft.db.v1.GetHistoryRequest
+	(*GetHistoryResponse)(nil),  // 44: gitraft.db.v1.GetHistoryResponse
+	(*GetWritableRequest)(nil),  // 45: gitraft.db.v1.GetWritableRequest
+	(*GetWritableResponse)(nil), // 46: gitraft.db.v1.GetWritableResponse
+	(*ForgetRequest)(nil),       // 47: gitraft.db.v1.ForgetRequest
+	(*ForgetResponse)(nil),      // 48: gitraft.db.v1.ForgetResponse
 }
 var file_gitraft_db_v1_db_proto_depIdxs = []int32{
 	0,  // 0: gitraft.db.v1.Operation.kind:type_name -> gitraft.db.v1.Kind
@@ -3779,69 +3939,70 @@ var file_gitraft_db_v1_db_proto_depIdxs = []int32{
 	5,  // 6: gitraft.db.v1.State.operation:type_name -> gitraft.db.v1.Operation
 	6,  // 7: gitraft.db.v1.State.history:type_name -> gitraft.db.v1.HistoryEntry
 	7,  // 8: gitraft.db.v1.Snapshot.state:type_name -> gitraft.db.v1.State
-	10, // 9: gitraft.db.v1.Command.register_member:type_name -> gitraft.db.v1.RegisterMember
-	11, // 10: gitraft.db.v1.Command.register_bouncer:type_name -> gitraft.db.v1.RegisterBouncer
-	12, // 11: gitraft.db.v1.Command.forget:type_name -> gitraft.db.v1.Forget
-	13, // 12: gitraft.db.v1.Command.begin:type_name -> gitraft.db.v1.BeginOperation
-	14, // 13: gitraft.db.v1.Command.advance:type_name -> gitraft.db.v1.AdvancePhase
-	15, // 14: gitraft.db.v1.Command.set_primary:type_name -> gitraft.db.v1.SetPrimary
-	16, // 15: gitraft.db.v1.Command.finish:type_name -> gitraft.db.v1.FinishOperation
-	17, // 16: gitraft.db.v1.Command.abort:type_name -> gitraft.db.v1.AbortOperation
-	18, // 17: gitraft.db.v1.Command.set_paused:type_name -> gitraft.db.v1.SetPaused
-	3,  // 18: gitraft.db.v1.RegisterMember.member:type_name -> gitraft.db.v1.Member
-	4,  // 19: gitraft.db.v1.RegisterBouncer.bouncer:type_name -> gitraft.db.v1.Bouncer
-	0,  // 20: gitraft.db.v1.BeginOperation.kind:type_name -> gitraft.db.v1.Kind
-	1,  // 21: gitraft.db.v1.AdvancePhase.from:type_name -> gitraft.db.v1.Phase
-	1,  // 22: gitraft.db.v1.AdvancePhase.to:type_name -> gitraft.db.v1.Phase
-	1,  // 23: gitraft.db.v1.FinishOperation.from:type_name -> gitraft.db.v1.Phase
-	2,  // 24: gitraft.db.v1.FinishOperation.outcome:type_name -> gitraft.db.v1.Outcome
-	5,  // 25: gitraft.db.v1.Result.operation:type_name -> gitraft.db.v1.Operation
-	1,  // 26: gitraft.db.v1.Step.phase:type_name -> gitraft.db.v1.Phase
-	20, // 27: gitraft.db.v1.PostgresReport.step:type_name -> gitraft.db.v1.Step
-	20, // 28: gitraft.db.v1.BouncerReport.step:type_name -> gitraft.db.v1.Step
-	21, // 29: gitraft.db.v1.ReportRequest.postgres:type_name -> gitraft.db.v1.PostgresReport
-	22, // 30: gitraft.db.v1.ReportRequest.bouncer:type_name -> gitraft.db.v1.BouncerReport
-	23, // 31: gitraft.db.v1.ReportRequest.probe:type_name -> gitraft.db.v1.ProbeReport
-	3,  // 32: gitraft.db.v1.MemberStatus.member:type_name -> gitraft.db.v1.Member
-	21, // 33: gitraft.db.v1.MemberStatus.health:type_name -> gitraft.db.v1.PostgresReport
-	4,  // 34: gitraft.db.v1.BouncerStatus.bouncer:type_name -> gitraft.db.v1.Bouncer
-	22, // 35: gitraft.db.v1.BouncerStatus.report:type_name -> gitraft.db.v1.BouncerReport
-	23, // 36: gitraft.db.v1.ProbeStatus.probe:type_name -> gitraft.db.v1.ProbeReport
-	7,  // 37: gitraft.db.v1.GetStatusResponse.state:type_name -> gitraft.db.v1.State
-	26, // 38: gitraft.db.v1.GetStatusResponse.members:type_name -> gitraft.db.v1.MemberStatus
-	27, // 39: gitraft.db.v1.GetStatusResponse.bouncers:type_name -> gitraft.db.v1.BouncerStatus
-	28, // 40: gitraft.db.v1.GetStatusResponse.probes:type_name -> gitraft.db.v1.ProbeStatus
-	29, // 41: gitraft.db.v1.GetStatusResponse.failover:type_name -> gitraft.db.v1.FailoverStatus
-	5,  // 42: gitraft.db.v1.SwitchoverResponse.operation:type_name -> gitraft.db.v1.Operation
-	5,  // 43: gitraft.db.v1.FailoverResponse.operation:type_name -> gitraft.db.v1.Operation
-	5,  // 44: gitraft.db.v1.AbortResponse.operation:type_name -> gitraft.db.v1.Operation
-	6,  // 45: gitraft.db.v1.GetHistoryResponse.history:type_name -> gitraft.db.v1.HistoryEntry
-	1,  // 46: gitraft.db.v1.GetWritableResponse.phase:type_name -> gitraft.db.v1.Phase
-	24, // 47: gitraft.db.v1.DatabaseAgentService.Report:input_type -> gitraft.db.v1.ReportRequest
-	30, // 48: gitraft.db.v1.DatabaseService.GetStatus:input_type -> gitraft.db.v1.GetStatusRequest
-	32, // 49: gitraft.db.v1.DatabaseService.Switchover:input_type -> gitraft.db.v1.SwitchoverRequest
-	34, // 50: gitraft.db.v1.DatabaseService.Failover:input_type -> gitraft.db.v1.FailoverRequest
-	36, // 51: gitraft.db.v1.DatabaseService.Abort:input_type -> gitraft.db.v1.AbortRequest
-	38, // 52: gitraft.db.v1.DatabaseService.Pause:input_type -> gitraft.db.v1.PauseRequest
-	40, // 53: gitraft.db.v1.DatabaseService.Resume:input_type -> gitraft.db.v1.ResumeRequest
-	42, // 54: gitraft.db.v1.DatabaseService.GetHistory:input_type -> gitraft.db.v1.GetHistoryRequest
-	44, // 55: gitraft.db.v1.DatabaseService.GetWritable:input_type -> gitraft.db.v1.GetWritableRequest
-	46, // 56: gitraft.db.v1.DatabaseService.Forget:input_type -> gitraft.db.v1.ForgetRequest
-	25, // 57: gitraft.db.v1.DatabaseAgentService.Report:output_type -> gitraft.db.v1.ReportResponse
-	31, // 58: gitraft.db.v1.DatabaseService.GetStatus:output_type -> gitraft.db.v1.GetStatusResponse
-	33, // 59: gitraft.db.v1.DatabaseService.Switchover:output_type -> gitraft.db.v1.SwitchoverResponse
-	35, // 60: gitraft.db.v1.DatabaseService.Failover:output_type -> gitraft.db.v1.FailoverResponse
-	37, // 61: gitraft.db.v1.DatabaseService.Abort:output_type -> gitraft.db.v1.AbortResponse
-	39, // 62: gitraft.db.v1.DatabaseService.Pause:output_type -> gitraft.db.v1.PauseResponse
-	41, // 63: gitraft.db.v1.DatabaseService.Resume:output_type -> gitraft.db.v1.ResumeResponse
-	43, // 64: gitraft.db.v1.DatabaseService.GetHistory:output_type -> gitraft.db.v1.GetHistoryResponse
-	45, // 65: gitraft.db.v1.DatabaseService.GetWritable:output_type -> gitraft.db.v1.GetWritableResponse
-	47, // 66: gitraft.db.v1.DatabaseService.Forget:output_type -> gitraft.db.v1.ForgetResponse
-	57, // [57:67] is the sub-list for method output_type
-	47, // [47:57] is the sub-list for method input_type
-	47, // [47:47] is the sub-list for extension type_name
-	47, // [47:47] is the sub-list for extension extendee
-	0,  // [0:47] is the sub-list for field type_name
+	11, // 9: gitraft.db.v1.Command.register_member:type_name -> gitraft.db.v1.RegisterMember
+	12, // 10: gitraft.db.v1.Command.register_bouncer:type_name -> gitraft.db.v1.RegisterBouncer
+	13, // 11: gitraft.db.v1.Command.forget:type_name -> gitraft.db.v1.Forget
+	14, // 12: gitraft.db.v1.Command.begin:type_name -> gitraft.db.v1.BeginOperation
+	15, // 13: gitraft.db.v1.Command.advance:type_name -> gitraft.db.v1.AdvancePhase
+	16, // 14: gitraft.db.v1.Command.set_primary:type_name -> gitraft.db.v1.SetPrimary
+	17, // 15: gitraft.db.v1.Command.finish:type_name -> gitraft.db.v1.FinishOperation
+	18, // 16: gitraft.db.v1.Command.abort:type_name -> gitraft.db.v1.AbortOperation
+	19, // 17: gitraft.db.v1.Command.set_paused:type_name -> gitraft.db.v1.SetPaused
+	10, // 18: gitraft.db.v1.Command.set_synchronous:type_name -> gitraft.db.v1.SetSynchronous
+	3,  // 19: gitraft.db.v1.RegisterMember.member:type_name -> gitraft.db.v1.Member
+	4,  // 20: gitraft.db.v1.RegisterBouncer.bouncer:type_name -> gitraft.db.v1.Bouncer
+	0,  // 21: gitraft.db.v1.BeginOperation.kind:type_name -> gitraft.db.v1.Kind
+	1,  // 22: gitraft.db.v1.AdvancePhase.from:type_name -> gitraft.db.v1.Phase
+	1,  // 23: gitraft.db.v1.AdvancePhase.to:type_name -> gitraft.db.v1.Phase
+	1,  // 24: gitraft.db.v1.FinishOperation.from:type_name -> gitraft.db.v1.Phase
+	2,  // 25: gitraft.db.v1.FinishOperation.outcome:type_name -> gitraft.db.v1.Outcome
+	5,  // 26: gitraft.db.v1.Result.operation:type_name -> gitraft.db.v1.Operation
+	1,  // 27: gitraft.db.v1.Step.phase:type_name -> gitraft.db.v1.Phase
+	21, // 28: gitraft.db.v1.PostgresReport.step:type_name -> gitraft.db.v1.Step
+	21, // 29: gitraft.db.v1.BouncerReport.step:type_name -> gitraft.db.v1.Step
+	22, // 30: gitraft.db.v1.ReportRequest.postgres:type_name -> gitraft.db.v1.PostgresReport
+	23, // 31: gitraft.db.v1.ReportRequest.bouncer:type_name -> gitraft.db.v1.BouncerReport
+	24, // 32: gitraft.db.v1.ReportRequest.probe:type_name -> gitraft.db.v1.ProbeReport
+	3,  // 33: gitraft.db.v1.MemberStatus.member:type_name -> gitraft.db.v1.Member
+	22, // 34: gitraft.db.v1.MemberStatus.health:type_name -> gitraft.db.v1.PostgresReport
+	4,  // 35: gitraft.db.v1.BouncerStatus.bouncer:type_name -> gitraft.db.v1.Bouncer
+	23, // 36: gitraft.db.v1.BouncerStatus.report:type_name -> gitraft.db.v1.BouncerReport
+	24, // 37: gitraft.db.v1.ProbeStatus.probe:type_name -> gitraft.db.v1.ProbeReport
+	7,  // 38: gitraft.db.v1.GetStatusResponse.state:type_name -> gitraft.db.v1.State
+	27, // 39: gitraft.db.v1.GetStatusResponse.members:type_name -> gitraft.db.v1.MemberStatus
+	28, // 40: gitraft.db.v1.GetStatusResponse.bouncers:type_name -> gitraft.db.v1.BouncerStatus
+	29, // 41: gitraft.db.v1.GetStatusResponse.probes:type_name -> gitraft.db.v1.ProbeStatus
+	30, // 42: gitraft.db.v1.GetStatusResponse.failover:type_name -> gitraft.db.v1.FailoverStatus
+	5,  // 43: gitraft.db.v1.SwitchoverResponse.operation:type_name -> gitraft.db.v1.Operation
+	5,  // 44: gitraft.db.v1.FailoverResponse.operation:type_name -> gitraft.db.v1.Operation
+	5,  // 45: gitraft.db.v1.AbortResponse.operation:type_name -> gitraft.db.v1.Operation
+	6,  // 46: gitraft.db.v1.GetHistoryResponse.history:type_name -> gitraft.db.v1.HistoryEntry
+	1,  // 47: gitraft.db.v1.GetWritableResponse.phase:type_name -> gitraft.db.v1.Phase
+	25, // 48: gitraft.db.v1.DatabaseAgentService.Report:input_type -> gitraft.db.v1.ReportRequest
+	31, // 49: gitraft.db.v1.DatabaseService.GetStatus:input_type -> gitraft.db.v1.GetStatusRequest
+	33, // 50: gitraft.db.v1.DatabaseService.Switchover:input_type -> gitraft.db.v1.SwitchoverRequest
+	35, // 51: gitraft.db.v1.DatabaseService.Failover:input_type -> gitraft.db.v1.FailoverRequest
+	37, // 52: gitraft.db.v1.DatabaseService.Abort:input_type -> gitraft.db.v1.AbortRequest
+	39, // 53: gitraft.db.v1.DatabaseService.Pause:input_type -> gitraft.db.v1.PauseRequest
+	41, // 54: gitraft.db.v1.DatabaseService.Resume:input_type -> gitraft.db.v1.ResumeRequest
+	43, // 55: gitraft.db.v1.DatabaseService.GetHistory:input_type -> gitraft.db.v1.GetHistoryRequest
+	45, // 56: gitraft.db.v1.DatabaseService.GetWritable:input_type -> gitraft.db.v1.GetWritableRequest
+	47, // 57: gitraft.db.v1.DatabaseService.Forget:input_type -> gitraft.db.v1.ForgetRequest
+	26, // 58: gitraft.db.v1.DatabaseAgentService.Report:output_type -> gitraft.db.v1.ReportResponse
+	32, // 59: gitraft.db.v1.DatabaseService.GetStatus:output_type -> gitraft.db.v1.GetStatusResponse
+	34, // 60: gitraft.db.v1.DatabaseService.Switchover:output_type -> gitraft.db.v1.SwitchoverResponse
+	36, // 61: gitraft.db.v1.DatabaseService.Failover:output_type -> gitraft.db.v1.FailoverResponse
+	38, // 62: gitraft.db.v1.DatabaseService.Abort:output_type -> gitraft.db.v1.AbortResponse
+	40, // 63: gitraft.db.v1.DatabaseService.Pause:output_type -> gitraft.db.v1.PauseResponse
+	42, // 64: gitraft.db.v1.DatabaseService.Resume:output_type -> gitraft.db.v1.ResumeResponse
+	44, // 65: gitraft.db.v1.DatabaseService.GetHistory:output_type -> gitraft.db.v1.GetHistoryResponse
+	46, // 66: gitraft.db.v1.DatabaseService.GetWritable:output_type -> gitraft.db.v1.GetWritableResponse
+	48, // 67: gitraft.db.v1.DatabaseService.Forget:output_type -> gitraft.db.v1.ForgetResponse
+	58, // [58:68] is the sub-list for method output_type
+	48, // [48:58] is the sub-list for method input_type
+	48, // [48:48] is the sub-list for extension type_name
+	48, // [48:48] is the sub-list for extension extendee
+	0,  // [0:48] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_db_v1_db_proto_init() }
@@ -3859,6 +4020,7 @@ func file_gitraft_db_v1_db_proto_init() {
 		(*Command_Finish)(nil),
 		(*Command_Abort)(nil),
 		(*Command_SetPaused)(nil),
+		(*Command_SetSynchronous)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -3866,7 +4028,7 @@ func file_gitraft_db_v1_db_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_db_v1_db_proto_rawDesc), len(file_gitraft_db_v1_db_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   45,
+			NumMessages:   46,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
