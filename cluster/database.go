@@ -348,6 +348,33 @@ func (n *Node) registerDatabase(s *grpc.Server) {
 		n.fsm.Read(func(s *State) { g = s.Database().Generation() })
 		return float64(g)
 	}))
+	n.metrics.reg.MustRegister(&dbStandbyCollector{n: n})
+}
+
+var dbPromotableDesc = prometheus.NewDesc("gitraft_db_promotable_standby",
+	"1 when a standby could be promoted now (reporting, running in recovery, allowed to fail over, within database.max_lag_bytes), 0 when none could. Only the leader exports it, once a primary is recorded: it judges from the agents' reports, which only the leader hears.", nil, nil)
+
+// dbStandbyCollector exports gitraft_db_promotable_standby while this node
+// leads and the database target has a primary.
+type dbStandbyCollector struct{ n *Node }
+
+func (c *dbStandbyCollector) Describe(ch chan<- *prometheus.Desc) { ch <- dbPromotableDesc }
+
+func (c *dbStandbyCollector) Collect(ch chan<- prometheus.Metric) {
+	if c.n.raft == nil || c.n.raft.State() != raft.Leader {
+		return
+	}
+	var st *dbv1.State
+	c.n.fsm.Read(func(s *State) { st = s.Database().View() })
+	if st.GetPrimary() == "" {
+		return
+	}
+	obs, set := c.n.db.observed(nil)
+	v := 0.0
+	if _, err := dbtarget.PickCandidate(st, obs, set, time.Now()); err == nil {
+		v = 1
+	}
+	ch <- prometheus.MustNewConstMetric(dbPromotableDesc, prometheus.GaugeValue, v)
 }
 
 // Writable is the read-only signal on this node: whether the database takes

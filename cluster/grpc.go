@@ -51,6 +51,7 @@ func (n *Node) serveGRPC() error {
 	userv1.RegisterUserServiceServer(s, &userService{n: n})
 	n.registerDatabase(s)
 	n.registerMail(s)
+	n.registerHealth(s) // last: it serves the health of every service above
 	n.grpcServer = s
 	n.goRun(func() {
 		if err := s.Serve(ln); err != nil && !errors.Is(err, grpc.ErrServerStopped) {

@@ -114,10 +114,12 @@ var (
 		"1 when the mail host's agent has not reported for 3 of its report intervals, or never: its Postfix does not follow drains and undrains.", []string{"host"}, nil)
 	mailOldSessionsDesc = prometheus.NewDesc("gitraft_mail_old_sessions",
 		"SMTP sessions from before the drain still open on the mail host, as its agent last reported.", []string{"host"}, nil)
+	mailOverdueDesc = prometheus.NewDesc("gitraft_mail_drain_overdue",
+		"1 when the mail host's drain passed its deadline with mail still queued (the leader marked it overdue), 0 otherwise.", []string{"host"}, nil)
 )
 
 func (c *mailCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{mailStateDesc, mailQueueDesc, mailReportAgeDesc, mailSilentDesc, mailOldSessionsDesc} {
+	for _, d := range []*prometheus.Desc{mailStateDesc, mailQueueDesc, mailReportAgeDesc, mailSilentDesc, mailOldSessionsDesc, mailOverdueDesc} {
 		ch <- d
 	}
 }
@@ -148,6 +150,11 @@ func (c *mailCollector) Collect(ch chan<- prometheus.Metric) {
 			v = 1
 		}
 		gauge(mailSilentDesc, v, h.GetName())
+		v = 0
+		if h.GetOverdue() && h.GetState() == mailv1.HostState_HOST_STATE_DRAINING {
+			v = 1
+		}
+		gauge(mailOverdueDesc, v, h.GetName())
 	}
 }
 

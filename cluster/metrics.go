@@ -73,6 +73,20 @@ func newMetrics(n *Node) *metrics {
 		n.fsm.Read(func(s *State) { c = s.locks.Len() })
 		return float64(c)
 	})
+	gauge("gitraft_lock_oldest_age_seconds", "Seconds since the oldest write lock in the replicated state was granted (by this node's clock; 0 when none is held). A push holds its lock, renewing the lease, until it is committed.", func() float64 {
+		var oldest time.Time
+		n.fsm.Read(func(s *State) {
+			for _, l := range s.locks.List() {
+				if oldest.IsZero() || l.AcquiredAt.Before(oldest) {
+					oldest = l.AcquiredAt
+				}
+			}
+		})
+		if oldest.IsZero() {
+			return 0
+		}
+		return max(0, time.Since(oldest).Seconds())
+	})
 	gauge("gitraft_ready", "1 when this node is ready (not halted, leader known, caught up since start).", func() float64 {
 		if n.ready.Load() && n.fsm.Halted() == nil {
 			return 1

@@ -62,7 +62,7 @@ func writeClusterStatus(w io.Writer, resp *clusterv1.GetStatusResponse, now time
 		fmt.Fprintf(w, "%s is HALTED: %s\n", resp.GetNodeId(), resp.GetHalted())
 	}
 	fmt.Fprintln(w)
-	t := newTable(w, "ID", "ADDRESS", "GRPC", "STATE", "VOTER", "APPLIED", "LAST CONTACT", "ERROR")
+	t := newTable(w, "ID", "ADDRESS", "GRPC", "STATE", "VOTER", "APPLIED", "VERSION", "LAST CONTACT", "ERROR")
 	var halted, filling []*clusterv1.Member
 	for _, m := range resp.GetMembers() {
 		state, applied := "unreachable", "-"
@@ -89,7 +89,7 @@ func writeClusterStatus(w io.Writer, resp *clusterv1.GetStatusResponse, now time
 			voter += fmt.Sprintf(" (filling: %d/%d repos)", f.GetReposCurrent(), f.GetReposTotal())
 			filling = append(filling, m)
 		}
-		t.row(m.GetId(), m.GetRaftAddr(), m.GetGrpcAddr(), state, voter, applied, contact, errText)
+		t.row(m.GetId(), m.GetRaftAddr(), m.GetGrpcAddr(), state, voter, applied, orDash(m.GetVersion()), contact, errText)
 	}
 	if err := t.flush(); err != nil {
 		return err

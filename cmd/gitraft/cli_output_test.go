@@ -178,8 +178,8 @@ func TestWriteClusterStatus(t *testing.T) {
 		NodeId: "n1", State: "Leader", LeaderId: "n1", LeaderAddr: "127.0.0.1:7101",
 		Term: 4, CommitIndex: 57, AppliedIndex: 57, LastLogIndex: 57,
 		Members: []*clusterv1.Member{
-			{Id: "n1", RaftAddr: "127.0.0.1:7101", GrpcAddr: "127.0.0.1:7102", Suffrage: clusterv1.Suffrage_SUFFRAGE_VOTER, Leader: true, Reachable: true, State: "Leader", AppliedIndex: 57},
-			{Id: "n2", RaftAddr: "127.0.0.1:7201", GrpcAddr: "127.0.0.1:7202", Suffrage: clusterv1.Suffrage_SUFFRAGE_VOTER, Reachable: true, State: "Follower", AppliedIndex: 56, LastContact: ts(testNow.Add(-12 * time.Millisecond))},
+			{Id: "n1", RaftAddr: "127.0.0.1:7101", GrpcAddr: "127.0.0.1:7102", Suffrage: clusterv1.Suffrage_SUFFRAGE_VOTER, Leader: true, Reachable: true, State: "Leader", AppliedIndex: 57, Version: "1.4.0"},
+			{Id: "n2", RaftAddr: "127.0.0.1:7201", GrpcAddr: "127.0.0.1:7202", Suffrage: clusterv1.Suffrage_SUFFRAGE_VOTER, Reachable: true, State: "Follower", AppliedIndex: 56, Version: "1.3.2", LastContact: ts(testNow.Add(-12 * time.Millisecond))},
 			{Id: "n3", RaftAddr: "127.0.0.1:7301", GrpcAddr: "127.0.0.1:7302", Suffrage: clusterv1.Suffrage_SUFFRAGE_NONVOTER, Error: `connection error: desc = "transport: Error while dialing: dial tcp 127.0.0.1:7302: connect: connection refused"`},
 		},
 	}
@@ -191,10 +191,10 @@ func TestWriteClusterStatus(t *testing.T) {
 	want := []string{
 		"answered by n1 (Leader); leader n1 (raft 127.0.0.1:7101); term 4, commit index 57, applied index 57",
 		"",
-		"ID  ADDRESS         GRPC            STATE        VOTER  APPLIED  LAST CONTACT  ERROR",
-		"n1  127.0.0.1:7101  127.0.0.1:7102  Leader       yes    57       -             -",
-		"n2  127.0.0.1:7201  127.0.0.1:7202  Follower     yes    56       12ms ago      -",
-		"n3  127.0.0.1:7301  127.0.0.1:7302  unreachable  no     -        -             dial tcp 127.0.0.1:7302: connect: connection refused",
+		"ID  ADDRESS         GRPC            STATE        VOTER  APPLIED  VERSION  LAST CONTACT  ERROR",
+		"n1  127.0.0.1:7101  127.0.0.1:7102  Leader       yes    57       1.4.0    -             -",
+		"n2  127.0.0.1:7201  127.0.0.1:7202  Follower     yes    56       1.3.2    12ms ago      -",
+		"n3  127.0.0.1:7301  127.0.0.1:7302  unreachable  no     -        -        -             dial tcp 127.0.0.1:7302: connect: connection refused",
 	}
 	if strings.Join(got, "\n") != strings.Join(want, "\n") {
 		t.Errorf("writeClusterStatus:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
