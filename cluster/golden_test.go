@@ -46,7 +46,7 @@ var updateGolden = flag.Bool("update", false, "write missing golden files under 
 // goldenSet is the set goldenEntries builds. Bump it (and run -update) when
 // the format gains a command or field: the new set is written beside the
 // old ones, which stay and must still decode and apply.
-const goldenSet = "set1"
+const goldenSet = "set2"
 
 const goldenDir = "testdata/golden"
 
@@ -151,17 +151,22 @@ func goldenEntries() []*fsmv1.Entry {
 	add(db(&dbv1.Command{Command: &dbv1.Command_SetPrimary{SetPrimary: &dbv1.SetPrimary{Name: "pg1"}}}))
 	op := add(db(&dbv1.Command{Command: &dbv1.Command_Begin{Begin: &dbv1.BeginOperation{
 		Kind: dbv1.Kind_KIND_SWITCHOVER, Target: "pg2", ExpectedGeneration: 1, RequestedBy: "admin:alice", TimeoutNanos: int64(30 * time.Second),
+		Checkpoint: true,
 	}}}))
 	advance := func(from, to dbv1.Phase, lsn uint64, note string) *fsmv1.Entry {
 		return db(&dbv1.Command{Command: &dbv1.Command_Advance{Advance: &dbv1.AdvancePhase{
 			OpId: op, From: from, To: to, TimeoutNanos: int64(20 * time.Second), WaitLsn: lsn, Note: note,
 		}}})
 	}
+	add(advance(dbv1.Phase_PHASE_CHECKPOINTING, dbv1.Phase_PHASE_PAUSING, 0, "pg1 checkpointed"))
 	add(advance(dbv1.Phase_PHASE_PAUSING, dbv1.Phase_PHASE_STOPPING_OLD, 0, "every pgbouncer paused"))
 	add(advance(dbv1.Phase_PHASE_STOPPING_OLD, dbv1.Phase_PHASE_PROMOTING, 0x3000060, "pg1 stopped at 0/3000060"))
-	add(db(&dbv1.Command{Command: &dbv1.Command_SetPrimary{SetPrimary: &dbv1.SetPrimary{OpId: op, Name: "pg2", ExpectedGeneration: 1, TimeoutNanos: int64(20 * time.Second)}}}))
+	add(db(&dbv1.Command{Command: &dbv1.Command_SetPrimary{SetPrimary: &dbv1.SetPrimary{OpId: op, Name: "pg2", ExpectedGeneration: 1, TimeoutNanos: int64(20 * time.Second), SynchronousStandbyNames: "*"}}}))
 	add(advance(dbv1.Phase_PHASE_REPOINTING, dbv1.Phase_PHASE_DEMOTING, 0, ""))
 	add(db(&dbv1.Command{Command: &dbv1.Command_Finish{Finish: &dbv1.FinishOperation{OpId: op, From: dbv1.Phase_PHASE_DEMOTING, Outcome: dbv1.Outcome_OUTCOME_DONE, Reason: "pg1 follows pg2"}}}))
+	// Synchronous mode: name pg1 on the primary, then record it.
+	add(db(&dbv1.Command{Command: &dbv1.Command_SetSynchronous{SetSynchronous: &dbv1.SetSynchronous{Names: "pg1", ExpectedGeneration: 2}}}))
+	add(db(&dbv1.Command{Command: &dbv1.Command_SetSynchronous{SetSynchronous: &dbv1.SetSynchronous{Names: "pg1", Standby: "pg1", ExpectedGeneration: 2}}}))
 	op = add(db(&dbv1.Command{Command: &dbv1.Command_Begin{Begin: &dbv1.BeginOperation{
 		Kind: dbv1.Kind_KIND_FAILOVER, Target: "pg1", ExpectedGeneration: 2, Automatic: true, RequestedBy: "node:n1", TimeoutNanos: int64(10 * time.Second),
 	}}}))
