@@ -40,10 +40,6 @@ type repoState struct {
 // maxRepairs is how many operator repairs a repository remembers.
 const maxRepairs = 20
 
-// RefRulesGit is UpdateRefs.ref_rules for git's full ref-name rules and no
-// directory/file conflicts between refs.
-const RefRulesGit = 2
-
 // DefaultHead is HEAD's target in a new repository.
 const DefaultHead = "refs/heads/main"
 
