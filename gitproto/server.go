@@ -735,11 +735,12 @@ func (s *Server) push(ctx context.Context, act *activity, stdin io.Reader, stdou
 	c.Stdin, c.Stdout, c.Stderr = cmds, stdout, stderr
 	c.WaitDelay = 5 * time.Second
 	runErr := s.cfg.Git.Run(c)
-	ok := runErr == nil && p.committed
+	committed, updates, pushOptions := p.result()
+	ok := runErr == nil && committed
 	tx.Finish(ok)
-	if p.committed {
-		log.Info("push accepted", "version", tx.Version(), "refs", len(p.updates))
-		s.postReceive(repo, user, id, tx.Version(), p, log)
+	if committed {
+		log.Info("push accepted", "version", tx.Version(), "refs", len(updates))
+		s.postReceive(repo, user, id, tx.Version(), updates, pushOptions, log)
 	}
 	if runErr != nil {
 		var ee *exec.ExitError
@@ -751,19 +752,19 @@ func (s *Server) push(ctx context.Context, act *activity, stdin io.Reader, stdou
 	return 0
 }
 
-func (s *Server) postReceive(repo, user, id string, version uint64, p *pushSession, log *slog.Logger) {
+func (s *Server) postReceive(repo, user, id string, version uint64, updates []RefUpdate, pushOptions []string, log *slog.Logger) {
 	if s.cfg.PostReceive == "" {
 		return
 	}
 	var in strings.Builder
-	for _, u := range p.updates {
+	for _, u := range updates {
 		fmt.Fprintf(&in, "%s %s %s\n", orZero(u.Old), orZero(u.New), u.Ref)
 	}
 	env := append(os.Environ(),
 		"GITRAFT_REPO="+repo, "GITRAFT_USER="+user, "GITRAFT_NODE="+s.cfg.NodeID,
 		"GITRAFT_PUSH_ID="+id, "GITRAFT_VERSION="+strconv.FormatUint(version, 10),
-		"GIT_PUSH_OPTION_COUNT="+strconv.Itoa(len(p.pushOptions)))
-	for i, o := range p.pushOptions {
+		"GIT_PUSH_OPTION_COUNT="+strconv.Itoa(len(pushOptions)))
+	for i, o := range pushOptions {
 		env = append(env, fmt.Sprintf("GIT_PUSH_OPTION_%d=%s", i, o))
 	}
 	s.wg.Add(1)
