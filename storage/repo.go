@@ -488,6 +488,13 @@ func (s *Store) Refs(ctx context.Context, name string) (map[string]string, error
 	if err != nil {
 		return nil, err
 	}
+	// Read the files; git only for what that does not cover (and a
+	// cancelled ctx or a damaged repository fail as git fails).
+	if ctx.Err() == nil {
+		if refs, ok, err := readRefs(path); err != nil || ok {
+			return refs, err
+		}
+	}
 	out, err := s.run(ctx, path, nil, nil, "for-each-ref", "--format=%(objectname) %(refname)", "refs/")
 	if err != nil {
 		return nil, err

@@ -3,6 +3,9 @@ package replica
 import (
 	"context"
 	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -386,5 +389,46 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Once git has set exactly the committed refs, recording the version
+// starts no git: the refs are read from their files, and nothing differs.
+func Test_Push_FinishStartsNoGit(t *testing.T) {
+	counter := filepath.Join(t.TempDir(), "count")
+	wrapper := t.TempDir()
+	real, err := exec.LookPath("git")
+	if err != nil {
+		t.Fatal(err)
+	}
+	script := "#!/bin/sh\necho \"$1\" >> '" + counter + "'\nexec '" + real + "' \"$@\"\n"
+	if err := os.WriteFile(filepath.Join(wrapper, "git"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", wrapper+string(os.PathListSeparator)+os.Getenv("PATH"))
+	count := func() int {
+		b, _ := os.ReadFile(counter)
+		return strings.Count(string(b), "\n")
+	}
+	c := newFakeCluster(t, 3)
+	d := c.newPush("refs/heads/main")
+	p := c.begin(context.Background(), 0)
+	if _, err := p.Commit(context.Background(), d.quarantine, []gitproto.RefUpdate{d.update}, false, noProgress); err != nil {
+		t.Fatal(err)
+	}
+	// What receive-pack does once the hook accepts: migrate, set the ref.
+	c.migrate(0, d)
+	os.MkdirAll(filepath.Join(p.Path(), "refs", "heads"), 0o755)
+	if err := os.WriteFile(filepath.Join(p.Path(), "refs", "heads", "main"), []byte(d.update.New+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	before := count()
+	p.Finish(true)
+	if n := count() - before; n != 0 {
+		b, _ := os.ReadFile(counter)
+		t.Fatalf("Finish started %d git processes (all: %s)", n, b)
+	}
+	if at := p.copy.pos(); at.version != 2 {
+		t.Fatalf("the copy is at %d, want 2", at.version)
 	}
 }
