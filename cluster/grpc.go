@@ -21,6 +21,7 @@ import (
 	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
 	lockv1 "github.com/gitraft/gitraft/proto/gitraft/lock/v1"
 	nodev1 "github.com/gitraft/gitraft/proto/gitraft/node/v1"
+	replicav1 "github.com/gitraft/gitraft/proto/gitraft/replica/v1"
 	repov1 "github.com/gitraft/gitraft/proto/gitraft/repo/v1"
 	userv1 "github.com/gitraft/gitraft/proto/gitraft/user/v1"
 	"github.com/gitraft/gitraft/storage"
@@ -48,6 +49,11 @@ func (n *Node) serveGRPC() error {
 	repov1.RegisterRepoServiceServer(s, &repoService{n: n})
 	lockv1.RegisterLockServiceServer(s, &lockService{n: n})
 	nodev1.RegisterNodeServiceServer(s, &nodeService{n: n})
+	if n.git != nil {
+		replicav1.RegisterReplicaServiceServer(s, n.git.Service())
+	} else {
+		replicav1.RegisterReplicaServiceServer(s, noReplicas{n: n})
+	}
 	userv1.RegisterUserServiceServer(s, &userService{n: n})
 	n.registerDatabase(s)
 	n.registerMail(s)
@@ -90,10 +96,11 @@ func (n *Node) authorize(ctx context.Context, method string) error {
 }
 
 // nodeOnlyMethod reports whether a gRPC method is for cluster nodes only:
-// the node-to-node API (gitraft.node.*) and every agent service (a service
-// named ...AgentService, which agents on nodes use to report to the leader).
+// the node-to-node APIs (gitraft.node.* and the push pipeline's
+// gitraft.replica.*) and every agent service (a service named
+// ...AgentService, which agents on nodes use to report to the leader).
 func nodeOnlyMethod(method string) bool {
-	if strings.HasPrefix(method, "/gitraft.node.") {
+	if strings.HasPrefix(method, "/gitraft.node.") || strings.HasPrefix(method, "/gitraft.replica.") {
 		return true
 	}
 	svc, _, _ := strings.Cut(strings.TrimPrefix(method, "/"), "/")

@@ -68,8 +68,8 @@ func (n *Node) Ready() (bool, string) {
 		return false, "catching up with the leader's log"
 	}
 	if n.git != nil {
-		if _, stuck, names := n.git.health(); stuck > 0 {
-			return false, fmt.Sprintf("%d repositories have failed to catch up for over %s (%s); see gitraft repo show NAME", stuck, n.git.cfg.StuckAfter, strings.Join(names, ", "))
+		if _, stuck, names := n.git.Health(); stuck > 0 {
+			return false, fmt.Sprintf("%d repositories have failed to catch up for over %s (%s); see gitraft repo show NAME", stuck, n.git.StuckAfter(), strings.Join(names, ", "))
 		}
 	}
 	return true, ""

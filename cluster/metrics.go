@@ -97,14 +97,14 @@ func newMetrics(n *Node) *metrics {
 		if n.git == nil {
 			return 0
 		}
-		b, _, _ := n.git.health()
+		b, _, _ := n.git.Health()
 		return float64(b)
 	})
 	gauge("gitraft_repos_stuck", "Repositories whose copy on this node has failed to catch up for over 2 minutes; /readyz is 503 while any is.", func() float64 {
 		if n.git == nil {
 			return 0
 		}
-		_, st, _ := n.git.health()
+		_, st, _ := n.git.Health()
 		return float64(st)
 	})
 	gauge("gitraft_fsm_halted", "1 when the state machine halted on a committed entry this binary does not know: upgrade this node.", func() float64 {

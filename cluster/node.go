@@ -23,9 +23,10 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/gitraft/gitraft/cluster/pki"
+	"github.com/gitraft/gitraft/cluster/replica"
 	"github.com/gitraft/gitraft/lockd"
 	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
-	nodev1 "github.com/gitraft/gitraft/proto/gitraft/node/v1"
+	replicav1 "github.com/gitraft/gitraft/proto/gitraft/replica/v1"
 )
 
 // Sentinel errors of the cluster package. They become gRPC status codes only
@@ -113,10 +114,10 @@ type Config struct {
 	// state machine hands it every decoded entry before checking it.
 	newerCommands func(e *fsmv1.Entry)
 	// replicasOf, if set (tests only), answers for a member's
-	// NodeService.GetReplicas, which the leader asks before promoting a
+	// ReplicaService.GetReplicas, which the leader asks before promoting a
 	// non-voter (in-process nodes keep no repositories); ask asks the
 	// member itself.
-	replicasOf func(ctx context.Context, id string, ask func(context.Context) (*nodev1.GetReplicasResponse, error)) (*nodev1.GetReplicasResponse, error)
+	replicasOf func(ctx context.Context, id string, ask func(context.Context) (*replicav1.GetReplicasResponse, error)) (*replicav1.GetReplicasResponse, error)
 }
 
 func (c *Config) setDefaults() {
@@ -235,10 +236,8 @@ type Node struct {
 
 	peers   *peerPool
 	metrics *metrics
-	git     *replicas // nil unless Config.Git
+	git     *replica.Replicas // nil unless Config.Git
 	locks   *lockd.Client
-
-	gitSessions atomic.Pointer[GitSessionHandler]
 
 	db dbRuntime // the database target's settings and leader memory (database.go)
 
@@ -321,7 +320,7 @@ func New(cfg Config, logger *slog.Logger) (_ *Node, err error) {
 		n.goRun(n.joinLoop)
 	}
 	if n.git != nil {
-		n.goRun(n.git.loop)
+		n.git.Start()
 	}
 	return n, nil
 }
@@ -560,6 +559,9 @@ func (n *Node) Close() error {
 	n.closeOne.Do(func() {
 		n.handOverLeadership(5 * time.Second)
 		close(n.stop)
+		if n.git != nil {
+			n.git.Close()
+		}
 		if n.httpServer != nil {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 			n.httpServer.Shutdown(ctx)

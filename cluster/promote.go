@@ -11,7 +11,7 @@ import (
 
 	clusterv1 "github.com/gitraft/gitraft/proto/gitraft/cluster/v1"
 	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
-	nodev1 "github.com/gitraft/gitraft/proto/gitraft/node/v1"
+	replicav1 "github.com/gitraft/gitraft/proto/gitraft/replica/v1"
 )
 
 // A node joins as a non-voter: it gets the log and fills its disk without
@@ -27,17 +27,17 @@ import (
 const promoteMaxLag = 256
 
 // fill is what a member's disk holds of the replicated state, as it reports
-// it (NodeService.GetReplicas): how many of the repositories in its state
+// it (ReplicaService.GetReplicas): how many of the repositories in its state
 // are at their version, judged at its applied index.
 type fill struct {
 	current, total int
 	index          uint64
 }
 
-func fillOf(resp *nodev1.GetReplicasResponse) fill {
+func fillOf(resp *replicav1.GetReplicasResponse) fill {
 	f := fill{total: len(resp.GetReplicas()), index: resp.GetIndex()}
 	for _, r := range resp.GetReplicas() {
-		if r.GetState() == nodev1.ReplicaState_REPLICA_STATE_CURRENT {
+		if r.GetState() == replicav1.ReplicaState_REPLICA_STATE_CURRENT {
 			f.current++
 		}
 	}
@@ -66,29 +66,30 @@ func (f fill) toAPI(why string) *clusterv1.Fill {
 // replicasOf asks a member which repositories its disk holds at which
 // version. Tests may stand in for the member's disk (Config.replicasOf):
 // in-process nodes keep no repositories.
-func (n *Node) replicasOf(ctx context.Context, m *fsmv1.Member) (*nodev1.GetReplicasResponse, error) {
+func (n *Node) replicasOf(ctx context.Context, m *fsmv1.Member) (*replicav1.GetReplicasResponse, error) {
 	if n.cfg.replicasOf != nil {
-		return n.cfg.replicasOf(ctx, m.GetId(), func(ctx context.Context) (*nodev1.GetReplicasResponse, error) {
+		return n.cfg.replicasOf(ctx, m.GetId(), func(ctx context.Context) (*replicav1.GetReplicasResponse, error) {
 			return n.askReplicas(ctx, m)
 		})
 	}
 	return n.askReplicas(ctx, m)
 }
 
-func (n *Node) askReplicas(ctx context.Context, m *fsmv1.Member) (*nodev1.GetReplicasResponse, error) {
+func (n *Node) askReplicas(ctx context.Context, m *fsmv1.Member) (*replicav1.GetReplicasResponse, error) {
 	if m.GetId() == n.cfg.NodeID {
 		return n.replicaReport(""), nil
 	}
 	if m.GetGrpcAddr() == "" {
 		return nil, fmt.Errorf("%s has not registered its addresses yet", m.GetId())
 	}
-	c, err := n.peers.node(m.GetGrpcAddr())
+	conn, err := n.peers.conn(m.GetGrpcAddr())
 	if err != nil {
 		return nil, err
 	}
+	c := replicav1.NewReplicaServiceClient(conn)
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	resp, err := c.GetReplicas(cctx, &nodev1.GetReplicasRequest{})
+	resp, err := c.GetReplicas(cctx, &replicav1.GetReplicasRequest{})
 	if err != nil {
 		return nil, fmt.Errorf("asking %s for its replicas: %s", m.GetId(), status.Convert(err).Message())
 	}

@@ -12,7 +12,7 @@ import (
 	"github.com/hashicorp/raft"
 
 	clusterv1 "github.com/gitraft/gitraft/proto/gitraft/cluster/v1"
-	nodev1 "github.com/gitraft/gitraft/proto/gitraft/node/v1"
+	replicav1 "github.com/gitraft/gitraft/proto/gitraft/replica/v1"
 )
 
 // fakeDisks stands in for the repositories on one node's disk (in-process
@@ -25,7 +25,7 @@ type fakeDisks struct {
 	holds   atomic.Int64
 }
 
-func (d *fakeDisks) replicasOf(ctx context.Context, id string, ask func(context.Context) (*nodev1.GetReplicasResponse, error)) (*nodev1.GetReplicasResponse, error) {
+func (d *fakeDisks) replicasOf(ctx context.Context, id string, ask func(context.Context) (*replicav1.GetReplicasResponse, error)) (*replicav1.GetReplicasResponse, error) {
 	if id != d.filling {
 		return ask(ctx)
 	}
@@ -39,13 +39,13 @@ func (d *fakeDisks) replicasOf(ctx context.Context, id string, ask func(context.
 		names = slices.Sorted(maps.Keys(s.repos))
 		index = s.Index()
 	})
-	resp := &nodev1.GetReplicasResponse{NodeId: id, Index: index}
+	resp := &replicav1.GetReplicasResponse{NodeId: id, Index: index}
 	for i, name := range names {
-		st := nodev1.ReplicaState_REPLICA_STATE_CURRENT
+		st := replicav1.ReplicaState_REPLICA_STATE_CURRENT
 		if int64(i) >= d.holds.Load() {
-			st = nodev1.ReplicaState_REPLICA_STATE_BEHIND
+			st = replicav1.ReplicaState_REPLICA_STATE_BEHIND
 		}
-		resp.Replicas = append(resp.Replicas, &nodev1.Replica{Repo: name, State: st})
+		resp.Replicas = append(resp.Replicas, &replicav1.Replica{Repo: name, State: st})
 	}
 	return resp, nil
 }

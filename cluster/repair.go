@@ -2,11 +2,7 @@ package cluster
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"maps"
-	"slices"
-	"sort"
 	"strings"
 	"time"
 
@@ -14,7 +10,6 @@ import (
 	"google.golang.org/grpc/status"
 
 	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
-	nodev1 "github.com/gitraft/gitraft/proto/gitraft/node/v1"
 	repov1 "github.com/gitraft/gitraft/proto/gitraft/repo/v1"
 	"github.com/gitraft/gitraft/storage"
 )
@@ -42,19 +37,19 @@ func (s *repoService) RepairRefs(ctx context.Context, req *repov1.RepairRefsRequ
 	if _, err := n.ReadBarrier(ctx); err != nil {
 		return nil, err
 	}
-	t, ok := n.git.target(name)
+	t, ok := n.gitTarget(name)
 	if !ok {
 		return nil, status.Errorf(codes.NotFound, "repository %q not found", name)
 	}
 	var plan []*repov1.RepairChange
 	if req.GetAuto() {
-		if plan, err = n.repairPlan(ctx, name, t.refs); err != nil {
+		if plan, err = n.git.RepairPlan(ctx, name, t.Refs); err != nil {
 			return nil, err
 		}
 	} else {
 		for _, u := range req.GetUpdates() {
 			ref, nv := u.GetRef(), normOID(u.GetNewOid())
-			cur, exists := t.refs[ref]
+			cur, exists := t.Refs[ref]
 			switch {
 			case nv == "" && !exists:
 				return nil, status.Errorf(codes.NotFound, "%s has no ref %s", name, ref)
@@ -90,10 +85,10 @@ func (s *repoService) RepairRefs(ctx context.Context, req *repov1.RepairRefsRequ
 	if _, err := n.ReadBarrier(ctx); err != nil {
 		return nil, err
 	}
-	now, _ := n.git.target(name)
+	now, _ := n.gitTarget(name)
 	u := &fsmv1.UpdateRefs{Repo: name, FencingToken: held.Token(), Atomic: true, RepairActor: actor, RepairReason: req.GetReason()}
 	for _, c := range plan {
-		if now.refs[c.GetRef()] != c.GetOldOid() {
+		if now.Refs[c.GetRef()] != c.GetOldOid() {
 			return nil, status.Errorf(codes.Aborted, "%s changed while the repair was planned (a push?); run it again", c.GetRef())
 		}
 		u.Updates = append(u.Updates, &fsmv1.RefUpdate{Ref: c.GetRef(), OldOid: c.GetOldOid(), NewOid: c.GetNewOid()})
@@ -105,124 +100,4 @@ func (s *repoService) RepairRefs(ctx context.Context, req *repov1.RepairRefsRequ
 	resp.Version, resp.Index = r.GetRepo().GetVersion(), r.GetIndex()
 	n.log.Warn("repository repaired by an operator", "repo", name, "actor", actor, "reason", req.GetReason(), "refs", len(plan), "version", resp.Version)
 	return resp, nil
-}
-
-// repairPlan finds the refs whose tips fewer than a majority of voters hold
-// whole, and for each the newest value some node's copy has on disk that a
-// majority does hold (or none: delete it).
-func (n *Node) repairPlan(ctx context.Context, repo string, refs map[string]string) ([]*repov1.RepairChange, error) {
-	voters, err := n.voters()
-	if err != nil {
-		return nil, err
-	}
-	need := len(voters)/2 + 1
-	tips := slices.Sorted(maps.Values(refs))
-	tips = slices.Compact(tips)
-	held, err := n.heldBy(ctx, repo, voters, tips)
-	if err != nil {
-		return nil, err
-	}
-	// What each node's copy has on disk for the refs: candidates.
-	disk := map[string][]string{} // ref -> values seen on nodes' disks
-	for _, m := range voters {
-		refs, err := n.localRefs(ctx, m, repo)
-		if err != nil {
-			continue
-		}
-		for ref, oid := range refs {
-			if !slices.Contains(disk[ref], oid) {
-				disk[ref] = append(disk[ref], oid)
-			}
-		}
-	}
-	var plan []*repov1.RepairChange
-	for _, ref := range slices.Sorted(maps.Keys(refs)) {
-		tip := refs[ref]
-		if held[tip] >= need {
-			continue
-		}
-		c := &repov1.RepairChange{Ref: ref, OldOid: tip}
-		var cands []string
-		for _, v := range disk[ref] {
-			if v != tip {
-				cands = append(cands, v)
-			}
-		}
-		if len(cands) > 0 {
-			ch, err := n.heldBy(ctx, repo, voters, cands)
-			if err != nil {
-				return nil, err
-			}
-			sort.SliceStable(cands, func(i, j int) bool { return ch[cands[i]] > ch[cands[j]] })
-			if ch[cands[0]] >= need {
-				c.NewOid = cands[0]
-				c.Why = fmt.Sprintf("tip held whole by %d of %d voters; reset to %s, which %d hold", held[tip], len(voters), cands[0], ch[cands[0]])
-			}
-		}
-		if c.NewOid == "" {
-			c.Why = fmt.Sprintf("tip held whole by %d of %d voters, and no older value a majority holds: deleted (the objects are lost)", held[tip], len(voters))
-		}
-		plan = append(plan, c)
-	}
-	return plan, nil
-}
-
-// heldBy counts, for each oid, the voters whose copy holds it whole,
-// walking whole histories: the copies' refs may be what is damaged.
-func (n *Node) heldBy(ctx context.Context, repo string, voters []*fsmv1.Member, oids []string) (map[string]int, error) {
-	out := map[string]int{}
-	if len(oids) == 0 {
-		return out, nil
-	}
-	answered := 0
-	for _, m := range voters {
-		var lacks []string
-		var err error
-		if m.GetId() == n.cfg.NodeID {
-			lacks, err = n.git.st.MissingWhole(ctx, repo, oids)
-			if errors.Is(err, storage.ErrNotFound) {
-				lacks, err = oids, nil
-			}
-		} else if c, cerr := n.peers.node(m.GetGrpcAddr()); cerr == nil {
-			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-			var resp *nodev1.MissingObjectsResponse
-			resp, err = c.MissingObjects(cctx, &nodev1.MissingObjectsRequest{Repo: repo, Oids: oids, Full: true})
-			cancel()
-			lacks = resp.GetMissing()
-		} else {
-			err = cerr
-		}
-		if err != nil {
-			n.log.Warn("repair: a voter did not answer; counting it as holding nothing", "repo", repo, "peer", m.GetId(), "err", err)
-			continue
-		}
-		answered++
-		for _, o := range oids {
-			if !slices.Contains(lacks, o) {
-				out[o]++
-			}
-		}
-	}
-	if answered == 0 {
-		return nil, status.Error(codes.Unavailable, "no voter answered; cannot tell which objects are held")
-	}
-	return out, nil
-}
-
-// localRefs is what one member's copy of repo has on disk.
-func (n *Node) localRefs(ctx context.Context, m *fsmv1.Member, repo string) (map[string]string, error) {
-	if m.GetId() == n.cfg.NodeID {
-		return n.git.st.Refs(ctx, repo)
-	}
-	c, err := n.peers.node(m.GetGrpcAddr())
-	if err != nil {
-		return nil, err
-	}
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	resp, err := c.GetLocalRefs(cctx, &nodev1.GetLocalRefsRequest{Repo: repo})
-	if err != nil {
-		return nil, err
-	}
-	return resp.GetRefs(), nil
 }

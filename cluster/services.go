@@ -19,7 +19,7 @@ import (
 	clusterv1 "github.com/gitraft/gitraft/proto/gitraft/cluster/v1"
 	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
 	lockv1 "github.com/gitraft/gitraft/proto/gitraft/lock/v1"
-	nodev1 "github.com/gitraft/gitraft/proto/gitraft/node/v1"
+	replicav1 "github.com/gitraft/gitraft/proto/gitraft/replica/v1"
 	repov1 "github.com/gitraft/gitraft/proto/gitraft/repo/v1"
 	"github.com/gitraft/gitraft/storage"
 )
@@ -372,7 +372,7 @@ func (s *repoService) GetRepo(ctx context.Context, req *repov1.GetRepoRequest) (
 		return nil, status.Errorf(codes.NotFound, "repository %q not found", name)
 	}
 	if s.n.git != nil {
-		reps := s.n.memberReplicas(ctx, name)
+		reps := s.n.git.MemberReplicas(ctx, name)
 		var ids []string
 		s.n.fsm.Read(func(st *State) {
 			for _, m := range st.Members() {
@@ -381,7 +381,7 @@ func (s *repoService) GetRepo(ctx context.Context, req *repov1.GetRepoRequest) (
 		})
 		for _, id := range ids {
 			r := &repov1.Replica{NodeId: id, State: repov1.ReplicaState_REPLICA_STATE_UNREACHABLE}
-			if rep, ok := reps[id]; ok && rep.GetState() != nodev1.ReplicaState_REPLICA_STATE_UNSPECIFIED {
+			if rep, ok := reps[id]; ok && rep.GetState() != replicav1.ReplicaState_REPLICA_STATE_UNSPECIFIED {
 				// The enums share their numbering; a member judges against
 				// its own applied index, so judge the version here too.
 				r.Version, r.State = rep.GetVersion(), repov1.ReplicaState(rep.GetState())
@@ -428,14 +428,14 @@ func (s *repoService) VerifyRepo(ctx context.Context, req *repov1.VerifyRepoRequ
 			defer wg.Done()
 			v := &repov1.NodeVerification{NodeId: m.GetId()}
 			out[i] = v
-			c, err := n.peers.node(m.GetGrpcAddr())
+			conn, err := n.peers.conn(m.GetGrpcAddr())
 			if err != nil {
 				v.Error, v.State = err.Error(), repov1.ReplicaState_REPLICA_STATE_UNREACHABLE
 				return
 			}
 			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 			defer cancel()
-			local, err := c.GetLocalRefs(cctx, &nodev1.GetLocalRefsRequest{Repo: name})
+			local, err := replicav1.NewReplicaServiceClient(conn).GetLocalRefs(cctx, &replicav1.GetLocalRefsRequest{Repo: name})
 			if err != nil {
 				v.Error, v.State = status.Convert(err).Message(), repov1.ReplicaState_REPLICA_STATE_UNREACHABLE
 				if status.Code(err) == codes.NotFound {

@@ -40,10 +40,6 @@ type repoState struct {
 // maxRepairs is how many operator repairs a repository remembers.
 const maxRepairs = 20
 
-// RefRulesGit is UpdateRefs.ref_rules for git's full ref-name rules and no
-// directory/file conflicts between refs.
-const RefRulesGit = 2
-
 // DefaultHead is HEAD's target in a new repository.
 const DefaultHead = "refs/heads/main"
 
@@ -487,54 +483,18 @@ func chooseHead(head string, refs map[string]string, updates []*fsmv1.RefUpdate)
 }
 
 // ErrInvalidRef is wrapped by ref-name rule violations.
-var ErrInvalidRef = errors.New("invalid ref name")
+var ErrInvalidRef = storage.ErrInvalidRef
 
 // ValidateRefName applies git's check-ref-format rules to a full ref name,
 // which must start with "refs/".
-func ValidateRefName(ref string) error {
-	bad := func(rule string) error { return fmt.Errorf("%w %q: %s", ErrInvalidRef, ref, rule) }
-	switch {
-	case !strings.HasPrefix(ref, "refs/"):
-		return bad(`must start with "refs/"`)
-	case len(ref) > 1024:
-		return bad("longer than 1024 bytes")
-	case strings.Contains(ref, ".."), strings.Contains(ref, "@{"), strings.Contains(ref, "//"):
-		return bad(`contains "..", "@{" or "//"`)
-	case strings.HasSuffix(ref, "/"), strings.HasSuffix(ref, "."), strings.HasSuffix(ref, ".lock"):
-		return bad(`ends in "/", "." or ".lock"`)
-	}
-	for _, r := range ref {
-		if r < 0x20 || r == 0x7f || strings.ContainsRune(" ~^:?*[\\", r) {
-			return bad(fmt.Sprintf("contains %q", r))
-		}
-	}
-	for _, seg := range strings.Split(ref, "/") {
-		if strings.HasPrefix(seg, ".") || strings.HasSuffix(seg, ".lock") {
-			return bad(`a component starts with "." or ends in ".lock"`)
-		}
-	}
-	return nil
-}
+func ValidateRefName(ref string) error { return storage.ValidateRefName(ref) }
 
 // ValidateGitRefName applies git's own rules for a ref a push may create
-// (receive-pack's "funny refname" check): a valid ref name under "refs/"
-// with at least two components after it, so refs/foo is refused and
-// refs/heads/foo is not. Bytes of 0x80 and above are allowed, as in git.
-func ValidateGitRefName(ref string) error {
-	if err := ValidateRefName(ref); err != nil {
-		return err
-	}
-	rest := strings.TrimPrefix(ref, "refs/")
-	if !strings.Contains(rest, "/") {
-		return fmt.Errorf("%w %q: git takes only refs with at least two components after \"refs/\" (like refs/heads/%s)", ErrInvalidRef, ref, rest)
-	}
-	return nil
-}
+// (receive-pack's "funny refname" check); see storage.ValidateGitRefName.
+func ValidateGitRefName(ref string) error { return storage.ValidateGitRefName(ref) }
 
-// refConflicts refuses a ref set where a ref is also a directory of
-// another (refs/heads/a next to refs/heads/a/b): git cannot store both, so
-// no copy could reach such a state. Only refs this update creates are
-// checked; the set was free of conflicts before.
+// refConflicts refuses refs where a ref this update creates is also a
+// directory of another (storage.RefConflicts).
 func refConflicts(refs map[string]string, updates []*fsmv1.RefUpdate) error {
 	var created []string
 	for _, u := range updates {
@@ -544,34 +504,7 @@ func refConflicts(refs map[string]string, updates []*fsmv1.RefUpdate) error {
 			}
 		}
 	}
-	if len(created) == 0 {
-		return nil
-	}
-	dirs := make(map[string]bool, len(refs))
-	for name := range refs {
-		for i := len(name) - 1; i > len("refs"); i-- {
-			if name[i] == '/' {
-				d := name[:i]
-				if dirs[d] {
-					break // and every shorter prefix is there too
-				}
-				dirs[d] = true
-			}
-		}
-	}
-	for _, name := range created {
-		if dirs[name] {
-			return fmt.Errorf("%w %q: refs under %s/ exist, and git cannot have a ref and a directory of the same name", ErrInvalidRef, name, name)
-		}
-		for i := len(name) - 1; i > len("refs"); i-- {
-			if name[i] == '/' {
-				if _, ok := refs[name[:i]]; ok {
-					return fmt.Errorf("%w %q: ref %s exists, and git cannot have a ref and a directory of the same name", ErrInvalidRef, name, name[:i])
-				}
-			}
-		}
-	}
-	return nil
+	return storage.RefConflicts(refs, created)
 }
 
 // normOID maps git's all-zero object id (an absent ref) to "".

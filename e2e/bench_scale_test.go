@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	nodev1 "github.com/gitraft/gitraft/proto/gitraft/node/v1"
+	replicav1 "github.com/gitraft/gitraft/proto/gitraft/replica/v1"
 	repov1 "github.com/gitraft/gitraft/proto/gitraft/repo/v1"
 )
 
@@ -85,12 +85,12 @@ func (c *cluster) allCurrent(n *node) (current, total int) {
 	conn := c.grpcConn(n, c.nodes[0].id) // NodeService takes node certificates
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	resp, err := nodev1.NewNodeServiceClient(conn).GetReplicas(ctx, &nodev1.GetReplicasRequest{})
+	resp, err := replicav1.NewReplicaServiceClient(conn).GetReplicas(ctx, &replicav1.GetReplicasRequest{})
 	if err != nil {
 		return 0, -1
 	}
 	for _, r := range resp.GetReplicas() {
-		if r.GetState() == nodev1.ReplicaState_REPLICA_STATE_CURRENT {
+		if r.GetState() == replicav1.ReplicaState_REPLICA_STATE_CURRENT {
 			current++
 		}
 	}

@@ -27,6 +27,7 @@ import (
 	clusterv1 "github.com/gitraft/gitraft/proto/gitraft/cluster/v1"
 	lockv1 "github.com/gitraft/gitraft/proto/gitraft/lock/v1"
 	nodev1 "github.com/gitraft/gitraft/proto/gitraft/node/v1"
+	replicav1 "github.com/gitraft/gitraft/proto/gitraft/replica/v1"
 	repov1 "github.com/gitraft/gitraft/proto/gitraft/repo/v1"
 )
 
@@ -283,6 +284,11 @@ func Test_E2E_ForeignCAClientRefused(t *testing.T) {
 	_, err := nodev1.NewNodeServiceClient(conn).ReadIndex(ctx, &nodev1.ReadIndexRequest{})
 	if status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("admin calling NodeService: %v, want PermissionDenied", err)
+	}
+	// Nor the push pipeline's (packs, copies, node-to-node git).
+	_, err = replicav1.NewReplicaServiceClient(conn).GetLocalRefs(ctx, &replicav1.GetLocalRefsRequest{Repo: "x"})
+	if status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("admin calling ReplicaService: %v, want PermissionDenied", err)
 	}
 	// A node with a certificate from another CA cannot join.
 	c.must(nil, "ca", "issue", "node", "n9", "--dir", other)

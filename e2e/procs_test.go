@@ -29,7 +29,13 @@ func TestMain(m *testing.M) {
 	if err != nil {
 		panic(err)
 	}
-	build := exec.Command("go", "build", "-o", bin, "./cmd/gitraft")
+	// GITRAFT_E2E_RACE (test.sh sets it) builds the binary with the race
+	// detector; a node's log with a race report fails its test.
+	args := []string{"build", "-o", bin}
+	if os.Getenv("GITRAFT_E2E_RACE") != "" {
+		args = append(args, "-race")
+	}
+	build := exec.Command("go", append(args, "./cmd/gitraft")...)
 	build.Dir = root
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
@@ -124,6 +130,9 @@ func startCluster(t testing.TB, size int, opts ...clusterOpt) *cluster {
 	t.Cleanup(func() {
 		for _, n := range c.nodes {
 			n.kill()
+		}
+		for _, n := range c.nodes {
+			n.checkRaces()
 		}
 		if t.Failed() {
 			for _, n := range c.nodes {
@@ -269,6 +278,21 @@ func (n *node) stop() {
 }
 
 func (n *node) running() bool { return n.cmd != nil }
+
+// checkRaces fails the test when the node's log holds a report of the race
+// detector (a binary built with GITRAFT_E2E_RACE).
+func (n *node) checkRaces() {
+	b, _ := os.ReadFile(n.dir + ".log")
+	i := bytes.Index(b, []byte("WARNING: DATA RACE"))
+	if i < 0 {
+		return
+	}
+	report := b[i:]
+	if j := bytes.Index(report, []byte("==================")); j > 0 {
+		report = report[:j]
+	}
+	n.t.Errorf("%s: the race detector found a data race:\n%s", n.id, report)
+}
 
 func (n *node) dumpLog() {
 	b, _ := os.ReadFile(n.dir + ".log")

@@ -32,4 +32,6 @@ if [ -n "$need" ]; then
 fi
 
 go vet ./...
+# The e2e tests build the binary with the race detector too (procs_test.go).
+export GITRAFT_E2E_RACE=1
 exec go test -race -count=1 -timeout 30m "$@" ./...

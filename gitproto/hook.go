@@ -53,10 +53,20 @@ type pushSession struct {
 	maxRefs  int          // most ref updates one push may carry; 0: no limit
 	act      *activity    // told while the node commits; nil for a proxied push
 
-	// Set by the hook's call once the push is committed.
+	// Set by the hook's call once the push is committed, read by the
+	// session once git is done (no Go synchronisation runs between the two
+	// but this mutex: git and the hook process sit in between).
+	mu          sync.Mutex
 	pushOptions []string
 	updates     []RefUpdate // the committed changes, never more
 	committed   bool
+}
+
+// result is what the hook's call committed.
+func (p *pushSession) result() (committed bool, updates []RefUpdate, pushOptions []string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.committed, p.updates, p.pushOptions
 }
 
 func newHookServer(path string, logger *slog.Logger) (*hookServer, error) {
@@ -154,7 +164,9 @@ func (h *hookServer) handle(c net.Conn) {
 		enc.Encode(hookReply{Done: true, Error: err.Error()})
 		return
 	}
+	p.mu.Lock()
 	p.pushOptions, p.updates, p.committed = req.PushOptions, committed, len(committed) > 0
+	p.mu.Unlock()
 	enc.Encode(hookReply{Done: true})
 }
 

@@ -34,8 +34,9 @@ type Config struct {
 	StateDir string
 	// Binary is the gitraft executable git's hooks call back into.
 	Binary string
-	// Git is the git executable (default "git").
-	Git string
+	// Git runs git (default: "git" from PATH, storage's environment
+	// policy); a node passes its store's runner.
+	Git *storage.Git
 
 	// KeysCommand, if set, is asked whose key an unknown key is, like
 	// OpenSSH's AuthorizedKeysCommand: it gets the key type, the base64 key
@@ -85,8 +86,8 @@ type Config struct {
 }
 
 func (c *Config) setDefaults() {
-	if c.Git == "" {
-		c.Git = "git"
+	if c.Git == nil {
+		c.Git = storage.DefaultGit()
 	}
 	if c.MaxSessions == 0 {
 		c.MaxSessions = 64
@@ -627,7 +628,7 @@ func (s *Server) wantCheck(repo string) WantCheck {
 // (wantFilter); a refused one ends the session with git's own "not our
 // ref" error. Node-to-node fetches, which take any object by id, do not
 // come through here.
-func RunGit(ctx context.Context, git string, svc Service, path, gitProtocol string, wants WantCheck, stdin io.Reader, stdout, stderr io.Writer) int {
+func RunGit(ctx context.Context, git *storage.Git, svc Service, path, gitProtocol string, wants WantCheck, stdin io.Reader, stdout, stderr io.Writer) int {
 	var args []string
 	var filter *wantFilter
 	restrict := svc == UploadPack && wants != nil
@@ -649,11 +650,11 @@ func RunGit(ctx context.Context, git string, svc Service, path, gitProtocol stri
 		args = append(args, "--strict")
 	}
 	args = append(args, path)
-	c := exec.CommandContext(ctx, git, args...)
-	c.Env = append(os.Environ(), "GIT_TERMINAL_PROMPT=0")
+	var env []string
 	if gitProtocol != "" {
-		c.Env = append(c.Env, "GIT_PROTOCOL="+gitProtocol)
+		env = append(env, "GIT_PROTOCOL="+gitProtocol)
 	}
+	c := git.Command(ctx, "", env, args...)
 	if restrict && gitProtocol == "version=2" {
 		// The filter reads only once git has started (exec copies stdin
 		// from its own goroutine), so c.Process is set when stop runs.
@@ -662,7 +663,7 @@ func RunGit(ctx context.Context, git string, svc Service, path, gitProtocol stri
 	}
 	c.Stdin, c.Stdout, c.Stderr = stdin, stdout, stderr
 	c.WaitDelay = 5 * time.Second
-	err := storage.RunNice(c)
+	err := git.Run(c)
 	if refused := filter.refusal(); refused != nil {
 		// git is gone and its output written: the client's next read is
 		// the reason, as git would have sent it.
@@ -726,19 +727,20 @@ func (s *Server) push(ctx context.Context, act *activity, stdin io.Reader, stdou
 	if s.cfg.MaxPackBytes > 0 {
 		args = append(args, "-c", "receive.maxInputSize="+strconv.FormatInt(s.cfg.MaxPackBytes, 10))
 	}
-	c := exec.CommandContext(ctx, s.cfg.Git, append(args, "receive-pack", tx.Path())...)
-	c.Env = append(os.Environ(), "GIT_TERMINAL_PROMPT=0", EnvHookSocket+"="+s.hooks.ln.Addr().String(), EnvPushID+"="+id)
+	env := []string{EnvHookSocket + "=" + s.hooks.ln.Addr().String(), EnvPushID + "=" + id}
 	if gitProtocol != "" {
-		c.Env = append(c.Env, "GIT_PROTOCOL="+gitProtocol)
+		env = append(env, "GIT_PROTOCOL="+gitProtocol)
 	}
+	c := s.cfg.Git.Command(ctx, "", env, append(args, "receive-pack", tx.Path())...)
 	c.Stdin, c.Stdout, c.Stderr = cmds, stdout, stderr
 	c.WaitDelay = 5 * time.Second
-	runErr := storage.RunNice(c)
-	ok := runErr == nil && p.committed
+	runErr := s.cfg.Git.Run(c)
+	committed, updates, pushOptions := p.result()
+	ok := runErr == nil && committed
 	tx.Finish(ok)
-	if p.committed {
-		log.Info("push accepted", "version", tx.Version(), "refs", len(p.updates))
-		s.postReceive(repo, user, id, tx.Version(), p, log)
+	if committed {
+		log.Info("push accepted", "version", tx.Version(), "refs", len(updates))
+		s.postReceive(repo, user, id, tx.Version(), updates, pushOptions, log)
 	}
 	if runErr != nil {
 		var ee *exec.ExitError
@@ -750,19 +752,19 @@ func (s *Server) push(ctx context.Context, act *activity, stdin io.Reader, stdou
 	return 0
 }
 
-func (s *Server) postReceive(repo, user, id string, version uint64, p *pushSession, log *slog.Logger) {
+func (s *Server) postReceive(repo, user, id string, version uint64, updates []RefUpdate, pushOptions []string, log *slog.Logger) {
 	if s.cfg.PostReceive == "" {
 		return
 	}
 	var in strings.Builder
-	for _, u := range p.updates {
+	for _, u := range updates {
 		fmt.Fprintf(&in, "%s %s %s\n", orZero(u.Old), orZero(u.New), u.Ref)
 	}
 	env := append(os.Environ(),
 		"GITRAFT_REPO="+repo, "GITRAFT_USER="+user, "GITRAFT_NODE="+s.cfg.NodeID,
 		"GITRAFT_PUSH_ID="+id, "GITRAFT_VERSION="+strconv.FormatUint(version, 10),
-		"GIT_PUSH_OPTION_COUNT="+strconv.Itoa(len(p.pushOptions)))
-	for i, o := range p.pushOptions {
+		"GIT_PUSH_OPTION_COUNT="+strconv.Itoa(len(pushOptions)))
+	for i, o := range pushOptions {
 		env = append(env, fmt.Sprintf("GIT_PUSH_OPTION_%d=%s", i, o))
 	}
 	s.wg.Add(1)

@@ -58,8 +58,7 @@ type Config struct {
 // repositories may run concurrently.
 type Store struct {
 	root string
-	git  string
-	home string
+	git  *Git
 	log  *slog.Logger
 	conn connectedCache
 }
@@ -101,7 +100,7 @@ func Open(cfg Config, logger *slog.Logger) (*Store, error) {
 	if logger == nil {
 		logger = slog.Default()
 	}
-	s := &Store{root: cfg.Root, git: gitPath, home: home, log: logger}
+	s := &Store{root: cfg.Root, git: &Git{path: gitPath, home: home}, log: logger}
 	s.emptyTrash()
 	return s, nil
 }
@@ -144,31 +143,18 @@ func (s *Store) Root() string { return s.root }
 // Path is where a repository lives.
 func (s *Store) Path(name string) (string, error) { return PathIn(s.root, name) }
 
-// env is the environment every git command here runs with: no prompts,
-// no user or system configuration, the C locale. Nothing of the process's own
-// environment but PATH is passed on (no stray GIT_DIR or GIT_* settings).
-func (s *Store) env(extra ...string) []string {
-	env := []string{
-		"PATH=" + os.Getenv("PATH"), "HOME=" + s.home, "GIT_TERMINAL_PROMPT=0",
-		"GIT_CONFIG_NOSYSTEM=1", "LC_ALL=C",
-	}
-	return append(env, extra...)
-}
+// Git is the runner every git command of this node uses (one environment
+// policy, HOME under the root).
+func (s *Store) Git() *Git { return s.git }
 
 // command prepares git to run in dir. When dir is a repository, GIT_DIR
 // names it, so that git never goes looking for a repository in the
 // directories above a damaged one.
 func (s *Store) command(ctx context.Context, dir string, env []string, args ...string) *exec.Cmd {
-	c := exec.CommandContext(ctx, s.git, args...)
-	c.Dir = dir
-	c.Env = s.env(env...)
 	if dir != "" {
-		c.Env = append(c.Env, "GIT_DIR=.")
+		env = append(slices.Clip(env), "GIT_DIR=.")
 	}
-	// Once git has exited or ctx ended, do not wait long for a child
-	// (say, an ext:: helper) that still holds git's stdout or stderr.
-	c.WaitDelay = 10 * time.Second
-	return c
+	return s.git.Command(ctx, dir, env, args...)
 }
 
 // run runs git in dir (a repository, or "" for none) and returns stdout.
@@ -500,6 +486,13 @@ func (s *Store) Refs(ctx context.Context, name string) (map[string]string, error
 	path, err := s.existing(name)
 	if err != nil {
 		return nil, err
+	}
+	// Read the files; git only for what that does not cover (and a
+	// cancelled ctx or a damaged repository fail as git fails).
+	if ctx.Err() == nil {
+		if refs, ok, err := readRefs(path); err != nil || ok {
+			return refs, err
+		}
 	}
 	out, err := s.run(ctx, path, nil, nil, "for-each-ref", "--format=%(objectname) %(refname)", "refs/")
 	if err != nil {

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 
 	"github.com/gitraft/gitraft/cluster"
 	"github.com/gitraft/gitraft/gitproto"
@@ -50,14 +51,17 @@ func startNode(cfg fileConfig, logger *slog.Logger) (*runningNode, error) {
 		return nil, err
 	}
 	ccfg.SSHHostKeys = publicKeyLines(hostKeys)
-	ccfg.Git = &cluster.GitConfig{Store: store, Binary: exe, MinFreeBytes: cfg.Git.MinFreeBytes, ServeStaleReads: cfg.Git.ServeStaleReads, StuckAfter: cfg.Git.StuckAfter}
+	var running atomic.Pointer[cluster.Node]
+	ccfg.Git = &cluster.GitConfig{Store: store, Binary: exe, MinFreeBytes: cfg.Git.MinFreeBytes, ServeStaleReads: cfg.Git.ServeStaleReads, StuckAfter: cfg.Git.StuckAfter,
+		HostSigners: hostSigners(hostKeys, &running, logger)}
 	n, err := cluster.New(ccfg, logger)
 	if err != nil {
 		sshLn.Close()
 		return nil, err
 	}
+	running.Store(n)
 	srv, err := gitproto.New(gitproto.Config{
-		NodeID: cfg.NodeID, Listener: sshLn, StateDir: cfg.DataDir, Binary: exe,
+		NodeID: cfg.NodeID, Listener: sshLn, StateDir: cfg.DataDir, Binary: exe, Git: store.Git(),
 		KeysCommand: cfg.Git.KeysCommand, PostReceive: cfg.Git.PostReceive,
 		MaxPackBytes: cfg.Git.MaxPackBytes, MaxSessions: cfg.Git.MaxSessions,
 		IdleTimeout: cfg.Git.IdleTimeout, MaxTimeout: cfg.Git.MaxTimeout,
@@ -67,13 +71,13 @@ func startNode(cfg fileConfig, logger *slog.Logger) (*runningNode, error) {
 		MaxSessionsPerUser: cfg.Git.MaxSessionsPerUser, MaxSessionsPerConnection: cfg.Git.MaxSessionsPerConnection,
 		MinRateBytes: cfg.Git.MinRateBytes, MinRateWindow: cfg.Git.MinRateWindow,
 		AllowAnySHA1InWant: cfg.Git.AllowAnySHA1InWant,
-	}, gitBackend{n: n, store: store, hostKeys: hostKeys, log: logger}, logger)
+	}, n.Replicas(), logger)
 	if err != nil {
 		n.Close()
 		sshLn.Close()
 		return nil, err
 	}
-	n.SetGitSessionHandler(func(ctx context.Context, service, repo, user string, publicKey []byte, gitProtocol string, stdin io.Reader, stdout, stderr io.Writer) int {
+	n.Replicas().SetSessionHandler(func(ctx context.Context, service, repo, user string, publicKey []byte, gitProtocol string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return srv.ServeProxied(ctx, service, repo, user, publicKey, gitProtocol, stdin, stdout, stderr)
 	})
 	ctx, cancel := context.WithCancel(context.Background())

@@ -25,1009 +25,6 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
-type ReplicaState int32
-
-const (
-	ReplicaState_REPLICA_STATE_UNSPECIFIED ReplicaState = 0
-	ReplicaState_REPLICA_STATE_CURRENT     ReplicaState = 1
-	ReplicaState_REPLICA_STATE_BEHIND      ReplicaState = 2
-	ReplicaState_REPLICA_STATE_SYNCING     ReplicaState = 3
-)
-
-// Enum value maps for ReplicaState.
-var (
-	ReplicaState_name = map[int32]string{
-		0: "REPLICA_STATE_UNSPECIFIED",
-		1: "REPLICA_STATE_CURRENT",
-		2: "REPLICA_STATE_BEHIND",
-		3: "REPLICA_STATE_SYNCING",
-	}
-	ReplicaState_value = map[string]int32{
-		"REPLICA_STATE_UNSPECIFIED": 0,
-		"REPLICA_STATE_CURRENT":     1,
-		"REPLICA_STATE_BEHIND":      2,
-		"REPLICA_STATE_SYNCING":     3,
-	}
-)
-
-func (x ReplicaState) Enum() *ReplicaState {
-	p := new(ReplicaState)
-	*p = x
-	return p
-}
-
-func (x ReplicaState) String() string {
-	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
-}
-
-func (ReplicaState) Descriptor() protoreflect.EnumDescriptor {
-	return file_gitraft_node_v1_node_proto_enumTypes[0].Descriptor()
-}
-
-func (ReplicaState) Type() protoreflect.EnumType {
-	return &file_gitraft_node_v1_node_proto_enumTypes[0]
-}
-
-func (x ReplicaState) Number() protoreflect.EnumNumber {
-	return protoreflect.EnumNumber(x)
-}
-
-// Deprecated: Use ReplicaState.Descriptor instead.
-func (ReplicaState) EnumDescriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{0}
-}
-
-type MissingObjectsRequest struct {
-	state protoimpl.MessageState `protogen:"open.v1"`
-	Repo  string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
-	Oids  []string               `protobuf:"bytes,2,rep,name=oids,proto3" json:"oids,omitempty"`
-	// Walk each object's whole history instead of stopping at what the
-	// copy's refs reach: for a copy whose refs may themselves be damaged
-	// (repair). Slower.
-	Full          bool `protobuf:"varint,3,opt,name=full,proto3" json:"full,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *MissingObjectsRequest) Reset() {
-	*x = MissingObjectsRequest{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[0]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *MissingObjectsRequest) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*MissingObjectsRequest) ProtoMessage() {}
-
-func (x *MissingObjectsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[0]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use MissingObjectsRequest.ProtoReflect.Descriptor instead.
-func (*MissingObjectsRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{0}
-}
-
-func (x *MissingObjectsRequest) GetRepo() string {
-	if x != nil {
-		return x.Repo
-	}
-	return ""
-}
-
-func (x *MissingObjectsRequest) GetOids() []string {
-	if x != nil {
-		return x.Oids
-	}
-	return nil
-}
-
-func (x *MissingObjectsRequest) GetFull() bool {
-	if x != nil {
-		return x.Full
-	}
-	return false
-}
-
-type MissingObjectsResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
-	Missing       []string               `protobuf:"bytes,2,rep,name=missing,proto3" json:"missing,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *MissingObjectsResponse) Reset() {
-	*x = MissingObjectsResponse{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[1]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *MissingObjectsResponse) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*MissingObjectsResponse) ProtoMessage() {}
-
-func (x *MissingObjectsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[1]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use MissingObjectsResponse.ProtoReflect.Descriptor instead.
-func (*MissingObjectsResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{1}
-}
-
-func (x *MissingObjectsResponse) GetNodeId() string {
-	if x != nil {
-		return x.NodeId
-	}
-	return ""
-}
-
-func (x *MissingObjectsResponse) GetMissing() []string {
-	if x != nil {
-		return x.Missing
-	}
-	return nil
-}
-
-type GetLocalRefsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Repo          string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *GetLocalRefsRequest) Reset() {
-	*x = GetLocalRefsRequest{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[2]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *GetLocalRefsRequest) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*GetLocalRefsRequest) ProtoMessage() {}
-
-func (x *GetLocalRefsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[2]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use GetLocalRefsRequest.ProtoReflect.Descriptor instead.
-func (*GetLocalRefsRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{2}
-}
-
-func (x *GetLocalRefsRequest) GetRepo() string {
-	if x != nil {
-		return x.Repo
-	}
-	return ""
-}
-
-type GetLocalRefsResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
-	RepoId        uint64                 `protobuf:"varint,2,opt,name=repo_id,json=repoId,proto3" json:"repo_id,omitempty"`
-	Version       uint64                 `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
-	Refs          map[string]string      `protobuf:"bytes,4,rep,name=refs,proto3" json:"refs,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	Head          string                 `protobuf:"bytes,5,opt,name=head,proto3" json:"head,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *GetLocalRefsResponse) Reset() {
-	*x = GetLocalRefsResponse{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[3]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *GetLocalRefsResponse) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*GetLocalRefsResponse) ProtoMessage() {}
-
-func (x *GetLocalRefsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[3]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use GetLocalRefsResponse.ProtoReflect.Descriptor instead.
-func (*GetLocalRefsResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{3}
-}
-
-func (x *GetLocalRefsResponse) GetNodeId() string {
-	if x != nil {
-		return x.NodeId
-	}
-	return ""
-}
-
-func (x *GetLocalRefsResponse) GetRepoId() uint64 {
-	if x != nil {
-		return x.RepoId
-	}
-	return 0
-}
-
-func (x *GetLocalRefsResponse) GetVersion() uint64 {
-	if x != nil {
-		return x.Version
-	}
-	return 0
-}
-
-func (x *GetLocalRefsResponse) GetRefs() map[string]string {
-	if x != nil {
-		return x.Refs
-	}
-	return nil
-}
-
-func (x *GetLocalRefsResponse) GetHead() string {
-	if x != nil {
-		return x.Head
-	}
-	return ""
-}
-
-type PutPackHeader struct {
-	state  protoimpl.MessageState `protogen:"open.v1"`
-	Repo   string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
-	RepoId uint64                 `protobuf:"varint,2,opt,name=repo_id,json=repoId,proto3" json:"repo_id,omitempty"`
-	// The version the push builds on; the receiver must hold it (catching up
-	// first if it is behind) for its copy to count toward the quorum.
-	BaseVersion uint64 `protobuf:"varint,3,opt,name=base_version,json=baseVersion,proto3" json:"base_version,omitempty"`
-	PushId      string `protobuf:"bytes,4,opt,name=push_id,json=pushId,proto3" json:"push_id,omitempty"`
-	PackSize    int64  `protobuf:"varint,5,opt,name=pack_size,json=packSize,proto3" json:"pack_size,omitempty"`
-	IdxSize     int64  `protobuf:"varint,6,opt,name=idx_size,json=idxSize,proto3" json:"idx_size,omitempty"`
-	// The new ref values of the push. The receiver acks only when each is
-	// present and connected in its copy (pack plus base version).
-	Tips          []string `protobuf:"bytes,7,rep,name=tips,proto3" json:"tips,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *PutPackHeader) Reset() {
-	*x = PutPackHeader{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[4]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *PutPackHeader) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*PutPackHeader) ProtoMessage() {}
-
-func (x *PutPackHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[4]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use PutPackHeader.ProtoReflect.Descriptor instead.
-func (*PutPackHeader) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{4}
-}
-
-func (x *PutPackHeader) GetRepo() string {
-	if x != nil {
-		return x.Repo
-	}
-	return ""
-}
-
-func (x *PutPackHeader) GetRepoId() uint64 {
-	if x != nil {
-		return x.RepoId
-	}
-	return 0
-}
-
-func (x *PutPackHeader) GetBaseVersion() uint64 {
-	if x != nil {
-		return x.BaseVersion
-	}
-	return 0
-}
-
-func (x *PutPackHeader) GetPushId() string {
-	if x != nil {
-		return x.PushId
-	}
-	return ""
-}
-
-func (x *PutPackHeader) GetPackSize() int64 {
-	if x != nil {
-		return x.PackSize
-	}
-	return 0
-}
-
-func (x *PutPackHeader) GetIdxSize() int64 {
-	if x != nil {
-		return x.IdxSize
-	}
-	return 0
-}
-
-func (x *PutPackHeader) GetTips() []string {
-	if x != nil {
-		return x.Tips
-	}
-	return nil
-}
-
-type PutPackRequest struct {
-	state protoimpl.MessageState `protogen:"open.v1"`
-	// Types that are valid to be assigned to Msg:
-	//
-	//	*PutPackRequest_Header
-	//	*PutPackRequest_PackChunk
-	//	*PutPackRequest_IdxChunk
-	Msg           isPutPackRequest_Msg `protobuf_oneof:"msg"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *PutPackRequest) Reset() {
-	*x = PutPackRequest{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[5]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *PutPackRequest) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*PutPackRequest) ProtoMessage() {}
-
-func (x *PutPackRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[5]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use PutPackRequest.ProtoReflect.Descriptor instead.
-func (*PutPackRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{5}
-}
-
-func (x *PutPackRequest) GetMsg() isPutPackRequest_Msg {
-	if x != nil {
-		return x.Msg
-	}
-	return nil
-}
-
-func (x *PutPackRequest) GetHeader() *PutPackHeader {
-	if x != nil {
-		if x, ok := x.Msg.(*PutPackRequest_Header); ok {
-			return x.Header
-		}
-	}
-	return nil
-}
-
-func (x *PutPackRequest) GetPackChunk() []byte {
-	if x != nil {
-		if x, ok := x.Msg.(*PutPackRequest_PackChunk); ok {
-			return x.PackChunk
-		}
-	}
-	return nil
-}
-
-func (x *PutPackRequest) GetIdxChunk() []byte {
-	if x != nil {
-		if x, ok := x.Msg.(*PutPackRequest_IdxChunk); ok {
-			return x.IdxChunk
-		}
-	}
-	return nil
-}
-
-type isPutPackRequest_Msg interface {
-	isPutPackRequest_Msg()
-}
-
-type PutPackRequest_Header struct {
-	Header *PutPackHeader `protobuf:"bytes,1,opt,name=header,proto3,oneof"`
-}
-
-type PutPackRequest_PackChunk struct {
-	PackChunk []byte `protobuf:"bytes,2,opt,name=pack_chunk,json=packChunk,proto3,oneof"`
-}
-
-type PutPackRequest_IdxChunk struct {
-	IdxChunk []byte `protobuf:"bytes,3,opt,name=idx_chunk,json=idxChunk,proto3,oneof"`
-}
-
-func (*PutPackRequest_Header) isPutPackRequest_Msg() {}
-
-func (*PutPackRequest_PackChunk) isPutPackRequest_Msg() {}
-
-func (*PutPackRequest_IdxChunk) isPutPackRequest_Msg() {}
-
-type PutPackResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
-	Checksum      string                 `protobuf:"bytes,2,opt,name=checksum,proto3" json:"checksum,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *PutPackResponse) Reset() {
-	*x = PutPackResponse{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[6]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *PutPackResponse) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*PutPackResponse) ProtoMessage() {}
-
-func (x *PutPackResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[6]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use PutPackResponse.ProtoReflect.Descriptor instead.
-func (*PutPackResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{6}
-}
-
-func (x *PutPackResponse) GetNodeId() string {
-	if x != nil {
-		return x.NodeId
-	}
-	return ""
-}
-
-func (x *PutPackResponse) GetChecksum() string {
-	if x != nil {
-		return x.Checksum
-	}
-	return ""
-}
-
-type GitSessionStart struct {
-	state protoimpl.MessageState `protogen:"open.v1"`
-	// upload-pack, receive-pack or upload-archive.
-	Service string `protobuf:"bytes,1,opt,name=service,proto3" json:"service,omitempty"`
-	Repo    string `protobuf:"bytes,2,opt,name=repo,proto3" json:"repo,omitempty"`
-	// The authenticated user or empty for node-to-node catch-up. The node
-	// that serves the session checks the key and the user's access again
-	// against its own, current, state: the node that took it may be behind.
-	User string `protobuf:"bytes,3,opt,name=user,proto3" json:"user,omitempty"`
-	// GIT_PROTOCOL from the client ("version=2").
-	GitProtocol string `protobuf:"bytes,4,opt,name=git_protocol,json=gitProtocol,proto3" json:"git_protocol,omitempty"`
-	// The node that took the session, for logs.
-	Via string `protobuf:"bytes,5,opt,name=via,proto3" json:"via,omitempty"`
-	// The client's SSH public key (wire format) that authenticated the user.
-	PublicKey     []byte `protobuf:"bytes,6,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *GitSessionStart) Reset() {
-	*x = GitSessionStart{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[7]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *GitSessionStart) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*GitSessionStart) ProtoMessage() {}
-
-func (x *GitSessionStart) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[7]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use GitSessionStart.ProtoReflect.Descriptor instead.
-func (*GitSessionStart) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{7}
-}
-
-func (x *GitSessionStart) GetService() string {
-	if x != nil {
-		return x.Service
-	}
-	return ""
-}
-
-func (x *GitSessionStart) GetRepo() string {
-	if x != nil {
-		return x.Repo
-	}
-	return ""
-}
-
-func (x *GitSessionStart) GetUser() string {
-	if x != nil {
-		return x.User
-	}
-	return ""
-}
-
-func (x *GitSessionStart) GetGitProtocol() string {
-	if x != nil {
-		return x.GitProtocol
-	}
-	return ""
-}
-
-func (x *GitSessionStart) GetVia() string {
-	if x != nil {
-		return x.Via
-	}
-	return ""
-}
-
-func (x *GitSessionStart) GetPublicKey() []byte {
-	if x != nil {
-		return x.PublicKey
-	}
-	return nil
-}
-
-type GitSessionRequest struct {
-	state protoimpl.MessageState `protogen:"open.v1"`
-	// Types that are valid to be assigned to Msg:
-	//
-	//	*GitSessionRequest_Start
-	//	*GitSessionRequest_Stdin
-	//	*GitSessionRequest_StdinEof
-	Msg           isGitSessionRequest_Msg `protobuf_oneof:"msg"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *GitSessionRequest) Reset() {
-	*x = GitSessionRequest{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[8]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *GitSessionRequest) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*GitSessionRequest) ProtoMessage() {}
-
-func (x *GitSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[8]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use GitSessionRequest.ProtoReflect.Descriptor instead.
-func (*GitSessionRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{8}
-}
-
-func (x *GitSessionRequest) GetMsg() isGitSessionRequest_Msg {
-	if x != nil {
-		return x.Msg
-	}
-	return nil
-}
-
-func (x *GitSessionRequest) GetStart() *GitSessionStart {
-	if x != nil {
-		if x, ok := x.Msg.(*GitSessionRequest_Start); ok {
-			return x.Start
-		}
-	}
-	return nil
-}
-
-func (x *GitSessionRequest) GetStdin() []byte {
-	if x != nil {
-		if x, ok := x.Msg.(*GitSessionRequest_Stdin); ok {
-			return x.Stdin
-		}
-	}
-	return nil
-}
-
-func (x *GitSessionRequest) GetStdinEof() bool {
-	if x != nil {
-		if x, ok := x.Msg.(*GitSessionRequest_StdinEof); ok {
-			return x.StdinEof
-		}
-	}
-	return false
-}
-
-type isGitSessionRequest_Msg interface {
-	isGitSessionRequest_Msg()
-}
-
-type GitSessionRequest_Start struct {
-	Start *GitSessionStart `protobuf:"bytes,1,opt,name=start,proto3,oneof"`
-}
-
-type GitSessionRequest_Stdin struct {
-	Stdin []byte `protobuf:"bytes,2,opt,name=stdin,proto3,oneof"`
-}
-
-type GitSessionRequest_StdinEof struct {
-	// The client closed its stdin.
-	StdinEof bool `protobuf:"varint,3,opt,name=stdin_eof,json=stdinEof,proto3,oneof"`
-}
-
-func (*GitSessionRequest_Start) isGitSessionRequest_Msg() {}
-
-func (*GitSessionRequest_Stdin) isGitSessionRequest_Msg() {}
-
-func (*GitSessionRequest_StdinEof) isGitSessionRequest_Msg() {}
-
-type GitSessionResponse struct {
-	state protoimpl.MessageState `protogen:"open.v1"`
-	// Types that are valid to be assigned to Msg:
-	//
-	//	*GitSessionResponse_Stdout
-	//	*GitSessionResponse_Stderr
-	//	*GitSessionResponse_ExitCode
-	Msg           isGitSessionResponse_Msg `protobuf_oneof:"msg"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *GitSessionResponse) Reset() {
-	*x = GitSessionResponse{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[9]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *GitSessionResponse) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*GitSessionResponse) ProtoMessage() {}
-
-func (x *GitSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[9]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use GitSessionResponse.ProtoReflect.Descriptor instead.
-func (*GitSessionResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{9}
-}
-
-func (x *GitSessionResponse) GetMsg() isGitSessionResponse_Msg {
-	if x != nil {
-		return x.Msg
-	}
-	return nil
-}
-
-func (x *GitSessionResponse) GetStdout() []byte {
-	if x != nil {
-		if x, ok := x.Msg.(*GitSessionResponse_Stdout); ok {
-			return x.Stdout
-		}
-	}
-	return nil
-}
-
-func (x *GitSessionResponse) GetStderr() []byte {
-	if x != nil {
-		if x, ok := x.Msg.(*GitSessionResponse_Stderr); ok {
-			return x.Stderr
-		}
-	}
-	return nil
-}
-
-func (x *GitSessionResponse) GetExitCode() int32 {
-	if x != nil {
-		if x, ok := x.Msg.(*GitSessionResponse_ExitCode); ok {
-			return x.ExitCode
-		}
-	}
-	return 0
-}
-
-type isGitSessionResponse_Msg interface {
-	isGitSessionResponse_Msg()
-}
-
-type GitSessionResponse_Stdout struct {
-	Stdout []byte `protobuf:"bytes,1,opt,name=stdout,proto3,oneof"`
-}
-
-type GitSessionResponse_Stderr struct {
-	Stderr []byte `protobuf:"bytes,2,opt,name=stderr,proto3,oneof"`
-}
-
-type GitSessionResponse_ExitCode struct {
-	ExitCode int32 `protobuf:"varint,3,opt,name=exit_code,json=exitCode,proto3,oneof"`
-}
-
-func (*GitSessionResponse_Stdout) isGitSessionResponse_Msg() {}
-
-func (*GitSessionResponse_Stderr) isGitSessionResponse_Msg() {}
-
-func (*GitSessionResponse_ExitCode) isGitSessionResponse_Msg() {}
-
-type GetReplicasRequest struct {
-	state protoimpl.MessageState `protogen:"open.v1"`
-	// Empty: every repository.
-	Repo          string `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *GetReplicasRequest) Reset() {
-	*x = GetReplicasRequest{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[10]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *GetReplicasRequest) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*GetReplicasRequest) ProtoMessage() {}
-
-func (x *GetReplicasRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[10]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use GetReplicasRequest.ProtoReflect.Descriptor instead.
-func (*GetReplicasRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{10}
-}
-
-func (x *GetReplicasRequest) GetRepo() string {
-	if x != nil {
-		return x.Repo
-	}
-	return ""
-}
-
-type Replica struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Repo          string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
-	RepoId        uint64                 `protobuf:"varint,2,opt,name=repo_id,json=repoId,proto3" json:"repo_id,omitempty"`
-	Version       uint64                 `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
-	State         ReplicaState           `protobuf:"varint,4,opt,name=state,proto3,enum=gitraft.node.v1.ReplicaState" json:"state,omitempty"`
-	Error         string                 `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *Replica) Reset() {
-	*x = Replica{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[11]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *Replica) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*Replica) ProtoMessage() {}
-
-func (x *Replica) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[11]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use Replica.ProtoReflect.Descriptor instead.
-func (*Replica) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{11}
-}
-
-func (x *Replica) GetRepo() string {
-	if x != nil {
-		return x.Repo
-	}
-	return ""
-}
-
-func (x *Replica) GetRepoId() uint64 {
-	if x != nil {
-		return x.RepoId
-	}
-	return 0
-}
-
-func (x *Replica) GetVersion() uint64 {
-	if x != nil {
-		return x.Version
-	}
-	return 0
-}
-
-func (x *Replica) GetState() ReplicaState {
-	if x != nil {
-		return x.State
-	}
-	return ReplicaState_REPLICA_STATE_UNSPECIFIED
-}
-
-func (x *Replica) GetError() string {
-	if x != nil {
-		return x.Error
-	}
-	return ""
-}
-
-type GetReplicasResponse struct {
-	state    protoimpl.MessageState `protogen:"open.v1"`
-	NodeId   string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
-	Replicas []*Replica             `protobuf:"bytes,2,rep,name=replicas,proto3" json:"replicas,omitempty"`
-	// The applied index the states were judged against.
-	Index         uint64 `protobuf:"varint,3,opt,name=index,proto3" json:"index,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *GetReplicasResponse) Reset() {
-	*x = GetReplicasResponse{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[12]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *GetReplicasResponse) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*GetReplicasResponse) ProtoMessage() {}
-
-func (x *GetReplicasResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[12]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use GetReplicasResponse.ProtoReflect.Descriptor instead.
-func (*GetReplicasResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{12}
-}
-
-func (x *GetReplicasResponse) GetNodeId() string {
-	if x != nil {
-		return x.NodeId
-	}
-	return ""
-}
-
-func (x *GetReplicasResponse) GetReplicas() []*Replica {
-	if x != nil {
-		return x.Replicas
-	}
-	return nil
-}
-
-func (x *GetReplicasResponse) GetIndex() uint64 {
-	if x != nil {
-		return x.Index
-	}
-	return 0
-}
-
 type GetLocalStatusRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -1036,7 +33,7 @@ type GetLocalStatusRequest struct {
 
 func (x *GetLocalStatusRequest) Reset() {
 	*x = GetLocalStatusRequest{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[13]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[0]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1048,7 +45,7 @@ func (x *GetLocalStatusRequest) String() string {
 func (*GetLocalStatusRequest) ProtoMessage() {}
 
 func (x *GetLocalStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[13]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[0]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1061,7 +58,7 @@ func (x *GetLocalStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLocalStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetLocalStatusRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{13}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{0}
 }
 
 type GetLocalStatusResponse struct {
@@ -1086,7 +83,7 @@ type GetLocalStatusResponse struct {
 
 func (x *GetLocalStatusResponse) Reset() {
 	*x = GetLocalStatusResponse{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[14]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1098,7 +95,7 @@ func (x *GetLocalStatusResponse) String() string {
 func (*GetLocalStatusResponse) ProtoMessage() {}
 
 func (x *GetLocalStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[14]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1111,7 +108,7 @@ func (x *GetLocalStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLocalStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetLocalStatusResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{14}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{1}
 }
 
 func (x *GetLocalStatusResponse) GetNodeId() string {
@@ -1186,7 +183,7 @@ type ProposeRequest struct {
 
 func (x *ProposeRequest) Reset() {
 	*x = ProposeRequest{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[15]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1198,7 +195,7 @@ func (x *ProposeRequest) String() string {
 func (*ProposeRequest) ProtoMessage() {}
 
 func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[15]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1211,7 +208,7 @@ func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposeRequest.ProtoReflect.Descriptor instead.
 func (*ProposeRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{15}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *ProposeRequest) GetEntry() *v1.Entry {
@@ -1230,7 +227,7 @@ type ProposeResponse struct {
 
 func (x *ProposeResponse) Reset() {
 	*x = ProposeResponse{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[16]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1242,7 +239,7 @@ func (x *ProposeResponse) String() string {
 func (*ProposeResponse) ProtoMessage() {}
 
 func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[16]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1255,7 +252,7 @@ func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposeResponse.ProtoReflect.Descriptor instead.
 func (*ProposeResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{16}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ProposeResponse) GetResult() *v1.Result {
@@ -1273,7 +270,7 @@ type ReadIndexRequest struct {
 
 func (x *ReadIndexRequest) Reset() {
 	*x = ReadIndexRequest{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[17]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1285,7 +282,7 @@ func (x *ReadIndexRequest) String() string {
 func (*ReadIndexRequest) ProtoMessage() {}
 
 func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[17]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1298,7 +295,7 @@ func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexRequest.ProtoReflect.Descriptor instead.
 func (*ReadIndexRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{17}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{4}
 }
 
 type ReadIndexResponse struct {
@@ -1310,7 +307,7 @@ type ReadIndexResponse struct {
 
 func (x *ReadIndexResponse) Reset() {
 	*x = ReadIndexResponse{}
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[18]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1322,7 +319,7 @@ func (x *ReadIndexResponse) String() string {
 func (*ReadIndexResponse) ProtoMessage() {}
 
 func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_node_v1_node_proto_msgTypes[18]
+	mi := &file_gitraft_node_v1_node_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1335,7 +332,7 @@ func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexResponse.ProtoReflect.Descriptor instead.
 func (*ReadIndexResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{18}
+	return file_gitraft_node_v1_node_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ReadIndexResponse) GetIndex() uint64 {
@@ -1349,72 +346,7 @@ var File_gitraft_node_v1_node_proto protoreflect.FileDescriptor
 
 const file_gitraft_node_v1_node_proto_rawDesc = "" +
 	"\n" +
-	"\x1agitraft/node/v1/node.proto\x12\x0fgitraft.node.v1\x1a\x18gitraft/fsm/v1/fsm.proto\"S\n" +
-	"\x15MissingObjectsRequest\x12\x12\n" +
-	"\x04repo\x18\x01 \x01(\tR\x04repo\x12\x12\n" +
-	"\x04oids\x18\x02 \x03(\tR\x04oids\x12\x12\n" +
-	"\x04full\x18\x03 \x01(\bR\x04full\"K\n" +
-	"\x16MissingObjectsResponse\x12\x17\n" +
-	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x18\n" +
-	"\amissing\x18\x02 \x03(\tR\amissing\")\n" +
-	"\x13GetLocalRefsRequest\x12\x12\n" +
-	"\x04repo\x18\x01 \x01(\tR\x04repo\"\xf4\x01\n" +
-	"\x14GetLocalRefsResponse\x12\x17\n" +
-	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x17\n" +
-	"\arepo_id\x18\x02 \x01(\x04R\x06repoId\x12\x18\n" +
-	"\aversion\x18\x03 \x01(\x04R\aversion\x12C\n" +
-	"\x04refs\x18\x04 \x03(\v2/.gitraft.node.v1.GetLocalRefsResponse.RefsEntryR\x04refs\x12\x12\n" +
-	"\x04head\x18\x05 \x01(\tR\x04head\x1a7\n" +
-	"\tRefsEntry\x12\x10\n" +
-	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xc4\x01\n" +
-	"\rPutPackHeader\x12\x12\n" +
-	"\x04repo\x18\x01 \x01(\tR\x04repo\x12\x17\n" +
-	"\arepo_id\x18\x02 \x01(\x04R\x06repoId\x12!\n" +
-	"\fbase_version\x18\x03 \x01(\x04R\vbaseVersion\x12\x17\n" +
-	"\apush_id\x18\x04 \x01(\tR\x06pushId\x12\x1b\n" +
-	"\tpack_size\x18\x05 \x01(\x03R\bpackSize\x12\x19\n" +
-	"\bidx_size\x18\x06 \x01(\x03R\aidxSize\x12\x12\n" +
-	"\x04tips\x18\a \x03(\tR\x04tips\"\x91\x01\n" +
-	"\x0ePutPackRequest\x128\n" +
-	"\x06header\x18\x01 \x01(\v2\x1e.gitraft.node.v1.PutPackHeaderH\x00R\x06header\x12\x1f\n" +
-	"\n" +
-	"pack_chunk\x18\x02 \x01(\fH\x00R\tpackChunk\x12\x1d\n" +
-	"\tidx_chunk\x18\x03 \x01(\fH\x00R\bidxChunkB\x05\n" +
-	"\x03msg\"F\n" +
-	"\x0fPutPackResponse\x12\x17\n" +
-	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1a\n" +
-	"\bchecksum\x18\x02 \x01(\tR\bchecksum\"\xa7\x01\n" +
-	"\x0fGitSessionStart\x12\x18\n" +
-	"\aservice\x18\x01 \x01(\tR\aservice\x12\x12\n" +
-	"\x04repo\x18\x02 \x01(\tR\x04repo\x12\x12\n" +
-	"\x04user\x18\x03 \x01(\tR\x04user\x12!\n" +
-	"\fgit_protocol\x18\x04 \x01(\tR\vgitProtocol\x12\x10\n" +
-	"\x03via\x18\x05 \x01(\tR\x03via\x12\x1d\n" +
-	"\n" +
-	"public_key\x18\x06 \x01(\fR\tpublicKey\"\x8b\x01\n" +
-	"\x11GitSessionRequest\x128\n" +
-	"\x05start\x18\x01 \x01(\v2 .gitraft.node.v1.GitSessionStartH\x00R\x05start\x12\x16\n" +
-	"\x05stdin\x18\x02 \x01(\fH\x00R\x05stdin\x12\x1d\n" +
-	"\tstdin_eof\x18\x03 \x01(\bH\x00R\bstdinEofB\x05\n" +
-	"\x03msg\"n\n" +
-	"\x12GitSessionResponse\x12\x18\n" +
-	"\x06stdout\x18\x01 \x01(\fH\x00R\x06stdout\x12\x18\n" +
-	"\x06stderr\x18\x02 \x01(\fH\x00R\x06stderr\x12\x1d\n" +
-	"\texit_code\x18\x03 \x01(\x05H\x00R\bexitCodeB\x05\n" +
-	"\x03msg\"(\n" +
-	"\x12GetReplicasRequest\x12\x12\n" +
-	"\x04repo\x18\x01 \x01(\tR\x04repo\"\x9b\x01\n" +
-	"\aReplica\x12\x12\n" +
-	"\x04repo\x18\x01 \x01(\tR\x04repo\x12\x17\n" +
-	"\arepo_id\x18\x02 \x01(\x04R\x06repoId\x12\x18\n" +
-	"\aversion\x18\x03 \x01(\x04R\aversion\x123\n" +
-	"\x05state\x18\x04 \x01(\x0e2\x1d.gitraft.node.v1.ReplicaStateR\x05state\x12\x14\n" +
-	"\x05error\x18\x05 \x01(\tR\x05error\"z\n" +
-	"\x13GetReplicasResponse\x12\x17\n" +
-	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x124\n" +
-	"\breplicas\x18\x02 \x03(\v2\x18.gitraft.node.v1.ReplicaR\breplicas\x12\x14\n" +
-	"\x05index\x18\x03 \x01(\x04R\x05index\"\x17\n" +
+	"\x1agitraft/node/v1/node.proto\x12\x0fgitraft.node.v1\x1a\x18gitraft/fsm/v1/fsm.proto\"\x17\n" +
 	"\x15GetLocalStatusRequest\"\xad\x02\n" +
 	"\x16GetLocalStatusResponse\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x14\n" +
@@ -1432,22 +364,11 @@ const file_gitraft_node_v1_node_proto_rawDesc = "" +
 	"\x06result\x18\x01 \x01(\v2\x16.gitraft.fsm.v1.ResultR\x06result\"\x12\n" +
 	"\x10ReadIndexRequest\")\n" +
 	"\x11ReadIndexResponse\x12\x14\n" +
-	"\x05index\x18\x01 \x01(\x04R\x05index*}\n" +
-	"\fReplicaState\x12\x1d\n" +
-	"\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n" +
-	"\x15REPLICA_STATE_CURRENT\x10\x01\x12\x18\n" +
-	"\x14REPLICA_STATE_BEHIND\x10\x02\x12\x19\n" +
-	"\x15REPLICA_STATE_SYNCING\x10\x032\xd7\x05\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index2\x92\x02\n" +
 	"\vNodeService\x12L\n" +
 	"\aPropose\x12\x1f.gitraft.node.v1.ProposeRequest\x1a .gitraft.node.v1.ProposeResponse\x12R\n" +
 	"\tReadIndex\x12!.gitraft.node.v1.ReadIndexRequest\x1a\".gitraft.node.v1.ReadIndexResponse\x12a\n" +
-	"\x0eGetLocalStatus\x12&.gitraft.node.v1.GetLocalStatusRequest\x1a'.gitraft.node.v1.GetLocalStatusResponse\x12N\n" +
-	"\aPutPack\x12\x1f.gitraft.node.v1.PutPackRequest\x1a .gitraft.node.v1.PutPackResponse(\x01\x12Y\n" +
-	"\n" +
-	"GitSession\x12\".gitraft.node.v1.GitSessionRequest\x1a#.gitraft.node.v1.GitSessionResponse(\x010\x01\x12X\n" +
-	"\vGetReplicas\x12#.gitraft.node.v1.GetReplicasRequest\x1a$.gitraft.node.v1.GetReplicasResponse\x12[\n" +
-	"\fGetLocalRefs\x12$.gitraft.node.v1.GetLocalRefsRequest\x1a%.gitraft.node.v1.GetLocalRefsResponse\x12a\n" +
-	"\x0eMissingObjects\x12&.gitraft.node.v1.MissingObjectsRequest\x1a'.gitraft.node.v1.MissingObjectsResponseB9Z7github.com/gitraft/gitraft/proto/gitraft/node/v1;nodev1b\x06proto3"
+	"\x0eGetLocalStatus\x12&.gitraft.node.v1.GetLocalStatusRequest\x1a'.gitraft.node.v1.GetLocalStatusResponseB9Z7github.com/gitraft/gitraft/proto/gitraft/node/v1;nodev1b\x06proto3"
 
 var (
 	file_gitraft_node_v1_node_proto_rawDescOnce sync.Once
@@ -1461,62 +382,31 @@ func file_gitraft_node_v1_node_proto_rawDescGZIP() []byte {
 	return file_gitraft_node_v1_node_proto_rawDescData
 }
 
-var file_gitraft_node_v1_node_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_gitraft_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_gitraft_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_gitraft_node_v1_node_proto_goTypes = []any{
-	(ReplicaState)(0),              // 0: gitraft.node.v1.ReplicaState
-	(*MissingObjectsRequest)(nil),  // 1: gitraft.node.v1.MissingObjectsRequest
-	(*MissingObjectsResponse)(nil), // 2: gitraft.node.v1.MissingObjectsResponse
-	(*GetLocalRefsRequest)(nil),    // 3: gitraft.node.v1.GetLocalRefsRequest
-	(*GetLocalRefsResponse)(nil),   // 4: gitraft.node.v1.GetLocalRefsResponse
-	(*PutPackHeader)(nil),          // 5: gitraft.node.v1.PutPackHeader
-	(*PutPackRequest)(nil),         // 6: gitraft.node.v1.PutPackRequest
-	(*PutPackResponse)(nil),        // 7: gitraft.node.v1.PutPackResponse
-	(*GitSessionStart)(nil),        // 8: gitraft.node.v1.GitSessionStart
-	(*GitSessionRequest)(nil),      // 9: gitraft.node.v1.GitSessionRequest
-	(*GitSessionResponse)(nil),     // 10: gitraft.node.v1.GitSessionResponse
-	(*GetReplicasRequest)(nil),     // 11: gitraft.node.v1.GetReplicasRequest
-	(*Replica)(nil),                // 12: gitraft.node.v1.Replica
-	(*GetReplicasResponse)(nil),    // 13: gitraft.node.v1.GetReplicasResponse
-	(*GetLocalStatusRequest)(nil),  // 14: gitraft.node.v1.GetLocalStatusRequest
-	(*GetLocalStatusResponse)(nil), // 15: gitraft.node.v1.GetLocalStatusResponse
-	(*ProposeRequest)(nil),         // 16: gitraft.node.v1.ProposeRequest
-	(*ProposeResponse)(nil),        // 17: gitraft.node.v1.ProposeResponse
-	(*ReadIndexRequest)(nil),       // 18: gitraft.node.v1.ReadIndexRequest
-	(*ReadIndexResponse)(nil),      // 19: gitraft.node.v1.ReadIndexResponse
-	nil,                            // 20: gitraft.node.v1.GetLocalRefsResponse.RefsEntry
-	(*v1.Entry)(nil),               // 21: gitraft.fsm.v1.Entry
-	(*v1.Result)(nil),              // 22: gitraft.fsm.v1.Result
+	(*GetLocalStatusRequest)(nil),  // 0: gitraft.node.v1.GetLocalStatusRequest
+	(*GetLocalStatusResponse)(nil), // 1: gitraft.node.v1.GetLocalStatusResponse
+	(*ProposeRequest)(nil),         // 2: gitraft.node.v1.ProposeRequest
+	(*ProposeResponse)(nil),        // 3: gitraft.node.v1.ProposeResponse
+	(*ReadIndexRequest)(nil),       // 4: gitraft.node.v1.ReadIndexRequest
+	(*ReadIndexResponse)(nil),      // 5: gitraft.node.v1.ReadIndexResponse
+	(*v1.Entry)(nil),               // 6: gitraft.fsm.v1.Entry
+	(*v1.Result)(nil),              // 7: gitraft.fsm.v1.Result
 }
 var file_gitraft_node_v1_node_proto_depIdxs = []int32{
-	20, // 0: gitraft.node.v1.GetLocalRefsResponse.refs:type_name -> gitraft.node.v1.GetLocalRefsResponse.RefsEntry
-	5,  // 1: gitraft.node.v1.PutPackRequest.header:type_name -> gitraft.node.v1.PutPackHeader
-	8,  // 2: gitraft.node.v1.GitSessionRequest.start:type_name -> gitraft.node.v1.GitSessionStart
-	0,  // 3: gitraft.node.v1.Replica.state:type_name -> gitraft.node.v1.ReplicaState
-	12, // 4: gitraft.node.v1.GetReplicasResponse.replicas:type_name -> gitraft.node.v1.Replica
-	21, // 5: gitraft.node.v1.ProposeRequest.entry:type_name -> gitraft.fsm.v1.Entry
-	22, // 6: gitraft.node.v1.ProposeResponse.result:type_name -> gitraft.fsm.v1.Result
-	16, // 7: gitraft.node.v1.NodeService.Propose:input_type -> gitraft.node.v1.ProposeRequest
-	18, // 8: gitraft.node.v1.NodeService.ReadIndex:input_type -> gitraft.node.v1.ReadIndexRequest
-	14, // 9: gitraft.node.v1.NodeService.GetLocalStatus:input_type -> gitraft.node.v1.GetLocalStatusRequest
-	6,  // 10: gitraft.node.v1.NodeService.PutPack:input_type -> gitraft.node.v1.PutPackRequest
-	9,  // 11: gitraft.node.v1.NodeService.GitSession:input_type -> gitraft.node.v1.GitSessionRequest
-	11, // 12: gitraft.node.v1.NodeService.GetReplicas:input_type -> gitraft.node.v1.GetReplicasRequest
-	3,  // 13: gitraft.node.v1.NodeService.GetLocalRefs:input_type -> gitraft.node.v1.GetLocalRefsRequest
-	1,  // 14: gitraft.node.v1.NodeService.MissingObjects:input_type -> gitraft.node.v1.MissingObjectsRequest
-	17, // 15: gitraft.node.v1.NodeService.Propose:output_type -> gitraft.node.v1.ProposeResponse
-	19, // 16: gitraft.node.v1.NodeService.ReadIndex:output_type -> gitraft.node.v1.ReadIndexResponse
-	15, // 17: gitraft.node.v1.NodeService.GetLocalStatus:output_type -> gitraft.node.v1.GetLocalStatusResponse
-	7,  // 18: gitraft.node.v1.NodeService.PutPack:output_type -> gitraft.node.v1.PutPackResponse
-	10, // 19: gitraft.node.v1.NodeService.GitSession:output_type -> gitraft.node.v1.GitSessionResponse
-	13, // 20: gitraft.node.v1.NodeService.GetReplicas:output_type -> gitraft.node.v1.GetReplicasResponse
-	4,  // 21: gitraft.node.v1.NodeService.GetLocalRefs:output_type -> gitraft.node.v1.GetLocalRefsResponse
-	2,  // 22: gitraft.node.v1.NodeService.MissingObjects:output_type -> gitraft.node.v1.MissingObjectsResponse
-	15, // [15:23] is the sub-list for method output_type
-	7,  // [7:15] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	6, // 0: gitraft.node.v1.ProposeRequest.entry:type_name -> gitraft.fsm.v1.Entry
+	7, // 1: gitraft.node.v1.ProposeResponse.result:type_name -> gitraft.fsm.v1.Result
+	2, // 2: gitraft.node.v1.NodeService.Propose:input_type -> gitraft.node.v1.ProposeRequest
+	4, // 3: gitraft.node.v1.NodeService.ReadIndex:input_type -> gitraft.node.v1.ReadIndexRequest
+	0, // 4: gitraft.node.v1.NodeService.GetLocalStatus:input_type -> gitraft.node.v1.GetLocalStatusRequest
+	3, // 5: gitraft.node.v1.NodeService.Propose:output_type -> gitraft.node.v1.ProposeResponse
+	5, // 6: gitraft.node.v1.NodeService.ReadIndex:output_type -> gitraft.node.v1.ReadIndexResponse
+	1, // 7: gitraft.node.v1.NodeService.GetLocalStatus:output_type -> gitraft.node.v1.GetLocalStatusResponse
+	5, // [5:8] is the sub-list for method output_type
+	2, // [2:5] is the sub-list for method input_type
+	2, // [2:2] is the sub-list for extension type_name
+	2, // [2:2] is the sub-list for extension extendee
+	0, // [0:2] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_node_v1_node_proto_init() }
@@ -1524,34 +414,18 @@ func file_gitraft_node_v1_node_proto_init() {
 	if File_gitraft_node_v1_node_proto != nil {
 		return
 	}
-	file_gitraft_node_v1_node_proto_msgTypes[5].OneofWrappers = []any{
-		(*PutPackRequest_Header)(nil),
-		(*PutPackRequest_PackChunk)(nil),
-		(*PutPackRequest_IdxChunk)(nil),
-	}
-	file_gitraft_node_v1_node_proto_msgTypes[8].OneofWrappers = []any{
-		(*GitSessionRequest_Start)(nil),
-		(*GitSessionRequest_Stdin)(nil),
-		(*GitSessionRequest_StdinEof)(nil),
-	}
-	file_gitraft_node_v1_node_proto_msgTypes[9].OneofWrappers = []any{
-		(*GitSessionResponse_Stdout)(nil),
-		(*GitSessionResponse_Stderr)(nil),
-		(*GitSessionResponse_ExitCode)(nil),
-	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_node_v1_node_proto_rawDesc), len(file_gitraft_node_v1_node_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   20,
+			NumEnums:      0,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
 		GoTypes:           file_gitraft_node_v1_node_proto_goTypes,
 		DependencyIndexes: file_gitraft_node_v1_node_proto_depIdxs,
-		EnumInfos:         file_gitraft_node_v1_node_proto_enumTypes,
 		MessageInfos:      file_gitraft_node_v1_node_proto_msgTypes,
 	}.Build()
 	File_gitraft_node_v1_node_proto = out.File

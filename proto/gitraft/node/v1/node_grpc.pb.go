@@ -25,11 +25,6 @@ const (
 	NodeService_Propose_FullMethodName        = "/gitraft.node.v1.NodeService/Propose"
 	NodeService_ReadIndex_FullMethodName      = "/gitraft.node.v1.NodeService/ReadIndex"
 	NodeService_GetLocalStatus_FullMethodName = "/gitraft.node.v1.NodeService/GetLocalStatus"
-	NodeService_PutPack_FullMethodName        = "/gitraft.node.v1.NodeService/PutPack"
-	NodeService_GitSession_FullMethodName     = "/gitraft.node.v1.NodeService/GitSession"
-	NodeService_GetReplicas_FullMethodName    = "/gitraft.node.v1.NodeService/GetReplicas"
-	NodeService_GetLocalRefs_FullMethodName   = "/gitraft.node.v1.NodeService/GetLocalRefs"
-	NodeService_MissingObjects_FullMethodName = "/gitraft.node.v1.NodeService/MissingObjects"
 )
 
 // NodeServiceClient is the client API for NodeService service.
@@ -44,20 +39,6 @@ type NodeServiceClient interface {
 	ReadIndex(ctx context.Context, in *ReadIndexRequest, opts ...grpc.CallOption) (*ReadIndexResponse, error)
 	// GetLocalStatus reports this node's own view of Raft, for cluster status.
 	GetLocalStatus(ctx context.Context, in *GetLocalStatusRequest, opts ...grpc.CallOption) (*GetLocalStatusResponse, error)
-	// PutPack makes a pushed pack durable on this node before the push's ref
-	// change is proposed: the first message names the push, then pack bytes,
-	// then idx bytes. The answer comes once both are fsynced.
-	PutPack(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[PutPackRequest, PutPackResponse], error)
-	// GitSession runs a git service (upload-pack, receive-pack,
-	// upload-archive) on this node for a session that arrived at another node:
-	// catching up from a peer, or a proxied client session.
-	GitSession(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[GitSessionRequest, GitSessionResponse], error)
-	// GetReplicas reports the version this node's disk holds per repository.
-	GetReplicas(ctx context.Context, in *GetReplicasRequest, opts ...grpc.CallOption) (*GetReplicasResponse, error)
-	// GetLocalRefs reads a repository's refs from this node's disk.
-	GetLocalRefs(ctx context.Context, in *GetLocalRefsRequest, opts ...grpc.CallOption) (*GetLocalRefsResponse, error)
-	// MissingObjects says which of the given objects this node lacks.
-	MissingObjects(ctx context.Context, in *MissingObjectsRequest, opts ...grpc.CallOption) (*MissingObjectsResponse, error)
 }
 
 type nodeServiceClient struct {
@@ -98,62 +79,6 @@ func (c *nodeServiceClient) GetLocalStatus(ctx context.Context, in *GetLocalStat
 	return out, nil
 }
 
-func (c *nodeServiceClient) PutPack(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[PutPackRequest, PutPackResponse], error) {
-	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &NodeService_ServiceDesc.Streams[0], NodeService_PutPack_FullMethodName, cOpts...)
-	if err != nil {
-		return nil, err
-	}
-	x := &grpc.GenericClientStream[PutPackRequest, PutPackResponse]{ClientStream: stream}
-	return x, nil
-}
-
-// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
-type NodeService_PutPackClient = grpc.ClientStreamingClient[PutPackRequest, PutPackResponse]
-
-func (c *nodeServiceClient) GitSession(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[GitSessionRequest, GitSessionResponse], error) {
-	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &NodeService_ServiceDesc.Streams[1], NodeService_GitSession_FullMethodName, cOpts...)
-	if err != nil {
-		return nil, err
-	}
-	x := &grpc.GenericClientStream[GitSessionRequest, GitSessionResponse]{ClientStream: stream}
-	return x, nil
-}
-
-// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
-type NodeService_GitSessionClient = grpc.BidiStreamingClient[GitSessionRequest, GitSessionResponse]
-
-func (c *nodeServiceClient) GetReplicas(ctx context.Context, in *GetReplicasRequest, opts ...grpc.CallOption) (*GetReplicasResponse, error) {
-	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(GetReplicasResponse)
-	err := c.cc.Invoke(ctx, NodeService_GetReplicas_FullMethodName, in, out, cOpts...)
-	if err != nil {
-		return nil, err
-	}
-	return out, nil
-}
-
-func (c *nodeServiceClient) GetLocalRefs(ctx context.Context, in *GetLocalRefsRequest, opts ...grpc.CallOption) (*GetLocalRefsResponse, error) {
-	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(GetLocalRefsResponse)
-	err := c.cc.Invoke(ctx, NodeService_GetLocalRefs_FullMethodName, in, out, cOpts...)
-	if err != nil {
-		return nil, err
-	}
-	return out, nil
-}
-
-func (c *nodeServiceClient) MissingObjects(ctx context.Context, in *MissingObjectsRequest, opts ...grpc.CallOption) (*MissingObjectsResponse, error) {
-	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(MissingObjectsResponse)
-	err := c.cc.Invoke(ctx, NodeService_MissingObjects_FullMethodName, in, out, cOpts...)
-	if err != nil {
-		return nil, err
-	}
-	return out, nil
-}
-
 // NodeServiceServer is the server API for NodeService service.
 // All implementations must embed UnimplementedNodeServiceServer
 // for forward compatibility.
@@ -166,20 +91,6 @@ type NodeServiceServer interface {
 	ReadIndex(context.Context, *ReadIndexRequest) (*ReadIndexResponse, error)
 	// GetLocalStatus reports this node's own view of Raft, for cluster status.
 	GetLocalStatus(context.Context, *GetLocalStatusRequest) (*GetLocalStatusResponse, error)
-	// PutPack makes a pushed pack durable on this node before the push's ref
-	// change is proposed: the first message names the push, then pack bytes,
-	// then idx bytes. The answer comes once both are fsynced.
-	PutPack(grpc.ClientStreamingServer[PutPackRequest, PutPackResponse]) error
-	// GitSession runs a git service (upload-pack, receive-pack,
-	// upload-archive) on this node for a session that arrived at another node:
-	// catching up from a peer, or a proxied client session.
-	GitSession(grpc.BidiStreamingServer[GitSessionRequest, GitSessionResponse]) error
-	// GetReplicas reports the version this node's disk holds per repository.
-	GetReplicas(context.Context, *GetReplicasRequest) (*GetReplicasResponse, error)
-	// GetLocalRefs reads a repository's refs from this node's disk.
-	GetLocalRefs(context.Context, *GetLocalRefsRequest) (*GetLocalRefsResponse, error)
-	// MissingObjects says which of the given objects this node lacks.
-	MissingObjects(context.Context, *MissingObjectsRequest) (*MissingObjectsResponse, error)
 	mustEmbedUnimplementedNodeServiceServer()
 }
 
@@ -198,21 +109,6 @@ func (UnimplementedNodeServiceServer) ReadIndex(context.Context, *ReadIndexReque
 }
 func (UnimplementedNodeServiceServer) GetLocalStatus(context.Context, *GetLocalStatusRequest) (*GetLocalStatusResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetLocalStatus not implemented")
-}
-func (UnimplementedNodeServiceServer) PutPack(grpc.ClientStreamingServer[PutPackRequest, PutPackResponse]) error {
-	return status.Error(codes.Unimplemented, "method PutPack not implemented")
-}
-func (UnimplementedNodeServiceServer) GitSession(grpc.BidiStreamingServer[GitSessionRequest, GitSessionResponse]) error {
-	return status.Error(codes.Unimplemented, "method GitSession not implemented")
-}
-func (UnimplementedNodeServiceServer) GetReplicas(context.Context, *GetReplicasRequest) (*GetReplicasResponse, error) {
-	return nil, status.Error(codes.Unimplemented, "method GetReplicas not implemented")
-}
-func (UnimplementedNodeServiceServer) GetLocalRefs(context.Context, *GetLocalRefsRequest) (*GetLocalRefsResponse, error) {
-	return nil, status.Error(codes.Unimplemented, "method GetLocalRefs not implemented")
-}
-func (UnimplementedNodeServiceServer) MissingObjects(context.Context, *MissingObjectsRequest) (*MissingObjectsResponse, error) {
-	return nil, status.Error(codes.Unimplemented, "method MissingObjects not implemented")
 }
 func (UnimplementedNodeServiceServer) mustEmbedUnimplementedNodeServiceServer() {}
 func (UnimplementedNodeServiceServer) testEmbeddedByValue()                     {}
@@ -289,74 +185,6 @@ func _NodeService_GetLocalStatus_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
-func _NodeService_PutPack_Handler(srv interface{}, stream grpc.ServerStream) error {
-	return srv.(NodeServiceServer).PutPack(&grpc.GenericServerStream[PutPackRequest, PutPackResponse]{ServerStream: stream})
-}
-
-// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
-type NodeService_PutPackServer = grpc.ClientStreamingServer[PutPackRequest, PutPackResponse]
-
-func _NodeService_GitSession_Handler(srv interface{}, stream grpc.ServerStream) error {
-	return srv.(NodeServiceServer).GitSession(&grpc.GenericServerStream[GitSessionRequest, GitSessionResponse]{ServerStream: stream})
-}
-
-// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
-type NodeService_GitSessionServer = grpc.BidiStreamingServer[GitSessionRequest, GitSessionResponse]
-
-func _NodeService_GetReplicas_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
-	in := new(GetReplicasRequest)
-	if err := dec(in); err != nil {
-		return nil, err
-	}
-	if interceptor == nil {
-		return srv.(NodeServiceServer).GetReplicas(ctx, in)
-	}
-	info := &grpc.UnaryServerInfo{
-		Server:     srv,
-		FullMethod: NodeService_GetReplicas_FullMethodName,
-	}
-	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(NodeServiceServer).GetReplicas(ctx, req.(*GetReplicasRequest))
-	}
-	return interceptor(ctx, in, info, handler)
-}
-
-func _NodeService_GetLocalRefs_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
-	in := new(GetLocalRefsRequest)
-	if err := dec(in); err != nil {
-		return nil, err
-	}
-	if interceptor == nil {
-		return srv.(NodeServiceServer).GetLocalRefs(ctx, in)
-	}
-	info := &grpc.UnaryServerInfo{
-		Server:     srv,
-		FullMethod: NodeService_GetLocalRefs_FullMethodName,
-	}
-	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(NodeServiceServer).GetLocalRefs(ctx, req.(*GetLocalRefsRequest))
-	}
-	return interceptor(ctx, in, info, handler)
-}
-
-func _NodeService_MissingObjects_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
-	in := new(MissingObjectsRequest)
-	if err := dec(in); err != nil {
-		return nil, err
-	}
-	if interceptor == nil {
-		return srv.(NodeServiceServer).MissingObjects(ctx, in)
-	}
-	info := &grpc.UnaryServerInfo{
-		Server:     srv,
-		FullMethod: NodeService_MissingObjects_FullMethodName,
-	}
-	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(NodeServiceServer).MissingObjects(ctx, req.(*MissingObjectsRequest))
-	}
-	return interceptor(ctx, in, info, handler)
-}
-
 // NodeService_ServiceDesc is the grpc.ServiceDesc for NodeService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -376,31 +204,7 @@ var NodeService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "GetLocalStatus",
 			Handler:    _NodeService_GetLocalStatus_Handler,
 		},
-		{
-			MethodName: "GetReplicas",
-			Handler:    _NodeService_GetReplicas_Handler,
-		},
-		{
-			MethodName: "GetLocalRefs",
-			Handler:    _NodeService_GetLocalRefs_Handler,
-		},
-		{
-			MethodName: "MissingObjects",
-			Handler:    _NodeService_MissingObjects_Handler,
-		},
 	},
-	Streams: []grpc.StreamDesc{
-		{
-			StreamName:    "PutPack",
-			Handler:       _NodeService_PutPack_Handler,
-			ClientStreams: true,
-		},
-		{
-			StreamName:    "GitSession",
-			Handler:       _NodeService_GitSession_Handler,
-			ServerStreams: true,
-			ClientStreams: true,
-		},
-	},
+	Streams:  []grpc.StreamDesc{},
 	Metadata: "gitraft/node/v1/node.proto",
 }

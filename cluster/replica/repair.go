@@ -1,0 +1,138 @@
+package replica
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"sort"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
+	replicav1 "github.com/gitraft/gitraft/proto/gitraft/replica/v1"
+	repov1 "github.com/gitraft/gitraft/proto/gitraft/repo/v1"
+	"github.com/gitraft/gitraft/storage"
+)
+
+// RepairPlan finds the refs whose tips fewer than a majority of voters hold
+// whole, and for each the newest value some node's copy has on disk that a
+// majority does hold (or none: delete it).
+func (r *Replicas) RepairPlan(ctx context.Context, repo string, refs map[string]string) ([]*repov1.RepairChange, error) {
+	voters, err := r.node.Voters()
+	if err != nil {
+		return nil, err
+	}
+	need := len(voters)/2 + 1
+	tips := slices.Compact(slices.Sorted(maps.Values(refs)))
+	held, err := r.heldBy(ctx, repo, voters, tips)
+	if err != nil {
+		return nil, err
+	}
+	// What each node's copy has on disk for the refs: candidates.
+	disk := map[string][]string{} // ref -> values seen on nodes' disks
+	for _, m := range voters {
+		refs, err := r.localRefs(ctx, m, repo)
+		if err != nil {
+			continue
+		}
+		for ref, oid := range refs {
+			if !slices.Contains(disk[ref], oid) {
+				disk[ref] = append(disk[ref], oid)
+			}
+		}
+	}
+	var plan []*repov1.RepairChange
+	for _, ref := range slices.Sorted(maps.Keys(refs)) {
+		tip := refs[ref]
+		if held[tip] >= need {
+			continue
+		}
+		c := &repov1.RepairChange{Ref: ref, OldOid: tip}
+		var cands []string
+		for _, v := range disk[ref] {
+			if v != tip {
+				cands = append(cands, v)
+			}
+		}
+		if len(cands) > 0 {
+			ch, err := r.heldBy(ctx, repo, voters, cands)
+			if err != nil {
+				return nil, err
+			}
+			sort.SliceStable(cands, func(i, j int) bool { return ch[cands[i]] > ch[cands[j]] })
+			if ch[cands[0]] >= need {
+				c.NewOid = cands[0]
+				c.Why = fmt.Sprintf("tip held whole by %d of %d voters; reset to %s, which %d hold", held[tip], len(voters), cands[0], ch[cands[0]])
+			}
+		}
+		if c.NewOid == "" {
+			c.Why = fmt.Sprintf("tip held whole by %d of %d voters, and no older value a majority holds: deleted (the objects are lost)", held[tip], len(voters))
+		}
+		plan = append(plan, c)
+	}
+	return plan, nil
+}
+
+// heldBy counts, for each oid, the voters whose copy holds it whole,
+// walking whole histories: the copies' refs may be what is damaged.
+func (r *Replicas) heldBy(ctx context.Context, repo string, voters []*fsmv1.Member, oids []string) (map[string]int, error) {
+	out := map[string]int{}
+	if len(oids) == 0 {
+		return out, nil
+	}
+	answered := 0
+	for _, m := range voters {
+		var lacks []string
+		var err error
+		if m.GetId() == r.node.ID() {
+			lacks, err = r.st.MissingWhole(ctx, repo, oids)
+			if errors.Is(err, storage.ErrNotFound) {
+				lacks, err = oids, nil
+			}
+		} else if c, cerr := r.client(m.GetGrpcAddr()); cerr == nil {
+			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			var resp *replicav1.MissingObjectsResponse
+			resp, err = c.MissingObjects(cctx, &replicav1.MissingObjectsRequest{Repo: repo, Oids: oids, Full: true})
+			cancel()
+			lacks = resp.GetMissing()
+		} else {
+			err = cerr
+		}
+		if err != nil {
+			r.log.Warn("repair: a voter did not answer; counting it as holding nothing", "repo", repo, "peer", m.GetId(), "err", err)
+			continue
+		}
+		answered++
+		for _, o := range oids {
+			if !slices.Contains(lacks, o) {
+				out[o]++
+			}
+		}
+	}
+	if answered == 0 {
+		return nil, status.Error(codes.Unavailable, "no voter answered; cannot tell which objects are held")
+	}
+	return out, nil
+}
+
+// localRefs is what one member's copy of repo has on disk.
+func (r *Replicas) localRefs(ctx context.Context, m *fsmv1.Member, repo string) (map[string]string, error) {
+	if m.GetId() == r.node.ID() {
+		return r.st.Refs(ctx, repo)
+	}
+	c, err := r.client(m.GetGrpcAddr())
+	if err != nil {
+		return nil, err
+	}
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	resp, err := c.GetLocalRefs(cctx, &replicav1.GetLocalRefsRequest{Repo: repo})
+	if err != nil {
+		return nil, err
+	}
+	return resp.GetRefs(), nil
+}
