@@ -34,6 +34,10 @@ func TestMain(m *testing.M) {
 	args := []string{"build", "-o", bin}
 	if os.Getenv("GITRAFT_E2E_RACE") != "" {
 		args = append(args, "-race")
+		// A race-built program sleeps 1 s at exit by default, so that
+		// other goroutines may still report: every CLI call and git hook
+		// of a test would pay it. Reports are written as they happen.
+		os.Setenv("GORACE", "atexit_sleep_ms=0")
 	}
 	build := exec.Command("go", append(args, "./cmd/gitraft")...)
 	build.Dir = root
