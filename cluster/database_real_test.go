@@ -171,8 +171,11 @@ func Test_DB_Real_SwitchoverAndFailover(t *testing.T) {
 	})
 	t.Logf("failover: first committed write %s after the kill", first.Sub(killed).Round(time.Millisecond))
 
-	// The old primary restarted as it was: its agent demotes it.
-	r.pg["pg1"].Start()
+	// The old primary restarted as it was: its agent demotes it, perhaps
+	// while pg_ctl still waits for it to come up.
+	if err := r.pg["pg1"].StartBeside(); err != nil {
+		t.Logf("starting pg1 raced its agent: %v", err)
+	}
 	waitFor(t, "pg1 to follow pg2", 60*time.Second, func() bool { return r.pg["pg1"].StreamingFrom(r.pg["pg2"]) })
 	w.Stop()
 	// Backends of a killed postmaster go on until they notice, and

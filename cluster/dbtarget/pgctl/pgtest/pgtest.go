@@ -379,6 +379,19 @@ func (p *Postgres) Start() {
 	}
 }
 
+// StartBeside starts the server like Start, for a server an agent may act
+// on at once (an old primary its agent demotes as soon as it answers): the
+// agent's stop can make pg_ctl's wait fail, so the error is returned, not
+// fatal, and the caller checks the outcome it expects instead.
+func (p *Postgres) StartBeside() error {
+	p.t.Helper()
+	p.waitKilled()
+	if out, err := p.PgCtl("start", "-l", p.LogFile, "-w", "-t", "60"); err != nil {
+		return fmt.Errorf("pg_ctl start %s: %v: %s", p.Name, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
 // Answers reports whether the server answers a query.
 func (p *Postgres) Answers() bool {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
