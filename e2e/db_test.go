@@ -106,7 +106,10 @@ func Test_E2E_DB_AutomaticFailover(t *testing.T) {
 
 	// The old primary comes back as it was: a primary on the old timeline.
 	restarted := time.Now()
-	e.pg["pg1"].Start()
+	// Its agent may demote it while pg_ctl still waits for it to come up.
+	if err := e.pg["pg1"].StartBeside(); err != nil {
+		t.Logf("starting pg1 raced its agent: %v", err)
+	}
 	waitFor(t, "pg1 to follow pg2", 60*time.Second, func() bool { return e.pg["pg1"].StreamingFrom(e.pg["pg2"]) })
 	w.WaitCommitted(100, 30*time.Second)
 	w.Stop()
