@@ -309,3 +309,73 @@ func Test_E2E_GitRepairLostObjects(t *testing.T) {
 	// And pushes work again.
 	u.mustGit(wt, "push", "-q", "-f", "origin", "main")
 }
+
+// Test_E2E_GitRefWriteFailsAfterCommit: git writes a ref only after the
+// pre-receive hook has committed it to the cluster. When that local write
+// fails (here a directory where git wants its ref lock file, as a full disk
+// or a leftover could), git reports "ng ... failed to lock" for a ref the
+// cluster has applied and every node serves. The client must be told what
+// was applied: ok, with stock git (side-band) and with raw protocol
+// (report-status without side-band). The copy heals once the obstacle goes.
+func Test_E2E_GitRefWriteFailsAfterCommit(t *testing.T) {
+	c, u := gitSetup(t, "r")
+	n1 := c.nodes[0]
+	wt := u.workTree(url(n1, "r"))
+	oid := u.commit(wt, "a", "a\n")
+	u.mustGit(wt, "push", "-q", "origin", "main")
+	waitFor(t, "every replica current", 30*time.Second, func() bool { return c.run(n1, "repo", "verify", "r").code == 0 })
+
+	block := func(ref string) func() {
+		var dirs []string
+		for _, n := range c.nodes {
+			d := filepath.Join(n.dir, "repos", "r.git", ref+".lock")
+			if err := os.MkdirAll(d, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			dirs = append(dirs, d)
+		}
+		return func() {
+			for _, d := range dirs {
+				if err := os.RemoveAll(d); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+	committed := func(ref string) string {
+		var show repov1.GetRepoResponse
+		c.protoOf(n1, &show, "repo", "show", "r")
+		for _, r := range show.GetRepo().GetRefs() {
+			if r.GetName() == ref {
+				return r.GetOid()
+			}
+		}
+		return ""
+	}
+
+	unblock := block("refs/heads/feature")
+	out := u.mustGit(wt, "push", "origin", "main:refs/heads/feature")
+	if strings.Contains(out, "failed") || strings.Contains(out, "[remote") {
+		t.Fatalf("push of a committed ref reported a failure:\n%s", out)
+	}
+	if got := committed("refs/heads/feature"); got != oid {
+		t.Fatalf("state has feature=%q, want %s", got, oid)
+	}
+	unblock()
+	waitFor(t, "every copy to heal", 60*time.Second, func() bool { return c.run(n1, "repo", "verify", "r").code == 0 })
+	if refs := u.sameEverywhere("r"); !strings.Contains(refs, oid+"\trefs/heads/feature") {
+		t.Fatalf("feature not served everywhere:\n%s", refs)
+	}
+
+	unblock = block("refs/heads/raw")
+	stdout, stderr := u.rawPush(n1, "r", []string{zeroOID + " " + oid + " refs/heads/raw"}, "report-status", emptyPack())
+	if !strings.Contains(stdout, "ok refs/heads/raw") || strings.Contains(stdout, "ng refs/heads/raw") {
+		t.Fatalf("raw push report: %q (stderr %q)", stdout, stderr)
+	}
+	if got := committed("refs/heads/raw"); got != oid {
+		t.Fatalf("state has raw=%q, want %s", got, oid)
+	}
+	unblock()
+	waitFor(t, "every copy to heal", 60*time.Second, func() bool { return c.run(n1, "repo", "verify", "r").code == 0 })
+	u.sameEverywhere("r")
+}

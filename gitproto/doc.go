@@ -8,6 +8,10 @@
 // pre-receive hook (`gitraft hook pre-receive`) sees the quarantined objects
 // and calls back into this package over a unix socket; the backend then
 // replicates the pack to a quorum and commits the compare-and-swap.
+// git's report to the client is read on its way out (reportstatus.go):
+// a ref the cluster committed but git then failed to write locally (a
+// stale lock, a full disk) is reported "ok", as the state says, and the
+// copy is set from the state afterwards.
 //
 // The front end limits what one client can hold: connections that have not
 // authenticated (in all and per source address, with a login grace time,

@@ -731,10 +731,26 @@ func (s *Server) push(ctx context.Context, act *activity, stdin io.Reader, stdou
 	if gitProtocol != "" {
 		env = append(env, "GIT_PROTOCOL="+gitProtocol)
 	}
+	report := newReportFilter(stdout,
+		func() bool { return cmds.Has("side-band-64k") || cmds.Has("side-band") },
+		func() map[string]struct{} {
+			_, updates, _ := p.result()
+			refs := make(map[string]struct{}, len(updates))
+			for _, u := range updates {
+				refs[u.Ref] = struct{}{}
+			}
+			return refs
+		})
 	c := s.cfg.Git.Command(ctx, "", env, append(args, "receive-pack", tx.Path())...)
-	c.Stdin, c.Stdout, c.Stderr = cmds, stdout, stderr
+	c.Stdin, c.Stdout, c.Stderr = cmds, report, stderr
 	c.WaitDelay = 5 * time.Second
 	runErr := s.cfg.Git.Run(c)
+	if err := report.Flush(); err != nil && runErr == nil {
+		runErr = err
+	}
+	if refs := report.Rewritten(); len(refs) > 0 {
+		log.Warn("git could not write refs the cluster committed; the client is told they were applied, and the copy is set from the state", "refs", refs)
+	}
 	committed, updates, pushOptions := p.result()
 	ok := runErr == nil && committed
 	tx.Finish(ok)
