@@ -46,7 +46,7 @@ var updateGolden = flag.Bool("update", false, "write missing golden files under 
 // goldenSet is the set goldenEntries builds. Bump it (and run -update) when
 // the format gains a command or field: the new set is written beside the
 // old ones, which stay and must still decode and apply.
-const goldenSet = "set2"
+const goldenSet = "set3"
 
 const goldenDir = "testdata/golden"
 
@@ -76,6 +76,7 @@ func goldenEntries() []*fsmv1.Entry {
 		return &fsmv1.Entry{Command: &fsmv1.Entry_SetMember{SetMember: &fsmv1.SetMember{Member: &fsmv1.Member{
 			Id: id, RaftAddr: "10.0.0." + id[1:] + ":7101", GrpcAddr: "10.0.0." + id[1:] + ":7102",
 			HttpAddr: "10.0.0." + id[1:] + ":7103", SshAddr: "10.0.0." + id[1:] + ":22", SshHostKeys: keys,
+			FeatureLevel: FeatureLevel,
 		}}}}
 	}
 	const hostKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGdvbGRlbiBob3N0IGtleSwgbm90IGEgcmVhbCBvbmU"

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	clusterv1 "github.com/gitraft/gitraft/proto/gitraft/cluster/v1"
@@ -178,35 +180,61 @@ func (n *Node) self() *fsmv1.Member {
 		HttpAddr: n.HTTPAddr(),
 		SshAddr:  n.cfg.SSHAdvertise,
 		// The public parts only: private host keys stay in their files.
-		SshHostKeys: n.cfg.SSHHostKeys,
+		SshHostKeys:  n.cfg.SSHHostKeys,
+		FeatureLevel: n.ownFeatureLevel(),
 	}
 }
 
 // registerSelf makes sure the replicated member table has this node's
-// current addresses, once it is part of the Raft configuration.
+// current addresses and feature level, once it is part of the Raft
+// configuration. An older leader refuses the feature level (a field it does
+// not know): then the node registers what that leader knows, so peers can
+// reach it, and keeps asking, less often, until an upgraded leader takes
+// the whole record.
 func (n *Node) registerSelf() {
+	wait := func() time.Duration { return 200*time.Millisecond + rand.N(200*time.Millisecond) }
 	for {
+		next := wait()
 		if n.inConfiguration() {
 			var cur *fsmv1.Member
 			n.fsm.Read(func(s *State) { cur, _ = s.Member(n.cfg.NodeID) })
-			if proto.Equal(cur, n.self()) {
+			want := n.self()
+			if proto.Equal(cur, want) {
 				return
 			}
-			ctx, cancel := context.WithTimeout(context.Background(), n.cfg.LeaderWait)
-			_, err := n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_SetMember{SetMember: &fsmv1.SetMember{Member: n.self()}}})
-			cancel()
+			err := n.register(want)
 			if err == nil {
-				n.log.Info("registered member addresses", "grpc_addr", n.cfg.GRPCAdvertise, "raft_addr", n.cfg.RaftAdvertise)
+				n.log.Info("registered member addresses", "grpc_addr", n.cfg.GRPCAdvertise, "raft_addr", n.cfg.RaftAdvertise, "feature_level", want.GetFeatureLevel())
 				return
 			}
-			n.log.Debug("registering member addresses", "err", err)
+			if errors.Is(err, ErrInvalidEntry) || status.Code(err) == codes.InvalidArgument {
+				older := proto.CloneOf(want)
+				older.FeatureLevel = 0
+				if !proto.Equal(cur, older) {
+					if err := n.register(older); err != nil {
+						n.log.Debug("registering member addresses", "err", err)
+					} else {
+						n.log.Info("registered member addresses without the feature level, which the leader's older gitraft does not know; will ask again", "grpc_addr", n.cfg.GRPCAdvertise)
+					}
+				}
+				next = 5*time.Second + rand.N(time.Second)
+			} else {
+				n.log.Debug("registering member addresses", "err", err)
+			}
 		}
 		select {
 		case <-n.stop:
 			return
-		case <-time.After(200*time.Millisecond + rand.N(200*time.Millisecond)):
+		case <-time.After(next):
 		}
 	}
+}
+
+func (n *Node) register(m *fsmv1.Member) error {
+	ctx, cancel := context.WithTimeout(context.Background(), n.cfg.LeaderWait)
+	defer cancel()
+	_, err := n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_SetMember{SetMember: &fsmv1.SetMember{Member: m}}})
+	return err
 }
 
 func (n *Node) inConfiguration() bool {

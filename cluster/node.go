@@ -113,6 +113,9 @@ type Config struct {
 	// newerCommands, if set (tests only), stands in for a newer binary: the
 	// state machine hands it every decoded entry before checking it.
 	newerCommands func(e *fsmv1.Entry)
+	// featureLevel, if set (tests only), is the feature level this node
+	// reports instead of FeatureLevel, standing in for an older binary.
+	featureLevel uint32
 	// replicasOf, if set (tests only), answers for a member's
 	// ReplicaService.GetReplicas, which the leader asks before promoting a
 	// non-voter (in-process nodes keep no repositories); ask asks the

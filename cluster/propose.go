@@ -114,7 +114,8 @@ func (n *Node) proposeOnce(ctx context.Context, e *fsmv1.Entry) (*fsmv1.Result, 
 
 // applyLocal appends the entry on this (leader) node and waits for it to be
 // applied here. It is the only caller of raft.Apply: it refuses an entry
-// that fails validateEntry (ErrInvalidEntry), and any entry while this
+// that fails validateEntry or needs a feature level some member has not
+// reported (checkFeatureLevel) with ErrInvalidEntry, and any entry while this
 // node's state machine is halted (ErrHalted), since it could not tell the
 // proposer the result.
 func (n *Node) applyLocal(e *fsmv1.Entry) (*fsmv1.Result, error) {
@@ -123,6 +124,9 @@ func (n *Node) applyLocal(e *fsmv1.Entry) (*fsmv1.Result, error) {
 	}
 	if h := n.fsm.Halted(); h != nil {
 		return nil, fmt.Errorf("leader %s takes no writes: %w", n.cfg.NodeID, h.err())
+	}
+	if err := n.checkFeatureLevel(e); err != nil {
+		return nil, err
 	}
 	e = proto.CloneOf(e)
 	e.Format = fsmv1.EntryFormat_ENTRY_FORMAT_V1

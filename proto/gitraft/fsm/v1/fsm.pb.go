@@ -1667,7 +1667,12 @@ type Member struct {
 	// The public SSH host keys this node serves from its host key files, in
 	// authorized_keys form, in the order configured. The cluster's
 	// known_hosts lines are made from these; no private key is ever here.
-	SshHostKeys   []string `protobuf:"bytes,6,rep,name=ssh_host_keys,json=sshHostKeys,proto3" json:"ssh_host_keys,omitempty"`
+	SshHostKeys []string `protobuf:"bytes,6,rep,name=ssh_host_keys,json=sshHostKeys,proto3" json:"ssh_host_keys,omitempty"`
+	// The feature level of the gitraft this node runs (cluster.FeatureLevel):
+	// the newest log entries it can apply. 0 (an older gitraft that did not
+	// report it) counts as 1. The leader logs an entry that needs a level
+	// only once every member of the Raft configuration has reported it.
+	FeatureLevel  uint32 `protobuf:"varint,7,opt,name=feature_level,json=featureLevel,proto3" json:"feature_level,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1742,6 +1747,13 @@ func (x *Member) GetSshHostKeys() []string {
 		return x.SshHostKeys
 	}
 	return nil
+}
+
+func (x *Member) GetFeatureLevel() uint32 {
+	if x != nil {
+		return x.FeatureLevel
+	}
+	return 0
 }
 
 type Ref struct {
@@ -3028,14 +3040,15 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\tSetMember\x12.\n" +
 	"\x06member\x18\x01 \x01(\v2\x16.gitraft.fsm.v1.MemberR\x06member\"\x1e\n" +
 	"\fRemoveMember\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"\xae\x01\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\xd3\x01\n" +
 	"\x06Member\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x1b\n" +
 	"\tgrpc_addr\x18\x03 \x01(\tR\bgrpcAddr\x12\x1b\n" +
 	"\thttp_addr\x18\x04 \x01(\tR\bhttpAddr\x12\x19\n" +
 	"\bssh_addr\x18\x05 \x01(\tR\asshAddr\x12\"\n" +
-	"\rssh_host_keys\x18\x06 \x03(\tR\vsshHostKeys\"+\n" +
+	"\rssh_host_keys\x18\x06 \x03(\tR\vsshHostKeys\x12#\n" +
+	"\rfeature_level\x18\a \x01(\rR\ffeatureLevel\"+\n" +
 	"\x03Ref\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n" +
 	"\x03oid\x18\x02 \x01(\tR\x03oid\"k\n" +
