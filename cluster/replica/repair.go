@@ -136,3 +136,53 @@ func (r *Replicas) localRefs(ctx context.Context, m *fsmv1.Member, repo string) 
 	}
 	return resp.GetRefs(), nil
 }
+
+// Holding is what one member's copy holds of a set of objects.
+type Holding struct {
+	Member *fsmv1.Member
+	// Lacks are the objects whose whole history the copy does not hold.
+	Lacks []string
+	// Err is set when the member did not answer (its part is unknown).
+	Err error
+}
+
+// Holdings asks every member which of oids its copy of repo holds whole,
+// walking whole histories (MissingObjects with full: a copy's refs may be
+// what is damaged). A member without a copy lacks them all.
+func (r *Replicas) Holdings(ctx context.Context, repo string, oids []string) []Holding {
+	members := r.node.Members()
+	out := make([]Holding, len(members))
+	done := make(chan struct{}, len(members))
+	for i, m := range members {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			h := Holding{Member: m}
+			if len(oids) == 0 {
+				out[i] = h
+				return
+			}
+			if m.GetId() == r.node.ID() {
+				h.Lacks, h.Err = r.st.MissingWhole(ctx, repo, oids)
+				if errors.Is(h.Err, storage.ErrNotFound) {
+					h.Lacks, h.Err = oids, nil
+				}
+			} else if c, err := r.client(m.GetGrpcAddr()); err != nil {
+				h.Err = err
+			} else {
+				cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+				resp, err := c.MissingObjects(cctx, &replicav1.MissingObjectsRequest{Repo: repo, Oids: oids, Full: true})
+				cancel()
+				if err != nil {
+					h.Err = errors.New(status.Convert(err).Message())
+				} else {
+					h.Lacks = resp.GetMissing()
+				}
+			}
+			out[i] = h
+		}()
+	}
+	for range members {
+		<-done
+	}
+	return out
+}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"io"
 	"strconv"
 	"strings"
 
@@ -64,8 +65,8 @@ would do and changes nothing.
 			}
 			w := cmd.OutOrStdout()
 			if len(resp.GetChanges()) == 0 {
-				_, err := fmt.Fprintf(w, "%s: nothing to repair (every ref's objects are held by a majority)\n", resp.GetRepo())
-				return err
+				fmt.Fprintf(w, "%s: no ref to repair (every ref's objects are held by a majority)\n", resp.GetRepo())
+				return printRepairCopies(w, resp)
 			}
 			t := newTable(w, "REF", "FROM", "TO", "WHY")
 			for _, c := range resp.GetChanges() {
@@ -82,8 +83,8 @@ would do and changes nothing.
 				_, err = fmt.Fprintln(w, "\ndry run: nothing was changed")
 				return err
 			}
-			_, err = fmt.Fprintf(w, "\nrepaired: %s is at version %d (raft index %d)\n", resp.GetRepo(), resp.GetVersion(), resp.GetIndex())
-			return err
+			fmt.Fprintf(w, "\nrepaired: %s is at version %d (raft index %d)\n", resp.GetRepo(), resp.GetVersion(), resp.GetIndex())
+			return printRepairCopies(w, resp)
 		},
 	}
 	cmd.Flags().BoolVar(&auto, "auto", false, "find the refs a majority cannot serve and reset or delete them")
@@ -92,4 +93,20 @@ would do and changes nothing.
 	cmd.Flags().StringVar(&reason, "reason", "", "why, for the record")
 	cmd.Flags().BoolVar(&dryRun, "dry-run", false, "say what would change, change nothing")
 	return cmd
+}
+
+// printRepairCopies says where each copy stands after a repair, and fails
+// when one could not be brought to the committed version.
+func printRepairCopies(w io.Writer, resp *repov1.RepairRefsResponse) error {
+	if len(resp.GetCopies()) == 0 {
+		return nil
+	}
+	fmt.Fprintf(w, "\ncopies at version %d:\n", resp.GetVersion())
+	if err := printCopyChecks(w, resp.GetCopies()); err != nil {
+		return err
+	}
+	if bad := unsoundCopies(resp.GetCopies()); bad > 0 {
+		return fmt.Errorf("%d of %d copies could not be brought to version %d (see above; they keep trying)", bad, len(resp.GetCopies()), resp.GetVersion())
+	}
+	return nil
 }
