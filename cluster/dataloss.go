@@ -17,10 +17,10 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/gitraft/gitraft/cluster/replica"
 	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
 	replicav1 "github.com/gitraft/gitraft/proto/gitraft/replica/v1"
 	repov1 "github.com/gitraft/gitraft/proto/gitraft/repo/v1"
-	"github.com/gitraft/gitraft/cluster/replica"
 	"github.com/gitraft/gitraft/storage"
 )
 

@@ -241,19 +241,19 @@ type Node struct {
 
 	db dbRuntime // the database target's settings and leader memory (database.go)
 
-	leaderCh    chan bool
-	needJoin    bool
-	layer       *streamLayer
+	leaderCh chan bool
+	needJoin bool
+	layer    *streamLayer
 	// fresh: this node started without Raft state (new, or its data dir
 	// was lost). It is not ready until it has once held every repository
 	// its state had when it caught up with the log (fillMarks).
-	fresh     bool
-	fillMu    sync.Mutex
-	fillMarks map[string]replica.Target
-	filled    atomic.Bool
+	fresh       bool
+	fillMu      sync.Mutex
+	fillMarks   map[string]replica.Target
+	filled      atomic.Bool
 	joinErr     atomic.Pointer[string] // why the last join attempt failed
-	leaderReady atomic.Bool // the leader loop has passed its barrier
-	ready       atomic.Bool // sticky: caught up once after start
+	leaderReady atomic.Bool            // the leader loop has passed its barrier
+	ready       atomic.Bool            // sticky: caught up once after start
 
 	stop     chan struct{}
 	wg       sync.WaitGroup
