@@ -147,11 +147,11 @@ func tipsOf(refs map[string]string) []string {
 
 // dataLossOf judges a repository from what each member holds of its
 // committed refs' objects: healthy when a majority of voters hold them all,
-// below majority when at least one node does, lost when none does.
+// lost when some ref's objects no member holds, below majority otherwise
+// (every ref's objects are on some member, if not on a majority).
 func dataLossOf(refs map[string]string, isVoter map[string]bool, hs []replica.Holding) *repov1.RepoDataLoss {
 	rl := &repov1.RepoDataLoss{Voters: int32(len(isVoter))}
 	heldAnywhere := map[string]bool{}
-	anyHolds := false
 	for _, h := range hs {
 		nh := &repov1.NodeHolding{NodeId: h.Member.GetId(), Voter: isVoter[h.Member.GetId()]}
 		if h.Err != nil {
@@ -177,11 +177,8 @@ func dataLossOf(refs map[string]string, isVoter map[string]bool, hs []replica.Ho
 				nh.MissingRefs = append(nh.MissingRefs[:5], fmt.Sprintf("(%d more)", more))
 			}
 		}
-		if nh.Holds {
-			anyHolds = true
-			if nh.Voter {
-				rl.HeldBy++
-			}
+		if nh.Holds && nh.Voter {
+			rl.HeldBy++
 		}
 		rl.Nodes = append(rl.Nodes, nh)
 	}
@@ -194,7 +191,8 @@ func dataLossOf(refs map[string]string, isVoter map[string]bool, hs []replica.Ho
 	switch {
 	case len(refs) == 0 || int(rl.HeldBy) >= len(isVoter)/2+1:
 		rl.Status = repov1.DataLossStatus_DATA_LOSS_STATUS_HEALTHY
-	case anyHolds:
+	case len(rl.LostRefs) == 0:
+		// Every ref's objects are somewhere, if not on a majority.
 		rl.Status = repov1.DataLossStatus_DATA_LOSS_STATUS_BELOW_MAJORITY
 	default:
 		rl.Status = repov1.DataLossStatus_DATA_LOSS_STATUS_LOST

@@ -18,9 +18,11 @@ import (
 	"github.com/gitraft/gitraft/storage"
 )
 
-// RepairPlan finds the refs whose tips fewer than a majority of voters hold
-// whole, and for each the newest value some node's copy has on disk that a
-// majority does hold (or none: delete it).
+// RepairPlan finds the refs whose tips no voter holds whole (the objects
+// are lost), and for each the newest value some node's copy has on disk
+// that a majority does hold (or none: delete it). A tip that some voter
+// but fewer than a majority hold is left alone: the other copies heal from
+// that one.
 func (r *Replicas) RepairPlan(ctx context.Context, repo string, refs map[string]string) ([]*repov1.RepairChange, error) {
 	voters, err := r.node.Voters()
 	if err != nil {
@@ -48,7 +50,10 @@ func (r *Replicas) RepairPlan(ctx context.Context, repo string, refs map[string]
 	var plan []*repov1.RepairChange
 	for _, ref := range slices.Sorted(maps.Keys(refs)) {
 		tip := refs[ref]
-		if held[tip] >= need {
+		if held[tip] > 0 {
+			// Some voter holds it whole: the copies that lack it heal
+			// from that one (RepairRefs scrubs them after), which gives
+			// the majority back without losing the push.
 			continue
 		}
 		c := &repov1.RepairChange{Ref: ref, OldOid: tip}

@@ -309,19 +309,7 @@ func (r *Replicas) scrubCopy(ctx context.Context, name string, wait func(context
 	if len(findings) == 0 {
 		return resp
 	}
-	// Damaged: no reads from here on, and a restart remembers it.
-	why := strings.Join(findings, "; ")
-	if len(why) > 500 {
-		why = why[:500] + "..."
-	}
-	if c.damage() == "" {
-		r.scrub.damaged.Add(1)
-		r.log.Error("scrub: copy damaged; it serves no reads until healed from a current peer", "repo", name, "version", c.pos().version, "findings", findings)
-	}
-	c.damaged.Store(&why)
-	if err := r.st.MarkDamaged(name, why); err != nil {
-		r.log.Warn("scrub: cannot record the damage on disk", "repo", name, "err", err)
-	}
+	r.markDamaged(c, name, findings)
 	if len(bad) > 0 {
 		packs := make([]string, len(bad))
 		for i, b := range bad {
@@ -342,6 +330,24 @@ func (r *Replicas) scrubCopy(ctx context.Context, name string, wait func(context
 	}
 	resp.Healed = true
 	return resp
+}
+
+// markDamaged marks a copy damaged: no reads or push acks from here on,
+// and a restart remembers it. The caller holds the copy's guard and heals
+// it next.
+func (r *Replicas) markDamaged(c *copyState, name string, findings []string) {
+	why := strings.Join(findings, "; ")
+	if len(why) > 500 {
+		why = why[:500] + "..."
+	}
+	if c.damage() == "" {
+		r.scrub.damaged.Add(1)
+		r.log.Error("copy damaged; it serves no reads until healed from a current peer", "repo", name, "version", c.pos().version, "findings", findings)
+	}
+	c.damaged.Store(&why)
+	if err := r.st.MarkDamaged(name, why); err != nil {
+		r.log.Warn("cannot record the damage on disk", "repo", name, "err", err)
+	}
 }
 
 // diffRefs lists how disk refs differ from the state's, sorted.

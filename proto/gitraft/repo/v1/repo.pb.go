@@ -142,10 +142,11 @@ const (
 	DataLossStatus_DATA_LOSS_STATUS_UNSPECIFIED DataLossStatus = 0
 	// A majority of voters hold the committed version whole.
 	DataLossStatus_DATA_LOSS_STATUS_HEALTHY DataLossStatus = 1
-	// Some voter holds it, but fewer than a majority: one more lost disk or
-	// node away from losing acknowledged pushes.
+	// Fewer than a majority of voters hold it whole, but every ref's objects
+	// are on some node: one more lost disk or node away from losing
+	// acknowledged pushes.
 	DataLossStatus_DATA_LOSS_STATUS_BELOW_MAJORITY DataLossStatus = 2
-	// No node holds it whole: refs name objects that are gone (see
+	// Some ref's objects no node holds: they are gone (see lost_refs and
 	// gitraft repo repair).
 	DataLossStatus_DATA_LOSS_STATUS_LOST DataLossStatus = 3
 )

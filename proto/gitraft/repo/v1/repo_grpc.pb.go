@@ -46,9 +46,10 @@ type RepoServiceClient interface {
 	VerifyRepo(ctx context.Context, in *VerifyRepoRequest, opts ...grpc.CallOption) (*VerifyRepoResponse, error)
 	// RepairRefs forces refs of a damaged repository to new values under its
 	// write lock, whatever they were, and records who did it and why. With
-	// auto set it first finds the refs whose objects fewer than a majority of
-	// voters hold, and resets each to a value a majority can serve (or
-	// deletes it).
+	// auto set it first finds the refs whose objects no voter holds, and
+	// resets each to a value a majority can serve (or deletes it). Then it
+	// brings every copy to the committed version (healing from the copies
+	// that hold it) and reports each copy in copies.
 	RepairRefs(ctx context.Context, in *RepairRefsRequest, opts ...grpc.CallOption) (*RepairRefsResponse, error)
 	// ScrubRepo checks one node's copy of a repository, or every node's, now
 	// (pack checksums, connectivity, refs against the state), and heals a
@@ -171,9 +172,10 @@ type RepoServiceServer interface {
 	VerifyRepo(context.Context, *VerifyRepoRequest) (*VerifyRepoResponse, error)
 	// RepairRefs forces refs of a damaged repository to new values under its
 	// write lock, whatever they were, and records who did it and why. With
-	// auto set it first finds the refs whose objects fewer than a majority of
-	// voters hold, and resets each to a value a majority can serve (or
-	// deletes it).
+	// auto set it first finds the refs whose objects no voter holds, and
+	// resets each to a value a majority can serve (or deletes it). Then it
+	// brings every copy to the committed version (healing from the copies
+	// that hold it) and reports each copy in copies.
 	RepairRefs(context.Context, *RepairRefsRequest) (*RepairRefsResponse, error)
 	// ScrubRepo checks one node's copy of a repository, or every node's, now
 	// (pack checksums, connectivity, refs against the state), and heals a
