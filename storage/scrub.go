@@ -178,7 +178,13 @@ func (s *Store) CheckConnectivity(ctx context.Context, name string) error {
 	// fsck names what is missing on stdout, and fails on stderr.
 	msg := strings.TrimSpace(string(out))
 	if msg == "" {
+		// Only stderr: git's own words, without the command line.
 		msg = err.Error()
+		if i := strings.Index(msg, "exit status "); i >= 0 {
+			if _, rest, ok := strings.Cut(msg[i:], ": "); ok {
+				msg = rest
+			}
+		}
 	}
 	return fmt.Errorf("%w: git fsck --connectivity-only: %s", ErrDamaged, firstLines(msg, 3))
 }
