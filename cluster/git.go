@@ -211,6 +211,10 @@ func (s noReplicas) GetLocalRefs(context.Context, *replicav1.GetLocalRefsRequest
 	return nil, status.Error(codes.FailedPrecondition, ErrNoGit.Error())
 }
 
+func (s noReplicas) Scrub(context.Context, *replicav1.ScrubRequest) (*replicav1.ScrubResponse, error) {
+	return nil, status.Error(codes.FailedPrecondition, ErrNoGit.Error())
+}
+
 func (s noReplicas) MissingObjects(context.Context, *replicav1.MissingObjectsRequest) (*replicav1.MissingObjectsResponse, error) {
 	return nil, status.Error(codes.FailedPrecondition, ErrNoGit.Error())
 }

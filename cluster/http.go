@@ -61,11 +61,17 @@ func (n *Node) Ready() (bool, string) {
 	if h := n.fsm.Halted(); h != nil {
 		return false, h.Message()
 	}
+	if n.joinErr.Load() != nil && !n.inConfiguration() {
+		return false, "not a member: " + *n.joinErr.Load()
+	}
 	if _, lid := n.raft.LeaderWithID(); lid == "" {
 		return false, "no leader known"
 	}
 	if !n.ready.Load() {
 		return false, "catching up with the leader's log"
+	}
+	if filling, why := n.filling(); filling {
+		return false, why
 	}
 	if n.git != nil {
 		if _, stuck, names := n.git.Health(); stuck > 0 {
@@ -85,4 +91,29 @@ func writeHealth(w http.ResponseWriter, ok bool, body map[string]any) {
 		delete(body, "reason")
 	}
 	json.NewEncoder(w).Encode(body)
+}
+
+// filling reports whether this node, started without Raft state, still
+// refills its disk: it is ready only once it has held every repository its
+// state had when it first caught up with the log (later pushes are what
+// any node catches up on). Once filled it stays so.
+func (n *Node) filling() (bool, string) {
+	if !n.fresh || n.git == nil || n.filled.Load() || !n.ready.Load() {
+		return false, ""
+	}
+	n.fillMu.Lock()
+	defer n.fillMu.Unlock()
+	if n.fillMarks == nil {
+		n.fillMarks = replicaNode{n}.Repos()
+	}
+	held, total := n.git.Held(n.fillMarks), len(n.fillMarks)
+	if held >= total {
+		n.filled.Store(true)
+		n.fillMarks = nil
+		if total > 0 {
+			n.log.Info("filled: this node holds every repository it started without", "repos", total)
+		}
+		return false, ""
+	}
+	return true, fmt.Sprintf("filling %d/%d repos: this node started with an empty data dir and is ready once it holds every repository", held, total)
 }

@@ -253,17 +253,31 @@ func (n *Node) inConfiguration() bool {
 // joinLoop asks the configured members to add this node until one does.
 func (n *Node) joinLoop() {
 	backoff := 200 * time.Millisecond
+	admitted := func() {
+		n.joinErr.Store(nil)
+		if n.layer != nil {
+			n.layer.held.Store(false)
+		}
+	}
 	for {
 		if n.inConfiguration() {
+			admitted()
 			return
 		}
 		for _, addr := range n.cfg.Join {
 			err := n.askToJoin(addr)
 			if err == nil {
+				admitted()
 				n.log.Info("joined the cluster", "via", addr)
 				return
 			}
-			n.log.Warn("join failed; will retry", "via", addr, "err", err)
+			msg := status.Convert(err).Message()
+			n.joinErr.Store(&msg)
+			if status.Code(err) == codes.FailedPrecondition {
+				n.log.Error("the cluster refuses to let this node join; it takes no part in Raft until it may", "via", addr, "err", msg)
+			} else {
+				n.log.Warn("join failed; will retry", "via", addr, "err", err)
+			}
 		}
 		select {
 		case <-n.stop:
@@ -284,6 +298,7 @@ func (n *Node) askToJoin(addr string) error {
 	me := n.self()
 	_, err = clusterv1.NewClusterServiceClient(c).AddMember(ctx, &clusterv1.AddMemberRequest{
 		Id: me.Id, RaftAddr: me.RaftAddr, GrpcAddr: me.GrpcAddr, HttpAddr: me.HttpAddr, SshAddr: me.SshAddr,
+		NoRaftState: true, // joinLoop runs only for a node without Raft state
 	})
 	return err
 }

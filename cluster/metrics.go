@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/gitraft/gitraft/cluster/replica"
 	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
 )
 
@@ -107,6 +108,27 @@ func newMetrics(n *Node) *metrics {
 		_, st, _ := n.git.Health()
 		return float64(st)
 	})
+	scrub := func() replica.ScrubStats {
+		if n.git == nil {
+			return replica.ScrubStats{}
+		}
+		return n.git.ScrubStats()
+	}
+	counter := func(name, help string, fn func() float64) {
+		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, fn))
+	}
+	gauge("gitraft_scrub_last_completed_timestamp_seconds", "When this node's last whole scrub pass finished (unix time; 0: never). Alert when it is older than a few git.scrub.interval.", func() float64 {
+		if t := scrub().LastCompleted; !t.IsZero() {
+			return float64(t.Unix())
+		}
+		return 0
+	})
+	counter("gitraft_scrub_repos_total", "Repository copies this node's scrub checked.", func() float64 { return float64(scrub().Repos) })
+	counter("gitraft_scrub_bytes_total", "Bytes of packs and indexes this node's scrub read and checked.", func() float64 { return float64(scrub().Bytes) })
+	counter("gitraft_scrub_damaged_total", "Copies this node's scrub found damaged (lost objects, bad checksums, refs that differ from the state).", func() float64 { return float64(scrub().Damaged) })
+	counter("gitraft_heal_total", "Damaged copies this node healed from a current peer.", func() float64 { return float64(scrub().Healed) })
+	counter("gitraft_heal_failures_total", "Attempts to heal a damaged copy that failed (retried by the reconciler).", func() float64 { return float64(scrub().HealFailed) })
+	gauge("gitraft_repos_damaged", "Repository copies on this node marked damaged and not yet healed; they serve no reads.", func() float64 { return float64(scrub().DamagedNow) })
 	gauge("gitraft_fsm_halted", "1 when the state machine halted on a committed entry this binary does not know: upgrade this node.", func() float64 {
 		if n.fsm.Halted() != nil {
 			return 1

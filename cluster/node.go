@@ -244,10 +244,19 @@ type Node struct {
 
 	db dbRuntime // the database target's settings and leader memory (database.go)
 
-	leaderCh    chan bool
-	needJoin    bool
-	leaderReady atomic.Bool // the leader loop has passed its barrier
-	ready       atomic.Bool // sticky: caught up once after start
+	leaderCh chan bool
+	needJoin bool
+	layer    *streamLayer
+	// fresh: this node started without Raft state (new, or its data dir
+	// was lost). It is not ready until it has once held every repository
+	// its state had when it caught up with the log (fillMarks).
+	fresh       bool
+	fillMu      sync.Mutex
+	fillMarks   map[string]replica.Target
+	filled      atomic.Bool
+	joinErr     atomic.Pointer[string] // why the last join attempt failed
+	leaderReady atomic.Bool            // the leader loop has passed its barrier
+	ready       atomic.Bool            // sticky: caught up once after start
 
 	stop     chan struct{}
 	wg       sync.WaitGroup
@@ -396,6 +405,10 @@ func (n *Node) openRaft() error {
 		return fmt.Errorf("%w: snapshots in %s: %v", ErrDataDir, dir, err)
 	}
 	n.snaps = snaps
+	existing, err := raft.HasExistingState(logs, store, snaps)
+	if err != nil {
+		return fmt.Errorf("%w: reading Raft state: %v", ErrDataDir, err)
+	}
 
 	ln, err := net.Listen("tcp", n.cfg.RaftAddr)
 	if err != nil {
@@ -415,6 +428,14 @@ func (n *Node) openRaft() error {
 	if err != nil {
 		ln.Close()
 		return err
+	}
+	n.layer = layer
+	n.fresh = !existing
+	if !existing && !n.cfg.Bootstrap && len(n.cfg.Join) > 0 {
+		// Until a member has admitted it (joinLoop), this node takes no
+		// part in Raft: under the ID of a voter that lost its data dir it
+		// would otherwise vote, and be counted, with a log it no longer has.
+		layer.held.Store(true)
 	}
 	n.trans = raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
 		Stream:  layer,
@@ -438,10 +459,6 @@ func (n *Node) openRaft() error {
 		return fmt.Errorf("%w: raft: %v", ErrConfig, err)
 	}
 
-	existing, err := raft.HasExistingState(logs, store, snaps)
-	if err != nil {
-		return fmt.Errorf("%w: reading Raft state: %v", ErrDataDir, err)
-	}
 	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, n.trans)
 	if err != nil {
 		return fmt.Errorf("start raft: %w", err)

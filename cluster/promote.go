@@ -187,17 +187,25 @@ func (n *Node) nonvoters() map[string]raft.ServerAddress {
 	return out
 }
 
-// memberFill sets a non-voter's fill in cluster status, judged as the
+// memberFill asks a member for its copies: it counts the damaged ones
+// and, for a non-voter, sets its fill in cluster status, judged as the
 // leader would against this node's commit index.
-func (n *Node) memberFill(ctx context.Context, m *clusterv1.Member) {
+func (n *Node) memberFill(ctx context.Context, m *clusterv1.Member, nonvoter bool) {
 	commit := n.raft.CommitIndex()
 	resp, err := n.replicasOf(ctx, &fsmv1.Member{Id: m.GetId(), GrpcAddr: m.GetGrpcAddr()})
 	if err != nil {
-		if m.Error == "" {
+		if m.Error == "" && nonvoter {
 			m.Error = err.Error()
 		}
 		return
 	}
-	fl := fillOf(resp)
-	m.Fill = fl.toAPI(fl.waitingFor(commit, commit))
+	for _, r := range resp.GetReplicas() {
+		if r.GetState() == replicav1.ReplicaState_REPLICA_STATE_DAMAGED {
+			m.ReposDamaged++
+		}
+	}
+	if nonvoter {
+		fl := fillOf(resp)
+		m.Fill = fl.toAPI(fl.waitingFor(commit, commit))
+	}
 }

@@ -68,7 +68,14 @@ func (s *repoService) RepairRefs(ctx context.Context, req *repov1.RepairRefsRequ
 		}
 	}
 	resp := &repov1.RepairRefsResponse{Repo: name, Changes: plan}
-	if req.GetDryRun() || len(plan) == 0 {
+	if req.GetDryRun() {
+		return resp, nil
+	}
+	if len(plan) == 0 {
+		// Every ref is held by a majority: bring the copies that are not
+		// (damaged, behind) to the committed version.
+		resp.Version = t.Version
+		resp.Copies = n.healAfterRepair(ctx, name, t.Version)
 		return resp, nil
 	}
 	actor := caller(ctx)
@@ -99,5 +106,9 @@ func (s *repoService) RepairRefs(ctx context.Context, req *repov1.RepairRefsRequ
 	}
 	resp.Version, resp.Index = r.GetRepo().GetVersion(), r.GetIndex()
 	n.log.Warn("repository repaired by an operator", "repo", name, "actor", actor, "reason", req.GetReason(), "refs", len(plan), "version", resp.Version)
+	// The refs are fixed; now every copy: each catches up to the repair's
+	// version, and a scrub heals what is still damaged or says why not.
+	held.Release(ctx)
+	resp.Copies = n.healAfterRepair(ctx, name, resp.Version)
 	return resp, nil
 }

@@ -75,8 +75,8 @@ func (s *clusterService) GetStatus(ctx context.Context, _ *clusterv1.GetStatusRe
 		go func() {
 			defer wg.Done()
 			n.fillMemberStatus(ctx, m)
-			if srv.Suffrage == raft.Nonvoter && m.Reachable {
-				n.memberFill(ctx, m)
+			if m.Reachable {
+				n.memberFill(ctx, m, srv.Suffrage == raft.Nonvoter)
 			}
 		}()
 	}
@@ -167,6 +167,13 @@ func (s *clusterService) AddMember(ctx context.Context, req *clusterv1.AddMember
 	}
 	for _, srv := range f.Configuration().Servers {
 		switch {
+		case string(srv.ID) == req.GetId() && req.GetNoRaftState() && srv.Suffrage == raft.Voter:
+			// A voter back with an empty data dir lost the log it
+			// acknowledged: counted as a voter it could elect a leader that
+			// lacks committed entries, and count toward a push's majority
+			// with packs it no longer holds. It must come back as a new,
+			// empty member.
+			return nil, status.Errorf(codes.FailedPrecondition, "node %q is a voter of this cluster, but it comes back without Raft state (an empty or lost data dir): it lost the log it acknowledged and must not vote as if it had it. Remove it first (gitraft cluster remove %s); it then joins again by itself as a non-voter, refills every repository from its peers, and becomes a voter once it holds everything", req.GetId(), req.GetId())
 		case string(srv.ID) == req.GetId() && string(srv.Address) == req.GetRaftAddr():
 			// Already a member (a restarted joiner asking again): make sure
 			// its addresses are recorded, and succeed.
@@ -385,7 +392,7 @@ func (s *repoService) GetRepo(ctx context.Context, req *repov1.GetRepoRequest) (
 				// The enums share their numbering; a member judges against
 				// its own applied index, so judge the version here too.
 				r.Version, r.State = rep.GetVersion(), repov1.ReplicaState(rep.GetState())
-				if rep.GetVersion() >= resp.Repo.GetVersion() {
+				if rep.GetVersion() >= resp.Repo.GetVersion() && rep.GetState() != replicav1.ReplicaState_REPLICA_STATE_DAMAGED {
 					r.State = repov1.ReplicaState_REPLICA_STATE_CURRENT
 				}
 			}

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -29,6 +30,12 @@ type streamLayer struct {
 
 	mu       sync.Mutex
 	lastWarn map[string]time.Time
+
+	// held refuses every inbound Raft connection: a node without Raft state
+	// that is still asking to join must take no part in Raft (no votes, no
+	// log) until the cluster has admitted it as what it is, a new,
+	// empty member. See Node.joinLoop.
+	held atomic.Bool
 }
 
 func newStreamLayer(ln net.Listener, advertise string, serverTLS, dialTLS *tls.Config, log *slog.Logger) (*streamLayer, error) {
@@ -71,6 +78,10 @@ func (s *streamLayer) acceptLoop() {
 }
 
 func (s *streamLayer) deliver(c net.Conn) {
+	if s.held.Load() {
+		c.Close()
+		return
+	}
 	select {
 	case s.conns <- c:
 	case <-s.closed:

@@ -44,8 +44,9 @@ func memberOf(st *clusterv1.GetStatusResponse, id string) *clusterv1.Member {
 }
 
 // A fourth node that joins a cluster holding repositories stays a non-voter
-// (no vote, cannot lead) while it lacks any of them, and becomes a voter once
-// it holds every one at its committed version.
+// (no vote, cannot lead) and not ready (/readyz 503) while it lacks any of
+// them, and becomes a voter, and ready, once it holds every one at its
+// committed version.
 func Test_E2E_JoinAsNonvoterUntilFilled(t *testing.T) {
 	skipWithoutSSH(t)
 	c := startCluster(t, 3)
@@ -67,7 +68,12 @@ func Test_E2E_JoinAsNonvoterUntilFilled(t *testing.T) {
 		t.Fatal(err)
 	}
 	n4 := c.addNode("n4", false, withBlockedFetch(t, gate))
-	n4.waitReady(60 * time.Second)
+	// Not ready while it cannot hold every repository: /readyz says how far
+	// it got.
+	waitFor(t, "n4's /readyz to say it is filling", 60*time.Second, func() bool {
+		code, body := n4.readyz()
+		return code == 503 && strings.Contains(body, "filling ") && strings.Contains(body, fmt.Sprintf("/%d repos", repos+1))
+	})
 	var st clusterv1.GetStatusResponse
 	waitFor(t, "n4 to report its fill", 30*time.Second, func() bool {
 		c.protoOf(n1, &st, "cluster", "status")
@@ -99,8 +105,12 @@ func Test_E2E_JoinAsNonvoterUntilFilled(t *testing.T) {
 	})
 	t.Logf("while blocked:\n%s", out)
 
+	if code, body := n4.readyz(); code != 503 {
+		t.Fatalf("n4 is ready while it cannot fill: %s", body)
+	}
 	os.Remove(gate)
 	c.waitVoters(4)
+	n4.waitReady(60 * time.Second)
 	c.protoOf(n4, &st, "cluster", "status")
 	if m := memberOf(&st, "n4"); m.GetSuffrage() != clusterv1.Suffrage_SUFFRAGE_VOTER || m.GetFill() != nil {
 		t.Fatalf("n4 after filling: %v, fill %v", m.GetSuffrage(), m.GetFill())

@@ -68,6 +68,9 @@ type Replica struct {
 	Name    string `json:"name"`
 	ID      uint64 `json:"id"`
 	Version uint64 `json:"version"`
+	// Damaged says why a scrub found the copy damaged (MarkDamaged); empty
+	// for a sound copy. SetVersion, which a heal ends with, clears it.
+	Damaged string `json:"damaged,omitempty"`
 }
 
 // Open prepares the store, checking that a git recent enough is installed

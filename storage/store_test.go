@@ -208,7 +208,7 @@ func Test_Replica_LocalListSetVersion(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []Replica{{"a.b", 4, 1}, {"a/b", 2, 17}, {"a/b/c/d", 3, 1}, {"zed", 1, 1}}
+	want := []Replica{{Name: "a.b", ID: 4, Version: 1}, {Name: "a/b", ID: 2, Version: 17}, {Name: "a/b/c/d", ID: 3, Version: 1}, {Name: "zed", ID: 1, Version: 1}}
 	if !slices.Equal(list, want) {
 		t.Fatalf("List = %+v\nwant %+v", list, want)
 	}

@@ -1,7 +1,8 @@
 // Package replica is the git side of a node: the push pipeline (lock,
 // catch-up, receive, ship the pack to the peers, majority, compare-and-swap,
 // finish), the copies on this node's disk and the reconciler that brings
-// them to the replicated state, and the gRPC service gitraft.replica.v1
+// them to the replicated state, the scrub that finds damaged copies and
+// the heal that repairs them from a peer, and the gRPC service gitraft.replica.v1
 // that carries packs, catch-up and git sessions between nodes.
 //
 // It implements gitproto.Backend, so the SSH front end talks to it

@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"strconv"
 	"strings"
 	"time"
@@ -176,7 +177,16 @@ func (r *Replicas) prepareRead(ctx context.Context, repo string, progress func(s
 	// only once the disk holds what it says, so a push or a catch-up at
 	// work on it does not make it look current early.)
 	if c.currentAt(t) {
-		return path, "", nil
+		if r.refsAre(ctx, repo, t) {
+			return path, "", nil
+		}
+		// The refs on disk are not the state's: a push just committed
+		// ahead of this read, or an edit behind gitraft's back. Under the
+		// guard it is plain which; a damaged copy heals there and then.
+		r.checkRefs(ctx, c, repo)
+		if c.currentAt(t) {
+			return path, "", nil
+		}
 	}
 	// Behind: a current peer serves the read at once, and this copy catches
 	// up in the background.
@@ -216,4 +226,39 @@ func (r *Replicas) prepareRead(ctx context.Context, repo string, progress func(s
 		return "", peers[0].GetGrpcAddr(), nil
 	}
 	return "", "", fmt.Errorf("%s cannot catch up on %q and no peer holds version %d", self, repo, t.Version)
+}
+
+// refsAre reports whether the copy's refs on disk are t's.
+func (r *Replicas) refsAre(ctx context.Context, repo string, t Target) bool {
+	disk, err := r.st.Refs(ctx, repo)
+	return err == nil && maps.Equal(disk, t.Refs)
+}
+
+// checkRefs compares a copy's refs with the state under its guard (no push
+// or catch-up is then between the two), and marks the copy damaged and
+// heals it when they differ. It gives up quietly when the guard stays
+// busy past the read's catch-up time.
+func (r *Replicas) checkRefs(ctx context.Context, c *copyState, repo string) {
+	gctx, cancel := context.WithTimeout(ctx, r.cfg.ReadCatchUp)
+	defer cancel()
+	if c.guard.Lock(gctx) != nil {
+		return
+	}
+	defer c.guard.Unlock()
+	t, ok := r.node.Repo(repo)
+	if !ok || !c.currentAt(t) {
+		return
+	}
+	disk, err := r.st.Refs(gctx, repo)
+	if err != nil {
+		return
+	}
+	diff := diffRefs(disk, t.Refs)
+	if len(diff) == 0 {
+		return
+	}
+	r.markDamaged(c, repo, diff)
+	if err := r.catchUpLocked(gctx, c, repo); err != nil {
+		r.log.Warn("healing a copy whose refs differ from the state failed; reads go to a current peer", "repo", repo, "err", err)
+	}
 }

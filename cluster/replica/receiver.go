@@ -78,7 +78,7 @@ func (s *Service) PutPack(stream replicav1.ReplicaService_PutPackServer) error {
 		}
 		cancel()
 	}
-	if at := c.pos(); err != nil || at.id != t.ID || at.version < h.GetBaseVersion() {
+	if at := c.pos(); err != nil || at.id != t.ID || at.version < h.GetBaseVersion() || c.damage() != "" {
 		return status.Errorf(codes.Unavailable, "%s stored the pack but is behind version %d (at %d): %v", self, h.GetBaseVersion(), at.version, err)
 	}
 	// And only when the push's new values are whole here: present, with
@@ -314,7 +314,12 @@ func (r *Replicas) catchUpLocked(ctx context.Context, c *copyState, name string)
 	} else if err != nil {
 		return r.fail(c, err)
 	}
-	if local.Version >= t.Version {
+	// A damaged copy (a scrub found lost objects or refs that differ from
+	// the state) is healed even at its version: the refs whose history is
+	// not whole are dropped, the missing objects fetched from a current
+	// peer, and every ref reset to the state's value.
+	damaged := c.damage()
+	if local.Version >= t.Version && damaged == "" {
 		c.reached(t.ID, local.Version)
 		return nil
 	}
@@ -325,6 +330,16 @@ func (r *Replicas) catchUpLocked(ctx context.Context, c *copyState, name string)
 		return r.fail(c, err)
 	} else if k > 0 {
 		r.log.Warn("removed lock files an interrupted git left behind", "repo", name, "count", k)
+	}
+	if damaged != "" {
+		r.st.ForgetChecks(name)
+		dropped, err := r.st.DropRefsNotWhole(ctx, name)
+		if err != nil {
+			return r.fail(c, err)
+		}
+		if len(dropped) > 0 {
+			r.log.Warn("heal: dropped refs whose history this copy lost; the state puts them back", "repo", name, "refs", dropped)
+		}
 	}
 	missing, err := r.st.Missing(ctx, name, oids)
 	if err != nil {
@@ -344,7 +359,16 @@ func (r *Replicas) catchUpLocked(ctx context.Context, c *copyState, name string)
 	}
 	if len(missing) > 0 {
 		if err := r.fetchFromPeer(ctx, name, t.Version, missing); err != nil {
+			if damaged != "" {
+				r.scrub.healFailed.Add(1)
+			}
 			return r.fail(c, err)
+		}
+	}
+	var reset []string
+	if damaged != "" {
+		if disk, err := r.st.Refs(ctx, name); err == nil {
+			reset = diffRefs(disk, t.Refs)
 		}
 	}
 	if err := r.st.SetRefs(ctx, name, t.Refs, t.Head); err != nil {
@@ -353,8 +377,14 @@ func (r *Replicas) catchUpLocked(ctx context.Context, c *copyState, name string)
 	if err := r.st.SetVersion(name, t.ID, t.Version); err != nil {
 		return r.fail(c, err)
 	}
-	r.log.Info("caught up", "repo", name, "version", t.Version, "from", local.Version, "fetched", len(missing))
+	c.damaged.Store(nil)
 	c.reached(t.ID, t.Version)
+	if damaged != "" {
+		r.scrub.healed.Add(1)
+		r.log.Warn("healed a damaged copy from a current peer", "repo", name, "version", t.Version, "damage", damaged, "fetched", len(missing), "refs_reset", reset)
+		return nil
+	}
+	r.log.Info("caught up", "repo", name, "version", t.Version, "from", local.Version, "fetched", len(missing))
 	return nil
 }
 

@@ -18,9 +18,11 @@ import (
 	"github.com/gitraft/gitraft/storage"
 )
 
-// RepairPlan finds the refs whose tips fewer than a majority of voters hold
-// whole, and for each the newest value some node's copy has on disk that a
-// majority does hold (or none: delete it).
+// RepairPlan finds the refs whose tips no voter holds whole (the objects
+// are lost), and for each the newest value some node's copy has on disk
+// that a majority does hold (or none: delete it). A tip that some voter
+// but fewer than a majority hold is left alone: the other copies heal from
+// that one.
 func (r *Replicas) RepairPlan(ctx context.Context, repo string, refs map[string]string) ([]*repov1.RepairChange, error) {
 	voters, err := r.node.Voters()
 	if err != nil {
@@ -48,7 +50,10 @@ func (r *Replicas) RepairPlan(ctx context.Context, repo string, refs map[string]
 	var plan []*repov1.RepairChange
 	for _, ref := range slices.Sorted(maps.Keys(refs)) {
 		tip := refs[ref]
-		if held[tip] >= need {
+		if held[tip] > 0 {
+			// Some voter holds it whole: the copies that lack it heal
+			// from that one (RepairRefs scrubs them after), which gives
+			// the majority back without losing the push.
 			continue
 		}
 		c := &repov1.RepairChange{Ref: ref, OldOid: tip}
@@ -135,4 +140,54 @@ func (r *Replicas) localRefs(ctx context.Context, m *fsmv1.Member, repo string) 
 		return nil, err
 	}
 	return resp.GetRefs(), nil
+}
+
+// Holding is what one member's copy holds of a set of objects.
+type Holding struct {
+	Member *fsmv1.Member
+	// Lacks are the objects whose whole history the copy does not hold.
+	Lacks []string
+	// Err is set when the member did not answer (its part is unknown).
+	Err error
+}
+
+// Holdings asks every member which of oids its copy of repo holds whole,
+// walking whole histories (MissingObjects with full: a copy's refs may be
+// what is damaged). A member without a copy lacks them all.
+func (r *Replicas) Holdings(ctx context.Context, repo string, oids []string) []Holding {
+	members := r.node.Members()
+	out := make([]Holding, len(members))
+	done := make(chan struct{}, len(members))
+	for i, m := range members {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			h := Holding{Member: m}
+			if len(oids) == 0 {
+				out[i] = h
+				return
+			}
+			if m.GetId() == r.node.ID() {
+				h.Lacks, h.Err = r.st.MissingWhole(ctx, repo, oids)
+				if errors.Is(h.Err, storage.ErrNotFound) {
+					h.Lacks, h.Err = oids, nil
+				}
+			} else if c, err := r.client(m.GetGrpcAddr()); err != nil {
+				h.Err = err
+			} else {
+				cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+				resp, err := c.MissingObjects(cctx, &replicav1.MissingObjectsRequest{Repo: repo, Oids: oids, Full: true})
+				cancel()
+				if err != nil {
+					h.Err = errors.New(status.Convert(err).Message())
+				} else {
+					h.Lacks = resp.GetMissing()
+				}
+			}
+			out[i] = h
+		}()
+	}
+	for range members {
+		<-done
+	}
+	return out
 }

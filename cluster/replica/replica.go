@@ -127,6 +127,12 @@ type Config struct {
 	// StragglerTimeout bounds a push's sends to its peers, the slow ones
 	// that carry on after the commit included (default 10m).
 	StragglerTimeout time.Duration
+	// ScrubInterval is how often the background scrub walks every copy
+	// (default a week; negative: never, `gitraft repo scrub` still works).
+	ScrubInterval time.Duration
+	// ScrubRate bounds the bytes of packs a scrub reads per second (default
+	// 8 MiB/s; negative: no bound).
+	ScrubRate int64
 }
 
 func (c *Config) setDefaults() {
@@ -148,6 +154,12 @@ func (c *Config) setDefaults() {
 	if c.StragglerTimeout == 0 {
 		c.StragglerTimeout = 10 * time.Minute
 	}
+	if c.ScrubInterval == 0 {
+		c.ScrubInterval = 7 * 24 * time.Hour
+	}
+	if c.ScrubRate == 0 {
+		c.ScrubRate = 8 << 20
+	}
 }
 
 // position is how far a copy on disk got: the incarnation and the version.
@@ -166,6 +178,10 @@ type copyState struct {
 	// failingSince is when catching up started failing (unix nanos; 0
 	// while it succeeds): a copy failing for long is stuck.
 	failingSince atomic.Int64
+	// damaged says why a scrub found the copy damaged (nil: sound). A
+	// damaged copy is never current: it serves no reads and acks no
+	// pushes until a catch-up has healed it.
+	damaged atomic.Pointer[string]
 }
 
 func newCopy() *copyState { return &copyState{guard: newGuard()} }
@@ -192,10 +208,17 @@ func (c *copyState) errText() string {
 }
 
 // currentAt reports whether the copy holds t (the same incarnation, at
-// least its version).
+// least its version, not damaged).
 func (c *copyState) currentAt(t Target) bool {
 	p := c.pos()
-	return p.id == t.ID && p.version >= t.Version
+	return p.id == t.ID && p.version >= t.Version && c.damaged.Load() == nil
+}
+
+func (c *copyState) damage() string {
+	if p := c.damaged.Load(); p != nil {
+		return *p
+	}
+	return ""
 }
 
 // Replicas is a node's git side: its copies on disk, the reconciler, the
@@ -211,6 +234,7 @@ type Replicas struct {
 	kick   chan struct{}
 
 	sessions atomic.Pointer[SessionHandler]
+	scrub    scrubStats
 
 	stop     chan struct{}
 	stopOnce sync.Once
@@ -232,6 +256,10 @@ func New(cfg Config, node Node, logger *slog.Logger) *Replicas {
 		for _, l := range list {
 			c := newCopy()
 			c.at.Store(&position{l.ID, l.Version})
+			if l.Damaged != "" {
+				why := l.Damaged
+				c.damaged.Store(&why)
+			}
 			r.copies[l.Name] = c
 		}
 	}
@@ -240,10 +268,14 @@ func New(cfg Config, node Node, logger *slog.Logger) *Replicas {
 
 // Start runs the reconciler until Close.
 func (r *Replicas) Start() {
-	r.wg.Add(1)
+	r.wg.Add(2)
 	go func() {
 		defer r.wg.Done()
 		r.reconcile()
+	}()
+	go func() {
+		defer r.wg.Done()
+		r.scrubLoop()
 	}()
 }
 
@@ -327,6 +359,8 @@ func (r *Replicas) Report(repo string) *replicav1.GetReplicasResponse {
 			if p := c.pos(); p.id == t.ID {
 				rep.Version, rep.Error = p.version, c.errText()
 				switch {
+				case c.damage() != "":
+					rep.State, rep.Error = replicav1.ReplicaState_REPLICA_STATE_DAMAGED, c.damage()
 				case p.version >= t.Version:
 					rep.State = replicav1.ReplicaState_REPLICA_STATE_CURRENT
 				case c.syncing.Load():
@@ -410,7 +444,8 @@ func (r *Replicas) currentPeers(ctx context.Context, name string, version uint64
 			cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 			defer cancel()
 			resp, err := c.GetReplicas(cctx, &replicav1.GetReplicasRequest{Repo: name})
-			ok := err == nil && len(resp.GetReplicas()) == 1 && resp.GetReplicas()[0].GetVersion() >= version
+			ok := err == nil && len(resp.GetReplicas()) == 1 && resp.GetReplicas()[0].GetVersion() >= version &&
+				resp.GetReplicas()[0].GetState() != replicav1.ReplicaState_REPLICA_STATE_DAMAGED
 			ch <- answer{m, ok}
 		}()
 	}
@@ -496,4 +531,22 @@ func firstOf(s []string) string {
 		return ""
 	}
 	return s[0]
+}
+
+// Held counts the repositories of marks that this node's disk holds at
+// least at the marked version and not damaged. A repository the state no
+// longer has counts as held: there is nothing left to fill.
+func (r *Replicas) Held(marks map[string]Target) int {
+	held := 0
+	for name, m := range marks {
+		t, ok := r.node.Repo(name)
+		if !ok || t.ID != m.ID {
+			held++
+			continue
+		}
+		if c := r.lookup(name); c != nil && c.currentAt(m) {
+			held++
+		}
+	}
+	return held
 }

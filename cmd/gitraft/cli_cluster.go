@@ -104,6 +104,11 @@ func writeClusterStatus(w io.Writer, resp *clusterv1.GetStatusResponse, now time
 		}
 		fmt.Fprintf(w, "%s is not a voter yet: it becomes one once it holds every repository at its committed version; waiting for %s\n", m.GetId(), why)
 	}
+	for _, m := range resp.GetMembers() {
+		if d := m.GetReposDamaged(); d > 0 {
+			fmt.Fprintf(w, "\n%s: %d repository copies damaged, healing from a peer (they serve no reads meanwhile; gitraft repo show NAME)\n", m.GetId(), d)
+		}
+	}
 	if len(halted) > 0 {
 		fmt.Fprintln(w)
 	}

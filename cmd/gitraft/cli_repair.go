@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"io"
 	"strconv"
 	"strings"
 
@@ -23,11 +24,19 @@ func newRepoRepairCmd(g *globalOpts) *cobra.Command {
 under the repository's write lock, and record who did it, when and why
 (gitraft repo show lists the repairs).
 
---auto finds the refs whose objects fewer than a majority of voters hold,
-and resets each to the newest value some node's copy has that a majority
-holds, or deletes it when there is none: it accepts the loss of what no
-majority holds, as Praefect's accept-dataloss does. --dry-run says what it
-would do and changes nothing.
+--auto finds the refs whose objects no voter holds any more, and resets
+each to the newest value some node's copy has that a majority holds, or
+deletes it when there is none: it accepts the loss of what is gone, as
+Praefect's accept-dataloss does, and says so per ref. A ref whose objects
+some voter still holds is left as it is. --dry-run says what it would do
+and changes nothing.
+
+Then (not for --dry-run, and also when no ref needed a change) it brings
+every node's copy to the committed version: each catches up, and is
+scrubbed, so a copy that lost objects heals from one that holds them. The
+table says, per node, whether its copy is sound, healed, or why not (for
+example which objects no peer could give it); the command exits 1 when a
+copy could not be brought to the committed version.
 
 --set REF=OID points a ref at an object a majority of voters holds;
 --delete REF removes a ref (also one an older release let in).`,
@@ -64,8 +73,8 @@ would do and changes nothing.
 			}
 			w := cmd.OutOrStdout()
 			if len(resp.GetChanges()) == 0 {
-				_, err := fmt.Fprintf(w, "%s: nothing to repair (every ref's objects are held by a majority)\n", resp.GetRepo())
-				return err
+				fmt.Fprintf(w, "%s: no ref to repair (some voter holds every ref's objects)\n", resp.GetRepo())
+				return printRepairCopies(w, resp)
 			}
 			t := newTable(w, "REF", "FROM", "TO", "WHY")
 			for _, c := range resp.GetChanges() {
@@ -82,8 +91,8 @@ would do and changes nothing.
 				_, err = fmt.Fprintln(w, "\ndry run: nothing was changed")
 				return err
 			}
-			_, err = fmt.Fprintf(w, "\nrepaired: %s is at version %d (raft index %d)\n", resp.GetRepo(), resp.GetVersion(), resp.GetIndex())
-			return err
+			fmt.Fprintf(w, "\nrepaired: %s is at version %d (raft index %d)\n", resp.GetRepo(), resp.GetVersion(), resp.GetIndex())
+			return printRepairCopies(w, resp)
 		},
 	}
 	cmd.Flags().BoolVar(&auto, "auto", false, "find the refs a majority cannot serve and reset or delete them")
@@ -92,4 +101,20 @@ would do and changes nothing.
 	cmd.Flags().StringVar(&reason, "reason", "", "why, for the record")
 	cmd.Flags().BoolVar(&dryRun, "dry-run", false, "say what would change, change nothing")
 	return cmd
+}
+
+// printRepairCopies says where each copy stands after a repair, and fails
+// when one could not be brought to the committed version.
+func printRepairCopies(w io.Writer, resp *repov1.RepairRefsResponse) error {
+	if len(resp.GetCopies()) == 0 {
+		return nil
+	}
+	fmt.Fprintf(w, "\ncopies at version %d:\n", resp.GetVersion())
+	if err := printCopyChecks(w, resp.GetCopies()); err != nil {
+		return err
+	}
+	if bad := unsoundCopies(resp.GetCopies()); bad > 0 {
+		return fmt.Errorf("%d of %d copies could not be brought to version %d (see above; they keep trying)", bad, len(resp.GetCopies()), resp.GetVersion())
+	}
+	return nil
 }

@@ -21,7 +21,7 @@ func newRepoCmd(g *globalOpts) *cobra.Command {
 		Use:   "repo",
 		Short: "Create, list, show and delete repositories",
 	}
-	cmd.AddCommand(newRepoCreateCmd(g), newRepoListCmd(g), newRepoShowCmd(g), newRepoRemoveCmd(g), newRepoGrantCmd(g), newRepoRevokeCmd(g), newRepoVerifyCmd(g), newRepoRepairCmd(g))
+	cmd.AddCommand(newRepoCreateCmd(g), newRepoListCmd(g), newRepoShowCmd(g), newRepoRemoveCmd(g), newRepoGrantCmd(g), newRepoRevokeCmd(g), newRepoVerifyCmd(g), newRepoRepairCmd(g), newRepoScrubCmd(g), newRepoDataLossCmd(g))
 	return cmd
 }
 
@@ -181,6 +181,8 @@ func replicaStateText(s repov1.ReplicaState) string {
 		return "syncing"
 	case repov1.ReplicaState_REPLICA_STATE_UNREACHABLE:
 		return "unreachable"
+	case repov1.ReplicaState_REPLICA_STATE_DAMAGED:
+		return "damaged (healing)"
 	}
 	return "-"
 }

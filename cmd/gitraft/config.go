@@ -86,6 +86,17 @@ type gitSettings struct {
 	MaxSessionsPerConnection int           `yaml:"max_sessions_per_connection" help:"sessions open at once on one SSH connection (default 10, -1: no limit)"`
 	MinRateBytes             int64         `yaml:"min_rate_bytes" help:"end a session that moves fewer bytes, both ways together, in a min_rate_window (default 128, -1: no floor)"`
 	MinRateWindow            time.Duration `yaml:"min_rate_window" help:"the window of min_rate_bytes (default 5m)"`
+	// Scrub is the background check of every copy on this node.
+	Scrub scrubSettings `yaml:"scrub"`
+}
+
+// scrubSettings pace the background scrub (ZFS's scrub is the model): every
+// interval it reads every pack of every copy on the node, checks checksums
+// and connectivity and compares refs with the state, and heals what it
+// finds damaged.
+type scrubSettings struct {
+	Interval time.Duration `yaml:"interval" help:"start a scrub of every repository copy on this node this long after the last one finished (default 168h; -1s: never)"`
+	Rate     int64         `yaml:"rate" help:"bytes of packs the scrub reads per second (default 8388608; -1: no limit)"`
 }
 
 func defaultFileConfig() fileConfig {

@@ -53,6 +53,7 @@ func startNode(cfg fileConfig, logger *slog.Logger) (*runningNode, error) {
 	ccfg.SSHHostKeys = publicKeyLines(hostKeys)
 	var running atomic.Pointer[cluster.Node]
 	ccfg.Git = &cluster.GitConfig{Store: store, Binary: exe, MinFreeBytes: cfg.Git.MinFreeBytes, ServeStaleReads: cfg.Git.ServeStaleReads, StuckAfter: cfg.Git.StuckAfter,
+		ScrubInterval: cfg.Git.Scrub.Interval, ScrubRate: cfg.Git.Scrub.Rate,
 		HostSigners: hostSigners(hostKeys, &running, logger)}
 	n, err := cluster.New(ccfg, logger)
 	if err != nil {

@@ -107,7 +107,10 @@ type Member struct {
 	// A member joins as a non-voter and the leader promotes it to voter once
 	// it holds every repository at its committed version and has applied the
 	// log near the commit index.
-	Fill          *Fill `protobuf:"bytes,17,opt,name=fill,proto3" json:"fill,omitempty"`
+	Fill *Fill `protobuf:"bytes,17,opt,name=fill,proto3" json:"fill,omitempty"`
+	// Repository copies on the member that a scrub found damaged and that
+	// have not healed yet (they serve no reads meanwhile).
+	ReposDamaged  uint64 `protobuf:"varint,18,opt,name=repos_damaged,json=reposDamaged,proto3" json:"repos_damaged,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -259,6 +262,13 @@ func (x *Member) GetFill() *Fill {
 		return x.Fill
 	}
 	return nil
+}
+
+func (x *Member) GetReposDamaged() uint64 {
+	if x != nil {
+		return x.ReposDamaged
+	}
+	return 0
 }
 
 // Fill is how far a member's disk is from the replicated state.
@@ -519,12 +529,16 @@ func (x *GetStatusResponse) GetSshHostKeyMismatch() string {
 }
 
 type AddMemberRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	RaftAddr      string                 `protobuf:"bytes,2,opt,name=raft_addr,json=raftAddr,proto3" json:"raft_addr,omitempty"`
-	GrpcAddr      string                 `protobuf:"bytes,3,opt,name=grpc_addr,json=grpcAddr,proto3" json:"grpc_addr,omitempty"`
-	HttpAddr      string                 `protobuf:"bytes,4,opt,name=http_addr,json=httpAddr,proto3" json:"http_addr,omitempty"`
-	SshAddr       string                 `protobuf:"bytes,5,opt,name=ssh_addr,json=sshAddr,proto3" json:"ssh_addr,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Id       string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	RaftAddr string                 `protobuf:"bytes,2,opt,name=raft_addr,json=raftAddr,proto3" json:"raft_addr,omitempty"`
+	GrpcAddr string                 `protobuf:"bytes,3,opt,name=grpc_addr,json=grpcAddr,proto3" json:"grpc_addr,omitempty"`
+	HttpAddr string                 `protobuf:"bytes,4,opt,name=http_addr,json=httpAddr,proto3" json:"http_addr,omitempty"`
+	SshAddr  string                 `protobuf:"bytes,5,opt,name=ssh_addr,json=sshAddr,proto3" json:"ssh_addr,omitempty"`
+	// The joiner has no Raft state (a new node, or one whose data dir was
+	// lost). A voter of the same id must not come back this way: it would
+	// vote as if it still had the log it acknowledged.
+	NoRaftState   bool `protobuf:"varint,6,opt,name=no_raft_state,json=noRaftState,proto3" json:"no_raft_state,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -592,6 +606,13 @@ func (x *AddMemberRequest) GetSshAddr() string {
 		return x.SshAddr
 	}
 	return ""
+}
+
+func (x *AddMemberRequest) GetNoRaftState() bool {
+	if x != nil {
+		return x.NoRaftState
+	}
+	return false
 }
 
 type AddMemberResponse struct {
@@ -819,7 +840,7 @@ var File_gitraft_cluster_v1_cluster_proto protoreflect.FileDescriptor
 
 const file_gitraft_cluster_v1_cluster_proto_rawDesc = "" +
 	"\n" +
-	" gitraft/cluster/v1/cluster.proto\x12\x12gitraft.cluster.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x04\n" +
+	" gitraft/cluster/v1/cluster.proto\x12\x12gitraft.cluster.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd6\x04\n" +
 	"\x06Member\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x1b\n" +
@@ -838,7 +859,8 @@ const file_gitraft_cluster_v1_cluster_proto_rawDesc = "" +
 	"\fhalted_index\x18\x0e \x01(\x04R\vhaltedIndex\x12\x18\n" +
 	"\aversion\x18\x0f \x01(\tR\aversion\x12\"\n" +
 	"\rssh_host_keys\x18\x10 \x03(\tR\vsshHostKeys\x12,\n" +
-	"\x04fill\x18\x11 \x01(\v2\x18.gitraft.cluster.v1.FillR\x04fill\"\x92\x01\n" +
+	"\x04fill\x18\x11 \x01(\v2\x18.gitraft.cluster.v1.FillR\x04fill\x12#\n" +
+	"\rrepos_damaged\x18\x12 \x01(\x04R\freposDamaged\"\x92\x01\n" +
 	"\x04Fill\x12#\n" +
 	"\rrepos_current\x18\x01 \x01(\x04R\freposCurrent\x12\x1f\n" +
 	"\vrepos_total\x18\x02 \x01(\x04R\n" +
@@ -862,13 +884,14 @@ const file_gitraft_cluster_v1_cluster_proto_rawDesc = "" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\x11lastLeaderContact\x12\x16\n" +
 	"\x06halted\x18\v \x01(\tR\x06halted\x12!\n" +
 	"\fhalted_index\x18\f \x01(\x04R\vhaltedIndex\x121\n" +
-	"\x15ssh_host_key_mismatch\x18\r \x01(\tR\x12sshHostKeyMismatch\"\x94\x01\n" +
+	"\x15ssh_host_key_mismatch\x18\r \x01(\tR\x12sshHostKeyMismatch\"\xb8\x01\n" +
 	"\x10AddMemberRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x1b\n" +
 	"\tgrpc_addr\x18\x03 \x01(\tR\bgrpcAddr\x12\x1b\n" +
 	"\thttp_addr\x18\x04 \x01(\tR\bhttpAddr\x12\x19\n" +
-	"\bssh_addr\x18\x05 \x01(\tR\asshAddr\")\n" +
+	"\bssh_addr\x18\x05 \x01(\tR\asshAddr\x12\"\n" +
+	"\rno_raft_state\x18\x06 \x01(\bR\vnoRaftState\")\n" +
 	"\x11AddMemberResponse\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\"%\n" +
 	"\x13RemoveMemberRequest\x12\x0e\n" +

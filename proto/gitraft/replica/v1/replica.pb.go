@@ -33,6 +33,10 @@ const (
 	ReplicaState_REPLICA_STATE_CURRENT     ReplicaState = 1
 	ReplicaState_REPLICA_STATE_BEHIND      ReplicaState = 2
 	ReplicaState_REPLICA_STATE_SYNCING     ReplicaState = 3
+	// The copy differs from the state at its version, or lost objects (a
+	// scrub found it); it serves no reads until it is healed. 4 is
+	// gitraft.repo.v1's UNREACHABLE: the enums share their numbering.
+	ReplicaState_REPLICA_STATE_DAMAGED ReplicaState = 5
 )
 
 // Enum value maps for ReplicaState.
@@ -42,12 +46,14 @@ var (
 		1: "REPLICA_STATE_CURRENT",
 		2: "REPLICA_STATE_BEHIND",
 		3: "REPLICA_STATE_SYNCING",
+		5: "REPLICA_STATE_DAMAGED",
 	}
 	ReplicaState_value = map[string]int32{
 		"REPLICA_STATE_UNSPECIFIED": 0,
 		"REPLICA_STATE_CURRENT":     1,
 		"REPLICA_STATE_BEHIND":      2,
 		"REPLICA_STATE_SYNCING":     3,
+		"REPLICA_STATE_DAMAGED":     5,
 	}
 )
 
@@ -1029,6 +1035,155 @@ func (x *GetReplicasResponse) GetIndex() uint64 {
 	return 0
 }
 
+type ScrubRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Repo          string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScrubRequest) Reset() {
+	*x = ScrubRequest{}
+	mi := &file_gitraft_replica_v1_replica_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScrubRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScrubRequest) ProtoMessage() {}
+
+func (x *ScrubRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_replica_v1_replica_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScrubRequest.ProtoReflect.Descriptor instead.
+func (*ScrubRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_replica_v1_replica_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *ScrubRequest) GetRepo() string {
+	if x != nil {
+		return x.Repo
+	}
+	return ""
+}
+
+type ScrubResponse struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	NodeId string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Repo   string                 `protobuf:"bytes,2,opt,name=repo,proto3" json:"repo,omitempty"`
+	// What the scrub found wrong, one line each (empty: the copy is sound).
+	Findings []string `protobuf:"bytes,3,rep,name=findings,proto3" json:"findings,omitempty"`
+	// The copy was damaged and is now at the committed version again.
+	Healed bool `protobuf:"varint,4,opt,name=healed,proto3" json:"healed,omitempty"`
+	// Why the scrub or the heal could not finish (the copy stays damaged).
+	Error string `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
+	// The copy's version and state after the scrub.
+	Version uint64       `protobuf:"varint,6,opt,name=version,proto3" json:"version,omitempty"`
+	State   ReplicaState `protobuf:"varint,7,opt,name=state,proto3,enum=gitraft.replica.v1.ReplicaState" json:"state,omitempty"`
+	// Bytes of packs and indexes read and checked.
+	BytesChecked  int64 `protobuf:"varint,8,opt,name=bytes_checked,json=bytesChecked,proto3" json:"bytes_checked,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScrubResponse) Reset() {
+	*x = ScrubResponse{}
+	mi := &file_gitraft_replica_v1_replica_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScrubResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScrubResponse) ProtoMessage() {}
+
+func (x *ScrubResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_replica_v1_replica_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScrubResponse.ProtoReflect.Descriptor instead.
+func (*ScrubResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_replica_v1_replica_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *ScrubResponse) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *ScrubResponse) GetRepo() string {
+	if x != nil {
+		return x.Repo
+	}
+	return ""
+}
+
+func (x *ScrubResponse) GetFindings() []string {
+	if x != nil {
+		return x.Findings
+	}
+	return nil
+}
+
+func (x *ScrubResponse) GetHealed() bool {
+	if x != nil {
+		return x.Healed
+	}
+	return false
+}
+
+func (x *ScrubResponse) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *ScrubResponse) GetVersion() uint64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *ScrubResponse) GetState() ReplicaState {
+	if x != nil {
+		return x.State
+	}
+	return ReplicaState_REPLICA_STATE_UNSPECIFIED
+}
+
+func (x *ScrubResponse) GetBytesChecked() int64 {
+	if x != nil {
+		return x.BytesChecked
+	}
+	return 0
+}
+
 var File_gitraft_replica_v1_replica_proto protoreflect.FileDescriptor
 
 const file_gitraft_replica_v1_replica_proto_rawDesc = "" +
@@ -1098,19 +1253,32 @@ const file_gitraft_replica_v1_replica_proto_rawDesc = "" +
 	"\x13GetReplicasResponse\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x127\n" +
 	"\breplicas\x18\x02 \x03(\v2\x1b.gitraft.replica.v1.ReplicaR\breplicas\x12\x14\n" +
-	"\x05index\x18\x03 \x01(\x04R\x05index*}\n" +
+	"\x05index\x18\x03 \x01(\x04R\x05index\"\"\n" +
+	"\fScrubRequest\x12\x12\n" +
+	"\x04repo\x18\x01 \x01(\tR\x04repo\"\xfd\x01\n" +
+	"\rScrubResponse\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x12\n" +
+	"\x04repo\x18\x02 \x01(\tR\x04repo\x12\x1a\n" +
+	"\bfindings\x18\x03 \x03(\tR\bfindings\x12\x16\n" +
+	"\x06healed\x18\x04 \x01(\bR\x06healed\x12\x14\n" +
+	"\x05error\x18\x05 \x01(\tR\x05error\x12\x18\n" +
+	"\aversion\x18\x06 \x01(\x04R\aversion\x126\n" +
+	"\x05state\x18\a \x01(\x0e2 .gitraft.replica.v1.ReplicaStateR\x05state\x12#\n" +
+	"\rbytes_checked\x18\b \x01(\x03R\fbytesChecked*\x98\x01\n" +
 	"\fReplicaState\x12\x1d\n" +
 	"\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15REPLICA_STATE_CURRENT\x10\x01\x12\x18\n" +
 	"\x14REPLICA_STATE_BEHIND\x10\x02\x12\x19\n" +
-	"\x15REPLICA_STATE_SYNCING\x10\x032\xf3\x03\n" +
+	"\x15REPLICA_STATE_SYNCING\x10\x03\x12\x19\n" +
+	"\x15REPLICA_STATE_DAMAGED\x10\x052\xc1\x04\n" +
 	"\x0eReplicaService\x12T\n" +
 	"\aPutPack\x12\".gitraft.replica.v1.PutPackRequest\x1a#.gitraft.replica.v1.PutPackResponse(\x01\x12_\n" +
 	"\n" +
 	"GitSession\x12%.gitraft.replica.v1.GitSessionRequest\x1a&.gitraft.replica.v1.GitSessionResponse(\x010\x01\x12^\n" +
 	"\vGetReplicas\x12&.gitraft.replica.v1.GetReplicasRequest\x1a'.gitraft.replica.v1.GetReplicasResponse\x12a\n" +
 	"\fGetLocalRefs\x12'.gitraft.replica.v1.GetLocalRefsRequest\x1a(.gitraft.replica.v1.GetLocalRefsResponse\x12g\n" +
-	"\x0eMissingObjects\x12).gitraft.replica.v1.MissingObjectsRequest\x1a*.gitraft.replica.v1.MissingObjectsResponseB?Z=github.com/gitraft/gitraft/proto/gitraft/replica/v1;replicav1b\x06proto3"
+	"\x0eMissingObjects\x12).gitraft.replica.v1.MissingObjectsRequest\x1a*.gitraft.replica.v1.MissingObjectsResponse\x12L\n" +
+	"\x05Scrub\x12 .gitraft.replica.v1.ScrubRequest\x1a!.gitraft.replica.v1.ScrubResponseB?Z=github.com/gitraft/gitraft/proto/gitraft/replica/v1;replicav1b\x06proto3"
 
 var (
 	file_gitraft_replica_v1_replica_proto_rawDescOnce sync.Once
@@ -1125,7 +1293,7 @@ func file_gitraft_replica_v1_replica_proto_rawDescGZIP() []byte {
 }
 
 var file_gitraft_replica_v1_replica_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_gitraft_replica_v1_replica_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_gitraft_replica_v1_replica_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_gitraft_replica_v1_replica_proto_goTypes = []any{
 	(ReplicaState)(0),              // 0: gitraft.replica.v1.ReplicaState
 	(*MissingObjectsRequest)(nil),  // 1: gitraft.replica.v1.MissingObjectsRequest
@@ -1141,29 +1309,34 @@ var file_gitraft_replica_v1_replica_proto_goTypes = []any{
 	(*GetReplicasRequest)(nil),     // 11: gitraft.replica.v1.GetReplicasRequest
 	(*Replica)(nil),                // 12: gitraft.replica.v1.Replica
 	(*GetReplicasResponse)(nil),    // 13: gitraft.replica.v1.GetReplicasResponse
-	nil,                            // 14: gitraft.replica.v1.GetLocalRefsResponse.RefsEntry
+	(*ScrubRequest)(nil),           // 14: gitraft.replica.v1.ScrubRequest
+	(*ScrubResponse)(nil),          // 15: gitraft.replica.v1.ScrubResponse
+	nil,                            // 16: gitraft.replica.v1.GetLocalRefsResponse.RefsEntry
 }
 var file_gitraft_replica_v1_replica_proto_depIdxs = []int32{
-	14, // 0: gitraft.replica.v1.GetLocalRefsResponse.refs:type_name -> gitraft.replica.v1.GetLocalRefsResponse.RefsEntry
+	16, // 0: gitraft.replica.v1.GetLocalRefsResponse.refs:type_name -> gitraft.replica.v1.GetLocalRefsResponse.RefsEntry
 	5,  // 1: gitraft.replica.v1.PutPackRequest.header:type_name -> gitraft.replica.v1.PutPackHeader
 	8,  // 2: gitraft.replica.v1.GitSessionRequest.start:type_name -> gitraft.replica.v1.GitSessionStart
 	0,  // 3: gitraft.replica.v1.Replica.state:type_name -> gitraft.replica.v1.ReplicaState
 	12, // 4: gitraft.replica.v1.GetReplicasResponse.replicas:type_name -> gitraft.replica.v1.Replica
-	6,  // 5: gitraft.replica.v1.ReplicaService.PutPack:input_type -> gitraft.replica.v1.PutPackRequest
-	9,  // 6: gitraft.replica.v1.ReplicaService.GitSession:input_type -> gitraft.replica.v1.GitSessionRequest
-	11, // 7: gitraft.replica.v1.ReplicaService.GetReplicas:input_type -> gitraft.replica.v1.GetReplicasRequest
-	3,  // 8: gitraft.replica.v1.ReplicaService.GetLocalRefs:input_type -> gitraft.replica.v1.GetLocalRefsRequest
-	1,  // 9: gitraft.replica.v1.ReplicaService.MissingObjects:input_type -> gitraft.replica.v1.MissingObjectsRequest
-	7,  // 10: gitraft.replica.v1.ReplicaService.PutPack:output_type -> gitraft.replica.v1.PutPackResponse
-	10, // 11: gitraft.replica.v1.ReplicaService.GitSession:output_type -> gitraft.replica.v1.GitSessionResponse
-	13, // 12: gitraft.replica.v1.ReplicaService.GetReplicas:output_type -> gitraft.replica.v1.GetReplicasResponse
-	4,  // 13: gitraft.replica.v1.ReplicaService.GetLocalRefs:output_type -> gitraft.replica.v1.GetLocalRefsResponse
-	2,  // 14: gitraft.replica.v1.ReplicaService.MissingObjects:output_type -> gitraft.replica.v1.MissingObjectsResponse
-	10, // [10:15] is the sub-list for method output_type
-	5,  // [5:10] is the sub-list for method input_type
-	5,  // [5:5] is the sub-list for extension type_name
-	5,  // [5:5] is the sub-list for extension extendee
-	0,  // [0:5] is the sub-list for field type_name
+	0,  // 5: gitraft.replica.v1.ScrubResponse.state:type_name -> gitraft.replica.v1.ReplicaState
+	6,  // 6: gitraft.replica.v1.ReplicaService.PutPack:input_type -> gitraft.replica.v1.PutPackRequest
+	9,  // 7: gitraft.replica.v1.ReplicaService.GitSession:input_type -> gitraft.replica.v1.GitSessionRequest
+	11, // 8: gitraft.replica.v1.ReplicaService.GetReplicas:input_type -> gitraft.replica.v1.GetReplicasRequest
+	3,  // 9: gitraft.replica.v1.ReplicaService.GetLocalRefs:input_type -> gitraft.replica.v1.GetLocalRefsRequest
+	1,  // 10: gitraft.replica.v1.ReplicaService.MissingObjects:input_type -> gitraft.replica.v1.MissingObjectsRequest
+	14, // 11: gitraft.replica.v1.ReplicaService.Scrub:input_type -> gitraft.replica.v1.ScrubRequest
+	7,  // 12: gitraft.replica.v1.ReplicaService.PutPack:output_type -> gitraft.replica.v1.PutPackResponse
+	10, // 13: gitraft.replica.v1.ReplicaService.GitSession:output_type -> gitraft.replica.v1.GitSessionResponse
+	13, // 14: gitraft.replica.v1.ReplicaService.GetReplicas:output_type -> gitraft.replica.v1.GetReplicasResponse
+	4,  // 15: gitraft.replica.v1.ReplicaService.GetLocalRefs:output_type -> gitraft.replica.v1.GetLocalRefsResponse
+	2,  // 16: gitraft.replica.v1.ReplicaService.MissingObjects:output_type -> gitraft.replica.v1.MissingObjectsResponse
+	15, // 17: gitraft.replica.v1.ReplicaService.Scrub:output_type -> gitraft.replica.v1.ScrubResponse
+	12, // [12:18] is the sub-list for method output_type
+	6,  // [6:12] is the sub-list for method input_type
+	6,  // [6:6] is the sub-list for extension type_name
+	6,  // [6:6] is the sub-list for extension extendee
+	0,  // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_replica_v1_replica_proto_init() }
@@ -1192,7 +1365,7 @@ func file_gitraft_replica_v1_replica_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_replica_v1_replica_proto_rawDesc), len(file_gitraft_replica_v1_replica_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   14,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

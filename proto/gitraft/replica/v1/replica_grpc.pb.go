@@ -29,6 +29,7 @@ const (
 	ReplicaService_GetReplicas_FullMethodName    = "/gitraft.replica.v1.ReplicaService/GetReplicas"
 	ReplicaService_GetLocalRefs_FullMethodName   = "/gitraft.replica.v1.ReplicaService/GetLocalRefs"
 	ReplicaService_MissingObjects_FullMethodName = "/gitraft.replica.v1.ReplicaService/MissingObjects"
+	ReplicaService_Scrub_FullMethodName          = "/gitraft.replica.v1.ReplicaService/Scrub"
 )
 
 // ReplicaServiceClient is the client API for ReplicaService service.
@@ -49,6 +50,10 @@ type ReplicaServiceClient interface {
 	GetLocalRefs(ctx context.Context, in *GetLocalRefsRequest, opts ...grpc.CallOption) (*GetLocalRefsResponse, error)
 	// MissingObjects says which of the given objects this node lacks.
 	MissingObjects(ctx context.Context, in *MissingObjectsRequest, opts ...grpc.CallOption) (*MissingObjectsResponse, error)
+	// Scrub checks this node's copy of a repository now (pack checksums,
+	// connectivity, refs against the replicated state) and heals it from a
+	// current peer when it is damaged.
+	Scrub(ctx context.Context, in *ScrubRequest, opts ...grpc.CallOption) (*ScrubResponse, error)
 }
 
 type replicaServiceClient struct {
@@ -115,6 +120,16 @@ func (c *replicaServiceClient) MissingObjects(ctx context.Context, in *MissingOb
 	return out, nil
 }
 
+func (c *replicaServiceClient) Scrub(ctx context.Context, in *ScrubRequest, opts ...grpc.CallOption) (*ScrubResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ScrubResponse)
+	err := c.cc.Invoke(ctx, ReplicaService_Scrub_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ReplicaServiceServer is the server API for ReplicaService service.
 // All implementations must embed UnimplementedReplicaServiceServer
 // for forward compatibility.
@@ -133,6 +148,10 @@ type ReplicaServiceServer interface {
 	GetLocalRefs(context.Context, *GetLocalRefsRequest) (*GetLocalRefsResponse, error)
 	// MissingObjects says which of the given objects this node lacks.
 	MissingObjects(context.Context, *MissingObjectsRequest) (*MissingObjectsResponse, error)
+	// Scrub checks this node's copy of a repository now (pack checksums,
+	// connectivity, refs against the replicated state) and heals it from a
+	// current peer when it is damaged.
+	Scrub(context.Context, *ScrubRequest) (*ScrubResponse, error)
 	mustEmbedUnimplementedReplicaServiceServer()
 }
 
@@ -157,6 +176,9 @@ func (UnimplementedReplicaServiceServer) GetLocalRefs(context.Context, *GetLocal
 }
 func (UnimplementedReplicaServiceServer) MissingObjects(context.Context, *MissingObjectsRequest) (*MissingObjectsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method MissingObjects not implemented")
+}
+func (UnimplementedReplicaServiceServer) Scrub(context.Context, *ScrubRequest) (*ScrubResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Scrub not implemented")
 }
 func (UnimplementedReplicaServiceServer) mustEmbedUnimplementedReplicaServiceServer() {}
 func (UnimplementedReplicaServiceServer) testEmbeddedByValue()                        {}
@@ -247,6 +269,24 @@ func _ReplicaService_MissingObjects_Handler(srv interface{}, ctx context.Context
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ReplicaService_Scrub_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ScrubRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ReplicaServiceServer).Scrub(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ReplicaService_Scrub_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ReplicaServiceServer).Scrub(ctx, req.(*ScrubRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // ReplicaService_ServiceDesc is the grpc.ServiceDesc for ReplicaService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -265,6 +305,10 @@ var ReplicaService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "MissingObjects",
 			Handler:    _ReplicaService_MissingObjects_Handler,
+		},
+		{
+			MethodName: "Scrub",
+			Handler:    _ReplicaService_Scrub_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

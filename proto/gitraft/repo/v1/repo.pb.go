@@ -32,6 +32,9 @@ const (
 	ReplicaState_REPLICA_STATE_BEHIND      ReplicaState = 2
 	ReplicaState_REPLICA_STATE_SYNCING     ReplicaState = 3
 	ReplicaState_REPLICA_STATE_UNREACHABLE ReplicaState = 4
+	// The copy differs from the state at its version, or lost objects; it
+	// serves no reads until it has healed from a current peer.
+	ReplicaState_REPLICA_STATE_DAMAGED ReplicaState = 5
 )
 
 // Enum value maps for ReplicaState.
@@ -42,6 +45,7 @@ var (
 		2: "REPLICA_STATE_BEHIND",
 		3: "REPLICA_STATE_SYNCING",
 		4: "REPLICA_STATE_UNREACHABLE",
+		5: "REPLICA_STATE_DAMAGED",
 	}
 	ReplicaState_value = map[string]int32{
 		"REPLICA_STATE_UNSPECIFIED": 0,
@@ -49,6 +53,7 @@ var (
 		"REPLICA_STATE_BEHIND":      2,
 		"REPLICA_STATE_SYNCING":     3,
 		"REPLICA_STATE_UNREACHABLE": 4,
+		"REPLICA_STATE_DAMAGED":     5,
 	}
 )
 
@@ -129,6 +134,64 @@ func (x RefStatus) Number() protoreflect.EnumNumber {
 // Deprecated: Use RefStatus.Descriptor instead.
 func (RefStatus) EnumDescriptor() ([]byte, []int) {
 	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{1}
+}
+
+type DataLossStatus int32
+
+const (
+	DataLossStatus_DATA_LOSS_STATUS_UNSPECIFIED DataLossStatus = 0
+	// A majority of voters hold the committed version whole.
+	DataLossStatus_DATA_LOSS_STATUS_HEALTHY DataLossStatus = 1
+	// Fewer than a majority of voters hold it whole, but every ref's objects
+	// are on some node: one more lost disk or node away from losing
+	// acknowledged pushes.
+	DataLossStatus_DATA_LOSS_STATUS_BELOW_MAJORITY DataLossStatus = 2
+	// Some ref's objects no node holds: they are gone (see lost_refs and
+	// gitraft repo repair).
+	DataLossStatus_DATA_LOSS_STATUS_LOST DataLossStatus = 3
+)
+
+// Enum value maps for DataLossStatus.
+var (
+	DataLossStatus_name = map[int32]string{
+		0: "DATA_LOSS_STATUS_UNSPECIFIED",
+		1: "DATA_LOSS_STATUS_HEALTHY",
+		2: "DATA_LOSS_STATUS_BELOW_MAJORITY",
+		3: "DATA_LOSS_STATUS_LOST",
+	}
+	DataLossStatus_value = map[string]int32{
+		"DATA_LOSS_STATUS_UNSPECIFIED":    0,
+		"DATA_LOSS_STATUS_HEALTHY":        1,
+		"DATA_LOSS_STATUS_BELOW_MAJORITY": 2,
+		"DATA_LOSS_STATUS_LOST":           3,
+	}
+)
+
+func (x DataLossStatus) Enum() *DataLossStatus {
+	p := new(DataLossStatus)
+	*p = x
+	return p
+}
+
+func (x DataLossStatus) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (DataLossStatus) Descriptor() protoreflect.EnumDescriptor {
+	return file_gitraft_repo_v1_repo_proto_enumTypes[2].Descriptor()
+}
+
+func (DataLossStatus) Type() protoreflect.EnumType {
+	return &file_gitraft_repo_v1_repo_proto_enumTypes[2]
+}
+
+func (x DataLossStatus) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use DataLossStatus.Descriptor instead.
+func (DataLossStatus) EnumDescriptor() ([]byte, []int) {
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{2}
 }
 
 type RepairRefsRequest struct {
@@ -286,8 +349,11 @@ type RepairRefsResponse struct {
 	Changes []*RepairChange        `protobuf:"bytes,2,rep,name=changes,proto3" json:"changes,omitempty"`
 	// Version and Raft index of the committed repair (0 for a dry run or
 	// when nothing needed repair).
-	Version       uint64 `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
-	Index         uint64 `protobuf:"varint,4,opt,name=index,proto3" json:"index,omitempty"`
+	Version uint64 `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
+	Index   uint64 `protobuf:"varint,4,opt,name=index,proto3" json:"index,omitempty"`
+	// After a committed repair: each node's copy, brought to the new version
+	// (healed) or not, with why.
+	Copies        []*CopyCheck `protobuf:"bytes,5,rep,name=copies,proto3" json:"copies,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -348,6 +414,13 @@ func (x *RepairRefsResponse) GetIndex() uint64 {
 		return x.Index
 	}
 	return 0
+}
+
+func (x *RepairRefsResponse) GetCopies() []*CopyCheck {
+	if x != nil {
+		return x.Copies
+	}
+	return nil
 }
 
 type Repair struct {
@@ -1484,6 +1557,505 @@ func (x *UpdateRefsResponse) GetIndex() uint64 {
 	return 0
 }
 
+// CopyCheck is what a scrub or a heal found on one node's copy.
+type CopyCheck struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	NodeId  string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Version uint64                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	State   ReplicaState           `protobuf:"varint,3,opt,name=state,proto3,enum=gitraft.repo.v1.ReplicaState" json:"state,omitempty"`
+	// What was wrong, one line each (empty: sound).
+	Findings []string `protobuf:"bytes,4,rep,name=findings,proto3" json:"findings,omitempty"`
+	// The copy was damaged and is now at the committed version again.
+	Healed bool `protobuf:"varint,5,opt,name=healed,proto3" json:"healed,omitempty"`
+	// Why it could not be checked or healed.
+	Error         string `protobuf:"bytes,6,opt,name=error,proto3" json:"error,omitempty"`
+	BytesChecked  int64  `protobuf:"varint,7,opt,name=bytes_checked,json=bytesChecked,proto3" json:"bytes_checked,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CopyCheck) Reset() {
+	*x = CopyCheck{}
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CopyCheck) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CopyCheck) ProtoMessage() {}
+
+func (x *CopyCheck) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CopyCheck.ProtoReflect.Descriptor instead.
+func (*CopyCheck) Descriptor() ([]byte, []int) {
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *CopyCheck) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *CopyCheck) GetVersion() uint64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *CopyCheck) GetState() ReplicaState {
+	if x != nil {
+		return x.State
+	}
+	return ReplicaState_REPLICA_STATE_UNSPECIFIED
+}
+
+func (x *CopyCheck) GetFindings() []string {
+	if x != nil {
+		return x.Findings
+	}
+	return nil
+}
+
+func (x *CopyCheck) GetHealed() bool {
+	if x != nil {
+		return x.Healed
+	}
+	return false
+}
+
+func (x *CopyCheck) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *CopyCheck) GetBytesChecked() int64 {
+	if x != nil {
+		return x.BytesChecked
+	}
+	return 0
+}
+
+type ScrubRepoRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Only this node's copy (empty: every member's).
+	NodeId        string `protobuf:"bytes,2,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScrubRepoRequest) Reset() {
+	*x = ScrubRepoRequest{}
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScrubRepoRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScrubRepoRequest) ProtoMessage() {}
+
+func (x *ScrubRepoRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScrubRepoRequest.ProtoReflect.Descriptor instead.
+func (*ScrubRepoRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *ScrubRepoRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ScrubRepoRequest) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+type ScrubRepoResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Version       uint64                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	Copies        []*CopyCheck           `protobuf:"bytes,3,rep,name=copies,proto3" json:"copies,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScrubRepoResponse) Reset() {
+	*x = ScrubRepoResponse{}
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScrubRepoResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScrubRepoResponse) ProtoMessage() {}
+
+func (x *ScrubRepoResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScrubRepoResponse.ProtoReflect.Descriptor instead.
+func (*ScrubRepoResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *ScrubRepoResponse) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ScrubRepoResponse) GetVersion() uint64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *ScrubRepoResponse) GetCopies() []*CopyCheck {
+	if x != nil {
+		return x.Copies
+	}
+	return nil
+}
+
+type DataLossRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// List every repository, the healthy ones too.
+	All bool `protobuf:"varint,1,opt,name=all,proto3" json:"all,omitempty"`
+	// Only this repository (empty: all).
+	Name          string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DataLossRequest) Reset() {
+	*x = DataLossRequest{}
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DataLossRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DataLossRequest) ProtoMessage() {}
+
+func (x *DataLossRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DataLossRequest.ProtoReflect.Descriptor instead.
+func (*DataLossRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *DataLossRequest) GetAll() bool {
+	if x != nil {
+		return x.All
+	}
+	return false
+}
+
+func (x *DataLossRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// NodeHolding is one node's part in holding a repository's committed version.
+type NodeHolding struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	NodeId string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Voter  bool                   `protobuf:"varint,2,opt,name=voter,proto3" json:"voter,omitempty"`
+	// Every committed ref's object is present with its whole history.
+	Holds bool `protobuf:"varint,3,opt,name=holds,proto3" json:"holds,omitempty"`
+	// The committed refs whose objects this node lacks (first few).
+	MissingRefs []string `protobuf:"bytes,4,rep,name=missing_refs,json=missingRefs,proto3" json:"missing_refs,omitempty"`
+	// The node did not answer (its part is unknown, counted as not holding).
+	Error         string `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeHolding) Reset() {
+	*x = NodeHolding{}
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeHolding) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeHolding) ProtoMessage() {}
+
+func (x *NodeHolding) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeHolding.ProtoReflect.Descriptor instead.
+func (*NodeHolding) Descriptor() ([]byte, []int) {
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *NodeHolding) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *NodeHolding) GetVoter() bool {
+	if x != nil {
+		return x.Voter
+	}
+	return false
+}
+
+func (x *NodeHolding) GetHolds() bool {
+	if x != nil {
+		return x.Holds
+	}
+	return false
+}
+
+func (x *NodeHolding) GetMissingRefs() []string {
+	if x != nil {
+		return x.MissingRefs
+	}
+	return nil
+}
+
+func (x *NodeHolding) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+type RepoDataLoss struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Name    string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Version uint64                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	Status  DataLossStatus         `protobuf:"varint,3,opt,name=status,proto3,enum=gitraft.repo.v1.DataLossStatus" json:"status,omitempty"`
+	// Voters that hold the committed version whole, of how many.
+	HeldBy int32          `protobuf:"varint,4,opt,name=held_by,json=heldBy,proto3" json:"held_by,omitempty"`
+	Voters int32          `protobuf:"varint,5,opt,name=voters,proto3" json:"voters,omitempty"`
+	Nodes  []*NodeHolding `protobuf:"bytes,6,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	// Refs whose objects no node holds whole.
+	LostRefs      []string `protobuf:"bytes,7,rep,name=lost_refs,json=lostRefs,proto3" json:"lost_refs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RepoDataLoss) Reset() {
+	*x = RepoDataLoss{}
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RepoDataLoss) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RepoDataLoss) ProtoMessage() {}
+
+func (x *RepoDataLoss) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RepoDataLoss.ProtoReflect.Descriptor instead.
+func (*RepoDataLoss) Descriptor() ([]byte, []int) {
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *RepoDataLoss) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *RepoDataLoss) GetVersion() uint64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *RepoDataLoss) GetStatus() DataLossStatus {
+	if x != nil {
+		return x.Status
+	}
+	return DataLossStatus_DATA_LOSS_STATUS_UNSPECIFIED
+}
+
+func (x *RepoDataLoss) GetHeldBy() int32 {
+	if x != nil {
+		return x.HeldBy
+	}
+	return 0
+}
+
+func (x *RepoDataLoss) GetVoters() int32 {
+	if x != nil {
+		return x.Voters
+	}
+	return 0
+}
+
+func (x *RepoDataLoss) GetNodes() []*NodeHolding {
+	if x != nil {
+		return x.Nodes
+	}
+	return nil
+}
+
+func (x *RepoDataLoss) GetLostRefs() []string {
+	if x != nil {
+		return x.LostRefs
+	}
+	return nil
+}
+
+type DataLossResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Repositories below a majority or lost (every one with all).
+	Repos []*RepoDataLoss `protobuf:"bytes,1,rep,name=repos,proto3" json:"repos,omitempty"`
+	// Repositories checked.
+	Checked       int32  `protobuf:"varint,2,opt,name=checked,proto3" json:"checked,omitempty"`
+	Index         uint64 `protobuf:"varint,3,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DataLossResponse) Reset() {
+	*x = DataLossResponse{}
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DataLossResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DataLossResponse) ProtoMessage() {}
+
+func (x *DataLossResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DataLossResponse.ProtoReflect.Descriptor instead.
+func (*DataLossResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *DataLossResponse) GetRepos() []*RepoDataLoss {
+	if x != nil {
+		return x.Repos
+	}
+	return nil
+}
+
+func (x *DataLossResponse) GetChecked() int32 {
+	if x != nil {
+		return x.Checked
+	}
+	return 0
+}
+
+func (x *DataLossResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
 var File_gitraft_repo_v1_repo_proto protoreflect.FileDescriptor
 
 const file_gitraft_repo_v1_repo_proto_rawDesc = "" +
@@ -1499,12 +2071,13 @@ const file_gitraft_repo_v1_repo_proto_rawDesc = "" +
 	"\x03ref\x18\x01 \x01(\tR\x03ref\x12\x17\n" +
 	"\aold_oid\x18\x02 \x01(\tR\x06oldOid\x12\x17\n" +
 	"\anew_oid\x18\x03 \x01(\tR\x06newOid\x12\x10\n" +
-	"\x03why\x18\x04 \x01(\tR\x03why\"\x91\x01\n" +
+	"\x03why\x18\x04 \x01(\tR\x03why\"\xc5\x01\n" +
 	"\x12RepairRefsResponse\x12\x12\n" +
 	"\x04repo\x18\x01 \x01(\tR\x04repo\x127\n" +
 	"\achanges\x18\x02 \x03(\v2\x1d.gitraft.repo.v1.RepairChangeR\achanges\x12\x18\n" +
 	"\aversion\x18\x03 \x01(\x04R\aversion\x12\x14\n" +
-	"\x05index\x18\x04 \x01(\x04R\x05index\"\xcb\x01\n" +
+	"\x05index\x18\x04 \x01(\x04R\x05index\x122\n" +
+	"\x06copies\x18\x05 \x03(\v2\x1a.gitraft.repo.v1.CopyCheckR\x06copies\"\xcb\x01\n" +
 	"\x06Repair\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12*\n" +
 	"\x02at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x12\x14\n" +
@@ -1582,18 +2155,60 @@ const file_gitraft_repo_v1_repo_proto_rawDesc = "" +
 	"\x12UpdateRefsResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x04R\aversion\x124\n" +
 	"\aresults\x18\x02 \x03(\v2\x1a.gitraft.repo.v1.RefResultR\aresults\x12\x14\n" +
-	"\x05index\x18\x03 \x01(\x04R\x05index*\x9c\x01\n" +
+	"\x05index\x18\x03 \x01(\x04R\x05index\"\xe2\x01\n" +
+	"\tCopyCheck\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\x04R\aversion\x123\n" +
+	"\x05state\x18\x03 \x01(\x0e2\x1d.gitraft.repo.v1.ReplicaStateR\x05state\x12\x1a\n" +
+	"\bfindings\x18\x04 \x03(\tR\bfindings\x12\x16\n" +
+	"\x06healed\x18\x05 \x01(\bR\x06healed\x12\x14\n" +
+	"\x05error\x18\x06 \x01(\tR\x05error\x12#\n" +
+	"\rbytes_checked\x18\a \x01(\x03R\fbytesChecked\"?\n" +
+	"\x10ScrubRepoRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x17\n" +
+	"\anode_id\x18\x02 \x01(\tR\x06nodeId\"u\n" +
+	"\x11ScrubRepoResponse\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\x04R\aversion\x122\n" +
+	"\x06copies\x18\x03 \x03(\v2\x1a.gitraft.repo.v1.CopyCheckR\x06copies\"7\n" +
+	"\x0fDataLossRequest\x12\x10\n" +
+	"\x03all\x18\x01 \x01(\bR\x03all\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\"\x8b\x01\n" +
+	"\vNodeHolding\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x14\n" +
+	"\x05voter\x18\x02 \x01(\bR\x05voter\x12\x14\n" +
+	"\x05holds\x18\x03 \x01(\bR\x05holds\x12!\n" +
+	"\fmissing_refs\x18\x04 \x03(\tR\vmissingRefs\x12\x14\n" +
+	"\x05error\x18\x05 \x01(\tR\x05error\"\xf7\x01\n" +
+	"\fRepoDataLoss\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\x04R\aversion\x127\n" +
+	"\x06status\x18\x03 \x01(\x0e2\x1f.gitraft.repo.v1.DataLossStatusR\x06status\x12\x17\n" +
+	"\aheld_by\x18\x04 \x01(\x05R\x06heldBy\x12\x16\n" +
+	"\x06voters\x18\x05 \x01(\x05R\x06voters\x122\n" +
+	"\x05nodes\x18\x06 \x03(\v2\x1c.gitraft.repo.v1.NodeHoldingR\x05nodes\x12\x1b\n" +
+	"\tlost_refs\x18\a \x03(\tR\blostRefs\"w\n" +
+	"\x10DataLossResponse\x123\n" +
+	"\x05repos\x18\x01 \x03(\v2\x1d.gitraft.repo.v1.RepoDataLossR\x05repos\x12\x18\n" +
+	"\achecked\x18\x02 \x01(\x05R\achecked\x12\x14\n" +
+	"\x05index\x18\x03 \x01(\x04R\x05index*\xb7\x01\n" +
 	"\fReplicaState\x12\x1d\n" +
 	"\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15REPLICA_STATE_CURRENT\x10\x01\x12\x18\n" +
 	"\x14REPLICA_STATE_BEHIND\x10\x02\x12\x19\n" +
 	"\x15REPLICA_STATE_SYNCING\x10\x03\x12\x1d\n" +
-	"\x19REPLICA_STATE_UNREACHABLE\x10\x04*i\n" +
+	"\x19REPLICA_STATE_UNREACHABLE\x10\x04\x12\x19\n" +
+	"\x15REPLICA_STATE_DAMAGED\x10\x05*i\n" +
 	"\tRefStatus\x12\x1a\n" +
 	"\x16REF_STATUS_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rREF_STATUS_OK\x10\x01\x12\x14\n" +
 	"\x10REF_STATUS_STALE\x10\x02\x12\x17\n" +
-	"\x13REF_STATUS_REJECTED\x10\x032\xe2\x04\n" +
+	"\x13REF_STATUS_REJECTED\x10\x03*\x90\x01\n" +
+	"\x0eDataLossStatus\x12 \n" +
+	"\x1cDATA_LOSS_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n" +
+	"\x18DATA_LOSS_STATUS_HEALTHY\x10\x01\x12#\n" +
+	"\x1fDATA_LOSS_STATUS_BELOW_MAJORITY\x10\x02\x12\x19\n" +
+	"\x15DATA_LOSS_STATUS_LOST\x10\x032\x87\x06\n" +
 	"\vRepoService\x12U\n" +
 	"\n" +
 	"CreateRepo\x12\".gitraft.repo.v1.CreateRepoRequest\x1a#.gitraft.repo.v1.CreateRepoResponse\x12U\n" +
@@ -1606,7 +2221,9 @@ const file_gitraft_repo_v1_repo_proto_rawDesc = "" +
 	"\n" +
 	"VerifyRepo\x12\".gitraft.repo.v1.VerifyRepoRequest\x1a#.gitraft.repo.v1.VerifyRepoResponse\x12U\n" +
 	"\n" +
-	"RepairRefs\x12\".gitraft.repo.v1.RepairRefsRequest\x1a#.gitraft.repo.v1.RepairRefsResponseB9Z7github.com/gitraft/gitraft/proto/gitraft/repo/v1;repov1b\x06proto3"
+	"RepairRefs\x12\".gitraft.repo.v1.RepairRefsRequest\x1a#.gitraft.repo.v1.RepairRefsResponse\x12R\n" +
+	"\tScrubRepo\x12!.gitraft.repo.v1.ScrubRepoRequest\x1a\".gitraft.repo.v1.ScrubRepoResponse\x12O\n" +
+	"\bDataLoss\x12 .gitraft.repo.v1.DataLossRequest\x1a!.gitraft.repo.v1.DataLossResponseB9Z7github.com/gitraft/gitraft/proto/gitraft/repo/v1;repov1b\x06proto3"
 
 var (
 	file_gitraft_repo_v1_repo_proto_rawDescOnce sync.Once
@@ -1620,73 +2237,91 @@ func file_gitraft_repo_v1_repo_proto_rawDescGZIP() []byte {
 	return file_gitraft_repo_v1_repo_proto_rawDescData
 }
 
-var file_gitraft_repo_v1_repo_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_gitraft_repo_v1_repo_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_gitraft_repo_v1_repo_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_gitraft_repo_v1_repo_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_gitraft_repo_v1_repo_proto_goTypes = []any{
 	(ReplicaState)(0),             // 0: gitraft.repo.v1.ReplicaState
 	(RefStatus)(0),                // 1: gitraft.repo.v1.RefStatus
-	(*RepairRefsRequest)(nil),     // 2: gitraft.repo.v1.RepairRefsRequest
-	(*RepairChange)(nil),          // 3: gitraft.repo.v1.RepairChange
-	(*RepairRefsResponse)(nil),    // 4: gitraft.repo.v1.RepairRefsResponse
-	(*Repair)(nil),                // 5: gitraft.repo.v1.Repair
-	(*VerifyRepoRequest)(nil),     // 6: gitraft.repo.v1.VerifyRepoRequest
-	(*NodeVerification)(nil),      // 7: gitraft.repo.v1.NodeVerification
-	(*VerifyRepoResponse)(nil),    // 8: gitraft.repo.v1.VerifyRepoResponse
-	(*Ref)(nil),                   // 9: gitraft.repo.v1.Ref
-	(*Replica)(nil),               // 10: gitraft.repo.v1.Replica
-	(*Repo)(nil),                  // 11: gitraft.repo.v1.Repo
-	(*CreateRepoRequest)(nil),     // 12: gitraft.repo.v1.CreateRepoRequest
-	(*CreateRepoResponse)(nil),    // 13: gitraft.repo.v1.CreateRepoResponse
-	(*DeleteRepoRequest)(nil),     // 14: gitraft.repo.v1.DeleteRepoRequest
-	(*DeleteRepoResponse)(nil),    // 15: gitraft.repo.v1.DeleteRepoResponse
-	(*ListReposRequest)(nil),      // 16: gitraft.repo.v1.ListReposRequest
-	(*ListReposResponse)(nil),     // 17: gitraft.repo.v1.ListReposResponse
-	(*GetRepoRequest)(nil),        // 18: gitraft.repo.v1.GetRepoRequest
-	(*GetRepoResponse)(nil),       // 19: gitraft.repo.v1.GetRepoResponse
-	(*RefUpdate)(nil),             // 20: gitraft.repo.v1.RefUpdate
-	(*UpdateRefsRequest)(nil),     // 21: gitraft.repo.v1.UpdateRefsRequest
-	(*RefResult)(nil),             // 22: gitraft.repo.v1.RefResult
-	(*UpdateRefsResponse)(nil),    // 23: gitraft.repo.v1.UpdateRefsResponse
-	(*timestamppb.Timestamp)(nil), // 24: google.protobuf.Timestamp
+	(DataLossStatus)(0),           // 2: gitraft.repo.v1.DataLossStatus
+	(*RepairRefsRequest)(nil),     // 3: gitraft.repo.v1.RepairRefsRequest
+	(*RepairChange)(nil),          // 4: gitraft.repo.v1.RepairChange
+	(*RepairRefsResponse)(nil),    // 5: gitraft.repo.v1.RepairRefsResponse
+	(*Repair)(nil),                // 6: gitraft.repo.v1.Repair
+	(*VerifyRepoRequest)(nil),     // 7: gitraft.repo.v1.VerifyRepoRequest
+	(*NodeVerification)(nil),      // 8: gitraft.repo.v1.NodeVerification
+	(*VerifyRepoResponse)(nil),    // 9: gitraft.repo.v1.VerifyRepoResponse
+	(*Ref)(nil),                   // 10: gitraft.repo.v1.Ref
+	(*Replica)(nil),               // 11: gitraft.repo.v1.Replica
+	(*Repo)(nil),                  // 12: gitraft.repo.v1.Repo
+	(*CreateRepoRequest)(nil),     // 13: gitraft.repo.v1.CreateRepoRequest
+	(*CreateRepoResponse)(nil),    // 14: gitraft.repo.v1.CreateRepoResponse
+	(*DeleteRepoRequest)(nil),     // 15: gitraft.repo.v1.DeleteRepoRequest
+	(*DeleteRepoResponse)(nil),    // 16: gitraft.repo.v1.DeleteRepoResponse
+	(*ListReposRequest)(nil),      // 17: gitraft.repo.v1.ListReposRequest
+	(*ListReposResponse)(nil),     // 18: gitraft.repo.v1.ListReposResponse
+	(*GetRepoRequest)(nil),        // 19: gitraft.repo.v1.GetRepoRequest
+	(*GetRepoResponse)(nil),       // 20: gitraft.repo.v1.GetRepoResponse
+	(*RefUpdate)(nil),             // 21: gitraft.repo.v1.RefUpdate
+	(*UpdateRefsRequest)(nil),     // 22: gitraft.repo.v1.UpdateRefsRequest
+	(*RefResult)(nil),             // 23: gitraft.repo.v1.RefResult
+	(*UpdateRefsResponse)(nil),    // 24: gitraft.repo.v1.UpdateRefsResponse
+	(*CopyCheck)(nil),             // 25: gitraft.repo.v1.CopyCheck
+	(*ScrubRepoRequest)(nil),      // 26: gitraft.repo.v1.ScrubRepoRequest
+	(*ScrubRepoResponse)(nil),     // 27: gitraft.repo.v1.ScrubRepoResponse
+	(*DataLossRequest)(nil),       // 28: gitraft.repo.v1.DataLossRequest
+	(*NodeHolding)(nil),           // 29: gitraft.repo.v1.NodeHolding
+	(*RepoDataLoss)(nil),          // 30: gitraft.repo.v1.RepoDataLoss
+	(*DataLossResponse)(nil),      // 31: gitraft.repo.v1.DataLossResponse
+	(*timestamppb.Timestamp)(nil), // 32: google.protobuf.Timestamp
 }
 var file_gitraft_repo_v1_repo_proto_depIdxs = []int32{
-	20, // 0: gitraft.repo.v1.RepairRefsRequest.updates:type_name -> gitraft.repo.v1.RefUpdate
-	3,  // 1: gitraft.repo.v1.RepairRefsResponse.changes:type_name -> gitraft.repo.v1.RepairChange
-	24, // 2: gitraft.repo.v1.Repair.at:type_name -> google.protobuf.Timestamp
-	3,  // 3: gitraft.repo.v1.Repair.changes:type_name -> gitraft.repo.v1.RepairChange
-	0,  // 4: gitraft.repo.v1.NodeVerification.state:type_name -> gitraft.repo.v1.ReplicaState
-	7,  // 5: gitraft.repo.v1.VerifyRepoResponse.nodes:type_name -> gitraft.repo.v1.NodeVerification
-	0,  // 6: gitraft.repo.v1.Replica.state:type_name -> gitraft.repo.v1.ReplicaState
-	9,  // 7: gitraft.repo.v1.Repo.refs:type_name -> gitraft.repo.v1.Ref
-	24, // 8: gitraft.repo.v1.Repo.created_at:type_name -> google.protobuf.Timestamp
-	24, // 9: gitraft.repo.v1.Repo.updated_at:type_name -> google.protobuf.Timestamp
-	10, // 10: gitraft.repo.v1.Repo.replicas:type_name -> gitraft.repo.v1.Replica
-	5,  // 11: gitraft.repo.v1.Repo.repairs:type_name -> gitraft.repo.v1.Repair
-	11, // 12: gitraft.repo.v1.CreateRepoResponse.repo:type_name -> gitraft.repo.v1.Repo
-	11, // 13: gitraft.repo.v1.ListReposResponse.repos:type_name -> gitraft.repo.v1.Repo
-	11, // 14: gitraft.repo.v1.GetRepoResponse.repo:type_name -> gitraft.repo.v1.Repo
-	20, // 15: gitraft.repo.v1.UpdateRefsRequest.updates:type_name -> gitraft.repo.v1.RefUpdate
-	1,  // 16: gitraft.repo.v1.RefResult.status:type_name -> gitraft.repo.v1.RefStatus
-	22, // 17: gitraft.repo.v1.UpdateRefsResponse.results:type_name -> gitraft.repo.v1.RefResult
-	12, // 18: gitraft.repo.v1.RepoService.CreateRepo:input_type -> gitraft.repo.v1.CreateRepoRequest
-	14, // 19: gitraft.repo.v1.RepoService.DeleteRepo:input_type -> gitraft.repo.v1.DeleteRepoRequest
-	16, // 20: gitraft.repo.v1.RepoService.ListRepos:input_type -> gitraft.repo.v1.ListReposRequest
-	18, // 21: gitraft.repo.v1.RepoService.GetRepo:input_type -> gitraft.repo.v1.GetRepoRequest
-	21, // 22: gitraft.repo.v1.RepoService.UpdateRefs:input_type -> gitraft.repo.v1.UpdateRefsRequest
-	6,  // 23: gitraft.repo.v1.RepoService.VerifyRepo:input_type -> gitraft.repo.v1.VerifyRepoRequest
-	2,  // 24: gitraft.repo.v1.RepoService.RepairRefs:input_type -> gitraft.repo.v1.RepairRefsRequest
-	13, // 25: gitraft.repo.v1.RepoService.CreateRepo:output_type -> gitraft.repo.v1.CreateRepoResponse
-	15, // 26: gitraft.repo.v1.RepoService.DeleteRepo:output_type -> gitraft.repo.v1.DeleteRepoResponse
-	17, // 27: gitraft.repo.v1.RepoService.ListRepos:output_type -> gitraft.repo.v1.ListReposResponse
-	19, // 28: gitraft.repo.v1.RepoService.GetRepo:output_type -> gitraft.repo.v1.GetRepoResponse
-	23, // 29: gitraft.repo.v1.RepoService.UpdateRefs:output_type -> gitraft.repo.v1.UpdateRefsResponse
-	8,  // 30: gitraft.repo.v1.RepoService.VerifyRepo:output_type -> gitraft.repo.v1.VerifyRepoResponse
-	4,  // 31: gitraft.repo.v1.RepoService.RepairRefs:output_type -> gitraft.repo.v1.RepairRefsResponse
-	25, // [25:32] is the sub-list for method output_type
-	18, // [18:25] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	21, // 0: gitraft.repo.v1.RepairRefsRequest.updates:type_name -> gitraft.repo.v1.RefUpdate
+	4,  // 1: gitraft.repo.v1.RepairRefsResponse.changes:type_name -> gitraft.repo.v1.RepairChange
+	25, // 2: gitraft.repo.v1.RepairRefsResponse.copies:type_name -> gitraft.repo.v1.CopyCheck
+	32, // 3: gitraft.repo.v1.Repair.at:type_name -> google.protobuf.Timestamp
+	4,  // 4: gitraft.repo.v1.Repair.changes:type_name -> gitraft.repo.v1.RepairChange
+	0,  // 5: gitraft.repo.v1.NodeVerification.state:type_name -> gitraft.repo.v1.ReplicaState
+	8,  // 6: gitraft.repo.v1.VerifyRepoResponse.nodes:type_name -> gitraft.repo.v1.NodeVerification
+	0,  // 7: gitraft.repo.v1.Replica.state:type_name -> gitraft.repo.v1.ReplicaState
+	10, // 8: gitraft.repo.v1.Repo.refs:type_name -> gitraft.repo.v1.Ref
+	32, // 9: gitraft.repo.v1.Repo.created_at:type_name -> google.protobuf.Timestamp
+	32, // 10: gitraft.repo.v1.Repo.updated_at:type_name -> google.protobuf.Timestamp
+	11, // 11: gitraft.repo.v1.Repo.replicas:type_name -> gitraft.repo.v1.Replica
+	6,  // 12: gitraft.repo.v1.Repo.repairs:type_name -> gitraft.repo.v1.Repair
+	12, // 13: gitraft.repo.v1.CreateRepoResponse.repo:type_name -> gitraft.repo.v1.Repo
+	12, // 14: gitraft.repo.v1.ListReposResponse.repos:type_name -> gitraft.repo.v1.Repo
+	12, // 15: gitraft.repo.v1.GetRepoResponse.repo:type_name -> gitraft.repo.v1.Repo
+	21, // 16: gitraft.repo.v1.UpdateRefsRequest.updates:type_name -> gitraft.repo.v1.RefUpdate
+	1,  // 17: gitraft.repo.v1.RefResult.status:type_name -> gitraft.repo.v1.RefStatus
+	23, // 18: gitraft.repo.v1.UpdateRefsResponse.results:type_name -> gitraft.repo.v1.RefResult
+	0,  // 19: gitraft.repo.v1.CopyCheck.state:type_name -> gitraft.repo.v1.ReplicaState
+	25, // 20: gitraft.repo.v1.ScrubRepoResponse.copies:type_name -> gitraft.repo.v1.CopyCheck
+	2,  // 21: gitraft.repo.v1.RepoDataLoss.status:type_name -> gitraft.repo.v1.DataLossStatus
+	29, // 22: gitraft.repo.v1.RepoDataLoss.nodes:type_name -> gitraft.repo.v1.NodeHolding
+	30, // 23: gitraft.repo.v1.DataLossResponse.repos:type_name -> gitraft.repo.v1.RepoDataLoss
+	13, // 24: gitraft.repo.v1.RepoService.CreateRepo:input_type -> gitraft.repo.v1.CreateRepoRequest
+	15, // 25: gitraft.repo.v1.RepoService.DeleteRepo:input_type -> gitraft.repo.v1.DeleteRepoRequest
+	17, // 26: gitraft.repo.v1.RepoService.ListRepos:input_type -> gitraft.repo.v1.ListReposRequest
+	19, // 27: gitraft.repo.v1.RepoService.GetRepo:input_type -> gitraft.repo.v1.GetRepoRequest
+	22, // 28: gitraft.repo.v1.RepoService.UpdateRefs:input_type -> gitraft.repo.v1.UpdateRefsRequest
+	7,  // 29: gitraft.repo.v1.RepoService.VerifyRepo:input_type -> gitraft.repo.v1.VerifyRepoRequest
+	3,  // 30: gitraft.repo.v1.RepoService.RepairRefs:input_type -> gitraft.repo.v1.RepairRefsRequest
+	26, // 31: gitraft.repo.v1.RepoService.ScrubRepo:input_type -> gitraft.repo.v1.ScrubRepoRequest
+	28, // 32: gitraft.repo.v1.RepoService.DataLoss:input_type -> gitraft.repo.v1.DataLossRequest
+	14, // 33: gitraft.repo.v1.RepoService.CreateRepo:output_type -> gitraft.repo.v1.CreateRepoResponse
+	16, // 34: gitraft.repo.v1.RepoService.DeleteRepo:output_type -> gitraft.repo.v1.DeleteRepoResponse
+	18, // 35: gitraft.repo.v1.RepoService.ListRepos:output_type -> gitraft.repo.v1.ListReposResponse
+	20, // 36: gitraft.repo.v1.RepoService.GetRepo:output_type -> gitraft.repo.v1.GetRepoResponse
+	24, // 37: gitraft.repo.v1.RepoService.UpdateRefs:output_type -> gitraft.repo.v1.UpdateRefsResponse
+	9,  // 38: gitraft.repo.v1.RepoService.VerifyRepo:output_type -> gitraft.repo.v1.VerifyRepoResponse
+	5,  // 39: gitraft.repo.v1.RepoService.RepairRefs:output_type -> gitraft.repo.v1.RepairRefsResponse
+	27, // 40: gitraft.repo.v1.RepoService.ScrubRepo:output_type -> gitraft.repo.v1.ScrubRepoResponse
+	31, // 41: gitraft.repo.v1.RepoService.DataLoss:output_type -> gitraft.repo.v1.DataLossResponse
+	33, // [33:42] is the sub-list for method output_type
+	24, // [24:33] is the sub-list for method input_type
+	24, // [24:24] is the sub-list for extension type_name
+	24, // [24:24] is the sub-list for extension extendee
+	0,  // [0:24] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_repo_v1_repo_proto_init() }
@@ -1699,8 +2334,8 @@ func file_gitraft_repo_v1_repo_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_repo_v1_repo_proto_rawDesc), len(file_gitraft_repo_v1_repo_proto_rawDesc)),
-			NumEnums:      2,
-			NumMessages:   22,
+			NumEnums:      3,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -28,6 +28,8 @@ const (
 	RepoService_UpdateRefs_FullMethodName = "/gitraft.repo.v1.RepoService/UpdateRefs"
 	RepoService_VerifyRepo_FullMethodName = "/gitraft.repo.v1.RepoService/VerifyRepo"
 	RepoService_RepairRefs_FullMethodName = "/gitraft.repo.v1.RepoService/RepairRefs"
+	RepoService_ScrubRepo_FullMethodName  = "/gitraft.repo.v1.RepoService/ScrubRepo"
+	RepoService_DataLoss_FullMethodName   = "/gitraft.repo.v1.RepoService/DataLoss"
 )
 
 // RepoServiceClient is the client API for RepoService service.
@@ -44,10 +46,18 @@ type RepoServiceClient interface {
 	VerifyRepo(ctx context.Context, in *VerifyRepoRequest, opts ...grpc.CallOption) (*VerifyRepoResponse, error)
 	// RepairRefs forces refs of a damaged repository to new values under its
 	// write lock, whatever they were, and records who did it and why. With
-	// auto set it first finds the refs whose objects fewer than a majority of
-	// voters hold, and resets each to a value a majority can serve (or
-	// deletes it).
+	// auto set it first finds the refs whose objects no voter holds, and
+	// resets each to a value a majority can serve (or deletes it). Then it
+	// brings every copy to the committed version (healing from the copies
+	// that hold it) and reports each copy in copies.
 	RepairRefs(ctx context.Context, in *RepairRefsRequest, opts ...grpc.CallOption) (*RepairRefsResponse, error)
+	// ScrubRepo checks one node's copy of a repository, or every node's, now
+	// (pack checksums, connectivity, refs against the state), and heals a
+	// damaged copy from a current peer.
+	ScrubRepo(ctx context.Context, in *ScrubRepoRequest, opts ...grpc.CallOption) (*ScrubRepoResponse, error)
+	// DataLoss lists repositories whose committed version fewer than a
+	// majority of voters hold whole (or none), with each node's part.
+	DataLoss(ctx context.Context, in *DataLossRequest, opts ...grpc.CallOption) (*DataLossResponse, error)
 }
 
 type repoServiceClient struct {
@@ -128,6 +138,26 @@ func (c *repoServiceClient) RepairRefs(ctx context.Context, in *RepairRefsReques
 	return out, nil
 }
 
+func (c *repoServiceClient) ScrubRepo(ctx context.Context, in *ScrubRepoRequest, opts ...grpc.CallOption) (*ScrubRepoResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ScrubRepoResponse)
+	err := c.cc.Invoke(ctx, RepoService_ScrubRepo_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *repoServiceClient) DataLoss(ctx context.Context, in *DataLossRequest, opts ...grpc.CallOption) (*DataLossResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DataLossResponse)
+	err := c.cc.Invoke(ctx, RepoService_DataLoss_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // RepoServiceServer is the server API for RepoService service.
 // All implementations must embed UnimplementedRepoServiceServer
 // for forward compatibility.
@@ -142,10 +172,18 @@ type RepoServiceServer interface {
 	VerifyRepo(context.Context, *VerifyRepoRequest) (*VerifyRepoResponse, error)
 	// RepairRefs forces refs of a damaged repository to new values under its
 	// write lock, whatever they were, and records who did it and why. With
-	// auto set it first finds the refs whose objects fewer than a majority of
-	// voters hold, and resets each to a value a majority can serve (or
-	// deletes it).
+	// auto set it first finds the refs whose objects no voter holds, and
+	// resets each to a value a majority can serve (or deletes it). Then it
+	// brings every copy to the committed version (healing from the copies
+	// that hold it) and reports each copy in copies.
 	RepairRefs(context.Context, *RepairRefsRequest) (*RepairRefsResponse, error)
+	// ScrubRepo checks one node's copy of a repository, or every node's, now
+	// (pack checksums, connectivity, refs against the state), and heals a
+	// damaged copy from a current peer.
+	ScrubRepo(context.Context, *ScrubRepoRequest) (*ScrubRepoResponse, error)
+	// DataLoss lists repositories whose committed version fewer than a
+	// majority of voters hold whole (or none), with each node's part.
+	DataLoss(context.Context, *DataLossRequest) (*DataLossResponse, error)
 	mustEmbedUnimplementedRepoServiceServer()
 }
 
@@ -176,6 +214,12 @@ func (UnimplementedRepoServiceServer) VerifyRepo(context.Context, *VerifyRepoReq
 }
 func (UnimplementedRepoServiceServer) RepairRefs(context.Context, *RepairRefsRequest) (*RepairRefsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RepairRefs not implemented")
+}
+func (UnimplementedRepoServiceServer) ScrubRepo(context.Context, *ScrubRepoRequest) (*ScrubRepoResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ScrubRepo not implemented")
+}
+func (UnimplementedRepoServiceServer) DataLoss(context.Context, *DataLossRequest) (*DataLossResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DataLoss not implemented")
 }
 func (UnimplementedRepoServiceServer) mustEmbedUnimplementedRepoServiceServer() {}
 func (UnimplementedRepoServiceServer) testEmbeddedByValue()                     {}
@@ -324,6 +368,42 @@ func _RepoService_RepairRefs_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _RepoService_ScrubRepo_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ScrubRepoRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RepoServiceServer).ScrubRepo(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RepoService_ScrubRepo_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RepoServiceServer).ScrubRepo(ctx, req.(*ScrubRepoRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _RepoService_DataLoss_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DataLossRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RepoServiceServer).DataLoss(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RepoService_DataLoss_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RepoServiceServer).DataLoss(ctx, req.(*DataLossRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // RepoService_ServiceDesc is the grpc.ServiceDesc for RepoService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -358,6 +438,14 @@ var RepoService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RepairRefs",
 			Handler:    _RepoService_RepairRefs_Handler,
+		},
+		{
+			MethodName: "ScrubRepo",
+			Handler:    _RepoService_ScrubRepo_Handler,
+		},
+		{
+			MethodName: "DataLoss",
+			Handler:    _RepoService_DataLoss_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
