@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 )
 
 // Pack and index formats, SHA-1 only: gitraft creates SHA-1 repositories, and
@@ -100,9 +101,26 @@ func (s *Store) installPack(ctx context.Context, dir, tmpPack, tmpIdx string, pa
 	hexSum := hex.EncodeToString(packSum)
 	final := filepath.Join(dir, "pack-"+hexSum)
 	if exists(final+".pack") && exists(final+".idx") {
-		os.Remove(tmpPack)
-		os.Remove(tmpIdx)
-		return hexSum, nil // installed before
+		// Installed before, perhaps by a push that failed, so no ref may
+		// reach it and a prune may drop it. Freshen it, as git freshens an
+		// object it would write again, so that a prune keeps it for its
+		// grace period; a prune that already looked at it is waited for,
+		// and the pack installed again if it took it away.
+		now := time.Now()
+		freshened := os.Chtimes(final+".pack", now, now) == nil
+		if ch := s.pruning(filepath.Dir(filepath.Dir(dir))); ch != nil {
+			select {
+			case <-ch:
+			case <-ctx.Done():
+				return "", ctx.Err()
+			}
+			freshened = false
+		}
+		if freshened || exists(final+".pack") && exists(final+".idx") && os.Chtimes(final+".pack", now, now) == nil {
+			os.Remove(tmpPack)
+			os.Remove(tmpIdx)
+			return hexSum, nil
+		}
 	}
 	if err := os.Rename(tmpPack, final+".pack"); err != nil {
 		return "", wrapIO("install pack", err)

@@ -61,6 +61,11 @@ type Store struct {
 	git  *Git
 	log  *slog.Logger
 	conn connectedCache
+
+	// prunes holds, per repository path, a channel closed when the
+	// pruning repack under way there ends (Housekeep with Prune).
+	pmu    sync.Mutex
+	prunes map[string]chan struct{}
 }
 
 // Replica is what a node's disk holds of one repository.
@@ -1104,10 +1109,11 @@ func (s *Store) FreeBytes() (uint64, error) {
 }
 
 // connectedCache remembers, for a few minutes, object ids whose history a
-// connectivity check found complete in a repository. Objects are never
-// removed from a repository here (gc.auto=0, no prune); the entries of a
-// repository go when it is deleted or replaced, and all expire, so a
-// repository changed behind gitraft's back is not trusted for long.
+// connectivity check found complete in a repository. Objects leave a
+// repository only in a pruning Housekeep (gc.auto=0 otherwise); the entries
+// of a repository go then, and when it is deleted or replaced, and all
+// expire, so a repository changed behind gitraft's back is not trusted for
+// long.
 type connectedCache struct {
 	mu sync.Mutex
 	m  map[string]time.Time // repository path + "\x00" + oid -> when checked
