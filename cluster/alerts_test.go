@@ -33,7 +33,6 @@ const (
 // be taken off the list.
 var waitingMetrics = map[string]string{
 	"gitraft_backup_last_success_timestamp_seconds":   "backups (issue 12, point 2)",
-	"gitraft_housekeeping_last_run_timestamp_seconds": "housekeeping (issue 12, point 1)",
 }
 
 // fromPrometheus are series Prometheus makes itself for every target.

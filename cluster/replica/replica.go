@@ -127,6 +127,9 @@ type Config struct {
 	// StragglerTimeout bounds a push's sends to its peers, the slow ones
 	// that carry on after the commit included (default 10m).
 	StragglerTimeout time.Duration
+	// Housekeeping is the node's housekeeping of its copies (on by
+	// default).
+	Housekeeping HousekeepConfig
 }
 
 func (c *Config) setDefaults() {
@@ -148,6 +151,7 @@ func (c *Config) setDefaults() {
 	if c.StragglerTimeout == 0 {
 		c.StragglerTimeout = 10 * time.Minute
 	}
+	c.Housekeeping.setDefaults()
 }
 
 // position is how far a copy on disk got: the incarnation and the version.
@@ -211,6 +215,7 @@ type Replicas struct {
 	kick   chan struct{}
 
 	sessions atomic.Pointer[SessionHandler]
+	hk       housekeeping
 
 	stop     chan struct{}
 	stopOnce sync.Once
@@ -228,6 +233,7 @@ func New(cfg Config, node Node, logger *slog.Logger) *Replicas {
 	}
 	r := &Replicas{cfg: cfg, node: node, st: cfg.Store, log: logger.With("component", "replicas"),
 		copies: map[string]*copyState{}, kick: make(chan struct{}, 1), stop: make(chan struct{})}
+	r.hk.slot = newGuard()
 	if list, err := cfg.Store.List(); err == nil {
 		for _, l := range list {
 			c := newCopy()
@@ -238,17 +244,25 @@ func New(cfg Config, node Node, logger *slog.Logger) *Replicas {
 	return r
 }
 
-// Start runs the reconciler until Close.
+// Start runs the reconciler, and the housekeeping scheduler unless it is
+// off, until Close.
 func (r *Replicas) Start() {
 	r.wg.Add(1)
 	go func() {
 		defer r.wg.Done()
 		r.reconcile()
 	}()
+	if !r.cfg.Housekeeping.Off {
+		r.wg.Add(1)
+		go func() {
+			defer r.wg.Done()
+			r.housekeepLoop()
+		}()
+	}
 }
 
-// Close stops the reconciler and the sends still under way, and waits for
-// them.
+// Close stops the reconciler, housekeeping and the sends still under way,
+// and waits for them.
 func (r *Replicas) Close() {
 	r.stopOnce.Do(func() { close(r.stop) })
 	r.wg.Wait()

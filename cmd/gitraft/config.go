@@ -86,6 +86,20 @@ type gitSettings struct {
 	MaxSessionsPerConnection int           `yaml:"max_sessions_per_connection" help:"sessions open at once on one SSH connection (default 10, -1: no limit)"`
 	MinRateBytes             int64         `yaml:"min_rate_bytes" help:"end a session that moves fewer bytes, both ways together, in a min_rate_window (default 128, -1: no floor)"`
 	MinRateWindow            time.Duration `yaml:"min_rate_window" help:"the window of min_rate_bytes (default 5m)"`
+
+	// Housekeeping is each node's repacking and pruning of its own copies.
+	Housekeeping housekeepingSettings `yaml:"housekeeping"`
+}
+
+// housekeepingSettings schedule a node's housekeeping of its copies
+// (README: Housekeeping).
+type housekeepingSettings struct {
+	Enabled        bool          `yaml:"enabled" help:"repack and prune this node's repositories in the background (default true; gitraft repo housekeep works either way)"`
+	Interval       time.Duration `yaml:"interval" help:"how often every repository's packs and loose objects are counted and those past a threshold housekept (default 10m)"`
+	PackThreshold  int           `yaml:"pack_threshold" help:"housekeep a repository with at least this many packs (default 16)"`
+	LooseThreshold int           `yaml:"loose_threshold" help:"housekeep a repository with at least this many loose objects (default 1024)"`
+	PruneGrace     time.Duration `yaml:"prune_grace" help:"keep objects no ref reaches, and what failed pushes left, this long after they were written (default 1h)"`
+	PruneInterval  time.Duration `yaml:"prune_interval" help:"prune (a full repack) each repository this often (default 24h)"`
 }
 
 func defaultFileConfig() fileConfig {
@@ -96,7 +110,7 @@ func defaultFileConfig() fileConfig {
 		SSHAddr:   "127.0.0.1:7122",
 		LogFormat: "json",
 		LogLevel:  "info",
-		Git:       gitSettings{MaxRefsPerPush: 10000},
+		Git:       gitSettings{MaxRefsPerPush: 10000, Housekeeping: housekeepingSettings{Enabled: true}},
 	}
 }
 

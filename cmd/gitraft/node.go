@@ -53,7 +53,10 @@ func startNode(cfg fileConfig, logger *slog.Logger) (*runningNode, error) {
 	ccfg.SSHHostKeys = publicKeyLines(hostKeys)
 	var running atomic.Pointer[cluster.Node]
 	ccfg.Git = &cluster.GitConfig{Store: store, Binary: exe, MinFreeBytes: cfg.Git.MinFreeBytes, ServeStaleReads: cfg.Git.ServeStaleReads, StuckAfter: cfg.Git.StuckAfter,
-		HostSigners: hostSigners(hostKeys, &running, logger)}
+		HostSigners: hostSigners(hostKeys, &running, logger),
+		Housekeeping: cluster.HousekeepConfig{Off: !cfg.Git.Housekeeping.Enabled, Interval: cfg.Git.Housekeeping.Interval,
+			PackThreshold: cfg.Git.Housekeeping.PackThreshold, LooseThreshold: cfg.Git.Housekeeping.LooseThreshold,
+			PruneGrace: cfg.Git.Housekeeping.PruneGrace, PruneInterval: cfg.Git.Housekeeping.PruneInterval}}
 	n, err := cluster.New(ccfg, logger)
 	if err != nil {
 		sshLn.Close()

@@ -29,6 +29,7 @@ const (
 	ReplicaService_GetReplicas_FullMethodName    = "/gitraft.replica.v1.ReplicaService/GetReplicas"
 	ReplicaService_GetLocalRefs_FullMethodName   = "/gitraft.replica.v1.ReplicaService/GetLocalRefs"
 	ReplicaService_MissingObjects_FullMethodName = "/gitraft.replica.v1.ReplicaService/MissingObjects"
+	ReplicaService_Housekeep_FullMethodName      = "/gitraft.replica.v1.ReplicaService/Housekeep"
 )
 
 // ReplicaServiceClient is the client API for ReplicaService service.
@@ -49,6 +50,11 @@ type ReplicaServiceClient interface {
 	GetLocalRefs(ctx context.Context, in *GetLocalRefsRequest, opts ...grpc.CallOption) (*GetLocalRefsResponse, error)
 	// MissingObjects says which of the given objects this node lacks.
 	MissingObjects(ctx context.Context, in *MissingObjectsRequest, opts ...grpc.CallOption) (*MissingObjectsResponse, error)
+	// Housekeep repacks this node's copy of a repository now: the same
+	// step the node's housekeeping scheduler runs, pruning unreachable
+	// objects past the grace period when the copy is at the committed
+	// version. It answers with the copy's object store before and after.
+	Housekeep(ctx context.Context, in *HousekeepRequest, opts ...grpc.CallOption) (*HousekeepResponse, error)
 }
 
 type replicaServiceClient struct {
@@ -115,6 +121,16 @@ func (c *replicaServiceClient) MissingObjects(ctx context.Context, in *MissingOb
 	return out, nil
 }
 
+func (c *replicaServiceClient) Housekeep(ctx context.Context, in *HousekeepRequest, opts ...grpc.CallOption) (*HousekeepResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(HousekeepResponse)
+	err := c.cc.Invoke(ctx, ReplicaService_Housekeep_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ReplicaServiceServer is the server API for ReplicaService service.
 // All implementations must embed UnimplementedReplicaServiceServer
 // for forward compatibility.
@@ -133,6 +149,11 @@ type ReplicaServiceServer interface {
 	GetLocalRefs(context.Context, *GetLocalRefsRequest) (*GetLocalRefsResponse, error)
 	// MissingObjects says which of the given objects this node lacks.
 	MissingObjects(context.Context, *MissingObjectsRequest) (*MissingObjectsResponse, error)
+	// Housekeep repacks this node's copy of a repository now: the same
+	// step the node's housekeeping scheduler runs, pruning unreachable
+	// objects past the grace period when the copy is at the committed
+	// version. It answers with the copy's object store before and after.
+	Housekeep(context.Context, *HousekeepRequest) (*HousekeepResponse, error)
 	mustEmbedUnimplementedReplicaServiceServer()
 }
 
@@ -157,6 +178,9 @@ func (UnimplementedReplicaServiceServer) GetLocalRefs(context.Context, *GetLocal
 }
 func (UnimplementedReplicaServiceServer) MissingObjects(context.Context, *MissingObjectsRequest) (*MissingObjectsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method MissingObjects not implemented")
+}
+func (UnimplementedReplicaServiceServer) Housekeep(context.Context, *HousekeepRequest) (*HousekeepResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Housekeep not implemented")
 }
 func (UnimplementedReplicaServiceServer) mustEmbedUnimplementedReplicaServiceServer() {}
 func (UnimplementedReplicaServiceServer) testEmbeddedByValue()                        {}
@@ -247,6 +271,24 @@ func _ReplicaService_MissingObjects_Handler(srv interface{}, ctx context.Context
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ReplicaService_Housekeep_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(HousekeepRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ReplicaServiceServer).Housekeep(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ReplicaService_Housekeep_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ReplicaServiceServer).Housekeep(ctx, req.(*HousekeepRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // ReplicaService_ServiceDesc is the grpc.ServiceDesc for ReplicaService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -265,6 +307,10 @@ var ReplicaService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "MissingObjects",
 			Handler:    _ReplicaService_MissingObjects_Handler,
+		},
+		{
+			MethodName: "Housekeep",
+			Handler:    _ReplicaService_Housekeep_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

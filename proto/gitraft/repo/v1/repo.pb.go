@@ -1484,6 +1484,246 @@ func (x *UpdateRefsResponse) GetIndex() uint64 {
 	return 0
 }
 
+type HousekeepRepoRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The node to run on; empty for every member.
+	NodeId        string `protobuf:"bytes,2,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HousekeepRepoRequest) Reset() {
+	*x = HousekeepRepoRequest{}
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HousekeepRepoRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HousekeepRepoRequest) ProtoMessage() {}
+
+func (x *HousekeepRepoRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HousekeepRepoRequest.ProtoReflect.Descriptor instead.
+func (*HousekeepRepoRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *HousekeepRepoRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *HousekeepRepoRequest) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+type NodeHousekeeping struct {
+	state              protoimpl.MessageState `protogen:"open.v1"`
+	NodeId             string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	PacksBefore        int32                  `protobuf:"varint,2,opt,name=packs_before,json=packsBefore,proto3" json:"packs_before,omitempty"`
+	PacksAfter         int32                  `protobuf:"varint,3,opt,name=packs_after,json=packsAfter,proto3" json:"packs_after,omitempty"`
+	LooseObjectsBefore int64                  `protobuf:"varint,4,opt,name=loose_objects_before,json=looseObjectsBefore,proto3" json:"loose_objects_before,omitempty"`
+	LooseObjectsAfter  int64                  `protobuf:"varint,5,opt,name=loose_objects_after,json=looseObjectsAfter,proto3" json:"loose_objects_after,omitempty"`
+	BytesBefore        int64                  `protobuf:"varint,6,opt,name=bytes_before,json=bytesBefore,proto3" json:"bytes_before,omitempty"`
+	BytesAfter         int64                  `protobuf:"varint,7,opt,name=bytes_after,json=bytesAfter,proto3" json:"bytes_after,omitempty"`
+	Pruned             bool                   `protobuf:"varint,8,opt,name=pruned,proto3" json:"pruned,omitempty"`
+	// Why nothing was pruned ("the copy is behind the committed version").
+	PruneSkipped     string  `protobuf:"bytes,9,opt,name=prune_skipped,json=pruneSkipped,proto3" json:"prune_skipped,omitempty"`
+	LeftoversRemoved int32   `protobuf:"varint,10,opt,name=leftovers_removed,json=leftoversRemoved,proto3" json:"leftovers_removed,omitempty"`
+	Seconds          float64 `protobuf:"fixed64,11,opt,name=seconds,proto3" json:"seconds,omitempty"`
+	// Set when the node failed or could not be reached; the rest is then
+	// empty.
+	Error         string `protobuf:"bytes,12,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeHousekeeping) Reset() {
+	*x = NodeHousekeeping{}
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeHousekeeping) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeHousekeeping) ProtoMessage() {}
+
+func (x *NodeHousekeeping) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeHousekeeping.ProtoReflect.Descriptor instead.
+func (*NodeHousekeeping) Descriptor() ([]byte, []int) {
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *NodeHousekeeping) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *NodeHousekeeping) GetPacksBefore() int32 {
+	if x != nil {
+		return x.PacksBefore
+	}
+	return 0
+}
+
+func (x *NodeHousekeeping) GetPacksAfter() int32 {
+	if x != nil {
+		return x.PacksAfter
+	}
+	return 0
+}
+
+func (x *NodeHousekeeping) GetLooseObjectsBefore() int64 {
+	if x != nil {
+		return x.LooseObjectsBefore
+	}
+	return 0
+}
+
+func (x *NodeHousekeeping) GetLooseObjectsAfter() int64 {
+	if x != nil {
+		return x.LooseObjectsAfter
+	}
+	return 0
+}
+
+func (x *NodeHousekeeping) GetBytesBefore() int64 {
+	if x != nil {
+		return x.BytesBefore
+	}
+	return 0
+}
+
+func (x *NodeHousekeeping) GetBytesAfter() int64 {
+	if x != nil {
+		return x.BytesAfter
+	}
+	return 0
+}
+
+func (x *NodeHousekeeping) GetPruned() bool {
+	if x != nil {
+		return x.Pruned
+	}
+	return false
+}
+
+func (x *NodeHousekeeping) GetPruneSkipped() string {
+	if x != nil {
+		return x.PruneSkipped
+	}
+	return ""
+}
+
+func (x *NodeHousekeeping) GetLeftoversRemoved() int32 {
+	if x != nil {
+		return x.LeftoversRemoved
+	}
+	return 0
+}
+
+func (x *NodeHousekeeping) GetSeconds() float64 {
+	if x != nil {
+		return x.Seconds
+	}
+	return 0
+}
+
+func (x *NodeHousekeeping) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+type HousekeepRepoResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Nodes         []*NodeHousekeeping    `protobuf:"bytes,2,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HousekeepRepoResponse) Reset() {
+	*x = HousekeepRepoResponse{}
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HousekeepRepoResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HousekeepRepoResponse) ProtoMessage() {}
+
+func (x *HousekeepRepoResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HousekeepRepoResponse.ProtoReflect.Descriptor instead.
+func (*HousekeepRepoResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *HousekeepRepoResponse) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *HousekeepRepoResponse) GetNodes() []*NodeHousekeeping {
+	if x != nil {
+		return x.Nodes
+	}
+	return nil
+}
+
 var File_gitraft_repo_v1_repo_proto protoreflect.FileDescriptor
 
 const file_gitraft_repo_v1_repo_proto_rawDesc = "" +
@@ -1582,7 +1822,29 @@ const file_gitraft_repo_v1_repo_proto_rawDesc = "" +
 	"\x12UpdateRefsResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x04R\aversion\x124\n" +
 	"\aresults\x18\x02 \x03(\v2\x1a.gitraft.repo.v1.RefResultR\aresults\x12\x14\n" +
-	"\x05index\x18\x03 \x01(\x04R\x05index*\x9c\x01\n" +
+	"\x05index\x18\x03 \x01(\x04R\x05index\"C\n" +
+	"\x14HousekeepRepoRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x17\n" +
+	"\anode_id\x18\x02 \x01(\tR\x06nodeId\"\xaf\x03\n" +
+	"\x10NodeHousekeeping\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12!\n" +
+	"\fpacks_before\x18\x02 \x01(\x05R\vpacksBefore\x12\x1f\n" +
+	"\vpacks_after\x18\x03 \x01(\x05R\n" +
+	"packsAfter\x120\n" +
+	"\x14loose_objects_before\x18\x04 \x01(\x03R\x12looseObjectsBefore\x12.\n" +
+	"\x13loose_objects_after\x18\x05 \x01(\x03R\x11looseObjectsAfter\x12!\n" +
+	"\fbytes_before\x18\x06 \x01(\x03R\vbytesBefore\x12\x1f\n" +
+	"\vbytes_after\x18\a \x01(\x03R\n" +
+	"bytesAfter\x12\x16\n" +
+	"\x06pruned\x18\b \x01(\bR\x06pruned\x12#\n" +
+	"\rprune_skipped\x18\t \x01(\tR\fpruneSkipped\x12+\n" +
+	"\x11leftovers_removed\x18\n" +
+	" \x01(\x05R\x10leftoversRemoved\x12\x18\n" +
+	"\aseconds\x18\v \x01(\x01R\aseconds\x12\x14\n" +
+	"\x05error\x18\f \x01(\tR\x05error\"d\n" +
+	"\x15HousekeepRepoResponse\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x127\n" +
+	"\x05nodes\x18\x02 \x03(\v2!.gitraft.repo.v1.NodeHousekeepingR\x05nodes*\x9c\x01\n" +
 	"\fReplicaState\x12\x1d\n" +
 	"\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15REPLICA_STATE_CURRENT\x10\x01\x12\x18\n" +
@@ -1593,7 +1855,7 @@ const file_gitraft_repo_v1_repo_proto_rawDesc = "" +
 	"\x16REF_STATUS_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rREF_STATUS_OK\x10\x01\x12\x14\n" +
 	"\x10REF_STATUS_STALE\x10\x02\x12\x17\n" +
-	"\x13REF_STATUS_REJECTED\x10\x032\xe2\x04\n" +
+	"\x13REF_STATUS_REJECTED\x10\x032\xc2\x05\n" +
 	"\vRepoService\x12U\n" +
 	"\n" +
 	"CreateRepo\x12\".gitraft.repo.v1.CreateRepoRequest\x1a#.gitraft.repo.v1.CreateRepoResponse\x12U\n" +
@@ -1606,7 +1868,8 @@ const file_gitraft_repo_v1_repo_proto_rawDesc = "" +
 	"\n" +
 	"VerifyRepo\x12\".gitraft.repo.v1.VerifyRepoRequest\x1a#.gitraft.repo.v1.VerifyRepoResponse\x12U\n" +
 	"\n" +
-	"RepairRefs\x12\".gitraft.repo.v1.RepairRefsRequest\x1a#.gitraft.repo.v1.RepairRefsResponseB9Z7github.com/gitraft/gitraft/proto/gitraft/repo/v1;repov1b\x06proto3"
+	"RepairRefs\x12\".gitraft.repo.v1.RepairRefsRequest\x1a#.gitraft.repo.v1.RepairRefsResponse\x12^\n" +
+	"\rHousekeepRepo\x12%.gitraft.repo.v1.HousekeepRepoRequest\x1a&.gitraft.repo.v1.HousekeepRepoResponseB9Z7github.com/gitraft/gitraft/proto/gitraft/repo/v1;repov1b\x06proto3"
 
 var (
 	file_gitraft_repo_v1_repo_proto_rawDescOnce sync.Once
@@ -1621,7 +1884,7 @@ func file_gitraft_repo_v1_repo_proto_rawDescGZIP() []byte {
 }
 
 var file_gitraft_repo_v1_repo_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_gitraft_repo_v1_repo_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_gitraft_repo_v1_repo_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_gitraft_repo_v1_repo_proto_goTypes = []any{
 	(ReplicaState)(0),             // 0: gitraft.repo.v1.ReplicaState
 	(RefStatus)(0),                // 1: gitraft.repo.v1.RefStatus
@@ -1647,19 +1910,22 @@ var file_gitraft_repo_v1_repo_proto_goTypes = []any{
 	(*UpdateRefsRequest)(nil),     // 21: gitraft.repo.v1.UpdateRefsRequest
 	(*RefResult)(nil),             // 22: gitraft.repo.v1.RefResult
 	(*UpdateRefsResponse)(nil),    // 23: gitraft.repo.v1.UpdateRefsResponse
-	(*timestamppb.Timestamp)(nil), // 24: google.protobuf.Timestamp
+	(*HousekeepRepoRequest)(nil),  // 24: gitraft.repo.v1.HousekeepRepoRequest
+	(*NodeHousekeeping)(nil),      // 25: gitraft.repo.v1.NodeHousekeeping
+	(*HousekeepRepoResponse)(nil), // 26: gitraft.repo.v1.HousekeepRepoResponse
+	(*timestamppb.Timestamp)(nil), // 27: google.protobuf.Timestamp
 }
 var file_gitraft_repo_v1_repo_proto_depIdxs = []int32{
 	20, // 0: gitraft.repo.v1.RepairRefsRequest.updates:type_name -> gitraft.repo.v1.RefUpdate
 	3,  // 1: gitraft.repo.v1.RepairRefsResponse.changes:type_name -> gitraft.repo.v1.RepairChange
-	24, // 2: gitraft.repo.v1.Repair.at:type_name -> google.protobuf.Timestamp
+	27, // 2: gitraft.repo.v1.Repair.at:type_name -> google.protobuf.Timestamp
 	3,  // 3: gitraft.repo.v1.Repair.changes:type_name -> gitraft.repo.v1.RepairChange
 	0,  // 4: gitraft.repo.v1.NodeVerification.state:type_name -> gitraft.repo.v1.ReplicaState
 	7,  // 5: gitraft.repo.v1.VerifyRepoResponse.nodes:type_name -> gitraft.repo.v1.NodeVerification
 	0,  // 6: gitraft.repo.v1.Replica.state:type_name -> gitraft.repo.v1.ReplicaState
 	9,  // 7: gitraft.repo.v1.Repo.refs:type_name -> gitraft.repo.v1.Ref
-	24, // 8: gitraft.repo.v1.Repo.created_at:type_name -> google.protobuf.Timestamp
-	24, // 9: gitraft.repo.v1.Repo.updated_at:type_name -> google.protobuf.Timestamp
+	27, // 8: gitraft.repo.v1.Repo.created_at:type_name -> google.protobuf.Timestamp
+	27, // 9: gitraft.repo.v1.Repo.updated_at:type_name -> google.protobuf.Timestamp
 	10, // 10: gitraft.repo.v1.Repo.replicas:type_name -> gitraft.repo.v1.Replica
 	5,  // 11: gitraft.repo.v1.Repo.repairs:type_name -> gitraft.repo.v1.Repair
 	11, // 12: gitraft.repo.v1.CreateRepoResponse.repo:type_name -> gitraft.repo.v1.Repo
@@ -1668,25 +1934,28 @@ var file_gitraft_repo_v1_repo_proto_depIdxs = []int32{
 	20, // 15: gitraft.repo.v1.UpdateRefsRequest.updates:type_name -> gitraft.repo.v1.RefUpdate
 	1,  // 16: gitraft.repo.v1.RefResult.status:type_name -> gitraft.repo.v1.RefStatus
 	22, // 17: gitraft.repo.v1.UpdateRefsResponse.results:type_name -> gitraft.repo.v1.RefResult
-	12, // 18: gitraft.repo.v1.RepoService.CreateRepo:input_type -> gitraft.repo.v1.CreateRepoRequest
-	14, // 19: gitraft.repo.v1.RepoService.DeleteRepo:input_type -> gitraft.repo.v1.DeleteRepoRequest
-	16, // 20: gitraft.repo.v1.RepoService.ListRepos:input_type -> gitraft.repo.v1.ListReposRequest
-	18, // 21: gitraft.repo.v1.RepoService.GetRepo:input_type -> gitraft.repo.v1.GetRepoRequest
-	21, // 22: gitraft.repo.v1.RepoService.UpdateRefs:input_type -> gitraft.repo.v1.UpdateRefsRequest
-	6,  // 23: gitraft.repo.v1.RepoService.VerifyRepo:input_type -> gitraft.repo.v1.VerifyRepoRequest
-	2,  // 24: gitraft.repo.v1.RepoService.RepairRefs:input_type -> gitraft.repo.v1.RepairRefsRequest
-	13, // 25: gitraft.repo.v1.RepoService.CreateRepo:output_type -> gitraft.repo.v1.CreateRepoResponse
-	15, // 26: gitraft.repo.v1.RepoService.DeleteRepo:output_type -> gitraft.repo.v1.DeleteRepoResponse
-	17, // 27: gitraft.repo.v1.RepoService.ListRepos:output_type -> gitraft.repo.v1.ListReposResponse
-	19, // 28: gitraft.repo.v1.RepoService.GetRepo:output_type -> gitraft.repo.v1.GetRepoResponse
-	23, // 29: gitraft.repo.v1.RepoService.UpdateRefs:output_type -> gitraft.repo.v1.UpdateRefsResponse
-	8,  // 30: gitraft.repo.v1.RepoService.VerifyRepo:output_type -> gitraft.repo.v1.VerifyRepoResponse
-	4,  // 31: gitraft.repo.v1.RepoService.RepairRefs:output_type -> gitraft.repo.v1.RepairRefsResponse
-	25, // [25:32] is the sub-list for method output_type
-	18, // [18:25] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	25, // 18: gitraft.repo.v1.HousekeepRepoResponse.nodes:type_name -> gitraft.repo.v1.NodeHousekeeping
+	12, // 19: gitraft.repo.v1.RepoService.CreateRepo:input_type -> gitraft.repo.v1.CreateRepoRequest
+	14, // 20: gitraft.repo.v1.RepoService.DeleteRepo:input_type -> gitraft.repo.v1.DeleteRepoRequest
+	16, // 21: gitraft.repo.v1.RepoService.ListRepos:input_type -> gitraft.repo.v1.ListReposRequest
+	18, // 22: gitraft.repo.v1.RepoService.GetRepo:input_type -> gitraft.repo.v1.GetRepoRequest
+	21, // 23: gitraft.repo.v1.RepoService.UpdateRefs:input_type -> gitraft.repo.v1.UpdateRefsRequest
+	6,  // 24: gitraft.repo.v1.RepoService.VerifyRepo:input_type -> gitraft.repo.v1.VerifyRepoRequest
+	2,  // 25: gitraft.repo.v1.RepoService.RepairRefs:input_type -> gitraft.repo.v1.RepairRefsRequest
+	24, // 26: gitraft.repo.v1.RepoService.HousekeepRepo:input_type -> gitraft.repo.v1.HousekeepRepoRequest
+	13, // 27: gitraft.repo.v1.RepoService.CreateRepo:output_type -> gitraft.repo.v1.CreateRepoResponse
+	15, // 28: gitraft.repo.v1.RepoService.DeleteRepo:output_type -> gitraft.repo.v1.DeleteRepoResponse
+	17, // 29: gitraft.repo.v1.RepoService.ListRepos:output_type -> gitraft.repo.v1.ListReposResponse
+	19, // 30: gitraft.repo.v1.RepoService.GetRepo:output_type -> gitraft.repo.v1.GetRepoResponse
+	23, // 31: gitraft.repo.v1.RepoService.UpdateRefs:output_type -> gitraft.repo.v1.UpdateRefsResponse
+	8,  // 32: gitraft.repo.v1.RepoService.VerifyRepo:output_type -> gitraft.repo.v1.VerifyRepoResponse
+	4,  // 33: gitraft.repo.v1.RepoService.RepairRefs:output_type -> gitraft.repo.v1.RepairRefsResponse
+	26, // 34: gitraft.repo.v1.RepoService.HousekeepRepo:output_type -> gitraft.repo.v1.HousekeepRepoResponse
+	27, // [27:35] is the sub-list for method output_type
+	19, // [19:27] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_repo_v1_repo_proto_init() }
@@ -1700,7 +1969,7 @@ func file_gitraft_repo_v1_repo_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_repo_v1_repo_proto_rawDesc), len(file_gitraft_repo_v1_repo_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   22,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
