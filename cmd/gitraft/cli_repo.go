@@ -380,7 +380,7 @@ func writeHousekeep(w io.Writer, resp *repov1.HousekeepRepoResponse) error {
 			fmt.Sprintf("%d -> %d", n.GetPacksBefore(), n.GetPacksAfter()),
 			fmt.Sprintf("%d -> %d", n.GetLooseObjectsBefore(), n.GetLooseObjectsAfter()),
 			fmt.Sprintf("%s -> %s", byteSize(n.GetBytesBefore()), byteSize(n.GetBytesAfter())),
-			pruned, (time.Duration(n.GetSeconds()*float64(time.Second))).Round(time.Millisecond).String(), note)
+			pruned, (time.Duration(n.GetSeconds() * float64(time.Second))).Round(time.Millisecond).String(), note)
 	}
 	return t.flush()
 }
