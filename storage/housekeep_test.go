@@ -213,7 +213,7 @@ func Test_RemoveLeftovers_AfterGrace(t *testing.T) {
 	gone := []string{
 		write("pack/tmp_pack_old", "x", true),
 		write("pack/tmp_idx_old", "x", true),
-		write("pack/tmp_gitraft_old.pack", "x", true),
+		write("pack/tmp_gitraft_old_pack", "x", true),
 		write("pack/.tmp-123-pack-old.pack", "x", true),
 		write("tmp_objdir-incoming-old/pack/tmp_pack_x", "x", true),
 		write("ab/tmp_obj_old", "x", true),
@@ -315,5 +315,60 @@ func Test_InstallPack_AgainDuringPrune(t *testing.T) {
 	}
 	if !hasObject(s, "r", oid) {
 		t.Fatal("InstallPack did not put back the pack the prune took")
+	}
+}
+
+// Housekeeping runs beside a peer's packs arriving (InstallPack, which
+// needs no guard): no repack fails on a pack half installed, and no
+// arriving pack loses an object.
+func Test_Housekeep_BesideInstallPack(t *testing.T) {
+	s := mustStore(t)
+	ctx := context.Background()
+	s.Init(ctx, "r", 1)
+	work := t.TempDir()
+	git(t, work, "init", "-q", "-b", "main")
+	type packFiles struct{ pack, idx, oid string }
+	var packs []packFiles
+	prev := ""
+	for i := range 25 {
+		oid := commitIn(t, work, "f", strings.Repeat("z", i+1))
+		revs := oid
+		if prev != "" {
+			revs += "\n^" + prev
+		}
+		p, x := packOf(t, work, revs)
+		packs = append(packs, packFiles{p, x, oid})
+		prev = oid
+	}
+	done := make(chan error, 1)
+	go func() {
+		for _, p := range packs {
+			pf, _ := os.Open(p.pack)
+			xf, _ := os.Open(p.idx)
+			_, err := s.InstallPack(ctx, "r", pf, xf)
+			pf.Close()
+			xf.Close()
+			if err != nil {
+				done <- err
+				return
+			}
+		}
+		done <- nil
+	}()
+	for i := 0; ; i++ {
+		if _, err := s.Housekeep(ctx, "r", HousekeepOptions{Prune: i%2 == 0, Grace: time.Hour}); err != nil {
+			t.Fatalf("housekeeping beside InstallPack: %v", err)
+		}
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatal(err)
+			}
+			if missing, err := s.Missing(ctx, "r", []string{prev}); err != nil || len(missing) > 0 {
+				t.Fatalf("after %d runs: missing %v, %v", i+1, missing, err)
+			}
+			return
+		default:
+		}
 	}
 }

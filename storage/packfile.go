@@ -54,8 +54,12 @@ func (s *Store) InstallPack(ctx context.Context, name string, pack, idx io.Reade
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", wrapIO("pack dir", err)
 	}
-	tmpPack := filepath.Join(dir, "tmp_gitraft_"+randHex(8)+".pack")
-	tmpIdx := strings.TrimSuffix(tmpPack, ".pack") + ".idx"
+	// Not named *.idx or *.pack: git takes every *.idx in the pack
+	// directory for a pack's index (index-pack's are tmp_idx_*), and a
+	// repack or fetch beside this would list it and fail when it is
+	// renamed away.
+	base := filepath.Join(dir, "tmp_gitraft_"+randHex(8))
+	tmpPack, tmpIdx := base+"_pack", base+"_idx"
 	sum, err := s.installPack(ctx, dir, tmpPack, tmpIdx, pack, idx)
 	if err != nil {
 		os.Remove(tmpPack)
