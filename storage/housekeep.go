@@ -280,15 +280,21 @@ type HousekeepResult struct {
 
 // Housekeep repacks a copy and writes its commit-graph:
 //
-//   - without Prune, `git repack -d --geometric=2 --write-midx
-//     --write-bitmap-index`: packs (and loose objects) are rolled up so that
-//     each pack is at least twice the size of all smaller ones together.
-//     The work is proportional to what changed, not to the repository, and
-//     nothing is dropped: every object of every rolled-up pack goes into the
-//     new one. A multi-pack index with a bitmap covers the packs.
+//   - without Prune, `git repack -d --geometric=2 --write-midx`: packs
+//     (and loose objects) are rolled up so that each pack is at least twice
+//     the size of all smaller ones together. The work is proportional to
+//     what changed, not to the repository, and nothing is dropped: every
+//     object of every rolled-up pack goes into the new one. A multi-pack
+//     index covers the packs. No multi-pack bitmap: with git 2.39 a pruning
+//     repack that wrote one beside pushes left a bitmap that missed objects
+//     (clones then failed with "did not receive expected object"; found by
+//     Test_E2E_HousekeepUnderPushes), so none is written at all. The big
+//     pack keeps the bitmap of the last pruning repack until a roll-up
+//     takes it in.
 //   - with Prune, `git repack -d --cruft --cruft-expiration=<Grace ago>
-//     --write-midx --write-bitmap-index`: one pack of everything the refs
-//     reach, one cruft pack of the unreachable objects younger than Grace;
+//     --write-bitmap-index`: one pack, with a bitmap, of everything the
+//     refs reach (pack-objects reads the refs once and bitmaps only its own
+//     pack), one cruft pack of the unreachable objects younger than Grace;
 //     the older ones are gone.
 //
 // then `git commit-graph write --reachable --split`.
@@ -314,13 +320,13 @@ func (s *Store) Housekeep(ctx context.Context, name string, opt HousekeepOptions
 	res := HousekeepResult{Before: before}
 	if opt.Prune {
 		done := s.startPrune(path)
-		_, err = s.run(ctx, path, nil, nil, "repack", "-q", "-d", "--cruft", "--cruft-expiration="+expireArg(opt.Grace), "--write-midx", "--write-bitmap-index")
+		_, err = s.run(ctx, path, nil, nil, "repack", "-q", "-d", "--cruft", "--cruft-expiration="+expireArg(opt.Grace), "--write-bitmap-index")
 		done()
 		// What Missing found whole may have been unreachable and gone now.
 		s.conn.forget(path)
 		res.Pruned = err == nil
 	} else {
-		_, err = s.run(ctx, path, nil, nil, "repack", "-q", "-d", "--geometric=2", "--write-midx", "--write-bitmap-index")
+		_, err = s.run(ctx, path, nil, nil, "-c", "repack.writeBitmaps=false", "repack", "-q", "-d", "--geometric=2", "--write-midx")
 	}
 	if err != nil {
 		return res, fmt.Errorf("repack %s: %w", name, err)
