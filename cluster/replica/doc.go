@@ -1,8 +1,10 @@
 // Package replica is the git side of a node: the push pipeline (lock,
 // catch-up, receive, ship the pack to the peers, majority, compare-and-swap,
 // finish), the copies on this node's disk and the reconciler that brings
-// them to the replicated state, and the gRPC service gitraft.replica.v1
-// that carries packs, catch-up and git sessions between nodes.
+// them to the replicated state, housekeeping of those copies (repack,
+// prune, leftovers of failed pushes), and the gRPC service
+// gitraft.replica.v1 that carries packs, catch-up and git sessions between
+// nodes.
 //
 // It implements gitproto.Backend, so the SSH front end talks to it
 // directly. What it needs from the Raft node (proposals, read barriers,
