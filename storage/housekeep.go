@@ -319,11 +319,14 @@ func (s *Store) Housekeep(ctx context.Context, name string, opt HousekeepOptions
 	}
 	res := HousekeepResult{Before: before}
 	if opt.Prune {
-		done := s.startPrune(path)
+		done, perr := s.startPrune(ctx, path)
+		if perr != nil {
+			return res, perr
+		}
 		_, err = s.run(ctx, path, nil, nil, "repack", "-q", "-d", "--cruft", "--cruft-expiration="+expireArg(opt.Grace), "--write-bitmap-index")
-		done()
 		// What Missing found whole may have been unreachable and gone now.
-		s.conn.forget(path)
+		s.conn.pruneEnded(path)
+		done()
 		res.Pruned = err == nil
 	} else {
 		_, err = s.run(ctx, path, nil, nil, "-c", "repack.writeBitmaps=false", "repack", "-q", "-d", "--geometric=2", "--write-midx")
@@ -358,29 +361,71 @@ func expireArg(grace time.Duration) string {
 	return fmt.Sprintf("%d.seconds.ago", int64(grace.Seconds()+0.5))
 }
 
-// startPrune records that a pruning repack runs in the repository at path;
-// the function it returns ends that.
-func (s *Store) startPrune(path string) func() {
+// startPrune records that a pruning repack runs in the repository at path,
+// once no other prune and no SetRefs runs there (SetRefs waits for it from
+// then on); the function it returns ends that.
+func (s *Store) startPrune(ctx context.Context, path string) (func(), error) {
 	ch := make(chan struct{})
-	s.pmu.Lock()
-	if s.prunes == nil {
-		s.prunes = map[string]chan struct{}{}
-	}
-	for s.prunes[path] != nil {
-		// One prune per repository at a time; the caller serialises them,
-		// so this does not wait in practice.
-		old := s.prunes[path]
-		s.pmu.Unlock()
-		<-old
+	for {
 		s.pmu.Lock()
+		old, busy := s.prunes[path], s.refChanges[path] > 0
+		if old == nil && !busy {
+			if s.prunes == nil {
+				s.prunes = map[string]chan struct{}{}
+			}
+			s.prunes[path] = ch
+			s.pmu.Unlock()
+			break
+		}
+		s.pmu.Unlock()
+		// A ref change takes milliseconds; another prune is rare (the
+		// caller serialises them).
+		wait := time.After(5 * time.Millisecond)
+		if old != nil {
+			wait = nil
+		}
+		select {
+		case <-old:
+		case <-wait:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
 	}
-	s.prunes[path] = ch
-	s.pmu.Unlock()
 	return func() {
 		s.pmu.Lock()
 		delete(s.prunes, path)
 		s.pmu.Unlock()
 		close(ch)
+	}, nil
+}
+
+// beginRefChange waits while a pruning repack runs in the repository at
+// path, then marks a ref change under way there, so that no prune starts
+// until the function it returns is called.
+func (s *Store) beginRefChange(ctx context.Context, path string) (func(), error) {
+	for {
+		s.pmu.Lock()
+		ch := s.prunes[path]
+		if ch == nil {
+			if s.refChanges == nil {
+				s.refChanges = map[string]int{}
+			}
+			s.refChanges[path]++
+			s.pmu.Unlock()
+			return func() {
+				s.pmu.Lock()
+				if s.refChanges[path]--; s.refChanges[path] <= 0 {
+					delete(s.refChanges, path)
+				}
+				s.pmu.Unlock()
+			}, nil
+		}
+		s.pmu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
 	}
 }
 

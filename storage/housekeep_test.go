@@ -290,7 +290,10 @@ func Test_InstallPack_AgainDuringPrune(t *testing.T) {
 	}
 	packPath = installRange(t, s, "r", work, oid, "")
 	age(t, packPath, 3*time.Hour)
-	done := s.startPrune(p)
+	done, err := s.startPrune(ctx, p)
+	if err != nil {
+		t.Fatal(err)
+	}
 	got := make(chan error, 1)
 	go func() {
 		pack, idx := packOf(t, work, oid)
@@ -371,4 +374,63 @@ func Test_Housekeep_BesideInstallPack(t *testing.T) {
 		default:
 		}
 	}
+}
+
+// A catch-up finds the commits a ref must name in an old pack that no ref
+// reaches (an earlier push of them failed), while a prune runs: its ref
+// change waits for the prune, and then refuses, since the objects are
+// gone, instead of naming them. (Missing's answer from before the prune is
+// not trusted after it.)
+func Test_SetRefs_WaitsForPrune(t *testing.T) {
+	s := mustStore(t)
+	ctx := context.Background()
+	s.Init(ctx, "r", 1)
+	p, _ := s.Path("r")
+	work := t.TempDir()
+	git(t, work, "init", "-q", "-b", "main")
+	oid := commitIn(t, work, "f", "x")
+	packPath := installRange(t, s, "r", work, oid, "")
+	if missing, err := s.Missing(ctx, "r", []string{oid}); err != nil || len(missing) != 0 {
+		t.Fatalf("Missing = %v, %v", missing, err)
+	}
+	done, err := s.startPrune(ctx, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan error, 1)
+	go func() { got <- s.SetRefs(ctx, "r", map[string]string{"refs/heads/main": oid}, "") }()
+	select {
+	case err := <-got:
+		t.Fatalf("SetRefs ran during a prune: %v", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	// The prune takes the old, unreachable pack.
+	os.Remove(strings.TrimSuffix(packPath, ".pack") + ".idx")
+	os.Remove(packPath)
+	s.conn.pruneEnded(p)
+	done()
+	if err := <-got; !errors.Is(err, ErrMissingObjects) {
+		t.Fatalf("SetRefs after the prune took its objects = %v, want ErrMissingObjects", err)
+	}
+	if refs, _ := s.Refs(ctx, "r"); len(refs) != 0 {
+		t.Fatalf("refs = %v", refs)
+	}
+	// And a prune waits for a ref change under way.
+	end, err := s.beginRefChange(ctx, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	started := make(chan struct{})
+	go func() {
+		d, _ := s.startPrune(ctx, p)
+		close(started)
+		d()
+	}()
+	select {
+	case <-started:
+		t.Fatal("a prune started during a ref change")
+	case <-time.After(100 * time.Millisecond):
+	}
+	end()
+	<-started
 }

@@ -63,9 +63,11 @@ type Store struct {
 	conn connectedCache
 
 	// prunes holds, per repository path, a channel closed when the
-	// pruning repack under way there ends (Housekeep with Prune).
-	pmu    sync.Mutex
-	prunes map[string]chan struct{}
+	// pruning repack under way there ends (Housekeep with Prune);
+	// refChanges counts the SetRefs under way. The two exclude each other.
+	pmu        sync.Mutex
+	prunes     map[string]chan struct{}
+	refChanges map[string]int
 }
 
 // Replica is what a node's disk holds of one repository.
@@ -568,12 +570,13 @@ func (s *Store) Missing(ctx context.Context, name string, oids []string) ([]stri
 		return nil, nil
 	}
 	// The usual answer, "nothing missing", takes one git process.
+	checked := time.Now()
 	ok, err := s.connected(ctx, path, uniq)
 	if err != nil {
 		return nil, err
 	}
 	if ok {
-		s.conn.add(path, uniq)
+		s.conn.add(path, uniq, checked)
 		return nil, nil
 	}
 	out, err := s.run(ctx, path, in.Bytes(), nil, "cat-file", "--batch-check=%(objectname)")
@@ -601,7 +604,7 @@ func (s *Store) Missing(ctx context.Context, name string, oids []string) ([]stri
 	}
 	for _, o := range present {
 		if !lacks[o] {
-			s.conn.add(path, []string{o})
+			s.conn.add(path, []string{o}, checked)
 		}
 	}
 	var missing []string
@@ -902,6 +905,14 @@ func (s *Store) SetRefs(ctx context.Context, name string, want map[string]string
 			return fmt.Errorf("HEAD: %w", err)
 		}
 	}
+	// No prune runs while refs change: it could drop an object, unreachable
+	// and old, that a new value is about to name (a catch-up that finds the
+	// pack of an earlier, failed push of the same commits).
+	end, err := s.beginRefChange(ctx, path)
+	if err != nil {
+		return err
+	}
+	defer end()
 	have, err := s.Refs(ctx, name)
 	if err != nil {
 		return err
@@ -1110,13 +1121,15 @@ func (s *Store) FreeBytes() (uint64, error) {
 
 // connectedCache remembers, for a few minutes, object ids whose history a
 // connectivity check found complete in a repository. Objects leave a
-// repository only in a pruning Housekeep (gc.auto=0 otherwise); the entries
-// of a repository go then, and when it is deleted or replaced, and all
-// expire, so a repository changed behind gitraft's back is not trusted for
-// long.
+// repository only in a pruning Housekeep (gc.auto=0 otherwise): what was
+// checked before a prune ended is forgotten then, and a repository's
+// entries go when it is deleted or replaced; all expire, so a repository
+// changed behind gitraft's back is not trusted for long.
 type connectedCache struct {
 	mu sync.Mutex
-	m  map[string]time.Time // repository path + "\x00" + oid -> when checked
+	m  map[string]time.Time // repository path + "\x00" + oid -> when the check began
+	// pruned is when the last prune of a repository (by path) ended.
+	pruned map[string]time.Time
 }
 
 const (
@@ -1124,7 +1137,8 @@ const (
 	connectedMax = 100_000
 )
 
-func (c *connectedCache) add(path string, oids []string) {
+// add records oids as found whole by a check that began at checked.
+func (c *connectedCache) add(path string, oids []string, checked time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	now := time.Now()
@@ -1138,8 +1152,11 @@ func (c *connectedCache) add(path string, oids []string) {
 			c.m = map[string]time.Time{}
 		}
 	}
+	if p, ok := c.pruned[path]; ok && !checked.After(p) {
+		return // the prune may have taken what the check saw
+	}
 	for _, o := range oids {
-		c.m[path+"\x00"+o] = now
+		c.m[path+"\x00"+o] = checked
 	}
 }
 
@@ -1147,6 +1164,9 @@ func (c *connectedCache) has(path, oid string) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	t, ok := c.m[path+"\x00"+oid]
+	if p, pok := c.pruned[path]; pok && !t.After(p) {
+		return false
+	}
 	return ok && time.Since(t) <= connectedTTL
 }
 
@@ -1158,4 +1178,16 @@ func (c *connectedCache) forget(path string) {
 			delete(c.m, k)
 		}
 	}
+}
+
+// pruneEnded forgets what was checked in a repository before a prune there
+// ended, including checks still running now.
+func (c *connectedCache) pruneEnded(path string) {
+	c.forget(path)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.pruned == nil {
+		c.pruned = map[string]time.Time{}
+	}
+	c.pruned[path] = time.Now()
 }
