@@ -429,6 +429,13 @@ func (s *Store) beginRefChange(ctx context.Context, path string) (func(), error)
 	}
 }
 
+// Pruning reports whether a pruning Housekeep runs in a repository now
+// (SetRefs that gives refs new values waits for it to end).
+func (s *Store) Pruning(name string) bool {
+	path, err := s.Path(name)
+	return err == nil && s.pruning(path) != nil
+}
+
 // pruning returns a channel closed when the prune under way in the
 // repository at path ends, or nil if none runs.
 func (s *Store) pruning(path string) <-chan struct{} {

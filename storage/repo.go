@@ -905,17 +905,27 @@ func (s *Store) SetRefs(ctx context.Context, name string, want map[string]string
 			return fmt.Errorf("HEAD: %w", err)
 		}
 	}
-	// No prune runs while refs change: it could drop an object, unreachable
-	// and old, that a new value is about to name (a catch-up that finds the
-	// pack of an earlier, failed push of the same commits).
-	end, err := s.beginRefChange(ctx, path)
-	if err != nil {
-		return err
-	}
-	defer end()
 	have, err := s.Refs(ctx, name)
 	if err != nil {
 		return err
+	}
+	// No prune runs while refs take new values: it could drop an object,
+	// unreachable and old, that a new value is about to name (a catch-up
+	// that finds the pack of an earlier, failed push of the same commits).
+	// Deletions, and a call that changes nothing (the usual one after a
+	// push, whose refs git has set), do not wait.
+	for ref, oid := range want {
+		if have[ref] != oid {
+			end, err := s.beginRefChange(ctx, path)
+			if err != nil {
+				return err
+			}
+			defer end()
+			if have, err = s.Refs(ctx, name); err != nil {
+				return err
+			}
+			break
+		}
 	}
 	var tx bytes.Buffer
 	tx.WriteString("start\n")
