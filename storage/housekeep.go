@@ -39,14 +39,30 @@ type Health struct {
 	// exist.
 	CommitGraph, MultiPackIndex, Bitmap bool
 	// LastRun is when Housekeep last finished here, LastPrune when it last
-	// pruned (zero: never).
-	LastRun, LastPrune time.Time
+	// pruned (zero: never). Since is when housekeeping first saw the copy
+	// (NoteHousekeepSince; zero: not yet).
+	LastRun, LastPrune, Since time.Time
 }
 
 // housekeepRecord is HousekeepFile's content.
 type housekeepRecord struct {
-	LastRun   time.Time `json:"last_run"`
+	Since     time.Time `json:"since,omitzero"`
+	LastRun   time.Time `json:"last_run,omitzero"`
 	LastPrune time.Time `json:"last_prune,omitzero"`
+}
+
+// NoteHousekeepSince records, once, when housekeeping first saw a copy
+// that it has never run on, so that its first prune is due a prune
+// interval later rather than at once (a node starting on 10,000 copies
+// does not prune them all in its first minutes).
+func (s *Store) NoteHousekeepSince(name string, at time.Time) error {
+	path, err := s.existing(name)
+	if err != nil {
+		return err
+	}
+	b, _ := json.Marshal(housekeepRecord{Since: at.UTC()})
+	// Not fsynced: losing it in a crash only moves the first prune.
+	return os.WriteFile(filepath.Join(path, HousekeepFile), append(b, '\n'), 0o644)
 }
 
 // Health reads a copy's object store without running git: one directory
@@ -127,7 +143,7 @@ func (s *Store) Health(name string) (Health, error) {
 	if b, err := os.ReadFile(filepath.Join(path, HousekeepFile)); err == nil {
 		var rec housekeepRecord
 		if json.Unmarshal(b, &rec) == nil {
-			h.LastRun, h.LastPrune = rec.LastRun, rec.LastPrune
+			h.LastRun, h.LastPrune, h.Since = rec.LastRun, rec.LastPrune, rec.Since
 		}
 	}
 	return h, nil
@@ -340,7 +356,10 @@ func (s *Store) Housekeep(ctx context.Context, name string, opt HousekeepOptions
 	if _, err := s.run(ctx, path, nil, nil, "commit-graph", "write", "--reachable", "--split", "--no-progress"); err != nil {
 		return res, fmt.Errorf("commit-graph %s: %w", name, err)
 	}
-	rec := housekeepRecord{LastRun: time.Now().UTC(), LastPrune: before.LastPrune}
+	rec := housekeepRecord{Since: before.Since, LastRun: time.Now().UTC(), LastPrune: before.LastPrune}
+	if rec.Since.IsZero() {
+		rec.Since = rec.LastRun
+	}
 	if res.Pruned {
 		rec.LastPrune = rec.LastRun
 	}

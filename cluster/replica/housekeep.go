@@ -161,6 +161,14 @@ func (r *Replicas) housekeepPass(ctx context.Context) {
 		}
 		seen[name] = true
 		r.noteHealth(name, h)
+		if h.Since.IsZero() && h.LastRun.IsZero() {
+			// First seen: its first prune is due a prune interval from now.
+			now := time.Now()
+			if err := r.st.NoteHousekeepSince(name, now); err != nil {
+				r.log.Warn("recording when housekeeping first saw a copy failed", "repo", name, "err", err)
+			}
+			h.Since = now
+		}
 		if !housekeepDue(h, cfg, time.Now()) {
 			continue
 		}
@@ -184,17 +192,19 @@ func (r *Replicas) housekeepPass(ctx context.Context) {
 }
 
 // housekeepDue reports whether a copy needs housekeeping: too many packs
-// or loose objects, no commit-graph yet, or a prune due while there is
-// something a prune could remove (more than one pack, loose objects,
-// leftovers).
+// or loose objects, or a prune due (a prune interval since the last one,
+// or since housekeeping first saw the copy) while there is something a
+// prune could remove (more than one pack, loose objects, leftovers).
 func housekeepDue(h storage.Health, cfg HousekeepConfig, now time.Time) bool {
 	switch {
 	case h.Packs >= cfg.PackThreshold || h.LooseObjects >= cfg.LooseThreshold:
 		return true
-	case h.Packs > 0 && !h.CommitGraph:
-		return true
 	case h.Packs > 1 || h.LooseObjects > 0 || h.Leftovers > 0:
-		return now.Sub(h.LastPrune) >= cfg.PruneInterval
+		last := h.LastPrune
+		if last.IsZero() {
+			last = h.Since
+		}
+		return now.Sub(last) >= cfg.PruneInterval
 	}
 	return false
 }
@@ -258,7 +268,11 @@ func (r *Replicas) housekeepLocked(ctx context.Context, name string, force bool)
 	if err != nil {
 		return rep, err
 	}
-	prune := force || time.Since(h.LastPrune) >= cfg.PruneInterval
+	last := h.LastPrune
+	if last.IsZero() {
+		last = h.Since
+	}
+	prune := force || time.Since(last) >= cfg.PruneInterval
 	if prune {
 		// Only a copy at the committed version may lose what its refs do
 		// not reach: a copy behind holds the packs of committed pushes

@@ -23,14 +23,15 @@ func Test_HousekeepDue(t *testing.T) {
 		due  bool
 	}{
 		{"empty", storage.Health{}, false},
-		{"one pack, no commit-graph", storage.Health{Packs: 1}, true},
-		{"one pack, housekept", storage.Health{Packs: 1, CommitGraph: true, LastPrune: pruned}, false},
+		{"one pack", storage.Health{Packs: 1, Since: pruned}, false},
 		{"a few packs, pruned lately", storage.Health{Packs: 5, CommitGraph: true, LastPrune: pruned}, false},
 		{"pack threshold", storage.Health{Packs: 16, CommitGraph: true, LastPrune: pruned}, true},
 		{"loose threshold", storage.Health{Packs: 1, LooseObjects: 1024, CommitGraph: true, LastPrune: pruned}, true},
 		{"a few packs, prune due", storage.Health{Packs: 2, CommitGraph: true, LastPrune: now.Add(-25 * time.Hour)}, true},
-		{"leftovers, never pruned", storage.Health{Packs: 1, CommitGraph: true, Leftovers: 1}, true},
-		{"one pack, never pruned, nothing to prune", storage.Health{Packs: 1, CommitGraph: true}, false},
+		{"a few packs, first seen lately", storage.Health{Packs: 2, Since: pruned}, false},
+		{"a few packs, first seen a day ago", storage.Health{Packs: 2, Since: now.Add(-25 * time.Hour)}, true},
+		{"leftovers, first seen a day ago", storage.Health{Packs: 1, Leftovers: 1, Since: now.Add(-25 * time.Hour)}, true},
+		{"one pack, never pruned, nothing to prune", storage.Health{Packs: 1, CommitGraph: true, Since: now.Add(-25 * time.Hour)}, false},
 	} {
 		if got := housekeepDue(c.h, cfg, now); got != c.due {
 			t.Errorf("%s: due = %v, want %v", c.what, got, c.due)
