@@ -77,8 +77,17 @@ func Test_Housekeep_RepackReducesPacks(t *testing.T) {
 		}
 		prev = oid
 	}
+	// And a few loose objects (an older git, or a hand's `hash-object`).
+	p, _ := s.Path("r")
+	for i := range 3 {
+		c := exec.Command("git", "hash-object", "-w", "--stdin")
+		c.Dir, c.Env, c.Stdin = p, append(os.Environ(), "GIT_DIR=."), strings.NewReader(strings.Repeat("loose", i+1))
+		if out, err := c.CombinedOutput(); err != nil {
+			t.Fatalf("hash-object: %v: %s", err, out)
+		}
+	}
 	h, err := s.Health("r")
-	if err != nil || h.Packs != 20 || h.LooseObjects != 0 || h.CommitGraph || h.MultiPackIndex || !h.LastRun.IsZero() {
+	if err != nil || h.Packs != 20 || h.LooseObjects != 3 || h.LooseBytes == 0 || h.CommitGraph || h.MultiPackIndex || !h.LastRun.IsZero() {
 		t.Fatalf("Health before = %+v, %v", h, err)
 	}
 	check := func(what string) {
@@ -96,7 +105,7 @@ func Test_Housekeep_RepackReducesPacks(t *testing.T) {
 		t.Fatal(err)
 	}
 	check("geometric")
-	if res.Before.Packs != 20 || res.After.Packs >= 20 || res.Pruned || !res.After.CommitGraph || !res.After.MultiPackIndex || res.After.LastRun.IsZero() {
+	if res.Before.Packs != 20 || res.After.Packs >= 20 || res.After.LooseObjects != 0 || res.Pruned || !res.After.CommitGraph || !res.After.MultiPackIndex || res.After.LastRun.IsZero() {
 		t.Fatalf("geometric: %+v", res)
 	}
 	res, err = s.Housekeep(ctx, "r", HousekeepOptions{Prune: true, Grace: time.Hour})
@@ -104,8 +113,18 @@ func Test_Housekeep_RepackReducesPacks(t *testing.T) {
 		t.Fatal(err)
 	}
 	check("full")
-	if res.After.Packs != 1 || !res.Pruned || res.After.LastPrune.IsZero() || !res.After.Bitmap || !res.After.CommitGraph {
+	// The loose objects are unreachable and young: they wait in a cruft
+	// pack for the grace period.
+	if res.After.Packs != 2 || res.After.CruftPacks != 1 || !res.Pruned || res.After.LastPrune.IsZero() || !res.After.Bitmap || !res.After.CommitGraph {
 		t.Fatalf("full: %+v", res)
+	}
+	res, err = s.Housekeep(ctx, "r", HousekeepOptions{Prune: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	check("full, no grace")
+	if res.After.Packs != 1 || res.After.CruftPacks != 0 {
+		t.Fatalf("full, no grace: %+v", res)
 	}
 	// An empty repository is no error.
 	s.Init(ctx, "empty", 1)
