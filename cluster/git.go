@@ -35,6 +35,9 @@ const RefRulesGit = replica.RefRulesGit
 // GitConfig switches on the git side of a node: its repositories on disk.
 type GitConfig = replica.Config
 
+// HousekeepConfig schedules a node's housekeeping of its copies.
+type HousekeepConfig = replica.HousekeepConfig
+
 // enableGit attaches the repository store, before Raft starts applying.
 func (n *Node) enableGit(cfg GitConfig) {
 	cfg.Lease = pushLease

@@ -141,7 +141,48 @@ func newMetrics(n *Node) *metrics {
 		}
 		return 0
 	})
+	m.reg.MustRegister(housekeepingCollector{n})
 	return m
+}
+
+// housekeepingCollector exports a node's housekeeping figures, when it
+// keeps repositories. Packs and loose objects are sums and maxima over the
+// node's copies, not a series per repository (a node may hold 10,000).
+type housekeepingCollector struct{ n *Node }
+
+var (
+	hkLastRunDesc = prometheus.NewDesc("gitraft_housekeeping_last_run_timestamp_seconds",
+		"When this node's housekeeping last went through every repository without a failure (its start, before the first pass).", nil, nil)
+	hkRunsDesc = prometheus.NewDesc("gitraft_housekeeping_runs_total",
+		"Housekeeping runs of single repositories on this node (scheduled and from gitraft repo housekeep).", nil, nil)
+	hkFailuresDesc = prometheus.NewDesc("gitraft_housekeeping_failures_total",
+		"Housekeeping runs on this node that failed (see the node's log).", nil, nil)
+	hkPacksDesc = prometheus.NewDesc("gitraft_repo_packs",
+		"Packs in the repositories on this node, as housekeeping last read them: their sum (agg=\"sum\") and the most in one repository (agg=\"max\").", []string{"agg"}, nil)
+	hkLooseDesc = prometheus.NewDesc("gitraft_repo_loose_objects",
+		"Loose objects in the repositories on this node, as housekeeping last read them: their sum (agg=\"sum\") and the most in one repository (agg=\"max\").", []string{"agg"}, nil)
+)
+
+func (c housekeepingCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{hkLastRunDesc, hkRunsDesc, hkFailuresDesc, hkPacksDesc, hkLooseDesc} {
+		ch <- d
+	}
+}
+
+func (c housekeepingCollector) Collect(ch chan<- prometheus.Metric) {
+	if c.n.git == nil {
+		return
+	}
+	st := c.n.git.HousekeepStats()
+	if !st.LastPass.IsZero() {
+		ch <- prometheus.MustNewConstMetric(hkLastRunDesc, prometheus.GaugeValue, float64(st.LastPass.Unix()))
+	}
+	ch <- prometheus.MustNewConstMetric(hkRunsDesc, prometheus.CounterValue, float64(st.Runs))
+	ch <- prometheus.MustNewConstMetric(hkFailuresDesc, prometheus.CounterValue, float64(st.Failures))
+	ch <- prometheus.MustNewConstMetric(hkPacksDesc, prometheus.GaugeValue, float64(st.PacksSum), "sum")
+	ch <- prometheus.MustNewConstMetric(hkPacksDesc, prometheus.GaugeValue, float64(st.PacksMax), "max")
+	ch <- prometheus.MustNewConstMetric(hkLooseDesc, prometheus.GaugeValue, float64(st.LooseSum), "sum")
+	ch <- prometheus.MustNewConstMetric(hkLooseDesc, prometheus.GaugeValue, float64(st.LooseMax), "max")
 }
 
 // watchRaft registers gauges read from Raft itself.

@@ -8,6 +8,10 @@
 #   refs (GITRAFT_SCALE_REPOS, GITRAFT_SCALE_BIG_REPOS, GITRAFT_SCALE_REFS make
 #   it smaller): creates, fill time, big pushes and ls-remote against plain git,
 #   restarts, memory, a fourth node. About 20 minutes.
+#   Housekeep: BenchmarkHousekeep, clone time after 1,000 small pushes without
+#   housekeeping and after `gitraft repo housekeep`, next to the same history
+#   pushed at once (GITRAFT_BENCH_HOUSEKEEP_PUSHES makes it smaller). Needs only
+#   the ssh client.
 #   Fault: the long run of Test_E2E_FaultInjection, thousands of compare-and-swap
 #   pushes and reads under kills, freezes and partitions, checked with porcupine
 #   (GITRAFT_FAULT_OPS operations, 3000 by default, or GITRAFT_FAULT_DURATION;
@@ -27,6 +31,9 @@ if [ "${1:-}" = Fault ]; then
 		export GITRAFT_FAULT_OPS="${GITRAFT_FAULT_OPS:-3000}"
 	fi
 	exec go test -count=1 -run '^Test_E2E_FaultInjection$' -v -timeout 4h ./e2e
+fi
+if [ "${1:-}" = Housekeep ]; then
+	exec go test -count=1 -run '^$' -bench '^BenchmarkHousekeep$' -benchtime 1x -timeout 3h ./e2e
 fi
 if [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null 2>&1 || [ ! -x /usr/sbin/pgbouncer ] ||
 	[ ! -x /usr/lib/postgresql/15/bin/pg_ctl ]; then

@@ -40,8 +40,6 @@ func metricValue(n *node, name string) float64 {
 }
 
 // repoDir is a node's copy of a repository on disk.
-func repoDir(n *node, repo string) string { return filepath.Join(n.dir, "repos", repo+".git") }
-
 // removePack deletes a pack and the files that go with it, as a disk that
 // lost them would.
 func removePack(t *testing.T, pack string) {

@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 )
 
 // Pack and index formats, SHA-1 only: gitraft creates SHA-1 repositories, and
@@ -53,8 +54,12 @@ func (s *Store) InstallPack(ctx context.Context, name string, pack, idx io.Reade
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", wrapIO("pack dir", err)
 	}
-	tmpPack := filepath.Join(dir, "tmp_gitraft_"+randHex(8)+".pack")
-	tmpIdx := strings.TrimSuffix(tmpPack, ".pack") + ".idx"
+	// Not named *.idx or *.pack: git takes every *.idx in the pack
+	// directory for a pack's index (index-pack's are tmp_idx_*), and a
+	// repack or fetch beside this would list it and fail when it is
+	// renamed away.
+	base := filepath.Join(dir, "tmp_gitraft_"+randHex(8))
+	tmpPack, tmpIdx := base+"_pack", base+"_idx"
 	sum, err := s.installPack(ctx, dir, tmpPack, tmpIdx, pack, idx)
 	if err != nil {
 		os.Remove(tmpPack)
@@ -100,9 +105,26 @@ func (s *Store) installPack(ctx context.Context, dir, tmpPack, tmpIdx string, pa
 	hexSum := hex.EncodeToString(packSum)
 	final := filepath.Join(dir, "pack-"+hexSum)
 	if exists(final+".pack") && exists(final+".idx") {
-		os.Remove(tmpPack)
-		os.Remove(tmpIdx)
-		return hexSum, nil // installed before
+		// Installed before, perhaps by a push that failed, so no ref may
+		// reach it and a prune may drop it. Freshen it, as git freshens an
+		// object it would write again, so that a prune keeps it for its
+		// grace period; a prune that already looked at it is waited for,
+		// and the pack installed again if it took it away.
+		now := time.Now()
+		freshened := os.Chtimes(final+".pack", now, now) == nil
+		if ch := s.pruning(filepath.Dir(filepath.Dir(dir))); ch != nil {
+			select {
+			case <-ch:
+			case <-ctx.Done():
+				return "", ctx.Err()
+			}
+			freshened = false
+		}
+		if freshened || exists(final+".pack") && exists(final+".idx") && os.Chtimes(final+".pack", now, now) == nil {
+			os.Remove(tmpPack)
+			os.Remove(tmpIdx)
+			return hexSum, nil
+		}
 	}
 	if err := os.Rename(tmpPack, final+".pack"); err != nil {
 		return "", wrapIO("install pack", err)

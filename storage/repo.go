@@ -61,6 +61,13 @@ type Store struct {
 	git  *Git
 	log  *slog.Logger
 	conn connectedCache
+
+	// prunes holds, per repository path, a channel closed when the
+	// pruning repack under way there ends (Housekeep with Prune);
+	// refChanges counts the SetRefs under way. The two exclude each other.
+	pmu        sync.Mutex
+	prunes     map[string]chan struct{}
+	refChanges map[string]int
 }
 
 // Replica is what a node's disk holds of one repository.
@@ -566,12 +573,13 @@ func (s *Store) Missing(ctx context.Context, name string, oids []string) ([]stri
 		return nil, nil
 	}
 	// The usual answer, "nothing missing", takes one git process.
+	checked := time.Now()
 	ok, err := s.connected(ctx, path, uniq)
 	if err != nil {
 		return nil, err
 	}
 	if ok {
-		s.conn.add(path, uniq)
+		s.conn.add(path, uniq, checked)
 		return nil, nil
 	}
 	out, err := s.run(ctx, path, in.Bytes(), nil, "cat-file", "--batch-check=%(objectname)")
@@ -599,7 +607,7 @@ func (s *Store) Missing(ctx context.Context, name string, oids []string) ([]stri
 	}
 	for _, o := range present {
 		if !lacks[o] {
-			s.conn.add(path, []string{o})
+			s.conn.add(path, []string{o}, checked)
 		}
 	}
 	var missing []string
@@ -904,6 +912,24 @@ func (s *Store) SetRefs(ctx context.Context, name string, want map[string]string
 	if err != nil {
 		return err
 	}
+	// No prune runs while refs take new values: it could drop an object,
+	// unreachable and old, that a new value is about to name (a catch-up
+	// that finds the pack of an earlier, failed push of the same commits).
+	// Deletions, and a call that changes nothing (the usual one after a
+	// push, whose refs git has set), do not wait.
+	for ref, oid := range want {
+		if have[ref] != oid {
+			end, err := s.beginRefChange(ctx, path)
+			if err != nil {
+				return err
+			}
+			defer end()
+			if have, err = s.Refs(ctx, name); err != nil {
+				return err
+			}
+			break
+		}
+	}
 	var tx bytes.Buffer
 	tx.WriteString("start\n")
 	var changed, newOIDs []string
@@ -1107,13 +1133,16 @@ func (s *Store) FreeBytes() (uint64, error) {
 }
 
 // connectedCache remembers, for a few minutes, object ids whose history a
-// connectivity check found complete in a repository. Objects are never
-// removed from a repository here (gc.auto=0, no prune); the entries of a
-// repository go when it is deleted or replaced, and all expire, so a
-// repository changed behind gitraft's back is not trusted for long.
+// connectivity check found complete in a repository. Objects leave a
+// repository only in a pruning Housekeep (gc.auto=0 otherwise): what was
+// checked before a prune ended is forgotten then, and a repository's
+// entries go when it is deleted or replaced; all expire, so a repository
+// changed behind gitraft's back is not trusted for long.
 type connectedCache struct {
 	mu sync.Mutex
-	m  map[string]time.Time // repository path + "\x00" + oid -> when checked
+	m  map[string]time.Time // repository path + "\x00" + oid -> when the check began
+	// pruned is when the last prune of a repository (by path) ended.
+	pruned map[string]time.Time
 }
 
 const (
@@ -1121,7 +1150,8 @@ const (
 	connectedMax = 100_000
 )
 
-func (c *connectedCache) add(path string, oids []string) {
+// add records oids as found whole by a check that began at checked.
+func (c *connectedCache) add(path string, oids []string, checked time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	now := time.Now()
@@ -1135,8 +1165,11 @@ func (c *connectedCache) add(path string, oids []string) {
 			c.m = map[string]time.Time{}
 		}
 	}
+	if p, ok := c.pruned[path]; ok && !checked.After(p) {
+		return // the prune may have taken what the check saw
+	}
 	for _, o := range oids {
-		c.m[path+"\x00"+o] = now
+		c.m[path+"\x00"+o] = checked
 	}
 }
 
@@ -1144,6 +1177,9 @@ func (c *connectedCache) has(path, oid string) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	t, ok := c.m[path+"\x00"+oid]
+	if p, pok := c.pruned[path]; pok && !t.After(p) {
+		return false
+	}
 	return ok && time.Since(t) <= connectedTTL
 }
 
@@ -1155,4 +1191,16 @@ func (c *connectedCache) forget(path string) {
 			delete(c.m, k)
 		}
 	}
+}
+
+// pruneEnded forgets what was checked in a repository before a prune there
+// ended, including checks still running now.
+func (c *connectedCache) pruneEnded(path string) {
+	c.forget(path)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.pruned == nil {
+		c.pruned = map[string]time.Time{}
+	}
+	c.pruned[path] = time.Now()
 }

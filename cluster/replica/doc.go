@@ -2,8 +2,10 @@
 // catch-up, receive, ship the pack to the peers, majority, compare-and-swap,
 // finish), the copies on this node's disk and the reconciler that brings
 // them to the replicated state, the scrub that finds damaged copies and
-// the heal that repairs them from a peer, and the gRPC service gitraft.replica.v1
-// that carries packs, catch-up and git sessions between nodes.
+// the heal that repairs them from a peer, housekeeping of those copies
+// (repack, prune, leftovers of failed pushes), and the gRPC service
+// gitraft.replica.v1 that carries packs, catch-up and git sessions between
+// nodes.
 //
 // It implements gitproto.Backend, so the SSH front end talks to it
 // directly. What it needs from the Raft node (proposals, read barriers,

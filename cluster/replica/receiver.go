@@ -70,6 +70,11 @@ func (s *Service) PutPack(stream replicav1.ReplicaService_PutPackServer) error {
 	// Count toward the quorum only with every object of the base version.
 	c := r.copyOf(h.GetRepo())
 	if !c.currentAt(Target{ID: t.ID, Version: h.GetBaseVersion()}) {
+		if r.st.Pruning(h.GetRepo()) {
+			// Catching up would wait for the prune with the guard held;
+			// the other nodes ack meanwhile.
+			return status.Errorf(codes.Unavailable, "%s stored the pack but is behind version %d while housekeeping prunes its copy", self, h.GetBaseVersion())
+		}
 		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		err = c.guard.Lock(cctx)
 		if err == nil {
@@ -236,6 +241,11 @@ func (r *Replicas) syncAll() {
 			defer wg.Done()
 			for name := range work {
 				c := r.copyOf(name)
+				if r.st.Pruning(name) {
+					// Its ref change would wait for the prune, holding the
+					// guard that pushes through this node need; next round.
+					continue
+				}
 				if !c.guard.TryLock() {
 					continue // a push or another catch-up has it; next round
 				}

@@ -133,6 +133,9 @@ type Config struct {
 	// ScrubRate bounds the bytes of packs a scrub reads per second (default
 	// 8 MiB/s; negative: no bound).
 	ScrubRate int64
+	// Housekeeping is the node's housekeeping of its copies (on by
+	// default).
+	Housekeeping HousekeepConfig
 }
 
 func (c *Config) setDefaults() {
@@ -160,6 +163,7 @@ func (c *Config) setDefaults() {
 	if c.ScrubRate == 0 {
 		c.ScrubRate = 8 << 20
 	}
+	c.Housekeeping.setDefaults()
 }
 
 // position is how far a copy on disk got: the incarnation and the version.
@@ -235,6 +239,7 @@ type Replicas struct {
 
 	sessions atomic.Pointer[SessionHandler]
 	scrub    scrubStats
+	hk       housekeeping
 
 	stop     chan struct{}
 	stopOnce sync.Once
@@ -252,6 +257,7 @@ func New(cfg Config, node Node, logger *slog.Logger) *Replicas {
 	}
 	r := &Replicas{cfg: cfg, node: node, st: cfg.Store, log: logger.With("component", "replicas"),
 		copies: map[string]*copyState{}, kick: make(chan struct{}, 1), stop: make(chan struct{})}
+	r.hk.slot = newGuard()
 	if list, err := cfg.Store.List(); err == nil {
 		for _, l := range list {
 			c := newCopy()
@@ -266,7 +272,8 @@ func New(cfg Config, node Node, logger *slog.Logger) *Replicas {
 	return r
 }
 
-// Start runs the reconciler until Close.
+// Start runs the reconciler, and the housekeeping scheduler unless it is
+// off, until Close.
 func (r *Replicas) Start() {
 	r.wg.Add(2)
 	go func() {
@@ -277,10 +284,17 @@ func (r *Replicas) Start() {
 		defer r.wg.Done()
 		r.scrubLoop()
 	}()
+	if !r.cfg.Housekeeping.Off {
+		r.wg.Add(1)
+		go func() {
+			defer r.wg.Done()
+			r.housekeepLoop()
+		}()
+	}
 }
 
-// Close stops the reconciler and the sends still under way, and waits for
-// them.
+// Close stops the reconciler, housekeeping and the sends still under way,
+// and waits for them.
 func (r *Replicas) Close() {
 	r.stopOnce.Do(func() { close(r.stop) })
 	r.wg.Wait()

@@ -115,6 +115,10 @@ func (r *Replicas) beginPush(ctx context.Context, repo, user, pushID string, pro
 	if !ok {
 		return fail(fmt.Errorf("%w: %q", ErrRepoNotFound, repo))
 	}
+	if !p.copy.currentAt(t) && r.st.Pruning(repo) {
+		// Catching up would wait for the prune: a current peer takes it.
+		return fail(r.pushPeer(ctx, repo, fmt.Sprintf("%s is behind on %q while housekeeping prunes its copy", self, repo)))
+	}
 	if !p.copy.currentAt(t) {
 		progress(fmt.Sprintf("%s is behind on %q; catching up to version %d first", self, repo, t.Version))
 		if err := r.catchUpLocked(ctx, p.copy, repo); err != nil {

@@ -21,7 +21,7 @@ func newRepoCmd(g *globalOpts) *cobra.Command {
 		Use:   "repo",
 		Short: "Create, list, show and delete repositories",
 	}
-	cmd.AddCommand(newRepoCreateCmd(g), newRepoListCmd(g), newRepoShowCmd(g), newRepoRemoveCmd(g), newRepoGrantCmd(g), newRepoRevokeCmd(g), newRepoVerifyCmd(g), newRepoRepairCmd(g), newRepoScrubCmd(g), newRepoDataLossCmd(g))
+	cmd.AddCommand(newRepoCreateCmd(g), newRepoListCmd(g), newRepoShowCmd(g), newRepoRemoveCmd(g), newRepoGrantCmd(g), newRepoRevokeCmd(g), newRepoVerifyCmd(g), newRepoRepairCmd(g), newRepoScrubCmd(g), newRepoDataLossCmd(g), newRepoHousekeepCmd(g))
 	return cmd
 }
 
@@ -305,4 +305,98 @@ reported, and catches up by itself).`,
 			return nil
 		},
 	}
+}
+
+// housekeepTimeout is `repo housekeep`'s --timeout unless one is given: a
+// repack of a large repository takes minutes.
+const housekeepTimeout = 30 * time.Minute
+
+func newRepoHousekeepCmd(g *globalOpts) *cobra.Command {
+	var node string
+	cmd := &cobra.Command{
+		Use:   "housekeep NAME",
+		Short: "Repack and prune a repository now, on every node or one",
+		Long: `Run housekeeping of a repository now, on every node (or only --node): remove
+what failed pushes left, repack (pruning objects no ref reaches once they
+are older than git.housekeeping.prune_grace, when the node's copy is at the
+committed version) and write the commit-graph. Prints each node's packs and
+loose objects before and after. Exits 1 if any node failed. The scheduler on
+each node does the same on its own (README: Housekeeping). Without
+--timeout, waits up to 30m.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if f := cmd.Flag("timeout"); f == nil || !f.Changed {
+				g.Timeout = housekeepTimeout
+			}
+			ctx, conn, done, err := g.connect(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			resp, err := repov1.NewRepoServiceClient(conn).HousekeepRepo(ctx, &repov1.HousekeepRepoRequest{Name: args[0], NodeId: node})
+			if err != nil {
+				return rpcError("housekeep repository "+strconv.Quote(args[0]), err)
+			}
+			if g.JSON {
+				if err := printProtoJSON(cmd.OutOrStdout(), resp); err != nil {
+					return err
+				}
+			} else if err := writeHousekeep(cmd.OutOrStdout(), resp); err != nil {
+				return err
+			}
+			failed := 0
+			for _, n := range resp.GetNodes() {
+				if n.GetError() != "" {
+					failed++
+				}
+			}
+			if failed > 0 {
+				return fmt.Errorf("housekeeping failed on %d of %d nodes", failed, len(resp.GetNodes()))
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&node, "node", "", "run on this node only (default: every node)")
+	return cmd
+}
+
+// writeHousekeep prints a HousekeepRepoResponse as a table.
+func writeHousekeep(w io.Writer, resp *repov1.HousekeepRepoResponse) error {
+	t := newTable(w, "NODE", "PACKS", "LOOSE", "SIZE", "PRUNED", "TOOK", "NOTE")
+	for _, n := range resp.GetNodes() {
+		if n.GetError() != "" {
+			t.row(n.GetNodeId(), "-", "-", "-", "-", "-", "failed: "+n.GetError())
+			continue
+		}
+		pruned, note := "no", n.GetPruneSkipped()
+		if n.GetPruned() {
+			pruned = "yes"
+		}
+		if k := n.GetLeftoversRemoved(); k > 0 {
+			if note != "" {
+				note += "; "
+			}
+			note += fmt.Sprintf("removed %d leftovers of failed pushes", k)
+		}
+		t.row(n.GetNodeId(),
+			fmt.Sprintf("%d -> %d", n.GetPacksBefore(), n.GetPacksAfter()),
+			fmt.Sprintf("%d -> %d", n.GetLooseObjectsBefore(), n.GetLooseObjectsAfter()),
+			fmt.Sprintf("%s -> %s", byteSize(n.GetBytesBefore()), byteSize(n.GetBytesAfter())),
+			pruned, (time.Duration(n.GetSeconds() * float64(time.Second))).Round(time.Millisecond).String(), note)
+	}
+	return t.flush()
+}
+
+// byteSize is n bytes for people: 512 B, 4.1 KiB, 12.0 MiB.
+func byteSize(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

@@ -5,6 +5,8 @@ import (
 	"os"
 	"strings"
 	"testing"
+
+	repov1 "github.com/gitraft/gitraft/proto/gitraft/repo/v1"
 )
 
 func TestConfirmName(t *testing.T) {
@@ -50,5 +52,27 @@ func TestConfirmNameNotATerminal(t *testing.T) {
 	}
 	if prompt.Len() != 0 {
 		t.Errorf("prompted a non-terminal: %q", prompt.String())
+	}
+}
+
+func TestWriteHousekeep(t *testing.T) {
+	var b bytes.Buffer
+	err := writeHousekeep(&b, &repov1.HousekeepRepoResponse{Name: "acme/site", Nodes: []*repov1.NodeHousekeeping{
+		{NodeId: "n1", PacksBefore: 1002, PacksAfter: 1, BytesBefore: 5 << 20, BytesAfter: 310 << 10, Pruned: true, LeftoversRemoved: 2, Seconds: 1.2},
+		{NodeId: "n2", PacksBefore: 1002, PacksAfter: 3, PruneSkipped: "the copy is at version 9, behind the committed 10"},
+		{NodeId: "n3", Error: "connection refused"},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	for _, want := range []string{"1002 -> 1", "5.0 MiB -> 310.0 KiB", "yes", "removed 2 leftovers", "1.2s",
+		"1002 -> 3", "behind the committed 10", "failed: connection refused"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	if got := byteSize(512); got != "512 B" {
+		t.Errorf("byteSize(512) = %q", got)
 	}
 }

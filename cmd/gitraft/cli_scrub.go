@@ -96,18 +96,6 @@ func printCopyChecks(w io.Writer, cs []*repov1.CopyCheck) error {
 	return nil
 }
 
-func byteSize(n int64) string {
-	switch {
-	case n >= 1<<30:
-		return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30))
-	case n >= 1<<20:
-		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
-	case n >= 1<<10:
-		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
-	}
-	return fmt.Sprintf("%d B", n)
-}
-
 // newRepoDataLossCmd is `gitraft repo dataloss`, after Praefect's: which
 // repositories fewer than a majority of voters hold.
 func newRepoDataLossCmd(g *globalOpts) *cobra.Command {

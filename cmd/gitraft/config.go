@@ -88,6 +88,9 @@ type gitSettings struct {
 	MinRateWindow            time.Duration `yaml:"min_rate_window" help:"the window of min_rate_bytes (default 5m)"`
 	// Scrub is the background check of every copy on this node.
 	Scrub scrubSettings `yaml:"scrub"`
+
+	// Housekeeping is each node's repacking and pruning of its own copies.
+	Housekeeping housekeepingSettings `yaml:"housekeeping"`
 }
 
 // scrubSettings pace the background scrub (ZFS's scrub is the model): every
@@ -99,6 +102,17 @@ type scrubSettings struct {
 	Rate     int64         `yaml:"rate" help:"bytes of packs the scrub reads per second (default 8388608; -1: no limit)"`
 }
 
+// housekeepingSettings schedule a node's housekeeping of its copies
+// (README: Housekeeping).
+type housekeepingSettings struct {
+	Enabled        bool          `yaml:"enabled" help:"repack and prune this node's repositories in the background (default true; gitraft repo housekeep works either way)"`
+	Interval       time.Duration `yaml:"interval" help:"how often every repository's packs and loose objects are counted and those past a threshold housekept (default 10m)"`
+	PackThreshold  int           `yaml:"pack_threshold" help:"housekeep a repository with at least this many packs (default 16)"`
+	LooseThreshold int           `yaml:"loose_threshold" help:"housekeep a repository with at least this many loose objects (default 1024)"`
+	PruneGrace     time.Duration `yaml:"prune_grace" help:"keep objects no ref reaches, and what failed pushes left, this long after they were written (default 1h)"`
+	PruneInterval  time.Duration `yaml:"prune_interval" help:"prune (a full repack) each repository this often (default 24h)"`
+}
+
 func defaultFileConfig() fileConfig {
 	return fileConfig{
 		RaftAddr:  "127.0.0.1:7101",
@@ -107,7 +121,7 @@ func defaultFileConfig() fileConfig {
 		SSHAddr:   "127.0.0.1:7122",
 		LogFormat: "json",
 		LogLevel:  "info",
-		Git:       gitSettings{MaxRefsPerPush: 10000},
+		Git:       gitSettings{MaxRefsPerPush: 10000, Housekeeping: housekeepingSettings{Enabled: true}},
 	}
 }
 

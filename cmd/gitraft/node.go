@@ -54,7 +54,10 @@ func startNode(cfg fileConfig, logger *slog.Logger) (*runningNode, error) {
 	var running atomic.Pointer[cluster.Node]
 	ccfg.Git = &cluster.GitConfig{Store: store, Binary: exe, MinFreeBytes: cfg.Git.MinFreeBytes, ServeStaleReads: cfg.Git.ServeStaleReads, StuckAfter: cfg.Git.StuckAfter,
 		ScrubInterval: cfg.Git.Scrub.Interval, ScrubRate: cfg.Git.Scrub.Rate,
-		HostSigners: hostSigners(hostKeys, &running, logger)}
+		HostSigners: hostSigners(hostKeys, &running, logger),
+		Housekeeping: cluster.HousekeepConfig{Off: !cfg.Git.Housekeeping.Enabled, Interval: cfg.Git.Housekeeping.Interval,
+			PackThreshold: cfg.Git.Housekeeping.PackThreshold, LooseThreshold: cfg.Git.Housekeeping.LooseThreshold,
+			PruneGrace: cfg.Git.Housekeeping.PruneGrace, PruneInterval: cfg.Git.Housekeeping.PruneInterval}}
 	n, err := cluster.New(ccfg, logger)
 	if err != nil {
 		sshLn.Close()

@@ -1184,6 +1184,290 @@ func (x *ScrubResponse) GetBytesChecked() int64 {
 	return 0
 }
 
+type HousekeepRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Repo          string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HousekeepRequest) Reset() {
+	*x = HousekeepRequest{}
+	mi := &file_gitraft_replica_v1_replica_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HousekeepRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HousekeepRequest) ProtoMessage() {}
+
+func (x *HousekeepRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_replica_v1_replica_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HousekeepRequest.ProtoReflect.Descriptor instead.
+func (*HousekeepRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_replica_v1_replica_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *HousekeepRequest) GetRepo() string {
+	if x != nil {
+		return x.Repo
+	}
+	return ""
+}
+
+// ObjectHealth is what a copy's object store looks like.
+type ObjectHealth struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Packs, cruft and kept ones included.
+	Packs        int32 `protobuf:"varint,1,opt,name=packs,proto3" json:"packs,omitempty"`
+	CruftPacks   int32 `protobuf:"varint,2,opt,name=cruft_packs,json=cruftPacks,proto3" json:"cruft_packs,omitempty"`
+	KeptPacks    int32 `protobuf:"varint,3,opt,name=kept_packs,json=keptPacks,proto3" json:"kept_packs,omitempty"`
+	PackBytes    int64 `protobuf:"varint,4,opt,name=pack_bytes,json=packBytes,proto3" json:"pack_bytes,omitempty"`
+	LooseObjects int64 `protobuf:"varint,5,opt,name=loose_objects,json=looseObjects,proto3" json:"loose_objects,omitempty"`
+	LooseBytes   int64 `protobuf:"varint,6,opt,name=loose_bytes,json=looseBytes,proto3" json:"loose_bytes,omitempty"`
+	// What interrupted git commands and failed pushes left (temporary
+	// files, quarantine directories, stale .keep files), of any age.
+	Leftovers      int32 `protobuf:"varint,7,opt,name=leftovers,proto3" json:"leftovers,omitempty"`
+	CommitGraph    bool  `protobuf:"varint,8,opt,name=commit_graph,json=commitGraph,proto3" json:"commit_graph,omitempty"`
+	MultiPackIndex bool  `protobuf:"varint,9,opt,name=multi_pack_index,json=multiPackIndex,proto3" json:"multi_pack_index,omitempty"`
+	Bitmap         bool  `protobuf:"varint,10,opt,name=bitmap,proto3" json:"bitmap,omitempty"`
+	// When housekeeping last ran and last pruned here (unix seconds, 0:
+	// never).
+	LastRunUnix   int64 `protobuf:"varint,11,opt,name=last_run_unix,json=lastRunUnix,proto3" json:"last_run_unix,omitempty"`
+	LastPruneUnix int64 `protobuf:"varint,12,opt,name=last_prune_unix,json=lastPruneUnix,proto3" json:"last_prune_unix,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ObjectHealth) Reset() {
+	*x = ObjectHealth{}
+	mi := &file_gitraft_replica_v1_replica_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ObjectHealth) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ObjectHealth) ProtoMessage() {}
+
+func (x *ObjectHealth) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_replica_v1_replica_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ObjectHealth.ProtoReflect.Descriptor instead.
+func (*ObjectHealth) Descriptor() ([]byte, []int) {
+	return file_gitraft_replica_v1_replica_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *ObjectHealth) GetPacks() int32 {
+	if x != nil {
+		return x.Packs
+	}
+	return 0
+}
+
+func (x *ObjectHealth) GetCruftPacks() int32 {
+	if x != nil {
+		return x.CruftPacks
+	}
+	return 0
+}
+
+func (x *ObjectHealth) GetKeptPacks() int32 {
+	if x != nil {
+		return x.KeptPacks
+	}
+	return 0
+}
+
+func (x *ObjectHealth) GetPackBytes() int64 {
+	if x != nil {
+		return x.PackBytes
+	}
+	return 0
+}
+
+func (x *ObjectHealth) GetLooseObjects() int64 {
+	if x != nil {
+		return x.LooseObjects
+	}
+	return 0
+}
+
+func (x *ObjectHealth) GetLooseBytes() int64 {
+	if x != nil {
+		return x.LooseBytes
+	}
+	return 0
+}
+
+func (x *ObjectHealth) GetLeftovers() int32 {
+	if x != nil {
+		return x.Leftovers
+	}
+	return 0
+}
+
+func (x *ObjectHealth) GetCommitGraph() bool {
+	if x != nil {
+		return x.CommitGraph
+	}
+	return false
+}
+
+func (x *ObjectHealth) GetMultiPackIndex() bool {
+	if x != nil {
+		return x.MultiPackIndex
+	}
+	return false
+}
+
+func (x *ObjectHealth) GetBitmap() bool {
+	if x != nil {
+		return x.Bitmap
+	}
+	return false
+}
+
+func (x *ObjectHealth) GetLastRunUnix() int64 {
+	if x != nil {
+		return x.LastRunUnix
+	}
+	return 0
+}
+
+func (x *ObjectHealth) GetLastPruneUnix() int64 {
+	if x != nil {
+		return x.LastPruneUnix
+	}
+	return 0
+}
+
+type HousekeepResponse struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	NodeId string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Repo   string                 `protobuf:"bytes,2,opt,name=repo,proto3" json:"repo,omitempty"`
+	Before *ObjectHealth          `protobuf:"bytes,3,opt,name=before,proto3" json:"before,omitempty"`
+	After  *ObjectHealth          `protobuf:"bytes,4,opt,name=after,proto3" json:"after,omitempty"`
+	// Whether unreachable objects past the grace period were pruned; when
+	// not, prune_skipped says why (the copy is behind, no leader).
+	Pruned           bool    `protobuf:"varint,5,opt,name=pruned,proto3" json:"pruned,omitempty"`
+	PruneSkipped     string  `protobuf:"bytes,6,opt,name=prune_skipped,json=pruneSkipped,proto3" json:"prune_skipped,omitempty"`
+	LeftoversRemoved int32   `protobuf:"varint,7,opt,name=leftovers_removed,json=leftoversRemoved,proto3" json:"leftovers_removed,omitempty"`
+	Seconds          float64 `protobuf:"fixed64,8,opt,name=seconds,proto3" json:"seconds,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *HousekeepResponse) Reset() {
+	*x = HousekeepResponse{}
+	mi := &file_gitraft_replica_v1_replica_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HousekeepResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HousekeepResponse) ProtoMessage() {}
+
+func (x *HousekeepResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_replica_v1_replica_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HousekeepResponse.ProtoReflect.Descriptor instead.
+func (*HousekeepResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_replica_v1_replica_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *HousekeepResponse) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *HousekeepResponse) GetRepo() string {
+	if x != nil {
+		return x.Repo
+	}
+	return ""
+}
+
+func (x *HousekeepResponse) GetBefore() *ObjectHealth {
+	if x != nil {
+		return x.Before
+	}
+	return nil
+}
+
+func (x *HousekeepResponse) GetAfter() *ObjectHealth {
+	if x != nil {
+		return x.After
+	}
+	return nil
+}
+
+func (x *HousekeepResponse) GetPruned() bool {
+	if x != nil {
+		return x.Pruned
+	}
+	return false
+}
+
+func (x *HousekeepResponse) GetPruneSkipped() string {
+	if x != nil {
+		return x.PruneSkipped
+	}
+	return ""
+}
+
+func (x *HousekeepResponse) GetLeftoversRemoved() int32 {
+	if x != nil {
+		return x.LeftoversRemoved
+	}
+	return 0
+}
+
+func (x *HousekeepResponse) GetSeconds() float64 {
+	if x != nil {
+		return x.Seconds
+	}
+	return 0
+}
+
 var File_gitraft_replica_v1_replica_proto protoreflect.FileDescriptor
 
 const file_gitraft_replica_v1_replica_proto_rawDesc = "" +
@@ -1264,13 +1548,42 @@ const file_gitraft_replica_v1_replica_proto_rawDesc = "" +
 	"\x05error\x18\x05 \x01(\tR\x05error\x12\x18\n" +
 	"\aversion\x18\x06 \x01(\x04R\aversion\x126\n" +
 	"\x05state\x18\a \x01(\x0e2 .gitraft.replica.v1.ReplicaStateR\x05state\x12#\n" +
-	"\rbytes_checked\x18\b \x01(\x03R\fbytesChecked*\x98\x01\n" +
+	"\rbytes_checked\x18\b \x01(\x03R\fbytesChecked\"&\n" +
+	"\x10HousekeepRequest\x12\x12\n" +
+	"\x04repo\x18\x01 \x01(\tR\x04repo\"\x98\x03\n" +
+	"\fObjectHealth\x12\x14\n" +
+	"\x05packs\x18\x01 \x01(\x05R\x05packs\x12\x1f\n" +
+	"\vcruft_packs\x18\x02 \x01(\x05R\n" +
+	"cruftPacks\x12\x1d\n" +
+	"\n" +
+	"kept_packs\x18\x03 \x01(\x05R\tkeptPacks\x12\x1d\n" +
+	"\n" +
+	"pack_bytes\x18\x04 \x01(\x03R\tpackBytes\x12#\n" +
+	"\rloose_objects\x18\x05 \x01(\x03R\flooseObjects\x12\x1f\n" +
+	"\vloose_bytes\x18\x06 \x01(\x03R\n" +
+	"looseBytes\x12\x1c\n" +
+	"\tleftovers\x18\a \x01(\x05R\tleftovers\x12!\n" +
+	"\fcommit_graph\x18\b \x01(\bR\vcommitGraph\x12(\n" +
+	"\x10multi_pack_index\x18\t \x01(\bR\x0emultiPackIndex\x12\x16\n" +
+	"\x06bitmap\x18\n" +
+	" \x01(\bR\x06bitmap\x12\"\n" +
+	"\rlast_run_unix\x18\v \x01(\x03R\vlastRunUnix\x12&\n" +
+	"\x0flast_prune_unix\x18\f \x01(\x03R\rlastPruneUnix\"\xb6\x02\n" +
+	"\x11HousekeepResponse\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x12\n" +
+	"\x04repo\x18\x02 \x01(\tR\x04repo\x128\n" +
+	"\x06before\x18\x03 \x01(\v2 .gitraft.replica.v1.ObjectHealthR\x06before\x126\n" +
+	"\x05after\x18\x04 \x01(\v2 .gitraft.replica.v1.ObjectHealthR\x05after\x12\x16\n" +
+	"\x06pruned\x18\x05 \x01(\bR\x06pruned\x12#\n" +
+	"\rprune_skipped\x18\x06 \x01(\tR\fpruneSkipped\x12+\n" +
+	"\x11leftovers_removed\x18\a \x01(\x05R\x10leftoversRemoved\x12\x18\n" +
+	"\aseconds\x18\b \x01(\x01R\aseconds*\x98\x01\n" +
 	"\fReplicaState\x12\x1d\n" +
 	"\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15REPLICA_STATE_CURRENT\x10\x01\x12\x18\n" +
 	"\x14REPLICA_STATE_BEHIND\x10\x02\x12\x19\n" +
 	"\x15REPLICA_STATE_SYNCING\x10\x03\x12\x19\n" +
-	"\x15REPLICA_STATE_DAMAGED\x10\x052\xc1\x04\n" +
+	"\x15REPLICA_STATE_DAMAGED\x10\x052\x9b\x05\n" +
 	"\x0eReplicaService\x12T\n" +
 	"\aPutPack\x12\".gitraft.replica.v1.PutPackRequest\x1a#.gitraft.replica.v1.PutPackResponse(\x01\x12_\n" +
 	"\n" +
@@ -1278,7 +1591,8 @@ const file_gitraft_replica_v1_replica_proto_rawDesc = "" +
 	"\vGetReplicas\x12&.gitraft.replica.v1.GetReplicasRequest\x1a'.gitraft.replica.v1.GetReplicasResponse\x12a\n" +
 	"\fGetLocalRefs\x12'.gitraft.replica.v1.GetLocalRefsRequest\x1a(.gitraft.replica.v1.GetLocalRefsResponse\x12g\n" +
 	"\x0eMissingObjects\x12).gitraft.replica.v1.MissingObjectsRequest\x1a*.gitraft.replica.v1.MissingObjectsResponse\x12L\n" +
-	"\x05Scrub\x12 .gitraft.replica.v1.ScrubRequest\x1a!.gitraft.replica.v1.ScrubResponseB?Z=github.com/gitraft/gitraft/proto/gitraft/replica/v1;replicav1b\x06proto3"
+	"\x05Scrub\x12 .gitraft.replica.v1.ScrubRequest\x1a!.gitraft.replica.v1.ScrubResponse\x12X\n" +
+	"\tHousekeep\x12$.gitraft.replica.v1.HousekeepRequest\x1a%.gitraft.replica.v1.HousekeepResponseB?Z=github.com/gitraft/gitraft/proto/gitraft/replica/v1;replicav1b\x06proto3"
 
 var (
 	file_gitraft_replica_v1_replica_proto_rawDescOnce sync.Once
@@ -1293,7 +1607,7 @@ func file_gitraft_replica_v1_replica_proto_rawDescGZIP() []byte {
 }
 
 var file_gitraft_replica_v1_replica_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_gitraft_replica_v1_replica_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_gitraft_replica_v1_replica_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_gitraft_replica_v1_replica_proto_goTypes = []any{
 	(ReplicaState)(0),              // 0: gitraft.replica.v1.ReplicaState
 	(*MissingObjectsRequest)(nil),  // 1: gitraft.replica.v1.MissingObjectsRequest
@@ -1311,32 +1625,39 @@ var file_gitraft_replica_v1_replica_proto_goTypes = []any{
 	(*GetReplicasResponse)(nil),    // 13: gitraft.replica.v1.GetReplicasResponse
 	(*ScrubRequest)(nil),           // 14: gitraft.replica.v1.ScrubRequest
 	(*ScrubResponse)(nil),          // 15: gitraft.replica.v1.ScrubResponse
-	nil,                            // 16: gitraft.replica.v1.GetLocalRefsResponse.RefsEntry
+	(*HousekeepRequest)(nil),       // 16: gitraft.replica.v1.HousekeepRequest
+	(*ObjectHealth)(nil),           // 17: gitraft.replica.v1.ObjectHealth
+	(*HousekeepResponse)(nil),      // 18: gitraft.replica.v1.HousekeepResponse
+	nil,                            // 19: gitraft.replica.v1.GetLocalRefsResponse.RefsEntry
 }
 var file_gitraft_replica_v1_replica_proto_depIdxs = []int32{
-	16, // 0: gitraft.replica.v1.GetLocalRefsResponse.refs:type_name -> gitraft.replica.v1.GetLocalRefsResponse.RefsEntry
+	19, // 0: gitraft.replica.v1.GetLocalRefsResponse.refs:type_name -> gitraft.replica.v1.GetLocalRefsResponse.RefsEntry
 	5,  // 1: gitraft.replica.v1.PutPackRequest.header:type_name -> gitraft.replica.v1.PutPackHeader
 	8,  // 2: gitraft.replica.v1.GitSessionRequest.start:type_name -> gitraft.replica.v1.GitSessionStart
 	0,  // 3: gitraft.replica.v1.Replica.state:type_name -> gitraft.replica.v1.ReplicaState
 	12, // 4: gitraft.replica.v1.GetReplicasResponse.replicas:type_name -> gitraft.replica.v1.Replica
 	0,  // 5: gitraft.replica.v1.ScrubResponse.state:type_name -> gitraft.replica.v1.ReplicaState
-	6,  // 6: gitraft.replica.v1.ReplicaService.PutPack:input_type -> gitraft.replica.v1.PutPackRequest
-	9,  // 7: gitraft.replica.v1.ReplicaService.GitSession:input_type -> gitraft.replica.v1.GitSessionRequest
-	11, // 8: gitraft.replica.v1.ReplicaService.GetReplicas:input_type -> gitraft.replica.v1.GetReplicasRequest
-	3,  // 9: gitraft.replica.v1.ReplicaService.GetLocalRefs:input_type -> gitraft.replica.v1.GetLocalRefsRequest
-	1,  // 10: gitraft.replica.v1.ReplicaService.MissingObjects:input_type -> gitraft.replica.v1.MissingObjectsRequest
-	14, // 11: gitraft.replica.v1.ReplicaService.Scrub:input_type -> gitraft.replica.v1.ScrubRequest
-	7,  // 12: gitraft.replica.v1.ReplicaService.PutPack:output_type -> gitraft.replica.v1.PutPackResponse
-	10, // 13: gitraft.replica.v1.ReplicaService.GitSession:output_type -> gitraft.replica.v1.GitSessionResponse
-	13, // 14: gitraft.replica.v1.ReplicaService.GetReplicas:output_type -> gitraft.replica.v1.GetReplicasResponse
-	4,  // 15: gitraft.replica.v1.ReplicaService.GetLocalRefs:output_type -> gitraft.replica.v1.GetLocalRefsResponse
-	2,  // 16: gitraft.replica.v1.ReplicaService.MissingObjects:output_type -> gitraft.replica.v1.MissingObjectsResponse
-	15, // 17: gitraft.replica.v1.ReplicaService.Scrub:output_type -> gitraft.replica.v1.ScrubResponse
-	12, // [12:18] is the sub-list for method output_type
-	6,  // [6:12] is the sub-list for method input_type
-	6,  // [6:6] is the sub-list for extension type_name
-	6,  // [6:6] is the sub-list for extension extendee
-	0,  // [0:6] is the sub-list for field type_name
+	17, // 6: gitraft.replica.v1.HousekeepResponse.before:type_name -> gitraft.replica.v1.ObjectHealth
+	17, // 7: gitraft.replica.v1.HousekeepResponse.after:type_name -> gitraft.replica.v1.ObjectHealth
+	6,  // 8: gitraft.replica.v1.ReplicaService.PutPack:input_type -> gitraft.replica.v1.PutPackRequest
+	9,  // 9: gitraft.replica.v1.ReplicaService.GitSession:input_type -> gitraft.replica.v1.GitSessionRequest
+	11, // 10: gitraft.replica.v1.ReplicaService.GetReplicas:input_type -> gitraft.replica.v1.GetReplicasRequest
+	3,  // 11: gitraft.replica.v1.ReplicaService.GetLocalRefs:input_type -> gitraft.replica.v1.GetLocalRefsRequest
+	1,  // 12: gitraft.replica.v1.ReplicaService.MissingObjects:input_type -> gitraft.replica.v1.MissingObjectsRequest
+	14, // 13: gitraft.replica.v1.ReplicaService.Scrub:input_type -> gitraft.replica.v1.ScrubRequest
+	16, // 14: gitraft.replica.v1.ReplicaService.Housekeep:input_type -> gitraft.replica.v1.HousekeepRequest
+	7,  // 15: gitraft.replica.v1.ReplicaService.PutPack:output_type -> gitraft.replica.v1.PutPackResponse
+	10, // 16: gitraft.replica.v1.ReplicaService.GitSession:output_type -> gitraft.replica.v1.GitSessionResponse
+	13, // 17: gitraft.replica.v1.ReplicaService.GetReplicas:output_type -> gitraft.replica.v1.GetReplicasResponse
+	4,  // 18: gitraft.replica.v1.ReplicaService.GetLocalRefs:output_type -> gitraft.replica.v1.GetLocalRefsResponse
+	2,  // 19: gitraft.replica.v1.ReplicaService.MissingObjects:output_type -> gitraft.replica.v1.MissingObjectsResponse
+	15, // 20: gitraft.replica.v1.ReplicaService.Scrub:output_type -> gitraft.replica.v1.ScrubResponse
+	18, // 21: gitraft.replica.v1.ReplicaService.Housekeep:output_type -> gitraft.replica.v1.HousekeepResponse
+	15, // [15:22] is the sub-list for method output_type
+	8,  // [8:15] is the sub-list for method input_type
+	8,  // [8:8] is the sub-list for extension type_name
+	8,  // [8:8] is the sub-list for extension extendee
+	0,  // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_replica_v1_replica_proto_init() }
@@ -1365,7 +1686,7 @@ func file_gitraft_replica_v1_replica_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_replica_v1_replica_proto_rawDesc), len(file_gitraft_replica_v1_replica_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   16,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -30,6 +30,7 @@ const (
 	ReplicaService_GetLocalRefs_FullMethodName   = "/gitraft.replica.v1.ReplicaService/GetLocalRefs"
 	ReplicaService_MissingObjects_FullMethodName = "/gitraft.replica.v1.ReplicaService/MissingObjects"
 	ReplicaService_Scrub_FullMethodName          = "/gitraft.replica.v1.ReplicaService/Scrub"
+	ReplicaService_Housekeep_FullMethodName      = "/gitraft.replica.v1.ReplicaService/Housekeep"
 )
 
 // ReplicaServiceClient is the client API for ReplicaService service.
@@ -54,6 +55,11 @@ type ReplicaServiceClient interface {
 	// connectivity, refs against the replicated state) and heals it from a
 	// current peer when it is damaged.
 	Scrub(ctx context.Context, in *ScrubRequest, opts ...grpc.CallOption) (*ScrubResponse, error)
+	// Housekeep repacks this node's copy of a repository now: the same
+	// step the node's housekeeping scheduler runs, pruning unreachable
+	// objects past the grace period when the copy is at the committed
+	// version. It answers with the copy's object store before and after.
+	Housekeep(ctx context.Context, in *HousekeepRequest, opts ...grpc.CallOption) (*HousekeepResponse, error)
 }
 
 type replicaServiceClient struct {
@@ -130,6 +136,16 @@ func (c *replicaServiceClient) Scrub(ctx context.Context, in *ScrubRequest, opts
 	return out, nil
 }
 
+func (c *replicaServiceClient) Housekeep(ctx context.Context, in *HousekeepRequest, opts ...grpc.CallOption) (*HousekeepResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(HousekeepResponse)
+	err := c.cc.Invoke(ctx, ReplicaService_Housekeep_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ReplicaServiceServer is the server API for ReplicaService service.
 // All implementations must embed UnimplementedReplicaServiceServer
 // for forward compatibility.
@@ -152,6 +168,11 @@ type ReplicaServiceServer interface {
 	// connectivity, refs against the replicated state) and heals it from a
 	// current peer when it is damaged.
 	Scrub(context.Context, *ScrubRequest) (*ScrubResponse, error)
+	// Housekeep repacks this node's copy of a repository now: the same
+	// step the node's housekeeping scheduler runs, pruning unreachable
+	// objects past the grace period when the copy is at the committed
+	// version. It answers with the copy's object store before and after.
+	Housekeep(context.Context, *HousekeepRequest) (*HousekeepResponse, error)
 	mustEmbedUnimplementedReplicaServiceServer()
 }
 
@@ -179,6 +200,9 @@ func (UnimplementedReplicaServiceServer) MissingObjects(context.Context, *Missin
 }
 func (UnimplementedReplicaServiceServer) Scrub(context.Context, *ScrubRequest) (*ScrubResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Scrub not implemented")
+}
+func (UnimplementedReplicaServiceServer) Housekeep(context.Context, *HousekeepRequest) (*HousekeepResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Housekeep not implemented")
 }
 func (UnimplementedReplicaServiceServer) mustEmbedUnimplementedReplicaServiceServer() {}
 func (UnimplementedReplicaServiceServer) testEmbeddedByValue()                        {}
@@ -287,6 +311,24 @@ func _ReplicaService_Scrub_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ReplicaService_Housekeep_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(HousekeepRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ReplicaServiceServer).Housekeep(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ReplicaService_Housekeep_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ReplicaServiceServer).Housekeep(ctx, req.(*HousekeepRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // ReplicaService_ServiceDesc is the grpc.ServiceDesc for ReplicaService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -309,6 +351,10 @@ var ReplicaService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Scrub",
 			Handler:    _ReplicaService_Scrub_Handler,
+		},
+		{
+			MethodName: "Housekeep",
+			Handler:    _ReplicaService_Housekeep_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

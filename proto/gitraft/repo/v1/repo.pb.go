@@ -2056,6 +2056,246 @@ func (x *DataLossResponse) GetIndex() uint64 {
 	return 0
 }
 
+type HousekeepRepoRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The node to run on; empty for every member.
+	NodeId        string `protobuf:"bytes,2,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HousekeepRepoRequest) Reset() {
+	*x = HousekeepRepoRequest{}
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HousekeepRepoRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HousekeepRepoRequest) ProtoMessage() {}
+
+func (x *HousekeepRepoRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HousekeepRepoRequest.ProtoReflect.Descriptor instead.
+func (*HousekeepRepoRequest) Descriptor() ([]byte, []int) {
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *HousekeepRepoRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *HousekeepRepoRequest) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+type NodeHousekeeping struct {
+	state              protoimpl.MessageState `protogen:"open.v1"`
+	NodeId             string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	PacksBefore        int32                  `protobuf:"varint,2,opt,name=packs_before,json=packsBefore,proto3" json:"packs_before,omitempty"`
+	PacksAfter         int32                  `protobuf:"varint,3,opt,name=packs_after,json=packsAfter,proto3" json:"packs_after,omitempty"`
+	LooseObjectsBefore int64                  `protobuf:"varint,4,opt,name=loose_objects_before,json=looseObjectsBefore,proto3" json:"loose_objects_before,omitempty"`
+	LooseObjectsAfter  int64                  `protobuf:"varint,5,opt,name=loose_objects_after,json=looseObjectsAfter,proto3" json:"loose_objects_after,omitempty"`
+	BytesBefore        int64                  `protobuf:"varint,6,opt,name=bytes_before,json=bytesBefore,proto3" json:"bytes_before,omitempty"`
+	BytesAfter         int64                  `protobuf:"varint,7,opt,name=bytes_after,json=bytesAfter,proto3" json:"bytes_after,omitempty"`
+	Pruned             bool                   `protobuf:"varint,8,opt,name=pruned,proto3" json:"pruned,omitempty"`
+	// Why nothing was pruned ("the copy is behind the committed version").
+	PruneSkipped     string  `protobuf:"bytes,9,opt,name=prune_skipped,json=pruneSkipped,proto3" json:"prune_skipped,omitempty"`
+	LeftoversRemoved int32   `protobuf:"varint,10,opt,name=leftovers_removed,json=leftoversRemoved,proto3" json:"leftovers_removed,omitempty"`
+	Seconds          float64 `protobuf:"fixed64,11,opt,name=seconds,proto3" json:"seconds,omitempty"`
+	// Set when the node failed or could not be reached; the rest is then
+	// empty.
+	Error         string `protobuf:"bytes,12,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeHousekeeping) Reset() {
+	*x = NodeHousekeeping{}
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeHousekeeping) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeHousekeeping) ProtoMessage() {}
+
+func (x *NodeHousekeeping) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeHousekeeping.ProtoReflect.Descriptor instead.
+func (*NodeHousekeeping) Descriptor() ([]byte, []int) {
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *NodeHousekeeping) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *NodeHousekeeping) GetPacksBefore() int32 {
+	if x != nil {
+		return x.PacksBefore
+	}
+	return 0
+}
+
+func (x *NodeHousekeeping) GetPacksAfter() int32 {
+	if x != nil {
+		return x.PacksAfter
+	}
+	return 0
+}
+
+func (x *NodeHousekeeping) GetLooseObjectsBefore() int64 {
+	if x != nil {
+		return x.LooseObjectsBefore
+	}
+	return 0
+}
+
+func (x *NodeHousekeeping) GetLooseObjectsAfter() int64 {
+	if x != nil {
+		return x.LooseObjectsAfter
+	}
+	return 0
+}
+
+func (x *NodeHousekeeping) GetBytesBefore() int64 {
+	if x != nil {
+		return x.BytesBefore
+	}
+	return 0
+}
+
+func (x *NodeHousekeeping) GetBytesAfter() int64 {
+	if x != nil {
+		return x.BytesAfter
+	}
+	return 0
+}
+
+func (x *NodeHousekeeping) GetPruned() bool {
+	if x != nil {
+		return x.Pruned
+	}
+	return false
+}
+
+func (x *NodeHousekeeping) GetPruneSkipped() string {
+	if x != nil {
+		return x.PruneSkipped
+	}
+	return ""
+}
+
+func (x *NodeHousekeeping) GetLeftoversRemoved() int32 {
+	if x != nil {
+		return x.LeftoversRemoved
+	}
+	return 0
+}
+
+func (x *NodeHousekeeping) GetSeconds() float64 {
+	if x != nil {
+		return x.Seconds
+	}
+	return 0
+}
+
+func (x *NodeHousekeeping) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+type HousekeepRepoResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Nodes         []*NodeHousekeeping    `protobuf:"bytes,2,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HousekeepRepoResponse) Reset() {
+	*x = HousekeepRepoResponse{}
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HousekeepRepoResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HousekeepRepoResponse) ProtoMessage() {}
+
+func (x *HousekeepRepoResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_repo_v1_repo_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HousekeepRepoResponse.ProtoReflect.Descriptor instead.
+func (*HousekeepRepoResponse) Descriptor() ([]byte, []int) {
+	return file_gitraft_repo_v1_repo_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *HousekeepRepoResponse) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *HousekeepRepoResponse) GetNodes() []*NodeHousekeeping {
+	if x != nil {
+		return x.Nodes
+	}
+	return nil
+}
+
 var File_gitraft_repo_v1_repo_proto protoreflect.FileDescriptor
 
 const file_gitraft_repo_v1_repo_proto_rawDesc = "" +
@@ -2191,7 +2431,29 @@ const file_gitraft_repo_v1_repo_proto_rawDesc = "" +
 	"\x10DataLossResponse\x123\n" +
 	"\x05repos\x18\x01 \x03(\v2\x1d.gitraft.repo.v1.RepoDataLossR\x05repos\x12\x18\n" +
 	"\achecked\x18\x02 \x01(\x05R\achecked\x12\x14\n" +
-	"\x05index\x18\x03 \x01(\x04R\x05index*\xb7\x01\n" +
+	"\x05index\x18\x03 \x01(\x04R\x05index\"C\n" +
+	"\x14HousekeepRepoRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x17\n" +
+	"\anode_id\x18\x02 \x01(\tR\x06nodeId\"\xaf\x03\n" +
+	"\x10NodeHousekeeping\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12!\n" +
+	"\fpacks_before\x18\x02 \x01(\x05R\vpacksBefore\x12\x1f\n" +
+	"\vpacks_after\x18\x03 \x01(\x05R\n" +
+	"packsAfter\x120\n" +
+	"\x14loose_objects_before\x18\x04 \x01(\x03R\x12looseObjectsBefore\x12.\n" +
+	"\x13loose_objects_after\x18\x05 \x01(\x03R\x11looseObjectsAfter\x12!\n" +
+	"\fbytes_before\x18\x06 \x01(\x03R\vbytesBefore\x12\x1f\n" +
+	"\vbytes_after\x18\a \x01(\x03R\n" +
+	"bytesAfter\x12\x16\n" +
+	"\x06pruned\x18\b \x01(\bR\x06pruned\x12#\n" +
+	"\rprune_skipped\x18\t \x01(\tR\fpruneSkipped\x12+\n" +
+	"\x11leftovers_removed\x18\n" +
+	" \x01(\x05R\x10leftoversRemoved\x12\x18\n" +
+	"\aseconds\x18\v \x01(\x01R\aseconds\x12\x14\n" +
+	"\x05error\x18\f \x01(\tR\x05error\"d\n" +
+	"\x15HousekeepRepoResponse\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x127\n" +
+	"\x05nodes\x18\x02 \x03(\v2!.gitraft.repo.v1.NodeHousekeepingR\x05nodes*\xb7\x01\n" +
 	"\fReplicaState\x12\x1d\n" +
 	"\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15REPLICA_STATE_CURRENT\x10\x01\x12\x18\n" +
@@ -2208,7 +2470,7 @@ const file_gitraft_repo_v1_repo_proto_rawDesc = "" +
 	"\x1cDATA_LOSS_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18DATA_LOSS_STATUS_HEALTHY\x10\x01\x12#\n" +
 	"\x1fDATA_LOSS_STATUS_BELOW_MAJORITY\x10\x02\x12\x19\n" +
-	"\x15DATA_LOSS_STATUS_LOST\x10\x032\x87\x06\n" +
+	"\x15DATA_LOSS_STATUS_LOST\x10\x032\xe7\x06\n" +
 	"\vRepoService\x12U\n" +
 	"\n" +
 	"CreateRepo\x12\".gitraft.repo.v1.CreateRepoRequest\x1a#.gitraft.repo.v1.CreateRepoResponse\x12U\n" +
@@ -2223,7 +2485,8 @@ const file_gitraft_repo_v1_repo_proto_rawDesc = "" +
 	"\n" +
 	"RepairRefs\x12\".gitraft.repo.v1.RepairRefsRequest\x1a#.gitraft.repo.v1.RepairRefsResponse\x12R\n" +
 	"\tScrubRepo\x12!.gitraft.repo.v1.ScrubRepoRequest\x1a\".gitraft.repo.v1.ScrubRepoResponse\x12O\n" +
-	"\bDataLoss\x12 .gitraft.repo.v1.DataLossRequest\x1a!.gitraft.repo.v1.DataLossResponseB9Z7github.com/gitraft/gitraft/proto/gitraft/repo/v1;repov1b\x06proto3"
+	"\bDataLoss\x12 .gitraft.repo.v1.DataLossRequest\x1a!.gitraft.repo.v1.DataLossResponse\x12^\n" +
+	"\rHousekeepRepo\x12%.gitraft.repo.v1.HousekeepRepoRequest\x1a&.gitraft.repo.v1.HousekeepRepoResponseB9Z7github.com/gitraft/gitraft/proto/gitraft/repo/v1;repov1b\x06proto3"
 
 var (
 	file_gitraft_repo_v1_repo_proto_rawDescOnce sync.Once
@@ -2238,7 +2501,7 @@ func file_gitraft_repo_v1_repo_proto_rawDescGZIP() []byte {
 }
 
 var file_gitraft_repo_v1_repo_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_gitraft_repo_v1_repo_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_gitraft_repo_v1_repo_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_gitraft_repo_v1_repo_proto_goTypes = []any{
 	(ReplicaState)(0),             // 0: gitraft.repo.v1.ReplicaState
 	(RefStatus)(0),                // 1: gitraft.repo.v1.RefStatus
@@ -2272,20 +2535,23 @@ var file_gitraft_repo_v1_repo_proto_goTypes = []any{
 	(*NodeHolding)(nil),           // 29: gitraft.repo.v1.NodeHolding
 	(*RepoDataLoss)(nil),          // 30: gitraft.repo.v1.RepoDataLoss
 	(*DataLossResponse)(nil),      // 31: gitraft.repo.v1.DataLossResponse
-	(*timestamppb.Timestamp)(nil), // 32: google.protobuf.Timestamp
+	(*HousekeepRepoRequest)(nil),  // 32: gitraft.repo.v1.HousekeepRepoRequest
+	(*NodeHousekeeping)(nil),      // 33: gitraft.repo.v1.NodeHousekeeping
+	(*HousekeepRepoResponse)(nil), // 34: gitraft.repo.v1.HousekeepRepoResponse
+	(*timestamppb.Timestamp)(nil), // 35: google.protobuf.Timestamp
 }
 var file_gitraft_repo_v1_repo_proto_depIdxs = []int32{
 	21, // 0: gitraft.repo.v1.RepairRefsRequest.updates:type_name -> gitraft.repo.v1.RefUpdate
 	4,  // 1: gitraft.repo.v1.RepairRefsResponse.changes:type_name -> gitraft.repo.v1.RepairChange
 	25, // 2: gitraft.repo.v1.RepairRefsResponse.copies:type_name -> gitraft.repo.v1.CopyCheck
-	32, // 3: gitraft.repo.v1.Repair.at:type_name -> google.protobuf.Timestamp
+	35, // 3: gitraft.repo.v1.Repair.at:type_name -> google.protobuf.Timestamp
 	4,  // 4: gitraft.repo.v1.Repair.changes:type_name -> gitraft.repo.v1.RepairChange
 	0,  // 5: gitraft.repo.v1.NodeVerification.state:type_name -> gitraft.repo.v1.ReplicaState
 	8,  // 6: gitraft.repo.v1.VerifyRepoResponse.nodes:type_name -> gitraft.repo.v1.NodeVerification
 	0,  // 7: gitraft.repo.v1.Replica.state:type_name -> gitraft.repo.v1.ReplicaState
 	10, // 8: gitraft.repo.v1.Repo.refs:type_name -> gitraft.repo.v1.Ref
-	32, // 9: gitraft.repo.v1.Repo.created_at:type_name -> google.protobuf.Timestamp
-	32, // 10: gitraft.repo.v1.Repo.updated_at:type_name -> google.protobuf.Timestamp
+	35, // 9: gitraft.repo.v1.Repo.created_at:type_name -> google.protobuf.Timestamp
+	35, // 10: gitraft.repo.v1.Repo.updated_at:type_name -> google.protobuf.Timestamp
 	11, // 11: gitraft.repo.v1.Repo.replicas:type_name -> gitraft.repo.v1.Replica
 	6,  // 12: gitraft.repo.v1.Repo.repairs:type_name -> gitraft.repo.v1.Repair
 	12, // 13: gitraft.repo.v1.CreateRepoResponse.repo:type_name -> gitraft.repo.v1.Repo
@@ -2299,29 +2565,32 @@ var file_gitraft_repo_v1_repo_proto_depIdxs = []int32{
 	2,  // 21: gitraft.repo.v1.RepoDataLoss.status:type_name -> gitraft.repo.v1.DataLossStatus
 	29, // 22: gitraft.repo.v1.RepoDataLoss.nodes:type_name -> gitraft.repo.v1.NodeHolding
 	30, // 23: gitraft.repo.v1.DataLossResponse.repos:type_name -> gitraft.repo.v1.RepoDataLoss
-	13, // 24: gitraft.repo.v1.RepoService.CreateRepo:input_type -> gitraft.repo.v1.CreateRepoRequest
-	15, // 25: gitraft.repo.v1.RepoService.DeleteRepo:input_type -> gitraft.repo.v1.DeleteRepoRequest
-	17, // 26: gitraft.repo.v1.RepoService.ListRepos:input_type -> gitraft.repo.v1.ListReposRequest
-	19, // 27: gitraft.repo.v1.RepoService.GetRepo:input_type -> gitraft.repo.v1.GetRepoRequest
-	22, // 28: gitraft.repo.v1.RepoService.UpdateRefs:input_type -> gitraft.repo.v1.UpdateRefsRequest
-	7,  // 29: gitraft.repo.v1.RepoService.VerifyRepo:input_type -> gitraft.repo.v1.VerifyRepoRequest
-	3,  // 30: gitraft.repo.v1.RepoService.RepairRefs:input_type -> gitraft.repo.v1.RepairRefsRequest
-	26, // 31: gitraft.repo.v1.RepoService.ScrubRepo:input_type -> gitraft.repo.v1.ScrubRepoRequest
-	28, // 32: gitraft.repo.v1.RepoService.DataLoss:input_type -> gitraft.repo.v1.DataLossRequest
-	14, // 33: gitraft.repo.v1.RepoService.CreateRepo:output_type -> gitraft.repo.v1.CreateRepoResponse
-	16, // 34: gitraft.repo.v1.RepoService.DeleteRepo:output_type -> gitraft.repo.v1.DeleteRepoResponse
-	18, // 35: gitraft.repo.v1.RepoService.ListRepos:output_type -> gitraft.repo.v1.ListReposResponse
-	20, // 36: gitraft.repo.v1.RepoService.GetRepo:output_type -> gitraft.repo.v1.GetRepoResponse
-	24, // 37: gitraft.repo.v1.RepoService.UpdateRefs:output_type -> gitraft.repo.v1.UpdateRefsResponse
-	9,  // 38: gitraft.repo.v1.RepoService.VerifyRepo:output_type -> gitraft.repo.v1.VerifyRepoResponse
-	5,  // 39: gitraft.repo.v1.RepoService.RepairRefs:output_type -> gitraft.repo.v1.RepairRefsResponse
-	27, // 40: gitraft.repo.v1.RepoService.ScrubRepo:output_type -> gitraft.repo.v1.ScrubRepoResponse
-	31, // 41: gitraft.repo.v1.RepoService.DataLoss:output_type -> gitraft.repo.v1.DataLossResponse
-	33, // [33:42] is the sub-list for method output_type
-	24, // [24:33] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	33, // 24: gitraft.repo.v1.HousekeepRepoResponse.nodes:type_name -> gitraft.repo.v1.NodeHousekeeping
+	13, // 25: gitraft.repo.v1.RepoService.CreateRepo:input_type -> gitraft.repo.v1.CreateRepoRequest
+	15, // 26: gitraft.repo.v1.RepoService.DeleteRepo:input_type -> gitraft.repo.v1.DeleteRepoRequest
+	17, // 27: gitraft.repo.v1.RepoService.ListRepos:input_type -> gitraft.repo.v1.ListReposRequest
+	19, // 28: gitraft.repo.v1.RepoService.GetRepo:input_type -> gitraft.repo.v1.GetRepoRequest
+	22, // 29: gitraft.repo.v1.RepoService.UpdateRefs:input_type -> gitraft.repo.v1.UpdateRefsRequest
+	7,  // 30: gitraft.repo.v1.RepoService.VerifyRepo:input_type -> gitraft.repo.v1.VerifyRepoRequest
+	3,  // 31: gitraft.repo.v1.RepoService.RepairRefs:input_type -> gitraft.repo.v1.RepairRefsRequest
+	26, // 32: gitraft.repo.v1.RepoService.ScrubRepo:input_type -> gitraft.repo.v1.ScrubRepoRequest
+	28, // 33: gitraft.repo.v1.RepoService.DataLoss:input_type -> gitraft.repo.v1.DataLossRequest
+	32, // 34: gitraft.repo.v1.RepoService.HousekeepRepo:input_type -> gitraft.repo.v1.HousekeepRepoRequest
+	14, // 35: gitraft.repo.v1.RepoService.CreateRepo:output_type -> gitraft.repo.v1.CreateRepoResponse
+	16, // 36: gitraft.repo.v1.RepoService.DeleteRepo:output_type -> gitraft.repo.v1.DeleteRepoResponse
+	18, // 37: gitraft.repo.v1.RepoService.ListRepos:output_type -> gitraft.repo.v1.ListReposResponse
+	20, // 38: gitraft.repo.v1.RepoService.GetRepo:output_type -> gitraft.repo.v1.GetRepoResponse
+	24, // 39: gitraft.repo.v1.RepoService.UpdateRefs:output_type -> gitraft.repo.v1.UpdateRefsResponse
+	9,  // 40: gitraft.repo.v1.RepoService.VerifyRepo:output_type -> gitraft.repo.v1.VerifyRepoResponse
+	5,  // 41: gitraft.repo.v1.RepoService.RepairRefs:output_type -> gitraft.repo.v1.RepairRefsResponse
+	27, // 42: gitraft.repo.v1.RepoService.ScrubRepo:output_type -> gitraft.repo.v1.ScrubRepoResponse
+	31, // 43: gitraft.repo.v1.RepoService.DataLoss:output_type -> gitraft.repo.v1.DataLossResponse
+	34, // 44: gitraft.repo.v1.RepoService.HousekeepRepo:output_type -> gitraft.repo.v1.HousekeepRepoResponse
+	35, // [35:45] is the sub-list for method output_type
+	25, // [25:35] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_repo_v1_repo_proto_init() }
@@ -2335,7 +2604,7 @@ func file_gitraft_repo_v1_repo_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_repo_v1_repo_proto_rawDesc), len(file_gitraft_repo_v1_repo_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   29,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -21,15 +21,16 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	RepoService_CreateRepo_FullMethodName = "/gitraft.repo.v1.RepoService/CreateRepo"
-	RepoService_DeleteRepo_FullMethodName = "/gitraft.repo.v1.RepoService/DeleteRepo"
-	RepoService_ListRepos_FullMethodName  = "/gitraft.repo.v1.RepoService/ListRepos"
-	RepoService_GetRepo_FullMethodName    = "/gitraft.repo.v1.RepoService/GetRepo"
-	RepoService_UpdateRefs_FullMethodName = "/gitraft.repo.v1.RepoService/UpdateRefs"
-	RepoService_VerifyRepo_FullMethodName = "/gitraft.repo.v1.RepoService/VerifyRepo"
-	RepoService_RepairRefs_FullMethodName = "/gitraft.repo.v1.RepoService/RepairRefs"
-	RepoService_ScrubRepo_FullMethodName  = "/gitraft.repo.v1.RepoService/ScrubRepo"
-	RepoService_DataLoss_FullMethodName   = "/gitraft.repo.v1.RepoService/DataLoss"
+	RepoService_CreateRepo_FullMethodName    = "/gitraft.repo.v1.RepoService/CreateRepo"
+	RepoService_DeleteRepo_FullMethodName    = "/gitraft.repo.v1.RepoService/DeleteRepo"
+	RepoService_ListRepos_FullMethodName     = "/gitraft.repo.v1.RepoService/ListRepos"
+	RepoService_GetRepo_FullMethodName       = "/gitraft.repo.v1.RepoService/GetRepo"
+	RepoService_UpdateRefs_FullMethodName    = "/gitraft.repo.v1.RepoService/UpdateRefs"
+	RepoService_VerifyRepo_FullMethodName    = "/gitraft.repo.v1.RepoService/VerifyRepo"
+	RepoService_RepairRefs_FullMethodName    = "/gitraft.repo.v1.RepoService/RepairRefs"
+	RepoService_ScrubRepo_FullMethodName     = "/gitraft.repo.v1.RepoService/ScrubRepo"
+	RepoService_DataLoss_FullMethodName      = "/gitraft.repo.v1.RepoService/DataLoss"
+	RepoService_HousekeepRepo_FullMethodName = "/gitraft.repo.v1.RepoService/HousekeepRepo"
 )
 
 // RepoServiceClient is the client API for RepoService service.
@@ -58,6 +59,12 @@ type RepoServiceClient interface {
 	// DataLoss lists repositories whose committed version fewer than a
 	// majority of voters hold whole (or none), with each node's part.
 	DataLoss(ctx context.Context, in *DataLossRequest, opts ...grpc.CallOption) (*DataLossResponse, error)
+	// HousekeepRepo runs housekeeping of a repository now (repack,
+	// commit-graph, prune of unreachable objects past the grace period,
+	// removal of failed pushes' leftovers) on one node, or on every node
+	// when node_id is empty, and reports each node's packs and loose objects
+	// before and after.
+	HousekeepRepo(ctx context.Context, in *HousekeepRepoRequest, opts ...grpc.CallOption) (*HousekeepRepoResponse, error)
 }
 
 type repoServiceClient struct {
@@ -158,6 +165,16 @@ func (c *repoServiceClient) DataLoss(ctx context.Context, in *DataLossRequest, o
 	return out, nil
 }
 
+func (c *repoServiceClient) HousekeepRepo(ctx context.Context, in *HousekeepRepoRequest, opts ...grpc.CallOption) (*HousekeepRepoResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(HousekeepRepoResponse)
+	err := c.cc.Invoke(ctx, RepoService_HousekeepRepo_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // RepoServiceServer is the server API for RepoService service.
 // All implementations must embed UnimplementedRepoServiceServer
 // for forward compatibility.
@@ -184,6 +201,12 @@ type RepoServiceServer interface {
 	// DataLoss lists repositories whose committed version fewer than a
 	// majority of voters hold whole (or none), with each node's part.
 	DataLoss(context.Context, *DataLossRequest) (*DataLossResponse, error)
+	// HousekeepRepo runs housekeeping of a repository now (repack,
+	// commit-graph, prune of unreachable objects past the grace period,
+	// removal of failed pushes' leftovers) on one node, or on every node
+	// when node_id is empty, and reports each node's packs and loose objects
+	// before and after.
+	HousekeepRepo(context.Context, *HousekeepRepoRequest) (*HousekeepRepoResponse, error)
 	mustEmbedUnimplementedRepoServiceServer()
 }
 
@@ -220,6 +243,9 @@ func (UnimplementedRepoServiceServer) ScrubRepo(context.Context, *ScrubRepoReque
 }
 func (UnimplementedRepoServiceServer) DataLoss(context.Context, *DataLossRequest) (*DataLossResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DataLoss not implemented")
+}
+func (UnimplementedRepoServiceServer) HousekeepRepo(context.Context, *HousekeepRepoRequest) (*HousekeepRepoResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method HousekeepRepo not implemented")
 }
 func (UnimplementedRepoServiceServer) mustEmbedUnimplementedRepoServiceServer() {}
 func (UnimplementedRepoServiceServer) testEmbeddedByValue()                     {}
@@ -404,6 +430,24 @@ func _RepoService_DataLoss_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _RepoService_HousekeepRepo_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(HousekeepRepoRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RepoServiceServer).HousekeepRepo(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RepoService_HousekeepRepo_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RepoServiceServer).HousekeepRepo(ctx, req.(*HousekeepRepoRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // RepoService_ServiceDesc is the grpc.ServiceDesc for RepoService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -446,6 +490,10 @@ var RepoService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DataLoss",
 			Handler:    _RepoService_DataLoss_Handler,
+		},
+		{
+			MethodName: "HousekeepRepo",
+			Handler:    _RepoService_HousekeepRepo_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
