@@ -212,6 +212,16 @@ func goldenEntries() []*fsmv1.Entry {
 	add(ml(&mailv1.Command{Command: &mailv1.Command_Undrain{Undrain: &mailv1.Undrain{Name: "mx2", By: "admin:alice", Reason: "kernel upgraded"}}}))
 	drainID = add(drain(30*time.Minute, "disk swap", true, false))
 	add(report(drainID, 2, 1))
+
+	// Backups: one recorded, an older one refused.
+	backup := func(index uint64) *fsmv1.Entry {
+		return &fsmv1.Entry{Command: &fsmv1.Entry_RecordBackup{RecordBackup: &fsmv1.RecordBackup{Backup: &fsmv1.BackupRecord{
+			Index: index, FinishedUnixNano: 1, DurationNanos: int64(90 * time.Second), Bytes: 5 << 20, BytesWritten: 1 << 20,
+			Repos: 2, Packs: 7, PacksWritten: 2, Node: "n2",
+		}}}}
+	}
+	add(backup(uint64(len(out))))
+	add(backup(3))
 	return out
 }
 
