@@ -253,7 +253,11 @@ func RestoreDataDir(cfg Config, b *BackupState, logger *slog.Logger) error {
 	conf := raft.Configuration{Servers: []raft.Server{{
 		ID: raft.ServerID(cfg.NodeID), Address: raft.ServerAddress(cfg.RaftAdvertise), Suffrage: raft.Voter,
 	}}}
-	sink, err := snaps.Create(raft.SnapshotVersionMax, b.Index, 1, conf, b.Index, nil)
+	// The file store encodes the peers of the old snapshot format through
+	// a transport; both of raft's encode an address as its bytes.
+	_, trans := raft.NewInmemTransport(raft.ServerAddress(cfg.RaftAdvertise))
+	defer trans.Close()
+	sink, err := snaps.Create(raft.SnapshotVersionMax, b.Index, 1, conf, b.Index, trans)
 	if err != nil {
 		return fmt.Errorf("%w: create snapshot: %v", ErrRestore, err)
 	}
