@@ -35,7 +35,7 @@ type backupRepo struct {
 	Packs   []string          `json:"packs"`
 }
 
-func readBackupManifest(t *testing.T, dir string) backupManifest {
+func readBackupManifest(t testing.TB, dir string) backupManifest {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join(dir, "manifest.json"))
 	if err != nil {

@@ -13,6 +13,10 @@
 #   (GITRAFT_FAULT_OPS operations, 3000 by default, or GITRAFT_FAULT_DURATION;
 #   GITRAFT_FAULT_OUT keeps porcupine's visualization). Partitions need root and
 #   iptables.
+#   Backup: BenchmarkBackup, gitraft backup create full and incremental for the Go
+#   source tree as one repository and for 1,000 small repositories, next to GNU tar
+#   (full and --listed-incremental) of a node's data dir (GITRAFT_BACKUP_TREE,
+#   "none" to skip the big repository; GITRAFT_BACKUP_SMALL_REPOS). A few minutes.
 # The git baseline needs OpenSSH's sshd (Debian: openssh-server) and root (it
 # creates a "gitbench" account with git-shell as its login shell).
 set -eu
@@ -27,6 +31,9 @@ if [ "${1:-}" = Fault ]; then
 		export GITRAFT_FAULT_OPS="${GITRAFT_FAULT_OPS:-3000}"
 	fi
 	exec go test -count=1 -run '^Test_E2E_FaultInjection$' -v -timeout 4h ./e2e
+fi
+if [ "${1:-}" = Backup ]; then
+	exec go test -count=1 -run '^$' -bench '^BenchmarkBackup$' -benchtime 1x -timeout 90m ./e2e
 fi
 if [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null 2>&1 || [ ! -x /usr/sbin/pgbouncer ] ||
 	[ ! -x /usr/lib/postgresql/15/bin/pg_ctl ]; then
