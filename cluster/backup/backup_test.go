@@ -138,6 +138,17 @@ func Test_Backup_IncrementalCopiesOnlyNewPacks(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// Unchanged refs over the same packs need no second walk; other refs do.
+	checked := &Manifest{Format: manifestV1, Repos: []Repo{repo2}, Packs: all}
+	if !checked.checked(repo2) {
+		t.Error("an unchanged repository is walked again")
+	}
+	moved := repo2
+	moved.Refs = map[string]string{"refs/heads/main": packs[0]}
+	if checked.checked(moved) || (*Manifest)(nil).checked(repo2) {
+		t.Error("changed refs, or no earlier backup, count as checked")
+	}
+
 	// A pack whose file was lost is not claimed: the node sends it again.
 	os.Remove(PackPath(dest, packs[0], ".pack"))
 	prev = &Manifest{Format: manifestV1, Repos: []Repo{repo2}, Packs: all}

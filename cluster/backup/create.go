@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -77,6 +79,7 @@ func Create(ctx context.Context, opt CreateOptions) (*Manifest, error) {
 	} else if err != nil {
 		return nil, fmt.Errorf("%w; move it away, or back up into another directory", err)
 	}
+	prev.repo("") // builds its index before the workers share it
 	started := time.Now().UTC()
 
 	// The state, at one index.
@@ -108,7 +111,7 @@ func Create(ctx context.Context, opt CreateOptions) (*Manifest, error) {
 					repo.Refs[ref.GetName()] = ref.GetOid()
 				}
 				packs, written, err := copyRepo(ctx, opt, prev, &repo)
-				if err == nil {
+				if err == nil && !(len(written) == 0 && prev.checked(repo)) {
 					err = checkConnected(ctx, opt.Git, dir, repo)
 				}
 				mu.Lock()
@@ -340,6 +343,15 @@ func copyRepoOnce(ctx context.Context, opt CreateOptions, prev *Manifest, repo *
 	}
 	repo.Packs = done.GetPacks()
 	return all, written, nil
+}
+
+// checked reports whether the previous backup held the repository with
+// the same refs and the same packs: it checked them then, and the packs'
+// files are the ones it wrote (have() compared their sizes; verify compares
+// their checksums), so they need no walk again.
+func (m *Manifest) checked(r Repo) bool {
+	p, ok := m.repo(r.Name)
+	return ok && p.ID == r.ID && maps.Equal(p.Refs, r.Refs) && slices.Equal(slices.Sorted(slices.Values(p.Packs)), slices.Sorted(slices.Values(r.Packs)))
 }
 
 func (m *Manifest) pack(sum string) (Pack, bool) {

@@ -41,6 +41,27 @@ type Manifest struct {
 	Bytes        uint64 `json:"bytes"`
 	BytesWritten uint64 `json:"bytes_written"`
 	PacksWritten int    `json:"packs_written"`
+
+	byName map[string]int // index of Repos by name; see repo
+}
+
+// repo finds a repository of the manifest by name. The index is built on
+// the first call, which must not run concurrently with others.
+func (m *Manifest) repo(name string) (Repo, bool) {
+	if m == nil {
+		return Repo{}, false
+	}
+	if m.byName == nil {
+		m.byName = make(map[string]int, len(m.Repos))
+		for i, r := range m.Repos {
+			m.byName[r.Name] = i
+		}
+	}
+	i, ok := m.byName[name]
+	if !ok {
+		return Repo{}, false
+	}
+	return m.Repos[i], true
 }
 
 // StateFile is the state's file in the backup directory.
@@ -148,22 +169,18 @@ func syncDir(dir string) error {
 // repository: the packs the previous manifest named for it whose files are
 // still in the directory, with their sums.
 func have(prev *Manifest, dir, repo string) []string {
-	if prev == nil {
+	r, ok := prev.repo(repo)
+	if !ok {
 		return nil
 	}
 	var out []string
-	for _, r := range prev.Repos {
-		if r.Name != repo {
+	for _, sum := range r.Packs {
+		p, ok := prev.Packs[sum]
+		if !ok {
 			continue
 		}
-		for _, sum := range r.Packs {
-			p, ok := prev.Packs[sum]
-			if !ok {
-				continue
-			}
-			if sizeIs(PackPath(dir, sum, ".pack"), p.PackSize) && sizeIs(PackPath(dir, sum, ".idx"), p.IdxSize) {
-				out = append(out, sum)
-			}
+		if sizeIs(PackPath(dir, sum, ".pack"), p.PackSize) && sizeIs(PackPath(dir, sum, ".idx"), p.IdxSize) {
+			out = append(out, sum)
 		}
 	}
 	slices.Sort(out)

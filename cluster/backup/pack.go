@@ -171,14 +171,26 @@ func fileSHA256(path string) (string, int64, error) {
 // scratchRepo makes a bare repository in a temporary directory whose
 // objects are the given packs of the backup (linked, not copied) and whose
 // refs are refs, for git to check. The caller removes it.
-func scratchRepo(ctx context.Context, g *storage.Git, dir string, r Repo) (string, error) {
+func scratchRepo(dir string, r Repo) (string, error) {
 	tmp, err := os.MkdirTemp("", "gitraft-backup-check-")
 	if err != nil {
 		return "", err
 	}
-	if err := g.Run(g.Command(ctx, "", nil, "init", "-q", "--bare", tmp)); err != nil {
-		os.RemoveAll(tmp)
-		return "", fmt.Errorf("git init: %w", err)
+	// What git init --bare makes that git needs, without a process for it.
+	for _, d := range []string{"objects/pack", "objects/info", "refs/heads", "refs/tags"} {
+		if err := os.MkdirAll(filepath.Join(tmp, d), 0o700); err != nil {
+			os.RemoveAll(tmp)
+			return "", err
+		}
+	}
+	for name, content := range map[string]string{
+		"HEAD":   "ref: refs/heads/main\n",
+		"config": "[core]\n\trepositoryformatversion = 0\n\tbare = true\n",
+	} {
+		if err := os.WriteFile(filepath.Join(tmp, name), []byte(content), 0o600); err != nil {
+			os.RemoveAll(tmp)
+			return "", err
+		}
 	}
 	for _, sum := range r.Packs {
 		for _, ext := range []string{".pack", ".idx"} {
@@ -220,7 +232,7 @@ func checkConnected(ctx context.Context, g *storage.Git, dir string, r Repo) err
 			return fmt.Errorf("pack %s is missing from %s", sum, filepath.Join(dir, PacksDir))
 		}
 	}
-	tmp, err := scratchRepo(ctx, g, dir, r)
+	tmp, err := scratchRepo(dir, r)
 	if err != nil {
 		return err
 	}
