@@ -160,7 +160,7 @@ func BenchmarkBackup(b *testing.B) {
 		for _, r := range rows {
 			fmt.Printf("%-48s %10s %12s %12s | %10s %12s\n", r.name, r.took.Round(time.Millisecond), mib(r.written), mib(r.total), r.tarTook.Round(time.Millisecond), mib(r.tarSize))
 		}
-		fmt.Printf("(backup time includes starting the CLI, fsync of every file and git fsck --connectivity-only of every repository; tar fsyncs nothing and checks nothing; the node's data dir is %s)\n\n", mib(dirBytes(n.dir)))
+		fmt.Printf("(backup time includes starting the CLI, fsync of every file written and git fsck --connectivity-only of every repository whose refs or packs changed; tar fsyncs nothing and checks nothing; the node's data dir is %s)\n\n", mib(dirBytes(n.dir)))
 	}
 }
 
