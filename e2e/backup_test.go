@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -157,6 +158,7 @@ func Test_E2E_BackupRestore(t *testing.T) {
 		c.must(n1, "repo", "grant", r, "alice", "write")
 	}
 	c.must(n1, "repo", "grant", "acme/docs", "bob", "read")
+	c.must(n1, "repo", "create", "acme/empty") // never pushed to
 	c.must(n2, "db", "pause", "--reason", "backup drill")
 	c.must(n2, "mail", "add", "mx1", "--address", "mx1.example.org", "--priority", "10")
 	c.must(n2, "mail", "add", "mx2", "--address", "mx2.example.org", "--priority", "20")
@@ -174,7 +176,7 @@ func Test_E2E_BackupRestore(t *testing.T) {
 	dest := filepath.Join(t.TempDir(), "backup")
 	c.must(n2, "backup", "create", dest)
 	m1 := readBackupManifest(t, dest)
-	if len(m1.Repos) != 2 || m1.PacksWritten == 0 || m1.PacksWritten != len(m1.Packs) {
+	if len(m1.Repos) != 3 || m1.PacksWritten == 0 || m1.PacksWritten != len(m1.Packs) {
 		t.Fatalf("first backup: %d repos, %d packs written of %d", len(m1.Repos), m1.PacksWritten, len(m1.Packs))
 	}
 	before := packFiles(t, dest)
@@ -327,6 +329,44 @@ func Test_E2E_BackupRestore(t *testing.T) {
 		t.Errorf("clone of the restored acme/site is at %s, the source at %s", got, want)
 	}
 	sameView(t, rc.view(rc.nodes[1], repos...), wantView)
+	if got, want := rc.repoNames(rc.nodes[2]), c.repoNames(n1); !slices.Equal(got, want) {
+		t.Errorf("restored repositories %v, the source has %v", got, want)
+	}
+
+	// A backup taken while pushes go on is consistent: it verifies, and
+	// names the refs of one index.
+	pushed := make(chan error, 1)
+	gitIn := func(args ...string) error { // not runCmd: it may call t.Fatal, which is for the test's goroutine
+		cmd := execCommand("git", args...)
+		cmd.Dir, cmd.Env = docs, append(os.Environ(), u.env()...)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("git %s: %v: %s", strings.Join(args, " "), err, out)
+		}
+		return nil
+	}
+	go func() {
+		for i := range 5 {
+			if err := os.WriteFile(filepath.Join(docs, "page"), []byte(strings.Repeat("more\n", i+1)), 0o644); err != nil {
+				pushed <- err
+				return
+			}
+			for _, args := range [][]string{{"add", "page"}, {"commit", "-q", "-m", "page"}, {"push", "-q", "origin", "main"}} {
+				if err := gitIn(args...); err != nil {
+					pushed <- err
+					return
+				}
+			}
+		}
+		pushed <- nil
+	}()
+	online := filepath.Join(t.TempDir(), "online")
+	c.must(n1, "backup", "create", online)
+	if err := <-pushed; err != nil {
+		t.Fatal(err)
+	}
+	if out := c.must(nil, "backup", "verify", online); !strings.Contains(out, "is good") {
+		t.Fatalf("verify of a backup taken during pushes: %s", out)
+	}
 
 	// The restored cluster takes pushes.
 	u2 := &gitUser{c: rc, name: "alice", key: u.key, knownHosts: ru.knownHosts}
