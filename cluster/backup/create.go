@@ -341,7 +341,7 @@ func copyRepoOnce(ctx context.Context, opt CreateOptions, prev *Manifest, repo *
 			return nil, nil, fmt.Errorf("the node did not send pack %s, which the backup directory lacks", sum)
 		}
 	}
-	repo.Packs = done.GetPacks()
+	repo.Packs = append([]string{}, done.GetPacks()...) // [] rather than null in the manifest
 	return all, written, nil
 }
 
@@ -365,7 +365,7 @@ func (m *Manifest) pack(sum string) (Pack, bool) {
 // Record is what the cluster keeps of a finished backup.
 func (m *Manifest) Record() *fsmv1.BackupRecord {
 	return &fsmv1.BackupRecord{
-		Index: m.Index, DurationNanos: int64(m.Finished.Sub(m.Started)), Bytes: m.Bytes, BytesWritten: m.BytesWritten,
+		Index: m.Index, FinishedUnixNano: m.Finished.UnixNano(), DurationNanos: int64(m.Finished.Sub(m.Started)), Bytes: m.Bytes, BytesWritten: m.BytesWritten,
 		Repos: uint64(len(m.Repos)), Packs: uint64(len(m.Packs)), PacksWritten: uint64(m.PacksWritten), Node: m.Node,
 	}
 }

@@ -61,7 +61,9 @@ exports as gitraft_backup_last_success_timestamp_seconds.`,
 				Progress: func(s string) { fmt.Fprintln(cmd.ErrOrStderr(), s) },
 			})
 			if err != nil {
-				return rpcError("backup into "+args[0], err)
+				// Streams pass no unary interceptor: explain a node that
+				// cannot be reached here.
+				return rpcError("backup into "+args[0], g.explainConnError(err, conn.GetState()))
 			}
 			rec := m.Record()
 			if g.JSON {
