@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -65,11 +66,14 @@ type fakeNode struct {
 	backupv1.BackupServiceClient
 	packDir string
 	packs   []string
+	mu      sync.Mutex
 	asked   [][]string // the have list of every call
 }
 
 func (f *fakeNode) CopyRepo(ctx context.Context, req *backupv1.CopyRepoRequest, _ ...grpc.CallOption) (grpc.ServerStreamingClient[backupv1.CopyRepoResponse], error) {
+	f.mu.Lock()
 	f.asked = append(f.asked, req.GetHave())
+	f.mu.Unlock()
 	var msgs []*backupv1.CopyRepoResponse
 	for _, sum := range f.packs {
 		if slices.Contains(req.GetHave(), sum) {
