@@ -28,11 +28,10 @@ const (
 )
 
 // waitingMetrics are metrics the alert rules use that no gitraft exports
-// yet: each belongs to a feature still to be built (issue 12), and its rule
-// says so in a comment. Once a node exports one, this test asks for it to
+// yet: each belongs to a feature still to be built, and its rule says so
+// in a comment (none today). Once a node exports one, this test asks for it to
 // be taken off the list.
 var waitingMetrics = map[string]string{
-	"gitraft_backup_last_success_timestamp_seconds": "backups (issue 12, point 2)",
 }
 
 // fromPrometheus are series Prometheus makes itself for every target.

@@ -99,6 +99,8 @@ func validateEntry(e *fsmv1.Entry, who, version string) error {
 			return bad("a mail entry needs a mail command")
 		}
 		return nil
+	case *fsmv1.Entry_RecordBackup:
+		return need("a backup with an index", c.RecordBackup.GetBackup().GetIndex() != 0)
 	case *fsmv1.Entry_ExpireLocks, *fsmv1.Entry_LeaderNoop, *fsmv1.Entry_ForgetHostPrivateKey:
 		return nil
 	}

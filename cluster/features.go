@@ -25,7 +25,10 @@ const FeatureLevel uint32 = 2
 // Everything not listed is level 1. Member.feature_level itself is level 1:
 // an older leader refuses it (it does not know the field), and a node then
 // registers without it.
-var featureSince = map[protoreflect.FullName]uint32{}
+var featureSince = map[protoreflect.FullName]uint32{
+	// Level 2.
+	"gitraft.fsm.v1.Entry.record_backup": 2,
+}
 
 // entryLevel is the feature level an entry needs: the highest level of any
 // command or field set in it.

@@ -46,7 +46,7 @@ var updateGolden = flag.Bool("update", false, "write missing golden files under 
 // goldenSet is the set goldenEntries builds. Bump it (and run -update) when
 // the format gains a command or field: the new set is written beside the
 // old ones, which stay and must still decode and apply.
-const goldenSet = "set3"
+const goldenSet = "set4"
 
 const goldenDir = "testdata/golden"
 
@@ -213,6 +213,16 @@ func goldenEntries() []*fsmv1.Entry {
 	add(ml(&mailv1.Command{Command: &mailv1.Command_Undrain{Undrain: &mailv1.Undrain{Name: "mx2", By: "admin:alice", Reason: "kernel upgraded"}}}))
 	drainID = add(drain(30*time.Minute, "disk swap", true, false))
 	add(report(drainID, 2, 1))
+
+	// Backups: one recorded, an older one refused.
+	backup := func(index uint64) *fsmv1.Entry {
+		return &fsmv1.Entry{Command: &fsmv1.Entry_RecordBackup{RecordBackup: &fsmv1.RecordBackup{Backup: &fsmv1.BackupRecord{
+			Index: index, FinishedUnixNano: 1, DurationNanos: int64(90 * time.Second), Bytes: 5 << 20, BytesWritten: 1 << 20,
+			Repos: 2, Packs: 7, PacksWritten: 2, Node: "n2",
+		}}}}
+	}
+	add(backup(uint64(len(out))))
+	add(backup(3))
 	return out
 }
 

@@ -57,6 +57,7 @@ func (n *Node) serveGRPC() error {
 	userv1.RegisterUserServiceServer(s, &userService{n: n})
 	n.registerDatabase(s)
 	n.registerMail(s)
+	n.registerBackup(s)
 	n.registerHealth(s) // last: it serves the health of every service above
 	n.grpcServer = s
 	n.goRun(func() {

@@ -88,6 +88,27 @@ func newMetrics(n *Node) *metrics {
 		}
 		return max(0, time.Since(oldest).Seconds())
 	})
+	lastBackup := func(fn func(b *fsmv1.BackupRecord) float64) func() float64 {
+		return func() float64 {
+			var b *fsmv1.BackupRecord
+			n.fsm.Read(func(s *State) { b = s.LastBackup() })
+			if b == nil {
+				return 0
+			}
+			return fn(b)
+		}
+	}
+	gauge("gitraft_backup_last_success_timestamp_seconds", "Unix time at which the last backup (gitraft backup create) finished, from the replicated state: the same on every node. 0 before the first.", lastBackup(func(b *fsmv1.BackupRecord) float64 {
+		return float64(b.GetFinishedUnixNano()) / 1e9
+	}))
+	gauge("gitraft_backup_last_duration_seconds", "How long the last backup took.", lastBackup(func(b *fsmv1.BackupRecord) float64 {
+		return time.Duration(b.GetDurationNanos()).Seconds()
+	}))
+	gauge("gitraft_backup_last_size_bytes", "Size of the last backup: its state and every pack it names.", lastBackup(func(b *fsmv1.BackupRecord) float64 { return float64(b.GetBytes()) }))
+	gauge("gitraft_backup_last_written_bytes", "Bytes the last backup wrote (an incremental backup writes only the packs its destination lacked).", lastBackup(func(b *fsmv1.BackupRecord) float64 {
+		return float64(b.GetBytesWritten())
+	}))
+	gauge("gitraft_backup_last_index", "Raft index of the state the last backup holds.", lastBackup(func(b *fsmv1.BackupRecord) float64 { return float64(b.GetIndex()) }))
 	gauge("gitraft_ready", "1 when this node is ready (not halted, leader known, caught up since start).", func() float64 {
 		if n.ready.Load() && n.fsm.Halted() == nil {
 			return 1
@@ -253,6 +274,8 @@ func commandName(e *fsmv1.Entry) string {
 		return "set_host_key"
 	case *fsmv1.Entry_ForgetHostPrivateKey:
 		return "forget_host_private_key"
+	case *fsmv1.Entry_RecordBackup:
+		return "record_backup"
 	case *fsmv1.Entry_AddUser:
 		return "add_user"
 	case *fsmv1.Entry_RemoveUser:

@@ -65,6 +65,8 @@ type State struct {
 
 	db   *dbtarget.State // the PostgreSQL failover target
 	mail *mail.State     // mail hosts and their drain state
+
+	backup *fsmv1.BackupRecord // the last backup that finished; nil before the first
 }
 
 // NewState returns an empty state.
@@ -195,6 +197,8 @@ func (s *State) apply(index uint64, now time.Time, e *fsmv1.Entry) *fsmv1.Result
 		return &fsmv1.Result{}
 	case *fsmv1.Entry_ForgetHostPrivateKey:
 		return s.forgetHostPrivateKey(c.ForgetHostPrivateKey.GetForce())
+	case *fsmv1.Entry_RecordBackup:
+		return s.recordBackup(now, c.RecordBackup.GetBackup())
 	case *fsmv1.Entry_AddUser:
 		return s.addUser(now, c.AddUser.GetName())
 	case *fsmv1.Entry_RemoveUser:
@@ -766,6 +770,7 @@ type snapshotView struct {
 	grants   []*fsmv1.Grant
 	db       *dbv1.Snapshot
 	mail     *mailv1.Snapshot
+	backup   *fsmv1.BackupRecord
 }
 
 func (s *State) capture() *snapshotView {
@@ -777,7 +782,7 @@ func (s *State) capture() *snapshotView {
 		v.requests = append(v.requests, &fsmv1.AppliedRequest{RequestId: id, Result: s.requests[id]})
 	}
 	v.hostKey, v.users, v.keys = s.hostKey, s.Users(), s.Keys("")
-	v.db, v.mail = s.db.Snapshot(), s.mail.Snapshot()
+	v.db, v.mail, v.backup = s.db.Snapshot(), s.mail.Snapshot(), s.backup
 	for _, repo := range slices.Sorted(maps.Keys(s.grants)) {
 		v.grants = append(v.grants, s.Grants(repo)...)
 	}
@@ -826,7 +831,12 @@ func (v *snapshotView) items(yield func(*fsmv1.SnapshotItem) bool) {
 	if !yield(&fsmv1.SnapshotItem{Item: &fsmv1.SnapshotItem_Database{Database: v.db}}) {
 		return
 	}
-	yield(&fsmv1.SnapshotItem{Item: &fsmv1.SnapshotItem_Mail{Mail: v.mail}})
+	if !yield(&fsmv1.SnapshotItem{Item: &fsmv1.SnapshotItem_Mail{Mail: v.mail}}) {
+		return
+	}
+	if v.backup != nil {
+		yield(&fsmv1.SnapshotItem{Item: &fsmv1.SnapshotItem_Backup{Backup: v.backup}})
+	}
 }
 
 // restoreState builds a State from snapshot items.
@@ -868,6 +878,8 @@ func restoreState(index uint64, items []*fsmv1.SnapshotItem) (*State, error) {
 				return nil, fmt.Errorf("restore mail state: %w", err)
 			}
 			s.mail = m
+		case *fsmv1.SnapshotItem_Backup:
+			s.backup = x.Backup
 		default:
 			return nil, fmt.Errorf("snapshot item of unknown kind %T; upgrade gitraft on this node", it.Item)
 		}
@@ -882,3 +894,23 @@ func (s *State) Database() *dbtarget.State { return s.db }
 
 // Mail returns the mail-drain state, under the same rules as Database.
 func (s *State) Mail() *mail.State { return s.mail }
+
+// recordBackup keeps a finished backup, stamped with the entry's leader
+// time. An older backup (of a lower index) than the one kept is refused, so
+// that a slow CLI cannot move the record back.
+func (s *State) recordBackup(now time.Time, b *fsmv1.BackupRecord) *fsmv1.Result {
+	if b.GetIndex() == 0 {
+		return refuse(fsmv1.Reason_REASON_INVALID, "a backup record needs the index of the state it holds")
+	}
+	if s.backup != nil && b.GetIndex() < s.backup.GetIndex() {
+		return refuse(fsmv1.Reason_REASON_PRECONDITION, "a backup of index %d is already recorded; this one holds the older index %d", s.backup.GetIndex(), b.GetIndex())
+	}
+	rec := proto.Clone(b).(*fsmv1.BackupRecord)
+	rec.FinishedUnixNano = now.UnixNano()
+	s.backup = rec
+	return &fsmv1.Result{}
+}
+
+// LastBackup returns the last backup that finished, or nil. The record is
+// never changed in place.
+func (s *State) LastBackup() *fsmv1.BackupRecord { return s.backup }

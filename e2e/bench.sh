@@ -17,6 +17,10 @@
 #   (GITRAFT_FAULT_OPS operations, 3000 by default, or GITRAFT_FAULT_DURATION;
 #   GITRAFT_FAULT_OUT keeps porcupine's visualization). Partitions need root and
 #   iptables.
+#   Backup: BenchmarkBackup, gitraft backup create full and incremental for the Go
+#   source tree as one repository and for 1,000 small repositories, next to GNU tar
+#   (full and --listed-incremental) of a node's data dir (GITRAFT_BACKUP_TREE,
+#   "none" to skip the big repository; GITRAFT_BACKUP_SMALL_REPOS). A few minutes.
 # The git baseline needs OpenSSH's sshd (Debian: openssh-server) and root (it
 # creates a "gitbench" account with git-shell as its login shell).
 set -eu
@@ -34,6 +38,9 @@ if [ "${1:-}" = Fault ]; then
 fi
 if [ "${1:-}" = Housekeep ]; then
 	exec go test -count=1 -run '^$' -bench '^BenchmarkHousekeep$' -benchtime 1x -timeout 3h ./e2e
+fi
+if [ "${1:-}" = Backup ]; then
+	exec go test -count=1 -run '^$' -bench '^BenchmarkBackup$' -benchtime 1x -timeout 90m ./e2e
 fi
 if [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null 2>&1 || [ ! -x /usr/sbin/pgbouncer ] ||
 	[ ! -x /usr/lib/postgresql/15/bin/pg_ctl ]; then

@@ -39,7 +39,6 @@ func metricValue(n *node, name string) float64 {
 	return -1
 }
 
-// repoDir is a node's copy of a repository on disk.
 // removePack deletes a pack and the files that go with it, as a disk that
 // lost them would.
 func removePack(t *testing.T, pack string) {

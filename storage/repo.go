@@ -112,6 +112,12 @@ func Open(cfg Config, logger *slog.Logger) (*Store, error) {
 	}
 	s := &Store{root: cfg.Root, git: &Git{path: gitPath, home: home}, log: logger}
 	s.emptyTrash()
+	// Packs of loose objects a backup made (OpenPacks) and a crash left.
+	if stale, err := filepath.Glob(filepath.Join(cfg.Root, ".backup-*")); err == nil {
+		for _, p := range stale {
+			s.removeLater(p)
+		}
+	}
 	return s, nil
 }
 

@@ -294,6 +294,7 @@ type Entry struct {
 	//	*Entry_Database
 	//	*Entry_Mail
 	//	*Entry_ForgetHostPrivateKey
+	//	*Entry_RecordBackup
 	Command       isEntry_Command `protobuf_oneof:"command"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -544,6 +545,15 @@ func (x *Entry) GetForgetHostPrivateKey() *ForgetHostPrivateKey {
 	return nil
 }
 
+func (x *Entry) GetRecordBackup() *RecordBackup {
+	if x != nil {
+		if x, ok := x.Command.(*Entry_RecordBackup); ok {
+			return x.RecordBackup
+		}
+	}
+	return nil
+}
+
 type isEntry_Command interface {
 	isEntry_Command()
 }
@@ -630,6 +640,12 @@ type Entry_ForgetHostPrivateKey struct {
 	ForgetHostPrivateKey *ForgetHostPrivateKey `protobuf:"bytes,29,opt,name=forget_host_private_key,json=forgetHostPrivateKey,proto3,oneof"`
 }
 
+type Entry_RecordBackup struct {
+	// A backup finished (gitraft backup create); every node exports it as
+	// gitraft_backup_last_success_timestamp_seconds.
+	RecordBackup *RecordBackup `protobuf:"bytes,30,opt,name=record_backup,json=recordBackup,proto3,oneof"`
+}
+
 func (*Entry_CreateRepo) isEntry_Command() {}
 
 func (*Entry_DeleteRepo) isEntry_Command() {}
@@ -669,6 +685,8 @@ func (*Entry_Database) isEntry_Command() {}
 func (*Entry_Mail) isEntry_Command() {}
 
 func (*Entry_ForgetHostPrivateKey) isEntry_Command() {}
+
+func (*Entry_RecordBackup) isEntry_Command() {}
 
 // SetHostKey records a cluster-wide SSH host key, private part included.
 // Written only by gitraft before host key files (git.host_key_files); kept
@@ -2627,6 +2645,7 @@ type SnapshotItem struct {
 	//	*SnapshotItem_Database
 	//	*SnapshotItem_Mail
 	//	*SnapshotItem_End
+	//	*SnapshotItem_Backup
 	Item          isSnapshotItem_Item `protobuf_oneof:"item"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2768,6 +2787,15 @@ func (x *SnapshotItem) GetEnd() *SnapshotEnd {
 	return nil
 }
 
+func (x *SnapshotItem) GetBackup() *BackupRecord {
+	if x != nil {
+		if x, ok := x.Item.(*SnapshotItem_Backup); ok {
+			return x.Backup
+		}
+	}
+	return nil
+}
+
 type isSnapshotItem_Item interface {
 	isSnapshotItem_Item()
 }
@@ -2816,6 +2844,10 @@ type SnapshotItem_End struct {
 	End *SnapshotEnd `protobuf:"bytes,11,opt,name=end,proto3,oneof"`
 }
 
+type SnapshotItem_Backup struct {
+	Backup *BackupRecord `protobuf:"bytes,12,opt,name=backup,proto3,oneof"`
+}
+
 func (*SnapshotItem_Repo) isSnapshotItem_Item() {}
 
 func (*SnapshotItem_Lock) isSnapshotItem_Item() {}
@@ -2837,6 +2869,8 @@ func (*SnapshotItem_Database) isSnapshotItem_Item() {}
 func (*SnapshotItem_Mail) isSnapshotItem_Item() {}
 
 func (*SnapshotItem_End) isSnapshotItem_Item() {}
+
+func (*SnapshotItem_Backup) isSnapshotItem_Item() {}
 
 // SnapshotEnd is the last item of every snapshot, so that a snapshot cut off
 // at an item boundary is refused rather than restored without its tail.
@@ -2938,11 +2972,170 @@ func (x *AppliedRequest) GetResult() *Result {
 	return nil
 }
 
+// RecordBackup records a backup that finished. The state stamps the entry's
+// leader time as finished_unix_nano (what the CLI sends there is ignored).
+type RecordBackup struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Backup        *BackupRecord          `protobuf:"bytes,1,opt,name=backup,proto3" json:"backup,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RecordBackup) Reset() {
+	*x = RecordBackup{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RecordBackup) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RecordBackup) ProtoMessage() {}
+
+func (x *RecordBackup) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RecordBackup.ProtoReflect.Descriptor instead.
+func (*RecordBackup) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *RecordBackup) GetBackup() *BackupRecord {
+	if x != nil {
+		return x.Backup
+	}
+	return nil
+}
+
+// BackupRecord is the last backup that finished, as the state keeps it.
+type BackupRecord struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The Raft index whose state the backup holds.
+	Index            uint64 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	FinishedUnixNano int64  `protobuf:"varint,2,opt,name=finished_unix_nano,json=finishedUnixNano,proto3" json:"finished_unix_nano,omitempty"`
+	DurationNanos    int64  `protobuf:"varint,3,opt,name=duration_nanos,json=durationNanos,proto3" json:"duration_nanos,omitempty"`
+	// Size of the backup (state and every pack it names), and how much of it
+	// this run wrote (an incremental backup writes only new packs).
+	Bytes        uint64 `protobuf:"varint,4,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	BytesWritten uint64 `protobuf:"varint,5,opt,name=bytes_written,json=bytesWritten,proto3" json:"bytes_written,omitempty"`
+	Repos        uint64 `protobuf:"varint,6,opt,name=repos,proto3" json:"repos,omitempty"`
+	Packs        uint64 `protobuf:"varint,7,opt,name=packs,proto3" json:"packs,omitempty"`
+	PacksWritten uint64 `protobuf:"varint,8,opt,name=packs_written,json=packsWritten,proto3" json:"packs_written,omitempty"`
+	// The node that served it.
+	Node          string `protobuf:"bytes,9,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BackupRecord) Reset() {
+	*x = BackupRecord{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BackupRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BackupRecord) ProtoMessage() {}
+
+func (x *BackupRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BackupRecord.ProtoReflect.Descriptor instead.
+func (*BackupRecord) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *BackupRecord) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *BackupRecord) GetFinishedUnixNano() int64 {
+	if x != nil {
+		return x.FinishedUnixNano
+	}
+	return 0
+}
+
+func (x *BackupRecord) GetDurationNanos() int64 {
+	if x != nil {
+		return x.DurationNanos
+	}
+	return 0
+}
+
+func (x *BackupRecord) GetBytes() uint64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+func (x *BackupRecord) GetBytesWritten() uint64 {
+	if x != nil {
+		return x.BytesWritten
+	}
+	return 0
+}
+
+func (x *BackupRecord) GetRepos() uint64 {
+	if x != nil {
+		return x.Repos
+	}
+	return 0
+}
+
+func (x *BackupRecord) GetPacks() uint64 {
+	if x != nil {
+		return x.Packs
+	}
+	return 0
+}
+
+func (x *BackupRecord) GetPacksWritten() uint64 {
+	if x != nil {
+		return x.PacksWritten
+	}
+	return 0
+}
+
+func (x *BackupRecord) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
 var File_gitraft_fsm_v1_fsm_proto protoreflect.FileDescriptor
 
 const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\n" +
-	"\x18gitraft/fsm/v1/fsm.proto\x12\x0egitraft.fsm.v1\x1a\x16gitraft/db/v1/db.proto\x1a\x1agitraft/mail/v1/mail.proto\"\xa8\v\n" +
+	"\x18gitraft/fsm/v1/fsm.proto\x12\x0egitraft.fsm.v1\x1a\x16gitraft/db/v1/db.proto\x1a\x1agitraft/mail/v1/mail.proto\"\xed\v\n" +
 	"\x05Entry\x123\n" +
 	"\x06format\x18\x01 \x01(\x0e2\x1b.gitraft.fsm.v1.EntryFormatR\x06format\x121\n" +
 	"\x15leader_time_unix_nano\x18\x02 \x01(\x03R\x12leaderTimeUnixNano\x12\x1a\n" +
@@ -2978,7 +3171,8 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\tset_grant\x18\x1a \x01(\v2\x18.gitraft.fsm.v1.SetGrantH\x00R\bsetGrant\x124\n" +
 	"\bdatabase\x18\x1b \x01(\v2\x16.gitraft.db.v1.CommandH\x00R\bdatabase\x12.\n" +
 	"\x04mail\x18\x1c \x01(\v2\x18.gitraft.mail.v1.CommandH\x00R\x04mail\x12]\n" +
-	"\x17forget_host_private_key\x18\x1d \x01(\v2$.gitraft.fsm.v1.ForgetHostPrivateKeyH\x00R\x14forgetHostPrivateKeyB\t\n" +
+	"\x17forget_host_private_key\x18\x1d \x01(\v2$.gitraft.fsm.v1.ForgetHostPrivateKeyH\x00R\x14forgetHostPrivateKey\x12C\n" +
+	"\rrecord_backup\x18\x1e \x01(\v2\x1c.gitraft.fsm.v1.RecordBackupH\x00R\frecordBackupB\t\n" +
 	"\acommand\"@\n" +
 	"\n" +
 	"SetHostKey\x122\n" +
@@ -3116,7 +3310,7 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\x0eSnapshotHeader\x123\n" +
 	"\x06format\x18\x01 \x01(\x0e2\x1b.gitraft.fsm.v1.EntryFormatR\x06format\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x12\x12\n" +
-	"\x04term\x18\x03 \x01(\x04R\x04term\"\xc6\x04\n" +
+	"\x04term\x18\x03 \x01(\x04R\x04term\"\xfe\x04\n" +
 	"\fSnapshotItem\x12*\n" +
 	"\x04repo\x18\x01 \x01(\v2\x14.gitraft.fsm.v1.RepoH\x00R\x04repo\x12/\n" +
 	"\x04lock\x18\x02 \x01(\v2\x19.gitraft.fsm.v1.WriteLockH\x00R\x04lock\x120\n" +
@@ -3129,14 +3323,27 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\bdatabase\x18\t \x01(\v2\x17.gitraft.db.v1.SnapshotH\x00R\bdatabase\x12/\n" +
 	"\x04mail\x18\n" +
 	" \x01(\v2\x19.gitraft.mail.v1.SnapshotH\x00R\x04mail\x12/\n" +
-	"\x03end\x18\v \x01(\v2\x1b.gitraft.fsm.v1.SnapshotEndH\x00R\x03endB\x06\n" +
+	"\x03end\x18\v \x01(\v2\x1b.gitraft.fsm.v1.SnapshotEndH\x00R\x03end\x126\n" +
+	"\x06backup\x18\f \x01(\v2\x1c.gitraft.fsm.v1.BackupRecordH\x00R\x06backupB\x06\n" +
 	"\x04item\"#\n" +
 	"\vSnapshotEnd\x12\x14\n" +
 	"\x05items\x18\x01 \x01(\x04R\x05items\"_\n" +
 	"\x0eAppliedRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12.\n" +
-	"\x06result\x18\x02 \x01(\v2\x16.gitraft.fsm.v1.ResultR\x06result*@\n" +
+	"\x06result\x18\x02 \x01(\v2\x16.gitraft.fsm.v1.ResultR\x06result\"D\n" +
+	"\fRecordBackup\x124\n" +
+	"\x06backup\x18\x01 \x01(\v2\x1c.gitraft.fsm.v1.BackupRecordR\x06backup\"\x99\x02\n" +
+	"\fBackupRecord\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\x12,\n" +
+	"\x12finished_unix_nano\x18\x02 \x01(\x03R\x10finishedUnixNano\x12%\n" +
+	"\x0eduration_nanos\x18\x03 \x01(\x03R\rdurationNanos\x12\x14\n" +
+	"\x05bytes\x18\x04 \x01(\x04R\x05bytes\x12#\n" +
+	"\rbytes_written\x18\x05 \x01(\x04R\fbytesWritten\x12\x14\n" +
+	"\x05repos\x18\x06 \x01(\x04R\x05repos\x12\x14\n" +
+	"\x05packs\x18\a \x01(\x04R\x05packs\x12#\n" +
+	"\rpacks_written\x18\b \x01(\x04R\fpacksWritten\x12\x12\n" +
+	"\x04node\x18\t \x01(\tR\x04node*@\n" +
 	"\vEntryFormat\x12\x1c\n" +
 	"\x18ENTRY_FORMAT_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fENTRY_FORMAT_V1\x10\x01*f\n" +
@@ -3176,7 +3383,7 @@ func file_gitraft_fsm_v1_fsm_proto_rawDescGZIP() []byte {
 }
 
 var file_gitraft_fsm_v1_fsm_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_gitraft_fsm_v1_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
+var file_gitraft_fsm_v1_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
 var file_gitraft_fsm_v1_fsm_proto_goTypes = []any{
 	(EntryFormat)(0),             // 0: gitraft.fsm.v1.EntryFormat
 	(Access)(0),                  // 1: gitraft.fsm.v1.Access
@@ -3218,12 +3425,14 @@ var file_gitraft_fsm_v1_fsm_proto_goTypes = []any{
 	(*SnapshotItem)(nil),         // 37: gitraft.fsm.v1.SnapshotItem
 	(*SnapshotEnd)(nil),          // 38: gitraft.fsm.v1.SnapshotEnd
 	(*AppliedRequest)(nil),       // 39: gitraft.fsm.v1.AppliedRequest
-	(*v1.Command)(nil),           // 40: gitraft.db.v1.Command
-	(*v11.Command)(nil),          // 41: gitraft.mail.v1.Command
-	(*v1.Result)(nil),            // 42: gitraft.db.v1.Result
-	(*v11.Result)(nil),           // 43: gitraft.mail.v1.Result
-	(*v1.Snapshot)(nil),          // 44: gitraft.db.v1.Snapshot
-	(*v11.Snapshot)(nil),         // 45: gitraft.mail.v1.Snapshot
+	(*RecordBackup)(nil),         // 40: gitraft.fsm.v1.RecordBackup
+	(*BackupRecord)(nil),         // 41: gitraft.fsm.v1.BackupRecord
+	(*v1.Command)(nil),           // 42: gitraft.db.v1.Command
+	(*v11.Command)(nil),          // 43: gitraft.mail.v1.Command
+	(*v1.Result)(nil),            // 44: gitraft.db.v1.Result
+	(*v11.Result)(nil),           // 45: gitraft.mail.v1.Result
+	(*v1.Snapshot)(nil),          // 46: gitraft.db.v1.Snapshot
+	(*v11.Snapshot)(nil),         // 47: gitraft.mail.v1.Snapshot
 }
 var file_gitraft_fsm_v1_fsm_proto_depIdxs = []int32{
 	0,  // 0: gitraft.fsm.v1.Entry.format:type_name -> gitraft.fsm.v1.EntryFormat
@@ -3244,45 +3453,48 @@ var file_gitraft_fsm_v1_fsm_proto_depIdxs = []int32{
 	9,  // 15: gitraft.fsm.v1.Entry.add_key:type_name -> gitraft.fsm.v1.AddKey
 	10, // 16: gitraft.fsm.v1.Entry.remove_key:type_name -> gitraft.fsm.v1.RemoveKey
 	11, // 17: gitraft.fsm.v1.Entry.set_grant:type_name -> gitraft.fsm.v1.SetGrant
-	40, // 18: gitraft.fsm.v1.Entry.database:type_name -> gitraft.db.v1.Command
-	41, // 19: gitraft.fsm.v1.Entry.mail:type_name -> gitraft.mail.v1.Command
+	42, // 18: gitraft.fsm.v1.Entry.database:type_name -> gitraft.db.v1.Command
+	43, // 19: gitraft.fsm.v1.Entry.mail:type_name -> gitraft.mail.v1.Command
 	6,  // 20: gitraft.fsm.v1.Entry.forget_host_private_key:type_name -> gitraft.fsm.v1.ForgetHostPrivateKey
-	26, // 21: gitraft.fsm.v1.SetHostKey.host_key:type_name -> gitraft.fsm.v1.HostKey
-	28, // 22: gitraft.fsm.v1.AddKey.key:type_name -> gitraft.fsm.v1.SSHKey
-	1,  // 23: gitraft.fsm.v1.SetGrant.access:type_name -> gitraft.fsm.v1.Access
-	15, // 24: gitraft.fsm.v1.UpdateRefs.updates:type_name -> gitraft.fsm.v1.RefUpdate
-	24, // 25: gitraft.fsm.v1.SetMember.member:type_name -> gitraft.fsm.v1.Member
-	1,  // 26: gitraft.fsm.v1.Grant.access:type_name -> gitraft.fsm.v1.Access
-	25, // 27: gitraft.fsm.v1.Repo.refs:type_name -> gitraft.fsm.v1.Ref
-	31, // 28: gitraft.fsm.v1.Repo.repairs:type_name -> gitraft.fsm.v1.Repair
-	15, // 29: gitraft.fsm.v1.Repair.changes:type_name -> gitraft.fsm.v1.RefUpdate
-	2,  // 30: gitraft.fsm.v1.Refusal.reason:type_name -> gitraft.fsm.v1.Reason
-	3,  // 31: gitraft.fsm.v1.RefResult.status:type_name -> gitraft.fsm.v1.RefStatus
-	33, // 32: gitraft.fsm.v1.Result.refusal:type_name -> gitraft.fsm.v1.Refusal
-	30, // 33: gitraft.fsm.v1.Result.repo:type_name -> gitraft.fsm.v1.Repo
-	32, // 34: gitraft.fsm.v1.Result.lock:type_name -> gitraft.fsm.v1.WriteLock
-	32, // 35: gitraft.fsm.v1.Result.expired:type_name -> gitraft.fsm.v1.WriteLock
-	34, // 36: gitraft.fsm.v1.Result.ref_results:type_name -> gitraft.fsm.v1.RefResult
-	42, // 37: gitraft.fsm.v1.Result.database:type_name -> gitraft.db.v1.Result
-	43, // 38: gitraft.fsm.v1.Result.mail:type_name -> gitraft.mail.v1.Result
-	0,  // 39: gitraft.fsm.v1.SnapshotHeader.format:type_name -> gitraft.fsm.v1.EntryFormat
-	30, // 40: gitraft.fsm.v1.SnapshotItem.repo:type_name -> gitraft.fsm.v1.Repo
-	32, // 41: gitraft.fsm.v1.SnapshotItem.lock:type_name -> gitraft.fsm.v1.WriteLock
-	24, // 42: gitraft.fsm.v1.SnapshotItem.member:type_name -> gitraft.fsm.v1.Member
-	39, // 43: gitraft.fsm.v1.SnapshotItem.applied_request:type_name -> gitraft.fsm.v1.AppliedRequest
-	26, // 44: gitraft.fsm.v1.SnapshotItem.host_key:type_name -> gitraft.fsm.v1.HostKey
-	27, // 45: gitraft.fsm.v1.SnapshotItem.user:type_name -> gitraft.fsm.v1.User
-	28, // 46: gitraft.fsm.v1.SnapshotItem.key:type_name -> gitraft.fsm.v1.SSHKey
-	29, // 47: gitraft.fsm.v1.SnapshotItem.grant:type_name -> gitraft.fsm.v1.Grant
-	44, // 48: gitraft.fsm.v1.SnapshotItem.database:type_name -> gitraft.db.v1.Snapshot
-	45, // 49: gitraft.fsm.v1.SnapshotItem.mail:type_name -> gitraft.mail.v1.Snapshot
-	38, // 50: gitraft.fsm.v1.SnapshotItem.end:type_name -> gitraft.fsm.v1.SnapshotEnd
-	35, // 51: gitraft.fsm.v1.AppliedRequest.result:type_name -> gitraft.fsm.v1.Result
-	52, // [52:52] is the sub-list for method output_type
-	52, // [52:52] is the sub-list for method input_type
-	52, // [52:52] is the sub-list for extension type_name
-	52, // [52:52] is the sub-list for extension extendee
-	0,  // [0:52] is the sub-list for field type_name
+	40, // 21: gitraft.fsm.v1.Entry.record_backup:type_name -> gitraft.fsm.v1.RecordBackup
+	26, // 22: gitraft.fsm.v1.SetHostKey.host_key:type_name -> gitraft.fsm.v1.HostKey
+	28, // 23: gitraft.fsm.v1.AddKey.key:type_name -> gitraft.fsm.v1.SSHKey
+	1,  // 24: gitraft.fsm.v1.SetGrant.access:type_name -> gitraft.fsm.v1.Access
+	15, // 25: gitraft.fsm.v1.UpdateRefs.updates:type_name -> gitraft.fsm.v1.RefUpdate
+	24, // 26: gitraft.fsm.v1.SetMember.member:type_name -> gitraft.fsm.v1.Member
+	1,  // 27: gitraft.fsm.v1.Grant.access:type_name -> gitraft.fsm.v1.Access
+	25, // 28: gitraft.fsm.v1.Repo.refs:type_name -> gitraft.fsm.v1.Ref
+	31, // 29: gitraft.fsm.v1.Repo.repairs:type_name -> gitraft.fsm.v1.Repair
+	15, // 30: gitraft.fsm.v1.Repair.changes:type_name -> gitraft.fsm.v1.RefUpdate
+	2,  // 31: gitraft.fsm.v1.Refusal.reason:type_name -> gitraft.fsm.v1.Reason
+	3,  // 32: gitraft.fsm.v1.RefResult.status:type_name -> gitraft.fsm.v1.RefStatus
+	33, // 33: gitraft.fsm.v1.Result.refusal:type_name -> gitraft.fsm.v1.Refusal
+	30, // 34: gitraft.fsm.v1.Result.repo:type_name -> gitraft.fsm.v1.Repo
+	32, // 35: gitraft.fsm.v1.Result.lock:type_name -> gitraft.fsm.v1.WriteLock
+	32, // 36: gitraft.fsm.v1.Result.expired:type_name -> gitraft.fsm.v1.WriteLock
+	34, // 37: gitraft.fsm.v1.Result.ref_results:type_name -> gitraft.fsm.v1.RefResult
+	44, // 38: gitraft.fsm.v1.Result.database:type_name -> gitraft.db.v1.Result
+	45, // 39: gitraft.fsm.v1.Result.mail:type_name -> gitraft.mail.v1.Result
+	0,  // 40: gitraft.fsm.v1.SnapshotHeader.format:type_name -> gitraft.fsm.v1.EntryFormat
+	30, // 41: gitraft.fsm.v1.SnapshotItem.repo:type_name -> gitraft.fsm.v1.Repo
+	32, // 42: gitraft.fsm.v1.SnapshotItem.lock:type_name -> gitraft.fsm.v1.WriteLock
+	24, // 43: gitraft.fsm.v1.SnapshotItem.member:type_name -> gitraft.fsm.v1.Member
+	39, // 44: gitraft.fsm.v1.SnapshotItem.applied_request:type_name -> gitraft.fsm.v1.AppliedRequest
+	26, // 45: gitraft.fsm.v1.SnapshotItem.host_key:type_name -> gitraft.fsm.v1.HostKey
+	27, // 46: gitraft.fsm.v1.SnapshotItem.user:type_name -> gitraft.fsm.v1.User
+	28, // 47: gitraft.fsm.v1.SnapshotItem.key:type_name -> gitraft.fsm.v1.SSHKey
+	29, // 48: gitraft.fsm.v1.SnapshotItem.grant:type_name -> gitraft.fsm.v1.Grant
+	46, // 49: gitraft.fsm.v1.SnapshotItem.database:type_name -> gitraft.db.v1.Snapshot
+	47, // 50: gitraft.fsm.v1.SnapshotItem.mail:type_name -> gitraft.mail.v1.Snapshot
+	38, // 51: gitraft.fsm.v1.SnapshotItem.end:type_name -> gitraft.fsm.v1.SnapshotEnd
+	41, // 52: gitraft.fsm.v1.SnapshotItem.backup:type_name -> gitraft.fsm.v1.BackupRecord
+	35, // 53: gitraft.fsm.v1.AppliedRequest.result:type_name -> gitraft.fsm.v1.Result
+	41, // 54: gitraft.fsm.v1.RecordBackup.backup:type_name -> gitraft.fsm.v1.BackupRecord
+	55, // [55:55] is the sub-list for method output_type
+	55, // [55:55] is the sub-list for method input_type
+	55, // [55:55] is the sub-list for extension type_name
+	55, // [55:55] is the sub-list for extension extendee
+	0,  // [0:55] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_fsm_v1_fsm_proto_init() }
@@ -3311,6 +3523,7 @@ func file_gitraft_fsm_v1_fsm_proto_init() {
 		(*Entry_Database)(nil),
 		(*Entry_Mail)(nil),
 		(*Entry_ForgetHostPrivateKey)(nil),
+		(*Entry_RecordBackup)(nil),
 	}
 	file_gitraft_fsm_v1_fsm_proto_msgTypes[33].OneofWrappers = []any{
 		(*SnapshotItem_Repo)(nil),
@@ -3324,6 +3537,7 @@ func file_gitraft_fsm_v1_fsm_proto_init() {
 		(*SnapshotItem_Database)(nil),
 		(*SnapshotItem_Mail)(nil),
 		(*SnapshotItem_End)(nil),
+		(*SnapshotItem_Backup)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -3331,7 +3545,7 @@ func file_gitraft_fsm_v1_fsm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_fsm_v1_fsm_proto_rawDesc), len(file_gitraft_fsm_v1_fsm_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   36,
+			NumMessages:   38,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
