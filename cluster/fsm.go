@@ -108,6 +108,14 @@ func (f *fsm) Apply(l *raft.Log) any {
 	if f.observe != nil {
 		f.observe(e, r, time.Since(start))
 	}
+	for _, l := range r.GetFreed() {
+		why := "its node restarted (new incarnation)"
+		if fr := e.GetFreeNodeLocks(); fr != nil {
+			why = "its node is unreachable: " + fr.GetReason()
+		}
+		f.log.Info("write lock freed", "repo", l.GetRepo(), "holder", l.GetHolder(), "token", l.GetFencingToken(),
+			"index", r.GetIndex(), "reason", freedReason(e), "why", why)
+	}
 	if f.onRepoChange != nil && r.GetRefusal() == nil {
 		switch e.Command.(type) {
 		case *fsmv1.Entry_CreateRepo, *fsmv1.Entry_DeleteRepo, *fsmv1.Entry_UpdateRefs:

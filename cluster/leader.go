@@ -49,6 +49,7 @@ func (n *Node) watchLeadership() {
 // loops and the promotion of non-voters.
 func (n *Node) lead(ctx context.Context) {
 	n.goRun(func() { n.handOffWhileHalted(ctx) })
+	n.silent.reset() // what a past term's heartbeats said is stale
 	if err := n.raft.Barrier(applyTimeout).Error(); err != nil {
 		n.log.Warn("leader barrier failed", "err", err)
 		return
@@ -65,6 +66,8 @@ func (n *Node) lead(ctx context.Context) {
 	n.goRun(func() { n.promoteNonvoters(ctx) })
 	t := time.NewTicker(n.cfg.LockExpiryInterval)
 	defer t.Stop()
+	holders := time.NewTicker(max(n.cfg.Raft.HolderTimeout/8, 10*time.Millisecond))
+	defer holders.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -73,6 +76,8 @@ func (n *Node) lead(ctx context.Context) {
 			return
 		case <-t.C:
 			n.expireLocks(ctx)
+		case <-holders.C:
+			n.freeSilentHolders(ctx)
 		}
 	}
 }
@@ -179,6 +184,7 @@ func (n *Node) self() *fsmv1.Member {
 		SshAddr:  n.cfg.SSHAdvertise,
 		// The public parts only: private host keys stay in their files.
 		SshHostKeys: n.cfg.SSHHostKeys,
+		Incarnation: n.incarnation,
 	}
 }
 

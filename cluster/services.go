@@ -611,8 +611,17 @@ func (n *Node) Locker() lockd.Locker { return nodeLocker{n} }
 
 type nodeLocker struct{ n *Node }
 
+// lockWaitLease is how long a writer waiting for a write lock keeps its
+// place in the queue without asking again. The lock client asks at least
+// every lockd.DefaultRetryMax (1s) while it waits, so only a waiter that is
+// gone loses its place.
+const lockWaitLease = 5 * time.Second
+
 func (l nodeLocker) AcquireLock(ctx context.Context, repo, holder string, lease time.Duration) (lockd.WriteLock, error) {
-	r, err := l.n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_AcquireLock{AcquireLock: &fsmv1.AcquireLock{Repo: repo, Holder: holder, LeaseNanos: int64(lease)}}})
+	r, err := l.n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_AcquireLock{AcquireLock: &fsmv1.AcquireLock{
+		Repo: repo, Holder: holder, LeaseNanos: int64(lease),
+		Node: l.n.cfg.NodeID, Incarnation: l.n.incarnation, WaitLeaseNanos: int64(lockWaitLease),
+	}}})
 	return lockResult(r, err)
 }
 
@@ -636,7 +645,7 @@ func lockResult(r *fsmv1.Result, err error) (lockd.WriteLock, error) {
 		var sentinel error
 		switch rf.GetReason() {
 		case fsmv1.Reason_REASON_LOCK_HELD:
-			return lockd.WriteLock{}, &lockd.HeldError{Lock: lockFromProto(r.GetLock())}
+			return lockd.WriteLock{}, &lockd.HeldError{Lock: lockFromProto(r.GetLock()), Queued: true}
 		case fsmv1.Reason_REASON_STALE_TOKEN:
 			sentinel = lockd.ErrStaleToken
 		case fsmv1.Reason_REASON_LOCK_NOT_HELD:

@@ -294,6 +294,7 @@ type Entry struct {
 	//	*Entry_Database
 	//	*Entry_Mail
 	//	*Entry_ForgetHostPrivateKey
+	//	*Entry_FreeNodeLocks
 	Command       isEntry_Command `protobuf_oneof:"command"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -544,6 +545,15 @@ func (x *Entry) GetForgetHostPrivateKey() *ForgetHostPrivateKey {
 	return nil
 }
 
+func (x *Entry) GetFreeNodeLocks() *FreeNodeLocks {
+	if x != nil {
+		if x, ok := x.Command.(*Entry_FreeNodeLocks); ok {
+			return x.FreeNodeLocks
+		}
+	}
+	return nil
+}
+
 type isEntry_Command interface {
 	isEntry_Command()
 }
@@ -630,6 +640,10 @@ type Entry_ForgetHostPrivateKey struct {
 	ForgetHostPrivateKey *ForgetHostPrivateKey `protobuf:"bytes,29,opt,name=forget_host_private_key,json=forgetHostPrivateKey,proto3,oneof"`
 }
 
+type Entry_FreeNodeLocks struct {
+	FreeNodeLocks *FreeNodeLocks `protobuf:"bytes,30,opt,name=free_node_locks,json=freeNodeLocks,proto3,oneof"`
+}
+
 func (*Entry_CreateRepo) isEntry_Command() {}
 
 func (*Entry_DeleteRepo) isEntry_Command() {}
@@ -669,6 +683,8 @@ func (*Entry_Database) isEntry_Command() {}
 func (*Entry_Mail) isEntry_Command() {}
 
 func (*Entry_ForgetHostPrivateKey) isEntry_Command() {}
+
+func (*Entry_FreeNodeLocks) isEntry_Command() {}
 
 // SetHostKey records a cluster-wide SSH host key, private part included.
 // Written only by gitraft before host key files (git.host_key_files); kept
@@ -1315,12 +1331,24 @@ func (x *UpdateRefs) GetRepairReason() string {
 }
 
 type AcquireLock struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Repo          string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
-	Holder        string                 `protobuf:"bytes,2,opt,name=holder,proto3" json:"holder,omitempty"`
-	LeaseNanos    int64                  `protobuf:"varint,3,opt,name=lease_nanos,json=leaseNanos,proto3" json:"lease_nanos,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Repo       string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
+	Holder     string                 `protobuf:"bytes,2,opt,name=holder,proto3" json:"holder,omitempty"`
+	LeaseNanos int64                  `protobuf:"varint,3,opt,name=lease_nanos,json=leaseNanos,proto3" json:"lease_nanos,omitempty"`
+	// The node that asks and its incarnation (Member.incarnation): the lock
+	// is freed when that node starts again under another incarnation, or
+	// when the leader frees the node's locks (FreeNodeLocks). Empty in
+	// entries written before: such locks end only by release or lease.
+	Node        string `protobuf:"bytes,4,opt,name=node,proto3" json:"node,omitempty"`
+	Incarnation string `protobuf:"bytes,5,opt,name=incarnation,proto3" json:"incarnation,omitempty"`
+	// When set, the acquire takes its turn: a holder that finds the lock
+	// held (or free but promised to an earlier waiter) is queued, first come
+	// first served, for this long (each retry renews it); the lock is
+	// granted only to the first waiter. 0 (entries written before): no
+	// queue, the lock goes to whoever asks first once it is free.
+	WaitLeaseNanos int64 `protobuf:"varint,6,opt,name=wait_lease_nanos,json=waitLeaseNanos,proto3" json:"wait_lease_nanos,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *AcquireLock) Reset() {
@@ -1370,6 +1398,27 @@ func (x *AcquireLock) GetHolder() string {
 func (x *AcquireLock) GetLeaseNanos() int64 {
 	if x != nil {
 		return x.LeaseNanos
+	}
+	return 0
+}
+
+func (x *AcquireLock) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *AcquireLock) GetIncarnation() string {
+	if x != nil {
+		return x.Incarnation
+	}
+	return ""
+}
+
+func (x *AcquireLock) GetWaitLeaseNanos() int64 {
+	if x != nil {
+		return x.WaitLeaseNanos
 	}
 	return 0
 }
@@ -1667,7 +1716,12 @@ type Member struct {
 	// The public SSH host keys this node serves from its host key files, in
 	// authorized_keys form, in the order configured. The cluster's
 	// known_hosts lines are made from these; no private key is ever here.
-	SshHostKeys   []string `protobuf:"bytes,6,rep,name=ssh_host_keys,json=sshHostKeys,proto3" json:"ssh_host_keys,omitempty"`
+	SshHostKeys []string `protobuf:"bytes,6,rep,name=ssh_host_keys,json=sshHostKeys,proto3" json:"ssh_host_keys,omitempty"`
+	// Set anew each time the node process starts. A SetMember that changes
+	// it frees the write locks (and lock waits) the node held under any
+	// other incarnation: the process that held them is gone. Empty in
+	// entries written before: nothing is freed.
+	Incarnation   string `protobuf:"bytes,7,opt,name=incarnation,proto3" json:"incarnation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1742,6 +1796,13 @@ func (x *Member) GetSshHostKeys() []string {
 		return x.SshHostKeys
 	}
 	return nil
+}
+
+func (x *Member) GetIncarnation() string {
+	if x != nil {
+		return x.Incarnation
+	}
+	return ""
 }
 
 type Ref struct {
@@ -2255,8 +2316,11 @@ type WriteLock struct {
 	FencingToken     uint64                 `protobuf:"varint,3,opt,name=fencing_token,json=fencingToken,proto3" json:"fencing_token,omitempty"`
 	AcquiredUnixNano int64                  `protobuf:"varint,4,opt,name=acquired_unix_nano,json=acquiredUnixNano,proto3" json:"acquired_unix_nano,omitempty"`
 	ExpiresUnixNano  int64                  `protobuf:"varint,5,opt,name=expires_unix_nano,json=expiresUnixNano,proto3" json:"expires_unix_nano,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// AcquireLock.node and incarnation of the grant ("" before they existed).
+	Node          string `protobuf:"bytes,6,opt,name=node,proto3" json:"node,omitempty"`
+	Incarnation   string `protobuf:"bytes,7,opt,name=incarnation,proto3" json:"incarnation,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *WriteLock) Reset() {
@@ -2322,6 +2386,20 @@ func (x *WriteLock) GetExpiresUnixNano() int64 {
 		return x.ExpiresUnixNano
 	}
 	return 0
+}
+
+func (x *WriteLock) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *WriteLock) GetIncarnation() string {
+	if x != nil {
+		return x.Incarnation
+	}
+	return ""
 }
 
 type Refusal struct {
@@ -2439,15 +2517,18 @@ func (x *RefResult) GetCurrentOid() string {
 
 // Result is what applying one entry produced.
 type Result struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Index         uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
-	Refusal       *Refusal               `protobuf:"bytes,2,opt,name=refusal,proto3" json:"refusal,omitempty"`
-	Repo          *Repo                  `protobuf:"bytes,3,opt,name=repo,proto3" json:"repo,omitempty"`
-	Lock          *WriteLock             `protobuf:"bytes,4,opt,name=lock,proto3" json:"lock,omitempty"`
-	Expired       []*WriteLock           `protobuf:"bytes,5,rep,name=expired,proto3" json:"expired,omitempty"`
-	RefResults    []*RefResult           `protobuf:"bytes,6,rep,name=ref_results,json=refResults,proto3" json:"ref_results,omitempty"`
-	Database      *v1.Result             `protobuf:"bytes,7,opt,name=database,proto3" json:"database,omitempty"`
-	Mail          *v11.Result            `protobuf:"bytes,8,opt,name=mail,proto3" json:"mail,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Index      uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	Refusal    *Refusal               `protobuf:"bytes,2,opt,name=refusal,proto3" json:"refusal,omitempty"`
+	Repo       *Repo                  `protobuf:"bytes,3,opt,name=repo,proto3" json:"repo,omitempty"`
+	Lock       *WriteLock             `protobuf:"bytes,4,opt,name=lock,proto3" json:"lock,omitempty"`
+	Expired    []*WriteLock           `protobuf:"bytes,5,rep,name=expired,proto3" json:"expired,omitempty"`
+	RefResults []*RefResult           `protobuf:"bytes,6,rep,name=ref_results,json=refResults,proto3" json:"ref_results,omitempty"`
+	Database   *v1.Result             `protobuf:"bytes,7,opt,name=database,proto3" json:"database,omitempty"`
+	Mail       *v11.Result            `protobuf:"bytes,8,opt,name=mail,proto3" json:"mail,omitempty"`
+	// Locks freed because their holder's node restarted or went silent
+	// (SetMember with a new incarnation, FreeNodeLocks).
+	Freed         []*WriteLock `protobuf:"bytes,9,rep,name=freed,proto3" json:"freed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2538,6 +2619,13 @@ func (x *Result) GetMail() *v11.Result {
 	return nil
 }
 
+func (x *Result) GetFreed() []*WriteLock {
+	if x != nil {
+		return x.Freed
+	}
+	return nil
+}
+
 // SnapshotHeader starts a snapshot stream; it is followed by the items, each a
 // length-delimited SnapshotItem.
 type SnapshotHeader struct {
@@ -2615,6 +2703,7 @@ type SnapshotItem struct {
 	//	*SnapshotItem_Database
 	//	*SnapshotItem_Mail
 	//	*SnapshotItem_End
+	//	*SnapshotItem_LockQueue
 	Item          isSnapshotItem_Item `protobuf_oneof:"item"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2756,6 +2845,15 @@ func (x *SnapshotItem) GetEnd() *SnapshotEnd {
 	return nil
 }
 
+func (x *SnapshotItem) GetLockQueue() *LockQueue {
+	if x != nil {
+		if x, ok := x.Item.(*SnapshotItem_LockQueue); ok {
+			return x.LockQueue
+		}
+	}
+	return nil
+}
+
 type isSnapshotItem_Item interface {
 	isSnapshotItem_Item()
 }
@@ -2804,6 +2902,10 @@ type SnapshotItem_End struct {
 	End *SnapshotEnd `protobuf:"bytes,11,opt,name=end,proto3,oneof"`
 }
 
+type SnapshotItem_LockQueue struct {
+	LockQueue *LockQueue `protobuf:"bytes,12,opt,name=lock_queue,json=lockQueue,proto3,oneof"`
+}
+
 func (*SnapshotItem_Repo) isSnapshotItem_Item() {}
 
 func (*SnapshotItem_Lock) isSnapshotItem_Item() {}
@@ -2825,6 +2927,8 @@ func (*SnapshotItem_Database) isSnapshotItem_Item() {}
 func (*SnapshotItem_Mail) isSnapshotItem_Item() {}
 
 func (*SnapshotItem_End) isSnapshotItem_Item() {}
+
+func (*SnapshotItem_LockQueue) isSnapshotItem_Item() {}
 
 // SnapshotEnd is the last item of every snapshot, so that a snapshot cut off
 // at an item boundary is refused rather than restored without its tail.
@@ -2926,11 +3030,208 @@ func (x *AppliedRequest) GetResult() *Result {
 	return nil
 }
 
+// FreeNodeLocks frees the write locks a node holds, with fencing tokens up
+// to up_to_token (locks it is granted later stay), and drops its lock
+// waits. The leader proposes it when it has not heard from the node for
+// longer than raft.holder_timeout; safety rests on the fencing token: what
+// the old holder sends afterwards is refused.
+type FreeNodeLocks struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Node      string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	UpToToken uint64                 `protobuf:"varint,2,opt,name=up_to_token,json=upToToken,proto3" json:"up_to_token,omitempty"`
+	// Why, for logs and history ("unreachable for 2.1s").
+	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FreeNodeLocks) Reset() {
+	*x = FreeNodeLocks{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FreeNodeLocks) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FreeNodeLocks) ProtoMessage() {}
+
+func (x *FreeNodeLocks) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FreeNodeLocks.ProtoReflect.Descriptor instead.
+func (*FreeNodeLocks) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *FreeNodeLocks) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *FreeNodeLocks) GetUpToToken() uint64 {
+	if x != nil {
+		return x.UpToToken
+	}
+	return 0
+}
+
+func (x *FreeNodeLocks) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+// LockQueue is a repository's queue of lock waiters, first first.
+type LockQueue struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Repo          string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
+	Waiters       []*LockWaiter          `protobuf:"bytes,2,rep,name=waiters,proto3" json:"waiters,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LockQueue) Reset() {
+	*x = LockQueue{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LockQueue) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LockQueue) ProtoMessage() {}
+
+func (x *LockQueue) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LockQueue.ProtoReflect.Descriptor instead.
+func (*LockQueue) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *LockQueue) GetRepo() string {
+	if x != nil {
+		return x.Repo
+	}
+	return ""
+}
+
+func (x *LockQueue) GetWaiters() []*LockWaiter {
+	if x != nil {
+		return x.Waiters
+	}
+	return nil
+}
+
+type LockWaiter struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Holder      string                 `protobuf:"bytes,1,opt,name=holder,proto3" json:"holder,omitempty"`
+	Node        string                 `protobuf:"bytes,2,opt,name=node,proto3" json:"node,omitempty"`
+	Incarnation string                 `protobuf:"bytes,3,opt,name=incarnation,proto3" json:"incarnation,omitempty"`
+	// When the wait is dropped unless the waiter asks again.
+	ExpiresUnixNano int64 `protobuf:"varint,4,opt,name=expires_unix_nano,json=expiresUnixNano,proto3" json:"expires_unix_nano,omitempty"`
+	// Leader time the waiter first asked.
+	SinceUnixNano int64 `protobuf:"varint,5,opt,name=since_unix_nano,json=sinceUnixNano,proto3" json:"since_unix_nano,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LockWaiter) Reset() {
+	*x = LockWaiter{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LockWaiter) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LockWaiter) ProtoMessage() {}
+
+func (x *LockWaiter) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LockWaiter.ProtoReflect.Descriptor instead.
+func (*LockWaiter) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *LockWaiter) GetHolder() string {
+	if x != nil {
+		return x.Holder
+	}
+	return ""
+}
+
+func (x *LockWaiter) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *LockWaiter) GetIncarnation() string {
+	if x != nil {
+		return x.Incarnation
+	}
+	return ""
+}
+
+func (x *LockWaiter) GetExpiresUnixNano() int64 {
+	if x != nil {
+		return x.ExpiresUnixNano
+	}
+	return 0
+}
+
+func (x *LockWaiter) GetSinceUnixNano() int64 {
+	if x != nil {
+		return x.SinceUnixNano
+	}
+	return 0
+}
+
 var File_gitraft_fsm_v1_fsm_proto protoreflect.FileDescriptor
 
 const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\n" +
-	"\x18gitraft/fsm/v1/fsm.proto\x12\x0egitraft.fsm.v1\x1a\x16gitraft/db/v1/db.proto\x1a\x1agitraft/mail/v1/mail.proto\"\xa8\v\n" +
+	"\x18gitraft/fsm/v1/fsm.proto\x12\x0egitraft.fsm.v1\x1a\x16gitraft/db/v1/db.proto\x1a\x1agitraft/mail/v1/mail.proto\"\xf1\v\n" +
 	"\x05Entry\x123\n" +
 	"\x06format\x18\x01 \x01(\x0e2\x1b.gitraft.fsm.v1.EntryFormatR\x06format\x121\n" +
 	"\x15leader_time_unix_nano\x18\x02 \x01(\x03R\x12leaderTimeUnixNano\x12\x1a\n" +
@@ -2966,7 +3267,8 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\tset_grant\x18\x1a \x01(\v2\x18.gitraft.fsm.v1.SetGrantH\x00R\bsetGrant\x124\n" +
 	"\bdatabase\x18\x1b \x01(\v2\x16.gitraft.db.v1.CommandH\x00R\bdatabase\x12.\n" +
 	"\x04mail\x18\x1c \x01(\v2\x18.gitraft.mail.v1.CommandH\x00R\x04mail\x12]\n" +
-	"\x17forget_host_private_key\x18\x1d \x01(\v2$.gitraft.fsm.v1.ForgetHostPrivateKeyH\x00R\x14forgetHostPrivateKeyB\t\n" +
+	"\x17forget_host_private_key\x18\x1d \x01(\v2$.gitraft.fsm.v1.ForgetHostPrivateKeyH\x00R\x14forgetHostPrivateKey\x12G\n" +
+	"\x0ffree_node_locks\x18\x1e \x01(\v2\x1d.gitraft.fsm.v1.FreeNodeLocksH\x00R\rfreeNodeLocksB\t\n" +
 	"\acommand\"@\n" +
 	"\n" +
 	"SetHostKey\x122\n" +
@@ -3008,12 +3310,15 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\apush_id\x18\x05 \x01(\tR\x06pushId\x12\x1b\n" +
 	"\tref_rules\x18\x06 \x01(\rR\brefRules\x12!\n" +
 	"\frepair_actor\x18\a \x01(\tR\vrepairActor\x12#\n" +
-	"\rrepair_reason\x18\b \x01(\tR\frepairReason\"Z\n" +
+	"\rrepair_reason\x18\b \x01(\tR\frepairReason\"\xba\x01\n" +
 	"\vAcquireLock\x12\x12\n" +
 	"\x04repo\x18\x01 \x01(\tR\x04repo\x12\x16\n" +
 	"\x06holder\x18\x02 \x01(\tR\x06holder\x12\x1f\n" +
 	"\vlease_nanos\x18\x03 \x01(\x03R\n" +
-	"leaseNanos\"e\n" +
+	"leaseNanos\x12\x12\n" +
+	"\x04node\x18\x04 \x01(\tR\x04node\x12 \n" +
+	"\vincarnation\x18\x05 \x01(\tR\vincarnation\x12(\n" +
+	"\x10wait_lease_nanos\x18\x06 \x01(\x03R\x0ewaitLeaseNanos\"e\n" +
 	"\tRenewLock\x12\x12\n" +
 	"\x04repo\x18\x01 \x01(\tR\x04repo\x12#\n" +
 	"\rfencing_token\x18\x02 \x01(\x04R\ffencingToken\x12\x1f\n" +
@@ -3028,14 +3333,15 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\tSetMember\x12.\n" +
 	"\x06member\x18\x01 \x01(\v2\x16.gitraft.fsm.v1.MemberR\x06member\"\x1e\n" +
 	"\fRemoveMember\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"\xae\x01\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\xd0\x01\n" +
 	"\x06Member\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x1b\n" +
 	"\tgrpc_addr\x18\x03 \x01(\tR\bgrpcAddr\x12\x1b\n" +
 	"\thttp_addr\x18\x04 \x01(\tR\bhttpAddr\x12\x19\n" +
 	"\bssh_addr\x18\x05 \x01(\tR\asshAddr\x12\"\n" +
-	"\rssh_host_keys\x18\x06 \x03(\tR\vsshHostKeys\"+\n" +
+	"\rssh_host_keys\x18\x06 \x03(\tR\vsshHostKeys\x12 \n" +
+	"\vincarnation\x18\a \x01(\tR\vincarnation\"+\n" +
 	"\x03Ref\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n" +
 	"\x03oid\x18\x02 \x01(\tR\x03oid\"k\n" +
@@ -3075,13 +3381,15 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\x05actor\x18\x03 \x01(\tR\x05actor\x12\x16\n" +
 	"\x06reason\x18\x04 \x01(\tR\x06reason\x123\n" +
 	"\achanges\x18\x05 \x03(\v2\x19.gitraft.fsm.v1.RefUpdateR\achanges\x12\x18\n" +
-	"\aversion\x18\x06 \x01(\x04R\aversion\"\xb6\x01\n" +
+	"\aversion\x18\x06 \x01(\x04R\aversion\"\xec\x01\n" +
 	"\tWriteLock\x12\x12\n" +
 	"\x04repo\x18\x01 \x01(\tR\x04repo\x12\x16\n" +
 	"\x06holder\x18\x02 \x01(\tR\x06holder\x12#\n" +
 	"\rfencing_token\x18\x03 \x01(\x04R\ffencingToken\x12,\n" +
 	"\x12acquired_unix_nano\x18\x04 \x01(\x03R\x10acquiredUnixNano\x12*\n" +
-	"\x11expires_unix_nano\x18\x05 \x01(\x03R\x0fexpiresUnixNano\"S\n" +
+	"\x11expires_unix_nano\x18\x05 \x01(\x03R\x0fexpiresUnixNano\x12\x12\n" +
+	"\x04node\x18\x06 \x01(\tR\x04node\x12 \n" +
+	"\vincarnation\x18\a \x01(\tR\vincarnation\"S\n" +
 	"\aRefusal\x12.\n" +
 	"\x06reason\x18\x01 \x01(\x0e2\x16.gitraft.fsm.v1.ReasonR\x06reason\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\"q\n" +
@@ -3089,7 +3397,7 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\x03ref\x18\x01 \x01(\tR\x03ref\x121\n" +
 	"\x06status\x18\x02 \x01(\x0e2\x19.gitraft.fsm.v1.RefStatusR\x06status\x12\x1f\n" +
 	"\vcurrent_oid\x18\x03 \x01(\tR\n" +
-	"currentOid\"\xfb\x02\n" +
+	"currentOid\"\xac\x03\n" +
 	"\x06Result\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x121\n" +
 	"\arefusal\x18\x02 \x01(\v2\x17.gitraft.fsm.v1.RefusalR\arefusal\x12(\n" +
@@ -3099,11 +3407,12 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\vref_results\x18\x06 \x03(\v2\x19.gitraft.fsm.v1.RefResultR\n" +
 	"refResults\x121\n" +
 	"\bdatabase\x18\a \x01(\v2\x15.gitraft.db.v1.ResultR\bdatabase\x12+\n" +
-	"\x04mail\x18\b \x01(\v2\x17.gitraft.mail.v1.ResultR\x04mail\"o\n" +
+	"\x04mail\x18\b \x01(\v2\x17.gitraft.mail.v1.ResultR\x04mail\x12/\n" +
+	"\x05freed\x18\t \x03(\v2\x19.gitraft.fsm.v1.WriteLockR\x05freed\"o\n" +
 	"\x0eSnapshotHeader\x123\n" +
 	"\x06format\x18\x01 \x01(\x0e2\x1b.gitraft.fsm.v1.EntryFormatR\x06format\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x12\x12\n" +
-	"\x04term\x18\x03 \x01(\x04R\x04term\"\xc6\x04\n" +
+	"\x04term\x18\x03 \x01(\x04R\x04term\"\x82\x05\n" +
 	"\fSnapshotItem\x12*\n" +
 	"\x04repo\x18\x01 \x01(\v2\x14.gitraft.fsm.v1.RepoH\x00R\x04repo\x12/\n" +
 	"\x04lock\x18\x02 \x01(\v2\x19.gitraft.fsm.v1.WriteLockH\x00R\x04lock\x120\n" +
@@ -3116,14 +3425,30 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\bdatabase\x18\t \x01(\v2\x17.gitraft.db.v1.SnapshotH\x00R\bdatabase\x12/\n" +
 	"\x04mail\x18\n" +
 	" \x01(\v2\x19.gitraft.mail.v1.SnapshotH\x00R\x04mail\x12/\n" +
-	"\x03end\x18\v \x01(\v2\x1b.gitraft.fsm.v1.SnapshotEndH\x00R\x03endB\x06\n" +
+	"\x03end\x18\v \x01(\v2\x1b.gitraft.fsm.v1.SnapshotEndH\x00R\x03end\x12:\n" +
+	"\n" +
+	"lock_queue\x18\f \x01(\v2\x19.gitraft.fsm.v1.LockQueueH\x00R\tlockQueueB\x06\n" +
 	"\x04item\"#\n" +
 	"\vSnapshotEnd\x12\x14\n" +
 	"\x05items\x18\x01 \x01(\x04R\x05items\"_\n" +
 	"\x0eAppliedRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12.\n" +
-	"\x06result\x18\x02 \x01(\v2\x16.gitraft.fsm.v1.ResultR\x06result*@\n" +
+	"\x06result\x18\x02 \x01(\v2\x16.gitraft.fsm.v1.ResultR\x06result\"[\n" +
+	"\rFreeNodeLocks\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1e\n" +
+	"\vup_to_token\x18\x02 \x01(\x04R\tupToToken\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"U\n" +
+	"\tLockQueue\x12\x12\n" +
+	"\x04repo\x18\x01 \x01(\tR\x04repo\x124\n" +
+	"\awaiters\x18\x02 \x03(\v2\x1a.gitraft.fsm.v1.LockWaiterR\awaiters\"\xae\x01\n" +
+	"\n" +
+	"LockWaiter\x12\x16\n" +
+	"\x06holder\x18\x01 \x01(\tR\x06holder\x12\x12\n" +
+	"\x04node\x18\x02 \x01(\tR\x04node\x12 \n" +
+	"\vincarnation\x18\x03 \x01(\tR\vincarnation\x12*\n" +
+	"\x11expires_unix_nano\x18\x04 \x01(\x03R\x0fexpiresUnixNano\x12&\n" +
+	"\x0fsince_unix_nano\x18\x05 \x01(\x03R\rsinceUnixNano*@\n" +
 	"\vEntryFormat\x12\x1c\n" +
 	"\x18ENTRY_FORMAT_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fENTRY_FORMAT_V1\x10\x01*f\n" +
@@ -3163,7 +3488,7 @@ func file_gitraft_fsm_v1_fsm_proto_rawDescGZIP() []byte {
 }
 
 var file_gitraft_fsm_v1_fsm_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_gitraft_fsm_v1_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
+var file_gitraft_fsm_v1_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
 var file_gitraft_fsm_v1_fsm_proto_goTypes = []any{
 	(EntryFormat)(0),             // 0: gitraft.fsm.v1.EntryFormat
 	(Access)(0),                  // 1: gitraft.fsm.v1.Access
@@ -3205,12 +3530,15 @@ var file_gitraft_fsm_v1_fsm_proto_goTypes = []any{
 	(*SnapshotItem)(nil),         // 37: gitraft.fsm.v1.SnapshotItem
 	(*SnapshotEnd)(nil),          // 38: gitraft.fsm.v1.SnapshotEnd
 	(*AppliedRequest)(nil),       // 39: gitraft.fsm.v1.AppliedRequest
-	(*v1.Command)(nil),           // 40: gitraft.db.v1.Command
-	(*v11.Command)(nil),          // 41: gitraft.mail.v1.Command
-	(*v1.Result)(nil),            // 42: gitraft.db.v1.Result
-	(*v11.Result)(nil),           // 43: gitraft.mail.v1.Result
-	(*v1.Snapshot)(nil),          // 44: gitraft.db.v1.Snapshot
-	(*v11.Snapshot)(nil),         // 45: gitraft.mail.v1.Snapshot
+	(*FreeNodeLocks)(nil),        // 40: gitraft.fsm.v1.FreeNodeLocks
+	(*LockQueue)(nil),            // 41: gitraft.fsm.v1.LockQueue
+	(*LockWaiter)(nil),           // 42: gitraft.fsm.v1.LockWaiter
+	(*v1.Command)(nil),           // 43: gitraft.db.v1.Command
+	(*v11.Command)(nil),          // 44: gitraft.mail.v1.Command
+	(*v1.Result)(nil),            // 45: gitraft.db.v1.Result
+	(*v11.Result)(nil),           // 46: gitraft.mail.v1.Result
+	(*v1.Snapshot)(nil),          // 47: gitraft.db.v1.Snapshot
+	(*v11.Snapshot)(nil),         // 48: gitraft.mail.v1.Snapshot
 }
 var file_gitraft_fsm_v1_fsm_proto_depIdxs = []int32{
 	0,  // 0: gitraft.fsm.v1.Entry.format:type_name -> gitraft.fsm.v1.EntryFormat
@@ -3231,45 +3559,49 @@ var file_gitraft_fsm_v1_fsm_proto_depIdxs = []int32{
 	9,  // 15: gitraft.fsm.v1.Entry.add_key:type_name -> gitraft.fsm.v1.AddKey
 	10, // 16: gitraft.fsm.v1.Entry.remove_key:type_name -> gitraft.fsm.v1.RemoveKey
 	11, // 17: gitraft.fsm.v1.Entry.set_grant:type_name -> gitraft.fsm.v1.SetGrant
-	40, // 18: gitraft.fsm.v1.Entry.database:type_name -> gitraft.db.v1.Command
-	41, // 19: gitraft.fsm.v1.Entry.mail:type_name -> gitraft.mail.v1.Command
+	43, // 18: gitraft.fsm.v1.Entry.database:type_name -> gitraft.db.v1.Command
+	44, // 19: gitraft.fsm.v1.Entry.mail:type_name -> gitraft.mail.v1.Command
 	6,  // 20: gitraft.fsm.v1.Entry.forget_host_private_key:type_name -> gitraft.fsm.v1.ForgetHostPrivateKey
-	26, // 21: gitraft.fsm.v1.SetHostKey.host_key:type_name -> gitraft.fsm.v1.HostKey
-	28, // 22: gitraft.fsm.v1.AddKey.key:type_name -> gitraft.fsm.v1.SSHKey
-	1,  // 23: gitraft.fsm.v1.SetGrant.access:type_name -> gitraft.fsm.v1.Access
-	15, // 24: gitraft.fsm.v1.UpdateRefs.updates:type_name -> gitraft.fsm.v1.RefUpdate
-	24, // 25: gitraft.fsm.v1.SetMember.member:type_name -> gitraft.fsm.v1.Member
-	1,  // 26: gitraft.fsm.v1.Grant.access:type_name -> gitraft.fsm.v1.Access
-	25, // 27: gitraft.fsm.v1.Repo.refs:type_name -> gitraft.fsm.v1.Ref
-	31, // 28: gitraft.fsm.v1.Repo.repairs:type_name -> gitraft.fsm.v1.Repair
-	15, // 29: gitraft.fsm.v1.Repair.changes:type_name -> gitraft.fsm.v1.RefUpdate
-	2,  // 30: gitraft.fsm.v1.Refusal.reason:type_name -> gitraft.fsm.v1.Reason
-	3,  // 31: gitraft.fsm.v1.RefResult.status:type_name -> gitraft.fsm.v1.RefStatus
-	33, // 32: gitraft.fsm.v1.Result.refusal:type_name -> gitraft.fsm.v1.Refusal
-	30, // 33: gitraft.fsm.v1.Result.repo:type_name -> gitraft.fsm.v1.Repo
-	32, // 34: gitraft.fsm.v1.Result.lock:type_name -> gitraft.fsm.v1.WriteLock
-	32, // 35: gitraft.fsm.v1.Result.expired:type_name -> gitraft.fsm.v1.WriteLock
-	34, // 36: gitraft.fsm.v1.Result.ref_results:type_name -> gitraft.fsm.v1.RefResult
-	42, // 37: gitraft.fsm.v1.Result.database:type_name -> gitraft.db.v1.Result
-	43, // 38: gitraft.fsm.v1.Result.mail:type_name -> gitraft.mail.v1.Result
-	0,  // 39: gitraft.fsm.v1.SnapshotHeader.format:type_name -> gitraft.fsm.v1.EntryFormat
-	30, // 40: gitraft.fsm.v1.SnapshotItem.repo:type_name -> gitraft.fsm.v1.Repo
-	32, // 41: gitraft.fsm.v1.SnapshotItem.lock:type_name -> gitraft.fsm.v1.WriteLock
-	24, // 42: gitraft.fsm.v1.SnapshotItem.member:type_name -> gitraft.fsm.v1.Member
-	39, // 43: gitraft.fsm.v1.SnapshotItem.applied_request:type_name -> gitraft.fsm.v1.AppliedRequest
-	26, // 44: gitraft.fsm.v1.SnapshotItem.host_key:type_name -> gitraft.fsm.v1.HostKey
-	27, // 45: gitraft.fsm.v1.SnapshotItem.user:type_name -> gitraft.fsm.v1.User
-	28, // 46: gitraft.fsm.v1.SnapshotItem.key:type_name -> gitraft.fsm.v1.SSHKey
-	29, // 47: gitraft.fsm.v1.SnapshotItem.grant:type_name -> gitraft.fsm.v1.Grant
-	44, // 48: gitraft.fsm.v1.SnapshotItem.database:type_name -> gitraft.db.v1.Snapshot
-	45, // 49: gitraft.fsm.v1.SnapshotItem.mail:type_name -> gitraft.mail.v1.Snapshot
-	38, // 50: gitraft.fsm.v1.SnapshotItem.end:type_name -> gitraft.fsm.v1.SnapshotEnd
-	35, // 51: gitraft.fsm.v1.AppliedRequest.result:type_name -> gitraft.fsm.v1.Result
-	52, // [52:52] is the sub-list for method output_type
-	52, // [52:52] is the sub-list for method input_type
-	52, // [52:52] is the sub-list for extension type_name
-	52, // [52:52] is the sub-list for extension extendee
-	0,  // [0:52] is the sub-list for field type_name
+	40, // 21: gitraft.fsm.v1.Entry.free_node_locks:type_name -> gitraft.fsm.v1.FreeNodeLocks
+	26, // 22: gitraft.fsm.v1.SetHostKey.host_key:type_name -> gitraft.fsm.v1.HostKey
+	28, // 23: gitraft.fsm.v1.AddKey.key:type_name -> gitraft.fsm.v1.SSHKey
+	1,  // 24: gitraft.fsm.v1.SetGrant.access:type_name -> gitraft.fsm.v1.Access
+	15, // 25: gitraft.fsm.v1.UpdateRefs.updates:type_name -> gitraft.fsm.v1.RefUpdate
+	24, // 26: gitraft.fsm.v1.SetMember.member:type_name -> gitraft.fsm.v1.Member
+	1,  // 27: gitraft.fsm.v1.Grant.access:type_name -> gitraft.fsm.v1.Access
+	25, // 28: gitraft.fsm.v1.Repo.refs:type_name -> gitraft.fsm.v1.Ref
+	31, // 29: gitraft.fsm.v1.Repo.repairs:type_name -> gitraft.fsm.v1.Repair
+	15, // 30: gitraft.fsm.v1.Repair.changes:type_name -> gitraft.fsm.v1.RefUpdate
+	2,  // 31: gitraft.fsm.v1.Refusal.reason:type_name -> gitraft.fsm.v1.Reason
+	3,  // 32: gitraft.fsm.v1.RefResult.status:type_name -> gitraft.fsm.v1.RefStatus
+	33, // 33: gitraft.fsm.v1.Result.refusal:type_name -> gitraft.fsm.v1.Refusal
+	30, // 34: gitraft.fsm.v1.Result.repo:type_name -> gitraft.fsm.v1.Repo
+	32, // 35: gitraft.fsm.v1.Result.lock:type_name -> gitraft.fsm.v1.WriteLock
+	32, // 36: gitraft.fsm.v1.Result.expired:type_name -> gitraft.fsm.v1.WriteLock
+	34, // 37: gitraft.fsm.v1.Result.ref_results:type_name -> gitraft.fsm.v1.RefResult
+	45, // 38: gitraft.fsm.v1.Result.database:type_name -> gitraft.db.v1.Result
+	46, // 39: gitraft.fsm.v1.Result.mail:type_name -> gitraft.mail.v1.Result
+	32, // 40: gitraft.fsm.v1.Result.freed:type_name -> gitraft.fsm.v1.WriteLock
+	0,  // 41: gitraft.fsm.v1.SnapshotHeader.format:type_name -> gitraft.fsm.v1.EntryFormat
+	30, // 42: gitraft.fsm.v1.SnapshotItem.repo:type_name -> gitraft.fsm.v1.Repo
+	32, // 43: gitraft.fsm.v1.SnapshotItem.lock:type_name -> gitraft.fsm.v1.WriteLock
+	24, // 44: gitraft.fsm.v1.SnapshotItem.member:type_name -> gitraft.fsm.v1.Member
+	39, // 45: gitraft.fsm.v1.SnapshotItem.applied_request:type_name -> gitraft.fsm.v1.AppliedRequest
+	26, // 46: gitraft.fsm.v1.SnapshotItem.host_key:type_name -> gitraft.fsm.v1.HostKey
+	27, // 47: gitraft.fsm.v1.SnapshotItem.user:type_name -> gitraft.fsm.v1.User
+	28, // 48: gitraft.fsm.v1.SnapshotItem.key:type_name -> gitraft.fsm.v1.SSHKey
+	29, // 49: gitraft.fsm.v1.SnapshotItem.grant:type_name -> gitraft.fsm.v1.Grant
+	47, // 50: gitraft.fsm.v1.SnapshotItem.database:type_name -> gitraft.db.v1.Snapshot
+	48, // 51: gitraft.fsm.v1.SnapshotItem.mail:type_name -> gitraft.mail.v1.Snapshot
+	38, // 52: gitraft.fsm.v1.SnapshotItem.end:type_name -> gitraft.fsm.v1.SnapshotEnd
+	41, // 53: gitraft.fsm.v1.SnapshotItem.lock_queue:type_name -> gitraft.fsm.v1.LockQueue
+	35, // 54: gitraft.fsm.v1.AppliedRequest.result:type_name -> gitraft.fsm.v1.Result
+	42, // 55: gitraft.fsm.v1.LockQueue.waiters:type_name -> gitraft.fsm.v1.LockWaiter
+	56, // [56:56] is the sub-list for method output_type
+	56, // [56:56] is the sub-list for method input_type
+	56, // [56:56] is the sub-list for extension type_name
+	56, // [56:56] is the sub-list for extension extendee
+	0,  // [0:56] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_fsm_v1_fsm_proto_init() }
@@ -3298,6 +3630,7 @@ func file_gitraft_fsm_v1_fsm_proto_init() {
 		(*Entry_Database)(nil),
 		(*Entry_Mail)(nil),
 		(*Entry_ForgetHostPrivateKey)(nil),
+		(*Entry_FreeNodeLocks)(nil),
 	}
 	file_gitraft_fsm_v1_fsm_proto_msgTypes[33].OneofWrappers = []any{
 		(*SnapshotItem_Repo)(nil),
@@ -3311,6 +3644,7 @@ func file_gitraft_fsm_v1_fsm_proto_init() {
 		(*SnapshotItem_Database)(nil),
 		(*SnapshotItem_Mail)(nil),
 		(*SnapshotItem_End)(nil),
+		(*SnapshotItem_LockQueue)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -3318,7 +3652,7 @@ func file_gitraft_fsm_v1_fsm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_fsm_v1_fsm_proto_rawDesc), len(file_gitraft_fsm_v1_fsm_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   36,
+			NumMessages:   39,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
