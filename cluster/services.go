@@ -622,7 +622,7 @@ func (l nodeLocker) AcquireLock(ctx context.Context, repo, holder string, lease 
 		Repo: repo, Holder: holder, LeaseNanos: int64(lease),
 		Node: l.n.cfg.NodeID, Incarnation: l.n.incarnation, WaitLeaseNanos: int64(lockWaitLease),
 	}}})
-	return lockResult(r, err)
+	return lockResult(r, noLeaderAs(err))
 }
 
 func (l nodeLocker) RenewLock(ctx context.Context, repo string, token uint64, lease time.Duration) (lockd.WriteLock, error) {

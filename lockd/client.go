@@ -81,8 +81,8 @@ func NewClient(l Locker, cfg ClientConfig, logger *slog.Logger) *Client {
 
 // Acquire waits until it holds the write lock on repo for holder, or ctx
 // ends. While the lock is held by someone else (errors.Is(err,
-// ErrLockHeld)) it retries with jittered exponential backoff; any other
-// error is returned at once. If onWait is not nil, it is called once, the
+// ErrLockHeld)), or the cluster cannot answer (ErrUnavailable), it retries
+// with jittered exponential backoff; any other error is returned at once. If onWait is not nil, it is called once, the
 // first time the lock is found held, with the lock that is in the way.
 //
 // On success a goroutine renews the lease every RenewEvery until
@@ -101,6 +101,20 @@ func (c *Client) Acquire(ctx context.Context, repo, holder string, onWait func(h
 		if err == nil {
 			c.log.Debug("write lock acquired", "repo", repo, "token", lock.Token)
 			return c.start(ctx, lock, sent.Add(c.cfg.Lease)), nil
+		}
+		if errors.Is(err, ErrUnavailable) && ctx.Err() == nil {
+			// A leader change: try again within ctx, keeping our turn
+			// (the wait lease outlives a short election).
+			c.log.Debug("write lock: cluster unavailable; trying again", "repo", repo, "err", err)
+			t := time.NewTimer(jitter(backoff))
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return nil, fmt.Errorf("lockd: acquire write lock on %q: %w (last: %w)", repo, ctx.Err(), err)
+			case <-t.C:
+			}
+			backoff = min(2*backoff, c.cfg.RetryMax)
+			continue
 		}
 		if !errors.Is(err, ErrLockHeld) {
 			if ctxErr := ctx.Err(); ctxErr != nil && waited {

@@ -71,6 +71,10 @@ var (
 	// ErrInvalid means a request had an empty repo or holder, or a zero
 	// fencing token index.
 	ErrInvalid = errors.New("invalid write lock request")
+	// ErrUnavailable is wrapped by a Locker's errors that say the cluster
+	// could not answer now (no leader, a leader change): Client.Acquire
+	// tries again within its context.
+	ErrUnavailable = errors.New("lock service unavailable")
 )
 
 // HeldError is returned (wrapping ErrLockHeld) when a repository already has
