@@ -184,8 +184,8 @@ func noLeaderAs(err error) error {
 
 type noLeaderError struct{ err error }
 
-func (e noLeaderError) Error() string        { return e.err.Error() }
-func (e noLeaderError) Unwrap() error        { return e.err }
+func (e noLeaderError) Error() string { return e.err.Error() }
+func (e noLeaderError) Unwrap() error { return e.err }
 func (e noLeaderError) Is(target error) bool {
 	return target == replica.ErrNoLeader || target == lockd.ErrUnavailable
 }

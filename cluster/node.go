@@ -64,8 +64,8 @@ type RaftTuning struct {
 	// long (its heartbeats fail), it frees the write locks the node holds
 	// instead of waiting for their leases to run out. Default 4 ×
 	// heartbeat_timeout; it must stay well under the lock lease (15s).
-	HolderTimeout time.Duration `yaml:"holder_timeout" help:"free the write locks of a node the leader has not heard from for this long (default 4 x heartbeat_timeout)"`
-	SnapshotThreshold  uint64        `yaml:"snapshot_threshold"`
+	HolderTimeout     time.Duration `yaml:"holder_timeout" help:"free the write locks of a node the leader has not heard from for this long (default 4 x heartbeat_timeout)"`
+	SnapshotThreshold uint64        `yaml:"snapshot_threshold"`
 	// SnapshotBytes takes a snapshot once the entries applied since the
 	// last one add up to this many bytes (default 64 MiB), however few they
 	// are: a push of many refs is one large entry, and the entry count alone

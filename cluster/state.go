@@ -585,10 +585,10 @@ func lockToProto(l lockd.WriteLock) *fsmv1.WriteLock {
 
 func lockFromProto(l *fsmv1.WriteLock) lockd.WriteLock {
 	return lockd.WriteLock{
-		Repo:       l.GetRepo(),
-		Holder:     l.GetHolder(),
-		Token:      l.GetFencingToken(),
-		AcquiredAt: time.Unix(0, l.GetAcquiredUnixNano()),
+		Repo:        l.GetRepo(),
+		Holder:      l.GetHolder(),
+		Token:       l.GetFencingToken(),
+		AcquiredAt:  time.Unix(0, l.GetAcquiredUnixNano()),
 		ExpiresAt:   time.Unix(0, l.GetExpiresUnixNano()),
 		Node:        l.GetNode(),
 		Incarnation: l.GetIncarnation(),
