@@ -1,7 +1,9 @@
 #!/bin/sh
 # Runs gitraft's benchmarks and prints their tables:
 #   BenchmarkCluster: committed Raft writes (locks, ref updates) and failover
-#   BenchmarkGit: git over SSH, plain git + OpenSSH sshd vs a gitraft cluster
+#   BenchmarkGit: git over SSH, plain git + OpenSSH sshd vs a gitraft cluster,
+#   then the push path under failures (GITRAFT_BENCH_GIT=failover: only that,
+#   no OpenSSH baseline needed)
 #   BenchmarkDatabaseSwitchover: PostgreSQL switchover write pause, failover (PostgreSQL 15 + pgbouncer, as e2e/test.sh installs)
 # and, only when asked for by name:
 #   Scale: BenchmarkScale, a cluster filled to 10,000 repositories and a million
