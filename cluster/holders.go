@@ -142,3 +142,56 @@ func (n *Node) freeSilentHolders(ctx context.Context) {
 		n.log.Info("freed the write locks of a silent node", "holder_node", id, "count", len(r.GetFreed()), "index", r.GetIndex(), "why", reason)
 	}
 }
+
+// lockWaits wakes this node's writers waiting for a write lock when an
+// applied entry may have freed it (lockd.Watcher), so that the first in the
+// queue asks again at once instead of at its next retry.
+type lockWaits struct {
+	mu sync.Mutex
+	ch map[string]chan struct{}
+}
+
+func newLockWaits() *lockWaits { return &lockWaits{ch: map[string]chan struct{}{}} }
+
+// changed returns a channel closed at repo's next wake.
+func (w *lockWaits) changed(repo string) <-chan struct{} {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	c, ok := w.ch[repo]
+	if !ok {
+		c = make(chan struct{})
+		w.ch[repo] = c
+	}
+	return c
+}
+
+func (w *lockWaits) wake(repo string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if c, ok := w.ch[repo]; ok {
+		close(c)
+		delete(w.ch, repo)
+	}
+}
+
+// applied wakes the waiters of every repository whose lock the entry may
+// have freed.
+func (w *lockWaits) applied(e *fsmv1.Entry, r *fsmv1.Result) {
+	if r.GetRefusal() != nil {
+		return
+	}
+	switch c := e.Command.(type) {
+	case *fsmv1.Entry_ReleaseLock:
+		w.wake(c.ReleaseLock.GetRepo())
+	case *fsmv1.Entry_ForceReleaseLock:
+		w.wake(c.ForceReleaseLock.GetRepo())
+	case *fsmv1.Entry_DeleteRepo:
+		w.wake(c.DeleteRepo.GetName())
+	}
+	for _, l := range r.GetExpired() {
+		w.wake(l.GetRepo())
+	}
+	for _, l := range r.GetFreed() {
+		w.wake(l.GetRepo())
+	}
+}

@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -105,5 +106,66 @@ func Test_MultiNode_SilentHolderLocksFreed(t *testing.T) {
 	l2, err := other.Locker().AcquireLock(ctx, "acme/site", other.ID()+"/push-2", time.Hour)
 	if err != nil || l2.Token <= l.Token {
 		t.Fatalf("next acquire: %+v, %v; want a bigger token than %d", l2, err, l.Token)
+	}
+}
+
+// Writers waiting for a lock through different nodes get it in the order
+// they asked, each as soon as the one before releases it.
+func Test_MultiNode_LockWaitersInOrder(t *testing.T) {
+	c := mustNewCluster(t, 3)
+	leader := c.waitLeader()
+	propose(t, leader, create("acme/site"))
+	var nodes []*Node
+	for _, n := range c.nodes {
+		nodes = append(nodes, n)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	first, err := nodes[0].locks.Acquire(ctx, "acme/site", nodes[0].ID()+"/a", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	type grant struct {
+		who string
+		h   *lockd.Held
+		err error
+	}
+	grants := make(chan grant, 3)
+	queueLen := func() int {
+		var n int
+		leader.fsm.Read(func(s *State) {
+			for _, q := range s.LockQueues() {
+				n += len(q.Waiters)
+			}
+		})
+		return n
+	}
+	// b, c, d ask in this order, from the three nodes; each is queued
+	// before the next asks.
+	for i, who := range []string{"b", "c", "d"} {
+		n := nodes[(i+1)%3]
+		holder := n.ID() + "/" + who
+		go func() {
+			h, err := n.locks.Acquire(ctx, "acme/site", holder, nil)
+			grants <- grant{holder, h, err}
+		}()
+		waitFor(t, holder+" to be queued", 10*time.Second, func() bool { return queueLen() == i+1 })
+	}
+	prev := first
+	var order []string
+	for range 3 {
+		if err := prev.Release(ctx); err != nil {
+			t.Fatal(err)
+		}
+		g := <-grants
+		if g.err != nil {
+			t.Fatal(g.err)
+		}
+		order = append(order, g.who[len(g.who)-1:])
+		prev = g.h
+	}
+	prev.Release(ctx)
+	if got := fmt.Sprint(order); got != "[b c d]" {
+		t.Fatalf("granted in the order %s, want [b c d]", got)
 	}
 }

@@ -265,6 +265,7 @@ type Node struct {
 	// restart frees what the previous process held (lockd.Table.FreeNode).
 	incarnation string
 	silent      *silentPeers // peers whose heartbeats fail, while leading
+	lockWaits   *lockWaits   // wakes writers waiting here for a lock
 
 	db dbRuntime // the database target's settings and leader memory (database.go)
 
@@ -289,10 +290,11 @@ func New(cfg Config, logger *slog.Logger) (_ *Node, err error) {
 	if logger == nil {
 		logger = slog.Default()
 	}
-	n := &Node{cfg: cfg, log: logger.With("node", cfg.NodeID), stop: make(chan struct{}), incarnation: newIncarnation(), silent: newSilentPeers()}
+	n := &Node{cfg: cfg, log: logger.With("node", cfg.NodeID), stop: make(chan struct{}), incarnation: newIncarnation(), silent: newSilentPeers(), lockWaits: newLockWaits()}
 	n.fsm = newFSM(n.log, cfg.Version)
 	n.fsm.newer = cfg.newerCommands
 	n.fsm.snapshotBytes = cfg.Raft.SnapshotBytes
+	n.fsm.onLockChange = n.lockWaits.applied
 	defer func() {
 		if err != nil {
 			n.Close()

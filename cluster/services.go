@@ -625,6 +625,11 @@ func (l nodeLocker) AcquireLock(ctx context.Context, repo, holder string, lease 
 	return lockResult(r, noLeaderAs(err))
 }
 
+// LockChanged implements lockd.Watcher.
+func (l nodeLocker) LockChanged(repo string) <-chan struct{} { return l.n.lockWaits.changed(repo) }
+
+var _ lockd.Watcher = nodeLocker{}
+
 func (l nodeLocker) RenewLock(ctx context.Context, repo string, token uint64, lease time.Duration) (lockd.WriteLock, error) {
 	r, err := l.n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_RenewLock{RenewLock: &fsmv1.RenewLock{Repo: repo, FencingToken: token, LeaseNanos: int64(lease)}}})
 	return lockResult(r, err)

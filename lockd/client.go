@@ -23,6 +23,14 @@ type Locker interface {
 	ReleaseLock(ctx context.Context, repo string, token uint64) error
 }
 
+// Watcher may be implemented by a Locker: LockChanged returns a channel
+// that is closed the next time repo's lock may have become free (released,
+// expired, freed) as this node sees it. A waiting Acquire then asks again
+// at once instead of at its next retry.
+type Watcher interface {
+	LockChanged(repo string) <-chan struct{}
+}
+
 // ClientConfig configures a Client. Zero fields take their defaults.
 type ClientConfig struct {
 	// Lease is the lease requested on acquire and on every renewal.
@@ -82,7 +90,8 @@ func NewClient(l Locker, cfg ClientConfig, logger *slog.Logger) *Client {
 // Acquire waits until it holds the write lock on repo for holder, or ctx
 // ends. While the lock is held by someone else (errors.Is(err,
 // ErrLockHeld)), or the cluster cannot answer (ErrUnavailable), it retries
-// with jittered exponential backoff; any other error is returned at once. If onWait is not nil, it is called once, the
+// with jittered exponential backoff, and at once when a Locker that is a
+// Watcher says the lock may be free; any other error is returned at once. If onWait is not nil, it is called once, the
 // first time the lock is found held, with the lock that is in the way.
 //
 // On success a goroutine renews the lease every RenewEvery until
@@ -95,6 +104,10 @@ func (c *Client) Acquire(ctx context.Context, repo, holder string, onWait func(h
 	for {
 		if err := ctx.Err(); err != nil {
 			return nil, c.waitErr(repo, held, waited, err)
+		}
+		var changed <-chan struct{} // taken before asking: no wake-up is missed
+		if w, ok := c.l.(Watcher); ok {
+			changed = w.LockChanged(repo)
 		}
 		sent := time.Now()
 		lock, err := c.l.AcquireLock(ctx, repo, holder, c.cfg.Lease)
@@ -138,6 +151,8 @@ func (c *Client) Acquire(ctx context.Context, repo, holder string, onWait func(h
 		case <-ctx.Done():
 			t.Stop()
 			return nil, c.waitErr(repo, held, waited, ctx.Err())
+		case <-changed:
+			t.Stop()
 		case <-t.C:
 		}
 		backoff = min(2*backoff, c.cfg.RetryMax)

@@ -254,3 +254,64 @@ func Test_Client_AcquireRetriesUnavailable(t *testing.T) {
 		t.Fatalf("Acquire with no leader until ctx ends: %v", err)
 	}
 }
+
+// watchingLocker is a fakeLocker that is also a Watcher: a release wakes
+// the waiters.
+type watchingLocker struct {
+	*fakeLocker
+	wmu sync.Mutex
+	ch  chan struct{}
+}
+
+func (w *watchingLocker) LockChanged(string) <-chan struct{} {
+	w.wmu.Lock()
+	defer w.wmu.Unlock()
+	if w.ch == nil {
+		w.ch = make(chan struct{})
+	}
+	return w.ch
+}
+
+func (w *watchingLocker) ReleaseLock(ctx context.Context, repo string, token uint64) error {
+	err := w.fakeLocker.ReleaseLock(ctx, repo, token)
+	w.wmu.Lock()
+	if w.ch != nil {
+		close(w.ch)
+		w.ch = nil
+	}
+	w.wmu.Unlock()
+	return err
+}
+
+// A waiter whose Locker is a Watcher asks again as soon as the lock is
+// released, not at its next retry (here a minute away).
+func Test_Client_WatcherWakesWaiter(t *testing.T) {
+	t.Parallel()
+	w := &watchingLocker{fakeLocker: newFake()}
+	c := NewClient(w, ClientConfig{Lease: time.Minute, RetryMin: time.Minute, RetryMax: time.Minute}, nil)
+	first, err := c.Acquire(context.Background(), "r", "n1/a", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waiting := make(chan struct{})
+	got := make(chan error, 1)
+	go func() {
+		h, err := c.Acquire(context.Background(), "r", "n2/b", func(WriteLock) { close(waiting) })
+		if err == nil {
+			h.Release(context.Background())
+		}
+		got <- err
+	}()
+	<-waiting
+	if err := first.Release(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-got:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the waiter was not woken by the release (it would retry only after a minute)")
+	}
+}
