@@ -12,6 +12,11 @@
 // only after a read barrier (so they are never stale), and exposes
 // /metrics, /healthz, /readyz and /db/writable over HTTP.
 //
+// A write lock whose holder is gone is freed as soon as the cluster knows:
+// a node that starts again frees what its earlier process held (its new
+// incarnation), and the leader frees the locks of a node it stops hearing
+// from (holders.go). Waiters are served in order of arrival.
+//
 // State is the deterministic state machine; it can be driven without Raft.
 // See DESIGN.md for why it is built this way.
 package cluster

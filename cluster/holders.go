@@ -12,6 +12,7 @@ import (
 	"github.com/hashicorp/raft"
 
 	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
+	nodev1 "github.com/gitraft/gitraft/proto/gitraft/node/v1"
 )
 
 // Write locks whose holder is gone are freed as soon as the cluster knows,
@@ -133,6 +134,12 @@ func (n *Node) freeSilentHolders(ctx context.Context) {
 		if upTo == 0 {
 			continue
 		}
+		// An observation may be lost (Raft drops them when the channel is
+		// full): make sure the node does not answer before freeing.
+		if n.answers(ctx, id) {
+			n.silent.resumed(id)
+			continue
+		}
 		reason := fmt.Sprintf("no answer to the leader's heartbeats for %s (raft.holder_timeout %s)", silent[id].Round(time.Millisecond), n.cfg.Raft.HolderTimeout)
 		r, err := n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_FreeNodeLocks{FreeNodeLocks: &fsmv1.FreeNodeLocks{Node: id, UpToToken: upTo, Reason: reason}}})
 		if err != nil {
@@ -141,6 +148,28 @@ func (n *Node) freeSilentHolders(ctx context.Context) {
 		}
 		n.log.Info("freed the write locks of a silent node", "holder_node", id, "count", len(r.GetFreed()), "index", r.GetIndex(), "why", reason)
 	}
+}
+
+// answers reports whether member id answers a status request within a
+// heartbeat timeout.
+func (n *Node) answers(ctx context.Context, id string) bool {
+	var addr string
+	n.fsm.Read(func(s *State) {
+		if m, ok := s.Member(id); ok {
+			addr = m.GetGrpcAddr()
+		}
+	})
+	if addr == "" {
+		return false
+	}
+	c, err := n.peers.node(addr)
+	if err != nil {
+		return false
+	}
+	cctx, cancel := context.WithTimeout(ctx, n.cfg.Raft.HeartbeatTimeout)
+	defer cancel()
+	_, err = c.GetLocalStatus(cctx, &nodev1.GetLocalStatusRequest{})
+	return err == nil
 }
 
 // lockWaits wakes this node's writers waiting for a write lock when an
