@@ -229,23 +229,62 @@ func Test_E2E_LockHolderKilled(t *testing.T) {
 }
 
 // A node stopped with SIGTERM hands its leadership over and exits promptly
-// (the target is within 2 s). The time is printed, not asserted: the test
-// only fails when the node does not exit before a generous deadline or
-// when no other node leads afterwards.
+// (the target is within 2 s), also while pushes go on through another
+// node. The time is printed, not asserted: the test only fails when the
+// node does not exit before a generous deadline (node.stop: 20 s), does not
+// hand leadership over, or the pushes stop being acknowledged.
 func Test_E2E_StopHandsOverLeadership(t *testing.T) {
+	skipWithoutSSH(t)
 	c := startCluster(t, 3)
+	u := c.addGitUser("alice")
 	lead := c.leader()
+	via := c.other(lead)
+	c.must(lead, "repo", "create", "site")
+	c.must(lead, "repo", "grant", "site", "alice", "write")
+	w := &pushWriter{u: u, repo: "site", wt: u.workTree(url(via, "site"))}
+	u.commit(w.wt, "f", "seed\n")
+	stop := make(chan struct{})
+	attempts := make(chan pushAttempt, 1024)
+	go func() {
+		defer close(attempts)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			attempts <- w.pushOnce(via)
+		}
+	}()
+	for ok := 0; ok < 2; {
+		if a := <-attempts; a.ok {
+			ok++
+		}
+	}
 	start := time.Now()
 	lead.stop()
 	took := time.Since(start)
+	var acked bool
+	for a := range attempts {
+		if !acked && a.ok && a.start.After(start.Add(took)) {
+			acked = true
+			close(stop)
+		}
+		if acked {
+			continue
+		}
+		if time.Since(start) > 60*time.Second {
+			close(stop)
+			t.Fatal("no push acknowledged within 60s of the leader's stop")
+		}
+	}
 	next := c.leader()
 	if next == lead {
 		t.Fatalf("%s still leads after it stopped", lead.id)
 	}
-	var handed bool
 	b, _ := os.ReadFile(filepath.Clean(lead.dir + ".log"))
-	handed = strings.Contains(string(b), "handed leadership over")
-	t.Logf("the leader %s exited %s after SIGTERM; leadership handed over: %v; %s leads", lead.id, took.Round(time.Millisecond), handed, next.id)
+	handed := strings.Contains(string(b), "handed leadership over")
+	t.Logf("the leader %s exited %s after SIGTERM, with pushes going on through %s; leadership handed over: %v; %s leads", lead.id, took.Round(time.Millisecond), via.id, handed, next.id)
 	if !handed {
 		t.Errorf("%s did not hand leadership over before it stopped", lead.id)
 	}
