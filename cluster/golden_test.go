@@ -238,6 +238,9 @@ func goldenEntries() []*fsmv1.Entry {
 	add(&fsmv1.Entry{Command: &fsmv1.Entry_FreeNodeLocks{FreeNodeLocks: &fsmv1.FreeNodeLocks{
 		Node: "n1", UpToToken: tok6, Reason: "no answer to the leader's heartbeats for 2s",
 	}}})
+	add(queued("acme/wiki", "n1/push-9", "n1", "n1-life-1", 15*time.Second)) // lock free, n2/push-7 first: queued
+	add(&fsmv1.Entry{Command: &fsmv1.Entry_LeaveLockQueue{LeaveLockQueue: &fsmv1.LeaveLockQueue{Repo: "acme/wiki", Holder: "n1/push-9"}}})
+	add(&fsmv1.Entry{Command: &fsmv1.Entry_LeaveLockQueue{LeaveLockQueue: &fsmv1.LeaveLockQueue{Repo: "acme/wiki", Holder: "n1/push-9"}}}) // gone already: refused
 	add(create("acme/blog"))
 	add(queued("acme/blog", "n2/push-8", "n2", "n2-life-2", time.Hour)) // still held at the end
 	return out

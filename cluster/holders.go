@@ -216,6 +216,8 @@ func (w *lockWaits) applied(e *fsmv1.Entry, r *fsmv1.Result) {
 		w.wake(c.ForceReleaseLock.GetRepo())
 	case *fsmv1.Entry_DeleteRepo:
 		w.wake(c.DeleteRepo.GetName())
+	case *fsmv1.Entry_LeaveLockQueue:
+		w.wake(c.LeaveLockQueue.GetRepo()) // the next waiter may be first now
 	}
 	for _, l := range r.GetExpired() {
 		w.wake(l.GetRepo())

@@ -190,6 +190,8 @@ func commandName(e *fsmv1.Entry) string {
 		return "remove_member"
 	case *fsmv1.Entry_FreeNodeLocks:
 		return "free_node_locks"
+	case *fsmv1.Entry_LeaveLockQueue:
+		return "leave_lock_queue"
 	case *fsmv1.Entry_LeaderNoop:
 		return "leader_noop"
 	case *fsmv1.Entry_SetHostKey:

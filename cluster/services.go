@@ -628,7 +628,22 @@ func (l nodeLocker) AcquireLock(ctx context.Context, repo, holder string, lease 
 // LockChanged implements lockd.Watcher.
 func (l nodeLocker) LockChanged(repo string) <-chan struct{} { return l.n.lockWaits.changed(repo) }
 
-var _ lockd.Watcher = nodeLocker{}
+// LeaveQueue implements lockd.Leaver.
+func (l nodeLocker) LeaveQueue(ctx context.Context, repo, holder string) error {
+	r, err := l.n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_LeaveLockQueue{LeaveLockQueue: &fsmv1.LeaveLockQueue{Repo: repo, Holder: holder}}})
+	if err != nil {
+		return err
+	}
+	if r.GetRefusal() != nil {
+		return refusal(r)
+	}
+	return nil
+}
+
+var (
+	_ lockd.Watcher = nodeLocker{}
+	_ lockd.Leaver  = nodeLocker{}
+)
 
 func (l nodeLocker) RenewLock(ctx context.Context, repo string, token uint64, lease time.Duration) (lockd.WriteLock, error) {
 	r, err := l.n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_RenewLock{RenewLock: &fsmv1.RenewLock{Repo: repo, FencingToken: token, LeaseNanos: int64(lease)}}})

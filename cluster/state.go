@@ -203,6 +203,12 @@ func (s *State) apply(index uint64, now time.Time, e *fsmv1.Entry) *fsmv1.Result
 			r.Freed = append(r.Freed, lockToProto(l))
 		}
 		return r
+	case *fsmv1.Entry_LeaveLockQueue:
+		l := c.LeaveLockQueue
+		if !s.locks.Leave(l.GetRepo(), l.GetHolder()) {
+			return refuse(fsmv1.Reason_REASON_NOT_FOUND, "%q has no place in the write lock queue of %q", l.GetHolder(), l.GetRepo())
+		}
+		return &fsmv1.Result{}
 	case *fsmv1.Entry_LeaderNoop:
 		return &fsmv1.Result{}
 	case *fsmv1.Entry_SetHostKey:

@@ -31,6 +31,14 @@ type Watcher interface {
 	LockChanged(repo string) <-chan struct{}
 }
 
+// Leaver may be implemented by a Locker: LeaveQueue gives up holder's
+// place in repo's queue of waiters. Acquire calls it when its context ends
+// while it waits, so that the writers behind it need not wait for the
+// place to lapse.
+type Leaver interface {
+	LeaveQueue(ctx context.Context, repo, holder string) error
+}
+
 // ClientConfig configures a Client. Zero fields take their defaults.
 type ClientConfig struct {
 	// Lease is the lease requested on acquire and on every renewal.
@@ -103,7 +111,7 @@ func (c *Client) Acquire(ctx context.Context, repo, holder string, onWait func(h
 	waited := false
 	for {
 		if err := ctx.Err(); err != nil {
-			return nil, c.waitErr(repo, held, waited, err)
+			return nil, c.waitErr(repo, holder, held, waited, err)
 		}
 		var changed <-chan struct{} // taken before asking: no wake-up is missed
 		if w, ok := c.l.(Watcher); ok {
@@ -131,7 +139,7 @@ func (c *Client) Acquire(ctx context.Context, repo, holder string, onWait func(h
 		}
 		if !errors.Is(err, ErrLockHeld) {
 			if ctxErr := ctx.Err(); ctxErr != nil && waited {
-				return nil, c.waitErr(repo, held, waited, ctxErr)
+				return nil, c.waitErr(repo, holder, held, waited, ctxErr)
 			}
 			return nil, fmt.Errorf("lockd: acquire write lock on %q: %w", repo, err)
 		}
@@ -150,7 +158,7 @@ func (c *Client) Acquire(ctx context.Context, repo, holder string, onWait func(h
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return nil, c.waitErr(repo, held, waited, ctx.Err())
+			return nil, c.waitErr(repo, holder, held, waited, ctx.Err())
 		case <-changed:
 			t.Stop()
 		case <-t.C:
@@ -159,7 +167,16 @@ func (c *Client) Acquire(ctx context.Context, repo, holder string, onWait func(h
 	}
 }
 
-func (c *Client) waitErr(repo string, held WriteLock, waited bool, err error) error {
+func (c *Client) waitErr(repo, holder string, held WriteLock, waited bool, err error) error {
+	if l, ok := c.l.(Leaver); ok && waited {
+		// Best effort, and not bound to the ended context: if it fails,
+		// the place lapses with its wait lease.
+		lctx, cancel := context.WithTimeout(context.Background(), c.cfg.RetryMax)
+		if lerr := l.LeaveQueue(lctx, repo, holder); lerr != nil {
+			c.log.Debug("leaving the write lock queue failed; the place lapses", "repo", repo, "err", lerr)
+		}
+		cancel()
+	}
 	if waited && held.Holder != "" {
 		return fmt.Errorf("lockd: waiting for write lock on %q held by %q: %w", repo, held.Holder, err)
 	}

@@ -315,3 +315,55 @@ func Test_Client_WatcherWakesWaiter(t *testing.T) {
 		t.Fatal("the waiter was not woken by the release (it would retry only after a minute)")
 	}
 }
+
+// A waiter that gives up leaves the queue at once: the next one is first.
+func Test_Table_Leave(t *testing.T) {
+	tb := NewTable()
+	tb.AcquireFor(queued("r", "n1/a", "n1", "i"), t0, 1)
+	tb.AcquireFor(queued("r", "n2/b", "n2", "i"), t0, 2)
+	tb.AcquireFor(queued("r", "n3/c", "n3", "i"), t0, 3)
+	if !tb.Leave("r", "n2/b") || tb.Leave("r", "n2/b") || tb.Leave("other", "n2/b") {
+		t.Fatal("Leave reported wrongly whether the waiter had a place")
+	}
+	tb.Release("r", 1)
+	if l, err := tb.AcquireFor(queued("r", "n3/c", "n3", "i"), t0, 4); err != nil || l.Holder != "n3/c" {
+		t.Fatalf("after b left, c: %+v, %v", l, err)
+	}
+}
+
+// leavingLocker records the places given up.
+type leavingLocker struct {
+	*fakeLocker
+	mu   sync.Mutex
+	left []string
+}
+
+func (l *leavingLocker) LeaveQueue(_ context.Context, repo, holder string) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.left = append(l.left, repo+" "+holder)
+	return nil
+}
+
+// Acquire gives up its place when its context ends while it waits, and
+// not when it never waited.
+func Test_Client_LeavesQueueWhenGivingUp(t *testing.T) {
+	t.Parallel()
+	l := &leavingLocker{fakeLocker: newFake()}
+	c := NewClient(l, testConfig(), nil)
+	h, err := c.Acquire(context.Background(), "r", "n1/a", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Release(context.Background())
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if _, err := c.Acquire(ctx, "r", "n2/b", nil); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Acquire: %v", err)
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.left) != 1 || l.left[0] != "r n2/b" {
+		t.Fatalf("left %q, want [r n2/b]", l.left)
+	}
+}

@@ -228,6 +228,14 @@ func (t *Table) enqueue(req Request, now time.Time) {
 	})
 }
 
+// Leave removes holder's place in repo's queue, if it has one, and reports
+// whether it had.
+func (t *Table) Leave(repo, holder string) bool {
+	n := len(t.queues[repo])
+	t.dequeue(repo, holder)
+	return len(t.queues[repo]) < n
+}
+
 func (t *Table) dequeue(repo, holder string) {
 	t.setQueue(repo, slices.DeleteFunc(t.queues[repo], func(w Waiter) bool { return w.Holder == holder }))
 }

@@ -295,6 +295,7 @@ type Entry struct {
 	//	*Entry_Mail
 	//	*Entry_ForgetHostPrivateKey
 	//	*Entry_FreeNodeLocks
+	//	*Entry_LeaveLockQueue
 	Command       isEntry_Command `protobuf_oneof:"command"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -554,6 +555,15 @@ func (x *Entry) GetFreeNodeLocks() *FreeNodeLocks {
 	return nil
 }
 
+func (x *Entry) GetLeaveLockQueue() *LeaveLockQueue {
+	if x != nil {
+		if x, ok := x.Command.(*Entry_LeaveLockQueue); ok {
+			return x.LeaveLockQueue
+		}
+	}
+	return nil
+}
+
 type isEntry_Command interface {
 	isEntry_Command()
 }
@@ -644,6 +654,10 @@ type Entry_FreeNodeLocks struct {
 	FreeNodeLocks *FreeNodeLocks `protobuf:"bytes,30,opt,name=free_node_locks,json=freeNodeLocks,proto3,oneof"`
 }
 
+type Entry_LeaveLockQueue struct {
+	LeaveLockQueue *LeaveLockQueue `protobuf:"bytes,31,opt,name=leave_lock_queue,json=leaveLockQueue,proto3,oneof"`
+}
+
 func (*Entry_CreateRepo) isEntry_Command() {}
 
 func (*Entry_DeleteRepo) isEntry_Command() {}
@@ -685,6 +699,8 @@ func (*Entry_Mail) isEntry_Command() {}
 func (*Entry_ForgetHostPrivateKey) isEntry_Command() {}
 
 func (*Entry_FreeNodeLocks) isEntry_Command() {}
+
+func (*Entry_LeaveLockQueue) isEntry_Command() {}
 
 // SetHostKey records a cluster-wide SSH host key, private part included.
 // Written only by gitraft before host key files (git.host_key_files); kept
@@ -3227,11 +3243,66 @@ func (x *LockWaiter) GetSinceUnixNano() int64 {
 	return 0
 }
 
+// LeaveLockQueue gives up a waiter's place in a repository's lock queue
+// (its push went away while it waited), so that the next waiter need not
+// wait for the place's wait lease to run out. No place, no change.
+type LeaveLockQueue struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Repo          string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
+	Holder        string                 `protobuf:"bytes,2,opt,name=holder,proto3" json:"holder,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaveLockQueue) Reset() {
+	*x = LeaveLockQueue{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaveLockQueue) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaveLockQueue) ProtoMessage() {}
+
+func (x *LeaveLockQueue) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaveLockQueue.ProtoReflect.Descriptor instead.
+func (*LeaveLockQueue) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *LeaveLockQueue) GetRepo() string {
+	if x != nil {
+		return x.Repo
+	}
+	return ""
+}
+
+func (x *LeaveLockQueue) GetHolder() string {
+	if x != nil {
+		return x.Holder
+	}
+	return ""
+}
+
 var File_gitraft_fsm_v1_fsm_proto protoreflect.FileDescriptor
 
 const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\n" +
-	"\x18gitraft/fsm/v1/fsm.proto\x12\x0egitraft.fsm.v1\x1a\x16gitraft/db/v1/db.proto\x1a\x1agitraft/mail/v1/mail.proto\"\xf1\v\n" +
+	"\x18gitraft/fsm/v1/fsm.proto\x12\x0egitraft.fsm.v1\x1a\x16gitraft/db/v1/db.proto\x1a\x1agitraft/mail/v1/mail.proto\"\xbd\f\n" +
 	"\x05Entry\x123\n" +
 	"\x06format\x18\x01 \x01(\x0e2\x1b.gitraft.fsm.v1.EntryFormatR\x06format\x121\n" +
 	"\x15leader_time_unix_nano\x18\x02 \x01(\x03R\x12leaderTimeUnixNano\x12\x1a\n" +
@@ -3268,7 +3339,8 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\bdatabase\x18\x1b \x01(\v2\x16.gitraft.db.v1.CommandH\x00R\bdatabase\x12.\n" +
 	"\x04mail\x18\x1c \x01(\v2\x18.gitraft.mail.v1.CommandH\x00R\x04mail\x12]\n" +
 	"\x17forget_host_private_key\x18\x1d \x01(\v2$.gitraft.fsm.v1.ForgetHostPrivateKeyH\x00R\x14forgetHostPrivateKey\x12G\n" +
-	"\x0ffree_node_locks\x18\x1e \x01(\v2\x1d.gitraft.fsm.v1.FreeNodeLocksH\x00R\rfreeNodeLocksB\t\n" +
+	"\x0ffree_node_locks\x18\x1e \x01(\v2\x1d.gitraft.fsm.v1.FreeNodeLocksH\x00R\rfreeNodeLocks\x12J\n" +
+	"\x10leave_lock_queue\x18\x1f \x01(\v2\x1e.gitraft.fsm.v1.LeaveLockQueueH\x00R\x0eleaveLockQueueB\t\n" +
 	"\acommand\"@\n" +
 	"\n" +
 	"SetHostKey\x122\n" +
@@ -3448,7 +3520,10 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\x04node\x18\x02 \x01(\tR\x04node\x12 \n" +
 	"\vincarnation\x18\x03 \x01(\tR\vincarnation\x12*\n" +
 	"\x11expires_unix_nano\x18\x04 \x01(\x03R\x0fexpiresUnixNano\x12&\n" +
-	"\x0fsince_unix_nano\x18\x05 \x01(\x03R\rsinceUnixNano*@\n" +
+	"\x0fsince_unix_nano\x18\x05 \x01(\x03R\rsinceUnixNano\"<\n" +
+	"\x0eLeaveLockQueue\x12\x12\n" +
+	"\x04repo\x18\x01 \x01(\tR\x04repo\x12\x16\n" +
+	"\x06holder\x18\x02 \x01(\tR\x06holder*@\n" +
 	"\vEntryFormat\x12\x1c\n" +
 	"\x18ENTRY_FORMAT_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fENTRY_FORMAT_V1\x10\x01*f\n" +
@@ -3488,7 +3563,7 @@ func file_gitraft_fsm_v1_fsm_proto_rawDescGZIP() []byte {
 }
 
 var file_gitraft_fsm_v1_fsm_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_gitraft_fsm_v1_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
+var file_gitraft_fsm_v1_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
 var file_gitraft_fsm_v1_fsm_proto_goTypes = []any{
 	(EntryFormat)(0),             // 0: gitraft.fsm.v1.EntryFormat
 	(Access)(0),                  // 1: gitraft.fsm.v1.Access
@@ -3533,12 +3608,13 @@ var file_gitraft_fsm_v1_fsm_proto_goTypes = []any{
 	(*FreeNodeLocks)(nil),        // 40: gitraft.fsm.v1.FreeNodeLocks
 	(*LockQueue)(nil),            // 41: gitraft.fsm.v1.LockQueue
 	(*LockWaiter)(nil),           // 42: gitraft.fsm.v1.LockWaiter
-	(*v1.Command)(nil),           // 43: gitraft.db.v1.Command
-	(*v11.Command)(nil),          // 44: gitraft.mail.v1.Command
-	(*v1.Result)(nil),            // 45: gitraft.db.v1.Result
-	(*v11.Result)(nil),           // 46: gitraft.mail.v1.Result
-	(*v1.Snapshot)(nil),          // 47: gitraft.db.v1.Snapshot
-	(*v11.Snapshot)(nil),         // 48: gitraft.mail.v1.Snapshot
+	(*LeaveLockQueue)(nil),       // 43: gitraft.fsm.v1.LeaveLockQueue
+	(*v1.Command)(nil),           // 44: gitraft.db.v1.Command
+	(*v11.Command)(nil),          // 45: gitraft.mail.v1.Command
+	(*v1.Result)(nil),            // 46: gitraft.db.v1.Result
+	(*v11.Result)(nil),           // 47: gitraft.mail.v1.Result
+	(*v1.Snapshot)(nil),          // 48: gitraft.db.v1.Snapshot
+	(*v11.Snapshot)(nil),         // 49: gitraft.mail.v1.Snapshot
 }
 var file_gitraft_fsm_v1_fsm_proto_depIdxs = []int32{
 	0,  // 0: gitraft.fsm.v1.Entry.format:type_name -> gitraft.fsm.v1.EntryFormat
@@ -3559,49 +3635,50 @@ var file_gitraft_fsm_v1_fsm_proto_depIdxs = []int32{
 	9,  // 15: gitraft.fsm.v1.Entry.add_key:type_name -> gitraft.fsm.v1.AddKey
 	10, // 16: gitraft.fsm.v1.Entry.remove_key:type_name -> gitraft.fsm.v1.RemoveKey
 	11, // 17: gitraft.fsm.v1.Entry.set_grant:type_name -> gitraft.fsm.v1.SetGrant
-	43, // 18: gitraft.fsm.v1.Entry.database:type_name -> gitraft.db.v1.Command
-	44, // 19: gitraft.fsm.v1.Entry.mail:type_name -> gitraft.mail.v1.Command
+	44, // 18: gitraft.fsm.v1.Entry.database:type_name -> gitraft.db.v1.Command
+	45, // 19: gitraft.fsm.v1.Entry.mail:type_name -> gitraft.mail.v1.Command
 	6,  // 20: gitraft.fsm.v1.Entry.forget_host_private_key:type_name -> gitraft.fsm.v1.ForgetHostPrivateKey
 	40, // 21: gitraft.fsm.v1.Entry.free_node_locks:type_name -> gitraft.fsm.v1.FreeNodeLocks
-	26, // 22: gitraft.fsm.v1.SetHostKey.host_key:type_name -> gitraft.fsm.v1.HostKey
-	28, // 23: gitraft.fsm.v1.AddKey.key:type_name -> gitraft.fsm.v1.SSHKey
-	1,  // 24: gitraft.fsm.v1.SetGrant.access:type_name -> gitraft.fsm.v1.Access
-	15, // 25: gitraft.fsm.v1.UpdateRefs.updates:type_name -> gitraft.fsm.v1.RefUpdate
-	24, // 26: gitraft.fsm.v1.SetMember.member:type_name -> gitraft.fsm.v1.Member
-	1,  // 27: gitraft.fsm.v1.Grant.access:type_name -> gitraft.fsm.v1.Access
-	25, // 28: gitraft.fsm.v1.Repo.refs:type_name -> gitraft.fsm.v1.Ref
-	31, // 29: gitraft.fsm.v1.Repo.repairs:type_name -> gitraft.fsm.v1.Repair
-	15, // 30: gitraft.fsm.v1.Repair.changes:type_name -> gitraft.fsm.v1.RefUpdate
-	2,  // 31: gitraft.fsm.v1.Refusal.reason:type_name -> gitraft.fsm.v1.Reason
-	3,  // 32: gitraft.fsm.v1.RefResult.status:type_name -> gitraft.fsm.v1.RefStatus
-	33, // 33: gitraft.fsm.v1.Result.refusal:type_name -> gitraft.fsm.v1.Refusal
-	30, // 34: gitraft.fsm.v1.Result.repo:type_name -> gitraft.fsm.v1.Repo
-	32, // 35: gitraft.fsm.v1.Result.lock:type_name -> gitraft.fsm.v1.WriteLock
-	32, // 36: gitraft.fsm.v1.Result.expired:type_name -> gitraft.fsm.v1.WriteLock
-	34, // 37: gitraft.fsm.v1.Result.ref_results:type_name -> gitraft.fsm.v1.RefResult
-	45, // 38: gitraft.fsm.v1.Result.database:type_name -> gitraft.db.v1.Result
-	46, // 39: gitraft.fsm.v1.Result.mail:type_name -> gitraft.mail.v1.Result
-	32, // 40: gitraft.fsm.v1.Result.freed:type_name -> gitraft.fsm.v1.WriteLock
-	0,  // 41: gitraft.fsm.v1.SnapshotHeader.format:type_name -> gitraft.fsm.v1.EntryFormat
-	30, // 42: gitraft.fsm.v1.SnapshotItem.repo:type_name -> gitraft.fsm.v1.Repo
-	32, // 43: gitraft.fsm.v1.SnapshotItem.lock:type_name -> gitraft.fsm.v1.WriteLock
-	24, // 44: gitraft.fsm.v1.SnapshotItem.member:type_name -> gitraft.fsm.v1.Member
-	39, // 45: gitraft.fsm.v1.SnapshotItem.applied_request:type_name -> gitraft.fsm.v1.AppliedRequest
-	26, // 46: gitraft.fsm.v1.SnapshotItem.host_key:type_name -> gitraft.fsm.v1.HostKey
-	27, // 47: gitraft.fsm.v1.SnapshotItem.user:type_name -> gitraft.fsm.v1.User
-	28, // 48: gitraft.fsm.v1.SnapshotItem.key:type_name -> gitraft.fsm.v1.SSHKey
-	29, // 49: gitraft.fsm.v1.SnapshotItem.grant:type_name -> gitraft.fsm.v1.Grant
-	47, // 50: gitraft.fsm.v1.SnapshotItem.database:type_name -> gitraft.db.v1.Snapshot
-	48, // 51: gitraft.fsm.v1.SnapshotItem.mail:type_name -> gitraft.mail.v1.Snapshot
-	38, // 52: gitraft.fsm.v1.SnapshotItem.end:type_name -> gitraft.fsm.v1.SnapshotEnd
-	41, // 53: gitraft.fsm.v1.SnapshotItem.lock_queue:type_name -> gitraft.fsm.v1.LockQueue
-	35, // 54: gitraft.fsm.v1.AppliedRequest.result:type_name -> gitraft.fsm.v1.Result
-	42, // 55: gitraft.fsm.v1.LockQueue.waiters:type_name -> gitraft.fsm.v1.LockWaiter
-	56, // [56:56] is the sub-list for method output_type
-	56, // [56:56] is the sub-list for method input_type
-	56, // [56:56] is the sub-list for extension type_name
-	56, // [56:56] is the sub-list for extension extendee
-	0,  // [0:56] is the sub-list for field type_name
+	43, // 22: gitraft.fsm.v1.Entry.leave_lock_queue:type_name -> gitraft.fsm.v1.LeaveLockQueue
+	26, // 23: gitraft.fsm.v1.SetHostKey.host_key:type_name -> gitraft.fsm.v1.HostKey
+	28, // 24: gitraft.fsm.v1.AddKey.key:type_name -> gitraft.fsm.v1.SSHKey
+	1,  // 25: gitraft.fsm.v1.SetGrant.access:type_name -> gitraft.fsm.v1.Access
+	15, // 26: gitraft.fsm.v1.UpdateRefs.updates:type_name -> gitraft.fsm.v1.RefUpdate
+	24, // 27: gitraft.fsm.v1.SetMember.member:type_name -> gitraft.fsm.v1.Member
+	1,  // 28: gitraft.fsm.v1.Grant.access:type_name -> gitraft.fsm.v1.Access
+	25, // 29: gitraft.fsm.v1.Repo.refs:type_name -> gitraft.fsm.v1.Ref
+	31, // 30: gitraft.fsm.v1.Repo.repairs:type_name -> gitraft.fsm.v1.Repair
+	15, // 31: gitraft.fsm.v1.Repair.changes:type_name -> gitraft.fsm.v1.RefUpdate
+	2,  // 32: gitraft.fsm.v1.Refusal.reason:type_name -> gitraft.fsm.v1.Reason
+	3,  // 33: gitraft.fsm.v1.RefResult.status:type_name -> gitraft.fsm.v1.RefStatus
+	33, // 34: gitraft.fsm.v1.Result.refusal:type_name -> gitraft.fsm.v1.Refusal
+	30, // 35: gitraft.fsm.v1.Result.repo:type_name -> gitraft.fsm.v1.Repo
+	32, // 36: gitraft.fsm.v1.Result.lock:type_name -> gitraft.fsm.v1.WriteLock
+	32, // 37: gitraft.fsm.v1.Result.expired:type_name -> gitraft.fsm.v1.WriteLock
+	34, // 38: gitraft.fsm.v1.Result.ref_results:type_name -> gitraft.fsm.v1.RefResult
+	46, // 39: gitraft.fsm.v1.Result.database:type_name -> gitraft.db.v1.Result
+	47, // 40: gitraft.fsm.v1.Result.mail:type_name -> gitraft.mail.v1.Result
+	32, // 41: gitraft.fsm.v1.Result.freed:type_name -> gitraft.fsm.v1.WriteLock
+	0,  // 42: gitraft.fsm.v1.SnapshotHeader.format:type_name -> gitraft.fsm.v1.EntryFormat
+	30, // 43: gitraft.fsm.v1.SnapshotItem.repo:type_name -> gitraft.fsm.v1.Repo
+	32, // 44: gitraft.fsm.v1.SnapshotItem.lock:type_name -> gitraft.fsm.v1.WriteLock
+	24, // 45: gitraft.fsm.v1.SnapshotItem.member:type_name -> gitraft.fsm.v1.Member
+	39, // 46: gitraft.fsm.v1.SnapshotItem.applied_request:type_name -> gitraft.fsm.v1.AppliedRequest
+	26, // 47: gitraft.fsm.v1.SnapshotItem.host_key:type_name -> gitraft.fsm.v1.HostKey
+	27, // 48: gitraft.fsm.v1.SnapshotItem.user:type_name -> gitraft.fsm.v1.User
+	28, // 49: gitraft.fsm.v1.SnapshotItem.key:type_name -> gitraft.fsm.v1.SSHKey
+	29, // 50: gitraft.fsm.v1.SnapshotItem.grant:type_name -> gitraft.fsm.v1.Grant
+	48, // 51: gitraft.fsm.v1.SnapshotItem.database:type_name -> gitraft.db.v1.Snapshot
+	49, // 52: gitraft.fsm.v1.SnapshotItem.mail:type_name -> gitraft.mail.v1.Snapshot
+	38, // 53: gitraft.fsm.v1.SnapshotItem.end:type_name -> gitraft.fsm.v1.SnapshotEnd
+	41, // 54: gitraft.fsm.v1.SnapshotItem.lock_queue:type_name -> gitraft.fsm.v1.LockQueue
+	35, // 55: gitraft.fsm.v1.AppliedRequest.result:type_name -> gitraft.fsm.v1.Result
+	42, // 56: gitraft.fsm.v1.LockQueue.waiters:type_name -> gitraft.fsm.v1.LockWaiter
+	57, // [57:57] is the sub-list for method output_type
+	57, // [57:57] is the sub-list for method input_type
+	57, // [57:57] is the sub-list for extension type_name
+	57, // [57:57] is the sub-list for extension extendee
+	0,  // [0:57] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_fsm_v1_fsm_proto_init() }
@@ -3631,6 +3708,7 @@ func file_gitraft_fsm_v1_fsm_proto_init() {
 		(*Entry_Mail)(nil),
 		(*Entry_ForgetHostPrivateKey)(nil),
 		(*Entry_FreeNodeLocks)(nil),
+		(*Entry_LeaveLockQueue)(nil),
 	}
 	file_gitraft_fsm_v1_fsm_proto_msgTypes[33].OneofWrappers = []any{
 		(*SnapshotItem_Repo)(nil),
@@ -3652,7 +3730,7 @@ func file_gitraft_fsm_v1_fsm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_fsm_v1_fsm_proto_rawDesc), len(file_gitraft_fsm_v1_fsm_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   39,
+			NumMessages:   40,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
