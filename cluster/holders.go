@@ -34,6 +34,14 @@ func newIncarnation() string {
 	return strconv.FormatInt(time.Now().UnixNano(), 36) + "-" + newRequestID()[:8]
 }
 
+// locksKnowNodes reports whether every member runs a gitraft that knows
+// the lock entries that name nodes (State.LocksKnowNodes).
+func (n *Node) locksKnowNodes() bool {
+	var ok bool
+	n.fsm.Read(func(s *State) { ok = s.LocksKnowNodes() })
+	return ok
+}
+
 // silentPeers records, while this node leads, the peers whose heartbeats
 // fail and since when the leader has not heard from them.
 type silentPeers struct {
@@ -117,7 +125,7 @@ func (n *Node) watchHeartbeats() {
 // freeSilentHolders, on the leader, frees the write locks of every node it
 // has not heard from for HolderTimeout.
 func (n *Node) freeSilentHolders(ctx context.Context) {
-	if n.fsm.Halted() != nil {
+	if n.fsm.Halted() != nil || !n.locksKnowNodes() {
 		return
 	}
 	silent := n.silent.silentFor(n.cfg.Raft.HolderTimeout, time.Now())

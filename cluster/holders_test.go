@@ -20,6 +20,20 @@ func lockOn(n *Node, repo string) (lockd.WriteLock, bool) {
 	return l, ok
 }
 
+// waitLocksKnowNodes waits until every member recorded its incarnation:
+// before, nodes propose no lock fields that name them.
+func (c *testCluster) waitLocksKnowNodes() {
+	c.t.Helper()
+	waitFor(c.t, "every member's incarnation", 15*time.Second, func() bool {
+		for _, n := range c.nodes {
+			if !n.locksKnowNodes() {
+				return false
+			}
+		}
+		return true
+	})
+}
+
 func freedCount(n *Node, reason string) float64 {
 	m := &dto.Metric{}
 	if err := n.metrics.locksFreed.WithLabelValues(reason).Write(m); err != nil {
@@ -35,6 +49,7 @@ func freedCount(n *Node, reason string) float64 {
 func Test_MultiNode_RestartFreesHolderLocks(t *testing.T) {
 	c := mustNewCluster(t, 3, func(cfg *Config) { cfg.Raft.HolderTimeout = time.Hour })
 	leader := c.waitLeader()
+	c.waitLocksKnowNodes()
 	propose(t, leader, create("acme/site"))
 	holder := c.follower()
 	id := holder.ID()
@@ -82,6 +97,7 @@ func Test_MultiNode_RestartFreesHolderLocks(t *testing.T) {
 func Test_MultiNode_SilentHolderLocksFreed(t *testing.T) {
 	c := mustNewCluster(t, 3, func(cfg *Config) { cfg.Raft.HolderTimeout = 600 * time.Millisecond })
 	leader := c.waitLeader()
+	c.waitLocksKnowNodes()
 	propose(t, leader, create("acme/site"))
 	holder := c.follower()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -114,6 +130,7 @@ func Test_MultiNode_SilentHolderLocksFreed(t *testing.T) {
 func Test_MultiNode_LockWaitersInOrder(t *testing.T) {
 	c := mustNewCluster(t, 3)
 	leader := c.waitLeader()
+	c.waitLocksKnowNodes()
 	propose(t, leader, create("acme/site"))
 	var nodes []*Node
 	for _, n := range c.nodes {
@@ -167,5 +184,28 @@ func Test_MultiNode_LockWaitersInOrder(t *testing.T) {
 	prev.Release(ctx)
 	if got := fmt.Sprint(order); got != "[b c d]" {
 		t.Fatalf("granted in the order %s, want [b c d]", got)
+	}
+}
+
+// While a member has recorded no incarnation (it runs an older gitraft, or
+// has not registered yet), nodes propose lock entries as before: no node,
+// no incarnation, no wait lease, and no FreeNodeLocks; an older node would
+// ignore the fields or halt on the entry.
+func Test_State_LocksKnowNodes(t *testing.T) {
+	s := NewState()
+	if s.LocksKnowNodes() {
+		t.Fatal("an empty state says every member knows incarnations")
+	}
+	set := func(id, inc string) {
+		s.Apply(s.Index()+1, &fsmv1.Entry{Command: &fsmv1.Entry_SetMember{SetMember: &fsmv1.SetMember{Member: &fsmv1.Member{Id: id, Incarnation: inc}}}})
+	}
+	set("n1", "a")
+	set("n2", "")
+	if s.LocksKnowNodes() {
+		t.Fatal("n2 has no incarnation, yet the state says every member knows them")
+	}
+	set("n2", "b")
+	if !s.LocksKnowNodes() {
+		t.Fatal("every member has an incarnation")
 	}
 }

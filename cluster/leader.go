@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	clusterv1 "github.com/gitraft/gitraft/proto/gitraft/cluster/v1"
@@ -200,12 +202,32 @@ func (n *Node) registerSelf() {
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), n.cfg.LeaderWait)
 			_, err := n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_SetMember{SetMember: &fsmv1.SetMember{Member: n.self()}}})
+			if tooOld(err) {
+				// The leader runs an older gitraft that does not know
+				// incarnations: register the addresses alone, and the
+				// incarnation once the leader is upgraded.
+				me := n.self()
+				me.Incarnation = ""
+				if !proto.Equal(cur, me) {
+					_, err = n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_SetMember{SetMember: &fsmv1.SetMember{Member: me}}})
+				}
+				if err == nil {
+					err = errOldLeader
+				}
+			}
 			cancel()
 			if err == nil {
-				n.log.Info("registered member addresses", "grpc_addr", n.cfg.GRPCAdvertise, "raft_addr", n.cfg.RaftAdvertise)
+				n.log.Info("registered member addresses", "grpc_addr", n.cfg.GRPCAdvertise, "raft_addr", n.cfg.RaftAdvertise, "incarnation", n.incarnation)
 				return
 			}
 			n.log.Debug("registering member addresses", "err", err)
+			if errors.Is(err, errOldLeader) {
+				select {
+				case <-n.stop:
+					return
+				case <-time.After(5 * time.Second):
+				}
+			}
 		}
 		select {
 		case <-n.stop:
@@ -213,6 +235,15 @@ func (n *Node) registerSelf() {
 		case <-time.After(200*time.Millisecond + rand.N(200*time.Millisecond)):
 		}
 	}
+}
+
+// errOldLeader: the leader runs a gitraft older than this node's.
+var errOldLeader = errors.New("the leader runs an older gitraft")
+
+// tooOld reports whether a proposal was refused because the leader does
+// not know one of its fields.
+func tooOld(err error) bool {
+	return err != nil && (errors.Is(err, ErrInvalidEntry) || status.Code(err) == codes.InvalidArgument)
 }
 
 func (n *Node) inConfiguration() bool {

@@ -618,10 +618,11 @@ type nodeLocker struct{ n *Node }
 const lockWaitLease = 5 * time.Second
 
 func (l nodeLocker) AcquireLock(ctx context.Context, repo, holder string, lease time.Duration) (lockd.WriteLock, error) {
-	r, err := l.n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_AcquireLock{AcquireLock: &fsmv1.AcquireLock{
-		Repo: repo, Holder: holder, LeaseNanos: int64(lease),
-		Node: l.n.cfg.NodeID, Incarnation: l.n.incarnation, WaitLeaseNanos: int64(lockWaitLease),
-	}}})
+	a := &fsmv1.AcquireLock{Repo: repo, Holder: holder, LeaseNanos: int64(lease)}
+	if l.n.locksKnowNodes() {
+		a.Node, a.Incarnation, a.WaitLeaseNanos = l.n.cfg.NodeID, l.n.incarnation, int64(lockWaitLease)
+	}
+	r, err := l.n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_AcquireLock{AcquireLock: a}})
 	return lockResult(r, noLeaderAs(err))
 }
 
@@ -630,6 +631,9 @@ func (l nodeLocker) LockChanged(repo string) <-chan struct{} { return l.n.lockWa
 
 // LeaveQueue implements lockd.Leaver.
 func (l nodeLocker) LeaveQueue(ctx context.Context, repo, holder string) error {
+	if !l.n.locksKnowNodes() {
+		return nil // no queue: acquires carry no wait lease
+	}
 	r, err := l.n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_LeaveLockQueue{LeaveLockQueue: &fsmv1.LeaveLockQueue{Repo: repo, Holder: holder}}})
 	if err != nil {
 		return err

@@ -675,6 +675,23 @@ func (s *State) Repos() ([]*fsmv1.Repo, []int) {
 // Locks lists the write locks, sorted by repo.
 func (s *State) Locks() []lockd.WriteLock { return s.locks.List() }
 
+// LocksKnowNodes reports whether every member has recorded an incarnation,
+// so every node runs a gitraft that knows the lock entries and fields that
+// came with it (AcquireLock's node, incarnation and wait lease,
+// FreeNodeLocks, LeaveLockQueue). Until then nodes propose none of them:
+// an older node would ignore the fields, or halt on the entries.
+func (s *State) LocksKnowNodes() bool {
+	if len(s.members) == 0 {
+		return false
+	}
+	for _, m := range s.members {
+		if m.GetIncarnation() == "" {
+			return false
+		}
+	}
+	return true
+}
+
 // LockQueues lists the repositories' lock waiters, sorted by repo.
 func (s *State) LockQueues() []lockd.Queue { return s.locks.Queues() }
 
