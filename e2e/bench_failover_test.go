@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -211,4 +212,52 @@ func lockWaitOnKilledHolder(b *testing.B, c *cluster, u *gitUser, rounds int, re
 		}
 	}
 	return out
+}
+
+// BenchmarkPushFailoverTimeouts measures leader SIGKILL -> next acknowledged
+// push under each of a few Raft timing settings (heartbeat, election,
+// leader lease), the nodes' built-in defaults included: what the defaults
+// were chosen from. GITRAFT_BENCH_RAFT lists the settings to try, as
+// "heartbeat/election/lease" separated by spaces, "default" for the
+// built-in ones (default: "1s/1s/500ms default").
+func BenchmarkPushFailoverTimeouts(b *testing.B) {
+	settings := strings.Fields(os.Getenv("GITRAFT_BENCH_RAFT"))
+	if len(settings) == 0 {
+		settings = []string{"1s/1s/500ms", "default"}
+	}
+	var rows []string
+	for _, s := range settings {
+		opt := func(n *node) {
+			// Drop the e2e clusters' own Raft timings, then set these.
+			var args []string
+			for i := 0; i < len(n.args); i++ {
+				if strings.HasPrefix(n.args[i], "--raft-") && strings.HasSuffix(n.args[i], "-timeout") {
+					i++
+					continue
+				}
+				args = append(args, n.args[i])
+			}
+			if s != "default" {
+				t := strings.Split(s, "/")
+				if len(t) != 3 {
+					b.Fatalf("GITRAFT_BENCH_RAFT: %q is not heartbeat/election/lease", s)
+				}
+				args = append(args, "--raft-heartbeat-timeout", t[0], "--raft-election-timeout", t[1], "--raft-leader-lease-timeout", t[2])
+			}
+			n.args = args
+		}
+		c := startCluster(b, 3, opt)
+		u := c.addGitUser("bench")
+		t := pushFailover(b, c, u, 10)
+		rows = append(rows, fmt.Sprintf("%-40s %10s %10s %10d", s, t.pct(0.5).Round(time.Millisecond), t.pct(1).Round(time.Millisecond), len(t)))
+		for _, n := range c.nodes {
+			n.kill()
+		}
+	}
+	fmt.Printf("\nleader SIGKILL -> next acknowledged push, by Raft timing (heartbeat/election/leader lease)\n")
+	fmt.Printf("%-40s %10s %10s %10s\n", "raft timing", "p50", "max", "kills")
+	for _, r := range rows {
+		fmt.Println(r)
+	}
+	fmt.Println()
 }
