@@ -651,11 +651,11 @@ type Entry_ForgetHostPrivateKey struct {
 }
 
 type Entry_FreeNodeLocks struct {
-	FreeNodeLocks *FreeNodeLocks `protobuf:"bytes,30,opt,name=free_node_locks,json=freeNodeLocks,proto3,oneof"`
+	FreeNodeLocks *FreeNodeLocks `protobuf:"bytes,31,opt,name=free_node_locks,json=freeNodeLocks,proto3,oneof"`
 }
 
 type Entry_LeaveLockQueue struct {
-	LeaveLockQueue *LeaveLockQueue `protobuf:"bytes,31,opt,name=leave_lock_queue,json=leaveLockQueue,proto3,oneof"`
+	LeaveLockQueue *LeaveLockQueue `protobuf:"bytes,32,opt,name=leave_lock_queue,json=leaveLockQueue,proto3,oneof"`
 }
 
 func (*Entry_CreateRepo) isEntry_Command() {}
@@ -1737,7 +1737,7 @@ type Member struct {
 	// it frees the write locks (and lock waits) the node held under any
 	// other incarnation: the process that held them is gone. Empty in
 	// entries written before: nothing is freed.
-	Incarnation   string `protobuf:"bytes,7,opt,name=incarnation,proto3" json:"incarnation,omitempty"`
+	Incarnation   string `protobuf:"bytes,8,opt,name=incarnation,proto3" json:"incarnation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2919,7 +2919,7 @@ type SnapshotItem_End struct {
 }
 
 type SnapshotItem_LockQueue struct {
-	LockQueue *LockQueue `protobuf:"bytes,12,opt,name=lock_queue,json=lockQueue,proto3,oneof"`
+	LockQueue *LockQueue `protobuf:"bytes,13,opt,name=lock_queue,json=lockQueue,proto3,oneof"`
 }
 
 func (*SnapshotItem_Repo) isSnapshotItem_Item() {}
@@ -3339,8 +3339,8 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\bdatabase\x18\x1b \x01(\v2\x16.gitraft.db.v1.CommandH\x00R\bdatabase\x12.\n" +
 	"\x04mail\x18\x1c \x01(\v2\x18.gitraft.mail.v1.CommandH\x00R\x04mail\x12]\n" +
 	"\x17forget_host_private_key\x18\x1d \x01(\v2$.gitraft.fsm.v1.ForgetHostPrivateKeyH\x00R\x14forgetHostPrivateKey\x12G\n" +
-	"\x0ffree_node_locks\x18\x1e \x01(\v2\x1d.gitraft.fsm.v1.FreeNodeLocksH\x00R\rfreeNodeLocks\x12J\n" +
-	"\x10leave_lock_queue\x18\x1f \x01(\v2\x1e.gitraft.fsm.v1.LeaveLockQueueH\x00R\x0eleaveLockQueueB\t\n" +
+	"\x0ffree_node_locks\x18\x1f \x01(\v2\x1d.gitraft.fsm.v1.FreeNodeLocksH\x00R\rfreeNodeLocks\x12J\n" +
+	"\x10leave_lock_queue\x18  \x01(\v2\x1e.gitraft.fsm.v1.LeaveLockQueueH\x00R\x0eleaveLockQueueB\t\n" +
 	"\acommand\"@\n" +
 	"\n" +
 	"SetHostKey\x122\n" +
@@ -3413,7 +3413,7 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\thttp_addr\x18\x04 \x01(\tR\bhttpAddr\x12\x19\n" +
 	"\bssh_addr\x18\x05 \x01(\tR\asshAddr\x12\"\n" +
 	"\rssh_host_keys\x18\x06 \x03(\tR\vsshHostKeys\x12 \n" +
-	"\vincarnation\x18\a \x01(\tR\vincarnation\"+\n" +
+	"\vincarnation\x18\b \x01(\tR\vincarnation\"+\n" +
 	"\x03Ref\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n" +
 	"\x03oid\x18\x02 \x01(\tR\x03oid\"k\n" +
@@ -3499,7 +3499,7 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	" \x01(\v2\x19.gitraft.mail.v1.SnapshotH\x00R\x04mail\x12/\n" +
 	"\x03end\x18\v \x01(\v2\x1b.gitraft.fsm.v1.SnapshotEndH\x00R\x03end\x12:\n" +
 	"\n" +
-	"lock_queue\x18\f \x01(\v2\x19.gitraft.fsm.v1.LockQueueH\x00R\tlockQueueB\x06\n" +
+	"lock_queue\x18\r \x01(\v2\x19.gitraft.fsm.v1.LockQueueH\x00R\tlockQueueB\x06\n" +
 	"\x04item\"#\n" +
 	"\vSnapshotEnd\x12\x14\n" +
 	"\x05items\x18\x01 \x01(\x04R\x05items\"_\n" +
