@@ -136,11 +136,19 @@ func (c *testCluster) waitLeader() *Node {
 
 func (c *testCluster) waitMembers(size int) {
 	c.t.Helper()
+	// Registered means with the feature level each reports (a joining node
+	// is recorded first with the addresses it asked to join with).
 	waitFor(c.t, fmt.Sprintf("%d registered members", size), 15*time.Second, func() bool {
 		for _, n := range c.nodes {
-			var got int
-			n.fsm.Read(func(s *State) { got = len(s.Members()) })
-			if got != size {
+			ok := true
+			n.fsm.Read(func(s *State) {
+				ok = len(s.Members()) == size
+				for _, m := range c.nodes {
+					rec, _ := s.Member(m.ID())
+					ok = ok && rec.GetFeatureLevel() == m.ownFeatureLevel()
+				}
+			})
+			if !ok {
 				return false
 			}
 		}

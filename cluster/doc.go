@@ -17,6 +17,10 @@
 // repository's packs; RestoreDataDir makes a new node's data dir whose
 // initial Raft snapshot is a backup's state. The backup directory itself is
 // package cluster/backup's.
+// A write lock whose holder is gone is freed as soon as the cluster knows:
+// a node that starts again frees what its earlier process held (its new
+// incarnation), and the leader frees the locks of a node it stops hearing
+// from (holders.go). Waiters are served in order of arrival.
 //
 // State is the deterministic state machine; it can be driven without Raft.
 // See DESIGN.md for why it is built this way.

@@ -77,6 +77,10 @@ func validateEntry(e *fsmv1.Entry, who, version string) error {
 		return need("a member with an id", c.SetMember.GetMember().GetId() != "")
 	case *fsmv1.Entry_RemoveMember:
 		return need("an id", c.RemoveMember.GetId() != "")
+	case *fsmv1.Entry_FreeNodeLocks:
+		return need("a node", c.FreeNodeLocks.GetNode() != "")
+	case *fsmv1.Entry_LeaveLockQueue:
+		return need("a repo and a holder", c.LeaveLockQueue.GetRepo() != "" && c.LeaveLockQueue.GetHolder() != "")
 	case *fsmv1.Entry_SetHostKey:
 		return need("a host key", c.SetHostKey.GetHostKey() != nil)
 	case *fsmv1.Entry_AddUser:

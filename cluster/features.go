@@ -26,8 +26,14 @@ const FeatureLevel uint32 = 2
 // an older leader refuses it (it does not know the field), and a node then
 // registers without it.
 var featureSince = map[protoreflect.FullName]uint32{
-	// Level 2.
-	"gitraft.fsm.v1.Entry.record_backup": 2,
+	// Level 2: backups recorded, write locks that know their holder's node.
+	"gitraft.fsm.v1.Entry.record_backup":          2,
+	"gitraft.fsm.v1.Entry.free_node_locks":        2,
+	"gitraft.fsm.v1.Entry.leave_lock_queue":       2,
+	"gitraft.fsm.v1.Member.incarnation":           2,
+	"gitraft.fsm.v1.AcquireLock.node":             2,
+	"gitraft.fsm.v1.AcquireLock.incarnation":      2,
+	"gitraft.fsm.v1.AcquireLock.wait_lease_nanos": 2,
 }
 
 // entryLevel is the feature level an entry needs: the highest level of any

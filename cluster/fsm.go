@@ -38,6 +38,9 @@ type fsm struct {
 
 	// observe, if set, is called after each command is applied (metrics).
 	observe func(e *fsmv1.Entry, r *fsmv1.Result, took time.Duration)
+	// onLockChange, if set, is called after each command is applied, to
+	// wake writers waiting for a lock the entry may have freed.
+	onLockChange func(e *fsmv1.Entry, r *fsmv1.Result)
 	// onRepoChange, if set, is called after an entry that may change what a
 	// repository looks like on disk, and after a restore.
 	onRepoChange func()
@@ -107,6 +110,17 @@ func (f *fsm) Apply(l *raft.Log) any {
 	}
 	if f.observe != nil {
 		f.observe(e, r, time.Since(start))
+	}
+	if f.onLockChange != nil {
+		f.onLockChange(e, r)
+	}
+	for _, l := range r.GetFreed() {
+		why := "its node restarted (new incarnation)"
+		if fr := e.GetFreeNodeLocks(); fr != nil {
+			why = "its node is unreachable: " + fr.GetReason()
+		}
+		f.log.Info("write lock freed", "repo", l.GetRepo(), "holder", l.GetHolder(), "token", l.GetFencingToken(),
+			"index", r.GetIndex(), "reason", freedReason(e), "why", why)
 	}
 	if f.onRepoChange != nil && r.GetRefusal() == nil {
 		switch e.Command.(type) {

@@ -187,9 +187,11 @@ func noLeaderAs(err error) error {
 
 type noLeaderError struct{ err error }
 
-func (e noLeaderError) Error() string        { return e.err.Error() }
-func (e noLeaderError) Unwrap() error        { return e.err }
-func (e noLeaderError) Is(target error) bool { return target == replica.ErrNoLeader }
+func (e noLeaderError) Error() string { return e.err.Error() }
+func (e noLeaderError) Unwrap() error { return e.err }
+func (e noLeaderError) Is(target error) bool {
+	return target == replica.ErrNoLeader || target == lockd.ErrUnavailable
+}
 
 // noReplicas is gitraft.replica.v1 on a node without repositories: it
 // reports that it holds nothing (the leader asks before promoting it).

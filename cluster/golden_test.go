@@ -46,7 +46,7 @@ var updateGolden = flag.Bool("update", false, "write missing golden files under 
 // goldenSet is the set goldenEntries builds. Bump it (and run -update) when
 // the format gains a command or field: the new set is written beside the
 // old ones, which stay and must still decode and apply.
-const goldenSet = "set4"
+const goldenSet = "set5"
 
 const goldenDir = "testdata/golden"
 
@@ -223,6 +223,36 @@ func goldenEntries() []*fsmv1.Entry {
 	}
 	add(backup(uint64(len(out))))
 	add(backup(3))
+	// Locks that know their node's incarnation, served in order of
+	// arrival: a restart frees what the node held, the leader frees a
+	// silent node's locks, and a waiter is still queued at the end.
+	life := func(id, inc string) *fsmv1.Entry {
+		e := member(id)
+		e.GetSetMember().GetMember().Incarnation = inc
+		return e
+	}
+	queued := func(repo, holder, node, inc string, lease time.Duration) *fsmv1.Entry {
+		e := acquire(repo, holder, lease)
+		a := e.GetAcquireLock()
+		a.Node, a.Incarnation, a.WaitLeaseNanos = node, inc, int64(time.Hour)
+		return e
+	}
+	add(life("n1", "n1-life-1"))
+	add(life("n2", "n2-life-1"))
+	add(create("acme/wiki"))
+	add(queued("acme/wiki", "n2/push-5", "n2", "n2-life-1", 15*time.Second))
+	add(queued("acme/wiki", "n1/push-6", "n1", "n1-life-1", 15*time.Second)) // held: n1 is queued
+	add(life("n2", "n2-life-2"))                                             // n2 restarted: push-5's lock is freed
+	tok6 := add(queued("acme/wiki", "n1/push-6", "n1", "n1-life-1", 15*time.Second))
+	add(queued("acme/wiki", "n2/push-7", "n2", "n2-life-2", 15*time.Second)) // held: queued until the end
+	add(&fsmv1.Entry{Command: &fsmv1.Entry_FreeNodeLocks{FreeNodeLocks: &fsmv1.FreeNodeLocks{
+		Node: "n1", UpToToken: tok6, Reason: "no answer to the leader's heartbeats for 2s",
+	}}})
+	add(queued("acme/wiki", "n1/push-9", "n1", "n1-life-1", 15*time.Second)) // lock free, n2/push-7 first: queued
+	add(&fsmv1.Entry{Command: &fsmv1.Entry_LeaveLockQueue{LeaveLockQueue: &fsmv1.LeaveLockQueue{Repo: "acme/wiki", Holder: "n1/push-9"}}})
+	add(&fsmv1.Entry{Command: &fsmv1.Entry_LeaveLockQueue{LeaveLockQueue: &fsmv1.LeaveLockQueue{Repo: "acme/wiki", Holder: "n1/push-9"}}}) // gone already: refused
+	add(create("acme/blog"))
+	add(queued("acme/blog", "n2/push-8", "n2", "n2-life-2", time.Hour)) // still held at the end
 	return out
 }
 

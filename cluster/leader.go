@@ -51,6 +51,7 @@ func (n *Node) watchLeadership() {
 // loops and the promotion of non-voters.
 func (n *Node) lead(ctx context.Context) {
 	n.goRun(func() { n.handOffWhileHalted(ctx) })
+	n.silent.reset() // what a past term's heartbeats said is stale
 	if err := n.raft.Barrier(applyTimeout).Error(); err != nil {
 		n.log.Warn("leader barrier failed", "err", err)
 		return
@@ -67,6 +68,8 @@ func (n *Node) lead(ctx context.Context) {
 	n.goRun(func() { n.promoteNonvoters(ctx) })
 	t := time.NewTicker(n.cfg.LockExpiryInterval)
 	defer t.Stop()
+	holders := time.NewTicker(max(n.cfg.Raft.HolderTimeout/8, 10*time.Millisecond))
+	defer holders.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -75,6 +78,8 @@ func (n *Node) lead(ctx context.Context) {
 			return
 		case <-t.C:
 			n.expireLocks(ctx)
+		case <-holders.C:
+			n.freeSilentHolders(ctx)
 		}
 	}
 }
@@ -182,15 +187,19 @@ func (n *Node) self() *fsmv1.Member {
 		// The public parts only: private host keys stay in their files.
 		SshHostKeys:  n.cfg.SSHHostKeys,
 		FeatureLevel: n.ownFeatureLevel(),
+		Incarnation:  n.incarnation,
 	}
 }
 
 // registerSelf makes sure the replicated member table has this node's
-// current addresses and feature level, once it is part of the Raft
-// configuration. An older leader refuses the feature level (a field it does
-// not know): then the node registers what that leader knows, so peers can
-// reach it, and keeps asking, less often, until an upgraded leader takes
-// the whole record.
+// current addresses, feature level and incarnation, once it is part of the
+// Raft configuration. The incarnation is a level 2 field: while some member
+// runs an older gitraft the node registers without it (its restarts then
+// free no locks; they expire). An older leader refuses the feature level
+// too (a field it does not know): then the node registers what that leader
+// knows, so peers can reach it, and keeps asking, less often, until an
+// upgraded leader takes the whole record. Recording a new incarnation
+// frees the locks this node's earlier process held.
 func (n *Node) registerSelf() {
 	wait := func() time.Duration { return 200*time.Millisecond + rand.N(200*time.Millisecond) }
 	for {
@@ -202,14 +211,17 @@ func (n *Node) registerSelf() {
 			if proto.Equal(cur, want) {
 				return
 			}
-			err := n.register(want)
-			if err == nil {
-				n.log.Info("registered member addresses", "grpc_addr", n.cfg.GRPCAdvertise, "raft_addr", n.cfg.RaftAdvertise, "feature_level", want.GetFeatureLevel())
-				return
+			if level, _ := n.FeatureLevel(); level < 2 {
+				want.Incarnation = "" // the lowest member's gitraft would ignore it
 			}
-			if errors.Is(err, ErrInvalidEntry) || status.Code(err) == codes.InvalidArgument {
+			if proto.Equal(cur, want) {
+				next = time.Second + rand.N(time.Second) // until every member reports level 2
+			} else if err := n.register(want); err == nil {
+				n.log.Info("registered member addresses", "grpc_addr", n.cfg.GRPCAdvertise, "raft_addr", n.cfg.RaftAdvertise,
+					"feature_level", want.GetFeatureLevel(), "incarnation", want.GetIncarnation())
+			} else if tooOld(err) {
 				older := proto.CloneOf(want)
-				older.FeatureLevel = 0
+				older.FeatureLevel, older.Incarnation = 0, ""
 				if !proto.Equal(cur, older) {
 					if err := n.register(older); err != nil {
 						n.log.Debug("registering member addresses", "err", err)
@@ -235,6 +247,12 @@ func (n *Node) register(m *fsmv1.Member) error {
 	defer cancel()
 	_, err := n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_SetMember{SetMember: &fsmv1.SetMember{Member: m}}})
 	return err
+}
+
+// tooOld reports whether a proposal was refused because the leader does
+// not know one of its fields.
+func tooOld(err error) bool {
+	return err != nil && (errors.Is(err, ErrInvalidEntry) || status.Code(err) == codes.InvalidArgument)
 }
 
 func (n *Node) inConfiguration() bool {

@@ -21,6 +21,7 @@ type metrics struct {
 	commitSeconds *prometheus.HistogramVec
 	lockGrants    prometheus.Counter
 	locksExpired  prometheus.Counter
+	locksFreed    *prometheus.CounterVec
 	refusals      *prometheus.CounterVec
 	sizeSnapshots prometheus.Counter
 	promotions    prometheus.Counter
@@ -46,6 +47,9 @@ func newMetrics(n *Node) *metrics {
 	m.locksExpired = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "gitraft_lock_expired_total", Help: "Write locks expired by the leader while this node led.",
 	})
+	m.locksFreed = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "gitraft_lock_freed_total", Help: "Write locks freed before their lease ran out because their holder's node restarted or went silent (applied on this node).",
+	}, []string{"reason"})
 	m.refusals = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "gitraft_fsm_refusals_total", Help: "Committed entries the state machine refused (stale ref, lock held, ...).",
 	}, []string{"reason"})
@@ -55,7 +59,7 @@ func newMetrics(n *Node) *metrics {
 	m.promotions = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "gitraft_members_promoted_total", Help: "Non-voters this node promoted to voter while it led (each once it held every repository).",
 	})
-	m.reg.MustRegister(m.leaderChanges, m.applySeconds, m.commitSeconds, m.lockGrants, m.locksExpired, m.refusals, m.sizeSnapshots, m.promotions)
+	m.reg.MustRegister(m.leaderChanges, m.applySeconds, m.commitSeconds, m.lockGrants, m.locksExpired, m.locksFreed, m.refusals, m.sizeSnapshots, m.promotions)
 
 	gauge := func(name, help string, fn func() float64) {
 		m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, fn))
@@ -268,6 +272,10 @@ func commandName(e *fsmv1.Entry) string {
 		return "set_member"
 	case *fsmv1.Entry_RemoveMember:
 		return "remove_member"
+	case *fsmv1.Entry_FreeNodeLocks:
+		return "free_node_locks"
+	case *fsmv1.Entry_LeaveLockQueue:
+		return "leave_lock_queue"
 	case *fsmv1.Entry_LeaderNoop:
 		return "leader_noop"
 	case *fsmv1.Entry_SetHostKey:
@@ -315,6 +323,19 @@ func (m *metrics) observeApply(e *fsmv1.Entry, r *fsmv1.Result, took time.Durati
 	} else if _, ok := e.Command.(*fsmv1.Entry_AcquireLock); ok {
 		m.lockGrants.Inc()
 	}
+	if n := len(r.GetFreed()); n > 0 {
+		m.locksFreed.WithLabelValues(freedReason(e)).Add(float64(n))
+	}
+}
+
+// freedReason is why an entry freed locks: "restarted" (the holder's node
+// came back under a new incarnation) or "unreachable" (the leader stopped
+// hearing from it).
+func freedReason(e *fsmv1.Entry) string {
+	if _, ok := e.Command.(*fsmv1.Entry_FreeNodeLocks); ok {
+		return "unreachable"
+	}
+	return "restarted"
 }
 
 func (m *metrics) observePropose(e *fsmv1.Entry, took time.Duration) {

@@ -25,6 +25,12 @@ import (
 
 var errLeaderNotReady = errors.New("the new leader has not committed an entry of its term yet")
 
+// maxLeaderBackoff caps the wait between tries while there is no leader (or
+// the one known is gone): a try costs little (no leader known, or a
+// connection refused at once), and a write should find a new leader within
+// a heartbeat or so of its election.
+const maxLeaderBackoff = 100 * time.Millisecond
+
 // applyTimeout bounds how long the leader waits to enqueue one entry.
 const applyTimeout = 10 * time.Second
 
@@ -77,7 +83,7 @@ func (n *Node) Propose(ctx context.Context, e *fsmv1.Entry) (*fsmv1.Result, erro
 			return nil, fmt.Errorf("%w: %v (last: %v)", ErrNoLeader, ctx.Err(), lastErr)
 		case <-time.After(sleep):
 		}
-		backoff = min(backoff*2, 500*time.Millisecond)
+		backoff = min(backoff*2, maxLeaderBackoff)
 	}
 }
 
@@ -195,7 +201,7 @@ func (n *Node) ReadBarrier(ctx context.Context) (uint64, error) {
 			return 0, fmt.Errorf("%w: cannot confirm a consistent read within %s (last: %v); is a majority of nodes up?", ErrNoLeader, n.cfg.LeaderWait, err)
 		case <-time.After(backoff/2 + rand.N(backoff/2+1)):
 		}
-		backoff = min(backoff*2, 500*time.Millisecond)
+		backoff = min(backoff*2, maxLeaderBackoff)
 	}
 }
 

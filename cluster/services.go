@@ -618,10 +618,43 @@ func (n *Node) Locker() lockd.Locker { return nodeLocker{n} }
 
 type nodeLocker struct{ n *Node }
 
+// lockWaitLease is how long a writer waiting for a write lock keeps its
+// place in the queue without asking again. The lock client asks at least
+// every lockd.DefaultRetryMax (1s) while it waits, so only a waiter that is
+// gone loses its place.
+const lockWaitLease = 5 * time.Second
+
 func (l nodeLocker) AcquireLock(ctx context.Context, repo, holder string, lease time.Duration) (lockd.WriteLock, error) {
-	r, err := l.n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_AcquireLock{AcquireLock: &fsmv1.AcquireLock{Repo: repo, Holder: holder, LeaseNanos: int64(lease)}}})
-	return lockResult(r, err)
+	a := &fsmv1.AcquireLock{Repo: repo, Holder: holder, LeaseNanos: int64(lease)}
+	if l.n.locksKnowNodes() {
+		a.Node, a.Incarnation, a.WaitLeaseNanos = l.n.cfg.NodeID, l.n.incarnation, int64(lockWaitLease)
+	}
+	r, err := l.n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_AcquireLock{AcquireLock: a}})
+	return lockResult(r, noLeaderAs(err))
 }
+
+// LockChanged implements lockd.Watcher.
+func (l nodeLocker) LockChanged(repo string) <-chan struct{} { return l.n.lockWaits.changed(repo) }
+
+// LeaveQueue implements lockd.Leaver.
+func (l nodeLocker) LeaveQueue(ctx context.Context, repo, holder string) error {
+	if !l.n.locksKnowNodes() {
+		return nil // no queue: acquires carry no wait lease
+	}
+	r, err := l.n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_LeaveLockQueue{LeaveLockQueue: &fsmv1.LeaveLockQueue{Repo: repo, Holder: holder}}})
+	if err != nil {
+		return err
+	}
+	if r.GetRefusal() != nil {
+		return refusal(r)
+	}
+	return nil
+}
+
+var (
+	_ lockd.Watcher = nodeLocker{}
+	_ lockd.Leaver  = nodeLocker{}
+)
 
 func (l nodeLocker) RenewLock(ctx context.Context, repo string, token uint64, lease time.Duration) (lockd.WriteLock, error) {
 	r, err := l.n.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_RenewLock{RenewLock: &fsmv1.RenewLock{Repo: repo, FencingToken: token, LeaseNanos: int64(lease)}}})
@@ -643,7 +676,7 @@ func lockResult(r *fsmv1.Result, err error) (lockd.WriteLock, error) {
 		var sentinel error
 		switch rf.GetReason() {
 		case fsmv1.Reason_REASON_LOCK_HELD:
-			return lockd.WriteLock{}, &lockd.HeldError{Lock: lockFromProto(r.GetLock())}
+			return lockd.WriteLock{}, &lockd.HeldError{Lock: lockFromProto(r.GetLock()), Queued: true}
 		case fsmv1.Reason_REASON_STALE_TOKEN:
 			sentinel = lockd.ErrStaleToken
 		case fsmv1.Reason_REASON_LOCK_NOT_HELD:

@@ -142,7 +142,10 @@ func (s *State) apply(index uint64, now time.Time, e *fsmv1.Entry) *fsmv1.Result
 		if a.GetHolder() == "" {
 			return refuse(fsmv1.Reason_REASON_INVALID, "a write lock needs a holder")
 		}
-		l, err := s.locks.Acquire(a.GetRepo(), a.GetHolder(), now, time.Duration(a.GetLeaseNanos()), index)
+		l, err := s.locks.AcquireFor(lockd.Request{
+			Repo: a.GetRepo(), Holder: a.GetHolder(), Node: a.GetNode(), Incarnation: a.GetIncarnation(),
+			Lease: time.Duration(a.GetLeaseNanos()), WaitLease: time.Duration(a.GetWaitLeaseNanos()),
+		}, now, index)
 		if err != nil {
 			return lockRefusal(err)
 		}
@@ -182,7 +185,31 @@ func (s *State) apply(index uint64, now time.Time, e *fsmv1.Entry) *fsmv1.Result
 				return refuse(fsmv1.Reason_REASON_INVALID, "member %q announces an empty SSH host key", m.GetId())
 			}
 		}
+		r := &fsmv1.Result{}
+		// A new incarnation: the node's process restarted, and whatever
+		// it held before is held by nobody (old entries carry none).
+		if inc := m.GetIncarnation(); inc != "" && inc != s.members[m.GetId()].GetIncarnation() {
+			for _, l := range s.locks.FreeNode(m.GetId(), inc, 0) {
+				r.Freed = append(r.Freed, lockToProto(l))
+			}
+		}
 		s.members[m.GetId()] = m
+		return r
+	case *fsmv1.Entry_FreeNodeLocks:
+		f := c.FreeNodeLocks
+		if f.GetNode() == "" {
+			return refuse(fsmv1.Reason_REASON_INVALID, "free node locks: which node?")
+		}
+		r := &fsmv1.Result{}
+		for _, l := range s.locks.FreeNode(f.GetNode(), "", f.GetUpToToken()) {
+			r.Freed = append(r.Freed, lockToProto(l))
+		}
+		return r
+	case *fsmv1.Entry_LeaveLockQueue:
+		l := c.LeaveLockQueue
+		if !s.locks.Leave(l.GetRepo(), l.GetHolder()) {
+			return refuse(fsmv1.Reason_REASON_NOT_FOUND, "%q has no place in the write lock queue of %q", l.GetHolder(), l.GetRepo())
+		}
 		return &fsmv1.Result{}
 	case *fsmv1.Entry_LeaderNoop:
 		return &fsmv1.Result{}
@@ -561,17 +588,43 @@ func lockToProto(l lockd.WriteLock) *fsmv1.WriteLock {
 		FencingToken:     l.Token,
 		AcquiredUnixNano: l.AcquiredAt.UnixNano(),
 		ExpiresUnixNano:  l.ExpiresAt.UnixNano(),
+		Node:             l.Node,
+		Incarnation:      l.Incarnation,
 	}
 }
 
 func lockFromProto(l *fsmv1.WriteLock) lockd.WriteLock {
 	return lockd.WriteLock{
-		Repo:       l.GetRepo(),
-		Holder:     l.GetHolder(),
-		Token:      l.GetFencingToken(),
-		AcquiredAt: time.Unix(0, l.GetAcquiredUnixNano()),
-		ExpiresAt:  time.Unix(0, l.GetExpiresUnixNano()),
+		Repo:        l.GetRepo(),
+		Holder:      l.GetHolder(),
+		Token:       l.GetFencingToken(),
+		AcquiredAt:  time.Unix(0, l.GetAcquiredUnixNano()),
+		ExpiresAt:   time.Unix(0, l.GetExpiresUnixNano()),
+		Node:        l.GetNode(),
+		Incarnation: l.GetIncarnation(),
 	}
+}
+
+func queueToProto(q lockd.Queue) *fsmv1.LockQueue {
+	p := &fsmv1.LockQueue{Repo: q.Repo}
+	for _, w := range q.Waiters {
+		p.Waiters = append(p.Waiters, &fsmv1.LockWaiter{
+			Holder: w.Holder, Node: w.Node, Incarnation: w.Incarnation,
+			SinceUnixNano: w.Since.UnixNano(), ExpiresUnixNano: w.ExpiresAt.UnixNano(),
+		})
+	}
+	return p
+}
+
+func queueFromProto(p *fsmv1.LockQueue) lockd.Queue {
+	q := lockd.Queue{Repo: p.GetRepo()}
+	for _, w := range p.GetWaiters() {
+		q.Waiters = append(q.Waiters, lockd.Waiter{
+			Holder: w.GetHolder(), Node: w.GetNode(), Incarnation: w.GetIncarnation(),
+			Since: time.Unix(0, w.GetSinceUnixNano()), ExpiresAt: time.Unix(0, w.GetExpiresUnixNano()),
+		})
+	}
+	return q
 }
 
 func (r *repoState) toProto(withRefs bool) *fsmv1.Repo {
@@ -625,6 +678,29 @@ func (s *State) Repos() ([]*fsmv1.Repo, []int) {
 
 // Locks lists the write locks, sorted by repo.
 func (s *State) Locks() []lockd.WriteLock { return s.locks.List() }
+
+// LocksKnowNodes reports whether every member has recorded an incarnation,
+// so every node runs a gitraft that knows the lock entries and fields that
+// came with it (AcquireLock's node, incarnation and wait lease,
+// FreeNodeLocks, LeaveLockQueue). Until then nodes propose none of them:
+// an older node would ignore the fields, or halt on the entries.
+func (s *State) LocksKnowNodes() bool {
+	if len(s.members) == 0 {
+		return false
+	}
+	for _, m := range s.members {
+		if m.GetIncarnation() == "" {
+			return false
+		}
+	}
+	return true
+}
+
+// LockQueues lists the repositories' lock waiters, sorted by repo.
+func (s *State) LockQueues() []lockd.Queue { return s.locks.Queues() }
+
+// NodeLocks lists the locks a node holds (by AcquireLock.node).
+func (s *State) NodeLocks(node string) []lockd.WriteLock { return s.locks.NodeLocks(node) }
 
 // ExpiredLocks lists locks whose lease has run out by now (not yet removed).
 func (s *State) ExpiredLocks(now time.Time) []lockd.WriteLock { return s.locks.Expired(now) }
@@ -762,6 +838,7 @@ type snapshotView struct {
 	index    uint64
 	repos    []*repoState
 	locks    []lockd.WriteLock
+	queues   []lockd.Queue
 	members  []*fsmv1.Member
 	requests []*fsmv1.AppliedRequest
 	hostKey  *fsmv1.HostKey
@@ -774,7 +851,7 @@ type snapshotView struct {
 }
 
 func (s *State) capture() *snapshotView {
-	v := &snapshotView{index: s.index, locks: s.locks.List(), members: s.Members()}
+	v := &snapshotView{index: s.index, locks: s.locks.List(), queues: s.locks.Queues(), members: s.Members()}
 	for _, n := range slices.Sorted(maps.Keys(s.repos)) {
 		v.repos = append(v.repos, s.repos[n])
 	}
@@ -797,6 +874,11 @@ func (v *snapshotView) items(yield func(*fsmv1.SnapshotItem) bool) {
 	}
 	for _, l := range v.locks {
 		if !yield(&fsmv1.SnapshotItem{Item: &fsmv1.SnapshotItem_Lock{Lock: lockToProto(l)}}) {
+			return
+		}
+	}
+	for _, q := range v.queues {
+		if !yield(&fsmv1.SnapshotItem{Item: &fsmv1.SnapshotItem_LockQueue{LockQueue: queueToProto(q)}}) {
 			return
 		}
 	}
@@ -844,12 +926,15 @@ func restoreState(index uint64, items []*fsmv1.SnapshotItem) (*State, error) {
 	s := NewState()
 	s.index = index
 	var locks []lockd.WriteLock
+	var queues []lockd.Queue
 	for _, it := range items {
 		switch x := it.Item.(type) {
 		case *fsmv1.SnapshotItem_Repo:
 			s.repos[x.Repo.GetName()] = repoFromProto(x.Repo)
 		case *fsmv1.SnapshotItem_Lock:
 			locks = append(locks, lockFromProto(x.Lock))
+		case *fsmv1.SnapshotItem_LockQueue:
+			queues = append(queues, queueFromProto(x.LockQueue))
 		case *fsmv1.SnapshotItem_Member:
 			s.members[x.Member.GetId()] = x.Member
 		case *fsmv1.SnapshotItem_AppliedRequest:
@@ -884,7 +969,7 @@ func restoreState(index uint64, items []*fsmv1.SnapshotItem) (*State, error) {
 			return nil, fmt.Errorf("snapshot item of unknown kind %T; upgrade gitraft on this node", it.Item)
 		}
 	}
-	s.locks = lockd.Restore(locks)
+	s.locks = lockd.Restore(locks, queues...)
 	return s, nil
 }
 

@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"bytes"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -437,5 +438,88 @@ func Test_State_UpdateRefs_RepairRecorded(t *testing.T) {
 	}
 	if got, _ := s2.Repo("r"); len(got.GetRepairs()) != 1 {
 		t.Fatalf("repairs after restore = %v", got.GetRepairs())
+	}
+}
+
+// A node that starts under a new incarnation frees the write locks its
+// earlier process held, in the same entry, and the old holder's ref change
+// is refused afterwards; the leader's FreeNodeLocks frees a silent node's
+// locks up to the token it names. Entries without incarnations (older
+// logs) free nothing.
+func Test_State_LocksFreedWhenHolderGone(t *testing.T) {
+	s := NewState()
+	at := time.Unix(1000, 0)
+	idx := uint64(0)
+	apply := func(e *fsmv1.Entry) *fsmv1.Result {
+		idx++
+		at = at.Add(time.Second)
+		e.LeaderTimeUnixNano = at.UnixNano()
+		return s.Apply(idx, e)
+	}
+	withLife := func(id, inc string) *fsmv1.Entry {
+		return &fsmv1.Entry{Command: &fsmv1.Entry_SetMember{SetMember: &fsmv1.SetMember{Member: &fsmv1.Member{Id: id, Incarnation: inc}}}}
+	}
+	lockFor := func(repo, holder, node, inc string) *fsmv1.Entry {
+		e := acquire(repo, holder, time.Minute)
+		a := e.GetAcquireLock()
+		a.Node, a.Incarnation, a.WaitLeaseNanos = node, inc, int64(5*time.Second)
+		return e
+	}
+	apply(create("r"))
+	apply(create("q"))
+	apply(withLife("n1", "a"))
+	tok := apply(lockFor("r", "n1/p1", "n1", "a")).GetLock().GetFencingToken()
+	if tok == 0 {
+		t.Fatal("no lock granted")
+	}
+	old := apply(acquire("q", "n1/p0", time.Minute)) // no node: an older entry
+	if old.GetRefusal() != nil {
+		t.Fatal(old.GetRefusal())
+	}
+	if r := apply(withLife("n1", "a")); len(r.GetFreed()) != 0 {
+		t.Fatalf("the same incarnation freed %v", r.GetFreed())
+	}
+	r := apply(withLife("n1", "b"))
+	if len(r.GetFreed()) != 1 || r.GetFreed()[0].GetFencingToken() != tok {
+		t.Fatalf("a new incarnation freed %v, want the lock on r", r.GetFreed())
+	}
+	if _, held := s.locks.Get("q"); !held {
+		t.Fatal("a lock without a node was freed")
+	}
+	if u := apply(update("r", tok, true, "refs/heads/main", "", oidA)); u.GetRefusal().GetReason() != fsmv1.Reason_REASON_LOCK_NOT_HELD {
+		t.Fatalf("the old process's ref change: %v, want refused", u)
+	}
+	tok2 := apply(lockFor("r", "n2/p2", "n2", "x")).GetLock().GetFencingToken()
+	if u := apply(update("r", tok, true, "refs/heads/main", "", oidA)); u.GetRefusal().GetReason() != fsmv1.Reason_REASON_STALE_TOKEN {
+		t.Fatalf("the old process's ref change after another took the lock: %v, want a stale token", u)
+	}
+	free := &fsmv1.Entry{Command: &fsmv1.Entry_FreeNodeLocks{FreeNodeLocks: &fsmv1.FreeNodeLocks{Node: "n2", UpToToken: tok2 - 1, Reason: "test"}}}
+	if r := apply(free); len(r.GetFreed()) != 0 {
+		t.Fatalf("freed %v, a lock granted after the token named", r.GetFreed())
+	}
+	free.GetFreeNodeLocks().UpToToken = tok2
+	if r := apply(free); len(r.GetFreed()) != 1 {
+		t.Fatalf("freed %v, want n2's lock", r.GetFreed())
+	}
+	if r := apply(&fsmv1.Entry{Command: &fsmv1.Entry_FreeNodeLocks{FreeNodeLocks: &fsmv1.FreeNodeLocks{}}}); r.GetRefusal().GetReason() != fsmv1.Reason_REASON_INVALID {
+		t.Fatalf("FreeNodeLocks without a node: %v", r)
+	}
+	// A snapshot keeps what the lock table knows.
+	apply(lockFor("r", "n1/p3", "n1", "b"))
+	apply(lockFor("r", "n2/p4", "n2", "x")) // queued
+	var buf bytes.Buffer
+	if err := writeSnapshot(&buf, s.capture()); err != nil {
+		t.Fatal(err)
+	}
+	i, items, err := readSnapshot(&buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, err := restoreState(i, items)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(rs.Locks(), s.Locks()) || !reflect.DeepEqual(rs.LockQueues(), s.LockQueues()) || len(s.LockQueues()) != 1 {
+		t.Fatalf("restored locks %+v queues %+v, want %+v %+v", rs.Locks(), rs.LockQueues(), s.Locks(), s.LockQueues())
 	}
 }

@@ -1,9 +1,14 @@
 #!/bin/sh
 # Runs gitraft's benchmarks and prints their tables:
 #   BenchmarkCluster: committed Raft writes (locks, ref updates) and failover
-#   BenchmarkGit: git over SSH, plain git + OpenSSH sshd vs a gitraft cluster
+#   BenchmarkGit: git over SSH, plain git + OpenSSH sshd vs a gitraft cluster,
+#   then the push path under failures (GITRAFT_BENCH_GIT=failover: only that,
+#   no OpenSSH baseline needed)
 #   BenchmarkDatabaseSwitchover: PostgreSQL switchover write pause, failover (PostgreSQL 15 + pgbouncer, as e2e/test.sh installs)
 # and, only when asked for by name:
+#   PushFailoverTimeouts: leader SIGKILL -> next acknowledged push under Raft
+#   timings (GITRAFT_BENCH_RAFT, e.g. "1s/1s/500ms default"), what the
+#   defaults were chosen from.
 #   Scale: BenchmarkScale, a cluster filled to 10,000 repositories and a million
 #   refs (GITRAFT_SCALE_REPOS, GITRAFT_SCALE_BIG_REPOS, GITRAFT_SCALE_REFS make
 #   it smaller): creates, fill time, big pushes and ls-remote against plain git,

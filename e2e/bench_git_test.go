@@ -170,6 +170,10 @@ type gitRow struct {
 func BenchmarkGit(b *testing.B) {
 	c := startCluster(b, 3)
 	u := c.addGitUser("bench")
+	if benchGitFailoverOnly() {
+		benchGitFailover(b, c, u)
+		return
+	}
 	lead := c.leader()
 	follower := c.other(lead)
 	via := follower // pushes and clones go through a follower: the harder case
@@ -268,6 +272,7 @@ func BenchmarkGit(b *testing.B) {
 	fmt.Printf("%-52s %12d %12d\n", "processes started per small push, whole machine (min)", minOf(procs[0]), minOf(procs[1]))
 	fmt.Printf("%-52s %12d %12d\n", "processes started per small push, whole machine (p50)", p50Of(procs[0]), p50Of(procs[1]))
 	fmt.Printf("(the same client for both: git push, ssh, pack-objects; on a shared machine other work adds to p50, not to min)\n\n")
+	benchGitFailover(b, c, u)
 	b.ReportMetric(lat[1].pct(0.5).Seconds()/lat[0].pct(0.5).Seconds(), "small-push-p50-ratio")
 	b.ReportMetric(clone[0].Seconds()/clone[1].Seconds(), "clone-throughput-ratio")
 }

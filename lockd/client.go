@@ -23,6 +23,22 @@ type Locker interface {
 	ReleaseLock(ctx context.Context, repo string, token uint64) error
 }
 
+// Watcher may be implemented by a Locker: LockChanged returns a channel
+// that is closed the next time repo's lock may have become free (released,
+// expired, freed) as this node sees it. A waiting Acquire then asks again
+// at once instead of at its next retry.
+type Watcher interface {
+	LockChanged(repo string) <-chan struct{}
+}
+
+// Leaver may be implemented by a Locker: LeaveQueue gives up holder's
+// place in repo's queue of waiters. Acquire calls it when its context ends
+// while it waits, so that the writers behind it need not wait for the
+// place to lapse.
+type Leaver interface {
+	LeaveQueue(ctx context.Context, repo, holder string) error
+}
+
 // ClientConfig configures a Client. Zero fields take their defaults.
 type ClientConfig struct {
 	// Lease is the lease requested on acquire and on every renewal.
@@ -81,8 +97,9 @@ func NewClient(l Locker, cfg ClientConfig, logger *slog.Logger) *Client {
 
 // Acquire waits until it holds the write lock on repo for holder, or ctx
 // ends. While the lock is held by someone else (errors.Is(err,
-// ErrLockHeld)) it retries with jittered exponential backoff; any other
-// error is returned at once. If onWait is not nil, it is called once, the
+// ErrLockHeld)), or the cluster cannot answer (ErrUnavailable), it retries
+// with jittered exponential backoff, and at once when a Locker that is a
+// Watcher says the lock may be free; any other error is returned at once. If onWait is not nil, it is called once, the
 // first time the lock is found held, with the lock that is in the way.
 //
 // On success a goroutine renews the lease every RenewEvery until
@@ -94,7 +111,11 @@ func (c *Client) Acquire(ctx context.Context, repo, holder string, onWait func(h
 	waited := false
 	for {
 		if err := ctx.Err(); err != nil {
-			return nil, c.waitErr(repo, held, waited, err)
+			return nil, c.waitErr(repo, holder, held, waited, err)
+		}
+		var changed <-chan struct{} // taken before asking: no wake-up is missed
+		if w, ok := c.l.(Watcher); ok {
+			changed = w.LockChanged(repo)
 		}
 		sent := time.Now()
 		lock, err := c.l.AcquireLock(ctx, repo, holder, c.cfg.Lease)
@@ -102,9 +123,23 @@ func (c *Client) Acquire(ctx context.Context, repo, holder string, onWait func(h
 			c.log.Debug("write lock acquired", "repo", repo, "token", lock.Token)
 			return c.start(ctx, lock, sent.Add(c.cfg.Lease)), nil
 		}
+		if errors.Is(err, ErrUnavailable) && ctx.Err() == nil {
+			// A leader change: try again within ctx, keeping our turn
+			// (the wait lease outlives a short election).
+			c.log.Debug("write lock: cluster unavailable; trying again", "repo", repo, "err", err)
+			t := time.NewTimer(jitter(backoff))
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return nil, fmt.Errorf("lockd: acquire write lock on %q: %w (last: %w)", repo, ctx.Err(), err)
+			case <-t.C:
+			}
+			backoff = min(2*backoff, c.cfg.RetryMax)
+			continue
+		}
 		if !errors.Is(err, ErrLockHeld) {
 			if ctxErr := ctx.Err(); ctxErr != nil && waited {
-				return nil, c.waitErr(repo, held, waited, ctxErr)
+				return nil, c.waitErr(repo, holder, held, waited, ctxErr)
 			}
 			return nil, fmt.Errorf("lockd: acquire write lock on %q: %w", repo, err)
 		}
@@ -123,14 +158,25 @@ func (c *Client) Acquire(ctx context.Context, repo, holder string, onWait func(h
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return nil, c.waitErr(repo, held, waited, ctx.Err())
+			return nil, c.waitErr(repo, holder, held, waited, ctx.Err())
+		case <-changed:
+			t.Stop()
 		case <-t.C:
 		}
 		backoff = min(2*backoff, c.cfg.RetryMax)
 	}
 }
 
-func (c *Client) waitErr(repo string, held WriteLock, waited bool, err error) error {
+func (c *Client) waitErr(repo, holder string, held WriteLock, waited bool, err error) error {
+	if l, ok := c.l.(Leaver); ok && waited {
+		// Best effort, and not bound to the ended context: if it fails,
+		// the place lapses with its wait lease.
+		lctx, cancel := context.WithTimeout(context.Background(), c.cfg.RetryMax)
+		if lerr := l.LeaveQueue(lctx, repo, holder); lerr != nil {
+			c.log.Debug("leaving the write lock queue failed; the place lapses", "repo", repo, "err", lerr)
+		}
+		cancel()
+	}
 	if waited && held.Holder != "" {
 		return fmt.Errorf("lockd: waiting for write lock on %q held by %q: %w", repo, held.Holder, err)
 	}

@@ -10,6 +10,9 @@
 //     machine. It never reads the local clock: "now" is the leader's time
 //     stamped into each log entry and passed in by the caller, so every
 //     replica applying the same entries reaches the same state.
+//     It frees the locks of a node process that is gone ([Table.FreeNode])
+//     and, for requests with a wait lease, serves waiters in order of
+//     arrival.
 //   - [Client] is the writer's side. It acquires a lock through a [Locker]
 //     (proposals through Raft, implemented by package cluster), waiting while
 //     someone else holds it, renews the lease in the background and reports

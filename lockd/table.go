@@ -15,6 +15,39 @@ type WriteLock struct {
 	Token      uint64    // fencing token: Raft index of the entry that granted it
 	AcquiredAt time.Time // leader time of the grant
 	ExpiresAt  time.Time // leader time at which the lease runs out
+	// Node and Incarnation say which node process holds the lock, when the
+	// request said so ("" otherwise): FreeNode frees it when that process
+	// is gone.
+	Node        string
+	Incarnation string
+}
+
+// Waiter is a writer queued for a repository's lock (Request.WaitLease).
+type Waiter struct {
+	Holder      string
+	Node        string
+	Incarnation string
+	Since       time.Time // leader time it first asked
+	ExpiresAt   time.Time // dropped at this leader time unless it asks again
+}
+
+// Queue is one repository's waiters, first first.
+type Queue struct {
+	Repo    string
+	Waiters []Waiter
+}
+
+// Request is one acquire.
+type Request struct {
+	Repo, Holder      string
+	Node, Incarnation string // who asks (see WriteLock); may be empty
+	Lease             time.Duration
+	// WaitLease, when positive, queues the holder (first come, first
+	// served) while the lock is held or promised to an earlier waiter,
+	// for this long; asking again renews the wait. 0: no queue, the lock
+	// goes to whoever asks first once it is free (and the queue is not
+	// looked at).
+	WaitLease time.Duration
 }
 
 // Expired reports whether the lease has run out at now (now is at or after
@@ -38,16 +71,25 @@ var (
 	// ErrInvalid means a request had an empty repo or holder, or a zero
 	// fencing token index.
 	ErrInvalid = errors.New("invalid write lock request")
+	// ErrUnavailable is wrapped by a Locker's errors that say the cluster
+	// could not answer now (no leader, a leader change): Client.Acquire
+	// tries again within its context.
+	ErrUnavailable = errors.New("lock service unavailable")
 )
 
 // HeldError is returned (wrapping ErrLockHeld) when a repository already has
 // an unexpired lock. It carries that lock so callers can say who holds it and
-// until when.
+// until when. When the lock is free but promised to an earlier waiter, Lock
+// names that waiter (Token 0) and Queued is set.
 type HeldError struct {
-	Lock WriteLock
+	Lock   WriteLock
+	Queued bool
 }
 
 func (e *HeldError) Error() string {
+	if e.Queued && e.Lock.Token == 0 {
+		return fmt.Sprintf("write lock on %q is next for %q, who asked first", e.Lock.Repo, e.Lock.Holder)
+	}
 	return fmt.Sprintf("write lock on %q held by %q (token %d) until %s",
 		e.Lock.Repo, e.Lock.Holder, e.Lock.Token, e.Lock.ExpiresAt.UTC().Format(time.RFC3339))
 }
@@ -66,22 +108,33 @@ func (e *HeldError) Unwrap() error { return ErrLockHeld }
 // A Table is not safe for concurrent use; the state machine serialises
 // access. The zero Table is empty and ready to use.
 type Table struct {
-	locks map[string]WriteLock
+	locks  map[string]WriteLock
+	queues map[string][]Waiter // only repos with waiters
 }
 
 // NewTable returns an empty table.
 func NewTable() *Table {
-	return &Table{locks: make(map[string]WriteLock)}
+	return &Table{locks: make(map[string]WriteLock), queues: make(map[string][]Waiter)}
 }
 
-// Restore builds a table from a list of locks, e.g. from a snapshot. If a
-// repository appears more than once, the last entry wins.
-func Restore(locks []WriteLock) *Table {
-	t := &Table{locks: make(map[string]WriteLock, len(locks))}
+// Restore builds a table from a list of locks and queues, e.g. from a
+// snapshot. If a repository appears more than once, the last entry wins.
+func Restore(locks []WriteLock, queues ...Queue) *Table {
+	t := &Table{locks: make(map[string]WriteLock, len(locks)), queues: make(map[string][]Waiter, len(queues))}
 	for _, l := range locks {
 		l.AcquiredAt = l.AcquiredAt.Round(0)
 		l.ExpiresAt = l.ExpiresAt.Round(0)
 		t.locks[l.Repo] = l
+	}
+	for _, q := range queues {
+		ws := make([]Waiter, 0, len(q.Waiters))
+		for _, w := range q.Waiters {
+			w.Since, w.ExpiresAt = w.Since.Round(0), w.ExpiresAt.Round(0)
+			ws = append(ws, w)
+		}
+		if len(ws) > 0 {
+			t.queues[q.Repo] = ws
+		}
 	}
 	return t
 }
@@ -90,8 +143,19 @@ func Restore(locks []WriteLock) *Table {
 // repo has no lock or its lock has expired at now. lease must be positive
 // (else ErrBadLease); repo and holder must not be empty and index must be
 // positive (else ErrInvalid). If an unexpired lock exists, even one with the
-// same holder, Acquire returns a *HeldError carrying it.
+// same holder, Acquire returns a *HeldError carrying it. It does not look
+// at the queue (see AcquireFor).
 func (t *Table) Acquire(repo, holder string, now time.Time, lease time.Duration, index uint64) (WriteLock, error) {
+	return t.AcquireFor(Request{Repo: repo, Holder: holder, Lease: lease}, now, index)
+}
+
+// AcquireFor is Acquire for a Request. With WaitLease set, waiters are
+// served in order of arrival: expired waits are dropped first; then, if the
+// lock is held, or free while an earlier waiter is queued, the holder is
+// queued (or its wait renewed) and a *HeldError says who is in the way;
+// else the lock is granted and the holder leaves the queue.
+func (t *Table) AcquireFor(req Request, now time.Time, index uint64) (WriteLock, error) {
+	repo, holder, lease := req.Repo, req.Holder, req.Lease
 	switch {
 	case repo == "":
 		return WriteLock{}, fmt.Errorf("acquire: empty repo: %w", ErrInvalid)
@@ -103,21 +167,133 @@ func (t *Table) Acquire(repo, holder string, now time.Time, lease time.Duration,
 		return WriteLock{}, fmt.Errorf("acquire %q: lease %v: %w", repo, lease, ErrBadLease)
 	}
 	now = now.Round(0)
-	if cur, ok := t.locks[repo]; ok && !cur.Expired(now) {
+	cur, held := t.locks[repo]
+	held = held && !cur.Expired(now)
+	if req.WaitLease > 0 {
+		q := t.dropExpiredWaiters(repo, now)
+		var ahead *Waiter
+		if len(q) > 0 && q[0].Holder != holder {
+			ahead = &q[0]
+		}
+		if held || ahead != nil {
+			t.enqueue(req, now)
+			if held {
+				return WriteLock{}, &HeldError{Lock: cur, Queued: true}
+			}
+			return WriteLock{}, &HeldError{Lock: WriteLock{Repo: repo, Holder: ahead.Holder, Node: ahead.Node, Incarnation: ahead.Incarnation}, Queued: true}
+		}
+		t.dequeue(repo, holder)
+	} else if held {
 		return WriteLock{}, &HeldError{Lock: cur}
 	}
 	l := WriteLock{
-		Repo:       repo,
-		Holder:     holder,
-		Token:      index,
-		AcquiredAt: now,
-		ExpiresAt:  now.Add(lease),
+		Repo:        repo,
+		Holder:      holder,
+		Token:       index,
+		AcquiredAt:  now,
+		ExpiresAt:   now.Add(lease),
+		Node:        req.Node,
+		Incarnation: req.Incarnation,
 	}
 	if t.locks == nil {
 		t.locks = make(map[string]WriteLock)
 	}
 	t.locks[repo] = l
 	return l, nil
+}
+
+// dropExpiredWaiters removes the waits on repo that ran out at now and
+// returns the queue left.
+func (t *Table) dropExpiredWaiters(repo string, now time.Time) []Waiter {
+	q := slices.DeleteFunc(t.queues[repo], func(w Waiter) bool { return !now.Before(w.ExpiresAt) })
+	t.setQueue(repo, q)
+	return q
+}
+
+// enqueue appends req's holder to repo's queue, or renews its wait.
+func (t *Table) enqueue(req Request, now time.Time) {
+	q := t.queues[req.Repo]
+	for i := range q {
+		if q[i].Holder == req.Holder {
+			q[i].ExpiresAt = now.Add(req.WaitLease)
+			return
+		}
+	}
+	if t.queues == nil {
+		t.queues = make(map[string][]Waiter)
+	}
+	t.queues[req.Repo] = append(q, Waiter{
+		Holder: req.Holder, Node: req.Node, Incarnation: req.Incarnation,
+		Since: now, ExpiresAt: now.Add(req.WaitLease),
+	})
+}
+
+// Leave removes holder's place in repo's queue, if it has one, and reports
+// whether it had.
+func (t *Table) Leave(repo, holder string) bool {
+	n := len(t.queues[repo])
+	t.dequeue(repo, holder)
+	return len(t.queues[repo]) < n
+}
+
+func (t *Table) dequeue(repo, holder string) {
+	t.setQueue(repo, slices.DeleteFunc(t.queues[repo], func(w Waiter) bool { return w.Holder == holder }))
+}
+
+func (t *Table) setQueue(repo string, q []Waiter) {
+	if len(q) == 0 {
+		delete(t.queues, repo)
+		return
+	}
+	t.queues[repo] = q
+}
+
+// FreeNode frees the locks that node holds and drops its waits, returning
+// the freed locks sorted by repo. With keep set, what node holds under the
+// incarnation keep stays (node restarted as keep: the rest is its earlier
+// life's); with upTo set, only locks with a token up to upTo are freed
+// (locks granted later stay). Locks and waits without a node (requests
+// that did not say) are never freed here.
+func (t *Table) FreeNode(node, keep string, upTo uint64) []WriteLock {
+	if node == "" {
+		return nil
+	}
+	gone := func(n, inc string) bool { return n == node && (keep == "" || inc != keep) }
+	var out []WriteLock
+	for repo, l := range t.locks {
+		if gone(l.Node, l.Incarnation) && (upTo == 0 || l.Token <= upTo) {
+			out = append(out, l)
+			delete(t.locks, repo)
+		}
+	}
+	for repo, q := range t.queues {
+		t.setQueue(repo, slices.DeleteFunc(q, func(w Waiter) bool { return gone(w.Node, w.Incarnation) }))
+	}
+	sortLocks(out)
+	return out
+}
+
+// Queues lists the queues with waiters, sorted by repo; the waiters are
+// copies.
+func (t *Table) Queues() []Queue {
+	out := make([]Queue, 0, len(t.queues))
+	for repo, q := range t.queues {
+		out = append(out, Queue{Repo: repo, Waiters: slices.Clone(q)})
+	}
+	slices.SortFunc(out, func(a, b Queue) int { return strings.Compare(a.Repo, b.Repo) })
+	return out
+}
+
+// NodeLocks lists the locks node holds, sorted by repo.
+func (t *Table) NodeLocks(node string) []WriteLock {
+	var out []WriteLock
+	for _, l := range t.locks {
+		if node != "" && l.Node == node {
+			out = append(out, l)
+		}
+	}
+	sortLocks(out)
+	return out
 }
 
 // Renew extends the lease of the lock on repo with this token to now+lease.
@@ -222,9 +398,11 @@ func (t *Table) Get(repo string) (WriteLock, bool) {
 	return l, ok
 }
 
-// Delete drops the lock on repo, if any (used when a repository is deleted).
+// Delete drops the lock on repo and its waiters, if any (used when a
+// repository is deleted).
 func (t *Table) Delete(repo string) {
 	delete(t.locks, repo)
+	delete(t.queues, repo)
 }
 
 // List returns every lock, expired or not, sorted by repo.

@@ -40,6 +40,11 @@ type fakeState struct {
 	// beforePropose, if set, runs before an entry applies; an error
 	// fails the proposal as a lost leader would.
 	beforePropose func(ctx context.Context, e *fsmv1.Entry) error
+	// afterApply, if set, runs after an entry applied; an error loses the
+	// answer, as a leader that dies after the commit would.
+	afterApply func(e *fsmv1.Entry) error
+	// requests remembers results by request id, as the real state does.
+	requests map[string]*fsmv1.Result
 }
 
 func (s *fakeState) repo(name string) (Target, bool) {
@@ -68,6 +73,20 @@ func (s *fakeState) apply(e *fsmv1.Entry) *fsmv1.Result {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.index++
+	if r, ok := s.requests[e.GetRequestId()]; ok && e.GetRequestId() != "" {
+		return r
+	}
+	r := s.applyLocked(e)
+	if e.GetRequestId() != "" {
+		if s.requests == nil {
+			s.requests = map[string]*fsmv1.Result{}
+		}
+		s.requests[e.GetRequestId()] = r
+	}
+	return r
+}
+
+func (s *fakeState) applyLocked(e *fsmv1.Entry) *fsmv1.Result {
 	u := e.GetUpdateRefs()
 	refuse := func(r fsmv1.Reason, msg string) *fsmv1.Result {
 		return &fsmv1.Result{Index: s.index, Refusal: &fsmv1.Refusal{Reason: r, Message: msg}}
@@ -154,7 +173,13 @@ func (n *fakeNode) Propose(ctx context.Context, e *fsmv1.Entry) (*fsmv1.Result, 
 			return nil, err
 		}
 	}
-	return n.s.apply(e), nil
+	r := n.s.apply(e)
+	if f := n.s.afterApply; f != nil {
+		if err := f(e); err != nil {
+			return nil, err
+		}
+	}
+	return r, nil
 }
 func (n *fakeNode) ReadBarrier(ctx context.Context) (uint64, error) {
 	if p := n.barrierErr.Load(); p != nil {

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"sort"
@@ -20,6 +21,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/gitraft/gitraft/gitproto"
@@ -325,12 +327,12 @@ func (p *Push) commit(ctx context.Context, quarantine string, verdicts []Verdict
 	for _, c := range changes {
 		u.Updates = append(u.Updates, &fsmv1.RefUpdate{Ref: c.Ref, OldOid: c.Old, NewOid: c.New})
 	}
-	res, err := p.r.node.Propose(ctx, &fsmv1.Entry{Command: &fsmv1.Entry_UpdateRefs{UpdateRefs: u}})
+	// The request id makes the entry idempotent: a retry after a lost
+	// answer is answered with the first result, never applied twice.
+	e := &fsmv1.Entry{RequestId: fmt.Sprintf("push/%s/%s/%d", p.r.node.ID(), p.id, u.FencingToken), Command: &fsmv1.Entry_UpdateRefs{UpdateRefs: u}}
+	res, err := p.proposeCommit(ctx, e, progress)
 	if err != nil {
-		if errors.Is(err, ErrNoLeader) {
-			return nil, fmt.Errorf("the cluster lost its quorum before the push was committed; nothing was changed: %v", err)
-		}
-		return nil, fmt.Errorf("committing the push failed; it may or may not have been applied: %v", err)
+		return nil, err
 	}
 	if rf := res.GetRefusal(); rf != nil {
 		switch rf.GetReason() {
@@ -343,6 +345,66 @@ func (p *Push) commit(ctx context.Context, quarantine string, verdicts []Verdict
 	p.version.Store(v)
 	progress(fmt.Sprintf("committed version %d of %s (raft index %d)", v, p.repo, res.GetIndex()))
 	return changes, nil
+}
+
+// proposeCommit proposes the push's ref change, trying again across a
+// leader change (no leader, the leader gone or stepping down while the
+// entry was in flight) for as long as this node holds the write lock and
+// the client waits: the same entry, same request id and fencing token, so
+// that an entry that committed but whose answer was lost is answered with
+// what was applied. Once the lock is lost it stops; any entry still in
+// flight carries a token the state machine then refuses.
+func (p *Push) proposeCommit(ctx context.Context, e *fsmv1.Entry, progress func(string)) (*fsmv1.Result, error) {
+	backoff := 50 * time.Millisecond
+	told := false
+	for {
+		res, err := p.r.node.Propose(ctx, e)
+		if err == nil {
+			return res, nil
+		}
+		if !retryCommit(err) || ctx.Err() != nil {
+			if errors.Is(err, ErrNoLeader) {
+				return nil, fmt.Errorf("the cluster lost its quorum before the push was committed; nothing was changed: %v", err)
+			}
+			return nil, fmt.Errorf("committing the push failed; it may or may not have been applied: %v", err)
+		}
+		if !told {
+			told = true
+			progress(fmt.Sprintf("committing: %v; trying again while this node holds the write lock", err))
+			p.r.log.Warn("committing a push failed; trying again", "repo", p.repo, "push_id", p.id, "token", p.lock.Token(), "err", err)
+		}
+		t := time.NewTimer(backoff/2 + time.Duration(rand.Int64N(int64(backoff/2)+1)))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, fmt.Errorf("push cancelled while committing; it may or may not have been applied: %v", err)
+		case <-p.lock.Lost():
+			t.Stop()
+			// An attempt may still be in flight: if it committed, it did so
+			// while the lock was ours; ask once more, and the request id
+			// gives its result.
+			res, err2 := p.r.node.Propose(ctx, e)
+			if err2 == nil {
+				return res, nil
+			}
+			return nil, fmt.Errorf("lost the write lock (%v) while committing (%v; then %v); the push may or may not have been applied", p.lock.Err(), err, err2)
+		case <-t.C:
+		}
+		backoff = min(2*backoff, 500*time.Millisecond)
+	}
+}
+
+// retryCommit says whether a failed proposal may be tried again: the
+// cluster had no leader or lost it, which says nothing about the entry.
+func retryCommit(err error) bool {
+	if errors.Is(err, ErrNoLeader) {
+		return true
+	}
+	switch status.Code(err) {
+	case codes.Unavailable, codes.DeadlineExceeded:
+		return true
+	}
+	return false
 }
 
 type packFiles struct{ pack, idx string }

@@ -295,6 +295,8 @@ type Entry struct {
 	//	*Entry_Mail
 	//	*Entry_ForgetHostPrivateKey
 	//	*Entry_RecordBackup
+	//	*Entry_FreeNodeLocks
+	//	*Entry_LeaveLockQueue
 	Command       isEntry_Command `protobuf_oneof:"command"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -554,6 +556,24 @@ func (x *Entry) GetRecordBackup() *RecordBackup {
 	return nil
 }
 
+func (x *Entry) GetFreeNodeLocks() *FreeNodeLocks {
+	if x != nil {
+		if x, ok := x.Command.(*Entry_FreeNodeLocks); ok {
+			return x.FreeNodeLocks
+		}
+	}
+	return nil
+}
+
+func (x *Entry) GetLeaveLockQueue() *LeaveLockQueue {
+	if x != nil {
+		if x, ok := x.Command.(*Entry_LeaveLockQueue); ok {
+			return x.LeaveLockQueue
+		}
+	}
+	return nil
+}
+
 type isEntry_Command interface {
 	isEntry_Command()
 }
@@ -646,6 +666,14 @@ type Entry_RecordBackup struct {
 	RecordBackup *RecordBackup `protobuf:"bytes,30,opt,name=record_backup,json=recordBackup,proto3,oneof"`
 }
 
+type Entry_FreeNodeLocks struct {
+	FreeNodeLocks *FreeNodeLocks `protobuf:"bytes,31,opt,name=free_node_locks,json=freeNodeLocks,proto3,oneof"`
+}
+
+type Entry_LeaveLockQueue struct {
+	LeaveLockQueue *LeaveLockQueue `protobuf:"bytes,32,opt,name=leave_lock_queue,json=leaveLockQueue,proto3,oneof"`
+}
+
 func (*Entry_CreateRepo) isEntry_Command() {}
 
 func (*Entry_DeleteRepo) isEntry_Command() {}
@@ -687,6 +715,10 @@ func (*Entry_Mail) isEntry_Command() {}
 func (*Entry_ForgetHostPrivateKey) isEntry_Command() {}
 
 func (*Entry_RecordBackup) isEntry_Command() {}
+
+func (*Entry_FreeNodeLocks) isEntry_Command() {}
+
+func (*Entry_LeaveLockQueue) isEntry_Command() {}
 
 // SetHostKey records a cluster-wide SSH host key, private part included.
 // Written only by gitraft before host key files (git.host_key_files); kept
@@ -1333,12 +1365,24 @@ func (x *UpdateRefs) GetRepairReason() string {
 }
 
 type AcquireLock struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Repo          string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
-	Holder        string                 `protobuf:"bytes,2,opt,name=holder,proto3" json:"holder,omitempty"`
-	LeaseNanos    int64                  `protobuf:"varint,3,opt,name=lease_nanos,json=leaseNanos,proto3" json:"lease_nanos,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Repo       string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
+	Holder     string                 `protobuf:"bytes,2,opt,name=holder,proto3" json:"holder,omitempty"`
+	LeaseNanos int64                  `protobuf:"varint,3,opt,name=lease_nanos,json=leaseNanos,proto3" json:"lease_nanos,omitempty"`
+	// The node that asks and its incarnation (Member.incarnation): the lock
+	// is freed when that node starts again under another incarnation, or
+	// when the leader frees the node's locks (FreeNodeLocks). Empty in
+	// entries written before: such locks end only by release or lease.
+	Node        string `protobuf:"bytes,4,opt,name=node,proto3" json:"node,omitempty"`
+	Incarnation string `protobuf:"bytes,5,opt,name=incarnation,proto3" json:"incarnation,omitempty"`
+	// When set, the acquire takes its turn: a holder that finds the lock
+	// held (or free but promised to an earlier waiter) is queued, first come
+	// first served, for this long (each retry renews it); the lock is
+	// granted only to the first waiter. 0 (entries written before): no
+	// queue, the lock goes to whoever asks first once it is free.
+	WaitLeaseNanos int64 `protobuf:"varint,6,opt,name=wait_lease_nanos,json=waitLeaseNanos,proto3" json:"wait_lease_nanos,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *AcquireLock) Reset() {
@@ -1388,6 +1432,27 @@ func (x *AcquireLock) GetHolder() string {
 func (x *AcquireLock) GetLeaseNanos() int64 {
 	if x != nil {
 		return x.LeaseNanos
+	}
+	return 0
+}
+
+func (x *AcquireLock) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *AcquireLock) GetIncarnation() string {
+	if x != nil {
+		return x.Incarnation
+	}
+	return ""
+}
+
+func (x *AcquireLock) GetWaitLeaseNanos() int64 {
+	if x != nil {
+		return x.WaitLeaseNanos
 	}
 	return 0
 }
@@ -1690,7 +1755,12 @@ type Member struct {
 	// the newest log entries it can apply. 0 (an older gitraft that did not
 	// report it) counts as 1. The leader logs an entry that needs a level
 	// only once every member of the Raft configuration has reported it.
-	FeatureLevel  uint32 `protobuf:"varint,7,opt,name=feature_level,json=featureLevel,proto3" json:"feature_level,omitempty"`
+	FeatureLevel uint32 `protobuf:"varint,7,opt,name=feature_level,json=featureLevel,proto3" json:"feature_level,omitempty"`
+	// Set anew each time the node process starts. A SetMember that changes
+	// it frees the write locks (and lock waits) the node held under any
+	// other incarnation: the process that held them is gone. Empty in
+	// entries written before: nothing is freed.
+	Incarnation   string `protobuf:"bytes,8,opt,name=incarnation,proto3" json:"incarnation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1772,6 +1842,13 @@ func (x *Member) GetFeatureLevel() uint32 {
 		return x.FeatureLevel
 	}
 	return 0
+}
+
+func (x *Member) GetIncarnation() string {
+	if x != nil {
+		return x.Incarnation
+	}
+	return ""
 }
 
 type Ref struct {
@@ -2285,8 +2362,11 @@ type WriteLock struct {
 	FencingToken     uint64                 `protobuf:"varint,3,opt,name=fencing_token,json=fencingToken,proto3" json:"fencing_token,omitempty"`
 	AcquiredUnixNano int64                  `protobuf:"varint,4,opt,name=acquired_unix_nano,json=acquiredUnixNano,proto3" json:"acquired_unix_nano,omitempty"`
 	ExpiresUnixNano  int64                  `protobuf:"varint,5,opt,name=expires_unix_nano,json=expiresUnixNano,proto3" json:"expires_unix_nano,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// AcquireLock.node and incarnation of the grant ("" before they existed).
+	Node          string `protobuf:"bytes,6,opt,name=node,proto3" json:"node,omitempty"`
+	Incarnation   string `protobuf:"bytes,7,opt,name=incarnation,proto3" json:"incarnation,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *WriteLock) Reset() {
@@ -2352,6 +2432,20 @@ func (x *WriteLock) GetExpiresUnixNano() int64 {
 		return x.ExpiresUnixNano
 	}
 	return 0
+}
+
+func (x *WriteLock) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *WriteLock) GetIncarnation() string {
+	if x != nil {
+		return x.Incarnation
+	}
+	return ""
 }
 
 type Refusal struct {
@@ -2469,15 +2563,18 @@ func (x *RefResult) GetCurrentOid() string {
 
 // Result is what applying one entry produced.
 type Result struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Index         uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
-	Refusal       *Refusal               `protobuf:"bytes,2,opt,name=refusal,proto3" json:"refusal,omitempty"`
-	Repo          *Repo                  `protobuf:"bytes,3,opt,name=repo,proto3" json:"repo,omitempty"`
-	Lock          *WriteLock             `protobuf:"bytes,4,opt,name=lock,proto3" json:"lock,omitempty"`
-	Expired       []*WriteLock           `protobuf:"bytes,5,rep,name=expired,proto3" json:"expired,omitempty"`
-	RefResults    []*RefResult           `protobuf:"bytes,6,rep,name=ref_results,json=refResults,proto3" json:"ref_results,omitempty"`
-	Database      *v1.Result             `protobuf:"bytes,7,opt,name=database,proto3" json:"database,omitempty"`
-	Mail          *v11.Result            `protobuf:"bytes,8,opt,name=mail,proto3" json:"mail,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Index      uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	Refusal    *Refusal               `protobuf:"bytes,2,opt,name=refusal,proto3" json:"refusal,omitempty"`
+	Repo       *Repo                  `protobuf:"bytes,3,opt,name=repo,proto3" json:"repo,omitempty"`
+	Lock       *WriteLock             `protobuf:"bytes,4,opt,name=lock,proto3" json:"lock,omitempty"`
+	Expired    []*WriteLock           `protobuf:"bytes,5,rep,name=expired,proto3" json:"expired,omitempty"`
+	RefResults []*RefResult           `protobuf:"bytes,6,rep,name=ref_results,json=refResults,proto3" json:"ref_results,omitempty"`
+	Database   *v1.Result             `protobuf:"bytes,7,opt,name=database,proto3" json:"database,omitempty"`
+	Mail       *v11.Result            `protobuf:"bytes,8,opt,name=mail,proto3" json:"mail,omitempty"`
+	// Locks freed because their holder's node restarted or went silent
+	// (SetMember with a new incarnation, FreeNodeLocks).
+	Freed         []*WriteLock `protobuf:"bytes,9,rep,name=freed,proto3" json:"freed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2568,6 +2665,13 @@ func (x *Result) GetMail() *v11.Result {
 	return nil
 }
 
+func (x *Result) GetFreed() []*WriteLock {
+	if x != nil {
+		return x.Freed
+	}
+	return nil
+}
+
 // SnapshotHeader starts a snapshot stream; it is followed by the items, each a
 // length-delimited SnapshotItem.
 type SnapshotHeader struct {
@@ -2646,6 +2750,7 @@ type SnapshotItem struct {
 	//	*SnapshotItem_Mail
 	//	*SnapshotItem_End
 	//	*SnapshotItem_Backup
+	//	*SnapshotItem_LockQueue
 	Item          isSnapshotItem_Item `protobuf_oneof:"item"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2796,6 +2901,15 @@ func (x *SnapshotItem) GetBackup() *BackupRecord {
 	return nil
 }
 
+func (x *SnapshotItem) GetLockQueue() *LockQueue {
+	if x != nil {
+		if x, ok := x.Item.(*SnapshotItem_LockQueue); ok {
+			return x.LockQueue
+		}
+	}
+	return nil
+}
+
 type isSnapshotItem_Item interface {
 	isSnapshotItem_Item()
 }
@@ -2848,6 +2962,10 @@ type SnapshotItem_Backup struct {
 	Backup *BackupRecord `protobuf:"bytes,12,opt,name=backup,proto3,oneof"`
 }
 
+type SnapshotItem_LockQueue struct {
+	LockQueue *LockQueue `protobuf:"bytes,13,opt,name=lock_queue,json=lockQueue,proto3,oneof"`
+}
+
 func (*SnapshotItem_Repo) isSnapshotItem_Item() {}
 
 func (*SnapshotItem_Lock) isSnapshotItem_Item() {}
@@ -2871,6 +2989,8 @@ func (*SnapshotItem_Mail) isSnapshotItem_Item() {}
 func (*SnapshotItem_End) isSnapshotItem_Item() {}
 
 func (*SnapshotItem_Backup) isSnapshotItem_Item() {}
+
+func (*SnapshotItem_LockQueue) isSnapshotItem_Item() {}
 
 // SnapshotEnd is the last item of every snapshot, so that a snapshot cut off
 // at an item boundary is refused rather than restored without its tail.
@@ -3131,11 +3251,263 @@ func (x *BackupRecord) GetNode() string {
 	return ""
 }
 
+// FreeNodeLocks frees the write locks a node holds, with fencing tokens up
+// to up_to_token (locks it is granted later stay), and drops its lock
+// waits. The leader proposes it when it has not heard from the node for
+// longer than raft.holder_timeout; safety rests on the fencing token: what
+// the old holder sends afterwards is refused.
+type FreeNodeLocks struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Node      string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	UpToToken uint64                 `protobuf:"varint,2,opt,name=up_to_token,json=upToToken,proto3" json:"up_to_token,omitempty"`
+	// Why, for logs and history ("unreachable for 2.1s").
+	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FreeNodeLocks) Reset() {
+	*x = FreeNodeLocks{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FreeNodeLocks) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FreeNodeLocks) ProtoMessage() {}
+
+func (x *FreeNodeLocks) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FreeNodeLocks.ProtoReflect.Descriptor instead.
+func (*FreeNodeLocks) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *FreeNodeLocks) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *FreeNodeLocks) GetUpToToken() uint64 {
+	if x != nil {
+		return x.UpToToken
+	}
+	return 0
+}
+
+func (x *FreeNodeLocks) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+// LockQueue is a repository's queue of lock waiters, first first.
+type LockQueue struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Repo          string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
+	Waiters       []*LockWaiter          `protobuf:"bytes,2,rep,name=waiters,proto3" json:"waiters,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LockQueue) Reset() {
+	*x = LockQueue{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LockQueue) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LockQueue) ProtoMessage() {}
+
+func (x *LockQueue) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LockQueue.ProtoReflect.Descriptor instead.
+func (*LockQueue) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *LockQueue) GetRepo() string {
+	if x != nil {
+		return x.Repo
+	}
+	return ""
+}
+
+func (x *LockQueue) GetWaiters() []*LockWaiter {
+	if x != nil {
+		return x.Waiters
+	}
+	return nil
+}
+
+type LockWaiter struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Holder      string                 `protobuf:"bytes,1,opt,name=holder,proto3" json:"holder,omitempty"`
+	Node        string                 `protobuf:"bytes,2,opt,name=node,proto3" json:"node,omitempty"`
+	Incarnation string                 `protobuf:"bytes,3,opt,name=incarnation,proto3" json:"incarnation,omitempty"`
+	// When the wait is dropped unless the waiter asks again.
+	ExpiresUnixNano int64 `protobuf:"varint,4,opt,name=expires_unix_nano,json=expiresUnixNano,proto3" json:"expires_unix_nano,omitempty"`
+	// Leader time the waiter first asked.
+	SinceUnixNano int64 `protobuf:"varint,5,opt,name=since_unix_nano,json=sinceUnixNano,proto3" json:"since_unix_nano,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LockWaiter) Reset() {
+	*x = LockWaiter{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LockWaiter) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LockWaiter) ProtoMessage() {}
+
+func (x *LockWaiter) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LockWaiter.ProtoReflect.Descriptor instead.
+func (*LockWaiter) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *LockWaiter) GetHolder() string {
+	if x != nil {
+		return x.Holder
+	}
+	return ""
+}
+
+func (x *LockWaiter) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *LockWaiter) GetIncarnation() string {
+	if x != nil {
+		return x.Incarnation
+	}
+	return ""
+}
+
+func (x *LockWaiter) GetExpiresUnixNano() int64 {
+	if x != nil {
+		return x.ExpiresUnixNano
+	}
+	return 0
+}
+
+func (x *LockWaiter) GetSinceUnixNano() int64 {
+	if x != nil {
+		return x.SinceUnixNano
+	}
+	return 0
+}
+
+// LeaveLockQueue gives up a waiter's place in a repository's lock queue
+// (its push went away while it waited), so that the next waiter need not
+// wait for the place's wait lease to run out. No place, no change.
+type LeaveLockQueue struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Repo          string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
+	Holder        string                 `protobuf:"bytes,2,opt,name=holder,proto3" json:"holder,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaveLockQueue) Reset() {
+	*x = LeaveLockQueue{}
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaveLockQueue) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaveLockQueue) ProtoMessage() {}
+
+func (x *LeaveLockQueue) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_fsm_v1_fsm_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaveLockQueue.ProtoReflect.Descriptor instead.
+func (*LeaveLockQueue) Descriptor() ([]byte, []int) {
+	return file_gitraft_fsm_v1_fsm_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *LeaveLockQueue) GetRepo() string {
+	if x != nil {
+		return x.Repo
+	}
+	return ""
+}
+
+func (x *LeaveLockQueue) GetHolder() string {
+	if x != nil {
+		return x.Holder
+	}
+	return ""
+}
+
 var File_gitraft_fsm_v1_fsm_proto protoreflect.FileDescriptor
 
 const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\n" +
-	"\x18gitraft/fsm/v1/fsm.proto\x12\x0egitraft.fsm.v1\x1a\x16gitraft/db/v1/db.proto\x1a\x1agitraft/mail/v1/mail.proto\"\xed\v\n" +
+	"\x18gitraft/fsm/v1/fsm.proto\x12\x0egitraft.fsm.v1\x1a\x16gitraft/db/v1/db.proto\x1a\x1agitraft/mail/v1/mail.proto\"\x82\r\n" +
 	"\x05Entry\x123\n" +
 	"\x06format\x18\x01 \x01(\x0e2\x1b.gitraft.fsm.v1.EntryFormatR\x06format\x121\n" +
 	"\x15leader_time_unix_nano\x18\x02 \x01(\x03R\x12leaderTimeUnixNano\x12\x1a\n" +
@@ -3172,7 +3544,9 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\bdatabase\x18\x1b \x01(\v2\x16.gitraft.db.v1.CommandH\x00R\bdatabase\x12.\n" +
 	"\x04mail\x18\x1c \x01(\v2\x18.gitraft.mail.v1.CommandH\x00R\x04mail\x12]\n" +
 	"\x17forget_host_private_key\x18\x1d \x01(\v2$.gitraft.fsm.v1.ForgetHostPrivateKeyH\x00R\x14forgetHostPrivateKey\x12C\n" +
-	"\rrecord_backup\x18\x1e \x01(\v2\x1c.gitraft.fsm.v1.RecordBackupH\x00R\frecordBackupB\t\n" +
+	"\rrecord_backup\x18\x1e \x01(\v2\x1c.gitraft.fsm.v1.RecordBackupH\x00R\frecordBackup\x12G\n" +
+	"\x0ffree_node_locks\x18\x1f \x01(\v2\x1d.gitraft.fsm.v1.FreeNodeLocksH\x00R\rfreeNodeLocks\x12J\n" +
+	"\x10leave_lock_queue\x18  \x01(\v2\x1e.gitraft.fsm.v1.LeaveLockQueueH\x00R\x0eleaveLockQueueB\t\n" +
 	"\acommand\"@\n" +
 	"\n" +
 	"SetHostKey\x122\n" +
@@ -3214,12 +3588,15 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\apush_id\x18\x05 \x01(\tR\x06pushId\x12\x1b\n" +
 	"\tref_rules\x18\x06 \x01(\rR\brefRules\x12!\n" +
 	"\frepair_actor\x18\a \x01(\tR\vrepairActor\x12#\n" +
-	"\rrepair_reason\x18\b \x01(\tR\frepairReason\"Z\n" +
+	"\rrepair_reason\x18\b \x01(\tR\frepairReason\"\xba\x01\n" +
 	"\vAcquireLock\x12\x12\n" +
 	"\x04repo\x18\x01 \x01(\tR\x04repo\x12\x16\n" +
 	"\x06holder\x18\x02 \x01(\tR\x06holder\x12\x1f\n" +
 	"\vlease_nanos\x18\x03 \x01(\x03R\n" +
-	"leaseNanos\"e\n" +
+	"leaseNanos\x12\x12\n" +
+	"\x04node\x18\x04 \x01(\tR\x04node\x12 \n" +
+	"\vincarnation\x18\x05 \x01(\tR\vincarnation\x12(\n" +
+	"\x10wait_lease_nanos\x18\x06 \x01(\x03R\x0ewaitLeaseNanos\"e\n" +
 	"\tRenewLock\x12\x12\n" +
 	"\x04repo\x18\x01 \x01(\tR\x04repo\x12#\n" +
 	"\rfencing_token\x18\x02 \x01(\x04R\ffencingToken\x12\x1f\n" +
@@ -3234,7 +3611,7 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\tSetMember\x12.\n" +
 	"\x06member\x18\x01 \x01(\v2\x16.gitraft.fsm.v1.MemberR\x06member\"\x1e\n" +
 	"\fRemoveMember\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"\xd3\x01\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\xf5\x01\n" +
 	"\x06Member\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x1b\n" +
@@ -3242,7 +3619,8 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\thttp_addr\x18\x04 \x01(\tR\bhttpAddr\x12\x19\n" +
 	"\bssh_addr\x18\x05 \x01(\tR\asshAddr\x12\"\n" +
 	"\rssh_host_keys\x18\x06 \x03(\tR\vsshHostKeys\x12#\n" +
-	"\rfeature_level\x18\a \x01(\rR\ffeatureLevel\"+\n" +
+	"\rfeature_level\x18\a \x01(\rR\ffeatureLevel\x12 \n" +
+	"\vincarnation\x18\b \x01(\tR\vincarnation\"+\n" +
 	"\x03Ref\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n" +
 	"\x03oid\x18\x02 \x01(\tR\x03oid\"k\n" +
@@ -3282,13 +3660,15 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\x05actor\x18\x03 \x01(\tR\x05actor\x12\x16\n" +
 	"\x06reason\x18\x04 \x01(\tR\x06reason\x123\n" +
 	"\achanges\x18\x05 \x03(\v2\x19.gitraft.fsm.v1.RefUpdateR\achanges\x12\x18\n" +
-	"\aversion\x18\x06 \x01(\x04R\aversion\"\xb6\x01\n" +
+	"\aversion\x18\x06 \x01(\x04R\aversion\"\xec\x01\n" +
 	"\tWriteLock\x12\x12\n" +
 	"\x04repo\x18\x01 \x01(\tR\x04repo\x12\x16\n" +
 	"\x06holder\x18\x02 \x01(\tR\x06holder\x12#\n" +
 	"\rfencing_token\x18\x03 \x01(\x04R\ffencingToken\x12,\n" +
 	"\x12acquired_unix_nano\x18\x04 \x01(\x03R\x10acquiredUnixNano\x12*\n" +
-	"\x11expires_unix_nano\x18\x05 \x01(\x03R\x0fexpiresUnixNano\"S\n" +
+	"\x11expires_unix_nano\x18\x05 \x01(\x03R\x0fexpiresUnixNano\x12\x12\n" +
+	"\x04node\x18\x06 \x01(\tR\x04node\x12 \n" +
+	"\vincarnation\x18\a \x01(\tR\vincarnation\"S\n" +
 	"\aRefusal\x12.\n" +
 	"\x06reason\x18\x01 \x01(\x0e2\x16.gitraft.fsm.v1.ReasonR\x06reason\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\"q\n" +
@@ -3296,7 +3676,7 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\x03ref\x18\x01 \x01(\tR\x03ref\x121\n" +
 	"\x06status\x18\x02 \x01(\x0e2\x19.gitraft.fsm.v1.RefStatusR\x06status\x12\x1f\n" +
 	"\vcurrent_oid\x18\x03 \x01(\tR\n" +
-	"currentOid\"\xfb\x02\n" +
+	"currentOid\"\xac\x03\n" +
 	"\x06Result\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x121\n" +
 	"\arefusal\x18\x02 \x01(\v2\x17.gitraft.fsm.v1.RefusalR\arefusal\x12(\n" +
@@ -3306,11 +3686,12 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\vref_results\x18\x06 \x03(\v2\x19.gitraft.fsm.v1.RefResultR\n" +
 	"refResults\x121\n" +
 	"\bdatabase\x18\a \x01(\v2\x15.gitraft.db.v1.ResultR\bdatabase\x12+\n" +
-	"\x04mail\x18\b \x01(\v2\x17.gitraft.mail.v1.ResultR\x04mail\"o\n" +
+	"\x04mail\x18\b \x01(\v2\x17.gitraft.mail.v1.ResultR\x04mail\x12/\n" +
+	"\x05freed\x18\t \x03(\v2\x19.gitraft.fsm.v1.WriteLockR\x05freed\"o\n" +
 	"\x0eSnapshotHeader\x123\n" +
 	"\x06format\x18\x01 \x01(\x0e2\x1b.gitraft.fsm.v1.EntryFormatR\x06format\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x12\x12\n" +
-	"\x04term\x18\x03 \x01(\x04R\x04term\"\xfe\x04\n" +
+	"\x04term\x18\x03 \x01(\x04R\x04term\"\xba\x05\n" +
 	"\fSnapshotItem\x12*\n" +
 	"\x04repo\x18\x01 \x01(\v2\x14.gitraft.fsm.v1.RepoH\x00R\x04repo\x12/\n" +
 	"\x04lock\x18\x02 \x01(\v2\x19.gitraft.fsm.v1.WriteLockH\x00R\x04lock\x120\n" +
@@ -3324,7 +3705,9 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\x04mail\x18\n" +
 	" \x01(\v2\x19.gitraft.mail.v1.SnapshotH\x00R\x04mail\x12/\n" +
 	"\x03end\x18\v \x01(\v2\x1b.gitraft.fsm.v1.SnapshotEndH\x00R\x03end\x126\n" +
-	"\x06backup\x18\f \x01(\v2\x1c.gitraft.fsm.v1.BackupRecordH\x00R\x06backupB\x06\n" +
+	"\x06backup\x18\f \x01(\v2\x1c.gitraft.fsm.v1.BackupRecordH\x00R\x06backup\x12:\n" +
+	"\n" +
+	"lock_queue\x18\r \x01(\v2\x19.gitraft.fsm.v1.LockQueueH\x00R\tlockQueueB\x06\n" +
 	"\x04item\"#\n" +
 	"\vSnapshotEnd\x12\x14\n" +
 	"\x05items\x18\x01 \x01(\x04R\x05items\"_\n" +
@@ -3343,7 +3726,24 @@ const file_gitraft_fsm_v1_fsm_proto_rawDesc = "" +
 	"\x05repos\x18\x06 \x01(\x04R\x05repos\x12\x14\n" +
 	"\x05packs\x18\a \x01(\x04R\x05packs\x12#\n" +
 	"\rpacks_written\x18\b \x01(\x04R\fpacksWritten\x12\x12\n" +
-	"\x04node\x18\t \x01(\tR\x04node*@\n" +
+	"\x04node\x18\t \x01(\tR\x04node\"[\n" +
+	"\rFreeNodeLocks\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1e\n" +
+	"\vup_to_token\x18\x02 \x01(\x04R\tupToToken\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"U\n" +
+	"\tLockQueue\x12\x12\n" +
+	"\x04repo\x18\x01 \x01(\tR\x04repo\x124\n" +
+	"\awaiters\x18\x02 \x03(\v2\x1a.gitraft.fsm.v1.LockWaiterR\awaiters\"\xae\x01\n" +
+	"\n" +
+	"LockWaiter\x12\x16\n" +
+	"\x06holder\x18\x01 \x01(\tR\x06holder\x12\x12\n" +
+	"\x04node\x18\x02 \x01(\tR\x04node\x12 \n" +
+	"\vincarnation\x18\x03 \x01(\tR\vincarnation\x12*\n" +
+	"\x11expires_unix_nano\x18\x04 \x01(\x03R\x0fexpiresUnixNano\x12&\n" +
+	"\x0fsince_unix_nano\x18\x05 \x01(\x03R\rsinceUnixNano\"<\n" +
+	"\x0eLeaveLockQueue\x12\x12\n" +
+	"\x04repo\x18\x01 \x01(\tR\x04repo\x12\x16\n" +
+	"\x06holder\x18\x02 \x01(\tR\x06holder*@\n" +
 	"\vEntryFormat\x12\x1c\n" +
 	"\x18ENTRY_FORMAT_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fENTRY_FORMAT_V1\x10\x01*f\n" +
@@ -3383,7 +3783,7 @@ func file_gitraft_fsm_v1_fsm_proto_rawDescGZIP() []byte {
 }
 
 var file_gitraft_fsm_v1_fsm_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_gitraft_fsm_v1_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
+var file_gitraft_fsm_v1_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
 var file_gitraft_fsm_v1_fsm_proto_goTypes = []any{
 	(EntryFormat)(0),             // 0: gitraft.fsm.v1.EntryFormat
 	(Access)(0),                  // 1: gitraft.fsm.v1.Access
@@ -3427,12 +3827,16 @@ var file_gitraft_fsm_v1_fsm_proto_goTypes = []any{
 	(*AppliedRequest)(nil),       // 39: gitraft.fsm.v1.AppliedRequest
 	(*RecordBackup)(nil),         // 40: gitraft.fsm.v1.RecordBackup
 	(*BackupRecord)(nil),         // 41: gitraft.fsm.v1.BackupRecord
-	(*v1.Command)(nil),           // 42: gitraft.db.v1.Command
-	(*v11.Command)(nil),          // 43: gitraft.mail.v1.Command
-	(*v1.Result)(nil),            // 44: gitraft.db.v1.Result
-	(*v11.Result)(nil),           // 45: gitraft.mail.v1.Result
-	(*v1.Snapshot)(nil),          // 46: gitraft.db.v1.Snapshot
-	(*v11.Snapshot)(nil),         // 47: gitraft.mail.v1.Snapshot
+	(*FreeNodeLocks)(nil),        // 42: gitraft.fsm.v1.FreeNodeLocks
+	(*LockQueue)(nil),            // 43: gitraft.fsm.v1.LockQueue
+	(*LockWaiter)(nil),           // 44: gitraft.fsm.v1.LockWaiter
+	(*LeaveLockQueue)(nil),       // 45: gitraft.fsm.v1.LeaveLockQueue
+	(*v1.Command)(nil),           // 46: gitraft.db.v1.Command
+	(*v11.Command)(nil),          // 47: gitraft.mail.v1.Command
+	(*v1.Result)(nil),            // 48: gitraft.db.v1.Result
+	(*v11.Result)(nil),           // 49: gitraft.mail.v1.Result
+	(*v1.Snapshot)(nil),          // 50: gitraft.db.v1.Snapshot
+	(*v11.Snapshot)(nil),         // 51: gitraft.mail.v1.Snapshot
 }
 var file_gitraft_fsm_v1_fsm_proto_depIdxs = []int32{
 	0,  // 0: gitraft.fsm.v1.Entry.format:type_name -> gitraft.fsm.v1.EntryFormat
@@ -3453,48 +3857,53 @@ var file_gitraft_fsm_v1_fsm_proto_depIdxs = []int32{
 	9,  // 15: gitraft.fsm.v1.Entry.add_key:type_name -> gitraft.fsm.v1.AddKey
 	10, // 16: gitraft.fsm.v1.Entry.remove_key:type_name -> gitraft.fsm.v1.RemoveKey
 	11, // 17: gitraft.fsm.v1.Entry.set_grant:type_name -> gitraft.fsm.v1.SetGrant
-	42, // 18: gitraft.fsm.v1.Entry.database:type_name -> gitraft.db.v1.Command
-	43, // 19: gitraft.fsm.v1.Entry.mail:type_name -> gitraft.mail.v1.Command
+	46, // 18: gitraft.fsm.v1.Entry.database:type_name -> gitraft.db.v1.Command
+	47, // 19: gitraft.fsm.v1.Entry.mail:type_name -> gitraft.mail.v1.Command
 	6,  // 20: gitraft.fsm.v1.Entry.forget_host_private_key:type_name -> gitraft.fsm.v1.ForgetHostPrivateKey
 	40, // 21: gitraft.fsm.v1.Entry.record_backup:type_name -> gitraft.fsm.v1.RecordBackup
-	26, // 22: gitraft.fsm.v1.SetHostKey.host_key:type_name -> gitraft.fsm.v1.HostKey
-	28, // 23: gitraft.fsm.v1.AddKey.key:type_name -> gitraft.fsm.v1.SSHKey
-	1,  // 24: gitraft.fsm.v1.SetGrant.access:type_name -> gitraft.fsm.v1.Access
-	15, // 25: gitraft.fsm.v1.UpdateRefs.updates:type_name -> gitraft.fsm.v1.RefUpdate
-	24, // 26: gitraft.fsm.v1.SetMember.member:type_name -> gitraft.fsm.v1.Member
-	1,  // 27: gitraft.fsm.v1.Grant.access:type_name -> gitraft.fsm.v1.Access
-	25, // 28: gitraft.fsm.v1.Repo.refs:type_name -> gitraft.fsm.v1.Ref
-	31, // 29: gitraft.fsm.v1.Repo.repairs:type_name -> gitraft.fsm.v1.Repair
-	15, // 30: gitraft.fsm.v1.Repair.changes:type_name -> gitraft.fsm.v1.RefUpdate
-	2,  // 31: gitraft.fsm.v1.Refusal.reason:type_name -> gitraft.fsm.v1.Reason
-	3,  // 32: gitraft.fsm.v1.RefResult.status:type_name -> gitraft.fsm.v1.RefStatus
-	33, // 33: gitraft.fsm.v1.Result.refusal:type_name -> gitraft.fsm.v1.Refusal
-	30, // 34: gitraft.fsm.v1.Result.repo:type_name -> gitraft.fsm.v1.Repo
-	32, // 35: gitraft.fsm.v1.Result.lock:type_name -> gitraft.fsm.v1.WriteLock
-	32, // 36: gitraft.fsm.v1.Result.expired:type_name -> gitraft.fsm.v1.WriteLock
-	34, // 37: gitraft.fsm.v1.Result.ref_results:type_name -> gitraft.fsm.v1.RefResult
-	44, // 38: gitraft.fsm.v1.Result.database:type_name -> gitraft.db.v1.Result
-	45, // 39: gitraft.fsm.v1.Result.mail:type_name -> gitraft.mail.v1.Result
-	0,  // 40: gitraft.fsm.v1.SnapshotHeader.format:type_name -> gitraft.fsm.v1.EntryFormat
-	30, // 41: gitraft.fsm.v1.SnapshotItem.repo:type_name -> gitraft.fsm.v1.Repo
-	32, // 42: gitraft.fsm.v1.SnapshotItem.lock:type_name -> gitraft.fsm.v1.WriteLock
-	24, // 43: gitraft.fsm.v1.SnapshotItem.member:type_name -> gitraft.fsm.v1.Member
-	39, // 44: gitraft.fsm.v1.SnapshotItem.applied_request:type_name -> gitraft.fsm.v1.AppliedRequest
-	26, // 45: gitraft.fsm.v1.SnapshotItem.host_key:type_name -> gitraft.fsm.v1.HostKey
-	27, // 46: gitraft.fsm.v1.SnapshotItem.user:type_name -> gitraft.fsm.v1.User
-	28, // 47: gitraft.fsm.v1.SnapshotItem.key:type_name -> gitraft.fsm.v1.SSHKey
-	29, // 48: gitraft.fsm.v1.SnapshotItem.grant:type_name -> gitraft.fsm.v1.Grant
-	46, // 49: gitraft.fsm.v1.SnapshotItem.database:type_name -> gitraft.db.v1.Snapshot
-	47, // 50: gitraft.fsm.v1.SnapshotItem.mail:type_name -> gitraft.mail.v1.Snapshot
-	38, // 51: gitraft.fsm.v1.SnapshotItem.end:type_name -> gitraft.fsm.v1.SnapshotEnd
-	41, // 52: gitraft.fsm.v1.SnapshotItem.backup:type_name -> gitraft.fsm.v1.BackupRecord
-	35, // 53: gitraft.fsm.v1.AppliedRequest.result:type_name -> gitraft.fsm.v1.Result
-	41, // 54: gitraft.fsm.v1.RecordBackup.backup:type_name -> gitraft.fsm.v1.BackupRecord
-	55, // [55:55] is the sub-list for method output_type
-	55, // [55:55] is the sub-list for method input_type
-	55, // [55:55] is the sub-list for extension type_name
-	55, // [55:55] is the sub-list for extension extendee
-	0,  // [0:55] is the sub-list for field type_name
+	42, // 22: gitraft.fsm.v1.Entry.free_node_locks:type_name -> gitraft.fsm.v1.FreeNodeLocks
+	45, // 23: gitraft.fsm.v1.Entry.leave_lock_queue:type_name -> gitraft.fsm.v1.LeaveLockQueue
+	26, // 24: gitraft.fsm.v1.SetHostKey.host_key:type_name -> gitraft.fsm.v1.HostKey
+	28, // 25: gitraft.fsm.v1.AddKey.key:type_name -> gitraft.fsm.v1.SSHKey
+	1,  // 26: gitraft.fsm.v1.SetGrant.access:type_name -> gitraft.fsm.v1.Access
+	15, // 27: gitraft.fsm.v1.UpdateRefs.updates:type_name -> gitraft.fsm.v1.RefUpdate
+	24, // 28: gitraft.fsm.v1.SetMember.member:type_name -> gitraft.fsm.v1.Member
+	1,  // 29: gitraft.fsm.v1.Grant.access:type_name -> gitraft.fsm.v1.Access
+	25, // 30: gitraft.fsm.v1.Repo.refs:type_name -> gitraft.fsm.v1.Ref
+	31, // 31: gitraft.fsm.v1.Repo.repairs:type_name -> gitraft.fsm.v1.Repair
+	15, // 32: gitraft.fsm.v1.Repair.changes:type_name -> gitraft.fsm.v1.RefUpdate
+	2,  // 33: gitraft.fsm.v1.Refusal.reason:type_name -> gitraft.fsm.v1.Reason
+	3,  // 34: gitraft.fsm.v1.RefResult.status:type_name -> gitraft.fsm.v1.RefStatus
+	33, // 35: gitraft.fsm.v1.Result.refusal:type_name -> gitraft.fsm.v1.Refusal
+	30, // 36: gitraft.fsm.v1.Result.repo:type_name -> gitraft.fsm.v1.Repo
+	32, // 37: gitraft.fsm.v1.Result.lock:type_name -> gitraft.fsm.v1.WriteLock
+	32, // 38: gitraft.fsm.v1.Result.expired:type_name -> gitraft.fsm.v1.WriteLock
+	34, // 39: gitraft.fsm.v1.Result.ref_results:type_name -> gitraft.fsm.v1.RefResult
+	48, // 40: gitraft.fsm.v1.Result.database:type_name -> gitraft.db.v1.Result
+	49, // 41: gitraft.fsm.v1.Result.mail:type_name -> gitraft.mail.v1.Result
+	32, // 42: gitraft.fsm.v1.Result.freed:type_name -> gitraft.fsm.v1.WriteLock
+	0,  // 43: gitraft.fsm.v1.SnapshotHeader.format:type_name -> gitraft.fsm.v1.EntryFormat
+	30, // 44: gitraft.fsm.v1.SnapshotItem.repo:type_name -> gitraft.fsm.v1.Repo
+	32, // 45: gitraft.fsm.v1.SnapshotItem.lock:type_name -> gitraft.fsm.v1.WriteLock
+	24, // 46: gitraft.fsm.v1.SnapshotItem.member:type_name -> gitraft.fsm.v1.Member
+	39, // 47: gitraft.fsm.v1.SnapshotItem.applied_request:type_name -> gitraft.fsm.v1.AppliedRequest
+	26, // 48: gitraft.fsm.v1.SnapshotItem.host_key:type_name -> gitraft.fsm.v1.HostKey
+	27, // 49: gitraft.fsm.v1.SnapshotItem.user:type_name -> gitraft.fsm.v1.User
+	28, // 50: gitraft.fsm.v1.SnapshotItem.key:type_name -> gitraft.fsm.v1.SSHKey
+	29, // 51: gitraft.fsm.v1.SnapshotItem.grant:type_name -> gitraft.fsm.v1.Grant
+	50, // 52: gitraft.fsm.v1.SnapshotItem.database:type_name -> gitraft.db.v1.Snapshot
+	51, // 53: gitraft.fsm.v1.SnapshotItem.mail:type_name -> gitraft.mail.v1.Snapshot
+	38, // 54: gitraft.fsm.v1.SnapshotItem.end:type_name -> gitraft.fsm.v1.SnapshotEnd
+	41, // 55: gitraft.fsm.v1.SnapshotItem.backup:type_name -> gitraft.fsm.v1.BackupRecord
+	43, // 56: gitraft.fsm.v1.SnapshotItem.lock_queue:type_name -> gitraft.fsm.v1.LockQueue
+	35, // 57: gitraft.fsm.v1.AppliedRequest.result:type_name -> gitraft.fsm.v1.Result
+	41, // 58: gitraft.fsm.v1.RecordBackup.backup:type_name -> gitraft.fsm.v1.BackupRecord
+	44, // 59: gitraft.fsm.v1.LockQueue.waiters:type_name -> gitraft.fsm.v1.LockWaiter
+	60, // [60:60] is the sub-list for method output_type
+	60, // [60:60] is the sub-list for method input_type
+	60, // [60:60] is the sub-list for extension type_name
+	60, // [60:60] is the sub-list for extension extendee
+	0,  // [0:60] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_fsm_v1_fsm_proto_init() }
@@ -3524,6 +3933,8 @@ func file_gitraft_fsm_v1_fsm_proto_init() {
 		(*Entry_Mail)(nil),
 		(*Entry_ForgetHostPrivateKey)(nil),
 		(*Entry_RecordBackup)(nil),
+		(*Entry_FreeNodeLocks)(nil),
+		(*Entry_LeaveLockQueue)(nil),
 	}
 	file_gitraft_fsm_v1_fsm_proto_msgTypes[33].OneofWrappers = []any{
 		(*SnapshotItem_Repo)(nil),
@@ -3538,6 +3949,7 @@ func file_gitraft_fsm_v1_fsm_proto_init() {
 		(*SnapshotItem_Mail)(nil),
 		(*SnapshotItem_End)(nil),
 		(*SnapshotItem_Backup)(nil),
+		(*SnapshotItem_LockQueue)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -3545,7 +3957,7 @@ func file_gitraft_fsm_v1_fsm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_fsm_v1_fsm_proto_rawDesc), len(file_gitraft_fsm_v1_fsm_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   38,
+			NumMessages:   42,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
