@@ -36,7 +36,7 @@ Inspect a cluster:     gitraft cluster status`,
 	for _, c := range clients {
 		g.register(c.PersistentFlags())
 	}
-	root.AddCommand(newServeCmd(), newDevCmd(), newCACmd(), newHookCmd(), newNodeGitCmd())
+	root.AddCommand(newServeCmd(), newDevCmd(), newCACmd(), newNodeGitCmd())
 	root.AddCommand(clients...)
 	return root
 }
