@@ -75,6 +75,14 @@ func (s *fakeState) apply(e *fsmv1.Entry) *fsmv1.Result {
 	if s.lock == nil || s.lock.token != u.GetFencingToken() || s.lock.isLost() {
 		return refuse(fsmv1.Reason_REASON_STALE_TOKEN, "stale fencing token")
 	}
+	if u.GetReleaseLock() {
+		// As the state machine does: the lock goes with the entry, refs
+		// applied or refused.
+		defer func(l *fakeLock) {
+			l.releasedByEntry.Store(true)
+			s.lock = nil
+		}(s.lock)
+	}
 	t := s.repos[u.GetRepo()]
 	refs := maps.Clone(t.Refs)
 	if refs == nil {
@@ -106,7 +114,12 @@ type fakeLock struct {
 	lost     chan struct{}
 	lostOnce sync.Once
 	released atomic.Bool
+	// releasedByEntry: an UpdateRefs with release_lock freed it.
+	releasedByEntry atomic.Bool
+	marked          atomic.Bool // MarkReleased was called
 }
+
+func (l *fakeLock) MarkReleased() { l.marked.Store(true) }
 
 func (l *fakeLock) Token() uint64         { return l.token }
 func (l *fakeLock) Lost() <-chan struct{} { return l.lost }

@@ -50,8 +50,8 @@ func Test_Push_CommitsOnMajority(t *testing.T) {
 	if at := p.copy.pos(); at.version != 2 {
 		t.Errorf("the taking node's copy is at %d, want 2", at.version)
 	}
-	if !lock.released.Load() {
-		t.Error("the write lock was not released")
+	if !lock.releasedByEntry.Load() || !lock.marked.Load() {
+		t.Errorf("the write lock was not released with the ref change (by the entry %v, marked %v)", lock.releasedByEntry.Load(), lock.marked.Load())
 	}
 	if !p.copy.guard.TryLock() {
 		t.Fatal("the copy's guard is still held after Finish")

@@ -79,6 +79,10 @@ type Lock interface {
 	Lost() <-chan struct{}
 	Err() error
 	Release(ctx context.Context) error
+	// MarkReleased says a committed entry released the lock (a push's
+	// UpdateRefs carries release_lock): stop renewing; Release then
+	// proposes nothing.
+	MarkReleased()
 }
 
 // Target is what the replicated state says a repository must look like.

@@ -317,7 +317,10 @@ func (p *Push) commit(ctx context.Context, quarantine string, verdicts []Verdict
 		return nil, fmt.Errorf("lost the write lock while replicating (%v); nothing was changed", p.lock.Err())
 	default:
 	}
-	u := &fsmv1.UpdateRefs{Repo: p.repo, FencingToken: p.lock.Token(), Atomic: true, PushId: p.id, RefRules: RefRulesGit}
+	// The lock goes with the entry: the push needs it for nothing after
+	// the compare-and-swap (this node's copy is guarded until Finish), and
+	// a release of its own would cost a Raft round trip more.
+	u := &fsmv1.UpdateRefs{Repo: p.repo, FencingToken: p.lock.Token(), Atomic: true, PushId: p.id, RefRules: RefRulesGit, ReleaseLock: true}
 	for _, c := range changes {
 		u.Updates = append(u.Updates, &fsmv1.RefUpdate{Ref: c.Ref, OldOid: c.Old, NewOid: c.New})
 	}
@@ -328,6 +331,9 @@ func (p *Push) commit(ctx context.Context, quarantine string, verdicts []Verdict
 		}
 		return nil, fmt.Errorf("committing the push failed; it may or may not have been applied: %v", err)
 	}
+	// Applied: the entry released the lock, or its token was no longer
+	// good (then the lock was not this push's any more either way).
+	p.lock.MarkReleased()
 	if rf := res.GetRefusal(); rf != nil {
 		switch rf.GetReason() {
 		case fsmv1.Reason_REASON_STALE_TOKEN, fsmv1.Reason_REASON_LEASE_EXPIRED, fsmv1.Reason_REASON_LOCK_NOT_HELD:
@@ -582,7 +588,7 @@ func (p *Push) sendPack(ctx context.Context, c replicav1.ReplicaServiceClient, o
 // Finish ends the push: with ok, git has set the refs and migrated the
 // objects, and this node records the committed version; otherwise the
 // reconciler brings the copy to whatever was committed. The write lock is
-// released either way.
+// released either way: by the commit's own entry, or here.
 func (p *Push) Finish(ok bool) {
 	p.done.Do(func() {
 		r := p.r
