@@ -112,6 +112,10 @@ func (r replicaNode) ReadBarrier(ctx context.Context) (uint64, error) {
 	return i, noLeaderAs(err)
 }
 
+func (r replicaNode) WaitApplied(ctx context.Context, index uint64) error {
+	return noLeaderAs(r.n.fsm.WaitApplied(ctx, index))
+}
+
 func (r replicaNode) Repo(name string) (replica.Target, bool) { return r.n.gitTarget(name) }
 
 func (r replicaNode) Repos() map[string]replica.Target {

@@ -34,7 +34,6 @@ type fakeState struct {
 	repos   map[string]Target
 	members []*fsmv1.Member
 	lock    *fakeLock // the one write lock of the test repository
-	token   uint64
 	// proposals counts UpdateRefs entries that reached the state.
 	proposals atomic.Int32
 	// beforePropose, if set, runs before an entry applies; an error
@@ -177,6 +176,17 @@ func (n *fakeNode) ReadBarrier(ctx context.Context) (uint64, error) {
 	defer n.s.mu.Unlock()
 	return n.s.index, nil
 }
+func (n *fakeNode) WaitApplied(ctx context.Context, index uint64) error {
+	if p := n.barrierErr.Load(); p != nil {
+		return *p
+	}
+	n.s.mu.Lock()
+	defer n.s.mu.Unlock()
+	if n.s.index < index {
+		return fmt.Errorf("index %d is not applied (at %d)", index, n.s.index)
+	}
+	return nil
+}
 func (n *fakeNode) AppliedIndex() uint64 { n.s.mu.Lock(); defer n.s.mu.Unlock(); return n.s.index }
 func (n *fakeNode) Ready() bool          { return true }
 func (n *fakeNode) Repo(name string) (Target, bool) {
@@ -206,8 +216,10 @@ func (n *fakeNode) Lock(ctx context.Context, repo, holder string, onWait func(st
 	for {
 		n.s.mu.Lock()
 		if n.s.lock == nil || n.s.lock.isLost() {
-			n.s.token++
-			l := &fakeLock{s: n.s, token: n.s.token, lost: make(chan struct{})}
+			// As in the state machine: the token is the index that
+			// granted the lock.
+			n.s.index++
+			l := &fakeLock{s: n.s, token: n.s.index, lost: make(chan struct{})}
 			n.s.lock = l
 			n.s.mu.Unlock()
 			return l, nil

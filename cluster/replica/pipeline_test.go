@@ -163,8 +163,8 @@ func Test_Push_StaleCAS(t *testing.T) {
 		// Another holder got the lock meanwhile (this one's lease ran out
 		// where its holder could not see it).
 		c.s.mu.Lock()
-		c.s.token++
-		c.s.lock = &fakeLock{s: c.s, token: c.s.token, lost: make(chan struct{})}
+		c.s.index++
+		c.s.lock = &fakeLock{s: c.s, token: c.s.index, lost: make(chan struct{})}
 		c.s.mu.Unlock()
 		_, err := p.Commit(context.Background(), d.quarantine, []gitproto.RefUpdate{d.update}, false, noProgress)
 		if err == nil || !strings.Contains(err.Error(), "lost the write lock before committing") {
@@ -431,4 +431,29 @@ func Test_Push_FinishStartsNoGit(t *testing.T) {
 	if at := p.copy.pos(); at.version != 2 {
 		t.Fatalf("the copy is at %d, want 2", at.version)
 	}
+}
+
+// A node that cannot apply the entry that granted its lock (it is behind
+// the log) does not take the push: it hands it to the leader, and frees
+// the lock and its copy's guard.
+func Test_Push_BehindTheLockHandsOver(t *testing.T) {
+	c := newFakeCluster(t, 3)
+	behind := errors.New("waiting to apply index 9: context deadline exceeded")
+	c.nodes[1].node.barrierErr.Store(&behind)
+	_, err := c.nodes[1].r.beginPush(context.Background(), c.repo, "alice", "push1", noProgress)
+	var redirect *gitproto.Redirect
+	if !errors.As(err, &redirect) || redirect.PeerID != c.nodes[0].node.id {
+		t.Fatalf("BeginPush on a node behind the log: %v, want a redirect to %s", err, c.nodes[0].node.id)
+	}
+	c.s.mu.Lock()
+	held := c.s.lock
+	c.s.mu.Unlock()
+	if held != nil && !held.released.Load() {
+		t.Fatal("the write lock is still held")
+	}
+	cp := c.nodes[1].r.copyOf(c.repo)
+	if !cp.guard.TryLock() {
+		t.Fatal("the copy's guard is still held")
+	}
+	cp.guard.Unlock()
 }

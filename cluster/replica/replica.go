@@ -42,6 +42,9 @@ type Node interface {
 	// ReadBarrier returns once this node has applied what the leader had
 	// committed; errors wrap ErrNoLeader when no leader answered.
 	ReadBarrier(ctx context.Context) (uint64, error)
+	// WaitApplied returns once this node has applied index (say, the
+	// entry that granted a lock, whose fencing token is its index).
+	WaitApplied(ctx context.Context, index uint64) error
 	// AppliedIndex is the last index this node applied.
 	AppliedIndex() uint64
 	// Ready reports whether this node has caught up with the log once

@@ -1,10 +1,11 @@
 package replica
 
-// The node that takes a push, top to bottom: BeginPush (write lock, read
-// barrier, catch-up), then from git's pre-receive hook Commit (judge each
-// command as git will, ship the quarantined pack to the voters, wait for a
-// majority, compare-and-swap the refs through Raft), then Finish (record
-// the version, release the lock). receiver.go is the other side.
+// The node that takes a push, top to bottom: BeginPush (write lock, the
+// lock's grant applied here, catch-up), then from git's pre-receive hook
+// Commit (judge each command as git will, ship the quarantined pack to the
+// voters, wait for a majority, compare-and-swap the refs through Raft in an
+// entry that also releases the lock), then Finish (record the version;
+// release the lock if no entry did). receiver.go is the other side.
 
 import (
 	"context"
@@ -100,10 +101,13 @@ func (r *Replicas) beginPush(ctx context.Context, repo, user, pushID string, pro
 		release()
 		return nil, err
 	}
-	// The lock was granted at some index; make sure this node has applied
-	// it (and so every earlier push) before judging whether it is current.
+	// The lock was granted at the index that is its fencing token; once
+	// this node has applied it, it has applied every earlier push too (each
+	// held the lock before), and no later one can commit while we hold it.
+	// So waiting for that index here is the read barrier a push needs,
+	// without asking the leader.
 	bctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	_, err = r.node.ReadBarrier(bctx)
+	err = r.node.WaitApplied(bctx, lock.Token())
 	cancel()
 	if errors.Is(err, ErrNoLeader) {
 		return fail(fmt.Errorf("the cluster has lost its quorum (no leader): %v", err))
