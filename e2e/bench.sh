@@ -2,6 +2,7 @@
 # Runs gitraft's benchmarks and prints their tables:
 #   BenchmarkCluster: committed Raft writes (locks, ref updates) and failover
 #   BenchmarkGit: git over SSH, plain git + OpenSSH sshd vs a gitraft cluster
+#   (GITRAFT_BENCH_GIT=push: only the small pushes' cost, in a minute or two)
 #   BenchmarkDatabaseSwitchover: PostgreSQL switchover write pause, failover (PostgreSQL 15 + pgbouncer, as e2e/test.sh installs)
 # and, only when asked for by name:
 #   Scale: BenchmarkScale, a cluster filled to 10,000 repositories and a million

@@ -738,6 +738,14 @@ func (s *Store) MissingInQuarantine(ctx context.Context, name, quarantine string
 	if len(uniq) == 0 {
 		return nil, nil
 	}
+	// The usual push is proven whole in-process (connect.go); git walks
+	// the rest.
+	if refs, ok, err := readRefs(path); err == nil && ok {
+		packs, _ := filepath.Glob(filepath.Join(qpath, "pack", "*.pack"))
+		if proveConnected(path, packs, refs, uniq) {
+			return nil, nil
+		}
+	}
 	ok, err := check(uniq)
 	if err != nil || ok {
 		return nil, err

@@ -444,6 +444,19 @@ func (r *Replicas) missingLocal(ctx context.Context, repo string, oids []string)
 	return r.st.Missing(ctx, repo, oids)
 }
 
+// missingWithPack is missingLocal for a peer that just installed a push's
+// pack (its checksum sum): the usual push is proven whole from that pack
+// in-process, without starting git (storage.WholeWithPack).
+func (r *Replicas) missingWithPack(ctx context.Context, repo, sum string, oids []string) ([]string, error) {
+	select {
+	case gitChecks <- struct{}{}:
+		defer func() { <-gitChecks }()
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return r.st.WholeWithPack(ctx, repo, sum, oids)
+}
+
 // ObjectsOnQuorum checks that a majority of voters hold every object whole,
 // so a ref may point at them without a push having shipped them. The
 // error is a gRPC status (FailedPrecondition when too few hold them).
