@@ -84,3 +84,23 @@ func Test_SetRefs_LeavesPackedDeletesAndConflictsToGit(t *testing.T) {
 		t.Fatalf("a refused change changed refs: %v", got)
 	}
 }
+
+// SyncRefs fsyncs the directories of refs git changed, those of deleted
+// refs (whose directories git may have removed) included, and refuses
+// what is not a ref name.
+func Test_SyncRefs(t *testing.T) {
+	s, oids := installed(t, 1)
+	ctx := context.Background()
+	if err := s.SetRefs(ctx, "r", map[string]string{"refs/heads/main": oids[0]}, ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SyncRefs("r", []string{"refs/heads/main", "refs/heads/gone/deep/er"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SyncRefs("r", []string{"HEAD/../../x"}); err == nil {
+		t.Fatal("a name outside refs/ was accepted")
+	}
+	if err := s.SyncRefs("nope", []string{"refs/heads/main"}); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("a repository that is not there: %v", err)
+	}
+}

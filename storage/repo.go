@@ -1001,6 +1001,23 @@ func (s *Store) SetRefs(ctx context.Context, name string, want map[string]string
 	return nil
 }
 
+// SyncRefs makes durable the ref changes git made itself (receive-pack
+// setting a push's refs): git fsyncs the ref files (core.fsync=reference)
+// but not the directories they were renamed into or removed from. Call it
+// before recording a version that stands for those changes.
+func (s *Store) SyncRefs(name string, refs []string) error {
+	path, err := s.existing(name)
+	if err != nil {
+		return err
+	}
+	for _, ref := range refs {
+		if err := checkRefName(ref); err != nil {
+			return err
+		}
+	}
+	return syncRefDirs(path, refs)
+}
+
 // syncRefDirs makes the renames behind a ref transaction durable. git
 // fsyncs the ref files it writes (core.fsync=reference) but not the
 // directories they are renamed into, and a version recorded after a ref

@@ -45,6 +45,8 @@ type Push struct {
 	copy    *copyState
 	base    Target
 	version atomic.Uint64 // set by Commit (the hook's goroutine)
+	// changed are the refs Commit committed, which git then sets.
+	changed atomic.Pointer[[]string]
 	done    sync.Once
 }
 
@@ -346,6 +348,11 @@ func (p *Push) commit(ctx context.Context, quarantine string, verdicts []Verdict
 		return nil, fmt.Errorf("refused: %s; nothing was changed", rf.GetMessage())
 	}
 	v := res.GetRepo().GetVersion()
+	refs := make([]string, 0, len(changes))
+	for _, c := range changes {
+		refs = append(refs, c.Ref)
+	}
+	p.changed.Store(&refs)
 	p.version.Store(v)
 	progress(fmt.Sprintf("committed version %d of %s (raft index %d)", v, p.repo, res.GetIndex()))
 	return changes, nil
@@ -605,6 +612,11 @@ func (p *Push) Finish(ok bool) {
 				ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 				err := r.st.SetRefs(ctx, p.repo, t.Refs, t.Head)
 				cancel()
+				if changed := p.changed.Load(); err == nil && changed != nil {
+					// The refs git set must outlive a crash that the
+					// version recorded next does.
+					err = r.st.SyncRefs(p.repo, *changed)
+				}
 				if err == nil {
 					err = r.st.SetVersion(p.repo, t.ID, t.Version)
 				}
