@@ -45,6 +45,7 @@ type Push struct {
 	copy    *copyState
 	base    Target
 	version atomic.Uint64 // set by Commit (the hook's goroutine)
+	index   atomic.Uint64 // the Raft index that committed it
 	// changed are the refs Commit committed, which git then sets.
 	changed atomic.Pointer[[]string]
 	done    sync.Once
@@ -353,6 +354,7 @@ func (p *Push) commit(ctx context.Context, quarantine string, verdicts []Verdict
 		refs = append(refs, c.Ref)
 	}
 	p.changed.Store(&refs)
+	p.index.Store(res.GetIndex())
 	p.version.Store(v)
 	progress(fmt.Sprintf("committed version %d of %s (raft index %d)", v, p.repo, res.GetIndex()))
 	return changes, nil
@@ -606,9 +608,17 @@ func (p *Push) Finish(ok bool) {
 		if v := p.version.Load(); ok && v > 0 {
 			// git set the refs it was asked to; make the copy exactly the
 			// committed state (HEAD may have moved, and git may have refused
-			// a ref after the commit) before recording the version.
+			// a ref after the commit) before recording the version. A
+			// follower applies the commit a moment after the leader
+			// answered: wait for it, or the copy would look behind and the
+			// next push here would catch up first.
+			wctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			err := r.node.WaitApplied(wctx, p.index.Load())
+			cancel()
 			t, found := r.node.Repo(p.repo)
-			if found && t.Version == v {
+			if err != nil {
+				r.log.Warn("the pushed version is not applied here yet; the reconciler will catch up", "repo", p.repo, "version", v, "err", err)
+			} else if found && t.Version == v {
 				ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 				err := r.st.SetRefs(ctx, p.repo, t.Refs, t.Head)
 				cancel()
