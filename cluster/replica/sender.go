@@ -45,9 +45,10 @@ type Push struct {
 	copy    *copyState
 	base    Target
 	version atomic.Uint64 // set by Commit (the hook's goroutine)
-	index   atomic.Uint64 // the Raft index that committed it
-	// changed are the refs Commit committed, which git then sets.
-	changed atomic.Pointer[[]string]
+	// committed is the repository as the push's entry left it, and
+	// changed the refs it changed, which git then sets.
+	committed atomic.Pointer[Target]
+	changed   atomic.Pointer[[]string]
 	done    sync.Once
 }
 
@@ -349,12 +350,25 @@ func (p *Push) commit(ctx context.Context, quarantine string, verdicts []Verdict
 		return nil, fmt.Errorf("refused: %s; nothing was changed", rf.GetMessage())
 	}
 	v := res.GetRepo().GetVersion()
+	// What the entry made of the repository: the base plus the changes
+	// (atomic, so all of them). Finish records it without waiting for this
+	// node to apply the entry (a follower learns of the commit only with
+	// the leader's next message).
+	after := maps.Clone(p.base.Refs)
+	if after == nil {
+		after = map[string]string{}
+	}
 	refs := make([]string, 0, len(changes))
 	for _, c := range changes {
 		refs = append(refs, c.Ref)
+		if c.New == "" {
+			delete(after, c.Ref)
+		} else {
+			after[c.Ref] = c.New
+		}
 	}
+	p.committed.Store(&Target{Name: p.repo, ID: res.GetRepo().GetId(), Version: v, Refs: after, Head: res.GetRepo().GetHead()})
 	p.changed.Store(&refs)
-	p.index.Store(res.GetIndex())
 	p.version.Store(v)
 	progress(fmt.Sprintf("committed version %d of %s (raft index %d)", v, p.repo, res.GetIndex()))
 	return changes, nil
@@ -605,36 +619,27 @@ func (p *Push) sendPack(ctx context.Context, c replicav1.ReplicaServiceClient, o
 func (p *Push) Finish(ok bool) {
 	p.done.Do(func() {
 		r := p.r
-		if v := p.version.Load(); ok && v > 0 {
+		if t := p.committed.Load(); ok && t != nil {
 			// git set the refs it was asked to; make the copy exactly the
 			// committed state (HEAD may have moved, and git may have refused
-			// a ref after the commit) before recording the version. A
-			// follower applies the commit a moment after the leader
-			// answered: wait for it, or the copy would look behind and the
-			// next push here would catch up first.
-			wctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			err := r.node.WaitApplied(wctx, p.index.Load())
+			// a ref after the commit) before recording the version. That
+			// state is the commit's result, so a follower need not wait to
+			// apply the entry first.
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			err := r.st.SetRefs(ctx, p.repo, t.Refs, t.Head)
 			cancel()
-			t, found := r.node.Repo(p.repo)
-			if err != nil {
-				r.log.Warn("the pushed version is not applied here yet; the reconciler will catch up", "repo", p.repo, "version", v, "err", err)
-			} else if found && t.Version == v {
-				ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-				err := r.st.SetRefs(ctx, p.repo, t.Refs, t.Head)
-				cancel()
-				if changed := p.changed.Load(); err == nil && changed != nil {
-					// The refs git set must outlive a crash that the
-					// version recorded next does.
-					err = r.st.SyncRefs(p.repo, *changed)
-				}
-				if err == nil {
-					err = r.st.SetVersion(p.repo, t.ID, t.Version)
-				}
-				if err == nil {
-					p.copy.reached(t.ID, t.Version)
-				} else {
-					r.log.Warn("recording the pushed version failed; the reconciler will catch up", "repo", p.repo, "err", err)
-				}
+			if changed := p.changed.Load(); err == nil && changed != nil {
+				// The refs git set must outlive a crash that the version
+				// recorded next does.
+				err = r.st.SyncRefs(p.repo, *changed)
+			}
+			if err == nil {
+				err = r.st.SetVersion(p.repo, t.ID, t.Version)
+			}
+			if err == nil {
+				p.copy.reached(t.ID, t.Version)
+			} else {
+				r.log.Warn("recording the pushed version failed; the reconciler will catch up", "repo", p.repo, "err", err)
 			}
 		}
 		p.copy.guard.Unlock()
