@@ -49,6 +49,13 @@ type RaftTuning struct {
 	HeartbeatTimeout   time.Duration `yaml:"heartbeat_timeout"`
 	ElectionTimeout    time.Duration `yaml:"election_timeout"`
 	LeaderLeaseTimeout time.Duration `yaml:"leader_lease_timeout"`
+	// CommitTimeout is how long the leader lets pass without sending its
+	// commit index to a follower when no entries flow (hashicorp/raft's
+	// CommitTimeout, which jitters it up to twice that). A follower applies
+	// an entry only once it learns it committed, and a push taken by a
+	// follower waits for that (its write lock's grant): raft's default,
+	// 50ms, was most of a small push's time. Default 5ms.
+	CommitTimeout time.Duration `yaml:"commit_timeout" help:"longest the leader waits to tell followers its commit index when no entries flow (default 5ms)"`
 	SnapshotThreshold  uint64        `yaml:"snapshot_threshold"`
 	// SnapshotBytes takes a snapshot once the entries applied since the
 	// last one add up to this many bytes (default 64 MiB), however few they
@@ -136,6 +143,9 @@ func (c *Config) setDefaults() {
 	}
 	if r.LeaderLeaseTimeout == 0 {
 		r.LeaderLeaseTimeout = r.HeartbeatTimeout / 2
+	}
+	if r.CommitTimeout == 0 {
+		r.CommitTimeout = 5 * time.Millisecond
 	}
 	if r.SnapshotThreshold == 0 {
 		r.SnapshotThreshold = 8192
@@ -426,6 +436,7 @@ func (n *Node) openRaft() error {
 	rc.HeartbeatTimeout = n.cfg.Raft.HeartbeatTimeout
 	rc.ElectionTimeout = n.cfg.Raft.ElectionTimeout
 	rc.LeaderLeaseTimeout = n.cfg.Raft.LeaderLeaseTimeout
+	rc.CommitTimeout = n.cfg.Raft.CommitTimeout
 	rc.SnapshotThreshold = n.cfg.Raft.SnapshotThreshold
 	rc.SnapshotInterval = n.cfg.Raft.SnapshotInterval
 	rc.TrailingLogs = n.cfg.Raft.TrailingLogs
