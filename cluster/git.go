@@ -177,6 +177,10 @@ func (r replicaNode) Lock(ctx context.Context, repo, holder string, onWait func(
 
 func (r replicaNode) Conn(addr string) (grpc.ClientConnInterface, error) { return r.n.peers.conn(addr) }
 
+// ReleaseWithRefs: this release has no cluster-wide feature level to ask
+// yet, so it counts on every member running it (see README, Upgrading).
+func (r replicaNode) ReleaseWithRefs() bool { return true }
+
 // noLeaderAs makes an error that wraps ErrNoLeader wrap replica's too,
 // message unchanged.
 func noLeaderAs(err error) error {

@@ -34,6 +34,8 @@ type fakeState struct {
 	repos   map[string]Target
 	members []*fsmv1.Member
 	lock    *fakeLock // the one write lock of the test repository
+	// oldMembers: some member does not apply UpdateRefs.release_lock.
+	oldMembers atomic.Bool
 	// proposals counts UpdateRefs entries that reached the state.
 	proposals atomic.Int32
 	// beforePropose, if set, runs before an entry applies; an error
@@ -176,6 +178,7 @@ func (n *fakeNode) ReadBarrier(ctx context.Context) (uint64, error) {
 	defer n.s.mu.Unlock()
 	return n.s.index, nil
 }
+func (n *fakeNode) ReleaseWithRefs() bool { return !n.s.oldMembers.Load() }
 func (n *fakeNode) WaitApplied(ctx context.Context, index uint64) error {
 	if p := n.barrierErr.Load(); p != nil {
 		return *p

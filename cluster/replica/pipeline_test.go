@@ -457,3 +457,24 @@ func Test_Push_BehindTheLockHandsOver(t *testing.T) {
 	}
 	cp.guard.Unlock()
 }
+
+// While some member runs an older gitraft, the push's entry carries no
+// release_lock, and Finish releases the lock with an entry of its own.
+func Test_Push_ReleasesItselfWithOlderMembers(t *testing.T) {
+	c := newFakeCluster(t, 3)
+	c.s.oldMembers.Store(true)
+	d := c.newPush("refs/heads/main")
+	p := c.begin(context.Background(), 0)
+	lock := p.lock.(*fakeLock)
+	if _, err := p.Commit(context.Background(), d.quarantine, []gitproto.RefUpdate{d.update}, false, noProgress); err != nil {
+		t.Fatal(err)
+	}
+	if lock.releasedByEntry.Load() || lock.marked.Load() {
+		t.Fatal("the entry released the lock although a member could not apply it")
+	}
+	c.migrate(0, d)
+	p.Finish(true)
+	if !lock.released.Load() {
+		t.Fatal("Finish did not release the lock")
+	}
+}

@@ -69,6 +69,10 @@ type Node interface {
 	// another holds it (onWait is told who). Errors wrap ErrRepoNotFound or
 	// ErrNoLeader where they apply.
 	Lock(ctx context.Context, repo, holder string, onWait func(holder string)) (Lock, error)
+	// ReleaseWithRefs reports whether every member applies an UpdateRefs
+	// that releases its write lock (release_lock); while some member runs
+	// an older gitraft, a push releases its lock with an entry of its own.
+	ReleaseWithRefs() bool
 	// Conn is a connection to a peer's gRPC server with node credentials.
 	Conn(addr string) (grpc.ClientConnInterface, error)
 }

@@ -327,8 +327,10 @@ func (p *Push) commit(ctx context.Context, quarantine string, verdicts []Verdict
 	}
 	// The lock goes with the entry: the push needs it for nothing after
 	// the compare-and-swap (this node's copy is guarded until Finish), and
-	// a release of its own would cost a Raft round trip more.
-	u := &fsmv1.UpdateRefs{Repo: p.repo, FencingToken: p.lock.Token(), Atomic: true, PushId: p.id, RefRules: RefRulesGit, ReleaseLock: true}
+	// a release of its own would cost a Raft round trip more. Only when
+	// every member applies such entries; otherwise Finish releases it.
+	withRelease := p.r.node.ReleaseWithRefs()
+	u := &fsmv1.UpdateRefs{Repo: p.repo, FencingToken: p.lock.Token(), Atomic: true, PushId: p.id, RefRules: RefRulesGit, ReleaseLock: withRelease}
 	for _, c := range changes {
 		u.Updates = append(u.Updates, &fsmv1.RefUpdate{Ref: c.Ref, OldOid: c.Old, NewOid: c.New})
 	}
@@ -339,9 +341,11 @@ func (p *Push) commit(ctx context.Context, quarantine string, verdicts []Verdict
 		}
 		return nil, fmt.Errorf("committing the push failed; it may or may not have been applied: %v", err)
 	}
-	// Applied: the entry released the lock, or its token was no longer
-	// good (then the lock was not this push's any more either way).
-	p.lock.MarkReleased()
+	if withRelease {
+		// Applied: the entry released the lock, or its token was no
+		// longer good (then the lock was not this push's any more).
+		p.lock.MarkReleased()
+	}
 	if rf := res.GetRefusal(); rf != nil {
 		switch rf.GetReason() {
 		case fsmv1.Reason_REASON_STALE_TOKEN, fsmv1.Reason_REASON_LEASE_EXPIRED, fsmv1.Reason_REASON_LOCK_NOT_HELD:
