@@ -55,8 +55,8 @@ type RaftTuning struct {
 	// an entry only once it learns it committed, and a push taken by a
 	// follower waits for that (its write lock's grant): raft's default,
 	// 50ms, was most of a small push's time. Default 5ms.
-	CommitTimeout time.Duration `yaml:"commit_timeout" help:"longest the leader waits to tell followers its commit index when no entries flow (default 5ms)"`
-	SnapshotThreshold  uint64        `yaml:"snapshot_threshold"`
+	CommitTimeout     time.Duration `yaml:"commit_timeout" help:"longest the leader waits to tell followers its commit index when no entries flow (default 5ms)"`
+	SnapshotThreshold uint64        `yaml:"snapshot_threshold"`
 	// SnapshotBytes takes a snapshot once the entries applied since the
 	// last one add up to this many bytes (default 64 MiB), however few they
 	// are: a push of many refs is one large entry, and the entry count alone

@@ -49,7 +49,7 @@ type Push struct {
 	// changed the refs it changed, which git then sets.
 	committed atomic.Pointer[Target]
 	changed   atomic.Pointer[[]string]
-	done    sync.Once
+	done      sync.Once
 }
 
 var _ gitproto.PushTx = (*Push)(nil)
