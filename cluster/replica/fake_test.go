@@ -264,6 +264,8 @@ type testNode struct {
 	// putPack, if set, runs when a pack arrives, before it is stored; an
 	// error refuses it.
 	putPack atomic.Pointer[func(ctx context.Context) error]
+	// putPacks counts the PutPack calls this node has answered.
+	putPacks atomic.Int32
 }
 
 type fakeCluster struct {
@@ -306,6 +308,7 @@ func newFakeCluster(t *testing.T, size int) *fakeCluster {
 		tn.addr = ln.Addr().String()
 		srv := grpc.NewServer(grpc.ChainStreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
 			if strings.HasSuffix(info.FullMethod, "/PutPack") {
+				defer tn.putPacks.Add(1)
 				if f := tn.putPack.Load(); f != nil {
 					if err := (*f)(ss.Context()); err != nil {
 						return err

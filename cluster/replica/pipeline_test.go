@@ -395,21 +395,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 // Once git has set exactly the committed refs, recording the version
 // starts no git: the refs are read from their files, and nothing differs.
 func Test_Push_FinishStartsNoGit(t *testing.T) {
-	counter := filepath.Join(t.TempDir(), "count")
-	wrapper := t.TempDir()
-	real, err := exec.LookPath("git")
-	if err != nil {
-		t.Fatal(err)
-	}
-	script := "#!/bin/sh\necho \"$1\" >> '" + counter + "'\nexec '" + real + "' \"$@\"\n"
-	if err := os.WriteFile(filepath.Join(wrapper, "git"), []byte(script), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Setenv("PATH", wrapper+string(os.PathListSeparator)+os.Getenv("PATH"))
-	count := func() int {
-		b, _ := os.ReadFile(counter)
-		return strings.Count(string(b), "\n")
-	}
+	count, counter := countGit(t)
 	c := newFakeCluster(t, 3)
 	d := c.newPush("refs/heads/main")
 	p := c.begin(context.Background(), 0)
@@ -430,6 +416,77 @@ func Test_Push_FinishStartsNoGit(t *testing.T) {
 	}
 	if at := p.copy.pos(); at.version != 2 {
 		t.Fatalf("the copy is at %d, want 2", at.version)
+	}
+}
+
+// countGit puts a git on PATH that counts its runs (before any store
+// looks git up) and returns the count and the file that lists them.
+func countGit(t *testing.T) (count func() int, counter string) {
+	t.Helper()
+	counter = filepath.Join(t.TempDir(), "count")
+	wrapper := t.TempDir()
+	real, err := exec.LookPath("git")
+	if err != nil {
+		t.Fatal(err)
+	}
+	script := "#!/bin/sh\necho \"$1\" >> '" + counter + "'\nexec '" + real + "' \"$@\"\n"
+	if err := os.WriteFile(filepath.Join(wrapper, "git"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", wrapper+string(os.PathListSeparator)+os.Getenv("PATH"))
+	return func() int {
+		b, _ := os.ReadFile(counter)
+		return strings.Count(string(b), "\n")
+	}, counter
+}
+
+// A small push starts no git of gitraft's own anywhere: the node that
+// takes it proves the pushed tip whole from the quarantined pack, each
+// peer from the pack it installed, and the peers then record the version
+// by writing the ref themselves.
+func Test_Push_StartsNoGitOfItsOwn(t *testing.T) {
+	count, counter := countGit(t)
+	c := newFakeCluster(t, 3)
+	d := c.newPush("refs/heads/main")
+	p := c.begin(context.Background(), 0)
+	before := count()
+	if _, err := p.Commit(context.Background(), d.quarantine, []gitproto.RefUpdate{d.update}, false, noProgress); err != nil {
+		t.Fatal(err)
+	}
+	c.migrate(0, d)
+	os.MkdirAll(filepath.Join(p.Path(), "refs", "heads"), 0o755)
+	if err := os.WriteFile(filepath.Join(p.Path(), "refs", "heads", "main"), []byte(d.update.New+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p.Finish(true)
+	// What each peer's reconciler does once the push is committed.
+	for i := 1; i < len(c.nodes); i++ {
+		n := c.nodes[i]
+		waitFor(t, n.id+" to answer the push's PutPack", func() bool { return n.putPacks.Load() == 1 })
+		cp := n.r.copyOf(c.repo)
+		if err := cp.guard.Lock(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		err := n.r.catchUpLocked(context.Background(), cp, c.repo)
+		cp.guard.Unlock()
+		if err != nil {
+			t.Fatalf("%s catching up: %v", n.id, err)
+		}
+	}
+	for i := range c.nodes {
+		if v := c.nodes[i].r.copyOf(c.repo).pos().version; v != 2 {
+			t.Fatalf("node %d is at version %d, want 2", i, v)
+		}
+	}
+	if n := count() - before; n != 0 {
+		b, _ := os.ReadFile(counter)
+		t.Fatalf("the push started %d git processes (all: %s)", n, b)
+	}
+	for i := 1; i < len(c.nodes); i++ {
+		refs, err := c.nodes[i].store.Refs(context.Background(), c.repo)
+		if err != nil || refs["refs/heads/main"] != d.update.New {
+			t.Fatalf("node %d: refs %v, %v", i, refs, err)
+		}
 	}
 }
 
