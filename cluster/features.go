@@ -34,6 +34,7 @@ var featureSince = map[protoreflect.FullName]uint32{
 	"gitraft.fsm.v1.AcquireLock.node":             2,
 	"gitraft.fsm.v1.AcquireLock.incarnation":      2,
 	"gitraft.fsm.v1.AcquireLock.wait_lease_nanos": 2,
+	"gitraft.fsm.v1.UpdateRefs.release_lock":      2,
 }
 
 // entryLevel is the feature level an entry needs: the highest level of any

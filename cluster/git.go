@@ -115,6 +115,10 @@ func (r replicaNode) ReadBarrier(ctx context.Context) (uint64, error) {
 	return i, noLeaderAs(err)
 }
 
+func (r replicaNode) WaitApplied(ctx context.Context, index uint64) error {
+	return noLeaderAs(r.n.fsm.WaitApplied(ctx, index))
+}
+
 func (r replicaNode) Repo(name string) (replica.Target, bool) { return r.n.gitTarget(name) }
 
 func (r replicaNode) Repos() map[string]replica.Target {
@@ -175,6 +179,14 @@ func (r replicaNode) Lock(ctx context.Context, repo, holder string, onWait func(
 }
 
 func (r replicaNode) Conn(addr string) (grpc.ClientConnInterface, error) { return r.n.peers.conn(addr) }
+
+// ReleaseWithRefs: UpdateRefs.release_lock is feature level 2; while a
+// member runs an older gitraft, a push releases its lock in an entry of
+// its own, as before.
+func (r replicaNode) ReleaseWithRefs() bool {
+	level, _ := r.n.FeatureLevel()
+	return level >= 2
+}
 
 // noLeaderAs makes an error that wraps ErrNoLeader wrap replica's too,
 // message unchanged.

@@ -62,6 +62,11 @@ func Test_MultiNode_Push(t *testing.T) {
 	if tx.Version() != 2 {
 		t.Fatalf("committed version %d, want 2", tx.Version())
 	}
+	// The taker, a follower, recorded the version itself (it waited to
+	// apply the commit), so its next push needs no catch-up.
+	if rep := taker.Replicas().Report("r").GetReplicas(); len(rep) != 1 || rep[0].GetVersion() != 2 {
+		t.Fatalf("right after Finish the taker reports %v, want version 2", rep)
+	}
 	for id, n := range c.nodes {
 		waitFor(t, id+" to reach version 2", 10*time.Second, func() bool {
 			rep := n.Replicas().Report("r").GetReplicas()

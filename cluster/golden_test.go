@@ -46,7 +46,7 @@ var updateGolden = flag.Bool("update", false, "write missing golden files under 
 // goldenSet is the set goldenEntries builds. Bump it (and run -update) when
 // the format gains a command or field: the new set is written beside the
 // old ones, which stay and must still decode and apply.
-const goldenSet = "set5"
+const goldenSet = "set3"
 
 const goldenDir = "testdata/golden"
 
@@ -111,6 +111,10 @@ func goldenEntries() []*fsmv1.Entry {
 	add(&fsmv1.Entry{Command: &fsmv1.Entry_ExpireLocks{ExpireLocks: &fsmv1.ExpireLocks{}}})
 	add(acquire("acme/site", "n3/push-3", 15*time.Second))
 	add(&fsmv1.Entry{Command: &fsmv1.Entry_ForceReleaseLock{ForceReleaseLock: &fsmv1.ForceReleaseLock{Repo: "acme/site"}}})
+	tok = add(acquire("acme/site", "n1/push-5", 15*time.Second))
+	u = update("acme/site", tok, true, "refs/heads/main", oidC, oidB) // the push's lock goes with its refs
+	u.GetUpdateRefs().RefRules, u.GetUpdateRefs().PushId, u.GetUpdateRefs().ReleaseLock = RefRulesGit, "n1/push-5", true
+	add(u)
 	add(create("acme/docs"))
 	add(acquire("acme/docs", "n1/push-4", time.Hour)) // still held when the snapshot is taken
 

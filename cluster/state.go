@@ -392,6 +392,11 @@ func (s *State) updateRefs(index uint64, now time.Time, u *fsmv1.UpdateRefs) *fs
 	if err := s.locks.Check(u.GetRepo(), u.GetFencingToken(), now); err != nil {
 		return lockRefusal(err)
 	}
+	if u.GetReleaseLock() {
+		// The push is over whatever becomes of its refs: its lock goes
+		// with this entry (the token was just checked, so this frees it).
+		defer s.locks.Release(u.GetRepo(), u.GetFencingToken())
+	}
 	if len(u.GetUpdates()) == 0 {
 		return refuse(fsmv1.Reason_REASON_INVALID, "no ref updates")
 	}

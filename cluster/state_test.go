@@ -201,6 +201,39 @@ func Test_State_Fencing(t *testing.T) {
 	}
 }
 
+// An UpdateRefs with release_lock frees the lock in the same entry, ref
+// changes applied or refused; with a token that does not check out it
+// changes nothing, the lock included; without the field the lock stays.
+func Test_State_UpdateRefs_ReleasesLock(t *testing.T) {
+	m := newMachine(t)
+	m.ok(create("r"))
+	tok := m.ok(acquire("r", "n1/p1", time.Minute)).GetLock().GetFencingToken()
+	m.ok(update("r", tok, true, "refs/heads/main", "", oidA))
+	if len(m.s.Locks()) != 1 {
+		t.Fatal("an entry without release_lock released the lock")
+	}
+	u := update("r", tok, true, "refs/heads/main", oidA, oidB)
+	u.GetUpdateRefs().ReleaseLock = true
+	m.ok(u)
+	if len(m.s.Locks()) != 0 || refs(t, m.s, "r")["refs/heads/main"] != oidB {
+		t.Fatalf("locks %v, refs %v after a releasing update", m.s.Locks(), refs(t, m.s, "r"))
+	}
+	// The token is spent: a second entry with it is refused and frees
+	// nobody else's lock.
+	other := m.ok(acquire("r", "n2/p2", time.Minute)).GetLock().GetFencingToken()
+	m.refused(u, fsmv1.Reason_REASON_STALE_TOKEN, "stale")
+	if l := m.s.Locks(); len(l) != 1 || l[0].Token != other {
+		t.Fatalf("locks %v, want n2's", l)
+	}
+	// A stale ref is refused, and the push's lock goes all the same.
+	u = update("r", other, true, "refs/heads/main", oidA, oidC)
+	u.GetUpdateRefs().ReleaseLock = true
+	m.refused(u, fsmv1.Reason_REASON_STALE_REF, "stale")
+	if len(m.s.Locks()) != 0 {
+		t.Fatalf("locks %v after a refused releasing update", m.s.Locks())
+	}
+}
+
 func Test_State_LockLifecycle(t *testing.T) {
 	m := newMachine(t)
 	m.ok(create("a"))

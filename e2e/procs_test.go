@@ -35,7 +35,7 @@ func TestMain(m *testing.M) {
 	if os.Getenv("GITRAFT_E2E_RACE") != "" {
 		args = append(args, "-race")
 		// A race-built program sleeps 1 s at exit by default, so that
-		// other goroutines may still report: every CLI call and git hook
+		// other goroutines may still report: every CLI call
 		// of a test would pay it. Reports are written as they happen.
 		os.Setenv("GORACE", "atexit_sleep_ms=0")
 	}

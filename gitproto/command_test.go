@@ -64,17 +64,3 @@ func Test_ParseRefUpdates(t *testing.T) {
 		t.Error("malformed line accepted")
 	}
 }
-
-func Test_RunHookOutsideAPush(t *testing.T) {
-	var stderr strings.Builder
-	code := RunHook("pre-receive", strings.NewReader(""), &stderr, func(string) string { return "" })
-	if code == 0 || !strings.Contains(stderr.String(), "only runs inside a gitraft push") {
-		t.Fatalf("hook outside a push: exit %d, %q", code, stderr.String())
-	}
-	stderr.Reset()
-	env := map[string]string{EnvHookSocket: "/nonexistent/sock", EnvPushID: "x"}
-	code = RunHook("pre-receive", strings.NewReader(""), &stderr, func(k string) string { return env[k] })
-	if code == 0 || !strings.Contains(stderr.String(), "cannot reach the node") {
-		t.Fatalf("hook without a node: exit %d, %q", code, stderr.String())
-	}
-}

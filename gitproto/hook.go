@@ -1,61 +1,205 @@
 package gitproto
 
+// git's pre-receive hook and the push session it talks to.
+//
+// The hook is hookScript, a few lines of sh that use only the shell's
+// builtins: git starts it (one process, which execs /bin/sh and nothing
+// else) and it talks to the push session over two pipes the session gave
+// receive-pack as file descriptors 3 and 4, which git passes on to the
+// hooks it runs. No socket, no lookup of the push by id, and no Go binary
+// to start: starting gitraft itself (a large binary whose runtime starts
+// threads) cost a push more than everything else git does for it.
+//
+// Over fd 3 the hook sends the push (hookRequest), ending with "end":
+//
+//	quarantine <GIT_QUARANTINE_PATH>
+//	option <GIT_PUSH_OPTION_n>          (each push option, at most 100)
+//	<old> <new> <ref>                   (what git fed the hook, unchanged)
+//	end
+//
+// Over fd 4 the session answers with lines the hook relays to the pusher
+// ("progress <text>", "error <text>"), then "ok" (exit 0: git goes on) or
+// "refuse" (exit 1: git refuses every ref). If fd 4 ends without either,
+// the node went away and the hook refuses.
+
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
-	"log/slog"
-	"net"
 	"os"
-	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
 )
 
-// Environment variables that connect git's hook to the session that ran git.
-const (
-	EnvHookSocket = "GITRAFT_HOOK_SOCKET"
-	EnvPushID     = "GITRAFT_PUSH_ID"
-)
+// EnvPushID tells the hook it runs inside a gitraft push (and which, for
+// logs); outside one it refuses.
+const EnvPushID = "GITRAFT_PUSH_ID"
 
-// hookRequest is what `gitraft hook pre-receive` sends to the node.
+// hookScript is the pre-receive hook the front end installs.
+const hookScript = `#!/bin/sh
+# gitraft's pre-receive hook, written by the node at start: do not edit.
+# It hands the push to the node over fd 3 and relays the node's answer from
+# fd 4 (pipes the node gave git receive-pack). Only sh builtins run here.
+if [ -z "$` + EnvPushID + `" ]; then
+	echo "gitraft: this hook only runs inside a gitraft push" >&2
+	exit 1
+fi
+trap '' PIPE # a node that went away is an error to report, not a signal
+if ! {
+	printf 'quarantine %s\n' "$GIT_QUARANTINE_PATH"
+	i=0
+	while [ "$i" -lt "${GIT_PUSH_OPTION_COUNT:-0}" ] && [ "$i" -lt 100 ]; do
+		eval "printf 'option %s\n' \"\$GIT_PUSH_OPTION_$i\""
+		i=$((i + 1))
+	done
+	while read -r old new ref; do
+		printf '%s %s %s\n' "$old" "$new" "$ref"
+	done
+	echo end
+} >&3; then
+	echo "gitraft: cannot reach the node" >&2
+	exit 1
+fi
+exec 3>&-
+while IFS= read -r line; do
+	case $line in
+	ok) exit 0 ;;
+	refuse) exit 1 ;;
+	"progress "*) printf 'gitraft: %s\n' "${line#progress }" >&2 ;;
+	"error "*) printf 'gitraft: %s\n' "${line#error }" >&2 ;;
+	esac
+done <&4
+echo "gitraft: the node went away during the push; if it was committed, it shows on the next fetch" >&2
+exit 1
+`
+
+// maxHookRequest bounds what a hook's request may hold (10,000 ref updates
+// take about 1 MB).
+const maxHookRequest = 64 << 20
+
+// hookRequest is what the pre-receive hook hands the node.
 type hookRequest struct {
-	PushID      string      `json:"push_id"`
-	Quarantine  string      `json:"quarantine"`
-	Updates     []RefUpdate `json:"updates"`
-	PushOptions []string    `json:"push_options,omitempty"`
+	Quarantine  string
+	Updates     []RefUpdate
+	PushOptions []string
 }
 
-// hookReply is one line the node sends back: progress, then a verdict.
-type hookReply struct {
-	Progress string `json:"progress,omitempty"`
-	Done     bool   `json:"done,omitempty"`
-	Error    string `json:"error,omitempty"`
+// readHookRequest reads the hook's request up to its "end". It reports
+// ok false when the pipe ended first: git finished (or died) without
+// running the hook. A request over maxHookRequest is read to its end, so
+// the hook does not block, and refused.
+func readHookRequest(r io.Reader) (req hookRequest, ok bool, err error) {
+	br := bufio.NewReaderSize(r, 64<<10)
+	var updates strings.Builder
+	size := 0
+	for {
+		line, rerr := br.ReadString('\n')
+		if rerr != nil {
+			if rerr == io.EOF {
+				return req, false, nil
+			}
+			return req, false, rerr
+		}
+		size += len(line)
+		line = strings.TrimSuffix(line, "\n")
+		switch {
+		case line == "end":
+			if size > maxHookRequest {
+				return req, true, fmt.Errorf("the push's ref updates exceed %d MB", maxHookRequest>>20)
+			}
+			req.Updates, err = ParseRefUpdates(strings.NewReader(updates.String()))
+			return req, true, err
+		case size > maxHookRequest:
+			// Drain to the end; refused above.
+		case strings.HasPrefix(line, "quarantine "):
+			req.Quarantine = strings.TrimPrefix(line, "quarantine ")
+		case strings.HasPrefix(line, "option "):
+			req.PushOptions = append(req.PushOptions, strings.TrimPrefix(line, "option "))
+		default:
+			updates.WriteString(line + "\n")
+		}
+	}
 }
 
-// hookServer takes calls from git hooks over a unix socket and routes them
-// to the push session that ran git.
-type hookServer struct {
-	log    *slog.Logger
-	ln     net.Listener
-	mu     sync.Mutex
-	pushes map[string]*pushSession
-	wg     sync.WaitGroup
+// hookReplies writes the node's answer to the hook, one line at a time.
+// Writes never block the push for long: the hook, or receive-pack holding
+// the pipe's other end, reads them, and a hook that went away leaves them
+// to the pipe's buffer, bounded by a deadline.
+type hookReplies struct {
+	mu sync.Mutex
+	w  *os.File
 }
 
+func (h *hookReplies) send(kind, text string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var b strings.Builder
+	for _, line := range strings.Split(strings.TrimRight(text, "\n"), "\n") {
+		b.WriteString(kind + " " + line + "\n")
+	}
+	h.w.SetWriteDeadline(time.Now().Add(10 * time.Second))
+	h.w.WriteString(b.String())
+}
+
+func (h *hookReplies) done(ok bool) {
+	verdict := "refuse\n"
+	if ok {
+		verdict = "ok\n"
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.w.SetWriteDeadline(time.Now().Add(10 * time.Second))
+	h.w.WriteString(verdict)
+}
+
+// hookPipes are the two pipes between a push session and its hook.
+type hookPipes struct {
+	reqR, reqW         *os.File // the hook writes its request (fd 3)
+	verdictR, verdictW *os.File // the node answers (fd 4)
+}
+
+func newHookPipes() (*hookPipes, error) {
+	reqR, reqW, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("hook pipe: %w", err)
+	}
+	verdictR, verdictW, err := os.Pipe()
+	if err != nil {
+		reqR.Close()
+		reqW.Close()
+		return nil, fmt.Errorf("hook pipe: %w", err)
+	}
+	return &hookPipes{reqR: reqR, reqW: reqW, verdictR: verdictR, verdictW: verdictW}, nil
+}
+
+// childFiles are git's fd 3 and 4.
+func (h *hookPipes) childFiles() []*os.File { return []*os.File{h.reqW, h.verdictR} }
+
+// closeChildEnds closes this process's copies of the ends git holds, so
+// that the request pipe ends once git and its children are gone.
+func (h *hookPipes) closeChildEnds() {
+	h.reqW.Close()
+	h.verdictR.Close()
+}
+
+func (h *hookPipes) close() {
+	h.closeChildEnds()
+	h.reqR.Close()
+	h.verdictW.Close()
+}
+
+// pushSession is one push's state shared by the session that runs git and
+// the goroutine that answers its hook.
 type pushSession struct {
 	tx       PushTx
 	commands *commandList // what the client asked for (atomic)
 	maxRefs  int          // most ref updates one push may carry; 0: no limit
 	act      *activity    // told while the node commits; nil for a proxied push
 
-	// Set by the hook's call once the push is committed, read by the
-	// session once git is done (no Go synchronisation runs between the two
-	// but this mutex: git and the hook process sit in between).
+	// Set by serveHook once the push is committed; read by the session
+	// (and by its report filter, while git still runs) through result.
 	mu          sync.Mutex
 	pushOptions []string
 	updates     []RefUpdate // the committed changes, never more
@@ -69,162 +213,61 @@ func (p *pushSession) result() (committed bool, updates []RefUpdate, pushOptions
 	return p.committed, p.updates, p.pushOptions
 }
 
-func newHookServer(path string, logger *slog.Logger) (*hookServer, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return nil, err
+// serveHook answers the push's pre-receive hook, if git runs it: it reads
+// the hook's request from r, commits the push (tx.Commit) and answers on
+// w. ctx ends when git has exited; serveHook then returns soon.
+func (p *pushSession) serveHook(ctx context.Context, r io.Reader, w *hookReplies) {
+	req, ok, err := readHookRequest(r)
+	if !ok && err == nil {
+		return // git never ran the hook
 	}
-	os.Remove(path) // a stale socket from a killed process
-	ln, err := net.Listen("unix", path)
 	if err != nil {
-		return nil, fmt.Errorf("hook socket: %w", err)
-	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		ln.Close()
-		return nil, err
-	}
-	h := &hookServer{log: logger, ln: ln, pushes: map[string]*pushSession{}}
-	h.wg.Add(1)
-	go h.serve()
-	return h, nil
-}
-
-func (h *hookServer) register(id string, p *pushSession) {
-	h.mu.Lock()
-	h.pushes[id] = p
-	h.mu.Unlock()
-}
-
-func (h *hookServer) unregister(id string) {
-	h.mu.Lock()
-	delete(h.pushes, id)
-	h.mu.Unlock()
-}
-
-func (h *hookServer) close() {
-	h.ln.Close()
-	h.wg.Wait()
-}
-
-func (h *hookServer) serve() {
-	defer h.wg.Done()
-	for {
-		c, err := h.ln.Accept()
-		if err != nil {
-			return
-		}
-		h.wg.Add(1)
-		go func() {
-			defer h.wg.Done()
-			defer c.Close()
-			h.handle(c)
-		}()
-	}
-}
-
-func (h *hookServer) handle(c net.Conn) {
-	enc := json.NewEncoder(c)
-	var req hookRequest
-	if err := json.NewDecoder(io.LimitReader(c, 64<<20)).Decode(&req); err != nil {
-		enc.Encode(hookReply{Done: true, Error: "gitraft: malformed hook request"})
+		w.send("error", "malformed hook request: "+err.Error())
+		w.done(false)
 		return
 	}
-	h.mu.Lock()
-	p := h.pushes[req.PushID]
-	h.mu.Unlock()
-	if p == nil {
-		enc.Encode(hookReply{Done: true, Error: "gitraft: this push is not known to the node (did the session end?)"})
-		return
-	}
-	var mu sync.Mutex
-	progress := func(s string) {
-		mu.Lock()
-		defer mu.Unlock()
-		enc.Encode(hookReply{Progress: s})
-	}
-	// The hook's connection lives as long as git waits for it; if the client
-	// vanishes, git and then the hook die and the context ends with them.
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go func() {
-		var b [1]byte
-		c.Read(b[:]) // returns when the hook goes away
-		cancel()
-	}()
 	if p.maxRefs > 0 && len(req.Updates) > p.maxRefs {
-		enc.Encode(hookReply{Done: true, Error: fmt.Sprintf("this push updates %d refs; a push may update at most %d (git.max_refs_per_push); push them in batches", len(req.Updates), p.maxRefs)})
+		w.send("error", fmt.Sprintf("this push updates %d refs; a push may update at most %d (git.max_refs_per_push); push them in batches", len(req.Updates), p.maxRefs))
+		w.done(false)
 		return
 	}
 	atomic := p.commands != nil && p.commands.Has("atomic")
 	done := p.act.nodeBusy()
-	committed, err := p.tx.Commit(ctx, req.Quarantine, req.Updates, atomic, progress)
+	committed, err := p.tx.Commit(ctx, req.Quarantine, req.Updates, atomic, func(s string) { w.send("progress", s) })
 	done()
-	mu.Lock()
-	defer mu.Unlock()
 	if err != nil {
-		enc.Encode(hookReply{Done: true, Error: err.Error()})
+		w.send("error", err.Error())
+		w.done(false)
 		return
 	}
 	p.mu.Lock()
 	p.pushOptions, p.updates, p.committed = req.PushOptions, committed, len(committed) > 0
 	p.mu.Unlock()
-	enc.Encode(hookReply{Done: true})
+	w.done(true)
 }
 
-// RunHook is the body of `gitraft hook pre-receive`, which git runs inside
-// receive-pack with the quarantined objects in place. It hands the ref
-// updates to the node and prints the node's progress for the pusher; its
-// exit code (0 accept, 1 refuse) is git's verdict.
-func RunHook(kind string, stdin io.Reader, stderr io.Writer, getenv func(string) string) int {
-	if kind != "pre-receive" {
-		fmt.Fprintf(stderr, "gitraft: unknown hook %q\n", kind)
-		return 1
-	}
-	sock, id := getenv(EnvHookSocket), getenv(EnvPushID)
-	if sock == "" || id == "" {
-		fmt.Fprintln(stderr, "gitraft: this hook only runs inside a gitraft push")
-		return 1
-	}
-	updates, err := ParseRefUpdates(stdin)
+// writeHook installs hookScript at path: written aside, fsynced, renamed
+// into place, so a git starting a push meanwhile runs the old hook or the
+// new one, never half of one.
+func writeHook(path string) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o700)
 	if err != nil {
-		fmt.Fprintln(stderr, "gitraft:", err)
-		return 1
+		return fmt.Errorf("writing the pre-receive hook: %w", err)
 	}
-	req := hookRequest{PushID: id, Quarantine: getenv("GIT_QUARANTINE_PATH"), Updates: updates}
-	if n, _ := strconv.Atoi(getenv("GIT_PUSH_OPTION_COUNT")); n > 0 {
-		for i := 0; i < n && i < 100; i++ {
-			req.PushOptions = append(req.PushOptions, getenv("GIT_PUSH_OPTION_"+strconv.Itoa(i)))
-		}
+	_, err = f.WriteString(hookScript)
+	if err == nil {
+		err = f.Sync()
 	}
-	c, err := net.DialTimeout("unix", sock, 5*time.Second)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
 	if err != nil {
-		fmt.Fprintln(stderr, "gitraft: cannot reach the node:", err)
-		return 1
+		os.Remove(tmp)
+		return fmt.Errorf("writing the pre-receive hook: %w", err)
 	}
-	defer c.Close()
-	if err := json.NewEncoder(c).Encode(req); err != nil {
-		fmt.Fprintln(stderr, "gitraft: cannot reach the node:", err)
-		return 1
-	}
-	sc := bufio.NewScanner(c)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		var r hookReply
-		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
-			continue
-		}
-		if r.Progress != "" {
-			fmt.Fprintln(stderr, "gitraft: "+r.Progress)
-		}
-		if r.Done {
-			if r.Error != "" {
-				for _, line := range strings.Split(r.Error, "\n") {
-					fmt.Fprintln(stderr, "gitraft: "+line)
-				}
-				return 1
-			}
-			return 0
-		}
-	}
-	fmt.Fprintln(stderr, "gitraft: the node went away during the push; if it was committed, it shows on the next fetch")
-	return 1
+	return nil
 }

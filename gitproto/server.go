@@ -30,10 +30,8 @@ type Config struct {
 	// Addr is the SSH listen address, unless Listener is given.
 	Addr     string
 	Listener net.Listener
-	// StateDir holds the hooks and the hook socket.
+	// StateDir holds the hooks.
 	StateDir string
-	// Binary is the gitraft executable git's hooks call back into.
-	Binary string
 	// Git runs git (default: "git" from PATH, storage's environment
 	// policy); a node passes its store's runner.
 	Git *storage.Git
@@ -133,7 +131,6 @@ type Server struct {
 	log     *slog.Logger
 	srv     *ssh.Server
 	ln      net.Listener
-	hooks   *hookServer
 	slots   chan struct{}
 	wg      sync.WaitGroup
 
@@ -158,13 +155,6 @@ const (
 // New prepares the SSH server and its hooks; Serve starts it.
 func New(cfg Config, backend Backend, logger *slog.Logger) (*Server, error) {
 	cfg.setDefaults()
-	if cfg.Binary == "" {
-		exe, err := os.Executable()
-		if err != nil {
-			return nil, err
-		}
-		cfg.Binary = exe
-	}
 	s := &Server{
 		cfg: cfg, backend: backend, log: logger.With("node", cfg.NodeID), slots: make(chan struct{}, cfg.MaxSessions),
 		startups:     newStartupGate(cfg.MaxStartups, cfg.PerSourceMaxStartups),
@@ -176,15 +166,9 @@ func New(cfg Config, backend Backend, logger *slog.Logger) (*Server, error) {
 	if err := os.MkdirAll(hooksDir, 0o700); err != nil {
 		return nil, err
 	}
-	script := fmt.Sprintf("#!/bin/sh\nexec %s hook pre-receive\n", shellQuote(cfg.Binary))
-	if err := os.WriteFile(filepath.Join(hooksDir, "pre-receive"), []byte(script), 0o700); err != nil {
+	if err := writeHook(filepath.Join(hooksDir, "pre-receive")); err != nil {
 		return nil, err
 	}
-	hs, err := newHookServer(filepath.Join(cfg.StateDir, "hook.sock"), s.log)
-	if err != nil {
-		return nil, err
-	}
-	s.hooks = hs
 	s.ln = cfg.Listener
 	s.srv = &ssh.Server{
 		Handler:          s.handle,
@@ -204,8 +188,6 @@ func New(cfg Config, backend Backend, logger *slog.Logger) (*Server, error) {
 	}
 	return s, nil
 }
-
-func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
 
 // Listen binds the SSH address (before the host key is known).
 func (s *Server) Listen() error {
@@ -279,7 +261,6 @@ func (s *Server) Close() error {
 	if s.ln != nil {
 		s.ln.Close()
 	}
-	s.hooks.close()
 	s.wg.Wait()
 	return err
 }
@@ -708,8 +689,13 @@ func (s *Server) push(ctx context.Context, act *activity, stdin io.Reader, stdou
 	}
 	cmds := newCommandList(stdin)
 	p := &pushSession{tx: tx, commands: cmds, maxRefs: s.cfg.MaxRefsPerPush, act: act}
-	s.hooks.register(id, p)
-	defer s.hooks.unregister(id)
+	hook, err := newHookPipes()
+	if err != nil {
+		tx.Finish(false)
+		fmt.Fprintf(stderr, "gitraft: push to %q refused: %v\n", repo, err)
+		return 1
+	}
+	defer hook.close()
 	args := []string{
 		"-c", "core.hooksPath=" + filepath.Join(s.cfg.StateDir, "hooks"),
 		"-c", "receive.advertisePushOptions=true",
@@ -727,7 +713,7 @@ func (s *Server) push(ctx context.Context, act *activity, stdin io.Reader, stdou
 	if s.cfg.MaxPackBytes > 0 {
 		args = append(args, "-c", "receive.maxInputSize="+strconv.FormatInt(s.cfg.MaxPackBytes, 10))
 	}
-	env := []string{EnvHookSocket + "=" + s.hooks.ln.Addr().String(), EnvPushID + "=" + id}
+	env := []string{EnvPushID + "=" + id}
 	if gitProtocol != "" {
 		env = append(env, "GIT_PROTOCOL="+gitProtocol)
 	}
@@ -743,8 +729,27 @@ func (s *Server) push(ctx context.Context, act *activity, stdin io.Reader, stdou
 		})
 	c := s.cfg.Git.Command(ctx, "", env, append(args, "receive-pack", tx.Path())...)
 	c.Stdin, c.Stdout, c.Stderr = cmds, report, stderr
+	c.ExtraFiles = hook.childFiles() // the hook's fd 3 and 4
 	c.WaitDelay = 5 * time.Second
+	// The hook's call is answered while git runs; it ends once git has
+	// (its context, then the request pipe, end with git).
+	hookCtx, stopHook := context.WithCancel(ctx)
+	hookDone := make(chan struct{})
+	go func() {
+		defer close(hookDone)
+		p.serveHook(hookCtx, hook.reqR, &hookReplies{w: hook.verdictW})
+	}()
 	runErr := s.cfg.Git.Run(c)
+	stopHook()
+	hook.closeChildEnds()
+	select {
+	case <-hookDone:
+	case <-time.After(10 * time.Second):
+		// A hook that outlived a killed git still holds the request
+		// pipe; stop waiting for it.
+		hook.reqR.Close()
+		<-hookDone
+	}
 	if err := report.Flush(); err != nil && runErr == nil {
 		runErr = err
 	}

@@ -88,7 +88,7 @@ func startTestServer(t *testing.T, cfg Config) *testServer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.NodeID, cfg.Listener, cfg.StateDir, cfg.Binary = "t1", ln, filepath.Join(dir, "state"), "/bin/false"
+	cfg.NodeID, cfg.Listener, cfg.StateDir = "t1", ln, filepath.Join(dir, "state")
 	srv, err := New(cfg, &fakeBackend{host: host, alice: aliceKey.PublicKey(), repo: repo}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)

@@ -354,3 +354,14 @@ func (h *Held) Release(ctx context.Context) error {
 	})
 	return h.releaseErr
 }
+
+// MarkReleased records that the cluster released the lock itself, in an
+// entry that carried the release with the write it fenced (a push's
+// UpdateRefs with release_lock): renewal stops, and Release, which may
+// still be called, proposes nothing.
+func (h *Held) MarkReleased() {
+	h.releaseOnce.Do(func() {
+		h.cancel()
+		<-h.done
+	})
+}

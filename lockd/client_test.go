@@ -478,3 +478,33 @@ func Test_Client_ReleaseReportsError(t *testing.T) {
 		t.Fatalf("second err = %v", err)
 	}
 }
+
+// A lock the cluster released itself (with the write it fenced) is
+// neither renewed nor released again, and is not reported lost.
+func Test_Client_MarkReleased(t *testing.T) {
+	t.Parallel()
+	f := newFake()
+	c := NewClient(f, testConfig(), nil)
+	h, err := c.Acquire(context.Background(), "acme/site", "node1/push-1", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok := h.Token()
+	f.do(func(tb *Table, _ uint64) {
+		if _, err := tb.Release("acme/site", tok); err != nil {
+			t.Fatal(err)
+		}
+	})
+	h.MarkReleased()
+	_, renews, _ := f.counts()
+	time.Sleep(3 * testLease)
+	if err := h.Release(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, after, releases := f.counts(); after != renews || releases != 0 {
+		t.Fatalf("after MarkReleased: %d more renewals, %d releases; want none", after-renews, releases)
+	}
+	if isClosed(h.Lost()) {
+		t.Fatalf("a lock released by the cluster was reported lost: %v", h.Err())
+	}
+}

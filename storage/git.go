@@ -13,7 +13,7 @@ import (
 // and receive-pack, and the node-to-node upload-pack. Each command gets
 // PATH, HOME (a directory of gitraft's own, so no user configuration
 // applies), GIT_CONFIG_NOSYSTEM=1, GIT_TERMINAL_PROMPT=0 and LC_ALL=C, plus
-// what its caller adds (GIT_PROTOCOL, the hook socket); nothing else of the
+// what its caller adds (GIT_PROTOCOL, the push's id); nothing else of the
 // process's environment reaches git. Commands run at GitNice.
 type Git struct {
 	path string

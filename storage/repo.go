@@ -554,8 +554,9 @@ func (s *Store) existing(name string) (string, error) {
 // fetch, that everything the oids reach and the refs do not is there. Only
 // when it is not does `git cat-file --batch-check` say which objects are
 // absent, and the present ones are checked in halves to name the incomplete
-// ones. What passed is remembered for a while, so that SetRefs right after
-// need not walk it again.
+// ones. What passed is remembered for a while, so that SetRefs, or a
+// Missing, right after need not walk it again: a peer that checked a
+// pushed tip before acking records the push without starting git.
 func (s *Store) Missing(ctx context.Context, name string, oids []string) ([]string, error) {
 	path, err := s.existing(name)
 	if err != nil {
@@ -572,6 +573,9 @@ func (s *Store) Missing(ctx context.Context, name string, oids []string) ([]stri
 			return nil, fmt.Errorf("storage: %q is not an object id", o)
 		}
 		seen[o] = true
+		if s.conn.has(path, o) {
+			continue // found whole moments ago (a peer's PutPack check, say)
+		}
 		uniq = append(uniq, o)
 		in.WriteString(o + "\n")
 	}
@@ -751,6 +755,14 @@ func (s *Store) MissingInQuarantine(ctx context.Context, name, quarantine string
 	if len(uniq) == 0 {
 		return nil, nil
 	}
+	// The usual push is proven whole in-process (connect.go); git walks
+	// the rest.
+	if refs, ok, err := readRefs(path); err == nil && ok {
+		packs, _ := filepath.Glob(filepath.Join(qpath, "pack", "*.pack"))
+		if proveConnected(path, packs, refs, uniq) {
+			return nil, nil
+		}
+	}
 	ok, err := check(uniq)
 	if err != nil || ok {
 		return nil, err
@@ -888,7 +900,9 @@ func firstFew(oids []string) string {
 
 // SetRefs makes the refs under refs/ exactly want, in one `git update-ref
 // --stdin` transaction whose every create, update and delete names the old
-// value read just before, and then points HEAD at head (when not "").
+// value read just before, and then points HEAD at head (when not ""). A
+// change of a few loose refs (a push's) is written here the way git writes
+// it, lock files and all (writeLooseRefs), without starting git.
 //
 // Nothing changes if an object is missing, or its history is incomplete:
 // the new values are first put through git's connectivity check (the one
@@ -980,7 +994,20 @@ func (s *Store) SetRefs(ctx context.Context, name string, want map[string]string
 			return err
 		}
 	} else if len(changed) > 0 {
-		if _, err := s.run(ctx, path, tx.Bytes(), nil, "update-ref", "--stdin"); err != nil {
+		// A few loose refs are written here, as git would (the usual push:
+		// one branch), without starting git; the rest is git's.
+		change := make(map[string]string, len(changed))
+		for _, ref := range changed {
+			change[ref] = want[ref]
+		}
+		done, err := writeLooseRefs(path, have, change)
+		if err != nil {
+			return err
+		}
+		if !done {
+			_, err = s.run(ctx, path, tx.Bytes(), nil, "update-ref", "--stdin")
+		}
+		if err != nil {
 			if strings.Contains(err.Error(), "nonexistent object") {
 				if missing, merr := s.Missing(ctx, name, newOIDs); merr == nil && len(missing) > 0 {
 					return fmt.Errorf("%w: %s: %w", ErrMissingObjects, firstFew(missing), err)
@@ -1007,6 +1034,23 @@ func (s *Store) SetRefs(ctx context.Context, name string, want map[string]string
 		}
 	}
 	return nil
+}
+
+// SyncRefs makes durable the ref changes git made itself (receive-pack
+// setting a push's refs): git fsyncs the ref files (core.fsync=reference)
+// but not the directories they were renamed into or removed from. Call it
+// before recording a version that stands for those changes.
+func (s *Store) SyncRefs(name string, refs []string) error {
+	path, err := s.existing(name)
+	if err != nil {
+		return err
+	}
+	for _, ref := range refs {
+		if err := checkRefName(ref); err != nil {
+			return err
+		}
+	}
+	return syncRefDirs(path, refs)
 }
 
 // syncRefDirs makes the renames behind a ref transaction durable. git

@@ -34,7 +34,8 @@ type fakeState struct {
 	repos   map[string]Target
 	members []*fsmv1.Member
 	lock    *fakeLock // the one write lock of the test repository
-	token   uint64
+	// oldMembers: some member does not apply UpdateRefs.release_lock.
+	oldMembers atomic.Bool
 	// proposals counts UpdateRefs entries that reached the state.
 	proposals atomic.Int32
 	// beforePropose, if set, runs before an entry applies; an error
@@ -94,6 +95,14 @@ func (s *fakeState) applyLocked(e *fsmv1.Entry) *fsmv1.Result {
 	if s.lock == nil || s.lock.token != u.GetFencingToken() || s.lock.isLost() {
 		return refuse(fsmv1.Reason_REASON_STALE_TOKEN, "stale fencing token")
 	}
+	if u.GetReleaseLock() {
+		// As the state machine does: the lock goes with the entry, refs
+		// applied or refused.
+		defer func(l *fakeLock) {
+			l.releasedByEntry.Store(true)
+			s.lock = nil
+		}(s.lock)
+	}
 	t := s.repos[u.GetRepo()]
 	refs := maps.Clone(t.Refs)
 	if refs == nil {
@@ -125,7 +134,12 @@ type fakeLock struct {
 	lost     chan struct{}
 	lostOnce sync.Once
 	released atomic.Bool
+	// releasedByEntry: an UpdateRefs with release_lock freed it.
+	releasedByEntry atomic.Bool
+	marked          atomic.Bool // MarkReleased was called
 }
+
+func (l *fakeLock) MarkReleased() { l.marked.Store(true) }
 
 func (l *fakeLock) Token() uint64         { return l.token }
 func (l *fakeLock) Lost() <-chan struct{} { return l.lost }
@@ -189,6 +203,18 @@ func (n *fakeNode) ReadBarrier(ctx context.Context) (uint64, error) {
 	defer n.s.mu.Unlock()
 	return n.s.index, nil
 }
+func (n *fakeNode) ReleaseWithRefs() bool { return !n.s.oldMembers.Load() }
+func (n *fakeNode) WaitApplied(ctx context.Context, index uint64) error {
+	if p := n.barrierErr.Load(); p != nil {
+		return *p
+	}
+	n.s.mu.Lock()
+	defer n.s.mu.Unlock()
+	if n.s.index < index {
+		return fmt.Errorf("index %d is not applied (at %d)", index, n.s.index)
+	}
+	return nil
+}
 func (n *fakeNode) AppliedIndex() uint64 { n.s.mu.Lock(); defer n.s.mu.Unlock(); return n.s.index }
 func (n *fakeNode) Ready() bool          { return true }
 func (n *fakeNode) Repo(name string) (Target, bool) {
@@ -218,8 +244,10 @@ func (n *fakeNode) Lock(ctx context.Context, repo, holder string, onWait func(st
 	for {
 		n.s.mu.Lock()
 		if n.s.lock == nil || n.s.lock.isLost() {
-			n.s.token++
-			l := &fakeLock{s: n.s, token: n.s.token, lost: make(chan struct{})}
+			// As in the state machine: the token is the index that
+			// granted the lock.
+			n.s.index++
+			l := &fakeLock{s: n.s, token: n.s.index, lost: make(chan struct{})}
 			n.s.lock = l
 			n.s.mu.Unlock()
 			return l, nil
@@ -261,6 +289,8 @@ type testNode struct {
 	// putPack, if set, runs when a pack arrives, before it is stored; an
 	// error refuses it.
 	putPack atomic.Pointer[func(ctx context.Context) error]
+	// putPacks counts the PutPack calls this node has answered.
+	putPacks atomic.Int32
 }
 
 type fakeCluster struct {
@@ -303,6 +333,7 @@ func newFakeCluster(t *testing.T, size int) *fakeCluster {
 		tn.addr = ln.Addr().String()
 		srv := grpc.NewServer(grpc.ChainStreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
 			if strings.HasSuffix(info.FullMethod, "/PutPack") {
+				defer tn.putPacks.Add(1)
 				if f := tn.putPack.Load(); f != nil {
 					if err := (*f)(ss.Context()); err != nil {
 						return err

@@ -50,8 +50,8 @@ func Test_Push_CommitsOnMajority(t *testing.T) {
 	if at := p.copy.pos(); at.version != 2 {
 		t.Errorf("the taking node's copy is at %d, want 2", at.version)
 	}
-	if !lock.released.Load() {
-		t.Error("the write lock was not released")
+	if !lock.releasedByEntry.Load() || !lock.marked.Load() {
+		t.Errorf("the write lock was not released with the ref change (by the entry %v, marked %v)", lock.releasedByEntry.Load(), lock.marked.Load())
 	}
 	if !p.copy.guard.TryLock() {
 		t.Fatal("the copy's guard is still held after Finish")
@@ -163,8 +163,8 @@ func Test_Push_StaleCAS(t *testing.T) {
 		// Another holder got the lock meanwhile (this one's lease ran out
 		// where its holder could not see it).
 		c.s.mu.Lock()
-		c.s.token++
-		c.s.lock = &fakeLock{s: c.s, token: c.s.token, lost: make(chan struct{})}
+		c.s.index++
+		c.s.lock = &fakeLock{s: c.s, token: c.s.index, lost: make(chan struct{})}
 		c.s.mu.Unlock()
 		_, err := p.Commit(context.Background(), d.quarantine, []gitproto.RefUpdate{d.update}, false, noProgress)
 		if err == nil || !strings.Contains(err.Error(), "lost the write lock before committing") {
@@ -395,21 +395,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 // Once git has set exactly the committed refs, recording the version
 // starts no git: the refs are read from their files, and nothing differs.
 func Test_Push_FinishStartsNoGit(t *testing.T) {
-	counter := filepath.Join(t.TempDir(), "count")
-	wrapper := t.TempDir()
-	real, err := exec.LookPath("git")
-	if err != nil {
-		t.Fatal(err)
-	}
-	script := "#!/bin/sh\necho \"$1\" >> '" + counter + "'\nexec '" + real + "' \"$@\"\n"
-	if err := os.WriteFile(filepath.Join(wrapper, "git"), []byte(script), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Setenv("PATH", wrapper+string(os.PathListSeparator)+os.Getenv("PATH"))
-	count := func() int {
-		b, _ := os.ReadFile(counter)
-		return strings.Count(string(b), "\n")
-	}
+	count, counter := countGit(t)
 	c := newFakeCluster(t, 3)
 	d := c.newPush("refs/heads/main")
 	p := c.begin(context.Background(), 0)
@@ -430,5 +416,122 @@ func Test_Push_FinishStartsNoGit(t *testing.T) {
 	}
 	if at := p.copy.pos(); at.version != 2 {
 		t.Fatalf("the copy is at %d, want 2", at.version)
+	}
+}
+
+// countGit puts a git on PATH that counts its runs (before any store
+// looks git up) and returns the count and the file that lists them.
+func countGit(t *testing.T) (count func() int, counter string) {
+	t.Helper()
+	counter = filepath.Join(t.TempDir(), "count")
+	wrapper := t.TempDir()
+	real, err := exec.LookPath("git")
+	if err != nil {
+		t.Fatal(err)
+	}
+	script := "#!/bin/sh\necho \"$1\" >> '" + counter + "'\nexec '" + real + "' \"$@\"\n"
+	if err := os.WriteFile(filepath.Join(wrapper, "git"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", wrapper+string(os.PathListSeparator)+os.Getenv("PATH"))
+	return func() int {
+		b, _ := os.ReadFile(counter)
+		return strings.Count(string(b), "\n")
+	}, counter
+}
+
+// A small push starts no git of gitraft's own anywhere: the node that
+// takes it proves the pushed tip whole from the quarantined pack, each
+// peer from the pack it installed, and the peers then record the version
+// by writing the ref themselves.
+func Test_Push_StartsNoGitOfItsOwn(t *testing.T) {
+	count, counter := countGit(t)
+	c := newFakeCluster(t, 3)
+	d := c.newPush("refs/heads/main")
+	p := c.begin(context.Background(), 0)
+	before := count()
+	if _, err := p.Commit(context.Background(), d.quarantine, []gitproto.RefUpdate{d.update}, false, noProgress); err != nil {
+		t.Fatal(err)
+	}
+	c.migrate(0, d)
+	os.MkdirAll(filepath.Join(p.Path(), "refs", "heads"), 0o755)
+	if err := os.WriteFile(filepath.Join(p.Path(), "refs", "heads", "main"), []byte(d.update.New+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p.Finish(true)
+	// What each peer's reconciler does once the push is committed.
+	for i := 1; i < len(c.nodes); i++ {
+		n := c.nodes[i]
+		waitFor(t, n.id+" to answer the push's PutPack", func() bool { return n.putPacks.Load() == 1 })
+		cp := n.r.copyOf(c.repo)
+		if err := cp.guard.Lock(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		err := n.r.catchUpLocked(context.Background(), cp, c.repo)
+		cp.guard.Unlock()
+		if err != nil {
+			t.Fatalf("%s catching up: %v", n.id, err)
+		}
+	}
+	for i := range c.nodes {
+		if v := c.nodes[i].r.copyOf(c.repo).pos().version; v != 2 {
+			t.Fatalf("node %d is at version %d, want 2", i, v)
+		}
+	}
+	if n := count() - before; n != 0 {
+		b, _ := os.ReadFile(counter)
+		t.Fatalf("the push started %d git processes (all: %s)", n, b)
+	}
+	for i := 1; i < len(c.nodes); i++ {
+		refs, err := c.nodes[i].store.Refs(context.Background(), c.repo)
+		if err != nil || refs["refs/heads/main"] != d.update.New {
+			t.Fatalf("node %d: refs %v, %v", i, refs, err)
+		}
+	}
+}
+
+// A node that cannot apply the entry that granted its lock (it is behind
+// the log) does not take the push: it hands it to the leader, and frees
+// the lock and its copy's guard.
+func Test_Push_BehindTheLockHandsOver(t *testing.T) {
+	c := newFakeCluster(t, 3)
+	behind := errors.New("waiting to apply index 9: context deadline exceeded")
+	c.nodes[1].node.barrierErr.Store(&behind)
+	_, err := c.nodes[1].r.beginPush(context.Background(), c.repo, "alice", "push1", noProgress)
+	var redirect *gitproto.Redirect
+	if !errors.As(err, &redirect) || redirect.PeerID != c.nodes[0].node.id {
+		t.Fatalf("BeginPush on a node behind the log: %v, want a redirect to %s", err, c.nodes[0].node.id)
+	}
+	c.s.mu.Lock()
+	held := c.s.lock
+	c.s.mu.Unlock()
+	if held != nil && !held.released.Load() {
+		t.Fatal("the write lock is still held")
+	}
+	cp := c.nodes[1].r.copyOf(c.repo)
+	if !cp.guard.TryLock() {
+		t.Fatal("the copy's guard is still held")
+	}
+	cp.guard.Unlock()
+}
+
+// While some member runs an older gitraft, the push's entry carries no
+// release_lock, and Finish releases the lock with an entry of its own.
+func Test_Push_ReleasesItselfWithOlderMembers(t *testing.T) {
+	c := newFakeCluster(t, 3)
+	c.s.oldMembers.Store(true)
+	d := c.newPush("refs/heads/main")
+	p := c.begin(context.Background(), 0)
+	lock := p.lock.(*fakeLock)
+	if _, err := p.Commit(context.Background(), d.quarantine, []gitproto.RefUpdate{d.update}, false, noProgress); err != nil {
+		t.Fatal(err)
+	}
+	if lock.releasedByEntry.Load() || lock.marked.Load() {
+		t.Fatal("the entry released the lock although a member could not apply it")
+	}
+	c.migrate(0, d)
+	p.Finish(true)
+	if !lock.released.Load() {
+		t.Fatal("Finish did not release the lock")
 	}
 }

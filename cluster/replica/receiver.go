@@ -89,7 +89,7 @@ func (s *Service) PutPack(stream replicav1.ReplicaService_PutPackServer) error {
 	// And only when the push's new values are whole here: present, with
 	// their history, in this copy.
 	if len(h.GetTips()) > 0 {
-		missing, err := r.missingLocal(ctx, h.GetRepo(), h.GetTips())
+		missing, err := r.missingWithPack(ctx, h.GetRepo(), sum, h.GetTips())
 		if err != nil {
 			return status.Errorf(codes.Unavailable, "%s stored the pack but could not check it: %v", self, err)
 		}

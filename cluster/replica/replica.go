@@ -42,6 +42,9 @@ type Node interface {
 	// ReadBarrier returns once this node has applied what the leader had
 	// committed; errors wrap ErrNoLeader when no leader answered.
 	ReadBarrier(ctx context.Context) (uint64, error)
+	// WaitApplied returns once this node has applied index (say, the
+	// entry that granted a lock, whose fencing token is its index).
+	WaitApplied(ctx context.Context, index uint64) error
 	// AppliedIndex is the last index this node applied.
 	AppliedIndex() uint64
 	// Ready reports whether this node has caught up with the log once
@@ -66,6 +69,10 @@ type Node interface {
 	// another holds it (onWait is told who). Errors wrap ErrRepoNotFound or
 	// ErrNoLeader where they apply.
 	Lock(ctx context.Context, repo, holder string, onWait func(holder string)) (Lock, error)
+	// ReleaseWithRefs reports whether every member applies an UpdateRefs
+	// that releases its write lock (release_lock); while some member runs
+	// an older gitraft, a push releases its lock with an entry of its own.
+	ReleaseWithRefs() bool
 	// Conn is a connection to a peer's gRPC server with node credentials.
 	Conn(addr string) (grpc.ClientConnInterface, error)
 }
@@ -79,6 +86,10 @@ type Lock interface {
 	Lost() <-chan struct{}
 	Err() error
 	Release(ctx context.Context) error
+	// MarkReleased says a committed entry released the lock (a push's
+	// UpdateRefs carries release_lock): stop renewing; Release then
+	// proposes nothing.
+	MarkReleased()
 }
 
 // Target is what the replicated state says a repository must look like.
@@ -484,6 +495,19 @@ func (r *Replicas) missingLocal(ctx context.Context, repo string, oids []string)
 		return nil, ctx.Err()
 	}
 	return r.st.Missing(ctx, repo, oids)
+}
+
+// missingWithPack is missingLocal for a peer that just installed a push's
+// pack (its checksum sum): the usual push is proven whole from that pack
+// in-process, without starting git (storage.WholeWithPack).
+func (r *Replicas) missingWithPack(ctx context.Context, repo, sum string, oids []string) ([]string, error) {
+	select {
+	case gitChecks <- struct{}{}:
+		defer func() { <-gitChecks }()
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return r.st.WholeWithPack(ctx, repo, sum, oids)
 }
 
 // ObjectsOnQuorum checks that a majority of voters hold every object whole,

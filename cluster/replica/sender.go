@@ -1,10 +1,11 @@
 package replica
 
-// The node that takes a push, top to bottom: BeginPush (write lock, read
-// barrier, catch-up), then from git's pre-receive hook Commit (judge each
-// command as git will, ship the quarantined pack to the voters, wait for a
-// majority, compare-and-swap the refs through Raft), then Finish (record
-// the version, release the lock). receiver.go is the other side.
+// The node that takes a push, top to bottom: BeginPush (write lock, the
+// lock's grant applied here, catch-up), then from git's pre-receive hook
+// Commit (judge each command as git will, ship the quarantined pack to the
+// voters, wait for a majority, compare-and-swap the refs through Raft in an
+// entry that also releases the lock), then Finish (record the version;
+// release the lock if no entry did). receiver.go is the other side.
 
 import (
 	"context"
@@ -46,7 +47,11 @@ type Push struct {
 	copy    *copyState
 	base    Target
 	version atomic.Uint64 // set by Commit (the hook's goroutine)
-	done    sync.Once
+	// committed is the repository as the push's entry left it, and
+	// changed the refs it changed, which git then sets.
+	committed atomic.Pointer[Target]
+	changed   atomic.Pointer[[]string]
+	done      sync.Once
 }
 
 var _ gitproto.PushTx = (*Push)(nil)
@@ -102,10 +107,13 @@ func (r *Replicas) beginPush(ctx context.Context, repo, user, pushID string, pro
 		release()
 		return nil, err
 	}
-	// The lock was granted at some index; make sure this node has applied
-	// it (and so every earlier push) before judging whether it is current.
+	// The lock was granted at the index that is its fencing token; once
+	// this node has applied it, it has applied every earlier push too (each
+	// held the lock before), and no later one can commit while we hold it.
+	// So waiting for that index here is the read barrier a push needs,
+	// without asking the leader.
 	bctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	_, err = r.node.ReadBarrier(bctx)
+	err = r.node.WaitApplied(bctx, lock.Token())
 	cancel()
 	if errors.Is(err, ErrNoLeader) {
 		return fail(fmt.Errorf("the cluster has lost its quorum (no leader): %v", err))
@@ -323,7 +331,12 @@ func (p *Push) commit(ctx context.Context, quarantine string, verdicts []Verdict
 		return nil, fmt.Errorf("lost the write lock while replicating (%v); nothing was changed", p.lock.Err())
 	default:
 	}
-	u := &fsmv1.UpdateRefs{Repo: p.repo, FencingToken: p.lock.Token(), Atomic: true, PushId: p.id, RefRules: RefRulesGit}
+	// The lock goes with the entry: the push needs it for nothing after
+	// the compare-and-swap (this node's copy is guarded until Finish), and
+	// a release of its own would cost a Raft round trip more. Only when
+	// every member applies such entries; otherwise Finish releases it.
+	withRelease := p.r.node.ReleaseWithRefs()
+	u := &fsmv1.UpdateRefs{Repo: p.repo, FencingToken: p.lock.Token(), Atomic: true, PushId: p.id, RefRules: RefRulesGit, ReleaseLock: withRelease}
 	for _, c := range changes {
 		u.Updates = append(u.Updates, &fsmv1.RefUpdate{Ref: c.Ref, OldOid: c.Old, NewOid: c.New})
 	}
@@ -334,6 +347,11 @@ func (p *Push) commit(ctx context.Context, quarantine string, verdicts []Verdict
 	if err != nil {
 		return nil, err
 	}
+	if withRelease {
+		// Applied: the entry released the lock, or its token was no
+		// longer good (then the lock was not this push's any more).
+		p.lock.MarkReleased()
+	}
 	if rf := res.GetRefusal(); rf != nil {
 		switch rf.GetReason() {
 		case fsmv1.Reason_REASON_STALE_TOKEN, fsmv1.Reason_REASON_LEASE_EXPIRED, fsmv1.Reason_REASON_LOCK_NOT_HELD:
@@ -342,6 +360,25 @@ func (p *Push) commit(ctx context.Context, quarantine string, verdicts []Verdict
 		return nil, fmt.Errorf("refused: %s; nothing was changed", rf.GetMessage())
 	}
 	v := res.GetRepo().GetVersion()
+	// What the entry made of the repository: the base plus the changes
+	// (atomic, so all of them). Finish records it without waiting for this
+	// node to apply the entry (a follower learns of the commit only with
+	// the leader's next message).
+	after := maps.Clone(p.base.Refs)
+	if after == nil {
+		after = map[string]string{}
+	}
+	refs := make([]string, 0, len(changes))
+	for _, c := range changes {
+		refs = append(refs, c.Ref)
+		if c.New == "" {
+			delete(after, c.Ref)
+		} else {
+			after[c.Ref] = c.New
+		}
+	}
+	p.committed.Store(&Target{Name: p.repo, ID: res.GetRepo().GetId(), Version: v, Refs: after, Head: res.GetRepo().GetHead()})
+	p.changed.Store(&refs)
 	p.version.Store(v)
 	progress(fmt.Sprintf("committed version %d of %s (raft index %d)", v, p.repo, res.GetIndex()))
 	return changes, nil
@@ -648,27 +685,31 @@ func (p *Push) sendPack(ctx context.Context, c replicav1.ReplicaServiceClient, o
 // Finish ends the push: with ok, git has set the refs and migrated the
 // objects, and this node records the committed version; otherwise the
 // reconciler brings the copy to whatever was committed. The write lock is
-// released either way.
+// released either way: by the commit's own entry, or here.
 func (p *Push) Finish(ok bool) {
 	p.done.Do(func() {
 		r := p.r
-		if v := p.version.Load(); ok && v > 0 {
+		if t := p.committed.Load(); ok && t != nil {
 			// git set the refs it was asked to; make the copy exactly the
 			// committed state (HEAD may have moved, and git may have refused
-			// a ref after the commit) before recording the version.
-			t, found := r.node.Repo(p.repo)
-			if found && t.Version == v {
-				ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-				err := r.st.SetRefs(ctx, p.repo, t.Refs, t.Head)
-				cancel()
-				if err == nil {
-					err = r.st.SetVersion(p.repo, t.ID, t.Version)
-				}
-				if err == nil {
-					p.copy.reached(t.ID, t.Version)
-				} else {
-					r.log.Warn("recording the pushed version failed; the reconciler will catch up", "repo", p.repo, "err", err)
-				}
+			// a ref after the commit) before recording the version. That
+			// state is the commit's result, so a follower need not wait to
+			// apply the entry first.
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			err := r.st.SetRefs(ctx, p.repo, t.Refs, t.Head)
+			cancel()
+			if changed := p.changed.Load(); err == nil && changed != nil {
+				// The refs git set must outlive a crash that the version
+				// recorded next does.
+				err = r.st.SyncRefs(p.repo, *changed)
+			}
+			if err == nil {
+				err = r.st.SetVersion(p.repo, t.ID, t.Version)
+			}
+			if err == nil {
+				p.copy.reached(t.ID, t.Version)
+			} else {
+				r.log.Warn("recording the pushed version failed; the reconciler will catch up", "repo", p.repo, "err", err)
 			}
 		}
 		p.copy.guard.Unlock()

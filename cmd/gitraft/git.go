@@ -14,7 +14,6 @@ import (
 	"github.com/gitraft/gitraft/cluster"
 	"github.com/gitraft/gitraft/cluster/pki"
 	"github.com/gitraft/gitraft/cluster/replica"
-	"github.com/gitraft/gitraft/gitproto"
 )
 
 // hostSigners returns the node's host key files. A node without any
@@ -49,20 +48,6 @@ func hostSigners(hostKeys []gossh.Signer, n *atomic.Pointer[cluster.Node], log *
 			case <-t.C:
 			}
 		}
-	}
-}
-
-// newHookCmd is `gitraft hook pre-receive`, which git runs inside a push.
-func newHookCmd() *cobra.Command {
-	return &cobra.Command{
-		Use:    "hook pre-receive",
-		Short:  "Git hook entry point (run by git inside a push, not by people)",
-		Hidden: true,
-		Args:   cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			os.Exit(gitproto.RunHook(args[0], os.Stdin, os.Stderr, os.Getenv))
-			return nil
-		},
 	}
 }
 

@@ -50,7 +50,7 @@ Inspect a cluster:     gitraft cluster status`,
 	for _, c := range clients {
 		g.register(c.PersistentFlags())
 	}
-	root.AddCommand(newServeCmd(), newDevCmd(), newCACmd(), newHookCmd(), newNodeGitCmd(), newBackupCmd())
+	root.AddCommand(newServeCmd(), newDevCmd(), newCACmd(), newNodeGitCmd(), newBackupCmd())
 	root.AddCommand(clients...)
 	return root
 }

@@ -65,7 +65,7 @@ func startNode(cfg fileConfig, logger *slog.Logger) (*runningNode, error) {
 	}
 	running.Store(n)
 	srv, err := gitproto.New(gitproto.Config{
-		NodeID: cfg.NodeID, Listener: sshLn, StateDir: cfg.DataDir, Binary: exe, Git: store.Git(),
+		NodeID: cfg.NodeID, Listener: sshLn, StateDir: cfg.DataDir, Git: store.Git(),
 		KeysCommand: cfg.Git.KeysCommand, PostReceive: cfg.Git.PostReceive,
 		MaxPackBytes: cfg.Git.MaxPackBytes, MaxSessions: cfg.Git.MaxSessions,
 		IdleTimeout: cfg.Git.IdleTimeout, MaxTimeout: cfg.Git.MaxTimeout,

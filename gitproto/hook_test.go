@@ -1,0 +1,303 @@
+package gitproto
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	gossh "golang.org/x/crypto/ssh"
+)
+
+// fakePush is a PushTx that records what the hook handed it.
+type fakePush struct {
+	path   string
+	refuse string // Commit's error, if not ""
+
+	mu         sync.Mutex
+	quarantine string
+	packs      int
+	updates    []RefUpdate
+	finished   []bool
+}
+
+func (p *fakePush) Path() string    { return p.path }
+func (p *fakePush) Version() uint64 { return 7 }
+
+func (p *fakePush) Commit(ctx context.Context, quarantine string, updates []RefUpdate, atomic bool, progress func(string)) ([]RefUpdate, error) {
+	packs, _ := filepath.Glob(filepath.Join(quarantine, "pack", "*.pack"))
+	p.mu.Lock()
+	p.quarantine, p.packs, p.updates = quarantine, len(packs), updates
+	p.mu.Unlock()
+	progress("replicated to 3/3 nodes")
+	if p.refuse != "" {
+		return nil, errors.New(p.refuse)
+	}
+	return updates, nil
+}
+
+func (p *fakePush) Finish(ok bool) {
+	p.mu.Lock()
+	p.finished = append(p.finished, ok)
+	p.mu.Unlock()
+}
+
+// runHookScript runs hookScript with the real sh, as git would: stdin and
+// environment given, fd 3 and 4 the pipes to the node, answered by
+// serveHook on p.
+func runHookScript(t *testing.T, p *pushSession, stdin string, env ...string) (code int, stderr string) {
+	t.Helper()
+	dir := t.TempDir()
+	hook := filepath.Join(dir, "pre-receive")
+	if err := writeHook(hook); err != nil {
+		t.Fatal(err)
+	}
+	pipes, err := newHookPipes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pipes.close()
+	c := exec.Command(hook)
+	c.Env = append([]string{"PATH=" + os.Getenv("PATH")}, env...)
+	c.Stdin = strings.NewReader(stdin)
+	var errb bytes.Buffer
+	c.Stderr = &errb
+	c.ExtraFiles = pipes.childFiles()
+	if err := c.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pipes.closeChildEnds()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		p.serveHook(context.Background(), pipes.reqR, &hookReplies{w: pipes.verdictW})
+	}()
+	err = c.Wait()
+	<-done
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return ee.ExitCode(), errb.String()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return 0, errb.String()
+}
+
+const (
+	oidA = "1111111111111111111111111111111111111111"
+	oidB = "2222222222222222222222222222222222222222"
+	zero = "0000000000000000000000000000000000000000"
+)
+
+// The hook hands the node exactly what git fed it, the quarantine and the
+// push options, and relays the node's progress and verdict.
+func Test_Hook_HandsThePushToTheNode(t *testing.T) {
+	tx := &fakePush{}
+	p := &pushSession{tx: tx}
+	stdin := fmt.Sprintf("%s %s refs/heads/main\n%s %s refs/tags/v1\n", oidA, oidB, zero, oidA)
+	code, stderr := runHookScript(t, p, stdin, EnvPushID+"=x", "GIT_QUARANTINE_PATH=/q/tmp_objdir-incoming-1",
+		"GIT_PUSH_OPTION_COUNT=2", "GIT_PUSH_OPTION_0=ci.skip", "GIT_PUSH_OPTION_1=with space $HOME `x`")
+	if code != 0 {
+		t.Fatalf("hook exit %d: %s", code, stderr)
+	}
+	want := []RefUpdate{{Ref: "refs/heads/main", Old: oidA, New: oidB}, {Ref: "refs/tags/v1", New: oidA}}
+	if fmt.Sprint(tx.updates) != fmt.Sprint(want) || tx.quarantine != "/q/tmp_objdir-incoming-1" {
+		t.Fatalf("the node got %v in %q, want %v", tx.updates, tx.quarantine, want)
+	}
+	if !p.committed || fmt.Sprint(p.pushOptions) != fmt.Sprint([]string{"ci.skip", "with space $HOME `x`"}) {
+		t.Fatalf("committed %v, push options %q", p.committed, p.pushOptions)
+	}
+	if !strings.Contains(stderr, "gitraft: replicated to 3/3 nodes\n") {
+		t.Fatalf("progress not relayed: %q", stderr)
+	}
+}
+
+// A refusal reaches the pusher line by line, and the hook refuses.
+func Test_Hook_RelaysARefusal(t *testing.T) {
+	tx := &fakePush{refuse: "lost the write lock\nnothing was changed"}
+	p := &pushSession{tx: tx}
+	code, stderr := runHookScript(t, p, fmt.Sprintf("%s %s refs/heads/main\n", oidA, oidB), EnvPushID+"=x")
+	if code != 1 || p.committed {
+		t.Fatalf("hook exit %d, committed %v: %s", code, p.committed, stderr)
+	}
+	if !strings.Contains(stderr, "gitraft: lost the write lock\ngitraft: nothing was changed\n") {
+		t.Fatalf("refusal not relayed: %q", stderr)
+	}
+}
+
+// Too many refs are refused before the node is asked, after the hook
+// has said them all (it must not block on a full pipe).
+func Test_Hook_TooManyRefs(t *testing.T) {
+	tx := &fakePush{}
+	p := &pushSession{tx: tx, maxRefs: 1000}
+	var in strings.Builder
+	for i := range 3000 {
+		fmt.Fprintf(&in, "%s %s refs/heads/b%05d\n", zero, oidA, i)
+	}
+	code, stderr := runHookScript(t, p, in.String(), EnvPushID+"=x")
+	if code != 1 || tx.updates != nil || !strings.Contains(stderr, "this push updates 3000 refs; a push may update at most 1000") {
+		t.Fatalf("hook exit %d, node got %d updates: %s", code, len(tx.updates), stderr)
+	}
+}
+
+// Outside a push, and when the node is gone, the hook refuses and says why.
+func Test_Hook_OutsideAPushOrWithoutTheNode(t *testing.T) {
+	hook := filepath.Join(t.TempDir(), "pre-receive")
+	if err := writeHook(hook); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(hook).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "only runs inside a gitraft push") {
+		t.Fatalf("outside a push: %v %q", err, out)
+	}
+	// The node's ends are closed: the request cannot be said, or no answer
+	// comes.
+	pipes, err := newHookPipes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := exec.Command(hook)
+	c.Env = []string{EnvPushID + "=x"}
+	c.Stdin = strings.NewReader(fmt.Sprintf("%s %s refs/heads/main\n", oidA, oidB))
+	c.ExtraFiles = pipes.childFiles()
+	pipes.reqR.Close()
+	pipes.verdictW.Close()
+	out, err = c.CombinedOutput()
+	pipes.closeChildEnds()
+	if err == nil || !strings.Contains(string(out), "gitraft: cannot reach the node") {
+		t.Fatalf("without the node: %v %q", err, out)
+	}
+}
+
+// pushBackend lets alice push to one repository, through fakePush.
+type pushBackend struct {
+	fakeBackend
+	tx *fakePush
+}
+
+func (b *pushBackend) Access(context.Context, string, string) (Access, error) {
+	return AccessWrite, nil
+}
+
+func (b *pushBackend) BeginPush(context.Context, string, string, string, func(string)) (PushTx, error) {
+	return b.tx, nil
+}
+
+// A real push over SSH: git receive-pack runs the installed hook, which
+// reaches the push session through the fds git passed on to it, and the
+// ref changes only when the node commits.
+func Test_Push_RealGitRunsTheHook(t *testing.T) {
+	for _, tool := range []string{"git", "ssh"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("%s is not installed", tool)
+		}
+	}
+	dir := t.TempDir()
+	repo := filepath.Join(dir, "r.git")
+	work := filepath.Join(dir, "work")
+	git := func(wd string, args ...string) (string, error) {
+		c := exec.Command("git", args...)
+		c.Dir = wd
+		c.Env = append(os.Environ(), "GIT_CONFIG_NOSYSTEM=1", "HOME="+dir, "GIT_AUTHOR_NAME=a", "GIT_AUTHOR_EMAIL=a@x",
+			"GIT_COMMITTER_NAME=a", "GIT_COMMITTER_EMAIL=a@x")
+		out, err := c.CombinedOutput()
+		return string(out), err
+	}
+	for _, args := range [][]string{{"init", "-q", "--bare", repo}, {"-C", repo, "config", "receive.unpackLimit", "1"}, {"init", "-q", "-b", "main", work}} {
+		if out, err := git(dir, args...); err != nil {
+			t.Fatalf("git %v: %v %s", args, err, out)
+		}
+	}
+	os.WriteFile(filepath.Join(work, "f"), []byte("x\n"), 0o644)
+	if out, err := git(work, "add", "f"); err != nil {
+		t.Fatal(err, out)
+	}
+	if out, err := git(work, "commit", "-q", "-m", "one"); err != nil {
+		t.Fatal(err, out)
+	}
+	head, _ := git(work, "rev-parse", "HEAD")
+	head = strings.TrimSpace(head)
+
+	_, alicePriv, _ := ed25519.GenerateKey(rand.Reader)
+	aliceKey, _ := gossh.NewSignerFromKey(alicePriv)
+	block, err := gossh.MarshalPrivateKey(alicePriv, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyFile := filepath.Join(dir, "alice")
+	os.WriteFile(keyFile, pem.EncodeToMemory(block), 0o600)
+	host := newSigner(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	knownHosts := filepath.Join(dir, "known_hosts")
+	os.WriteFile(knownHosts, []byte(fmt.Sprintf("[127.0.0.1]:%d %s", port, gossh.MarshalAuthorizedKey(host.PublicKey()))), 0o600)
+	tx := &fakePush{path: repo}
+	backend := &pushBackend{fakeBackend: fakeBackend{host: host, alice: aliceKey.PublicKey(), repo: repo}, tx: tx}
+	srv, err := New(Config{NodeID: "t1", Listener: ln, StateDir: filepath.Join(dir, "state")}, backend, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(context.Background()) }()
+	t.Cleanup(func() {
+		srv.Close()
+		if err := <-served; err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	})
+	sshCmd := fmt.Sprintf("ssh -i %s -o IdentitiesOnly=yes -o UserKnownHostsFile=%s -o StrictHostKeyChecking=yes -o BatchMode=yes -p %d", keyFile, knownHosts, port)
+	push := func() (string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		c := exec.CommandContext(ctx, "git", "push", "git@127.0.0.1:r", "main")
+		c.Dir, c.Env = work, append(os.Environ(), "GIT_SSH_COMMAND="+sshCmd, "GIT_CONFIG_NOSYSTEM=1", "HOME="+dir)
+		out, err := c.CombinedOutput()
+		return string(out), err
+	}
+	refOf := func() string {
+		out, _ := git(repo, "rev-parse", "--verify", "-q", "refs/heads/main")
+		return strings.TrimSpace(out)
+	}
+
+	// Refused by the node: git refuses the ref, and says why.
+	tx.refuse = "the cluster lost its quorum; nothing was changed"
+	out, err := push()
+	if err == nil || !strings.Contains(out, "gitraft: the cluster lost its quorum; nothing was changed") || refOf() != "" {
+		t.Fatalf("refused push: %v, ref %q:\n%s", err, refOf(), out)
+	}
+	if tx.packs != 1 || !strings.Contains(tx.quarantine, "incoming") {
+		t.Fatalf("the node saw %d packs in quarantine %q", tx.packs, tx.quarantine)
+	}
+	// Accepted: git sets the ref the node committed.
+	tx.refuse = ""
+	out, err = push()
+	if err != nil || refOf() != head {
+		t.Fatalf("accepted push: %v, ref %q want %q:\n%s", err, refOf(), head, out)
+	}
+	if want := []RefUpdate{{Ref: "refs/heads/main", New: head}}; fmt.Sprint(tx.updates) != fmt.Sprint(want) {
+		t.Fatalf("the node got %v, want %v", tx.updates, want)
+	}
+	if !strings.Contains(out, "gitraft: replicated to 3/3 nodes") {
+		t.Fatalf("progress not relayed:\n%s", out)
+	}
+	if fmt.Sprint(tx.finished) != "[false true]" {
+		t.Fatalf("Finish calls %v, want [false true]", tx.finished)
+	}
+}
