@@ -2,9 +2,10 @@
 # Runs gitraft's benchmarks and prints their tables:
 #   BenchmarkCluster: committed Raft writes (locks, ref updates) and failover
 #   BenchmarkGit: git over SSH, plain git + OpenSSH sshd vs a gitraft cluster,
-#   then the push path under failures (GITRAFT_BENCH_GIT=push: only the small
-#   pushes' cost, in a minute or two; GITRAFT_BENCH_GIT=failover: only the
-#   failures, no OpenSSH baseline needed)
+#   then 16 clients pushing at once, then the push path under failures
+#   (GITRAFT_BENCH_GIT=push: only the small pushes' cost, in a minute or two;
+#   GITRAFT_BENCH_GIT=concurrent: only the 16 clients; GITRAFT_BENCH_GIT=failover:
+#   only the failures, no OpenSSH baseline needed)
 #   BenchmarkDatabaseSwitchover: PostgreSQL switchover write pause, failover (PostgreSQL 15 + pgbouncer, as e2e/test.sh installs)
 # and, only when asked for by name:
 #   PushFailoverTimeouts: leader SIGKILL -> next acknowledged push under Raft

@@ -74,6 +74,8 @@ StrictModes no
 PermitRootLogin no
 AllowUsers %s
 AcceptEnv GIT_PROTOCOL
+MaxStartups 100:30:200
+MaxSessions 100
 `, port, hostKey, filepath.Join(dir, "authorized_keys"), filepath.Join(dir, "sshd.pid"), plainAccount)), 0o600)
 	cmd := exec.Command(sshd, "-D", "-e", "-f", cfg)
 	log, _ := os.Create(filepath.Join(dir, "sshd.log"))
@@ -182,6 +184,10 @@ func BenchmarkGit(b *testing.B) {
 	pk, _ := os.ReadFile(filepath.Join(plain.dir, "ssh_host_ed25519_key.pub"))
 	os.WriteFile(plainUser.knownHosts, []byte("[127.0.0.1]:"+plain.port+" "+string(pk)), 0o600)
 
+	if benchGitConcurrentOnly() {
+		benchGitConcurrent(b, c, u, plain, plainUser)
+		return
+	}
 	for _, repo := range []string{"small", "big", "gosrc"} {
 		c.must(lead, "repo", "create", repo)
 		c.must(lead, "repo", "grant", repo, "bench", "write")
@@ -279,6 +285,7 @@ func BenchmarkGit(b *testing.B) {
 	rows = append(rows, gitRow{"a small push's own work (push p50 - ls-remote p50)", lat[0].pct(0.5) - ls[0].pct(0.5), lat[1].pct(0.5) - ls[1].pct(0.5), "latency"})
 
 	printGitTable(rows, procs)
+	benchGitConcurrent(b, c, u, plain, plainUser)
 	benchGitFailover(b, c, u)
 	b.ReportMetric(lat[1].pct(0.5).Seconds()/lat[0].pct(0.5).Seconds(), "small-push-p50-ratio")
 	b.ReportMetric(clone[0].Seconds()/clone[1].Seconds(), "clone-throughput-ratio")
