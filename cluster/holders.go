@@ -214,6 +214,11 @@ func (w *lockWaits) wake(repo string) {
 // applied wakes the waiters of every repository whose lock the entry may
 // have freed.
 func (w *lockWaits) applied(e *fsmv1.Entry, r *fsmv1.Result) {
+	if u := e.GetUpdateRefs(); u.GetReleaseLock() {
+		// The ref change released its lock, whether its refs applied or
+		// not (a stale token frees nothing; waking costs a retry).
+		w.wake(u.GetRepo())
+	}
 	if r.GetRefusal() != nil {
 		return
 	}

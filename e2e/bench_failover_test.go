@@ -199,6 +199,9 @@ func lockWaitOnKilledHolder(b *testing.B, c *cluster, u *gitUser, rounds int, re
 			b.Fatalf("round %d: the waiting push did not finish within 120s of the kill", round)
 		}
 		took := time.Since(killedAt)
+		if took > 10*time.Second {
+			fmt.Printf("  round %d: the push waited %s; lock events of %s's holders on %s: %v\n", round, took.Round(time.Millisecond), holder.id, via.id, via.lockEvents(holder.id))
+		}
 		h.end()
 		if r.code != 0 {
 			b.Fatalf("round %d: the waiting push failed: %s", round, r)
