@@ -31,8 +31,7 @@ const (
 // yet: each belongs to a feature still to be built, and its rule says so
 // in a comment (none today). Once a node exports one, this test asks for it to
 // be taken off the list.
-var waitingMetrics = map[string]string{
-}
+var waitingMetrics = map[string]string{}
 
 // fromPrometheus are series Prometheus makes itself for every target.
 var fromPrometheus = map[string]bool{"up": true}
