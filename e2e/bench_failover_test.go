@@ -181,6 +181,10 @@ func lockWaitOnKilledHolder(b *testing.B, c *cluster, u *gitUser, rounds int, re
 	u.mustGit(wt, "push", "-q", "origin", "HEAD:main")
 	var out timing
 	for round := range rounds {
+		// Every copy current first: a node still catching up on the
+		// repository would hand the held push to a peer, which would then
+		// be the holder.
+		waitFor(b, "every copy of "+repo+" current", 60*time.Second, func() bool { return c.run(c.leader(), "repo", "verify", repo).code == 0 })
 		holder := c.other(c.leader())
 		via := c.other(holder)
 		u.commit(wt, "f", fmt.Sprintf("round %d\n", round))
@@ -201,6 +205,16 @@ func lockWaitOnKilledHolder(b *testing.B, c *cluster, u *gitUser, rounds int, re
 		took := time.Since(killedAt)
 		if took > 10*time.Second {
 			fmt.Printf("  round %d: the push waited %s; lock events of %s's holders on %s: %v\n", round, took.Round(time.Millisecond), holder.id, via.id, via.lockEvents(holder.id))
+			if os.Getenv("GITRAFT_BENCH_DEBUG") != "" {
+				for _, n := range c.nodes {
+					data, _ := os.ReadFile(n.dir + ".log")
+					for _, l := range strings.Split(string(data), "\n") {
+						if strings.Contains(l, "silent") || strings.Contains(l, "write lock") || strings.Contains(l, "became leader") || strings.Contains(l, "entering leader") {
+							fmt.Printf("    %s: %.300s\n", n.id, l)
+						}
+					}
+				}
+			}
 		}
 		h.end()
 		if r.code != 0 {

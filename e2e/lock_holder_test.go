@@ -184,46 +184,58 @@ func Test_E2E_LockHolderKilled(t *testing.T) {
 			via := c.other(holder)
 			wt := u.workTree(url(via, "site"))
 			u.mustGit(wt, "pull", "-q", "origin", "main")
-			u.commit(wt, "f.txt", tc.name+"\n")
+			// Twice: the second time the holder is a node that was
+			// killed and came back before.
+			for round := range 2 {
+				u.commit(wt, "f.txt", fmt.Sprintf("%s %d\n", tc.name, round))
 
-			h := u.holdWriteLock(holder, "site")
-			p := u.pushInBackground(wt, "origin", "HEAD:main")
-			waitFor(t, "the second push to wait for the write lock", 60*time.Second, func() bool {
-				return p.said("waiting for the write lock")
-			})
-			killed := time.Now()
-			holder.kill()
-			if tc.restart {
-				holder.start()
+				h := u.holdWriteLock(holder, "site")
+				p := u.pushInBackground(wt, "origin", "HEAD:main")
+				waitFor(t, "the second push to wait for the write lock", 60*time.Second, func() bool {
+					return p.said("waiting for the write lock")
+				})
+				killed := time.Now()
+				holder.kill()
+				if tc.restart {
+					holder.start()
+				}
+				var r result
+				select {
+				case r = <-p.done:
+				case <-time.After(120 * time.Second):
+					t.Fatal("the waiting push did not finish within 120s of the holder's kill")
+				}
+				waited := time.Since(killed)
+				h.end()
+				if r.code != 0 {
+					t.Fatalf("the waiting push failed: %s", r)
+				}
+				if !strings.Contains(r.stderr, "got the write lock") {
+					t.Errorf("the waiting push was not told it got the lock:\n%s", r.stderr)
+				}
+				// What freed the lock, as the node that took the waiting push
+				// recorded it: the holder's restart or silence, never its
+				// lease.
+				events := via.lockEvents(holder.id)
+				want := "freed:" + tc.reason
+				if len(events) == 0 || events[len(events)-1] != want || strings.Contains(strings.Join(events, " "), "expired") {
+					for _, n := range c.nodes {
+						b, _ := os.ReadFile(n.dir + ".log")
+						for _, l := range strings.Split(string(b), "\n") {
+							if strings.Contains(l, "silent") || strings.Contains(l, "incarnation") || strings.Contains(l, "write lock") {
+								t.Logf("%s: %s", n.id, l)
+							}
+						}
+					}
+					t.Fatalf("lock events of %s's holders on %s: %v; want the last to be %s and none expired", holder.id, via.id, events, want)
+				}
+				t.Logf("round %d: the waiting push was acknowledged %s after %s was killed (lease 15s)", round, waited.Round(time.Millisecond), holder.id)
+				if !tc.restart {
+					holder.start()
+				}
+				holder.waitReady(60 * time.Second)
+				u.sameEverywhere("site")
 			}
-			var r result
-			select {
-			case r = <-p.done:
-			case <-time.After(120 * time.Second):
-				t.Fatal("the waiting push did not finish within 120s of the holder's kill")
-			}
-			waited := time.Since(killed)
-			h.end()
-			if r.code != 0 {
-				t.Fatalf("the waiting push failed: %s", r)
-			}
-			if !strings.Contains(r.stderr, "got the write lock") {
-				t.Errorf("the waiting push was not told it got the lock:\n%s", r.stderr)
-			}
-			// What freed the lock, as the node that took the waiting push
-			// recorded it: the holder's restart or silence, never its
-			// lease.
-			events := via.lockEvents(holder.id)
-			want := "freed:" + tc.reason
-			if len(events) == 0 || events[len(events)-1] != want || strings.Contains(strings.Join(events, " "), "expired") {
-				t.Fatalf("lock events of %s's holders on %s: %v; want the last to be %s and none expired", holder.id, via.id, events, want)
-			}
-			t.Logf("the waiting push was acknowledged %s after %s was killed (lease 15s)", waited.Round(time.Millisecond), holder.id)
-			if !tc.restart {
-				holder.start()
-			}
-			holder.waitReady(60 * time.Second)
-			u.sameEverywhere("site")
 		})
 	}
 }
