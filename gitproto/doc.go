@@ -8,8 +8,8 @@
 // pre-receive hook sees the quarantined objects and hands the push back to
 // the session that runs git, over two pipes that session gave receive-pack
 // as file descriptors 3 and 4 (git passes them on to its hooks). The hook
-// is a few lines of sh that run only shell builtins (hook.go): no process
-// but the hook itself, and no Go binary to start. The backend then
+// is a few lines of sh that run shell builtins and one cat (hook.go), and
+// no Go binary to start. The backend then
 // replicates the pack to a quorum and commits the compare-and-swap.
 // git's report to the client is read on its way out (reportstatus.go):
 // a ref the cluster committed but git then failed to write locally (a
