@@ -72,7 +72,7 @@ exports as gitraft_backup_last_success_timestamp_seconds.`,
 				}
 			} else {
 				fmt.Fprintf(out, "backup of index %d written to %s in %s: %d repositories, %d packs, %s (%d packs, %s written)\n",
-					m.Index, args[0], m.Finished.Sub(m.Started).Round(time.Millisecond), len(m.Repos), len(m.Packs), bytesText(m.Bytes), m.PacksWritten, bytesText(m.BytesWritten))
+					m.Index, args[0], m.Finished.Sub(m.Started).Round(time.Millisecond), len(m.Repos), len(m.Packs), byteSize(int64(m.Bytes)), m.PacksWritten, byteSize(int64(m.BytesWritten)))
 			}
 			if _, err := client.RecordBackup(ctx, &backupv1.RecordBackupRequest{Backup: rec}); err != nil {
 				return rpcError("the backup is complete, but recording it in the cluster failed (gitraft_backup_last_success_timestamp_seconds does not show it)", err)
@@ -117,7 +117,7 @@ Every problem is printed, one a line; the exit status is 1 when there is any.`,
 				return fmt.Errorf("backup %s (index %d) has %d problems", args[0], m.Index, len(v.Problems))
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "backup %s is good: index %d, taken %s, %d repositories, %d packs, %s\n",
-				args[0], m.Index, m.Finished.Format(time.RFC3339), len(m.Repos), len(m.Packs), bytesText(m.Bytes))
+				args[0], m.Index, m.Finished.Format(time.RFC3339), len(m.Repos), len(m.Packs), byteSize(int64(m.Bytes)))
 			return nil
 		},
 	}
@@ -171,18 +171,4 @@ are not restored.`,
 		return nil
 	}
 	return cmd
-}
-
-// bytesText is a size for people: 1.5 MiB.
-func bytesText(n uint64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := uint64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
