@@ -107,13 +107,18 @@ func (r *Replicas) beginPush(ctx context.Context, repo, user, pushID string, pro
 		release()
 		return nil, err
 	}
-	// The lock was granted at the index that is its fencing token; once
-	// this node has applied it, it has applied every earlier push too (each
-	// held the lock before), and no later one can commit while we hold it.
-	// So waiting for that index here is the read barrier a push needs,
-	// without asking the leader.
+	// The lock was granted at the index that is its fencing token. Every
+	// earlier change to the repository came before it (each held the lock
+	// first), and none can come after while we hold it; the grant itself
+	// changes no ref. So once this node has applied the index before the
+	// grant, its state has the repository exactly as the grant found it:
+	// that is the read barrier a push needs, without asking the leader. It
+	// is there as a rule by the time the grant returns (the entry that
+	// carried the grant to this node also carried the commit of what came
+	// before), whereas the grant itself reaches a follower's state only
+	// with the leader's next message (up to 2x raft.commit_timeout later).
 	bctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	err = r.node.WaitApplied(bctx, lock.Token())
+	err = r.node.WaitApplied(bctx, lock.Token()-1)
 	cancel()
 	if errors.Is(err, ErrNoLeader) {
 		return fail(fmt.Errorf("the cluster has lost its quorum (no leader): %v", err))
