@@ -118,12 +118,8 @@ func (r *Replicas) noteHealth(name string, h storage.Health) {
 func (r *Replicas) housekeepLoop() {
 	cfg := r.cfg.Housekeeping
 	r.hk.lastPass.Store(time.Now().Unix())
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := r.untilStop(context.Background())
 	defer cancel()
-	go func() {
-		<-r.stop
-		cancel()
-	}()
 	// The first pass soon after the start, then every interval.
 	t := time.NewTimer(min(cfg.Interval, time.Minute))
 	defer t.Stop()
@@ -222,15 +218,8 @@ type HousekeepReport struct {
 // committed version (`gitraft repo housekeep`). It waits while another
 // copy is housekept on this node.
 func (r *Replicas) Housekeep(ctx context.Context, name string) (HousekeepReport, error) {
-	ctx, cancel := context.WithCancel(ctx)
+	ctx, cancel := r.untilStop(ctx)
 	defer cancel()
-	go func() {
-		select {
-		case <-r.stop:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
 	return r.housekeep(ctx, name, true)
 }
 

@@ -588,3 +588,17 @@ func (r *Replicas) Held(marks map[string]Target) int {
 	}
 	return held
 }
+
+// untilStop returns a context that ends with ctx or when the node stops,
+// whichever comes first; cancel ends it and the goroutine that watches.
+func (r *Replicas) untilStop(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(ctx)
+	go func() {
+		select {
+		case <-r.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	return ctx, cancel
+}

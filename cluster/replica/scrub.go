@@ -158,15 +158,8 @@ func (r *Replicas) scrubLoop() {
 // scrubPass scrubs every copy after st.After, in name order, recording its
 // progress; false when the node is stopping.
 func (r *Replicas) scrubPass(st *scrubState) bool {
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := r.untilStop(context.Background())
 	defer cancel()
-	go func() {
-		select {
-		case <-r.stop:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
 	limit := newRateLimit(r.cfg.ScrubRate)
 	saved := time.Now()
 	for _, name := range slices.Sorted(maps.Keys(r.node.Repos())) {
