@@ -126,6 +126,29 @@ func Test_Hook_HandsThePushToTheNode(t *testing.T) {
 	}
 }
 
+// Every ref update reaches the node, in order, whether the hook reads
+// them all itself (up to 16) or passes the rest on with cat.
+func Test_Hook_HandsOverEveryRefUpdate(t *testing.T) {
+	for _, n := range []int{1, 15, 16, 17, 40} {
+		tx := &fakePush{}
+		p := &pushSession{tx: tx}
+		var in strings.Builder
+		var want []RefUpdate
+		for i := range n {
+			ref := fmt.Sprintf("refs/heads/b%02d", i)
+			fmt.Fprintf(&in, "%s %s %s\n", zero, oidA, ref)
+			want = append(want, RefUpdate{Ref: ref, New: oidA})
+		}
+		code, stderr := runHookScript(t, p, in.String(), EnvPushID+"=x")
+		if code != 0 {
+			t.Fatalf("%d refs: hook exit %d: %s", n, code, stderr)
+		}
+		if fmt.Sprint(tx.updates) != fmt.Sprint(want) {
+			t.Fatalf("%d refs: the node got %v, want %v", n, tx.updates, want)
+		}
+	}
+}
+
 // A refusal reaches the pusher line by line, and the hook refuses.
 func Test_Hook_RelaysARefusal(t *testing.T) {
 	tx := &fakePush{refuse: "lost the write lock\nnothing was changed"}
