@@ -55,6 +55,20 @@ func (p *fakePush) Finish(ok bool) {
 	p.mu.Unlock()
 }
 
+// finishCalls waits up to 10 s for n calls of Finish and returns their oks.
+func (p *fakePush) finishCalls(n int) []bool {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		p.mu.Lock()
+		got := append([]bool(nil), p.finished...)
+		p.mu.Unlock()
+		if len(got) >= n || time.Now().After(deadline) {
+			return got
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // runHookScript runs hookScript with the real sh, as git would: stdin and
 // environment given, fd 3 and 4 the pipes to the node, answered by
 // serveHook on p.
@@ -320,7 +334,8 @@ func Test_Push_RealGitRunsTheHook(t *testing.T) {
 	if !strings.Contains(out, "gitraft: replicated to 3/3 nodes") {
 		t.Fatalf("progress not relayed:\n%s", out)
 	}
-	if fmt.Sprint(tx.finished) != "[false true]" {
-		t.Fatalf("Finish calls %v, want [false true]", tx.finished)
+	// Finish runs once the client has its exit code.
+	if got := tx.finishCalls(2); fmt.Sprint(got) != "[false true]" {
+		t.Fatalf("Finish calls %v, want [false true]", got)
 	}
 }

@@ -488,14 +488,18 @@ func (s *Server) handle(sess ssh.Session) {
 	defer stop()
 	in, out, errOut := activeReader{sess, act}, activeWriter{sess, act}, activeWriter{sess.Stderr(), act}
 	var code int
+	after := func() {}
 	publicKey := sess.PublicKey().Marshal()
 	if cmd.Service == ReceivePack {
-		code = s.push(ctx, act, in, out, errOut, repo, user, publicKey, gitProtocol, log)
+		code, after = s.push(ctx, act, in, out, errOut, repo, user, publicKey, gitProtocol, log)
 	} else {
 		code = s.read(ctx, act, in, out, errOut, cmd.Service, repo, user, publicKey, gitProtocol, log)
 	}
 	log.Info("session done", "exit", code, "took", time.Since(start).Round(time.Millisecond))
 	sess.Exit(code)
+	// The client has its answer and goes; what is left of the push is
+	// this node's own bookkeeping.
+	after()
 }
 
 // ServeProxied serves a session that another node took and proxied here.
@@ -521,7 +525,9 @@ func (s *Server) ServeProxied(ctx context.Context, service, repo, user string, p
 		}
 		return RunGit(ctx, s.cfg.Git, Service(service), plan.Path, gitProtocol, s.wantCheck(repo), stdin, stdout, stderr)
 	case ReceivePack:
-		return s.push(withProxied(ctx), nil, stdin, stdout, stderr, repo, user, publicKey, gitProtocol, log)
+		code, after := s.push(withProxied(ctx), nil, stdin, stdout, stderr, repo, user, publicKey, gitProtocol, log)
+		after()
+		return code
 	}
 	progress(fmt.Sprintf("unsupported service %q", service))
 	return 1
@@ -664,7 +670,11 @@ func RunGit(ctx context.Context, git *storage.Git, svc Service, path, gitProtoco
 }
 
 // push runs one push; act, if not nil, is told while the node works for it.
-func (s *Server) push(ctx context.Context, act *activity, stdin io.Reader, stdout, stderr io.Writer, repo, user string, publicKey []byte, gitProtocol string, log *slog.Logger) int {
+// It returns git's exit code for the client once git is done, and what is
+// left of the push (Finish: the copy records its version and the write
+// lock goes, unless the commit released it); the caller runs that after it
+// has sent the client the exit code.
+func (s *Server) push(ctx context.Context, act *activity, stdin io.Reader, stdout, stderr io.Writer, repo, user string, publicKey []byte, gitProtocol string, log *slog.Logger) (int, func()) {
 	id := newPushID()
 	log = log.With("push_id", id)
 	progress := func(msg string) { fmt.Fprintf(stderr, "gitraft: %s\n", msg) }
@@ -678,14 +688,14 @@ func (s *Server) push(ctx context.Context, act *activity, stdin io.Reader, stdou
 		code, err := s.backend.Proxy(ctx, redirect.Peer, ReceivePack, repo, user, publicKey, gitProtocol, stdin, stdout, stderr)
 		if err != nil {
 			fmt.Fprintf(stderr, "gitraft: proxy to %s: %v\n", redirect.PeerID, err)
-			return 1
+			return 1, nop
 		}
-		return code
+		return code, nop
 	}
 	if err != nil {
 		log.Info("push refused before receiving", "err", err)
 		fmt.Fprintf(stderr, "gitraft: push to %q refused: %v\n", repo, err)
-		return 1
+		return 1, nop
 	}
 	cmds := newCommandList(stdin)
 	p := &pushSession{tx: tx, commands: cmds, maxRefs: s.cfg.MaxRefsPerPush, act: act}
@@ -693,7 +703,7 @@ func (s *Server) push(ctx context.Context, act *activity, stdin io.Reader, stdou
 	if err != nil {
 		tx.Finish(false)
 		fmt.Fprintf(stderr, "gitraft: push to %q refused: %v\n", repo, err)
-		return 1
+		return 1, nop
 	}
 	defer hook.close()
 	args := []string{
@@ -758,20 +768,26 @@ func (s *Server) push(ctx context.Context, act *activity, stdin io.Reader, stdou
 	}
 	committed, updates, pushOptions := p.result()
 	ok := runErr == nil && committed
-	tx.Finish(ok)
 	if committed {
 		log.Info("push accepted", "version", tx.Version(), "refs", len(updates))
-		s.postReceive(repo, user, id, tx.Version(), updates, pushOptions, log)
+	}
+	after := func() {
+		tx.Finish(ok)
+		if committed {
+			s.postReceive(repo, user, id, tx.Version(), updates, pushOptions, log)
+		}
 	}
 	if runErr != nil {
 		var ee *exec.ExitError
 		if errors.As(runErr, &ee) && ee.ExitCode() > 0 {
-			return ee.ExitCode()
+			return ee.ExitCode(), after
 		}
-		return 1
+		return 1, after
 	}
-	return 0
+	return 0, after
 }
+
+func nop() {}
 
 func (s *Server) postReceive(repo, user, id string, version uint64, updates []RefUpdate, pushOptions []string, log *slog.Logger) {
 	if s.cfg.PostReceive == "" {
