@@ -81,6 +81,19 @@ func (s *Store) installPack(ctx context.Context, dir, tmpPack, tmpIdx string, pa
 		return "", fmt.Errorf("%w: pack checksum %x does not match its content (%x)", ErrCorrupt, p.tail, p.sum)
 	}
 	packSum := p.tail
+	// The pack reaches the disk while the index arrives: the two fsyncs
+	// overlap (the file system commits them together where it can).
+	packSynced := make(chan error, 1)
+	go func() { packSynced <- syncFile(tmpPack) }()
+	waitPack := func() error {
+		if packSynced == nil {
+			return nil
+		}
+		err := <-packSynced
+		packSynced = nil
+		return err
+	}
+	defer waitPack()
 
 	// The index ends with the pack's checksum and then its own, which
 	// covers everything before it, the pack's checksum included.
@@ -99,6 +112,12 @@ func (s *Store) installPack(ctx context.Context, dir, tmpPack, tmpIdx string, pa
 		return "", fmt.Errorf("%w: the index belongs to pack %x, not to %x", ErrCorrupt, x.tail[:hashLen], packSum)
 	}
 	if err := ctx.Err(); err != nil {
+		return "", err
+	}
+	if err := syncFile(tmpIdx); err != nil {
+		return "", err
+	}
+	if err := waitPack(); err != nil {
 		return "", err
 	}
 
@@ -157,8 +176,8 @@ type hashed struct {
 	h    hash.Hash // the hash behind sum, open for more
 }
 
-// writeHashed copies r to a new read-only file at path and fsyncs it. It
-// hashes everything but the last keep bytes on the way.
+// writeHashed copies r to a new read-only file at path (the caller
+// fsyncs it). It hashes everything but the last keep bytes on the way.
 func writeHashed(ctx context.Context, path, what string, r io.Reader, keep int) (hashed, error) {
 	if r == nil {
 		return hashed{}, fmt.Errorf("%w: no %s given", ErrCorrupt, what)
@@ -175,9 +194,6 @@ func writeHashed(ctx context.Context, path, what string, r io.Reader, keep int) 
 			return hashed{}, fmt.Errorf("read %s: %w", what, src.err)
 		}
 		return hashed{}, wrapIO("write "+what, err)
-	}
-	if err := f.Sync(); err != nil {
-		return hashed{}, wrapIO("fsync "+what, err)
 	}
 	if err := f.Close(); err != nil {
 		return hashed{}, wrapIO("close "+what, err)
