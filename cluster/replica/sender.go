@@ -451,7 +451,8 @@ func retryCommit(err error) bool {
 
 type packFiles struct{ pack, idx string }
 
-// quarantinePacks lists the packs git received into quarantine, fsynced.
+// quarantinePacks lists the packs git received into quarantine
+// (syncPacks makes them durable).
 func quarantinePacks(dir string) ([]packFiles, error) {
 	if dir == "" {
 		return nil, nil
@@ -467,14 +468,28 @@ func quarantinePacks(dir string) ([]packFiles, error) {
 		if _, err := os.Stat(idx); err != nil {
 			return nil, fmt.Errorf("pack %s has no index: %w", filepath.Base(m), err)
 		}
-		for _, f := range []string{m, idx} {
-			if err := fsyncFile(f); err != nil {
-				return nil, fmt.Errorf("fsync %s: %w", filepath.Base(f), err)
-			}
-		}
 		out = append(out, packFiles{pack: m, idx: idx})
 	}
 	return out, nil
+}
+
+// syncPacks makes the quarantined packs durable on this node: the files
+// (git fsyncs them too, with core.fsync) and the directory that names
+// them (which git does not).
+func syncPacks(packs []packFiles) error {
+	for _, pf := range packs {
+		for _, f := range []string{pf.pack, pf.idx} {
+			if err := fsyncFile(f); err != nil {
+				return fmt.Errorf("fsync %s: %w", filepath.Base(f), err)
+			}
+		}
+	}
+	if len(packs) > 0 {
+		if err := fsyncFile(filepath.Dir(packs[0].pack)); err != nil {
+			return fmt.Errorf("fsync the quarantine: %w", err)
+		}
+	}
+	return nil
 }
 
 func fsyncFile(path string) error {
@@ -487,7 +502,8 @@ func fsyncFile(path string) error {
 }
 
 // replicate sends the packs to every other voter and returns once need
-// voters (this one included) hold them durably, with every tip connected.
+// voters (this one included, once syncPacks is done) hold them durably,
+// with every tip connected.
 //
 // The pack files are opened here, once: git migrates and removes the
 // quarantine as soon as the hook returns, and the open files stay readable.
@@ -512,10 +528,16 @@ func (p *Push) replicate(ctx context.Context, packs []packFiles, voters []*fsmv1
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.cfg.StragglerTimeout)
 	var sends sync.WaitGroup
 	for _, m := range voters {
+		sends.Add(1)
 		if m.GetId() == r.node.ID() {
+			// This node holds them once they are durable in its
+			// quarantine; its fsyncs run beside the sends.
+			go func() {
+				defer sends.Done()
+				acks <- ack{m.GetId(), syncPacks(packs)}
+			}()
 			continue
 		}
-		sends.Add(1)
 		go func() {
 			defer sends.Done()
 			acks <- ack{m.GetId(), p.sendPacks(sctx, m, open, tips)}
@@ -534,7 +556,7 @@ func (p *Push) replicate(ctx context.Context, packs []packFiles, voters []*fsmv1
 		cancel()
 		open.close()
 	}()
-	have := 1 // this node: the packs are fsynced in its quarantine
+	have := 0
 	var failures []string
 	// Keep the client informed (and its session alive) on long transfers.
 	tick := time.NewTicker(10 * time.Second)
