@@ -196,16 +196,27 @@ func BenchmarkGit(b *testing.B) {
 	var rows []gitRow
 	remotes := func(repo string) (string, string) { return plain.url(repo), url(via, repo) }
 
-	// Small pushes: 50 sequential pushes of one small commit each.
-	// Each push also counts the processes the whole machine started
-	// meanwhile (client included, the same client for both).
+	// Small pushes: 50 rounds, each pushing one small commit to each
+	// server and then running ls-remote of the same repository there. The
+	// servers take turns going first, so that whatever else the machine
+	// does weighs on both alike (the two figures are a few milliseconds
+	// apart, and this machine's load swings by tens). Each push also
+	// counts the processes the whole machine started meanwhile (client
+	// included, the same client for both).
 	const pushes = 50
-	var lat [2]timing
+	var lat, ls [2]timing
 	var procs [2][]uint64
-	for k, who := range []*gitUser{plainUser, u} {
-		pu, gu := remotes("small")
-		wt := who.workTree([]string{pu, gu}[k])
-		for i := range pushes {
+	whos := [2]*gitUser{plainUser, u}
+	pu, gu := remotes("small")
+	urls := [2]string{pu, gu}
+	var wts [2]string
+	for k, who := range whos {
+		wts[k] = who.workTree(urls[k])
+	}
+	for i := range pushes {
+		for j := range 2 {
+			k := (i + j) % 2
+			who, wt := whos[k], wts[k]
 			who.commit(wt, "f.txt", fmt.Sprintf("change %d\n", i))
 			// Let the previous push's stragglers (peers catching up) end.
 			time.Sleep(200 * time.Millisecond)
@@ -214,23 +225,16 @@ func BenchmarkGit(b *testing.B) {
 			// Peers record the version just after the push: count them too.
 			time.Sleep(300 * time.Millisecond)
 			procs[k] = append(procs[k], forks(b)-before)
+			ls[k] = append(ls[k], timed(b, func() result { return who.git(c.dir, "ls-remote", urls[k]) }))
 		}
 	}
 	rows = append(rows,
 		gitRow{"small push p50 (50 pushes)", lat[0].pct(0.5), lat[1].pct(0.5), "latency"},
-		gitRow{"small push p99 (50 pushes)", lat[0].pct(0.99), lat[1].pct(0.99), "latency"})
+		gitRow{"small push p99 (50 pushes)", lat[0].pct(0.99), lat[1].pct(0.99), "latency"},
+		gitRow{"ls-remote p50 (50 runs, same repository)", ls[0].pct(0.5), ls[1].pct(0.5), "latency"},
+		gitRow{"a small push's own work (push p50 - ls-remote p50)", lat[0].pct(0.5) - ls[0].pct(0.5), lat[1].pct(0.5) - ls[1].pct(0.5), "latency"})
 	if os.Getenv("GITRAFT_BENCH_GIT") == "push" {
-		// Only the push-cost figures: ls-remote of the same repository,
-		// and a small push's own work.
-		var ls [2]timing
-		for k, r := range []string{plain.url("small"), url(via, "small")} {
-			who := []*gitUser{plainUser, u}[k]
-			for range 20 {
-				ls[k] = append(ls[k], timed(b, func() result { return who.git(c.dir, "ls-remote", r) }))
-			}
-		}
-		rows = append(rows, gitRow{"ls-remote p50 (20 runs)", ls[0].pct(0.5), ls[1].pct(0.5), "latency"},
-			gitRow{"a small push's own work (push p50 - ls-remote p50)", lat[0].pct(0.5) - ls[0].pct(0.5), lat[1].pct(0.5) - ls[1].pct(0.5), "latency"})
+		// Only the push-cost figures.
 		printGitTable(rows, procs)
 		return
 	}
@@ -253,7 +257,7 @@ func BenchmarkGit(b *testing.B) {
 	// full clone through a follower, an incremental fetch and ls-remote.
 	wt := goSourceRepo(b, u, c.dir)
 	size := strings.Fields(runCmd(b, wt, nil, time.Minute, "du", "-sm", ".git").stdout)[0]
-	pu, gu := remotes("gosrc")
+	pu, gu = remotes("gosrc")
 	plainUser.mustGit(wt, "push", "-q", pu, "main")
 	u.mustGit(wt, "push", "-q", gu, "main")
 	var clone [2]time.Duration
@@ -274,16 +278,6 @@ func BenchmarkGit(b *testing.B) {
 		fetch[k] = timed(b, func() result { return who.git(clones[k], "fetch", "-q", "origin") })
 	}
 	rows = append(rows, gitRow{"incremental fetch (1 small commit)", fetch[0], fetch[1], "time"})
-	var ls [2]timing
-	for k, r := range []string{pu, gu} {
-		who := []*gitUser{plainUser, u}[k]
-		for range 20 {
-			ls[k] = append(ls[k], timed(b, func() result { return who.git(c.dir, "ls-remote", r) }))
-		}
-	}
-	rows = append(rows, gitRow{"ls-remote p50 (20 runs)", ls[0].pct(0.5), ls[1].pct(0.5), "latency"})
-	rows = append(rows, gitRow{"a small push's own work (push p50 - ls-remote p50)", lat[0].pct(0.5) - ls[0].pct(0.5), lat[1].pct(0.5) - ls[1].pct(0.5), "latency"})
-
 	printGitTable(rows, procs)
 	benchGitConcurrent(b, c, u, plain, plainUser)
 	benchGitFailover(b, c, u)
