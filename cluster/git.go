@@ -178,6 +178,11 @@ func (r replicaNode) Lock(ctx context.Context, repo, holder string, onWait func(
 	return held, nil
 }
 
+func (r replicaNode) Locked(repo string) (held bool) {
+	r.n.fsm.Read(func(s *State) { _, held = s.RepoLock(repo) })
+	return held
+}
+
 func (r replicaNode) Conn(addr string) (grpc.ClientConnInterface, error) { return r.n.peers.conn(addr) }
 
 // ReleaseWithRefs: UpdateRefs.release_lock is feature level 2; while a

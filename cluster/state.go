@@ -684,6 +684,9 @@ func (s *State) Repos() ([]*fsmv1.Repo, []int) {
 // Locks lists the write locks, sorted by repo.
 func (s *State) Locks() []lockd.WriteLock { return s.locks.List() }
 
+// RepoLock is a repository's write lock, if it is held.
+func (s *State) RepoLock(repo string) (lockd.WriteLock, bool) { return s.locks.Get(repo) }
+
 // LocksKnowNodes reports whether every member has recorded an incarnation,
 // so every node runs a gitraft that knows the lock entries and fields that
 // came with it (AcquireLock's node, incarnation and wait lease,

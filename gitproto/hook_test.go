@@ -234,19 +234,28 @@ func (b *pushBackend) BeginPush(context.Context, string, string, string, func(st
 	return b.tx, nil
 }
 
-// A real push over SSH: git receive-pack runs the installed hook, which
-// reaches the push session through the fds git passed on to it, and the
-// ref changes only when the node commits.
-func Test_Push_RealGitRunsTheHook(t *testing.T) {
+// pushRig is a repository with one commit in a work tree, served over
+// SSH to alice by a Server whose backend the test gives (backend gets the
+// host key, alice's key and the bare repository's path).
+type pushRig struct {
+	dir, repo, work, head string
+	git                   func(wd string, args ...string) (string, error)
+	// push runs git push in the work tree with args.
+	push func(args ...string) (string, error)
+	// refOf is a ref's value in the bare repository ("" when absent).
+	refOf func(ref string) string
+}
+
+func newPushRig(t *testing.T, backend func(host gossh.Signer, alice gossh.PublicKey, repo string) Backend) *pushRig {
+	t.Helper()
 	for _, tool := range []string{"git", "ssh"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Fatalf("%s is not installed", tool)
 		}
 	}
 	dir := t.TempDir()
-	repo := filepath.Join(dir, "r.git")
-	work := filepath.Join(dir, "work")
-	git := func(wd string, args ...string) (string, error) {
+	rig := &pushRig{dir: dir, repo: filepath.Join(dir, "r.git"), work: filepath.Join(dir, "work")}
+	rig.git = func(wd string, args ...string) (string, error) {
 		c := exec.Command("git", args...)
 		c.Dir = wd
 		c.Env = append(os.Environ(), "GIT_CONFIG_NOSYSTEM=1", "HOME="+dir, "GIT_AUTHOR_NAME=a", "GIT_AUTHOR_EMAIL=a@x",
@@ -254,20 +263,21 @@ func Test_Push_RealGitRunsTheHook(t *testing.T) {
 		out, err := c.CombinedOutput()
 		return string(out), err
 	}
-	for _, args := range [][]string{{"init", "-q", "--bare", repo}, {"-C", repo, "config", "receive.unpackLimit", "1"}, {"init", "-q", "-b", "main", work}} {
+	git := rig.git
+	for _, args := range [][]string{{"init", "-q", "--bare", rig.repo}, {"-C", rig.repo, "config", "receive.unpackLimit", "1"}, {"init", "-q", "-b", "main", rig.work}} {
 		if out, err := git(dir, args...); err != nil {
 			t.Fatalf("git %v: %v %s", args, err, out)
 		}
 	}
-	os.WriteFile(filepath.Join(work, "f"), []byte("x\n"), 0o644)
-	if out, err := git(work, "add", "f"); err != nil {
+	os.WriteFile(filepath.Join(rig.work, "f"), []byte("x\n"), 0o644)
+	if out, err := git(rig.work, "add", "f"); err != nil {
 		t.Fatal(err, out)
 	}
-	if out, err := git(work, "commit", "-q", "-m", "one"); err != nil {
+	if out, err := git(rig.work, "commit", "-q", "-m", "one"); err != nil {
 		t.Fatal(err, out)
 	}
-	head, _ := git(work, "rev-parse", "HEAD")
-	head = strings.TrimSpace(head)
+	head, _ := git(rig.work, "rev-parse", "HEAD")
+	rig.head = strings.TrimSpace(head)
 
 	_, alicePriv, _ := ed25519.GenerateKey(rand.Reader)
 	aliceKey, _ := gossh.NewSignerFromKey(alicePriv)
@@ -285,9 +295,7 @@ func Test_Push_RealGitRunsTheHook(t *testing.T) {
 	port := ln.Addr().(*net.TCPAddr).Port
 	knownHosts := filepath.Join(dir, "known_hosts")
 	os.WriteFile(knownHosts, []byte(fmt.Sprintf("[127.0.0.1]:%d %s", port, gossh.MarshalAuthorizedKey(host.PublicKey()))), 0o600)
-	tx := &fakePush{path: repo}
-	backend := &pushBackend{fakeBackend: fakeBackend{host: host, alice: aliceKey.PublicKey(), repo: repo}, tx: tx}
-	srv, err := New(Config{NodeID: "t1", Listener: ln, StateDir: filepath.Join(dir, "state")}, backend, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	srv, err := New(Config{NodeID: "t1", Listener: ln, StateDir: filepath.Join(dir, "state")}, backend(host, aliceKey.PublicKey(), rig.repo), slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -300,18 +308,33 @@ func Test_Push_RealGitRunsTheHook(t *testing.T) {
 		}
 	})
 	sshCmd := fmt.Sprintf("ssh -i %s -o IdentitiesOnly=yes -o UserKnownHostsFile=%s -o StrictHostKeyChecking=yes -o BatchMode=yes -p %d", keyFile, knownHosts, port)
-	push := func() (string, error) {
+	rig.push = func(args ...string) (string, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
-		c := exec.CommandContext(ctx, "git", "push", "git@127.0.0.1:r", "main")
-		c.Dir, c.Env = work, append(os.Environ(), "GIT_SSH_COMMAND="+sshCmd, "GIT_CONFIG_NOSYSTEM=1", "HOME="+dir)
+		c := exec.CommandContext(ctx, "git", append([]string{"push", "git@127.0.0.1:r"}, args...)...)
+		c.Dir, c.Env = rig.work, append(os.Environ(), "GIT_SSH_COMMAND="+sshCmd, "GIT_CONFIG_NOSYSTEM=1", "HOME="+dir)
 		out, err := c.CombinedOutput()
 		return string(out), err
 	}
-	refOf := func() string {
-		out, _ := git(repo, "rev-parse", "--verify", "-q", "refs/heads/main")
+	rig.refOf = func(ref string) string {
+		out, _ := git(rig.repo, "rev-parse", "--verify", "-q", ref)
 		return strings.TrimSpace(out)
 	}
+	return rig
+}
+
+// A real push over SSH: git receive-pack runs the installed hook, which
+// reaches the push session through the fds git passed on to it, and the
+// ref changes only when the node commits.
+func Test_Push_RealGitRunsTheHook(t *testing.T) {
+	var tx *fakePush
+	rig := newPushRig(t, func(host gossh.Signer, alice gossh.PublicKey, repo string) Backend {
+		tx = &fakePush{path: repo}
+		return &pushBackend{fakeBackend: fakeBackend{host: host, alice: alice, repo: repo}, tx: tx}
+	})
+	head := rig.head
+	push := func() (string, error) { return rig.push("main") }
+	refOf := func() string { return rig.refOf("refs/heads/main") }
 
 	// Refused by the node: git refuses the ref, and says why.
 	tx.refuse = "the cluster lost its quorum; nothing was changed"
@@ -337,5 +360,99 @@ func Test_Push_RealGitRunsTheHook(t *testing.T) {
 	// Finish runs once the client has its exit code.
 	if got := tx.finishCalls(2); fmt.Sprint(got) != "[false true]" {
 		t.Fatalf("Finish calls %v, want [false true]", got)
+	}
+}
+
+// readAheadBackend offers its repository to read ahead; BeginPush first
+// runs change (the copy changing while the lock is taken), and the push's
+// transaction reports the copy unchanged or not as told.
+type readAheadBackend struct {
+	pushBackend
+	mu        sync.Mutex
+	change    func()
+	unchanged bool
+	offered   int
+}
+
+func (b *readAheadBackend) set(change func(), unchanged bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.change, b.unchanged = change, unchanged
+}
+
+func (b *readAheadBackend) timesOffered() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.offered
+}
+
+type readAheadTx struct {
+	*fakePush
+	unchanged bool
+}
+
+func (t readAheadTx) UnchangedSince(uint64) bool { return t.unchanged }
+
+func (b *readAheadBackend) PushCopy(string) (string, uint64, bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.offered++
+	return b.repo, 7, true
+}
+
+func (b *readAheadBackend) BeginPush(context.Context, string, string, string, func(string)) (PushTx, error) {
+	b.mu.Lock()
+	change, unchanged := b.change, b.unchanged
+	b.mu.Unlock()
+	if change != nil {
+		change()
+	}
+	return readAheadTx{b.tx, unchanged}, nil
+}
+
+// git starts on the copy before BeginPush returns; what it read reaches
+// the client only if the copy did not change meanwhile. Otherwise a new
+// git reads the copy as BeginPush left it.
+func Test_Push_ReadAhead(t *testing.T) {
+	var b *readAheadBackend
+	rig := newPushRig(t, func(host gossh.Signer, alice gossh.PublicKey, repo string) Backend {
+		b = &readAheadBackend{pushBackend: pushBackend{fakeBackend: fakeBackend{host: host, alice: alice, repo: repo}, tx: &fakePush{path: repo}}}
+		return b
+	})
+	// Unchanged: the git that read ahead serves the push.
+	b.set(nil, true)
+	if out, err := rig.push("main"); err != nil || rig.refOf("refs/heads/main") != rig.head {
+		t.Fatalf("push: %v, main %q:\n%s", err, rig.refOf("refs/heads/main"), out)
+	}
+	if n := b.timesOffered(); n != 1 {
+		t.Fatalf("PushCopy asked %d times, want 1", n)
+	}
+	// While the lock is taken, another push creates refs/heads/other.
+	change := func() {
+		if out, err := rig.git(rig.repo, "update-ref", "refs/heads/other", rig.head); err != nil {
+			t.Errorf("update-ref: %v %s", err, out)
+		}
+	}
+	// A transaction that (wrongly) says unchanged shows what git read
+	// ahead: the client does not see the new ref, so cannot delete it.
+	// This is what UnchangedSince guards against.
+	b.set(change, true)
+	out, err := rig.push(":other")
+	if err == nil || !strings.Contains(out, "remote ref does not exist") {
+		t.Fatalf("the advertisement read ahead was not used: %v\n%s", err, out)
+	}
+	if out, err := rig.git(rig.repo, "update-ref", "-d", "refs/heads/other"); err != nil {
+		t.Fatal(err, out)
+	}
+	// Changed: a fresh git advertises the ref, and the delete goes through.
+	b.set(change, false)
+	if out, err := rig.push(":other"); err != nil || rig.refOf("refs/heads/other") != "" {
+		t.Fatalf("delete after the copy changed: %v, other %q:\n%s", err, rig.refOf("refs/heads/other"), out)
+	}
+	b.tx.mu.Lock()
+	got := b.tx.updates
+	b.tx.mu.Unlock()
+	if want := []RefUpdate{{Ref: "refs/heads/other", Old: rig.head}}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("the node got %v, want %v", got, want)
 	}
 }

@@ -678,9 +678,29 @@ func (s *Server) push(ctx context.Context, act *activity, stdin io.Reader, stdou
 	id := newPushID()
 	log = log.With("push_id", id)
 	progress := func(msg string) { fmt.Fprintf(stderr, "gitraft: %s\n", msg) }
+	// Read ahead: git starts on the copy while the lock is taken, and the
+	// client sees what it read only if the copy was not changed meanwhile.
+	var rp *receivePack
+	var mark uint64
+	if ra, ok := s.backend.(ReadAhead); ok {
+		if path, m, ok := ra.PushCopy(repo); ok {
+			var err error
+			if rp, err = s.startReceivePack(ctx, path, id, gitProtocol); err != nil {
+				log.Warn("starting git receive-pack ahead of the lock failed", "err", err)
+				rp = nil
+			}
+			mark = m
+		}
+	}
 	done := act.nodeBusy()
 	tx, err := s.backend.BeginPush(ctx, repo, user, id, progress)
 	done()
+	if rp != nil {
+		if ra, ok := tx.(ReadAheadTx); err != nil || !ok || tx.Path() != rp.path || !ra.UnchangedSince(mark) {
+			rp.discard()
+			rp = nil
+		}
+	}
 	var redirect *Redirect
 	if errors.As(err, &redirect) && !isProxied(ctx) {
 		progress(redirect.Error())
@@ -697,36 +717,15 @@ func (s *Server) push(ctx context.Context, act *activity, stdin io.Reader, stdou
 		fmt.Fprintf(stderr, "gitraft: push to %q refused: %v\n", repo, err)
 		return 1, nop
 	}
+	if rp == nil {
+		if rp, err = s.startReceivePack(ctx, tx.Path(), id, gitProtocol); err != nil {
+			tx.Finish(false)
+			fmt.Fprintf(stderr, "gitraft: push to %q refused: %v\n", repo, err)
+			return 1, nop
+		}
+	}
 	cmds := newCommandList(stdin)
 	p := &pushSession{tx: tx, commands: cmds, maxRefs: s.cfg.MaxRefsPerPush, act: act}
-	hook, err := newHookPipes()
-	if err != nil {
-		tx.Finish(false)
-		fmt.Fprintf(stderr, "gitraft: push to %q refused: %v\n", repo, err)
-		return 1, nop
-	}
-	defer hook.close()
-	args := []string{
-		"-c", "core.hooksPath=" + filepath.Join(s.cfg.StateDir, "hooks"),
-		"-c", "receive.advertisePushOptions=true",
-		// Check every object received, as GitHub and Gitaly do: broken
-		// commits, trees with ".git" or ".." entries and the like are
-		// refused before anything is replicated.
-		"-c", "receive.fsckObjects=true",
-		// HEAD follows the replicated state, which moves it when its
-		// branch is deleted (git refuses that by default).
-		"-c", "receive.denyDeleteCurrent=ignore",
-		// No `git gc --auto` after every push: housekeeping is the node's
-		// job, not the pusher's wait.
-		"-c", "receive.autogc=false",
-	}
-	if s.cfg.MaxPackBytes > 0 {
-		args = append(args, "-c", "receive.maxInputSize="+strconv.FormatInt(s.cfg.MaxPackBytes, 10))
-	}
-	env := []string{EnvPushID + "=" + id}
-	if gitProtocol != "" {
-		env = append(env, "GIT_PROTOCOL="+gitProtocol)
-	}
 	report := newReportFilter(stdout,
 		func() bool { return cmds.Has("side-band-64k") || cmds.Has("side-band") },
 		func() map[string]struct{} {
@@ -737,29 +736,16 @@ func (s *Server) push(ctx context.Context, act *activity, stdin io.Reader, stdou
 			}
 			return refs
 		})
-	c := s.cfg.Git.Command(ctx, "", env, append(args, "receive-pack", tx.Path())...)
-	c.Stdin, c.Stdout, c.Stderr = cmds, report, stderr
-	c.ExtraFiles = hook.childFiles() // the hook's fd 3 and 4
-	c.WaitDelay = 5 * time.Second
 	// The hook's call is answered while git runs; it ends once git has
 	// (its context, then the request pipe, end with git).
 	hookCtx, stopHook := context.WithCancel(ctx)
 	hookDone := make(chan struct{})
 	go func() {
 		defer close(hookDone)
-		p.serveHook(hookCtx, hook.reqR, &hookReplies{w: hook.verdictW})
+		p.serveHook(hookCtx, rp.hook.reqR, &hookReplies{w: rp.hook.verdictW})
 	}()
-	runErr := s.cfg.Git.Run(c)
-	stopHook()
-	hook.closeChildEnds()
-	select {
-	case <-hookDone:
-	case <-time.After(10 * time.Second):
-		// A hook that outlived a killed git still holds the request
-		// pipe; stop waiting for it.
-		hook.reqR.Close()
-		<-hookDone
-	}
+	rp.release(cmds, report, stderr)
+	runErr := rp.wait(stopHook, hookDone)
 	if err := report.Flush(); err != nil && runErr == nil {
 		runErr = err
 	}

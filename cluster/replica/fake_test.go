@@ -264,6 +264,11 @@ func (n *fakeNode) Lock(ctx context.Context, repo, holder string, onWait func(st
 		}
 	}
 }
+func (n *fakeNode) Locked(string) bool {
+	n.s.mu.Lock()
+	defer n.s.mu.Unlock()
+	return n.s.lock != nil && !n.s.lock.isLost()
+}
 func (n *fakeNode) Conn(addr string) (grpc.ClientConnInterface, error) {
 	n.connMu.Lock()
 	defer n.connMu.Unlock()

@@ -64,7 +64,7 @@ func (c *HousekeepConfig) setDefaults() {
 // housekeeping is a node's housekeeping state.
 type housekeeping struct {
 	// slot lets one repository at a time be housekept on the node.
-	slot guard
+	slot *guard
 	// lastPass is when the scheduler last went through every copy without
 	// a failure (unix seconds; the scheduler's start before that).
 	lastPass       atomic.Int64

@@ -555,3 +555,59 @@ func Test_Push_ReleasesItselfWithOlderMembers(t *testing.T) {
 		t.Fatal("Finish did not release the lock")
 	}
 }
+
+// git may start on a push's copy ahead of its lock (gitproto.ReadAhead):
+// PushCopy offers a current copy that nothing is changing, and the push's
+// UnchangedSince says whether anything changed it since the mark.
+func Test_Push_ReadAheadMark(t *testing.T) {
+	c := newFakeCluster(t, 3)
+	ctx := context.Background()
+	r := c.nodes[0].r
+	path, mark, ok := r.PushCopy(c.repo)
+	if want, _ := c.nodes[0].store.Path(c.repo); !ok || path != want {
+		t.Fatalf("PushCopy: %q %v, want %q", path, ok, want)
+	}
+	p := c.begin(ctx, 0)
+	if !p.UnchangedSince(mark) {
+		t.Fatal("nothing changed the copy, yet the push says it changed")
+	}
+	if _, _, ok := r.PushCopy(c.repo); ok {
+		t.Fatal("PushCopy offered a copy whose lock a push holds")
+	}
+	// A push commits version 2 through node 0 meanwhile.
+	d := c.newPush("refs/heads/main")
+	if _, err := p.Commit(ctx, d.quarantine, []gitproto.RefUpdate{d.update}, false, noProgress); err != nil {
+		t.Fatal(err)
+	}
+	c.migrate(0, d)
+	p.Finish(true)
+
+	// Something took the guard between the mark and the push.
+	_, mark, ok = r.PushCopy(c.repo)
+	if !ok {
+		t.Fatal("PushCopy offered nothing after the push")
+	}
+	cp := r.copyOf(c.repo)
+	if err := cp.guard.Lock(ctx); err != nil {
+		t.Fatal(err)
+	}
+	cp.guard.Unlock()
+	p = c.begin(ctx, 0)
+	if p.UnchangedSince(mark) {
+		t.Fatal("the guard was taken since the mark, yet the push says unchanged")
+	}
+	p.Finish(false)
+
+	// Node 1 is behind (version 1): not offered, and a push there catches
+	// it up first, which changes it.
+	waitFor(t, "node 1 to hold the push's objects", func() bool { return c.holds(1, d.update.New) })
+	if _, _, ok := c.nodes[1].r.PushCopy(c.repo); ok {
+		t.Fatal("PushCopy offered a copy behind the state")
+	}
+	mark, _ = c.nodes[1].r.copyOf(c.repo).guard.mark()
+	p = c.begin(ctx, 1)
+	if p.UnchangedSince(mark) {
+		t.Fatal("the push caught its copy up, yet says unchanged")
+	}
+	p.Finish(false)
+}

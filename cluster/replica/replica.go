@@ -69,6 +69,9 @@ type Node interface {
 	// another holds it (onWait is told who). Errors wrap ErrRepoNotFound or
 	// ErrNoLeader where they apply.
 	Lock(ctx context.Context, repo, holder string, onWait func(holder string)) (Lock, error)
+	// Locked says whether this node's applied state has the repository's
+	// write lock held (a hint: the state may be behind).
+	Locked(repo string) bool
 	// ReleaseWithRefs reports whether every member applies an UpdateRefs
 	// that releases its write lock (release_lock); while some member runs
 	// an older gitraft, a push releases its lock with an entry of its own.
@@ -184,7 +187,7 @@ type position struct{ id, version uint64 }
 // serialises the work that changes the copy; what that work reached is
 // published through atomics, so reports and reads never wait for it.
 type copyState struct {
-	guard guard
+	guard *guard
 	at    atomic.Pointer[position] // nil: nothing on disk
 	// syncing is set while a catch-up fetches for it; lastErr is the last
 	// catch-up's failure ("" after a success).

@@ -52,9 +52,43 @@ type Push struct {
 	committed atomic.Pointer[Target]
 	changed   atomic.Pointer[[]string]
 	done      sync.Once
+	// guardTaken is the copy guard's count once this push took it, or 0
+	// when the push changed the copy itself (a catch-up) before git ran.
+	guardTaken uint64
 }
 
-var _ gitproto.PushTx = (*Push)(nil)
+var (
+	_ gitproto.PushTx      = (*Push)(nil)
+	_ gitproto.ReadAheadTx = (*Push)(nil)
+	_ gitproto.ReadAhead   = (*Replicas)(nil)
+)
+
+// PushCopy names the copy a push to repo would run in and marks it, so
+// that git may read its refs while BeginPush waits for the write lock. It
+// offers only a copy that is current by this node's state, which nothing
+// is changing, of a repository whose lock nobody holds: otherwise the
+// push would most likely find it changed (UnchangedSince).
+func (r *Replicas) PushCopy(repo string) (path string, mark uint64, ok bool) {
+	t, found := r.node.Repo(repo)
+	if !found || r.node.Locked(repo) {
+		return "", 0, false
+	}
+	c := r.copyOf(repo)
+	mark, free := c.guard.mark()
+	if !free || !c.currentAt(t) {
+		return "", 0, false
+	}
+	path, err := r.st.Path(repo)
+	if err != nil {
+		return "", 0, false
+	}
+	return path, mark, true
+}
+
+// UnchangedSince says whether nothing changed the push's copy since
+// PushCopy gave mark: nobody took its guard in between, and the push did
+// not catch it up. What git read from it then is the push's base.
+func (p *Push) UnchangedSince(mark uint64) bool { return p.guardTaken == mark+1 }
 
 // ----- 1. lock and catch-up -----
 
@@ -134,7 +168,9 @@ func (r *Replicas) beginPush(ctx context.Context, repo, user, pushID string, pro
 		// Catching up would wait for the prune: a current peer takes it.
 		return fail(r.pushPeer(ctx, repo, fmt.Sprintf("%s is behind on %q while housekeeping prunes its copy", self, repo)))
 	}
-	if !p.copy.currentAt(t) {
+	if p.copy.currentAt(t) {
+		p.guardTaken = p.copy.guard.held()
+	} else {
 		progress(fmt.Sprintf("%s is behind on %q; catching up to version %d first", self, repo, t.Version))
 		if err := r.catchUpLocked(ctx, p.copy, repo); err != nil {
 			return fail(r.pushPeer(ctx, repo, fmt.Sprintf("%s could not catch up (%v)", self, err)))
