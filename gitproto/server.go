@@ -328,15 +328,25 @@ func (st *startup) done() {
 	}
 }
 
-// pendingConn gives its startup place back when it closes.
+// pendingConn gives its startup place back when it closes, and
+// acknowledges what it reads at once (quickAck).
 type pendingConn struct {
 	net.Conn
-	st *startup
+	st  *startup
+	ack func()
 }
 
 func (c *pendingConn) Close() error {
 	c.st.done()
 	return c.Conn.Close()
+}
+
+func (c *pendingConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if n > 0 {
+		c.ack()
+	}
+	return n, err
 }
 
 // admitConn runs first for every new connection: past the startup caps it
@@ -368,7 +378,7 @@ func (s *Server) admitConn(ctx ssh.Context, c net.Conn) net.Conn {
 	}
 	ctx.SetValue(startupKey, st)
 	ctx.SetValue(connSessionsKey, new(atomic.Int32))
-	return &pendingConn{Conn: c, st: st}
+	return &pendingConn{Conn: c, st: st, ack: quickAck(c)}
 }
 
 // serverConfig gives each connection's handshake a callback that frees its
