@@ -8,9 +8,20 @@
 // pre-receive hook sees the quarantined objects and hands the push back to
 // the session that runs git, over two pipes that session gave receive-pack
 // as file descriptors 3 and 4 (git passes them on to its hooks). The hook
-// is a few lines of sh that run shell builtins and one cat (hook.go), and
-// no Go binary to start. The backend then
-// replicates the pack to a quorum and commits the compare-and-swap.
+// is a few lines of sh that run shell builtins (and cat, past 16 refs;
+// hook.go), and no Go binary to start. The backend then replicates the
+// pack to a quorum and commits the compare-and-swap. receive-pack starts
+// while the backend takes the write lock, its input and output held
+// (receivepack.go): a Backend that implements ReadAhead offers the copy,
+// and git's ref advertisement reaches the client only if the push's
+// transaction says nothing changed the copy meanwhile; otherwise that git
+// is killed unseen and a new one starts. The client gets git's exit code
+// before the backend's Finish records the version.
+//
+// The server acknowledges every read at once (TCP_QUICKACK,
+// quickack_linux.go): OpenSSH's client keeps Nagle's algorithm on in a
+// session without a terminal, and with delayed ACKs each git session
+// waited 40 ms, twice.
 // git's report to the client is read on its way out (reportstatus.go):
 // a ref the cluster committed but git then failed to write locally (a
 // stale lock, a full disk) is reported "ok", as the state says, and the
