@@ -9,6 +9,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/gitraft/gitraft/lockd"
+	lockv1 "github.com/gitraft/gitraft/proto/gitraft/lock/v1"
 	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
 )
 
@@ -167,6 +168,22 @@ func Test_MultiNode_LockWaitersInOrder(t *testing.T) {
 			grants <- grant{holder, h, err}
 		}()
 		waitFor(t, holder+" to be queued", 10*time.Second, func() bool { return queueLen() == i+1 })
+	}
+	// The admin API (gitraft lock ls) shows the holder and the queue, in
+	// order, from any node.
+	resp, err := (&lockService{n: nodes[2]}).ListLocks(ctx, &lockv1.ListLocksRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var listed []string
+	for _, q := range resp.GetQueues() {
+		for _, w := range q.GetWaiters() {
+			listed = append(listed, q.GetRepo()+":"+w.GetHolder())
+		}
+	}
+	wantListed := fmt.Sprint([]string{"acme/site:" + nodes[1].ID() + "/b", "acme/site:" + nodes[2].ID() + "/c", "acme/site:" + nodes[0].ID() + "/d"})
+	if len(resp.GetLocks()) != 1 || resp.GetLocks()[0].GetHolder() != nodes[0].ID()+"/a" || fmt.Sprint(listed) != wantListed {
+		t.Fatalf("ListLocks: %v, queue %v; want %s/a holding, queue %s", resp.GetLocks(), listed, nodes[0].ID(), wantListed)
 	}
 	prev := first
 	var order []string

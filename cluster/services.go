@@ -561,6 +561,14 @@ func (s *lockService) ListLocks(ctx context.Context, _ *lockv1.ListLocksRequest)
 		for _, l := range st.Locks() {
 			resp.Locks = append(resp.Locks, lockToAPI(lockToProto(l)))
 		}
+		for _, q := range st.LockQueues() {
+			aq := &lockv1.LockQueue{Repo: q.Repo}
+			for _, w := range q.Waiters {
+				aq.Waiters = append(aq.Waiters, &lockv1.LockWaiter{Holder: w.Holder, Node: w.Node,
+					Since: timestamppb.New(w.Since), ExpiresAt: timestamppb.New(w.ExpiresAt)})
+			}
+			resp.Queues = append(resp.Queues, aq)
+		}
 		resp.Index = st.Index()
 	})
 	return resp, nil

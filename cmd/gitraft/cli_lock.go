@@ -25,7 +25,7 @@ func newLockListCmd(g *globalOpts) *cobra.Command {
 	return &cobra.Command{
 		Use:     "ls",
 		Aliases: []string{"list"},
-		Short:   "List the write locks held",
+		Short:   "List the write locks held, and the writers waiting for them",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, conn, done, err := g.connect(cmd)
@@ -45,15 +45,32 @@ func newLockListCmd(g *globalOpts) *cobra.Command {
 	}
 }
 
-// writeLockList prints a ListLocksResponse as a table, or "no locks".
+// writeLockList prints a ListLocksResponse as a table, or "no locks",
+// then the writers waiting, in the order they are served.
 func writeLockList(w io.Writer, resp *lockv1.ListLocksResponse, now time.Time) error {
-	if len(resp.GetLocks()) == 0 {
+	waiting := 0
+	for _, q := range resp.GetQueues() {
+		waiting += len(q.GetWaiters())
+	}
+	if len(resp.GetLocks()) == 0 && waiting == 0 {
 		_, err := fmt.Fprintln(w, "no locks")
 		return err
 	}
 	t := newTable(w, "REPO", "HOLDER", "TOKEN", "EXPIRES")
 	for _, l := range resp.GetLocks() {
 		t.row(l.GetRepo(), l.GetHolder(), strconv.FormatUint(l.GetFencingToken(), 10), expiresIn(now, l.GetExpiresAt()))
+	}
+	if err := t.flush(); err != nil || waiting == 0 {
+		return err
+	}
+	if _, err := fmt.Fprintln(w, "\nwaiting, first served first:"); err != nil {
+		return err
+	}
+	t = newTable(w, "REPO", "#", "WAITER", "WAITING")
+	for _, q := range resp.GetQueues() {
+		for i, wt := range q.GetWaiters() {
+			t.row(q.GetRepo(), strconv.Itoa(i+1), wt.GetHolder(), now.Sub(wt.GetSince().AsTime()).Round(100*time.Millisecond).String())
+		}
 	}
 	return t.flush()
 }

@@ -166,6 +166,22 @@ func TestWriteLockList(t *testing.T) {
 	if got := lines(buf.String()); strings.Join(got, "\n") != strings.Join(want, "\n") {
 		t.Errorf("writeLockList:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
+	// Waiters, in the order they are served.
+	resp.Queues = []*lockv1.LockQueue{{Repo: "alpha", Waiters: []*lockv1.LockWaiter{
+		{Holder: "n2/push-9", Node: "n2", Since: ts(testNow.Add(-1500 * time.Millisecond))},
+		{Holder: "n3/push-4", Node: "n3", Since: ts(testNow.Add(-200 * time.Millisecond))},
+	}}}
+	buf.Reset()
+	if err := writeLockList(&buf, resp, testNow); err != nil {
+		t.Fatal(err)
+	}
+	want = append(want, "", "waiting, first served first:",
+		"REPO   #  WAITER     WAITING",
+		"alpha  1  n2/push-9  1.5s",
+		"alpha  2  n3/push-4  200ms")
+	if got := lines(buf.String()); strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Errorf("writeLockList with waiters:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
 	buf.Reset()
 	writeLockList(&buf, &lockv1.ListLocksResponse{}, testNow)
 	if buf.String() != "no locks\n" {

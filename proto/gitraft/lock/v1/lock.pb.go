@@ -139,9 +139,12 @@ func (*ListLocksRequest) Descriptor() ([]byte, []int) {
 }
 
 type ListLocksResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Locks         []*WriteLock           `protobuf:"bytes,1,rep,name=locks,proto3" json:"locks,omitempty"`
-	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Locks []*WriteLock           `protobuf:"bytes,1,rep,name=locks,proto3" json:"locks,omitempty"`
+	Index uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	// The writers waiting for each lock, first first: the next to be
+	// granted it is the first that still asks when it is free.
+	Queues        []*LockQueue `protobuf:"bytes,3,rep,name=queues,proto3" json:"queues,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -190,6 +193,135 @@ func (x *ListLocksResponse) GetIndex() uint64 {
 	return 0
 }
 
+func (x *ListLocksResponse) GetQueues() []*LockQueue {
+	if x != nil {
+		return x.Queues
+	}
+	return nil
+}
+
+type LockQueue struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Repo          string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
+	Waiters       []*LockWaiter          `protobuf:"bytes,2,rep,name=waiters,proto3" json:"waiters,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LockQueue) Reset() {
+	*x = LockQueue{}
+	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LockQueue) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LockQueue) ProtoMessage() {}
+
+func (x *LockQueue) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LockQueue.ProtoReflect.Descriptor instead.
+func (*LockQueue) Descriptor() ([]byte, []int) {
+	return file_gitraft_lock_v1_lock_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *LockQueue) GetRepo() string {
+	if x != nil {
+		return x.Repo
+	}
+	return ""
+}
+
+func (x *LockQueue) GetWaiters() []*LockWaiter {
+	if x != nil {
+		return x.Waiters
+	}
+	return nil
+}
+
+type LockWaiter struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Holder string                 `protobuf:"bytes,1,opt,name=holder,proto3" json:"holder,omitempty"`
+	// The node that asks for it ("" for a writer that said none).
+	Node string `protobuf:"bytes,2,opt,name=node,proto3" json:"node,omitempty"`
+	// When it first asked, and when it leaves the queue unless it asks again.
+	Since         *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=since,proto3" json:"since,omitempty"`
+	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LockWaiter) Reset() {
+	*x = LockWaiter{}
+	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LockWaiter) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LockWaiter) ProtoMessage() {}
+
+func (x *LockWaiter) ProtoReflect() protoreflect.Message {
+	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LockWaiter.ProtoReflect.Descriptor instead.
+func (*LockWaiter) Descriptor() ([]byte, []int) {
+	return file_gitraft_lock_v1_lock_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *LockWaiter) GetHolder() string {
+	if x != nil {
+		return x.Holder
+	}
+	return ""
+}
+
+func (x *LockWaiter) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *LockWaiter) GetSince() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Since
+	}
+	return nil
+}
+
+func (x *LockWaiter) GetExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return nil
+}
+
 type AcquireLockRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Repo          string                 `protobuf:"bytes,1,opt,name=repo,proto3" json:"repo,omitempty"`
@@ -201,7 +333,7 @@ type AcquireLockRequest struct {
 
 func (x *AcquireLockRequest) Reset() {
 	*x = AcquireLockRequest{}
-	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[3]
+	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -213,7 +345,7 @@ func (x *AcquireLockRequest) String() string {
 func (*AcquireLockRequest) ProtoMessage() {}
 
 func (x *AcquireLockRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[3]
+	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -226,7 +358,7 @@ func (x *AcquireLockRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AcquireLockRequest.ProtoReflect.Descriptor instead.
 func (*AcquireLockRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_lock_v1_lock_proto_rawDescGZIP(), []int{3}
+	return file_gitraft_lock_v1_lock_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *AcquireLockRequest) GetRepo() string {
@@ -260,7 +392,7 @@ type AcquireLockResponse struct {
 
 func (x *AcquireLockResponse) Reset() {
 	*x = AcquireLockResponse{}
-	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[4]
+	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -272,7 +404,7 @@ func (x *AcquireLockResponse) String() string {
 func (*AcquireLockResponse) ProtoMessage() {}
 
 func (x *AcquireLockResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[4]
+	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -285,7 +417,7 @@ func (x *AcquireLockResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AcquireLockResponse.ProtoReflect.Descriptor instead.
 func (*AcquireLockResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_lock_v1_lock_proto_rawDescGZIP(), []int{4}
+	return file_gitraft_lock_v1_lock_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *AcquireLockResponse) GetLock() *WriteLock {
@@ -313,7 +445,7 @@ type RenewLockRequest struct {
 
 func (x *RenewLockRequest) Reset() {
 	*x = RenewLockRequest{}
-	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[5]
+	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -325,7 +457,7 @@ func (x *RenewLockRequest) String() string {
 func (*RenewLockRequest) ProtoMessage() {}
 
 func (x *RenewLockRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[5]
+	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -338,7 +470,7 @@ func (x *RenewLockRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLockRequest.ProtoReflect.Descriptor instead.
 func (*RenewLockRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_lock_v1_lock_proto_rawDescGZIP(), []int{5}
+	return file_gitraft_lock_v1_lock_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *RenewLockRequest) GetRepo() string {
@@ -372,7 +504,7 @@ type RenewLockResponse struct {
 
 func (x *RenewLockResponse) Reset() {
 	*x = RenewLockResponse{}
-	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[6]
+	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -384,7 +516,7 @@ func (x *RenewLockResponse) String() string {
 func (*RenewLockResponse) ProtoMessage() {}
 
 func (x *RenewLockResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[6]
+	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -397,7 +529,7 @@ func (x *RenewLockResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLockResponse.ProtoReflect.Descriptor instead.
 func (*RenewLockResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_lock_v1_lock_proto_rawDescGZIP(), []int{6}
+	return file_gitraft_lock_v1_lock_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *RenewLockResponse) GetLock() *WriteLock {
@@ -424,7 +556,7 @@ type ReleaseLockRequest struct {
 
 func (x *ReleaseLockRequest) Reset() {
 	*x = ReleaseLockRequest{}
-	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[7]
+	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -436,7 +568,7 @@ func (x *ReleaseLockRequest) String() string {
 func (*ReleaseLockRequest) ProtoMessage() {}
 
 func (x *ReleaseLockRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[7]
+	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -449,7 +581,7 @@ func (x *ReleaseLockRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseLockRequest.ProtoReflect.Descriptor instead.
 func (*ReleaseLockRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_lock_v1_lock_proto_rawDescGZIP(), []int{7}
+	return file_gitraft_lock_v1_lock_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ReleaseLockRequest) GetRepo() string {
@@ -475,7 +607,7 @@ type ReleaseLockResponse struct {
 
 func (x *ReleaseLockResponse) Reset() {
 	*x = ReleaseLockResponse{}
-	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[8]
+	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -487,7 +619,7 @@ func (x *ReleaseLockResponse) String() string {
 func (*ReleaseLockResponse) ProtoMessage() {}
 
 func (x *ReleaseLockResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[8]
+	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -500,7 +632,7 @@ func (x *ReleaseLockResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseLockResponse.ProtoReflect.Descriptor instead.
 func (*ReleaseLockResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_lock_v1_lock_proto_rawDescGZIP(), []int{8}
+	return file_gitraft_lock_v1_lock_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ReleaseLockResponse) GetIndex() uint64 {
@@ -519,7 +651,7 @@ type ForceReleaseLockRequest struct {
 
 func (x *ForceReleaseLockRequest) Reset() {
 	*x = ForceReleaseLockRequest{}
-	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[9]
+	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -531,7 +663,7 @@ func (x *ForceReleaseLockRequest) String() string {
 func (*ForceReleaseLockRequest) ProtoMessage() {}
 
 func (x *ForceReleaseLockRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[9]
+	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -544,7 +676,7 @@ func (x *ForceReleaseLockRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForceReleaseLockRequest.ProtoReflect.Descriptor instead.
 func (*ForceReleaseLockRequest) Descriptor() ([]byte, []int) {
-	return file_gitraft_lock_v1_lock_proto_rawDescGZIP(), []int{9}
+	return file_gitraft_lock_v1_lock_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ForceReleaseLockRequest) GetRepo() string {
@@ -564,7 +696,7 @@ type ForceReleaseLockResponse struct {
 
 func (x *ForceReleaseLockResponse) Reset() {
 	*x = ForceReleaseLockResponse{}
-	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[10]
+	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -576,7 +708,7 @@ func (x *ForceReleaseLockResponse) String() string {
 func (*ForceReleaseLockResponse) ProtoMessage() {}
 
 func (x *ForceReleaseLockResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[10]
+	mi := &file_gitraft_lock_v1_lock_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -589,7 +721,7 @@ func (x *ForceReleaseLockResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForceReleaseLockResponse.ProtoReflect.Descriptor instead.
 func (*ForceReleaseLockResponse) Descriptor() ([]byte, []int) {
-	return file_gitraft_lock_v1_lock_proto_rawDescGZIP(), []int{10}
+	return file_gitraft_lock_v1_lock_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ForceReleaseLockResponse) GetReleased() *WriteLock {
@@ -619,10 +751,21 @@ const file_gitraft_lock_v1_lock_proto_rawDesc = "" +
 	"acquiredAt\x129\n" +
 	"\n" +
 	"expires_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"\x12\n" +
-	"\x10ListLocksRequest\"[\n" +
+	"\x10ListLocksRequest\"\x8f\x01\n" +
 	"\x11ListLocksResponse\x120\n" +
 	"\x05locks\x18\x01 \x03(\v2\x1a.gitraft.lock.v1.WriteLockR\x05locks\x12\x14\n" +
-	"\x05index\x18\x02 \x01(\x04R\x05index\"q\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\x122\n" +
+	"\x06queues\x18\x03 \x03(\v2\x1a.gitraft.lock.v1.LockQueueR\x06queues\"V\n" +
+	"\tLockQueue\x12\x12\n" +
+	"\x04repo\x18\x01 \x01(\tR\x04repo\x125\n" +
+	"\awaiters\x18\x02 \x03(\v2\x1b.gitraft.lock.v1.LockWaiterR\awaiters\"\xa5\x01\n" +
+	"\n" +
+	"LockWaiter\x12\x16\n" +
+	"\x06holder\x18\x01 \x01(\tR\x06holder\x12\x12\n" +
+	"\x04node\x18\x02 \x01(\tR\x04node\x120\n" +
+	"\x05since\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x05since\x129\n" +
+	"\n" +
+	"expires_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"q\n" +
 	"\x12AcquireLockRequest\x12\x12\n" +
 	"\x04repo\x18\x01 \x01(\tR\x04repo\x12\x16\n" +
 	"\x06holder\x18\x02 \x01(\tR\x06holder\x12/\n" +
@@ -666,46 +809,52 @@ func file_gitraft_lock_v1_lock_proto_rawDescGZIP() []byte {
 	return file_gitraft_lock_v1_lock_proto_rawDescData
 }
 
-var file_gitraft_lock_v1_lock_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_gitraft_lock_v1_lock_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_gitraft_lock_v1_lock_proto_goTypes = []any{
 	(*WriteLock)(nil),                // 0: gitraft.lock.v1.WriteLock
 	(*ListLocksRequest)(nil),         // 1: gitraft.lock.v1.ListLocksRequest
 	(*ListLocksResponse)(nil),        // 2: gitraft.lock.v1.ListLocksResponse
-	(*AcquireLockRequest)(nil),       // 3: gitraft.lock.v1.AcquireLockRequest
-	(*AcquireLockResponse)(nil),      // 4: gitraft.lock.v1.AcquireLockResponse
-	(*RenewLockRequest)(nil),         // 5: gitraft.lock.v1.RenewLockRequest
-	(*RenewLockResponse)(nil),        // 6: gitraft.lock.v1.RenewLockResponse
-	(*ReleaseLockRequest)(nil),       // 7: gitraft.lock.v1.ReleaseLockRequest
-	(*ReleaseLockResponse)(nil),      // 8: gitraft.lock.v1.ReleaseLockResponse
-	(*ForceReleaseLockRequest)(nil),  // 9: gitraft.lock.v1.ForceReleaseLockRequest
-	(*ForceReleaseLockResponse)(nil), // 10: gitraft.lock.v1.ForceReleaseLockResponse
-	(*timestamppb.Timestamp)(nil),    // 11: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),      // 12: google.protobuf.Duration
+	(*LockQueue)(nil),                // 3: gitraft.lock.v1.LockQueue
+	(*LockWaiter)(nil),               // 4: gitraft.lock.v1.LockWaiter
+	(*AcquireLockRequest)(nil),       // 5: gitraft.lock.v1.AcquireLockRequest
+	(*AcquireLockResponse)(nil),      // 6: gitraft.lock.v1.AcquireLockResponse
+	(*RenewLockRequest)(nil),         // 7: gitraft.lock.v1.RenewLockRequest
+	(*RenewLockResponse)(nil),        // 8: gitraft.lock.v1.RenewLockResponse
+	(*ReleaseLockRequest)(nil),       // 9: gitraft.lock.v1.ReleaseLockRequest
+	(*ReleaseLockResponse)(nil),      // 10: gitraft.lock.v1.ReleaseLockResponse
+	(*ForceReleaseLockRequest)(nil),  // 11: gitraft.lock.v1.ForceReleaseLockRequest
+	(*ForceReleaseLockResponse)(nil), // 12: gitraft.lock.v1.ForceReleaseLockResponse
+	(*timestamppb.Timestamp)(nil),    // 13: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),      // 14: google.protobuf.Duration
 }
 var file_gitraft_lock_v1_lock_proto_depIdxs = []int32{
-	11, // 0: gitraft.lock.v1.WriteLock.acquired_at:type_name -> google.protobuf.Timestamp
-	11, // 1: gitraft.lock.v1.WriteLock.expires_at:type_name -> google.protobuf.Timestamp
+	13, // 0: gitraft.lock.v1.WriteLock.acquired_at:type_name -> google.protobuf.Timestamp
+	13, // 1: gitraft.lock.v1.WriteLock.expires_at:type_name -> google.protobuf.Timestamp
 	0,  // 2: gitraft.lock.v1.ListLocksResponse.locks:type_name -> gitraft.lock.v1.WriteLock
-	12, // 3: gitraft.lock.v1.AcquireLockRequest.lease:type_name -> google.protobuf.Duration
-	0,  // 4: gitraft.lock.v1.AcquireLockResponse.lock:type_name -> gitraft.lock.v1.WriteLock
-	12, // 5: gitraft.lock.v1.RenewLockRequest.lease:type_name -> google.protobuf.Duration
-	0,  // 6: gitraft.lock.v1.RenewLockResponse.lock:type_name -> gitraft.lock.v1.WriteLock
-	0,  // 7: gitraft.lock.v1.ForceReleaseLockResponse.released:type_name -> gitraft.lock.v1.WriteLock
-	1,  // 8: gitraft.lock.v1.LockService.ListLocks:input_type -> gitraft.lock.v1.ListLocksRequest
-	3,  // 9: gitraft.lock.v1.LockService.AcquireLock:input_type -> gitraft.lock.v1.AcquireLockRequest
-	5,  // 10: gitraft.lock.v1.LockService.RenewLock:input_type -> gitraft.lock.v1.RenewLockRequest
-	7,  // 11: gitraft.lock.v1.LockService.ReleaseLock:input_type -> gitraft.lock.v1.ReleaseLockRequest
-	9,  // 12: gitraft.lock.v1.LockService.ForceReleaseLock:input_type -> gitraft.lock.v1.ForceReleaseLockRequest
-	2,  // 13: gitraft.lock.v1.LockService.ListLocks:output_type -> gitraft.lock.v1.ListLocksResponse
-	4,  // 14: gitraft.lock.v1.LockService.AcquireLock:output_type -> gitraft.lock.v1.AcquireLockResponse
-	6,  // 15: gitraft.lock.v1.LockService.RenewLock:output_type -> gitraft.lock.v1.RenewLockResponse
-	8,  // 16: gitraft.lock.v1.LockService.ReleaseLock:output_type -> gitraft.lock.v1.ReleaseLockResponse
-	10, // 17: gitraft.lock.v1.LockService.ForceReleaseLock:output_type -> gitraft.lock.v1.ForceReleaseLockResponse
-	13, // [13:18] is the sub-list for method output_type
-	8,  // [8:13] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	3,  // 3: gitraft.lock.v1.ListLocksResponse.queues:type_name -> gitraft.lock.v1.LockQueue
+	4,  // 4: gitraft.lock.v1.LockQueue.waiters:type_name -> gitraft.lock.v1.LockWaiter
+	13, // 5: gitraft.lock.v1.LockWaiter.since:type_name -> google.protobuf.Timestamp
+	13, // 6: gitraft.lock.v1.LockWaiter.expires_at:type_name -> google.protobuf.Timestamp
+	14, // 7: gitraft.lock.v1.AcquireLockRequest.lease:type_name -> google.protobuf.Duration
+	0,  // 8: gitraft.lock.v1.AcquireLockResponse.lock:type_name -> gitraft.lock.v1.WriteLock
+	14, // 9: gitraft.lock.v1.RenewLockRequest.lease:type_name -> google.protobuf.Duration
+	0,  // 10: gitraft.lock.v1.RenewLockResponse.lock:type_name -> gitraft.lock.v1.WriteLock
+	0,  // 11: gitraft.lock.v1.ForceReleaseLockResponse.released:type_name -> gitraft.lock.v1.WriteLock
+	1,  // 12: gitraft.lock.v1.LockService.ListLocks:input_type -> gitraft.lock.v1.ListLocksRequest
+	5,  // 13: gitraft.lock.v1.LockService.AcquireLock:input_type -> gitraft.lock.v1.AcquireLockRequest
+	7,  // 14: gitraft.lock.v1.LockService.RenewLock:input_type -> gitraft.lock.v1.RenewLockRequest
+	9,  // 15: gitraft.lock.v1.LockService.ReleaseLock:input_type -> gitraft.lock.v1.ReleaseLockRequest
+	11, // 16: gitraft.lock.v1.LockService.ForceReleaseLock:input_type -> gitraft.lock.v1.ForceReleaseLockRequest
+	2,  // 17: gitraft.lock.v1.LockService.ListLocks:output_type -> gitraft.lock.v1.ListLocksResponse
+	6,  // 18: gitraft.lock.v1.LockService.AcquireLock:output_type -> gitraft.lock.v1.AcquireLockResponse
+	8,  // 19: gitraft.lock.v1.LockService.RenewLock:output_type -> gitraft.lock.v1.RenewLockResponse
+	10, // 20: gitraft.lock.v1.LockService.ReleaseLock:output_type -> gitraft.lock.v1.ReleaseLockResponse
+	12, // 21: gitraft.lock.v1.LockService.ForceReleaseLock:output_type -> gitraft.lock.v1.ForceReleaseLockResponse
+	17, // [17:22] is the sub-list for method output_type
+	12, // [12:17] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_gitraft_lock_v1_lock_proto_init() }
@@ -719,7 +868,7 @@ func file_gitraft_lock_v1_lock_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gitraft_lock_v1_lock_proto_rawDesc), len(file_gitraft_lock_v1_lock_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   11,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
