@@ -9,8 +9,8 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/gitraft/gitraft/lockd"
-	lockv1 "github.com/gitraft/gitraft/proto/gitraft/lock/v1"
 	fsmv1 "github.com/gitraft/gitraft/proto/gitraft/fsm/v1"
+	lockv1 "github.com/gitraft/gitraft/proto/gitraft/lock/v1"
 )
 
 // lockOn returns the lock on repo as n's state has it.
