@@ -563,9 +563,11 @@ func (p *Push) replicate(ctx context.Context, packs []packFiles, voters []*fsmv1
 	// fails cancels them at once.
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.cfg.StragglerTimeout)
 	var sends sync.WaitGroup
+	localPending := false // this node's own fsyncs not yet done
 	for _, m := range voters {
 		sends.Add(1)
 		if m.GetId() == r.node.ID() {
+			localPending = true
 			// This node holds them once they are durable in its
 			// quarantine; its fsyncs run beside the sends.
 			go func() {
@@ -597,9 +599,15 @@ func (p *Push) replicate(ctx context.Context, packs []packFiles, voters []*fsmv1
 	// Keep the client informed (and its session alive) on long transfers.
 	tick := time.NewTicker(10 * time.Second)
 	defer tick.Stop()
-	for have < need && len(failures) <= total-need {
+	// Once too many have failed there is no majority; this node's own
+	// fsyncs are waited for all the same (they are quick), so the pusher
+	// is told how many hold the push.
+	for have < need && (len(failures) <= total-need || localPending) {
 		select {
 		case a := <-acks:
+			if a.id == r.node.ID() {
+				localPending = false
+			}
 			if a.err != nil {
 				failures = append(failures, fmt.Sprintf("%s: %v", a.id, status.Convert(a.err).Message()))
 				continue
