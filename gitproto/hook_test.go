@@ -246,7 +246,7 @@ type pushRig struct {
 	refOf func(ref string) string
 }
 
-func newPushRig(t *testing.T, backend func(host gossh.Signer, alice gossh.PublicKey, repo string) Backend) *pushRig {
+func newPushRig(t *testing.T, backend func(host gossh.Signer, alice gossh.PublicKey, repo string) Backend, configure ...func(*Server)) *pushRig {
 	t.Helper()
 	for _, tool := range []string{"git", "ssh"} {
 		if _, err := exec.LookPath(tool); err != nil {
@@ -298,6 +298,9 @@ func newPushRig(t *testing.T, backend func(host gossh.Signer, alice gossh.Public
 	srv, err := New(Config{NodeID: "t1", Listener: ln, StateDir: filepath.Join(dir, "state")}, backend(host, aliceKey.PublicKey(), rig.repo), slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)
+	}
+	for _, f := range configure {
+		f(srv)
 	}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(context.Background()) }()
@@ -415,10 +418,39 @@ func (b *readAheadBackend) BeginPush(context.Context, string, string, string, fu
 // git reads the copy as BeginPush left it.
 func Test_Push_ReadAhead(t *testing.T) {
 	var b *readAheadBackend
+	started := make(chan *receivePack, 1)
 	rig := newPushRig(t, func(host gossh.Signer, alice gossh.PublicKey, repo string) Backend {
 		b = &readAheadBackend{pushBackend: pushBackend{fakeBackend: fakeBackend{host: host, alice: alice, repo: repo}, tx: &fakePush{path: repo}}}
 		return b
+	}, func(s *Server) {
+		s.readAheadStarted = func(rp *receivePack) {
+			select { // only the latest push's git matters
+			case <-started:
+			default:
+			}
+			started <- rp
+		}
 	})
+	// advertised waits until the git started ahead has written its whole
+	// ref advertisement (it ends with a flush packet), so a change made
+	// after it is one that git did not see.
+	advertised := func() {
+		var rp *receivePack
+		select {
+		case rp = <-started:
+		case <-time.After(30 * time.Second):
+			t.Error("no git receive-pack was started ahead of BeginPush")
+			return
+		}
+		deadline := time.Now().Add(30 * time.Second)
+		for !bytes.HasSuffix(rp.out.heldSoFar(), []byte("0000")) {
+			if time.Now().After(deadline) {
+				t.Errorf("git wrote no whole advertisement: %q", rp.out.heldSoFar())
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
 	// Unchanged: the git that read ahead serves the push.
 	b.set(nil, true)
 	if out, err := rig.push("main"); err != nil || rig.refOf("refs/heads/main") != rig.head {
@@ -427,8 +459,10 @@ func Test_Push_ReadAhead(t *testing.T) {
 	if n := b.timesOffered(); n != 1 {
 		t.Fatalf("PushCopy asked %d times, want 1", n)
 	}
-	// While the lock is taken, another push creates refs/heads/other.
+	// While the lock is taken (after git read the refs), another push
+	// creates refs/heads/other.
 	change := func() {
+		advertised()
 		if out, err := rig.git(rig.repo, "update-ref", "refs/heads/other", rig.head); err != nil {
 			t.Errorf("update-ref: %v %s", err, out)
 		}

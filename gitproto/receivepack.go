@@ -176,6 +176,13 @@ func (h *heldWriter) Write(p []byte) (int, error) {
 	return h.w.Write(p)
 }
 
+// heldSoFar is a copy of what is held.
+func (h *heldWriter) heldSoFar() []byte {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return bytes.Clone(h.buf.Bytes())
+}
+
 func (h *heldWriter) release(w io.Writer) {
 	h.mu.Lock()
 	defer h.mu.Unlock()

@@ -138,6 +138,10 @@ type Server struct {
 	userSessions *sessionCount
 	refusedLog   logEvery // connections refused by the startup caps
 	graceLog     logEvery // connections closed by the login grace time
+
+	// readAheadStarted, if set (by tests), is told of each receive-pack
+	// started ahead of BeginPush, before BeginPush is called.
+	readAheadStarted func(*receivePack)
 }
 
 type ctxKey string
@@ -698,6 +702,8 @@ func (s *Server) push(ctx context.Context, act *activity, stdin io.Reader, stdou
 			if rp, err = s.startReceivePack(ctx, path, id, gitProtocol); err != nil {
 				log.Warn("starting git receive-pack ahead of the lock failed", "err", err)
 				rp = nil
+			} else if s.readAheadStarted != nil {
+				s.readAheadStarted(rp)
 			}
 			mark = m
 		}
