@@ -201,38 +201,10 @@ func (n *Node) self() *fsmv1.Member {
 // upgraded leader takes the whole record. Recording a new incarnation
 // frees the locks this node's earlier process held.
 func (n *Node) registerSelf() {
-	wait := func() time.Duration { return 200*time.Millisecond + rand.N(200*time.Millisecond) }
 	for {
-		next := wait()
-		if n.inConfiguration() {
-			var cur *fsmv1.Member
-			n.fsm.Read(func(s *State) { cur, _ = s.Member(n.cfg.NodeID) })
-			want := n.self()
-			if proto.Equal(cur, want) {
-				return
-			}
-			if level, _ := n.FeatureLevel(); level < 2 {
-				want.Incarnation = "" // the lowest member's gitraft would ignore it
-			}
-			if proto.Equal(cur, want) {
-				next = time.Second + rand.N(time.Second) // until every member reports level 2
-			} else if err := n.register(want); err == nil {
-				n.log.Info("registered member addresses", "grpc_addr", n.cfg.GRPCAdvertise, "raft_addr", n.cfg.RaftAdvertise,
-					"feature_level", want.GetFeatureLevel(), "incarnation", want.GetIncarnation())
-			} else if tooOld(err) {
-				older := proto.CloneOf(want)
-				older.FeatureLevel, older.Incarnation = 0, ""
-				if !proto.Equal(cur, older) {
-					if err := n.register(older); err != nil {
-						n.log.Debug("registering member addresses", "err", err)
-					} else {
-						n.log.Info("registered member addresses without the feature level, which the leader's older gitraft does not know; will ask again", "grpc_addr", n.cfg.GRPCAdvertise)
-					}
-				}
-				next = 5*time.Second + rand.N(time.Second)
-			} else {
-				n.log.Debug("registering member addresses", "err", err)
-			}
+		next, done := n.registerOnce()
+		if done {
+			return
 		}
 		select {
 		case <-n.stop:
@@ -240,6 +212,55 @@ func (n *Node) registerSelf() {
 		case <-time.After(next):
 		}
 	}
+}
+
+// registerOnce is one round of registerSelf: done once the state holds this
+// node's record as it should be, otherwise when to look again.
+func (n *Node) registerOnce() (next time.Duration, done bool) {
+	next = 200*time.Millisecond + rand.N(200*time.Millisecond)
+	if !n.inConfiguration() {
+		return next, false
+	}
+	var cur *fsmv1.Member
+	n.fsm.Read(func(s *State) { cur, _ = s.Member(n.cfg.NodeID) })
+	want := n.self()
+	if proto.Equal(cur, want) {
+		return 0, true
+	}
+	if level, _ := n.FeatureLevel(); level < 2 {
+		if !n.ready.Load() {
+			// Not caught up yet (a restart replays the log): the level
+			// read from this state may be stale. Registering without the
+			// incarnation would, until the next registration, keep every
+			// node from tagging its locks with its node, and a lock taken
+			// meanwhile could then only expire.
+			return next, false
+		}
+		want.Incarnation = "" // the lowest member's gitraft would ignore it
+	}
+	if proto.Equal(cur, want) {
+		return time.Second + rand.N(time.Second), false // until every member reports level 2
+	}
+	err := n.register(want)
+	switch {
+	case err == nil:
+		n.log.Info("registered member addresses", "grpc_addr", n.cfg.GRPCAdvertise, "raft_addr", n.cfg.RaftAdvertise,
+			"feature_level", want.GetFeatureLevel(), "incarnation", want.GetIncarnation())
+	case tooOld(err):
+		older := proto.CloneOf(want)
+		older.FeatureLevel, older.Incarnation = 0, ""
+		if !proto.Equal(cur, older) {
+			if err := n.register(older); err != nil {
+				n.log.Debug("registering member addresses", "err", err)
+			} else {
+				n.log.Info("registered member addresses without the feature level, which the leader's older gitraft does not know; will ask again", "grpc_addr", n.cfg.GRPCAdvertise)
+			}
+		}
+		next = 5*time.Second + rand.N(time.Second)
+	default:
+		n.log.Debug("registering member addresses", "err", err)
+	}
+	return next, false
 }
 
 func (n *Node) register(m *fsmv1.Member) error {
