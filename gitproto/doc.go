@@ -22,6 +22,7 @@
 // quickack_linux.go): OpenSSH's client keeps Nagle's algorithm on in a
 // session without a terminal, and with delayed ACKs each git session
 // waited 40 ms, twice.
+//
 // git's report to the client is read on its way out (reportstatus.go):
 // a ref the cluster committed but git then failed to write locally (a
 // stale lock, a full disk) is reported "ok", as the state says, and the

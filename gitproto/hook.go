@@ -7,9 +7,10 @@ package gitproto
 // well, to pass the rest on, since sh's read takes a byte at a time: 0.7 s
 // for 10,000 refs). It talks to the push session over two pipes the
 // session gave receive-pack as file descriptors 3 and 4, which git passes
-// on to the hooks it runs. No socket, no lookup of the push by id, and no Go binary
-// to start: starting gitraft itself (a large binary whose runtime starts
-// threads) cost a push more than everything else git does for it.
+// on to the hooks it runs. No socket, no lookup of the push by id, and no
+// Go binary to start: starting gitraft itself (a large binary whose
+// runtime starts threads) cost a push more than everything else git does
+// for it.
 //
 // Over fd 3 the hook sends the push (hookRequest), ending with "end":
 //

@@ -93,7 +93,9 @@ func (s *Store) installPack(ctx context.Context, dir, tmpPack, tmpIdx string, pa
 		packSynced = nil
 		return err
 	}
-	defer waitPack()
+	// On an error path the pack is removed anyway: its fsync is only
+	// waited for, so that no goroutine outlives the call.
+	defer func() { _ = waitPack() }()
 
 	// The index ends with the pack's checksum and then its own, which
 	// covers everything before it, the pack's checksum included.
